@@ -1,0 +1,160 @@
+"""The `microsweep` command line: run, resume, status and plot over one storage URL.
+
+Bad input ends with a one-line ``microsweep: error: ...`` message and exit status 2, never a
+traceback; stored data is left as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from microsweep.errors import MicrosweepError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like our own errors
+        self.exit(2, f"microsweep: error: {message} (see 'microsweep {self.prog.split()[-1]} -h')\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="microsweep", description="Compression-policy search for language models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    storage_help = "database URL (default: $MICROSWEEP_STORAGE, else sqlite:///microsweep.db)"
+
+    run = sub.add_parser("run", help="start a sweep over a space file")
+    run.add_argument("space", help="Python file defining `space` (and `objective`, `corpus`)")
+    run.add_argument("--name", required=True, help="sweep name, unique in the storage")
+    run.add_argument("--trials", type=_positive, default=30, help="trials to run (default 30)")
+    run.add_argument("--workers", type=_positive, default=1, help="parallel Ray workers")
+    run.add_argument("--storage", help=storage_help)
+    run.add_argument("--sampler", choices=["tpe", "nsga2", "random"], default="tpe")
+    run.add_argument("--seed", type=int, default=None, help="sampler and trial seed")
+    run.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    run.add_argument("--in-process", action="store_true", help="no Ray: run trials here, one by one")
+    run.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    resume = sub.add_parser("resume", help="continue a stopped sweep")
+    resume.add_argument("--name", required=True)
+    resume.add_argument("--trials", type=_positive, default=None,
+                        help="finished trials wanted in total (default: the sweep's target)")
+    resume.add_argument("--workers", type=_positive, default=1)
+    resume.add_argument("--storage", help=storage_help)
+    resume.add_argument("--address", default=None)
+    resume.add_argument("--in-process", action="store_true")
+    resume.add_argument("--quiet", action="store_true")
+
+    plot = sub.add_parser("plot", help="write the Pareto front as a self-contained HTML page")
+    plot.add_argument("--name", required=True)
+    plot.add_argument("--storage", help=storage_help)
+    plot.add_argument("-o", "--output", default="pareto.html")
+
+    status = sub.add_parser("status", help="trial counts, the dense baseline and the best trials")
+    status.add_argument("--name", required=True)
+    status.add_argument("--storage", help=storage_help)
+    status.add_argument("--top", type=_positive, default=5)
+    return p
+
+
+def _print_result(result: object) -> None:
+    from microsweep.search import SweepResult
+
+    assert isinstance(result, SweepResult)
+    states = ", ".join(f"{k} {v}" for k, v in sorted(result.states.items()))
+    print(f"sweep {result.name!r}: {states}")
+    if result.best_number is not None:
+        print(f"best feasible: trial {result.best_number} score {result.best_score:.6g} "
+              f"perplexity {result.best_perplexity:.4f}")
+    else:
+        print("no feasible trial yet")
+
+
+def _status(name: str, storage: str | None, top: int) -> None:
+    from microsweep.storage import Store
+
+    store = Store(storage, must_exist=True)
+    sweep = store.get_sweep(name)
+    rows = store.trials(name)
+    states: dict[str, int] = {}
+    for r in rows:
+        states[r.state] = states.get(r.state, 0) + 1
+    print(f"sweep {sweep.name!r} in {store.url}")
+    print(f"  trials: {len(rows)}/{sweep.target_trials} finished ("
+          + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none") + ")")
+    dense_score = sweep.dense_params / sweep.baseline_params + sweep.dense_ops / sweep.baseline_ops
+    print(f"  dense model: perplexity {sweep.dense_perplexity:.4f}, params {sweep.dense_params:,.0f}"
+          f", ops/token {sweep.dense_ops:,.0f}, score {dense_score:.6g}")
+    print(f"  baseline: {sweep.baseline_name} ({sweep.baseline_params:,.0f} params, "
+          f"{sweep.baseline_ops:,.0f} ops)")
+    ceiling = "none" if sweep.ceiling is None else f"{sweep.ceiling:.4f}"
+    print(f"  perplexity ceiling: {ceiling}; sampler {sweep.sampler}")
+    best = sorted((r for r in rows if r.state == "COMPLETE" and r.feasible), key=lambda r: r.score)
+    if not best:
+        print("  no feasible trial yet")
+    else:
+        print(f"  best feasible trials:\n    {'trial':>5} {'score':>10} {'perplexity':>10}  policy")
+        for r in best[:top]:
+            print(f"    {r.number:>5} {r.score:>10.5g} {r.perplexity:>10.4f}  {r.summary}")
+    failed = [r for r in rows if r.state == "FAIL"]
+    for r in failed[:3]:
+        print(f"  trial {r.number} FAIL: {r.reason}")
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    if args.command == "run":
+        from microsweep.search import run_sweep
+
+        _print_result(run_sweep(
+            args.space, name=args.name, trials=args.trials, workers=args.workers,
+            storage=args.storage, sampler=args.sampler, seed=args.seed, address=args.address,
+            in_process=args.in_process, progress=not args.quiet,
+        ))
+    elif args.command == "resume":
+        from microsweep.search import resume_sweep
+
+        _print_result(resume_sweep(
+            args.name, trials=args.trials, workers=args.workers, storage=args.storage,
+            address=args.address, in_process=args.in_process, progress=not args.quiet,
+        ))
+    elif args.command == "plot":
+        from microsweep.report import write_pareto_html
+        from microsweep.storage import Store
+
+        data = write_pareto_html(Store(args.storage, must_exist=True), args.name, args.output)
+        print(f"wrote {args.output}: {len(data.points)} completed trials, "
+              f"{len(data.front)} on the Pareto front")
+    elif args.command == "status":
+        _status(args.name, args.storage, args.top)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        _dispatch(args)
+    except MicrosweepError as exc:
+        print(f"microsweep: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("microsweep: interrupted; 'microsweep resume' continues the sweep", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

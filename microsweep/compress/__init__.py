@@ -1,0 +1,24 @@
+"""Apply a compression `Policy` to a PyTorch model: low rank, pruning and quantization per layer.
+
+Order per layer (documented and tested): factorize to `rank` by truncated SVD, prune each
+resulting weight by magnitude to `sparsity` (unstructured or in `block`s), round weights to
+`bits` with per-output-channel scales keeping pruned zeros, and quantize inputs to `act_bits`
+with a static scale calibrated on the unchanged model. `project_` restores mask and grid after
+a fine-tuning step.
+"""
+
+from __future__ import annotations
+
+from ._apply import compress, compress_, project_
+from ._modules import CompressedLinear, LowRankLinear, fake_quantize_symmetric
+from ._prune import sparsity_of
+
+__all__ = [
+    "CompressedLinear",
+    "LowRankLinear",
+    "compress",
+    "compress_",
+    "fake_quantize_symmetric",
+    "project_",
+    "sparsity_of",
+]

@@ -1,0 +1,97 @@
+"""Modules that compressed layers become: what the counter counts and the exporter writes.
+
+`CompressedLinear` holds a weight already on its quantization grid with pruned entries at zero,
+plus the constants inference needs (per-output-channel weight scales, an input scale).
+`LowRankLinear` is the factorized pair ``second(first(x))`` that replaces a full-rank Linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["CompressedLinear", "LowRankLinear", "fake_quantize_symmetric"]
+
+
+def fake_quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round `x / scale` to the signed grid [-(2^(b-1) - 1), 2^(b-1) - 1] and scale back."""
+    qmax = 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
+
+
+class CompressedLinear(nn.Module):
+    """A Linear whose weight is pruned and/or quantized; a drop-in for ``nn.Linear``.
+
+    Attributes the counter and the exporter rely on:
+    - ``weight`` (out, in) float32 holding the dequantized values, exact zeros where pruned;
+    - ``bias`` float32 or None (stored unquantized);
+    - ``bits``: weight width (32 = fp32, no scales); ``weight_scale`` (out,) fp32 when bits < 32;
+    - ``act_bits``: input width (32 = not quantized); ``act_scale`` () fp32 when act_bits < 32;
+    - ``sparse``: stored as non-zeros plus a bitmask; ``block``: mask granularity (rows, cols) or
+      None for one bit per element; ``mask`` (out, in) bool of the kept entries when sparse.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        bits: int = 32,
+        act_bits: int = 32,
+        sparse: bool = False,
+        block: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.act_bits = act_bits
+        self.sparse = sparse
+        self.block = tuple(block) if block is not None else None
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.register_buffer(
+            "weight_scale", torch.ones(out_features) if bits < 32 else None, persistent=True
+        )
+        self.register_buffer("act_scale", torch.ones(()) if act_bits < 32 else None)
+        self.register_buffer(
+            "mask", torch.ones(out_features, in_features, dtype=torch.bool) if sparse else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_scale is not None:
+            x = fake_quantize_symmetric(x, self.act_scale, self.act_bits)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, act_bits={self.act_bits}, sparse={self.sparse}, block={self.block}"
+        )
+
+
+class LowRankLinear(nn.Module):
+    """``W ~= second.weight @ first.weight``: ``first`` is in->rank without bias, ``second``
+    is rank->out with the original bias. Either factor may itself be a `CompressedLinear`."""
+
+    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+        super().__init__()
+        self.first = first
+        self.second = second
+
+    @property
+    def in_features(self) -> int:
+        return self.first.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.second.out_features
+
+    @property
+    def rank(self) -> int:
+        return self.first.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))

@@ -1,0 +1,5 @@
+"""Corpora: fixed tokenized splits from a path, ``$MICROSWEEP_DATA`` or a download cache."""
+
+from microsweep.data._corpus import Corpus, cache_dir, text_file, tiny_shakespeare
+
+__all__ = ["Corpus", "cache_dir", "text_file", "tiny_shakespeare"]

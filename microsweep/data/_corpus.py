@@ -1,0 +1,139 @@
+"""Corpora as fixed token splits: read from a path, an environment variable, or a download cache.
+
+A `Corpus` holds the vocabulary, the train and validation token tensors and a fingerprint of the
+text, so that a sweep can record exactly which data its perplexities were measured on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from microsweep.errors import DataError
+
+__all__ = ["Corpus", "cache_dir", "text_file", "tiny_shakespeare"]
+
+TINY_SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+DATA_ENV = "MICROSWEEP_DATA"
+"""A folder holding corpora laid out as ``tinyshakespeare/input.txt`` and so on."""
+
+
+def cache_dir() -> Path:
+    """Where downloads and pretrained models are kept: ``$MICROSWEEP_CACHE`` or ~/.cache."""
+    root = os.environ.get("MICROSWEEP_CACHE") or Path.home() / ".cache" / "microsweep"
+    return Path(root)
+
+
+@dataclass
+class Corpus:
+    """A tokenized corpus with fixed splits; `vocab[i]` is the string of token id i."""
+
+    name: str
+    vocab: list[str]
+    train: torch.Tensor
+    val: torch.Tensor
+    level: str = "char"
+    fingerprint: str = ""
+    source: str = ""
+    _index: dict[str, int] = field(default_factory=dict, repr=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, text: str) -> torch.Tensor:
+        if not self._index:
+            self._index = {s: i for i, s in enumerate(self.vocab)}
+        units = list(text) if self.level == "char" else text.split()
+        try:
+            return torch.tensor([self._index[u] for u in units], dtype=torch.long)
+        except KeyError as exc:
+            raise DataError(f"{exc.args[0]!r} is not in the {self.name} vocabulary") from None
+
+    def decode(self, ids: torch.Tensor) -> str:
+        sep = "" if self.level == "char" else " "
+        return sep.join(self.vocab[i] for i in ids.tolist())
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"corpus file {path} does not exist; pass an existing path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read corpus file {path}: {exc}") from None
+
+
+def text_file(
+    path: str | os.PathLike[str],
+    *,
+    level: str = "char",
+    val_fraction: float = 0.1,
+    name: str | None = None,
+) -> Corpus:
+    """Tokenize a text file at character or word level; the last `val_fraction` is validation."""
+    if level not in ("char", "word"):
+        raise DataError(f"level {level!r} is not 'char' or 'word'")
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction {val_fraction!r} must be between 0 and 1")
+    path = Path(path)
+    text = _read(path)
+    units = list(text) if level == "char" else text.split()
+    if len(units) < 100:
+        raise DataError(f"corpus file {path} has only {len(units)} tokens; it needs at least 100")
+    vocab = sorted(set(units))
+    index = {s: i for i, s in enumerate(vocab)}
+    ids = torch.tensor([index[u] for u in units], dtype=torch.long)
+    n_train = int(len(ids) * (1.0 - val_fraction))
+    return Corpus(
+        name=name or path.stem,
+        vocab=vocab,
+        train=ids[:n_train],
+        val=ids[n_train:],
+        level=level,
+        fingerprint=hashlib.sha256(text.encode("utf-8")).hexdigest()[:16],
+        source=str(path),
+        _index=index,
+    )
+
+
+def _download(url: str, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(dest.suffix + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as out:
+            out.write(response.read())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DataError(
+            f"could not download {url} ({exc}); pass path= or set {DATA_ENV} to a folder "
+            "holding tinyshakespeare/input.txt"
+        ) from None
+    tmp.replace(dest)
+
+
+def tiny_shakespeare(path: str | os.PathLike[str] | None = None) -> Corpus:
+    """Tiny Shakespeare at character level, split 90/10 into train and validation.
+
+    Looked up in order: `path`, ``$MICROSWEEP_DATA/tinyshakespeare/input.txt``, the cache, and
+    finally a download into the cache.
+    """
+    if path is not None:
+        return text_file(path, level="char", name="tinyshakespeare")
+    env = os.environ.get(DATA_ENV)
+    if env:
+        candidate = Path(env) / "tinyshakespeare" / "input.txt"
+        if not candidate.is_file():
+            raise DataError(f"{DATA_ENV}={env} has no tinyshakespeare/input.txt")
+        return text_file(candidate, level="char", name="tinyshakespeare")
+    cached = cache_dir() / "data" / "tinyshakespeare" / "input.txt"
+    if not cached.is_file():
+        _download(TINY_SHAKESPEARE_URL, cached)
+    return text_file(cached, level="char", name="tinyshakespeare")

@@ -1,0 +1,25 @@
+"""Errors microsweep raises for bad input: each carries a one-line message saying what to do."""
+
+from __future__ import annotations
+
+__all__ = ["MicrosweepError", "SpaceError", "StorageError", "UsageError", "DataError"]
+
+
+class MicrosweepError(Exception):
+    """Base class: the CLI prints the message on one line and exits non-zero."""
+
+
+class SpaceError(MicrosweepError, ValueError):
+    """The search space, a knob or a policy is invalid (raised before any trial runs)."""
+
+
+class StorageError(MicrosweepError):
+    """The storage URL, schema version or a named sweep is wrong."""
+
+
+class UsageError(MicrosweepError, ValueError):
+    """A command-line or API argument is wrong."""
+
+
+class DataError(MicrosweepError):
+    """A corpus cannot be found, read or downloaded."""

@@ -1,0 +1,117 @@
+"""Make built-in models: build from a recipe, pretrain on a corpus, and cache the weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from microsweep.data._corpus import Corpus, cache_dir
+from microsweep.errors import UsageError
+from microsweep.models.gpt import GPT, GPTConfig
+
+__all__ = ["build", "gpt", "pretrain"]
+
+
+def build(recipe: dict[str, Any]) -> nn.Module:
+    """An untrained model of the shape a recipe (``model.recipe()``) describes."""
+    builder = recipe.get("builder")
+    if builder == "gpt":
+        return GPT(GPTConfig(**recipe["config"]))
+    raise UsageError(f"unknown model builder {builder!r}; this release builds 'gpt'")
+
+
+def pretrain(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    steps: int,
+    block_size: int,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+    log_every: int = 0,
+) -> nn.Module:
+    """Train `model` on random windows of `tokens` with AdamW and cosine decay, in place.
+
+    Global RNG state is left as it was: the windows come from a private generator.
+    """
+    if steps < 0:
+        raise UsageError(f"pretrain steps {steps} must be >= 0")
+    if len(tokens) <= block_size + 1:
+        raise UsageError(f"{len(tokens)} training tokens are too few for block_size {block_size}")
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    model.train()
+    start = time.perf_counter()
+    for step in range(steps):
+        scale = 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
+        for group in opt.param_groups:
+            group["lr"] = lr * max(scale, 0.05) * min(1.0, (step + 1) / 50)
+        ix = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=gen)
+        x = torch.stack([tokens[i : i + block_size] for i in ix.tolist()])
+        y = torch.stack([tokens[i + 1 : i + 1 + block_size] for i in ix.tolist()])
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"pretrain step {step}/{steps} loss {loss.item():.3f} "
+                  f"({time.perf_counter() - start:.0f}s)", flush=True)
+    model.eval()
+    return model
+
+
+def gpt(
+    corpus: Corpus,
+    *,
+    n_layer: int = 2,
+    n_head: int = 2,
+    n_embd: int = 64,
+    block_size: int = 64,
+    pretrain_steps: int = 500,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+    cache: bool = True,
+    verbose: bool = False,
+) -> GPT:
+    """A small GPT pretrained on `corpus.train`, reusing cached weights for the same recipe.
+
+    The cache key covers the shape, the corpus fingerprint and every training setting.
+    """
+    config = GPTConfig(
+        vocab_size=corpus.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+        n_embd=n_embd,
+    )
+    key_data = {
+        "config": asdict(config), "data": corpus.fingerprint, "steps": pretrain_steps,
+        "batch": batch_size, "lr": lr, "seed": seed, "v": 1,
+    }
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_dir() / "models" / f"gpt-{key}.pt"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = GPT(config)
+    if cache and path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.eval()
+        return model
+    pretrain(
+        model, corpus.train, steps=pretrain_steps, block_size=block_size, batch_size=batch_size,
+        lr=lr, seed=seed, log_every=100 if verbose else 0,
+    )
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)
+    return model

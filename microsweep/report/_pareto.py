@@ -1,0 +1,132 @@
+"""Pareto report: compute the points and front from the store, then draw them with plotly.
+
+`pareto_data` reads only microsweep's tables (no unpickling) and returns a small object the
+tests assert on; `write_pareto_html` renders it as one self-contained HTML page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from microsweep.errors import UsageError
+from microsweep.storage import Store
+
+__all__ = ["ParetoData", "Point", "pareto_data", "pareto_front", "write_pareto_html"]
+
+
+@dataclass(frozen=True)
+class Point:
+    number: int
+    score: float
+    perplexity: float
+    feasible: bool
+    params: float
+    ops: float
+    summary: str
+
+
+@dataclass
+class ParetoData:
+    """Completed trials as points, the numbers of those on the feasible front, and context."""
+
+    name: str
+    points: list[Point]
+    front: list[int]
+    ceiling: float | None
+    dense_perplexity: float
+    dense_score: float
+    baseline: str
+    failed: int = 0
+    states: dict[str, int] = field(default_factory=dict)
+
+
+def pareto_front(points: list[Point]) -> list[int]:
+    """Numbers of the feasible points no other feasible point beats on both score and
+    perplexity, sorted by score."""
+    feasible = sorted((p for p in points if p.feasible), key=lambda p: (p.score, p.perplexity))
+    front: list[int] = []
+    best_ppl = float("inf")
+    for p in feasible:
+        if p.perplexity < best_ppl:
+            front.append(p.number)
+            best_ppl = p.perplexity
+    return front
+
+
+def pareto_data(store: Store, name: str) -> ParetoData:
+    sweep = store.get_sweep(name)
+    rows = store.trials(name)
+    points = [
+        Point(r.number, r.score, r.perplexity, bool(r.feasible), r.params, r.ops, r.summary)
+        for r in rows
+        if r.state == "COMPLETE" and r.score is not None and r.perplexity is not None
+    ]
+    states: dict[str, int] = {}
+    for r in rows:
+        states[r.state] = states.get(r.state, 0) + 1
+    dense_score = sweep.dense_params / sweep.baseline_params + sweep.dense_ops / sweep.baseline_ops
+    return ParetoData(
+        name=name, points=points, front=pareto_front(points), ceiling=sweep.ceiling,
+        dense_perplexity=sweep.dense_perplexity, dense_score=dense_score,
+        baseline=sweep.baseline_name, failed=states.get("FAIL", 0), states=states,
+    )
+
+
+def _hover(p: Point) -> str:
+    summary = p.summary.replace("; ", "<br>")
+    return (f"trial {p.number}<br>score {p.score:.5g}<br>perplexity {p.perplexity:.4f}<br>"
+            f"params {p.params:,.0f} ops {p.ops:,.0f}<br>{summary}")
+
+
+def figure(data: ParetoData) -> Any:
+    """The plotly figure: feasible, infeasible and front traces, the dense model, the ceiling."""
+    import plotly.graph_objects as go
+
+    front = set(data.front)
+    groups = {
+        "feasible": [p for p in data.points if p.feasible and p.number not in front],
+        "infeasible": [p for p in data.points if not p.feasible],
+        "Pareto front": sorted((p for p in data.points if p.number in front), key=lambda p: p.score),
+    }
+    styles = {
+        "feasible": dict(mode="markers", marker=dict(color="#1f77b4", size=8, opacity=0.8)),
+        "infeasible": dict(mode="markers",
+                           marker=dict(color="#aaaaaa", size=8, symbol="x", opacity=0.7)),
+        "Pareto front": dict(mode="lines+markers", line=dict(color="#d62728", width=2),
+                             marker=dict(color="#d62728", size=11, symbol="diamond")),
+    }
+    fig = go.Figure()
+    for label, pts in groups.items():
+        fig.add_trace(go.Scatter(
+            x=[p.perplexity for p in pts], y=[p.score for p in pts], name=label,
+            text=[_hover(p) for p in pts], hoverinfo="text", customdata=[p.number for p in pts],
+            **styles[label],
+        ))
+    fig.add_trace(go.Scatter(
+        x=[data.dense_perplexity], y=[data.dense_score], name="dense model", mode="markers",
+        marker=dict(color="black", size=12, symbol="star"), hoverinfo="text",
+        text=[f"dense model<br>score {data.dense_score:.5g}<br>perplexity "
+              f"{data.dense_perplexity:.4f}"],
+    ))
+    if data.ceiling is not None:
+        fig.add_vline(x=data.ceiling, line_dash="dash", line_color="#2ca02c",
+                      annotation_text=f"ceiling {data.ceiling:.4g}", annotation_position="top")
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(data.states.items()))
+    fig.update_layout(
+        title=f"microsweep '{data.name}': MicroNet score vs perplexity ({counts})",
+        xaxis_title="validation perplexity", yaxis_title=f"MicroNet score ({data.baseline} baseline)",
+        template="plotly_white", hovermode="closest", legend=dict(orientation="h", y=-0.15),
+    )
+    return fig
+
+
+def write_pareto_html(store: Store, name: str, path: str | Path) -> ParetoData:
+    """Write the sweep's Pareto page to `path` (plotly.js inlined) and return its data."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UsageError(f"folder {path.parent} for the report does not exist; create it first")
+    data = pareto_data(store, name)
+    figure(data).write_html(str(path), include_plotlyjs=True, full_html=True)
+    return data

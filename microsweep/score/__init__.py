@@ -1,0 +1,35 @@
+"""MicroNet scoring: parameter and op counts by per-module rules, the score, and perplexity.
+
+``count(model, context=...)`` walks the model with the registered rules (`register_rule` adds
+one for a new layer type); `micronet_score` normalizes by a `Baseline`; `perplexity` measures a
+model on the fixed windows of `eval_windows`.
+"""
+
+from microsweep.score._config import CountConfig
+from microsweep.score._counter import Counts, LayerCount, count
+from microsweep.score._formulas import linear_adds, mask_bits, mult_weight, op_weight, tensor_bits
+from microsweep.score._perplexity import eval_windows, mean_context, perplexity
+from microsweep.score._registry import Cost, RuleContext, find_rule, register_rule
+from microsweep.score._score import CHALLENGE_BASELINE, Baseline, micronet_score
+
+__all__ = [
+    "CHALLENGE_BASELINE",
+    "Baseline",
+    "Cost",
+    "CountConfig",
+    "Counts",
+    "LayerCount",
+    "RuleContext",
+    "count",
+    "eval_windows",
+    "find_rule",
+    "linear_adds",
+    "mask_bits",
+    "mean_context",
+    "micronet_score",
+    "mult_weight",
+    "op_weight",
+    "perplexity",
+    "register_rule",
+    "tensor_bits",
+]

@@ -1,0 +1,98 @@
+"""Perplexity on fixed, non-overlapping token windows, so that every trial is measured alike."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from microsweep.errors import UsageError
+
+__all__ = ["eval_windows", "mean_context", "perplexity"]
+
+
+def _positive_int(value: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{what}={value!r} must be a positive int")
+    return value
+
+
+def eval_windows(tokens: torch.Tensor, *, window: int, max_tokens: int) -> torch.Tensor:
+    """(n, window + 1) ids cut from the start of `tokens`: window i is
+    ``tokens[i*window : (i+1)*window + 1]``, so the predicted tokens never overlap.
+
+    n = min(max_tokens // window, (len - 1) // window); the same tokens always give the same
+    windows, so perplexities of different trials are comparable.
+    """
+    window = _positive_int(window, "window")
+    max_tokens = _positive_int(max_tokens, "max_tokens")
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
+        raise UsageError("tokens must be a 1-D tensor of token ids")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise UsageError(f"tokens must hold integer ids, got dtype {tokens.dtype}")
+    n = min(max_tokens // window, (tokens.numel() - 1) // window)
+    if n < 1:
+        raise UsageError(
+            f"too few tokens for one window of {window}: {tokens.numel()} tokens and "
+            f"max_tokens={max_tokens} (need at least {window + 1} and {window})"
+        )
+    return tokens[: n * window + 1].unfold(0, window + 1, window).to(torch.long).contiguous()
+
+
+def mean_context(window: int) -> float:
+    """Mean attended positions per token when a window of `window` tokens is read causally
+    from its start: (window + 1) / 2, the `context` to pass to `count()`."""
+    return (_positive_int(window, "window") + 1) / 2
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 32) -> float:
+    """exp(mean next-token negative log-likelihood) over every position of every window.
+
+    `model` maps ids (B, T) to logits (B, T, V). Runs under ``torch.no_grad`` in eval mode and
+    restores each submodule's training flag. NLLs are summed in float64. A non-finite result
+    (NaN or inf) is returned as it is, for the caller to mark the trial failed.
+    """
+    batch_size = _positive_int(batch_size, "batch_size")
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[1] < 2:
+        raise UsageError("windows must be a (n, window + 1) tensor of ids, from eval_windows()")
+    if windows.shape[0] == 0:
+        raise UsageError("windows is empty: there is nothing to evaluate")
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else windows.device
+    flags = [(m, m.training) for m in model.modules()]
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, windows.shape[0], batch_size):
+                batch = windows[start : start + batch_size].to(device=device, dtype=torch.long)
+                inputs, targets = batch[:, :-1], batch[:, 1:]
+                logits = model(inputs)
+                if not (
+                    isinstance(logits, torch.Tensor)
+                    and logits.dim() == 3
+                    and logits.shape[:2] == inputs.shape
+                ):
+                    got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+                    raise UsageError(
+                        f"the model must map ids {tuple(inputs.shape)} to logits (B, T, V), "
+                        f"got {got}"
+                    )
+                nll = F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]).float(),
+                    targets.reshape(-1),
+                    reduction="none",
+                )
+                total += nll.to(torch.float64).sum().cpu()
+                count += nll.numel()
+    finally:
+        for module, flag in flags:
+            module.train(flag)
+    mean = float(total) / count
+    try:
+        return math.exp(mean)
+    except OverflowError:
+        return math.inf

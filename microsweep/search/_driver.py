@@ -1,0 +1,373 @@
+"""The sweep driver: ask Optuna, hand a plain Policy to a free worker, record, tell.
+
+The driver is the only writer to the study and to microsweep's tables, so SQLite works and the
+sampler runs in one place. Every trial ends COMPLETE or FAIL with a stored reason; a worker
+exception or a non-finite perplexity never stops the sweep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from microsweep.errors import StorageError, UsageError
+from microsweep.search._spacefile import SpaceFile, load_space_file, load_space_source
+from microsweep.storage import Store
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = ["SAMPLERS", "SweepResult", "resume_sweep", "run_sweep"]
+
+SAMPLERS = ("tpe", "nsga2", "random")
+
+
+@dataclass
+class SweepResult:
+    """What a run or resume did: trial counts by state and the best feasible trial."""
+
+    name: str
+    states: dict[str, int] = field(default_factory=dict)
+    best_number: int | None = None
+    best_score: float | None = None
+    best_perplexity: float | None = None
+    wall: float = 0.0
+    driver_ms_per_trial: float = 0.0
+
+
+def _make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(multivariate=True, seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise UsageError(f"sampler {name!r} is not one of {', '.join(SAMPLERS)}")
+
+
+def _fingerprint(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("microsweep", "torch", "optuna", "ray", "sqlalchemy", "plotly"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "?"
+    return out
+
+
+@dataclass
+class _Prepared:
+    """The tensors and settings every worker receives once."""
+
+    windows: torch.Tensor
+    calib: torch.Tensor | None
+    train_tokens: torch.Tensor | None
+    settings: Any
+    data_fingerprint: str
+
+
+def _prepare(sf: SpaceFile, seed: int) -> _Prepared:
+    from microsweep.score import eval_windows, mean_context
+    from microsweep.workers import EvalSettings
+
+    obj = sf.objective
+    model = sf.model
+    block = getattr(getattr(model, "config", None), "block_size", None)
+    window = obj.window or block
+    if window is None:
+        raise UsageError("MicroNet(window=...) is needed: the model has no config.block_size")
+    if sf.corpus is not None:
+        windows = eval_windows(sf.corpus.val, window=window, max_tokens=obj.eval_tokens)
+        n_calib = max(1, min(obj.calib_tokens // window, (len(sf.corpus.train) - 1) // window))
+        calib = sf.corpus.train[: n_calib * window].view(n_calib, window)
+        train = sf.corpus.train
+        data_fp = getattr(sf.corpus, "fingerprint", "") or "unknown"
+    else:
+        windows = torch.zeros(0, window + 1, dtype=torch.long)
+        calib, train, data_fp = None, None, "user-evaluate"
+    settings = EvalSettings(context=mean_context(window), count=dict(obj.count), seed=seed,
+                            finetune_block=window)
+    return _Prepared(windows, calib, train, settings, data_fp)
+
+
+class _Progress:
+    """One line per finished trial (or a rewritten line on a terminal)."""
+
+    def __init__(self, total: int, stream: Any = None, enabled: bool = True) -> None:
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def update(self, done: int, states: dict[str, int], best: float | None, last: str) -> None:
+        if not self.enabled:
+            return
+        parts = " ".join(f"{k}={v}" for k, v in sorted(states.items()))
+        best_s = f"{best:.5g}" if best is not None else "-"
+        line = f"[{done}/{self.total}] {parts} | best feasible score {best_s} | {last}"
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+            if done >= self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _drive(
+    store: Store,
+    sweep: Any,
+    sf: SpaceFile,
+    prepared: _Prepared,
+    study: optuna.Study,
+    *,
+    total: int,
+    workers: int,
+    address: str | None,
+    in_process: bool,
+    progress: bool,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
+) -> SweepResult:
+    from optuna.trial import TrialState
+
+    from microsweep.score import Baseline, micronet_score
+    from microsweep.workers import make_pool
+
+    ceiling = sweep.ceiling
+    baseline = Baseline(sweep.baseline_params, sweep.baseline_ops, sweep.baseline_name)
+    multi = sf.objective.objectives == "score+perplexity"
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    done = len(finished)
+    result = SweepResult(name=sweep.name)
+    for t in finished:
+        result.states[t.state.name] = result.states.get(t.state.name, 0) + 1
+    for row in store.trials(sweep.name):
+        if row.state == "COMPLETE" and row.feasible and (
+            result.best_score is None or row.score < result.best_score
+        ):
+            result.best_number, result.best_score, result.best_perplexity = (
+                row.number, row.score, row.perplexity)
+    if done >= total:
+        return result
+    bar = _Progress(total, enabled=progress)
+    started = time.perf_counter()
+    driver_time = 0.0
+    pool = make_pool(
+        workers, model=sf.model, windows=prepared.windows, settings=prepared.settings,
+        calib=prepared.calib, train_tokens=prepared.train_tokens, evaluate=sf.evaluate,
+        address=address, in_process=in_process, register_by_value=(sf.module,),
+    )
+    in_flight: dict[int, tuple[Any, Any]] = {}
+    asked = done
+    try:
+        while done < total:
+            while pool.free and asked < total:
+                t0 = time.perf_counter()
+                trial = study.ask()
+                policy = sf.space.suggest(trial)
+                in_flight[trial.number] = (trial, policy)
+                driver_time += time.perf_counter() - t0
+                pool.submit(trial.number, policy.to_json())
+                asked += 1
+            res = pool.wait()
+            t0 = time.perf_counter()
+            trial, policy = in_flight.pop(res["number"])
+            state, reason = "COMPLETE", None
+            score = feasible = None
+            if res["status"] == "ok":
+                score = micronet_score(res["params"], res["ops"], baseline)
+                ppl = res["perplexity"]
+                feasible = ceiling is None or ppl <= ceiling
+                trial.set_constraint("perplexity", 0.0 if ceiling is None else ppl - ceiling)
+                values: Any = [score, ppl] if multi else score
+                trial.set_user_attr("perplexity", ppl)
+            else:
+                state, reason, values = "FAIL", res["error"], None
+                trial.set_user_attr("fail_reason", reason)
+            timings = dict(res.get("timings", {}))
+            record = {
+                "state": state, "reason": reason, "score": score,
+                "perplexity": res.get("perplexity"), "params": res.get("params"),
+                "ops": res.get("ops"), "feasible": feasible, "freebie": res.get("freebie"),
+                "summary": policy.summary(), "count_config": res.get("count_config"),
+            }
+            store.record_trial(sweep.id, trial.number, policy=policy.to_json(),
+                               layers=res.get("layers", ()), timings=timings, **record)
+            study.tell(trial, values, state=TrialState.COMPLETE if state == "COMPLETE"
+                       else TrialState.FAIL)
+            timings["driver"] = time.perf_counter() - t0
+            driver_time += timings["driver"]
+            done += 1
+            result.states[state] = result.states.get(state, 0) + 1
+            if state == "COMPLETE" and feasible and (
+                result.best_score is None or score < result.best_score
+            ):
+                result.best_number, result.best_score = trial.number, score
+                result.best_perplexity = res["perplexity"]
+            last = (f"trial {trial.number} {state}" + (f" score {score:.4g} ppl {res['perplexity']:.4g}"
+                    if score is not None else f" ({reason})"))
+            bar.update(done, result.states, result.best_score, last)
+            if on_trial is not None:
+                on_trial({"number": trial.number, "state": state, "timings": timings, **record})
+    finally:
+        for trial, _ in in_flight.values():  # interrupted: leave no RUNNING trial behind
+            try:
+                trial.set_user_attr("fail_reason", "sweep stopped before the trial finished")
+                study.tell(trial, None, state=TrialState.FAIL)
+            except Exception:
+                pass
+        pool.close()
+    ran = done - len(finished)
+    result.wall = time.perf_counter() - started
+    result.driver_ms_per_trial = 1000 * driver_time / max(ran, 1)
+    return result
+
+
+def run_sweep(
+    space_path: str,
+    *,
+    name: str,
+    trials: int,
+    workers: int = 1,
+    storage: str | None = None,
+    sampler: str = "tpe",
+    seed: int | None = None,
+    address: str | None = None,
+    in_process: bool = False,
+    progress: bool = True,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
+) -> SweepResult:
+    """Start a new sweep named `name` over the space file at `space_path`."""
+    import optuna
+
+    _check_counts(trials, workers)
+    if sampler not in SAMPLERS:
+        raise UsageError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+    if not name or len(name) > 200:
+        raise UsageError("sweep name must be 1..200 characters")
+    store = Store(storage)
+    if name in store.sweep_names():
+        raise StorageError(f"a sweep named {name!r} already exists in {store.url}; "
+                           "use 'microsweep resume' or another --name")
+    sf = load_space_file(space_path)
+    prepared = _prepare(sf, seed or 0)
+    dense = _dense(sf, prepared)
+    ceiling = sf.objective.ceiling(dense["perplexity"])
+    if sf.objective.baseline == "dense":
+        b_name, b_params, b_ops = "dense", dense["params"], dense["ops"]
+    else:
+        b_name, b_params, b_ops = "challenge", 159e6, 318e6
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sweep = store.create_sweep(
+        name=name, study_name=name, space_path=str(space_path), space_source=sf.source,
+        space_json=sf.space.to_json(), objective_json=sf.objective.to_json(),
+        model_fingerprint=_fingerprint(sf.model), data_fingerprint=prepared.data_fingerprint,
+        model_recipe=_recipe(sf.model), dense_perplexity=dense["perplexity"],
+        dense_params=dense["params"], dense_ops=dense["ops"], dense_layers=dense["layers"],
+        baseline_name=b_name, baseline_params=b_params, baseline_ops=b_ops, ceiling=ceiling,
+        sampler=sampler, seed=seed, target_trials=trials, versions=_versions(),
+    )
+    study = optuna.create_study(
+        study_name=name, storage=store.optuna_storage(), sampler=_make_sampler(sampler, seed),
+        directions=sf.objective.directions, load_if_exists=True,
+    )
+    try:
+        return _drive(store, sweep, sf, prepared, study, total=trials, workers=workers,
+                      address=address, in_process=in_process, progress=progress,
+                      on_trial=on_trial)
+    finally:
+        store.dispose()
+
+
+def resume_sweep(
+    name: str,
+    *,
+    trials: int | None = None,
+    workers: int = 1,
+    storage: str | None = None,
+    address: str | None = None,
+    in_process: bool = False,
+    progress: bool = True,
+) -> SweepResult:
+    """Continue sweep `name` until it has `trials` finished trials in total (default: its
+    original target). Trials left RUNNING by a stopped driver are marked FAIL first."""
+    import optuna
+    from optuna.trial import TrialState
+
+    store = Store(storage, must_exist=True)
+    sweep = store.get_sweep(name)
+    total = trials if trials is not None else sweep.target_trials
+    _check_counts(total, workers)
+    sf = load_space_source(sweep.space_source, sweep.space_path)
+    if _fingerprint(sf.model) != sweep.model_fingerprint:
+        raise StorageError(
+            f"the model built by the stored space file differs from sweep {name!r}'s "
+            "(fingerprint mismatch); start a new sweep instead of resuming"
+        )
+    prepared = _prepare(sf, sweep.seed or 0)
+    if prepared.data_fingerprint != sweep.data_fingerprint:
+        raise StorageError(f"the corpus differs from the one sweep {name!r} was measured on")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=sweep.study_name, storage=store.optuna_storage(),
+                              sampler=_make_sampler(sweep.sampler, sweep.seed))
+    recorded = {row.number for row in store.trials(name)}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        reason = "driver stopped before the trial finished"
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+        study.tell(t.number, None, state=TrialState.FAIL)
+        if t.number not in recorded:
+            store.record_trial(sweep.id, t.number, state="FAIL", reason=reason, policy={},
+                               summary="")
+    if trials is not None and trials != sweep.target_trials:
+        store.update_sweep(name, target_trials=total)
+    try:
+        return _drive(store, sweep, sf, prepared, study, total=total, workers=workers,
+                      address=address, in_process=in_process, progress=progress)
+    finally:
+        store.dispose()
+
+
+def _check_counts(trials: int, workers: int) -> None:
+    if not isinstance(trials, int) or trials < 1:
+        raise UsageError(f"--trials {trials} must be a positive number")
+    if not isinstance(workers, int) or workers < 1:
+        raise UsageError(f"--workers {workers} must be a positive number")
+
+
+def _recipe(model: torch.nn.Module) -> dict[str, Any] | None:
+    recipe = getattr(model, "recipe", None)
+    return recipe() if callable(recipe) else None
+
+
+def _dense(sf: SpaceFile, prepared: _Prepared) -> dict[str, Any]:
+    """Perplexity and counts of the unmodified model, measured exactly as trials are."""
+    from microsweep.spaces import Policy
+    from microsweep.workers import TrialRunner
+
+    runner = TrialRunner(sf.model, prepared.windows, prepared.settings, calib=prepared.calib,
+                         evaluate=sf.evaluate)
+    res = runner.run(-1, Policy().to_json())
+    torch.set_grad_enabled(True)
+    if res["status"] != "ok":
+        raise UsageError(f"the dense model cannot be evaluated: {res['error']}")
+    if not math.isfinite(res["perplexity"]):
+        raise UsageError(f"the dense model's perplexity is {res['perplexity']}")
+    return res

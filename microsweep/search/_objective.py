@@ -1,0 +1,81 @@
+"""`MicroNet`: the objective — MicroNet score under a perplexity ceiling, one or two objectives."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from microsweep.errors import SpaceError
+
+__all__ = ["MicroNet"]
+
+
+@dataclass(frozen=True)
+class MicroNet:
+    """Minimize P/P_base + O/O_base subject to perplexity <= ceiling.
+
+    - `perplexity_ceiling`: absolute, or a factor of the dense model's perplexity when
+      ``relative_to="dense"`` (1.05 = at most 5% worse); None for no ceiling.
+    - `baseline`: ``"challenge"`` (159M parameters, 318M ops) or ``"dense"`` (the user's model).
+    - `objectives`: ``"score"`` (one objective, ceiling as an Optuna constraint) or
+      ``"score+perplexity"`` (two objectives, the ceiling still marks feasibility).
+    - `eval_tokens`, `window`: perplexity is measured on the first `eval_tokens` tokens of the
+      validation split in non-overlapping windows of `window` (default: the model's block size).
+    - `count`: options of the MicroNet counter (`microsweep.score.CountConfig` fields).
+    """
+
+    perplexity_ceiling: float | None = None
+    relative_to: Literal["dense"] | None = None
+    baseline: Literal["challenge", "dense"] = "challenge"
+    objectives: Literal["score", "score+perplexity"] = "score"
+    eval_tokens: int = 8192
+    window: int | None = None
+    calib_tokens: int = 2048
+    count: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        c = self.perplexity_ceiling
+        if c is not None and (not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0):
+            raise SpaceError(f"MicroNet: perplexity_ceiling {c!r} must be a positive number or None")
+        if self.relative_to not in (None, "dense"):
+            raise SpaceError(f"MicroNet: relative_to {self.relative_to!r} must be 'dense' or None")
+        if self.relative_to == "dense" and c is not None and c < 1.0:
+            raise SpaceError(f"MicroNet: a relative ceiling {c} below 1.0 excludes the dense model")
+        if self.relative_to == "dense" and c is None:
+            raise SpaceError("MicroNet: relative_to='dense' needs a perplexity_ceiling factor")
+        if self.baseline not in ("challenge", "dense"):
+            raise SpaceError(f"MicroNet: baseline {self.baseline!r} must be 'challenge' or 'dense'")
+        if self.objectives not in ("score", "score+perplexity"):
+            raise SpaceError(
+                f"MicroNet: objectives {self.objectives!r} must be 'score' or 'score+perplexity'"
+            )
+        if not isinstance(self.eval_tokens, int) or self.eval_tokens < 16:
+            raise SpaceError(f"MicroNet: eval_tokens {self.eval_tokens!r} must be an int >= 16")
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 2):
+            raise SpaceError(f"MicroNet: window {self.window!r} must be an int >= 2")
+        from microsweep.score import CountConfig
+
+        try:
+            CountConfig(**self.count)
+        except TypeError as exc:
+            raise SpaceError(f"MicroNet: count options are wrong ({exc})") from None
+
+    def ceiling(self, dense_perplexity: float) -> float | None:
+        """The absolute perplexity ceiling for a dense model of `dense_perplexity`."""
+        if self.perplexity_ceiling is None:
+            return None
+        if self.relative_to == "dense":
+            return float(self.perplexity_ceiling) * dense_perplexity
+        return float(self.perplexity_ceiling)
+
+    @property
+    def directions(self) -> list[str]:
+        return ["minimize"] if self.objectives == "score" else ["minimize", "minimize"]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MicroNet:
+        return cls(**data)

@@ -1,0 +1,89 @@
+"""Load a space file: a Python file defining `space`, and optionally `objective`, `corpus` and
+`evaluate`. Errors in the user's file come back as one line naming the file and line."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from torch import nn
+
+from microsweep.errors import MicrosweepError, UsageError
+from microsweep.search._objective import MicroNet
+from microsweep.spaces import Space
+
+__all__ = ["SpaceFile", "load_space_file", "load_space_source"]
+
+
+@dataclass
+class SpaceFile:
+    """What a space file defines, plus its source text for provenance and resume."""
+
+    path: str
+    source: str
+    module: ModuleType
+    space: Space
+    objective: MicroNet
+    corpus: Any | None
+    evaluate: Callable[[nn.Module], float] | None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.space.model
+
+
+def load_space_file(path: str | Path) -> SpaceFile:
+    """Run the file at `path` and collect what it defines."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"space file {path} does not exist; pass the path of a .py file")
+    try:
+        source = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read space file {path}: {exc}") from None
+    return load_space_source(source, str(path))
+
+
+def load_space_source(source: str, path: str) -> SpaceFile:
+    """Run space-file `source` (as if it were the file at `path`) and collect its names."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+    mod_name = f"microsweep_space_{digest}"
+    spec = importlib.util.spec_from_loader(mod_name, loader=None, origin=path)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    module.__file__ = path
+    sys.modules[mod_name] = module
+    try:
+        code = compile(source, path, "exec")
+        exec(code, module.__dict__)
+    except MicrosweepError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
+    except SyntaxError as exc:
+        raise UsageError(f"space file {path} line {exc.lineno}: syntax error: {exc.msg}") from None
+    except Exception as exc:
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == path]
+        line = f" line {frames[-1].lineno}" if frames else ""
+        raise UsageError(f"space file {path}{line}: {type(exc).__name__}: {exc}") from None
+    space = module.__dict__.get("space")
+    if not isinstance(space, Space):
+        raise UsageError(f"space file {path} must define `space = Space(model, rules=...)`")
+    objective = module.__dict__.get("objective", MicroNet())
+    if not isinstance(objective, MicroNet):
+        raise UsageError(f"space file {path}: `objective` must be a MicroNet(...), not {objective!r}")
+    corpus = module.__dict__.get("corpus")
+    evaluate = module.__dict__.get("evaluate")
+    if evaluate is not None and not callable(evaluate):
+        raise UsageError(f"space file {path}: `evaluate` must be a function model -> perplexity")
+    if corpus is None and evaluate is None:
+        raise UsageError(
+            f"space file {path} must define `corpus` (e.g. data.tiny_shakespeare()) or "
+            "`evaluate(model) -> perplexity`"
+        )
+    return SpaceFile(path, source, module, space, objective, corpus, evaluate)

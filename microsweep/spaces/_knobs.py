@@ -1,0 +1,213 @@
+"""Knobs: frozen descriptions of one searchable value, validated when the space is defined.
+
+A knob knows how to ask an Optuna trial for its value (`suggest`) and how to describe itself as
+JSON for the store. Layer knobs (`Sparsity`, `Bits`, `Rank`) become `LayerPolicy` fields; plain
+knobs (`Choice`, `Float`, `Int`) become hyperparameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from microsweep.errors import SpaceError
+from microsweep.spaces._policy import VALID_BITS
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = ["Bits", "Choice", "Float", "Int", "Knob", "Rank", "Sparsity"]
+
+
+class Knob:
+    """Base class: `suggest(trial, name)` returns one value; `to_json()` describes the knob."""
+
+    def suggest(self, trial: optuna.trial.BaseTrial, name: str) -> Any:
+        raise NotImplementedError
+
+    def to_json(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def _check_range(kind: str, low: float, high: float) -> None:
+    if low > high:
+        raise SpaceError(f"{kind}: low {low} is above high {high}; swap them")
+
+
+@dataclass(frozen=True)
+class Sparsity(Knob):
+    """Fraction of weights pruned by magnitude, in [low, high] with optional `step`.
+
+    `block=(rows, cols)` prunes whole blocks and stores one mask bit per block.
+    """
+
+    low: float = 0.0
+    high: float = 0.9
+    step: float | None = None
+    block: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        for value in (self.low, self.high):
+            if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+                raise SpaceError(f"Sparsity: {value!r} is outside [0, 1); use e.g. Sparsity(0, 0.9)")
+        _check_range("Sparsity", self.low, self.high)
+        if self.step is not None and not 0 < self.step < 1:
+            raise SpaceError(f"Sparsity: step {self.step!r} must be in (0, 1)")
+        if self.block is not None:
+            block = tuple(self.block)
+            if len(block) != 2 or any(not isinstance(b, int) or b < 1 for b in block):
+                raise SpaceError(f"Sparsity: block {self.block!r} must be two positive ints like (4, 4)")
+            object.__setattr__(self, "block", block)
+
+    def suggest(self, trial: optuna.trial.BaseTrial, name: str) -> float:
+        if self.low == self.high:
+            return float(self.low)
+        return trial.suggest_float(name, self.low, self.high, step=self.step)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"knob": "Sparsity", "low": self.low, "high": self.high, "step": self.step,
+                "block": list(self.block) if self.block else None}
+
+
+@dataclass(frozen=True, init=False)
+class Bits(Knob):
+    """A choice of bit-widths in 2..16, or 32 for "leave at fp32": ``Bits(4, 8, 16)``."""
+
+    choices: tuple[int, ...]
+
+    def __init__(self, *choices: int) -> None:
+        if not choices:
+            raise SpaceError("Bits: give at least one width, e.g. Bits(4, 8)")
+        for c in choices:
+            if isinstance(c, bool) or c not in VALID_BITS:
+                raise SpaceError(f"Bits: {c!r} is not a width in 2..16 or 32 (32 means off)")
+        object.__setattr__(self, "choices", tuple(int(c) for c in choices))
+
+    def suggest(self, trial: optuna.trial.BaseTrial, name: str) -> int:
+        if len(self.choices) == 1:
+            return self.choices[0]
+        return int(trial.suggest_categorical(name, self.choices))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"knob": "Bits", "choices": list(self.choices)}
+
+
+@dataclass(frozen=True, init=False)
+class Rank(Knob):
+    """Low-rank factorization rank: ``Rank(0.1, 1.0)`` is a fraction range of each layer's full
+    rank; ``Rank(8, 16, 32)`` (ints) are explicit ranks. A rank equal to the full rank leaves
+    the layer unfactorized, since full-rank factors are never smaller."""
+
+    low: float | None
+    high: float | None
+    values: tuple[int, ...] | None
+
+    def __init__(self, *args: float) -> None:
+        if not args:
+            raise SpaceError("Rank: give a fraction range like Rank(0.1, 1.0) or ranks like Rank(8, 16)")
+        if all(isinstance(a, int) and not isinstance(a, bool) for a in args):
+            if any(a < 1 for a in args):
+                raise SpaceError(f"Rank: explicit ranks {args} must be >= 1")
+            object.__setattr__(self, "values", tuple(args))
+            object.__setattr__(self, "low", None)
+            object.__setattr__(self, "high", None)
+            return
+        if len(args) > 2 or any(not isinstance(a, (int, float)) for a in args):
+            raise SpaceError(f"Rank{args}: use Rank(low, high) fractions or integer ranks")
+        low = float(args[0])
+        high = float(args[-1])
+        for value in (low, high):
+            if not 0.0 < value <= 1.0:
+                raise SpaceError(f"Rank: fraction {value} is outside (0, 1]; use ints for ranks")
+        _check_range("Rank", low, high)
+        object.__setattr__(self, "low", low)
+        object.__setattr__(self, "high", high)
+        object.__setattr__(self, "values", None)
+
+    def suggest(self, trial: optuna.trial.BaseTrial, name: str) -> float | int:
+        """A fraction (float) or an explicit rank (int); `resolve` turns it into a rank."""
+        if self.values is not None:
+            if len(self.values) == 1:
+                return self.values[0]
+            return int(trial.suggest_categorical(name, self.values))
+        if self.low == self.high:
+            return float(self.low)
+        return trial.suggest_float(name, self.low, self.high)
+
+    @staticmethod
+    def resolve(value: float | int, full_rank: int) -> int | None:
+        """The rank for a layer of `full_rank`, or None when no factorization is wanted."""
+        rank = value if isinstance(value, int) else max(1, round(value * full_rank))
+        return None if rank >= full_rank else rank
+
+    def to_json(self) -> dict[str, Any]:
+        if self.values is not None:
+            return {"knob": "Rank", "values": list(self.values)}
+        return {"knob": "Rank", "low": self.low, "high": self.high}
+
+
+@dataclass(frozen=True, init=False)
+class Choice(Knob):
+    """A categorical hyperparameter: ``Choice("adam", "sgd")``."""
+
+    choices: tuple[Any, ...]
+
+    def __init__(self, *choices: Any) -> None:
+        if not choices:
+            raise SpaceError("Choice: give at least one value")
+        for c in choices:
+            if not isinstance(c, (str, int, float, bool)) and c is not None:
+                raise SpaceError(f"Choice: {c!r} is not a str, int, float, bool or None")
+        object.__setattr__(self, "choices", tuple(choices))
+
+    def suggest(self, trial: optuna.trial.BaseTrial, name: str) -> Any:
+        return trial.suggest_categorical(name, self.choices)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"knob": "Choice", "choices": list(self.choices)}
+
+
+@dataclass(frozen=True)
+class Float(Knob):
+    """A float hyperparameter in [low, high], optionally log-scaled or stepped."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_range("Float", self.low, self.high)
+        if self.log and self.low <= 0:
+            raise SpaceError(f"Float: log=True needs low > 0, got {self.low}")
+        if self.log and self.step is not None:
+            raise SpaceError("Float: log and step cannot be used together")
+
+    def suggest(self, trial: optuna.trial.BaseTrial, name: str) -> float:
+        return trial.suggest_float(name, self.low, self.high, log=self.log, step=self.step)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"knob": "Float", "low": self.low, "high": self.high, "log": self.log,
+                "step": self.step}
+
+
+@dataclass(frozen=True)
+class Int(Knob):
+    """An int hyperparameter in [low, high], optionally log-scaled or stepped."""
+
+    low: int
+    high: int
+    log: bool = False
+    step: int = 1
+
+    def __post_init__(self) -> None:
+        _check_range("Int", self.low, self.high)
+        if self.log and self.low <= 0:
+            raise SpaceError(f"Int: log=True needs low > 0, got {self.low}")
+
+    def suggest(self, trial: optuna.trial.BaseTrial, name: str) -> int:
+        return trial.suggest_int(name, self.low, self.high, log=self.log, step=self.step)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"knob": "Int", "low": self.low, "high": self.high, "log": self.log,
+                "step": self.step}

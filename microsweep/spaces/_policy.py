@@ -1,0 +1,149 @@
+"""`Policy`: the plain, versioned, JSON-serializable result of one suggestion.
+
+A policy maps layer names to `LayerPolicy` settings and carries the plain hyperparameters. It is
+what the driver hands a worker and what the store keeps, so it holds no torch or Optuna objects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from microsweep.errors import SpaceError
+
+__all__ = ["LayerPolicy", "Policy", "POLICY_VERSION", "VALID_BITS"]
+
+POLICY_VERSION = 1
+_POLICY_TAG = "microsweep.Policy"
+VALID_BITS = frozenset([*range(2, 17), 32])
+"""Weight and activation widths: 2..16 quantize, 32 means "not quantized" (fp32)."""
+
+
+@dataclass(frozen=True)
+class LayerPolicy:
+    """Settings for one layer; the defaults leave the layer as it is.
+
+    Order of application (see `microsweep.compress`): factorize to `rank`, prune to `sparsity`
+    (unstructured, or in `block`-shaped blocks), then quantize weights to `bits` and inputs
+    to `act_bits`.
+    """
+
+    sparsity: float = 0.0
+    block: tuple[int, int] | None = None
+    bits: int = 32
+    act_bits: int = 32
+    rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
+            raise SpaceError(f"sparsity {self.sparsity!r} is outside [0, 1); use e.g. 0.5 for half")
+        if isinstance(self.block, list):
+            object.__setattr__(self, "block", tuple(self.block))
+        if self.block is not None and (
+            len(self.block) != 2 or any(not isinstance(b, int) or b < 1 for b in self.block)
+        ):
+            raise SpaceError(f"block {self.block!r} must be two positive ints such as (4, 4)")
+        for name in ("bits", "act_bits"):
+            value = getattr(self, name)
+            if value not in VALID_BITS:
+                raise SpaceError(f"{name}={value!r} is not a width in 2..16 or 32 (32 means off)")
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+            raise SpaceError(f"rank {self.rank!r} must be a positive int (or None for full rank)")
+
+    @property
+    def is_identity(self) -> bool:
+        """True when applying this policy changes nothing."""
+        return self.sparsity == 0.0 and self.bits == 32 and self.act_bits == 32 and self.rank is None
+
+    def to_json(self) -> dict[str, Any]:
+        """The non-default fields, so that stored policies stay short."""
+        out: dict[str, Any] = {}
+        if self.sparsity:
+            out["sparsity"] = self.sparsity
+        if self.block is not None:
+            out["block"] = list(self.block)
+        if self.bits != 32:
+            out["bits"] = self.bits
+        if self.act_bits != 32:
+            out["act_bits"] = self.act_bits
+        if self.rank is not None:
+            out["rank"] = self.rank
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LayerPolicy:
+        unknown = set(data) - {"sparsity", "block", "bits", "act_bits", "rank"}
+        if unknown:
+            raise SpaceError(f"unknown layer setting(s) {sorted(unknown)} in policy JSON")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Layer name -> `LayerPolicy`, plus hyperparameters; layers not named are left alone."""
+
+    layers: Mapping[str, LayerPolicy] = field(default_factory=dict)
+    hyper: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key, value in self.hyper.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SpaceError(f"hyperparameter {key!r} is {value}; it must be finite")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": _POLICY_TAG,
+            "version": POLICY_VERSION,
+            "layers": {name: lp.to_json() for name, lp in self.layers.items()},
+            "hyper": dict(self.hyper),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Policy:
+        if not isinstance(data, Mapping) or data.get("type") != _POLICY_TAG:
+            raise SpaceError("not a microsweep policy: the JSON has no type 'microsweep.Policy'")
+        version = data.get("version")
+        if version != POLICY_VERSION:
+            raise SpaceError(
+                f"policy version {version!r} is not supported by this release "
+                f"(it reads version {POLICY_VERSION}); upgrade microsweep"
+            )
+        layers = {name: LayerPolicy.from_json(lp) for name, lp in data.get("layers", {}).items()}
+        return cls(layers=layers, hyper=dict(data.get("hyper", {})))
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True)
+
+    @classmethod
+    def loads(cls, text: str) -> Policy:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpaceError(f"policy is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return cls.from_json(data)
+
+    def summary(self, limit: int = 6) -> str:
+        """A short human line such as ``blocks.0.mlp.c_fc: s=0.50 b=4 r=32; ...``."""
+        parts = []
+        for name, lp in self.layers.items():
+            if lp.is_identity:
+                continue
+            bits = []
+            if lp.sparsity:
+                bits.append(f"s={lp.sparsity:.2f}" + ("" if lp.block is None else "blk"))
+            if lp.bits != 32:
+                bits.append(f"w{lp.bits}")
+            if lp.act_bits != 32:
+                bits.append(f"a{lp.act_bits}")
+            if lp.rank is not None:
+                bits.append(f"r={lp.rank}")
+            parts.append(f"{name}: {' '.join(bits)}")
+        shown = parts[:limit]
+        if len(parts) > limit:
+            shown.append(f"... {len(parts) - limit} more")
+        for key, value in self.hyper.items():
+            shown.append(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}")
+        return "; ".join(shown) if shown else "dense"

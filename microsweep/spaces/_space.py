@@ -1,0 +1,263 @@
+"""`Space`: which layers of a model may be compressed, with which knobs, and how rules match.
+
+Rules map a selector to settings. A selector is a glob over dotted layer names
+(``"blocks.*.mlp.*"``), a regular expression prefixed ``re:`` (full match), or a module type
+(``nn.Linear``). Precedence: a rule whose selector is the exact layer name wins; otherwise the first
+matching rule in order wins. ``tied=True`` in a rule makes its layers share one value per knob.
+Everything is checked when the space is built, before any trial runs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from microsweep.errors import SpaceError
+from microsweep.spaces._knobs import Bits, Knob, Rank, Sparsity
+from microsweep.spaces._policy import VALID_BITS, LayerPolicy, Policy
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = ["LayerInfo", "Space"]
+
+LAYER_KNOBS = ("sparsity", "bits", "act_bits", "rank")
+_RULE_KEYS = frozenset([*LAYER_KNOBS, "tied"])
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A compressible layer: its name, shape and the other modules that share its weight."""
+
+    name: str
+    out_features: int
+    in_features: int
+    shared_with: tuple[str, ...] = ()
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.out_features, self.in_features)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    key: str  # how the rule was written, for messages and parameter names
+    selector: str | type
+    settings: Mapping[str, Any]
+    tied: bool
+
+    def matches(self, name: str, module: nn.Module) -> bool:
+        if isinstance(self.selector, type):
+            return isinstance(module, self.selector)
+        if self.selector.startswith("re:"):
+            return re.fullmatch(self.selector[3:], name) is not None
+        return fnmatch.fnmatchcase(name, self.selector)
+
+
+def _linear_layers(model: nn.Module) -> dict[str, tuple[nn.Linear, LayerInfo]]:
+    owners: dict[int, list[str]] = {}
+    for mod_name, module in model.named_modules():
+        for p_name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            shared = tuple(
+                o.rsplit(".", 1)[0] for o in owners[id(module.weight)] if o != f"{name}.weight"
+            )
+            layers[name] = (module, LayerInfo(name, module.out_features, module.in_features, shared))
+    return layers
+
+
+def _check_setting(rule: str, key: str, value: Any) -> Any:
+    """Validate a constant or a knob given for a layer setting."""
+    if isinstance(value, Knob):
+        expected = {"sparsity": Sparsity, "bits": Bits, "act_bits": Bits, "rank": Rank}[key]
+        if not isinstance(value, expected):
+            raise SpaceError(f"rule {rule!r}: {key} takes {expected.__name__}(...), not {value!r}")
+        return value
+    if key == "sparsity":
+        return Sparsity(float(value), float(value)) if isinstance(value, (int, float)) else _bad(
+            rule, key, value)
+    if key in ("bits", "act_bits"):
+        if isinstance(value, int) and value in VALID_BITS:
+            return Bits(value)
+        return _bad(rule, key, value)
+    if key == "rank":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return Rank(value)
+        return _bad(rule, key, value)
+    raise AssertionError(key)  # unreachable: keys are checked by the caller
+
+
+def _bad(rule: str, key: str, value: Any) -> Any:
+    raise SpaceError(f"rule {rule!r}: {key}={value!r} is not valid; use a knob such as Bits(4, 8)")
+
+
+class Space:
+    """A search space over a model's Linear layers plus plain hyperparameters.
+
+    ``Space(model, rules={"blocks.*.mlp.*": dict(sparsity=Sparsity(0, 0.9), bits=Bits(4, 8))},
+    hyper={"finetune_lr": Float(1e-5, 1e-3, log=True)})``
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rules: Mapping[str | type, Mapping[str, Any]],
+        hyper: Mapping[str, Knob] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise SpaceError(f"Space: model must be a torch.nn.Module, got {type(model).__name__}")
+        if not rules:
+            raise SpaceError("Space: rules is empty; name at least one layer pattern to compress")
+        self.model = model
+        self._layers = _linear_layers(model)
+        if not self._layers:
+            raise SpaceError("Space: the model has no nn.Linear layers to compress")
+        self.rules = [self._parse_rule(sel, settings) for sel, settings in rules.items()]
+        self.hyper: dict[str, Knob] = {}
+        for key, knob in (hyper or {}).items():
+            if not isinstance(knob, Knob) or isinstance(knob, (Sparsity, Bits, Rank)):
+                raise SpaceError(f"hyper {key!r}: use Choice, Float or Int, not {knob!r}")
+            if ":" in key:
+                raise SpaceError(f"hyper {key!r}: names may not contain ':'")
+            self.hyper[key] = knob
+        self.assignment = self._assign()
+        for rule in self.rules:
+            self._validate(rule)
+
+    # -- definition-time checks -------------------------------------------------------------
+    def _parse_rule(self, selector: str | type, settings: Mapping[str, Any]) -> _Rule:
+        if isinstance(selector, type):
+            if not issubclass(selector, nn.Module):
+                raise SpaceError(f"rule {selector!r}: a type selector must be an nn.Module class")
+            key = selector.__name__
+        elif isinstance(selector, str) and selector:
+            key = selector
+            if selector.startswith("re:"):
+                try:
+                    re.compile(selector[3:])
+                except re.error as exc:
+                    raise SpaceError(f"rule {selector!r}: bad regular expression ({exc})") from None
+        else:
+            raise SpaceError(f"rule {selector!r}: use a name pattern string or an nn.Module type")
+        if not isinstance(settings, Mapping):
+            raise SpaceError(f"rule {key!r}: settings must be a dict like dict(bits=Bits(4, 8))")
+        unknown = set(settings) - _RULE_KEYS
+        if unknown:
+            raise SpaceError(
+                f"rule {key!r}: unknown setting(s) {sorted(unknown)}; use {sorted(_RULE_KEYS)}"
+            )
+        tied = bool(settings.get("tied", False))
+        checked = {k: _check_setting(key, k, v) for k, v in settings.items() if k != "tied"}
+        return _Rule(key, selector, checked, tied)
+
+    def _assign(self) -> dict[str, _Rule]:
+        assignment: dict[str, _Rule] = {}
+        for name, (module, _) in self._layers.items():
+            exact = [r for r in self.rules if r.selector == name]
+            matching = exact or [r for r in self.rules if r.matches(name, module)]
+            if matching:
+                assignment[name] = matching[0]
+        for rule in self.rules:
+            if not any(r is rule for r in assignment.values()):
+                matched_any = any(rule.matches(n, m) for n, (m, _) in self._layers.items())
+                names = ", ".join(list(self._layers)[:6])
+                if matched_any:
+                    raise SpaceError(f"rule {rule.key!r} is shadowed: earlier rules take all its layers")
+                raise SpaceError(
+                    f"rule {rule.key!r} matches no Linear layer; layer names are like: {names}"
+                )
+        return assignment
+
+    def _validate(self, rule: _Rule) -> None:
+        for info in self.layers_of(rule):
+            rank = rule.settings.get("rank")
+            if rank is not None and info.shared_with:
+                raise SpaceError(
+                    f"layer {info.name!r} shares its weight with {info.shared_with[0]!r}; "
+                    "low-rank factorization would untie it: drop rank from its rule"
+                )
+            if isinstance(rank, Rank) and rank.values is not None:
+                too_big = [v for v in rank.values if v > info.full_rank]
+                if too_big:
+                    raise SpaceError(
+                        f"rule {rule.key!r}: rank {too_big[0]} is above layer {info.name!r}'s "
+                        f"full rank {info.full_rank}; use ranks in 1..{info.full_rank}"
+                    )
+            sparsity = rule.settings.get("sparsity")
+            if isinstance(sparsity, Sparsity) and sparsity.block is not None:
+                br, bc = sparsity.block
+                if info.out_features % br or info.in_features % bc:
+                    raise SpaceError(
+                        f"rule {rule.key!r}: block {sparsity.block} does not tile layer "
+                        f"{info.name!r} of shape ({info.out_features}, {info.in_features})"
+                    )
+                if rank is not None:
+                    raise SpaceError(
+                        f"rule {rule.key!r}: block sparsity with rank is not supported yet; "
+                        "use unstructured Sparsity with Rank"
+                    )
+
+    # -- queries ----------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[LayerInfo]:
+        """The layers some rule controls, in model order."""
+        return [self._layers[name][1] for name in self.assignment]
+
+    def layers_of(self, rule: _Rule) -> list[LayerInfo]:
+        return [self._layers[n][1] for n, r in self.assignment.items() if r is rule]
+
+    # -- suggestion -------------------------------------------------------------------------
+    def suggest(self, trial: optuna.trial.BaseTrial) -> Policy:
+        """Ask `trial` for every knob and return the plain `Policy` it describes."""
+        tied_values: dict[tuple[str, str], Any] = {}
+        layers: dict[str, LayerPolicy] = {}
+        for name, rule in self.assignment.items():
+            info = self._layers[name][1]
+            values: dict[str, Any] = {}
+            for key, knob in rule.settings.items():
+                if rule.tied:
+                    if (rule.key, key) not in tied_values:
+                        tied_values[(rule.key, key)] = knob.suggest(trial, f"{rule.key}:{key}")
+                    values[key] = tied_values[(rule.key, key)]
+                else:
+                    values[key] = knob.suggest(trial, f"{name}:{key}")
+            layers[name] = self._layer_policy(info, rule, values)
+        hyper = {key: knob.suggest(trial, key) for key, knob in self.hyper.items()}
+        return Policy(layers=layers, hyper=hyper)
+
+    @staticmethod
+    def _layer_policy(info: LayerInfo, rule: _Rule, values: Mapping[str, Any]) -> LayerPolicy:
+        sparsity_knob = rule.settings.get("sparsity")
+        block = sparsity_knob.block if isinstance(sparsity_knob, Sparsity) else None
+        sparsity = float(values.get("sparsity", 0.0))
+        rank = values.get("rank")
+        return LayerPolicy(
+            sparsity=sparsity,
+            block=block if sparsity > 0 else None,
+            bits=int(values.get("bits", 32)),
+            act_bits=int(values.get("act_bits", 32)),
+            rank=Rank.resolve(rank, info.full_rank) if rank is not None else None,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A description for the store: rules with their knobs, layers, hyperparameters."""
+        return {
+            "rules": [
+                {"selector": r.key, "tied": r.tied,
+                 "settings": {k: v.to_json() for k, v in r.settings.items()},
+                 "layers": [i.name for i in self.layers_of(r)]}
+                for r in self.rules
+            ],
+            "hyper": {k: v.to_json() for k, v in self.hyper.items()},
+        }
+
+    def __repr__(self) -> str:
+        return f"Space({len(self.assignment)} layers, {len(self.rules)} rules, {len(self.hyper)} hyper)"

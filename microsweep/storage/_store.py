@@ -1,0 +1,263 @@
+"""`Store`: microsweep's tables and Optuna's RDB storage on one database URL.
+
+One session helper commits or rolls back and turns database errors into `StorageError`. The
+store keeps only its URL when pickled, so it can travel to another process. Each trial is
+written in one transaction together with its per-layer rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from microsweep.errors import StorageError
+from microsweep.storage._url import resolve_url, sqlite_path
+
+if TYPE_CHECKING:
+    import optuna
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.orm import Session
+
+    from microsweep.storage._models import SweepRow, TrialRow
+
+__all__ = ["Store"]
+
+_LAYER_FIELDS = ("sparsity", "bits", "act_bits", "rank", "mask_bits", "mults", "adds", "others")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Store:
+    """The sweep database. `must_exist=True` refuses to create a new SQLite file (read commands)."""
+
+    def __init__(self, url: str | None = None, *, must_exist: bool = False) -> None:
+        self.url = resolve_url(url)
+        self._must_exist = must_exist
+        path = sqlite_path(self.url)
+        if must_exist and path is not None and not path.is_file():
+            raise StorageError(f"no sweep database at {path}; check --storage or run a sweep first")
+        self._engine: Engine | None = None
+        self._optuna: optuna.storages.RDBStorage | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.url, "_must_exist": False, "_engine": None, "_optuna": None}
+
+    # -- engine and schema ------------------------------------------------------------------
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = self._make_engine()
+            self._ensure_schema()
+        return self._engine
+
+    def _make_engine(self) -> Engine:
+        from sqlalchemy import create_engine, event
+
+        kwargs: dict[str, Any] = {}
+        if self.url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True
+        try:
+            engine = create_engine(self.url, **kwargs)
+        except Exception as exc:  # driver missing, bad options
+            raise StorageError(f"cannot open storage {self.url}: {exc}") from None
+        if self.url.startswith("sqlite"):
+
+            @event.listens_for(engine, "connect")
+            def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.close()
+
+        return engine
+
+    def _ensure_schema(self) -> None:
+        from sqlalchemy import inspect, select
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from microsweep.storage._models import SCHEMA_VERSION, Base, SchemaRow
+
+        assert self._engine is not None
+        try:
+            has_schema = inspect(self._engine).has_table("microsweep_schema")
+            if has_schema:
+                with self.session() as s:
+                    version = s.scalar(select(SchemaRow.version))
+                if version is not None and version > SCHEMA_VERSION:
+                    raise StorageError(
+                        f"database schema version {version} is newer than this release reads "
+                        f"({SCHEMA_VERSION}); upgrade microsweep"
+                    )
+            Base.metadata.create_all(self._engine)
+            if not has_schema:
+                with self.session() as s:
+                    s.add(SchemaRow(id=1, version=SCHEMA_VERSION))
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot use storage {self.url}: {_one_line(exc)}") from None
+
+    def schema_version(self) -> int:
+        from sqlalchemy import select
+
+        from microsweep.storage._models import SchemaRow
+
+        with self.session() as s:
+            return int(s.scalar(select(SchemaRow.version)) or 0)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """Commit on success, roll back on error, and report database errors in one line."""
+        from sqlalchemy.exc import SQLAlchemyError
+        from sqlalchemy.orm import Session
+
+        session = Session(self.engine, expire_on_commit=False)
+        try:
+            yield session
+            session.commit()
+        except SQLAlchemyError as exc:
+            session.rollback()
+            raise StorageError(f"storage error on {self.url}: {_one_line(exc)}") from None
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def optuna_storage(self) -> optuna.storages.RDBStorage:
+        """Optuna's RDB storage on the same URL (created once per store)."""
+        if self._optuna is None:
+            import optuna
+
+            _ = self.engine  # WAL and schema first
+            kwargs: dict[str, Any] = {}
+            if self.url.startswith("sqlite"):
+                kwargs = {"connect_args": {"timeout": 30}}
+            else:
+                kwargs = {"pool_pre_ping": True}
+            try:
+                self._optuna = optuna.storages.RDBStorage(self.url, engine_kwargs=kwargs)
+            except Exception as exc:
+                raise StorageError(f"cannot open Optuna storage on {self.url}: {_one_line(exc)}") from None
+        return self._optuna
+
+    # -- sweeps -----------------------------------------------------------------------------
+    def create_sweep(self, **fields: Any) -> SweepRow:
+        from sqlalchemy import select
+
+        from microsweep.storage._models import SweepRow
+
+        with self.session() as s:
+            if s.scalar(select(SweepRow.id).where(SweepRow.name == fields["name"])) is not None:
+                raise StorageError(
+                    f"a sweep named {fields['name']!r} already exists in {self.url}; "
+                    "use 'microsweep resume' or another --name"
+                )
+            row = SweepRow(created_at=_now(), **fields)
+            s.add(row)
+        return row
+
+    def get_sweep(self, name: str) -> SweepRow:
+        from sqlalchemy import select
+
+        from microsweep.storage._models import SweepRow
+
+        with self.session() as s:
+            row = s.scalar(select(SweepRow).where(SweepRow.name == name))
+            if row is None:
+                names = s.scalars(select(SweepRow.name).order_by(SweepRow.id)).all()
+                known = f"; sweeps here: {', '.join(names)}" if names else "; it holds no sweeps"
+                raise StorageError(f"no sweep named {name!r} in {self.url}{known}")
+            return row
+
+    def sweep_names(self) -> list[str]:
+        from sqlalchemy import select
+
+        from microsweep.storage._models import SweepRow
+
+        with self.session() as s:
+            return list(s.scalars(select(SweepRow.name).order_by(SweepRow.id)))
+
+    def update_sweep(self, name: str, **fields: Any) -> None:
+        from sqlalchemy import update
+
+        from microsweep.storage._models import SweepRow
+
+        with self.session() as s:
+            s.execute(update(SweepRow).where(SweepRow.name == name).values(**fields))
+
+    # -- trials -----------------------------------------------------------------------------
+    def record_trial(
+        self,
+        sweep_id: int,
+        number: int,
+        *,
+        state: str,
+        policy: Mapping[str, Any],
+        layers: Sequence[Mapping[str, Any]] = (),
+        **fields: Any,
+    ) -> None:
+        """Write one finished trial and its per-layer rows in a single transaction."""
+        from microsweep.storage._models import LayerRow, TrialRow
+
+        with self.session() as s:
+            trial = TrialRow(
+                sweep_id=sweep_id, number=number, state=state, policy=dict(policy),
+                finished_at=_now(), **fields,
+            )
+            trial.layers = [
+                LayerRow(
+                    layer=lc["name"], kind=lc["kind"], params=lc["params"], ops=lc["ops"],
+                    **{k: lc.get(k) for k in _LAYER_FIELDS if lc.get(k) is not None},
+                )
+                for lc in layers
+            ]
+            s.add(trial)
+
+    def trials(self, name: str, *, with_layers: bool = False) -> list[TrialRow]:
+        """Finished trials of a sweep in trial order (layers loaded when asked)."""
+        from sqlalchemy import select
+        from sqlalchemy.orm import selectinload
+
+        from microsweep.storage._models import SweepRow, TrialRow
+
+        query = (
+            select(TrialRow).join(SweepRow).where(SweepRow.name == name).order_by(TrialRow.number)
+        )
+        if with_layers:
+            query = query.options(selectinload(TrialRow.layers))
+        with self.session() as s:
+            return list(s.scalars(query))
+
+    def trial(self, name: str, number: int) -> TrialRow:
+        from sqlalchemy import select
+        from sqlalchemy.orm import selectinload
+
+        from microsweep.storage._models import SweepRow, TrialRow
+
+        with self.session() as s:
+            row = s.scalar(
+                select(TrialRow).join(SweepRow)
+                .where(SweepRow.name == name, TrialRow.number == number)
+                .options(selectinload(TrialRow.layers))
+            )
+            if row is None:
+                raise StorageError(f"sweep {name!r} has no finished trial {number}")
+            return row
+
+    def dispose(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+        if self._optuna is not None:
+            self._optuna.engine.dispose()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__

@@ -1,0 +1,53 @@
+"""Storage URLs: the default, the environment variable, and checks that fail early and clearly."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from microsweep.errors import StorageError
+
+__all__ = ["DEFAULT_URL", "STORAGE_ENV", "resolve_url", "sqlite_path"]
+
+DEFAULT_URL = "sqlite:///microsweep.db"
+STORAGE_ENV = "MICROSWEEP_STORAGE"
+
+
+def resolve_url(url: str | None = None) -> str:
+    """`url`, else ``$MICROSWEEP_STORAGE``, else ``sqlite:///microsweep.db``; normalized.
+
+    A bare ``postgresql://`` URL is sent to the psycopg (v3) driver when psycopg2 is absent.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    raw = url or os.environ.get(STORAGE_ENV) or DEFAULT_URL
+    try:
+        parsed = make_url(raw)
+    except ArgumentError:
+        raise StorageError(
+            f"storage URL {raw!r} is not a database URL; use sqlite:///FILE.db or "
+            "postgresql://USER@HOST/DB"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise StorageError(f"storage backend {backend!r} is not supported; use sqlite or postgresql")
+    if backend == "postgresql" and parsed.drivername == "postgresql":
+        if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg"):
+            parsed = parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite":
+        path = sqlite_path(parsed.render_as_string(hide_password=False))
+        if path is not None and not path.parent.is_dir():
+            raise StorageError(f"folder {path.parent} for the SQLite file does not exist; create it")
+    return parsed.render_as_string(hide_password=False)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file behind a SQLite URL, or None for an in-memory database or another backend."""
+    if not url.startswith("sqlite"):
+        return None
+    database = url.split("///", 1)[1] if "///" in url else ""
+    if database in ("", ":memory:"):
+        return None
+    return Path(database.split("?", 1)[0])

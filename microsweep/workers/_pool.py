@@ -1,0 +1,163 @@
+"""Worker pools: K long-lived Ray actors, or one in-process runner for debugging.
+
+Both take `submit(number, policy_json)` and hand back finished results from `wait()`. The Ray
+pool puts the model and the token tensors into the object store once; every actor receives them
+by reference at start and keeps them for all its trials. An actor that dies fails only the trial
+it was running; the pool starts a replacement.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from microsweep.workers._runner import EvalSettings, TrialRunner
+
+__all__ = ["InProcessPool", "RayPool", "WorkerPool", "make_pool"]
+
+
+class WorkerPool:
+    """Interface: `free` slots, `submit`, `wait` for one finished result, `close`."""
+
+    size: int
+
+    @property
+    def free(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def busy(self) -> int:
+        return self.size - self.free
+
+    def submit(self, number: int, policy_json: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def wait(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class InProcessPool(WorkerPool):
+    """Runs each trial at submit time in this process: no Ray, easy to debug."""
+
+    def __init__(self, runner: TrialRunner) -> None:
+        self.size = 1
+        self.runner = runner
+        self._done: deque[dict[str, Any]] = deque()
+
+    @property
+    def free(self) -> int:
+        return 0 if self._done else 1
+
+    def submit(self, number: int, policy_json: Mapping[str, Any]) -> None:
+        self._done.append(self.runner.run(number, policy_json))
+
+    def wait(self) -> dict[str, Any]:
+        return self._done.popleft()
+
+
+class RayPool(WorkerPool):
+    """K Ray actors, each a `TrialRunner`; local Ray unless `address` names a cluster."""
+
+    def __init__(
+        self,
+        workers: int,
+        runner_args: dict[str, Any],
+        *,
+        address: str | None = None,
+        register_by_value: tuple[Any, ...] = (),
+    ) -> None:
+        import ray
+
+        self._ray = ray
+        self._started_ray = False
+        if not ray.is_initialized():
+            if address:
+                ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+            else:
+                ray.init(
+                    num_cpus=max(workers, 1), include_dashboard=False, logging_level="WARNING",
+                    log_to_driver=False,
+                )
+            self._started_ray = True
+        for module in register_by_value:  # classes from the user's space file travel by value
+            ray.cloudpickle.register_pickle_by_value(module)
+        threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+        self._refs = {k: ray.put(v) for k, v in runner_args.items()}
+        self._actor_cls = ray.remote(num_cpus=1, max_restarts=0)(TrialRunner)
+        self._threads = threads
+        self.size = workers
+        self._idle = [self._new_actor() for _ in range(workers)]
+        self._running: dict[Any, tuple[Any, int]] = {}
+
+    def _new_actor(self) -> Any:
+        refs = self._refs
+        return self._actor_cls.remote(
+            refs["model"], refs["windows"], refs["settings"], calib=refs["calib"],
+            train_tokens=refs["train_tokens"], evaluate=refs["evaluate"], threads=self._threads,
+        )
+
+    @property
+    def free(self) -> int:
+        return len(self._idle)
+
+    def submit(self, number: int, policy_json: Mapping[str, Any]) -> None:
+        actor = self._idle.pop()
+        ref = actor.run.remote(number, dict(policy_json))
+        self._running[ref] = (actor, number)
+
+    def wait(self) -> dict[str, Any]:
+        ray = self._ray
+        [ref], _ = ray.wait(list(self._running), num_returns=1)
+        actor, number = self._running.pop(ref)
+        try:
+            result = ray.get(ref)
+            self._idle.append(actor)
+        except ray.exceptions.RayActorError as exc:  # includes ActorUnavailableError
+            result = {"status": "error", "number": number, "timings": {},
+                      "error": f"worker died: {type(exc).__name__}"}
+            ray.kill(actor, no_restart=True)
+            self._idle.append(self._new_actor())
+        except ray.exceptions.RayError as exc:
+            result = {"status": "error", "number": number, "timings": {},
+                      "error": f"worker error: {type(exc).__name__}: {str(exc).splitlines()[0]}"}
+            self._idle.append(actor)
+        return result
+
+    def close(self) -> None:
+        ray = self._ray
+        for actor in self._idle + [a for a, _ in self._running.values()]:
+            ray.kill(actor, no_restart=True)
+        self._idle.clear()
+        self._running.clear()
+        if self._started_ray:
+            ray.shutdown()
+
+
+def make_pool(
+    workers: int,
+    *,
+    model: nn.Module,
+    windows: torch.Tensor,
+    settings: EvalSettings,
+    calib: torch.Tensor | None = None,
+    train_tokens: torch.Tensor | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    address: str | None = None,
+    in_process: bool = False,
+    register_by_value: tuple[Any, ...] = (),
+) -> WorkerPool:
+    """`workers` Ray actors (or one in-process runner when `in_process`)."""
+    if in_process:
+        return InProcessPool(TrialRunner(model, windows, settings, calib=calib,
+                                         train_tokens=train_tokens, evaluate=evaluate))
+    args = {"model": model, "windows": windows, "settings": settings, "calib": calib,
+            "train_tokens": train_tokens, "evaluate": evaluate}
+    return RayPool(workers, args, address=address, register_by_value=register_by_value)

@@ -1,0 +1,163 @@
+"""`TrialRunner`: compress -> (fine-tune) -> evaluate -> count, for one policy at a time.
+
+A runner holds the base model and the fixed evaluation windows for its whole life and runs trial
+after trial on fresh copies. Before each trial it puts torch's global state (seed, threads, grad
+mode, default dtype) back to what it was at start, so that trials on a reused worker cannot leak
+into each other. Every failure comes back as a result with ``status="error"`` and a reason.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["EvalSettings", "TrialRunner"]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What a runner needs besides the model: how to evaluate and how to count."""
+
+    context: float
+    count: Mapping[str, Any] = field(default_factory=dict)
+    batch_size: int = 32
+    finetune_block: int = 64
+    seed: int = 0
+
+
+class TrialRunner:
+    """Runs policies against one base model; usable in-process or as a Ray actor."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        windows: torch.Tensor,
+        settings: EvalSettings,
+        *,
+        calib: torch.Tensor | None = None,
+        train_tokens: torch.Tensor | None = None,
+        evaluate: Callable[[nn.Module], float] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.base = model.eval()
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.windows = windows
+        self.calib = calib
+        self.train_tokens = train_tokens
+        self.settings = settings
+        self.evaluate_fn = evaluate
+        self.threads = threads or torch.get_num_threads()
+        self._dtype = torch.get_default_dtype()
+
+    def ping(self) -> bool:
+        return True
+
+    def _reset_torch_state(self, number: int) -> None:
+        torch.set_num_threads(self.threads)
+        torch.set_default_dtype(self._dtype)
+        torch.set_grad_enabled(False)
+        torch.manual_seed(self.settings.seed * 1_000_003 + number)
+
+    def run(self, number: int, policy_json: Mapping[str, Any]) -> dict[str, Any]:
+        """Evaluate one policy; never raises for a trial's own failure."""
+        from microsweep.spaces import Policy
+
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        try:
+            self._reset_torch_state(number)
+            policy = Policy.from_json(policy_json)
+            result = self._run(policy, timings)
+        except Exception as exc:  # a worker exception is a FAIL with its reason, not a crash
+            tb = traceback.extract_tb(exc.__traceback__)
+            where = f" at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else ""
+            result = {"status": "error", "error": f"{type(exc).__name__}: {exc}{where}"}
+        finally:
+            torch.set_grad_enabled(True)
+            gc.collect()
+        timings["total"] = time.perf_counter() - started
+        result["timings"] = timings
+        result["number"] = number
+        return result
+
+    def _run(self, policy: Any, timings: dict[str, float]) -> dict[str, Any]:
+        from microsweep.compress import compress
+        from microsweep.score import CountConfig, count, perplexity
+
+        t = time.perf_counter()
+        model = compress(self.base, policy, calib=self.calib)
+        timings["compress"] = time.perf_counter() - t
+
+        steps = int(policy.hyper.get("finetune_steps", 0) or 0)
+        if steps > 0:
+            t = time.perf_counter()
+            self._finetune(model, steps, float(policy.hyper.get("finetune_lr", 1e-4)))
+            timings["finetune"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        model.eval()
+        if self.evaluate_fn is not None:
+            ppl = float(self.evaluate_fn(model))
+        else:
+            ppl = perplexity(model, self.windows, batch_size=self.settings.batch_size)
+        timings["evaluate"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        counts = count(model, context=self.settings.context, config=CountConfig(**self.settings.count))
+        timings["count"] = time.perf_counter() - t
+        del model
+        if not math.isfinite(ppl):
+            return {"status": "error", "error": f"perplexity is {ppl} (not finite)",
+                    "params": counts.params, "ops": counts.ops}
+        layers = [lc.to_json() for lc in counts.layers]
+        for row in layers:  # the policy's requested settings sit beside the counted values
+            lp = policy.layers.get(row["name"])
+            if lp is not None and row.get("sparsity") is None:
+                row["sparsity"] = lp.sparsity
+        return {
+            "status": "ok",
+            "perplexity": ppl,
+            "params": counts.params,
+            "ops": counts.ops,
+            "freebie": counts.freebie,
+            "layers": layers,
+            "count_config": counts.config.to_json(),
+        }
+
+    def _finetune(self, model: nn.Module, steps: int, lr: float) -> None:
+        """Recovery fine-tuning: AdamW steps on training windows, projected back onto the
+        compressed set (masks and quantization grids) after every step."""
+        from microsweep.compress import project_
+
+        if self.train_tokens is None:
+            raise RuntimeError("finetune_steps was given but the runner has no training tokens")
+        block = self.settings.finetune_block
+        gen = torch.Generator().manual_seed(self.settings.seed)
+        params = [p for p in model.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        model.train()
+        with torch.enable_grad():
+            for _ in range(steps):
+                ix = torch.randint(len(self.train_tokens) - block - 1, (8,), generator=gen).tolist()
+                x = torch.stack([self.train_tokens[i : i + block] for i in ix])
+                y = torch.stack([self.train_tokens[i + 1 : i + 1 + block] for i in ix])
+                logits = model(x)
+                loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                project_(model)
+        for p in params:
+            p.requires_grad_(False)
+        model.eval()

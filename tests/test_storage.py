@@ -1,0 +1,141 @@
+"""One conformance suite over every backend: a SQLite file and the PostgreSQL server."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from microsweep.errors import StorageError
+from microsweep.storage import Store, resolve_url
+from tests.conftest import POSTGRES_URL, postgres_available
+
+BACKENDS = [
+    pytest.param("sqlite", id="sqlite-file"),
+    pytest.param("postgres", id="postgresql",
+                 marks=[pytest.mark.postgres,
+                        pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL")]),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request, sqlite_url) -> Store:
+    url = sqlite_url if request.param == "sqlite" else POSTGRES_URL
+    s = Store(url)
+    yield s
+    s.dispose()
+
+
+def _sweep_fields(name: str) -> dict:
+    return dict(
+        name=name, study_name=name, space_path="x.py", space_source="space = 1",
+        space_json={"rules": []}, objective_json={"baseline": "dense"}, model_fingerprint="m",
+        data_fingerprint="d", model_recipe=None, dense_perplexity=4.5, dense_params=1000.0,
+        dense_ops=2000.0, dense_layers=[], baseline_name="dense", baseline_params=1000.0,
+        baseline_ops=2000.0, ceiling=4.7, sampler="tpe", seed=0, target_trials=3,
+        versions={"torch": "x"},
+    )
+
+
+def _layers(n: int) -> list[dict]:
+    return [{"name": f"blocks.{i}.mlp.c_fc", "kind": "compressed_linear", "params": 10.0 + i,
+             "ops": 20.0 + i, "bits": 4, "sparsity": 0.5, "mask_bits": 64, "mults": 3.0,
+             "adds": 4.0, "others": 0.0} for i in range(n)]
+
+
+def test_sweep_trial_and_layer_rows_round_trip(store, unique_name):
+    sweep = store.create_sweep(**_sweep_fields(unique_name))
+    store.record_trial(sweep.id, 0, state="COMPLETE", policy={"layers": {}}, layers=_layers(3),
+                       score=0.5, perplexity=4.6, params=33.0, ops=63.0, feasible=True,
+                       summary="x", timings={"compress": 0.1})
+    store.record_trial(sweep.id, 1, state="FAIL", reason="boom", policy={})
+    got = store.get_sweep(unique_name)
+    assert got.dense_perplexity == 4.5 and got.space_json == {"rules": []}
+    trials = store.trials(unique_name, with_layers=True)
+    assert [t.number for t in trials] == [0, 1]
+    assert trials[0].score == 0.5 and trials[0].timings == {"compress": 0.1}
+    assert [lr.layer for lr in trials[0].layers] == [f"blocks.{i}.mlp.c_fc" for i in range(3)]
+    assert trials[0].layers[2].params == 12.0 and trials[0].layers[0].bits == 4
+    assert trials[1].reason == "boom" and trials[1].layers == []
+    assert store.trial(unique_name, 0).layers[1].ops == 21.0
+    assert store.schema_version() == 1
+
+
+def test_duplicate_sweep_and_unknown_names_are_clear_errors(store, unique_name):
+    store.create_sweep(**_sweep_fields(unique_name))
+    with pytest.raises(StorageError, match="already exists"):
+        store.create_sweep(**_sweep_fields(unique_name))
+    with pytest.raises(StorageError, match="no sweep named 'nope"):
+        store.get_sweep("nope-" + unique_name)
+    with pytest.raises(StorageError, match="no finished trial 7"):
+        store.trial(unique_name, 7)
+
+
+def test_a_failed_trial_write_leaves_nothing_half_written(store, unique_name):
+    sweep = store.create_sweep(**_sweep_fields(unique_name))
+    store.record_trial(sweep.id, 0, state="COMPLETE", policy={}, layers=_layers(2))
+    with pytest.raises(StorageError):  # same trial number again: unique constraint
+        store.record_trial(sweep.id, 0, state="COMPLETE", policy={}, layers=_layers(5))
+    trials = store.trials(unique_name, with_layers=True)
+    assert len(trials) == 1 and len(trials[0].layers) == 2
+
+
+def test_store_survives_pickling(store, unique_name):
+    import pickle
+
+    store.create_sweep(**_sweep_fields(unique_name))
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone.get_sweep(unique_name).name == unique_name
+    clone.dispose()
+
+
+def test_optuna_storage_shares_the_url(store, unique_name):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=unique_name, storage=store.optuna_storage())
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    again = optuna.load_study(study_name=unique_name, storage=Store(store.url).optuna_storage())
+    assert len(again.trials) == 2
+
+
+def test_sqlite_is_in_wal_mode_with_a_busy_timeout(tmp_path):
+    path = tmp_path / "w.db"
+    Store(f"sqlite:///{path}").sweep_names()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_newer_schema_version_is_refused(tmp_path):
+    path = tmp_path / "new.db"
+    Store(f"sqlite:///{path}").sweep_names()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE microsweep_schema SET version = 99")
+    with pytest.raises(StorageError, match="schema version 99 is newer"):
+        Store(f"sqlite:///{path}").sweep_names()
+
+
+def test_read_commands_do_not_create_a_database(tmp_path):
+    path = tmp_path / "absent.db"
+    with pytest.raises(StorageError, match="no sweep database"):
+        Store(f"sqlite:///{path}", must_exist=True)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("not a url", "is not a database URL"),
+    ("mysql://root@localhost/x", "not supported"),
+    ("sqlite:////no/such/folder/x.db", "does not exist"),
+])
+def test_bad_urls(url, message):
+    with pytest.raises(StorageError, match=message):
+        resolve_url(url)
+
+
+def test_url_defaults_and_environment(monkeypatch):
+    monkeypatch.delenv("MICROSWEEP_STORAGE", raising=False)
+    assert resolve_url(None) == "sqlite:///microsweep.db"
+    monkeypatch.setenv("MICROSWEEP_STORAGE", "sqlite:///env.db")
+    assert resolve_url(None) == "sqlite:///env.db"
+    assert resolve_url("sqlite:///arg.db") == "sqlite:///arg.db"
+    assert resolve_url("postgresql://u@h/db").startswith("postgresql+psycopg://")
