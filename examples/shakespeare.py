@@ -6,16 +6,26 @@ Pretraining takes a couple of minutes once; the weights are cached in ~/.cache/m
 from microsweep import Bits, MicroNet, Rank, Space, Sparsity, data, models
 
 corpus = data.tiny_shakespeare()  # a path, $MICROSWEEP_DATA, or a download into the cache
-model = models.gpt(corpus, n_layer=4, n_head=4, n_embd=128, block_size=64, pretrain_steps=2000,
-                   verbose=True)
+model = models.gpt(
+    corpus, n_layer=4, n_head=4, n_embd=128, block_size=64, pretrain_steps=2000, verbose=True
+)
 
-space = Space(model, rules={
-    "blocks.*.attn.*": dict(sparsity=Sparsity(0.0, 0.9, step=0.05), bits=Bits(4, 6, 8, 16),
-                            act_bits=Bits(8, 16, 32)),
-    "blocks.*.mlp.*": dict(sparsity=Sparsity(0.0, 0.95, step=0.05), bits=Bits(2, 4, 8),
-                           act_bits=Bits(8, 16, 32), rank=Rank(0.1, 1.0)),
-    "head": dict(bits=Bits(4, 8, 16)),
-})
+space = Space(
+    model,
+    rules={
+        "blocks.*.attn.*": dict(
+            sparsity=Sparsity(0.0, 0.9, step=0.05), bits=Bits(4, 6, 8, 16), act_bits=Bits(8, 16, 32)
+        ),
+        "blocks.*.mlp.*": dict(
+            sparsity=Sparsity(0.0, 0.95, step=0.05),
+            bits=Bits(2, 4, 8),
+            act_bits=Bits(8, 16, 32),
+            rank=Rank(0.1, 1.0),
+        ),
+        "head": dict(bits=Bits(4, 8, 16)),
+    },
+)
 
-objective = MicroNet(perplexity_ceiling=1.05, relative_to="dense", baseline="dense",
-                     eval_tokens=16384)
+objective = MicroNet(
+    perplexity_ceiling=1.05, relative_to="dense", baseline="dense", eval_tokens=16384
+)

@@ -29,18 +29,56 @@ if TYPE_CHECKING:
     )
 
 _LAZY = {
-    "Space": "microsweep.spaces", "Sparsity": "microsweep.spaces", "Bits": "microsweep.spaces",
-    "Rank": "microsweep.spaces", "Choice": "microsweep.spaces", "Float": "microsweep.spaces",
-    "Int": "microsweep.spaces", "Policy": "microsweep.spaces", "LayerPolicy": "microsweep.spaces",
-    "MicroNet": "microsweep.search", "run_sweep": "microsweep.search",
+    "Space": "microsweep.spaces",
+    "Sparsity": "microsweep.spaces",
+    "Bits": "microsweep.spaces",
+    "Rank": "microsweep.spaces",
+    "Choice": "microsweep.spaces",
+    "Float": "microsweep.spaces",
+    "Int": "microsweep.spaces",
+    "Policy": "microsweep.spaces",
+    "LayerPolicy": "microsweep.spaces",
+    "MicroNet": "microsweep.search",
+    "run_sweep": "microsweep.search",
     "resume_sweep": "microsweep.search",
-    "MicrosweepError": "microsweep.errors", "SpaceError": "microsweep.errors",
-    "StorageError": "microsweep.errors", "UsageError": "microsweep.errors",
+    "MicrosweepError": "microsweep.errors",
+    "SpaceError": "microsweep.errors",
+    "StorageError": "microsweep.errors",
+    "UsageError": "microsweep.errors",
 }
-_SUBMODULES = {"data", "models", "compress", "score", "spaces", "search", "storage", "report",
-               "workers"}
+_SUBMODULES = {
+    "data",
+    "models",
+    "compress",
+    "score",
+    "spaces",
+    "search",
+    "storage",
+    "report",
+    "workers",
+}
 
-__all__ = ["__version__", *sorted(_LAZY), "data", "models"]
+__all__ = [
+    "__version__",
+    "Bits",
+    "Choice",
+    "Float",
+    "Int",
+    "LayerPolicy",
+    "MicroNet",
+    "MicrosweepError",
+    "Policy",
+    "Rank",
+    "Space",
+    "SpaceError",
+    "Sparsity",
+    "StorageError",
+    "UsageError",
+    "resume_sweep",
+    "run_sweep",
+    "data",
+    "models",
+]
 
 
 def __getattr__(name: str) -> Any:

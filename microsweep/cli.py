@@ -18,7 +18,9 @@ __all__ = ["main"]
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like our own errors
-        self.exit(2, f"microsweep: error: {message} (see 'microsweep {self.prog.split()[-1]} -h')\n")
+        self.exit(
+            2, f"microsweep: error: {message} (see 'microsweep {self.prog.split()[-1]} -h')\n"
+        )
 
 
 def _positive(text: str) -> int:
@@ -45,13 +47,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--sampler", choices=["tpe", "nsga2", "random"], default="tpe")
     run.add_argument("--seed", type=int, default=None, help="sampler and trial seed")
     run.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
-    run.add_argument("--in-process", action="store_true", help="no Ray: run trials here, one by one")
+    run.add_argument(
+        "--in-process", action="store_true", help="no Ray: run trials here, one by one"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress lines")
 
     resume = sub.add_parser("resume", help="continue a stopped sweep")
     resume.add_argument("--name", required=True)
-    resume.add_argument("--trials", type=_positive, default=None,
-                        help="finished trials wanted in total (default: the sweep's target)")
+    resume.add_argument(
+        "--trials",
+        type=_positive,
+        default=None,
+        help="finished trials wanted in total (default: the sweep's target)",
+    )
     resume.add_argument("--workers", type=_positive, default=1)
     resume.add_argument("--storage", help=storage_help)
     resume.add_argument("--address", default=None)
@@ -77,8 +85,10 @@ def _print_result(result: object) -> None:
     states = ", ".join(f"{k} {v}" for k, v in sorted(result.states.items()))
     print(f"sweep {result.name!r}: {states}")
     if result.best_number is not None:
-        print(f"best feasible: trial {result.best_number} score {result.best_score:.6g} "
-              f"perplexity {result.best_perplexity:.4f}")
+        print(
+            f"best feasible: trial {result.best_number} score {result.best_score:.6g} "
+            f"perplexity {result.best_perplexity:.4f}"
+        )
     else:
         print("no feasible trial yet")
 
@@ -93,13 +103,20 @@ def _status(name: str, storage: str | None, top: int) -> None:
     for r in rows:
         states[r.state] = states.get(r.state, 0) + 1
     print(f"sweep {sweep.name!r} in {store.url}")
-    print(f"  trials: {len(rows)}/{sweep.target_trials} finished ("
-          + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none") + ")")
+    print(
+        f"  trials: {len(rows)}/{sweep.target_trials} finished ("
+        + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none")
+        + ")"
+    )
     dense_score = sweep.dense_params / sweep.baseline_params + sweep.dense_ops / sweep.baseline_ops
-    print(f"  dense model: perplexity {sweep.dense_perplexity:.4f}, params {sweep.dense_params:,.0f}"
-          f", ops/token {sweep.dense_ops:,.0f}, score {dense_score:.6g}")
-    print(f"  baseline: {sweep.baseline_name} ({sweep.baseline_params:,.0f} params, "
-          f"{sweep.baseline_ops:,.0f} ops)")
+    print(
+        f"  dense model: perplexity {sweep.dense_perplexity:.4f}, params {sweep.dense_params:,.0f}"
+        f", ops/token {sweep.dense_ops:,.0f}, score {dense_score:.6g}"
+    )
+    print(
+        f"  baseline: {sweep.baseline_name} ({sweep.baseline_params:,.0f} params, "
+        f"{sweep.baseline_ops:,.0f} ops)"
+    )
     ceiling = "none" if sweep.ceiling is None else f"{sweep.ceiling:.4f}"
     print(f"  perplexity ceiling: {ceiling}; sampler {sweep.sampler}")
     best = sorted((r for r in rows if r.state == "COMPLETE" and r.feasible), key=lambda r: r.score)
@@ -118,25 +135,43 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "run":
         from microsweep.search import run_sweep
 
-        _print_result(run_sweep(
-            args.space, name=args.name, trials=args.trials, workers=args.workers,
-            storage=args.storage, sampler=args.sampler, seed=args.seed, address=args.address,
-            in_process=args.in_process, progress=not args.quiet,
-        ))
+        _print_result(
+            run_sweep(
+                args.space,
+                name=args.name,
+                trials=args.trials,
+                workers=args.workers,
+                storage=args.storage,
+                sampler=args.sampler,
+                seed=args.seed,
+                address=args.address,
+                in_process=args.in_process,
+                progress=not args.quiet,
+            )
+        )
     elif args.command == "resume":
         from microsweep.search import resume_sweep
 
-        _print_result(resume_sweep(
-            args.name, trials=args.trials, workers=args.workers, storage=args.storage,
-            address=args.address, in_process=args.in_process, progress=not args.quiet,
-        ))
+        _print_result(
+            resume_sweep(
+                args.name,
+                trials=args.trials,
+                workers=args.workers,
+                storage=args.storage,
+                address=args.address,
+                in_process=args.in_process,
+                progress=not args.quiet,
+            )
+        )
     elif args.command == "plot":
         from microsweep.report import write_pareto_html
         from microsweep.storage import Store
 
         data = write_pareto_html(Store(args.storage, must_exist=True), args.name, args.output)
-        print(f"wrote {args.output}: {len(data.points)} completed trials, "
-              f"{len(data.front)} on the Pareto front")
+        print(
+            f"wrote {args.output}: {len(data.points)} completed trials, "
+            f"{len(data.front)} on the Pareto front"
+        )
     elif args.command == "status":
         _status(args.name, args.storage, args.top)
 

@@ -26,16 +26,23 @@ def _study() -> optuna.Study:
 def test_layers_are_the_linears_a_rule_controls(gpt):
     space = Space(gpt, rules={"blocks.*.mlp.*": dict(bits=Bits(4, 8))})
     assert [i.name for i in space.layers] == [
-        "blocks.0.mlp.c_fc", "blocks.0.mlp.c_proj", "blocks.1.mlp.c_fc", "blocks.1.mlp.c_proj"]
+        "blocks.0.mlp.c_fc",
+        "blocks.0.mlp.c_proj",
+        "blocks.1.mlp.c_fc",
+        "blocks.1.mlp.c_proj",
+    ]
     assert space.layers[0].out_features == 128 and space.layers[0].in_features == 32
 
 
 def test_exact_name_beats_pattern_and_first_pattern_wins(gpt):
-    space = Space(gpt, rules={
-        "blocks.*.attn.*": dict(bits=Bits(4)),
-        "blocks.0.attn.c_proj": dict(bits=Bits(8)),
-        "blocks.*": dict(bits=Bits(16)),
-    })
+    space = Space(
+        gpt,
+        rules={
+            "blocks.*.attn.*": dict(bits=Bits(4)),
+            "blocks.0.attn.c_proj": dict(bits=Bits(8)),
+            "blocks.*": dict(bits=Bits(16)),
+        },
+    )
     policy = space.suggest(_study().ask())
     assert policy.layers["blocks.0.attn.c_proj"].bits == 8  # exact name
     assert policy.layers["blocks.1.attn.c_proj"].bits == 4  # first matching pattern
@@ -65,15 +72,26 @@ def test_tied_rule_shares_one_value_and_one_parameter(gpt):
 def test_per_layer_rule_has_one_parameter_per_layer_and_knob(gpt):
     trial = _study().ask()
     Space(gpt, rules={"blocks.0.mlp.*": dict(bits=Bits(4, 8), sparsity=Sparsity(0, 0.5))}).suggest(
-        trial)
-    assert sorted(trial.params) == sorted([
-        "blocks.0.mlp.c_fc:bits", "blocks.0.mlp.c_fc:sparsity",
-        "blocks.0.mlp.c_proj:bits", "blocks.0.mlp.c_proj:sparsity"])
+        trial
+    )
+    assert sorted(trial.params) == sorted(
+        [
+            "blocks.0.mlp.c_fc:bits",
+            "blocks.0.mlp.c_fc:sparsity",
+            "blocks.0.mlp.c_proj:bits",
+            "blocks.0.mlp.c_proj:sparsity",
+        ]
+    )
 
 
 def test_rank_fraction_resolves_per_layer_and_full_rank_means_unfactorized(gpt):
-    space = Space(gpt, rules={"blocks.0.mlp.c_fc": dict(rank=Rank(0.25, 0.25)),
-                              "blocks.0.mlp.c_proj": dict(rank=Rank(1.0, 1.0))})
+    space = Space(
+        gpt,
+        rules={
+            "blocks.0.mlp.c_fc": dict(rank=Rank(0.25, 0.25)),
+            "blocks.0.mlp.c_proj": dict(rank=Rank(1.0, 1.0)),
+        },
+    )
     policy = space.suggest(_study().ask())
     assert policy.layers["blocks.0.mlp.c_fc"].rank == 8  # 0.25 * min(128, 32)
     assert policy.layers["blocks.0.mlp.c_proj"].rank is None
@@ -82,10 +100,19 @@ def test_rank_fraction_resolves_per_layer_and_full_rank_means_unfactorized(gpt):
 
 def test_suggested_values_stay_in_range_and_hyper_is_carried(gpt):
     study = _study()
-    space = Space(gpt, rules={"blocks.*.mlp.*": dict(sparsity=Sparsity(0.1, 0.9, step=0.1),
-                                                     bits=Bits(2, 4), rank=Rank(4, 8))},
-                  hyper={"lr": Float(1e-5, 1e-3, log=True), "steps": Int(0, 10),
-                         "opt": Choice("adam", "sgd")})
+    space = Space(
+        gpt,
+        rules={
+            "blocks.*.mlp.*": dict(
+                sparsity=Sparsity(0.1, 0.9, step=0.1), bits=Bits(2, 4), rank=Rank(4, 8)
+            )
+        },
+        hyper={
+            "lr": Float(1e-5, 1e-3, log=True),
+            "steps": Int(0, 10),
+            "opt": Choice("adam", "sgd"),
+        },
+    )
     for _ in range(20):
         trial = study.ask()
         policy = space.suggest(trial)
@@ -97,36 +124,42 @@ def test_suggested_values_stay_in_range_and_hyper_is_carried(gpt):
         study.tell(trial, 1.0)
 
 
-@pytest.mark.parametrize(("rules", "message"), [
-    ({"nothing.*": dict(bits=Bits(8))}, "matches no Linear layer"),
-    ({"blocks.*": dict(bits=8), "blocks.0.*": dict(bits=4)}, "shadowed"),
-    ({"head": dict(rank=Rank(0.5))}, "shares its weight with 'wte'"),
-    ({"blocks.0.mlp.c_fc": dict(rank=Rank(8, 64))}, "above layer 'blocks.0.mlp.c_fc'"),
-    ({"blocks.0.mlp.c_fc": dict(sparsity=Sparsity(0, 0.5, block=(5, 4)))}, "does not tile"),
-    ({"blocks.0.mlp.c_fc": dict(colour=Bits(8))}, "unknown setting"),
-    ({"blocks.0.mlp.c_fc": dict(bits=Sparsity(0, 0.5))}, "bits takes Bits"),
-    ({"re:blocks[": dict(bits=8)}, "bad regular expression"),
-    ({}, "rules is empty"),
-])
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        ({"nothing.*": dict(bits=Bits(8))}, "matches no Linear layer"),
+        ({"blocks.*": dict(bits=8), "blocks.0.*": dict(bits=4)}, "shadowed"),
+        ({"head": dict(rank=Rank(0.5))}, "shares its weight with 'wte'"),
+        ({"blocks.0.mlp.c_fc": dict(rank=Rank(8, 64))}, "above layer 'blocks.0.mlp.c_fc'"),
+        ({"blocks.0.mlp.c_fc": dict(sparsity=Sparsity(0, 0.5, block=(5, 4)))}, "does not tile"),
+        ({"blocks.0.mlp.c_fc": dict(colour=Bits(8))}, "unknown setting"),
+        ({"blocks.0.mlp.c_fc": dict(bits=Sparsity(0, 0.5))}, "bits takes Bits"),
+        ({"re:blocks[": dict(bits=8)}, "bad regular expression"),
+        ({}, "rules is empty"),
+    ],
+)
 def test_bad_spaces_fail_at_definition(gpt, rules, message):
     with pytest.raises(SpaceError, match=message.replace("[", r"\[").replace("(", r"\(")):
         Space(gpt, rules=rules)
 
 
-@pytest.mark.parametrize(("make", "message"), [
-    (lambda: Bits(1), "not a width in 2..16 or 32"),
-    (lambda: Bits(17), "not a width"),
-    (lambda: Bits(), "at least one"),
-    (lambda: Sparsity(0.0, 1.0), "outside"),
-    (lambda: Sparsity(-0.1, 0.5), "outside"),
-    (lambda: Sparsity(0.8, 0.2), "above high"),
-    (lambda: Rank(0), ">= 1"),
-    (lambda: Rank(0.0, 0.5), "outside"),
-    (lambda: Float(1e-3, 1e-5), "above high"),
-    (lambda: Float(0.0, 1.0, log=True), "log=True needs low > 0"),
-    (lambda: LayerPolicy(bits=33), "bits=33"),
-    (lambda: LayerPolicy(sparsity=1.0), "outside"),
-])
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Bits(1), "not a width in 2..16 or 32"),
+        (lambda: Bits(17), "not a width"),
+        (lambda: Bits(), "at least one"),
+        (lambda: Sparsity(0.0, 1.0), "outside"),
+        (lambda: Sparsity(-0.1, 0.5), "outside"),
+        (lambda: Sparsity(0.8, 0.2), "above high"),
+        (lambda: Rank(0), ">= 1"),
+        (lambda: Rank(0.0, 0.5), "outside"),
+        (lambda: Float(1e-3, 1e-5), "above high"),
+        (lambda: Float(0.0, 1.0, log=True), "log=True needs low > 0"),
+        (lambda: LayerPolicy(bits=33), "bits=33"),
+        (lambda: LayerPolicy(sparsity=1.0), "outside"),
+    ],
+)
 def test_bad_knobs_fail_with_a_clear_message(make, message):
     with pytest.raises(SpaceError, match=message):
         make()
@@ -149,13 +182,16 @@ def test_policy_json_round_trip_for_every_setting():
     assert back.layers["a"].block == (4, 4)
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ('{"type": "other"}', "not a microsweep policy"),
-    ('{"type": "microsweep.Policy", "version": 99, "layers": {}}', "version 99"),
-    ('{"type": "microsweep.Policy", "version": 1, "layers": {"a": {"bits": 1}}}', "bits=1"),
-    ('{"type": "microsweep.Policy", "version": 1, "layers": {"a": {"rnk": 3}}}', "unknown"),
-    ("{not json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"type": "other"}', "not a microsweep policy"),
+        ('{"type": "microsweep.Policy", "version": 99, "layers": {}}', "version 99"),
+        ('{"type": "microsweep.Policy", "version": 1, "layers": {"a": {"bits": 1}}}', "bits=1"),
+        ('{"type": "microsweep.Policy", "version": 1, "layers": {"a": {"rnk": 3}}}', "unknown"),
+        ("{not json", "not valid JSON"),
+    ],
+)
 def test_bad_policy_json_is_refused(text, message):
     with pytest.raises(SpaceError, match=message):
         Policy.loads(text)

@@ -12,9 +12,14 @@ from tests.conftest import POSTGRES_URL, postgres_available
 
 BACKENDS = [
     pytest.param("sqlite", id="sqlite-file"),
-    pytest.param("postgres", id="postgresql",
-                 marks=[pytest.mark.postgres,
-                        pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL")]),
+    pytest.param(
+        "postgres",
+        id="postgresql",
+        marks=[
+            pytest.mark.postgres,
+            pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL"),
+        ],
+    ),
 ]
 
 
@@ -28,26 +33,64 @@ def store(request, sqlite_url) -> Store:
 
 def _sweep_fields(name: str) -> dict:
     return dict(
-        name=name, study_name=name, space_path="x.py", space_source="space = 1",
-        space_json={"rules": []}, objective_json={"baseline": "dense"}, model_fingerprint="m",
-        data_fingerprint="d", model_recipe=None, dense_perplexity=4.5, dense_params=1000.0,
-        dense_ops=2000.0, dense_layers=[], baseline_name="dense", baseline_params=1000.0,
-        baseline_ops=2000.0, ceiling=4.7, sampler="tpe", seed=0, target_trials=3,
+        name=name,
+        study_name=name,
+        space_path="x.py",
+        space_source="space = 1",
+        space_json={"rules": []},
+        objective_json={"baseline": "dense"},
+        model_fingerprint="m",
+        data_fingerprint="d",
+        model_recipe=None,
+        dense_perplexity=4.5,
+        dense_params=1000.0,
+        dense_ops=2000.0,
+        dense_layers=[],
+        baseline_name="dense",
+        baseline_params=1000.0,
+        baseline_ops=2000.0,
+        ceiling=4.7,
+        sampler="tpe",
+        seed=0,
+        target_trials=3,
         versions={"torch": "x"},
     )
 
 
 def _layers(n: int) -> list[dict]:
-    return [{"name": f"blocks.{i}.mlp.c_fc", "kind": "compressed_linear", "params": 10.0 + i,
-             "ops": 20.0 + i, "bits": 4, "sparsity": 0.5, "mask_bits": 64, "mults": 3.0,
-             "adds": 4.0, "others": 0.0} for i in range(n)]
+    return [
+        {
+            "name": f"blocks.{i}.mlp.c_fc",
+            "kind": "compressed_linear",
+            "params": 10.0 + i,
+            "ops": 20.0 + i,
+            "bits": 4,
+            "sparsity": 0.5,
+            "mask_bits": 64,
+            "mults": 3.0,
+            "adds": 4.0,
+            "others": 0.0,
+        }
+        for i in range(n)
+    ]
 
 
 def test_sweep_trial_and_layer_rows_round_trip(store, unique_name):
     sweep = store.create_sweep(**_sweep_fields(unique_name))
-    store.record_trial(sweep.id, 0, state="COMPLETE", policy={"layers": {}}, layers=_layers(3),
-                       score=0.5, perplexity=4.6, params=33.0, ops=63.0, feasible=True,
-                       summary="x", timings={"compress": 0.1})
+    store.record_trial(
+        sweep.id,
+        0,
+        state="COMPLETE",
+        policy={"layers": {}},
+        layers=_layers(3),
+        score=0.5,
+        perplexity=4.6,
+        params=33.0,
+        ops=63.0,
+        feasible=True,
+        summary="x",
+        timings={"compress": 0.1},
+    )
     store.record_trial(sweep.id, 1, state="FAIL", reason="boom", policy={})
     got = store.get_sweep(unique_name)
     assert got.dense_perplexity == 4.5 and got.space_json == {"rules": []}
@@ -122,11 +165,14 @@ def test_read_commands_do_not_create_a_database(tmp_path):
     assert not path.exists()
 
 
-@pytest.mark.parametrize(("url", "message"), [
-    ("not a url", "is not a database URL"),
-    ("mysql://root@localhost/x", "not supported"),
-    ("sqlite:////no/such/folder/x.db", "does not exist"),
-])
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("not a url", "is not a database URL"),
+        ("mysql://root@localhost/x", "not supported"),
+        ("sqlite:////no/such/folder/x.db", "does not exist"),
+    ],
+)
 def test_bad_urls(url, message):
     with pytest.raises(StorageError, match=message):
         resolve_url(url)

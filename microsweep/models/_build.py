@@ -64,8 +64,11 @@ def pretrain(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"pretrain step {step}/{steps} loss {loss.item():.3f} "
-                  f"({time.perf_counter() - start:.0f}s)", flush=True)
+            print(
+                f"pretrain step {step}/{steps} loss {loss.item():.3f} "
+                f"({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
     model.eval()
     return model
 
@@ -89,12 +92,20 @@ def gpt(
     The cache key covers the shape, the corpus fingerprint and every training setting.
     """
     config = GPTConfig(
-        vocab_size=corpus.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+        vocab_size=corpus.vocab_size,
+        block_size=block_size,
+        n_layer=n_layer,
+        n_head=n_head,
         n_embd=n_embd,
     )
     key_data = {
-        "config": asdict(config), "data": corpus.fingerprint, "steps": pretrain_steps,
-        "batch": batch_size, "lr": lr, "seed": seed, "v": 1,
+        "config": asdict(config),
+        "data": corpus.fingerprint,
+        "steps": pretrain_steps,
+        "batch": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "v": 1,
     }
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir() / "models" / f"gpt-{key}.pt"
@@ -106,8 +117,14 @@ def gpt(
         model.eval()
         return model
     pretrain(
-        model, corpus.train, steps=pretrain_steps, block_size=block_size, batch_size=batch_size,
-        lr=lr, seed=seed, log_every=100 if verbose else 0,
+        model,
+        corpus.train,
+        steps=pretrain_steps,
+        block_size=block_size,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        log_every=100 if verbose else 0,
     )
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention; q.k, scaling, softmax and attn.v are counted by its rule."""
+    """Multi-head causal self-attention; q.k, scaling, softmax and attn.v have a counting rule."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -107,7 +107,9 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         B, T = idx.shape
         if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+            raise ValueError(
+                f"sequence of {T} tokens is longer than block_size {self.config.block_size}"
+            )
         pos = torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, n_embd)
         for block in self.blocks:
@@ -125,7 +127,9 @@ class GPT(nn.Module):
         b = 1 if config.bias else 0
         per_block = (
             2 * (d + b * d)  # two LayerNorms
-            + (d * 3 * d + b * 3 * d) + (d * d + b * d)  # attention
-            + (d * 4 * d + b * 4 * d) + (4 * d * d + b * d)  # MLP
+            + (d * 3 * d + b * 3 * d)
+            + (d * d + b * d)  # attention
+            + (d * 4 * d + b * 4 * d)
+            + (4 * d * d + b * d)  # MLP
         )
         return V * d + T * d + L * per_block + (d + b * d)

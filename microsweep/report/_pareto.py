@@ -68,16 +68,24 @@ def pareto_data(store: Store, name: str) -> ParetoData:
         states[r.state] = states.get(r.state, 0) + 1
     dense_score = sweep.dense_params / sweep.baseline_params + sweep.dense_ops / sweep.baseline_ops
     return ParetoData(
-        name=name, points=points, front=pareto_front(points), ceiling=sweep.ceiling,
-        dense_perplexity=sweep.dense_perplexity, dense_score=dense_score,
-        baseline=sweep.baseline_name, failed=states.get("FAIL", 0), states=states,
+        name=name,
+        points=points,
+        front=pareto_front(points),
+        ceiling=sweep.ceiling,
+        dense_perplexity=sweep.dense_perplexity,
+        dense_score=dense_score,
+        baseline=sweep.baseline_name,
+        failed=states.get("FAIL", 0),
+        states=states,
     )
 
 
 def _hover(p: Point) -> str:
     summary = p.summary.replace("; ", "<br>")
-    return (f"trial {p.number}<br>score {p.score:.5g}<br>perplexity {p.perplexity:.4f}<br>"
-            f"params {p.params:,.0f} ops {p.ops:,.0f}<br>{summary}")
+    return (
+        f"trial {p.number}<br>score {p.score:.5g}<br>perplexity {p.perplexity:.4f}<br>"
+        f"params {p.params:,.0f} ops {p.ops:,.0f}<br>{summary}"
+    )
 
 
 def figure(data: ParetoData) -> Any:
@@ -88,36 +96,64 @@ def figure(data: ParetoData) -> Any:
     groups = {
         "feasible": [p for p in data.points if p.feasible and p.number not in front],
         "infeasible": [p for p in data.points if not p.feasible],
-        "Pareto front": sorted((p for p in data.points if p.number in front), key=lambda p: p.score),
+        "Pareto front": sorted(
+            (p for p in data.points if p.number in front), key=lambda p: p.score
+        ),
     }
     styles = {
         "feasible": dict(mode="markers", marker=dict(color="#1f77b4", size=8, opacity=0.8)),
-        "infeasible": dict(mode="markers",
-                           marker=dict(color="#aaaaaa", size=8, symbol="x", opacity=0.7)),
-        "Pareto front": dict(mode="lines+markers", line=dict(color="#d62728", width=2),
-                             marker=dict(color="#d62728", size=11, symbol="diamond")),
+        "infeasible": dict(
+            mode="markers", marker=dict(color="#aaaaaa", size=8, symbol="x", opacity=0.7)
+        ),
+        "Pareto front": dict(
+            mode="lines+markers",
+            line=dict(color="#d62728", width=2),
+            marker=dict(color="#d62728", size=11, symbol="diamond"),
+        ),
     }
     fig = go.Figure()
     for label, pts in groups.items():
-        fig.add_trace(go.Scatter(
-            x=[p.perplexity for p in pts], y=[p.score for p in pts], name=label,
-            text=[_hover(p) for p in pts], hoverinfo="text", customdata=[p.number for p in pts],
-            **styles[label],
-        ))
-    fig.add_trace(go.Scatter(
-        x=[data.dense_perplexity], y=[data.dense_score], name="dense model", mode="markers",
-        marker=dict(color="black", size=12, symbol="star"), hoverinfo="text",
-        text=[f"dense model<br>score {data.dense_score:.5g}<br>perplexity "
-              f"{data.dense_perplexity:.4f}"],
-    ))
+        fig.add_trace(
+            go.Scatter(
+                x=[p.perplexity for p in pts],
+                y=[p.score for p in pts],
+                name=label,
+                text=[_hover(p) for p in pts],
+                hoverinfo="text",
+                customdata=[p.number for p in pts],
+                **styles[label],
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=[data.dense_perplexity],
+            y=[data.dense_score],
+            name="dense model",
+            mode="markers",
+            marker=dict(color="black", size=12, symbol="star"),
+            hoverinfo="text",
+            text=[
+                f"dense model<br>score {data.dense_score:.5g}<br>perplexity "
+                f"{data.dense_perplexity:.4f}"
+            ],
+        )
+    )
     if data.ceiling is not None:
-        fig.add_vline(x=data.ceiling, line_dash="dash", line_color="#2ca02c",
-                      annotation_text=f"ceiling {data.ceiling:.4g}", annotation_position="top")
+        fig.add_vline(
+            x=data.ceiling,
+            line_dash="dash",
+            line_color="#2ca02c",
+            annotation_text=f"ceiling {data.ceiling:.4g}",
+            annotation_position="top",
+        )
     counts = ", ".join(f"{k} {v}" for k, v in sorted(data.states.items()))
     fig.update_layout(
         title=f"microsweep '{data.name}': MicroNet score vs perplexity ({counts})",
-        xaxis_title="validation perplexity", yaxis_title=f"MicroNet score ({data.baseline} baseline)",
-        template="plotly_white", hovermode="closest", legend=dict(orientation="h", y=-0.15),
+        xaxis_title="validation perplexity",
+        yaxis_title=f"MicroNet score ({data.baseline} baseline)",
+        template="plotly_white",
+        hovermode="closest",
+        legend=dict(orientation="h", y=-0.15),
     )
     return fig
 

@@ -45,6 +45,7 @@ class CountConfig:
                 raise UsageError(f"CountConfig.{name}={value!r} must be one of {choices}")
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict carrying a type tag and a version, read back by `from_json`."""
         return {"type": _TAG, "version": COUNT_CONFIG_VERSION, **asdict(self)}
 
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from numbers import Real
 from typing import Any
 
 import torch
@@ -57,6 +58,7 @@ class LayerCount:
         object.__setattr__(self, "ops", self.mults_w + self.adds_w + self.others_w)
 
     def to_json(self) -> dict[str, Any]:
+        """A plain dict (JSON-ready) of every field, for storage rows and reports."""
         return asdict(self)
 
 
@@ -76,6 +78,7 @@ class Counts:
     context: float
 
     def to_json(self) -> dict[str, Any]:
+        """Totals, the inputs of the count and one dict per layer, all JSON-ready."""
         return {
             "params": self.params,
             "ops": self.ops,
@@ -175,7 +178,7 @@ def count(
         raise UsageError(f"count() needs an nn.Module, got {type(model).__name__}")
     if not isinstance(config, CountConfig):
         raise UsageError(f"config must be a CountConfig, got {type(config).__name__}")
-    if isinstance(context, bool) or not isinstance(context, (int, float)):
+    if isinstance(context, bool) or not isinstance(context, Real):
         raise UsageError(f"context {context!r} must be a number of attended positions")
     context = float(context)
     if not math.isfinite(context) or context < 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from numbers import Real
 
 from microsweep.errors import UsageError
 from microsweep.score._counter import Counts
@@ -12,7 +13,7 @@ __all__ = ["CHALLENGE_BASELINE", "Baseline", "micronet_score"]
 
 
 def _positive(value: float, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, Real):
         raise UsageError(f"{what} {value!r} must be a number")
     if not (math.isfinite(value) and value > 0):
         raise UsageError(f"{what} {value!r} must be finite and > 0")
@@ -46,6 +47,6 @@ def micronet_score(params: float, ops: float, baseline: Baseline = CHALLENGE_BAS
     if not isinstance(baseline, Baseline):
         raise UsageError(f"baseline must be a Baseline, got {type(baseline).__name__}")
     for value, what in ((params, "params"), (ops, "ops")):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, Real) or value < 0:
             raise UsageError(f"{what} {value!r} must be a number >= 0")
-    return params / baseline.params + ops / baseline.ops
+    return float(params) / baseline.params + float(ops) / baseline.ops

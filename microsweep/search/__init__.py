@@ -4,5 +4,12 @@ from microsweep.search._driver import SAMPLERS, SweepResult, resume_sweep, run_s
 from microsweep.search._objective import MicroNet
 from microsweep.search._spacefile import SpaceFile, load_space_file
 
-__all__ = ["SAMPLERS", "MicroNet", "SpaceFile", "SweepResult", "load_space_file", "resume_sweep",
-           "run_sweep"]
+__all__ = [
+    "SAMPLERS",
+    "MicroNet",
+    "SpaceFile",
+    "SweepResult",
+    "load_space_file",
+    "resume_sweep",
+    "run_sweep",
+]

@@ -103,8 +103,9 @@ def _prepare(sf: SpaceFile, seed: int) -> _Prepared:
     else:
         windows = torch.zeros(0, window + 1, dtype=torch.long)
         calib, train, data_fp = None, None, "user-evaluate"
-    settings = EvalSettings(context=mean_context(window), count=dict(obj.count), seed=seed,
-                            finetune_block=window)
+    settings = EvalSettings(
+        context=mean_context(window), count=dict(obj.count), seed=seed, finetune_block=window
+    )
     return _Prepared(windows, calib, train, settings, data_fp)
 
 
@@ -160,20 +161,32 @@ def _drive(
     for t in finished:
         result.states[t.state.name] = result.states.get(t.state.name, 0) + 1
     for row in store.trials(sweep.name):
-        if row.state == "COMPLETE" and row.feasible and (
-            result.best_score is None or row.score < result.best_score
+        if (
+            row.state == "COMPLETE"
+            and row.feasible
+            and (result.best_score is None or row.score < result.best_score)
         ):
             result.best_number, result.best_score, result.best_perplexity = (
-                row.number, row.score, row.perplexity)
+                row.number,
+                row.score,
+                row.perplexity,
+            )
     if done >= total:
         return result
     bar = _Progress(total, enabled=progress)
     started = time.perf_counter()
     driver_time = 0.0
     pool = make_pool(
-        workers, model=sf.model, windows=prepared.windows, settings=prepared.settings,
-        calib=prepared.calib, train_tokens=prepared.train_tokens, evaluate=sf.evaluate,
-        address=address, in_process=in_process, register_by_value=(sf.module,),
+        workers,
+        model=sf.model,
+        windows=prepared.windows,
+        settings=prepared.settings,
+        calib=prepared.calib,
+        train_tokens=prepared.train_tokens,
+        evaluate=sf.evaluate,
+        address=address,
+        in_process=in_process,
+        register_by_value=(sf.module,),
     )
     in_flight: dict[int, tuple[Any, Any]] = {}
     asked = done
@@ -204,26 +217,44 @@ def _drive(
                 trial.set_user_attr("fail_reason", reason)
             timings = dict(res.get("timings", {}))
             record = {
-                "state": state, "reason": reason, "score": score,
-                "perplexity": res.get("perplexity"), "params": res.get("params"),
-                "ops": res.get("ops"), "feasible": feasible, "freebie": res.get("freebie"),
-                "summary": policy.summary(), "count_config": res.get("count_config"),
+                "state": state,
+                "reason": reason,
+                "score": score,
+                "perplexity": res.get("perplexity"),
+                "params": res.get("params"),
+                "ops": res.get("ops"),
+                "feasible": feasible,
+                "freebie": res.get("freebie"),
+                "summary": policy.summary(),
+                "count_config": res.get("count_config"),
             }
-            store.record_trial(sweep.id, trial.number, policy=policy.to_json(),
-                               layers=res.get("layers", ()), timings=timings, **record)
-            study.tell(trial, values, state=TrialState.COMPLETE if state == "COMPLETE"
-                       else TrialState.FAIL)
+            store.record_trial(
+                sweep.id,
+                trial.number,
+                policy=policy.to_json(),
+                layers=res.get("layers", ()),
+                timings=timings,
+                **record,
+            )
+            study.tell(
+                trial, values, state=TrialState.COMPLETE if state == "COMPLETE" else TrialState.FAIL
+            )
             timings["driver"] = time.perf_counter() - t0
             driver_time += timings["driver"]
             done += 1
             result.states[state] = result.states.get(state, 0) + 1
-            if state == "COMPLETE" and feasible and (
-                result.best_score is None or score < result.best_score
+            if (
+                state == "COMPLETE"
+                and feasible
+                and (result.best_score is None or score < result.best_score)
             ):
                 result.best_number, result.best_score = trial.number, score
                 result.best_perplexity = res["perplexity"]
-            last = (f"trial {trial.number} {state}" + (f" score {score:.4g} ppl {res['perplexity']:.4g}"
-                    if score is not None else f" ({reason})"))
+            last = f"trial {trial.number} {state}" + (
+                f" score {score:.4g} ppl {res['perplexity']:.4g}"
+                if score is not None
+                else f" ({reason})"
+            )
             bar.update(done, result.states, result.best_score, last)
             if on_trial is not None:
                 on_trial({"number": trial.number, "state": state, "timings": timings, **record})
@@ -265,8 +296,10 @@ def run_sweep(
         raise UsageError("sweep name must be 1..200 characters")
     store = Store(storage)
     if name in store.sweep_names():
-        raise StorageError(f"a sweep named {name!r} already exists in {store.url}; "
-                           "use 'microsweep resume' or another --name")
+        raise StorageError(
+            f"a sweep named {name!r} already exists in {store.url}; "
+            "use 'microsweep resume' or another --name"
+        )
     sf = load_space_file(space_path)
     prepared = _prepare(sf, seed or 0)
     dense = _dense(sf, prepared)
@@ -277,22 +310,49 @@ def run_sweep(
         b_name, b_params, b_ops = "challenge", 159e6, 318e6
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep = store.create_sweep(
-        name=name, study_name=name, space_path=str(space_path), space_source=sf.source,
-        space_json=sf.space.to_json(), objective_json=sf.objective.to_json(),
-        model_fingerprint=_fingerprint(sf.model), data_fingerprint=prepared.data_fingerprint,
-        model_recipe=_recipe(sf.model), dense_perplexity=dense["perplexity"],
-        dense_params=dense["params"], dense_ops=dense["ops"], dense_layers=dense["layers"],
-        baseline_name=b_name, baseline_params=b_params, baseline_ops=b_ops, ceiling=ceiling,
-        sampler=sampler, seed=seed, target_trials=trials, versions=_versions(),
+        name=name,
+        study_name=name,
+        space_path=str(space_path),
+        space_source=sf.source,
+        space_json=sf.space.to_json(),
+        objective_json=sf.objective.to_json(),
+        model_fingerprint=_fingerprint(sf.model),
+        data_fingerprint=prepared.data_fingerprint,
+        model_recipe=_recipe(sf.model),
+        dense_perplexity=dense["perplexity"],
+        dense_params=dense["params"],
+        dense_ops=dense["ops"],
+        dense_layers=dense["layers"],
+        baseline_name=b_name,
+        baseline_params=b_params,
+        baseline_ops=b_ops,
+        ceiling=ceiling,
+        sampler=sampler,
+        seed=seed,
+        target_trials=trials,
+        versions=_versions(),
     )
     study = optuna.create_study(
-        study_name=name, storage=store.optuna_storage(), sampler=_make_sampler(sampler, seed),
-        directions=sf.objective.directions, load_if_exists=True,
+        study_name=name,
+        storage=store.optuna_storage(),
+        sampler=_make_sampler(sampler, seed),
+        directions=sf.objective.directions,
+        load_if_exists=True,
     )
     try:
-        return _drive(store, sweep, sf, prepared, study, total=trials, workers=workers,
-                      address=address, in_process=in_process, progress=progress,
-                      on_trial=on_trial)
+        return _drive(
+            store,
+            sweep,
+            sf,
+            prepared,
+            study,
+            total=trials,
+            workers=workers,
+            address=address,
+            in_process=in_process,
+            progress=progress,
+            on_trial=on_trial,
+        )
     finally:
         store.dispose()
 
@@ -326,21 +386,35 @@ def resume_sweep(
     if prepared.data_fingerprint != sweep.data_fingerprint:
         raise StorageError(f"the corpus differs from the one sweep {name!r} was measured on")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=sweep.study_name, storage=store.optuna_storage(),
-                              sampler=_make_sampler(sweep.sampler, sweep.seed))
+    study = optuna.load_study(
+        study_name=sweep.study_name,
+        storage=store.optuna_storage(),
+        sampler=_make_sampler(sweep.sampler, sweep.seed),
+    )
     recorded = {row.number for row in store.trials(name)}
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         reason = "driver stopped before the trial finished"
         study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
         study.tell(t.number, None, state=TrialState.FAIL)
         if t.number not in recorded:
-            store.record_trial(sweep.id, t.number, state="FAIL", reason=reason, policy={},
-                               summary="")
+            store.record_trial(
+                sweep.id, t.number, state="FAIL", reason=reason, policy={}, summary=""
+            )
     if trials is not None and trials != sweep.target_trials:
         store.update_sweep(name, target_trials=total)
     try:
-        return _drive(store, sweep, sf, prepared, study, total=total, workers=workers,
-                      address=address, in_process=in_process, progress=progress)
+        return _drive(
+            store,
+            sweep,
+            sf,
+            prepared,
+            study,
+            total=total,
+            workers=workers,
+            address=address,
+            in_process=in_process,
+            progress=progress,
+        )
     finally:
         store.dispose()
 
@@ -362,8 +436,9 @@ def _dense(sf: SpaceFile, prepared: _Prepared) -> dict[str, Any]:
     from microsweep.spaces import Policy
     from microsweep.workers import TrialRunner
 
-    runner = TrialRunner(sf.model, prepared.windows, prepared.settings, calib=prepared.calib,
-                         evaluate=sf.evaluate)
+    runner = TrialRunner(
+        sf.model, prepared.windows, prepared.settings, calib=prepared.calib, evaluate=sf.evaluate
+    )
     res = runner.run(-1, Policy().to_json())
     torch.set_grad_enabled(True)
     if res["status"] != "ok":

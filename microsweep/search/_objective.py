@@ -37,7 +37,9 @@ class MicroNet:
     def __post_init__(self) -> None:
         c = self.perplexity_ceiling
         if c is not None and (not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0):
-            raise SpaceError(f"MicroNet: perplexity_ceiling {c!r} must be a positive number or None")
+            raise SpaceError(
+                f"MicroNet: perplexity_ceiling {c!r} must be a positive number or None"
+            )
         if self.relative_to not in (None, "dense"):
             raise SpaceError(f"MicroNet: relative_to {self.relative_to!r} must be 'dense' or None")
         if self.relative_to == "dense" and c is not None and c < 1.0:

@@ -76,7 +76,9 @@ def load_space_source(source: str, path: str) -> SpaceFile:
         raise UsageError(f"space file {path} must define `space = Space(model, rules=...)`")
     objective = module.__dict__.get("objective", MicroNet())
     if not isinstance(objective, MicroNet):
-        raise UsageError(f"space file {path}: `objective` must be a MicroNet(...), not {objective!r}")
+        raise UsageError(
+            f"space file {path}: `objective` must be a MicroNet(...), not {objective!r}"
+        )
     corpus = module.__dict__.get("corpus")
     evaluate = module.__dict__.get("evaluate")
     if evaluate is not None and not callable(evaluate):

@@ -5,6 +5,16 @@ from microsweep.spaces._policy import POLICY_VERSION, LayerPolicy, Policy
 from microsweep.spaces._space import LayerInfo, Space
 
 __all__ = [
-    "POLICY_VERSION", "Bits", "Choice", "Float", "Int", "Knob", "LayerInfo", "LayerPolicy",
-    "Policy", "Rank", "Space", "Sparsity",
+    "POLICY_VERSION",
+    "Bits",
+    "Choice",
+    "Float",
+    "Int",
+    "Knob",
+    "LayerInfo",
+    "LayerPolicy",
+    "Policy",
+    "Rank",
+    "Space",
+    "Sparsity",
 ]

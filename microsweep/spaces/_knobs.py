@@ -49,14 +49,18 @@ class Sparsity(Knob):
     def __post_init__(self) -> None:
         for value in (self.low, self.high):
             if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
-                raise SpaceError(f"Sparsity: {value!r} is outside [0, 1); use e.g. Sparsity(0, 0.9)")
+                raise SpaceError(
+                    f"Sparsity: {value!r} is outside [0, 1); use e.g. Sparsity(0, 0.9)"
+                )
         _check_range("Sparsity", self.low, self.high)
         if self.step is not None and not 0 < self.step < 1:
             raise SpaceError(f"Sparsity: step {self.step!r} must be in (0, 1)")
         if self.block is not None:
             block = tuple(self.block)
             if len(block) != 2 or any(not isinstance(b, int) or b < 1 for b in block):
-                raise SpaceError(f"Sparsity: block {self.block!r} must be two positive ints like (4, 4)")
+                raise SpaceError(
+                    f"Sparsity: block {self.block!r} must be two positive ints like (4, 4)"
+                )
             object.__setattr__(self, "block", block)
 
     def suggest(self, trial: optuna.trial.BaseTrial, name: str) -> float:
@@ -65,8 +69,13 @@ class Sparsity(Knob):
         return trial.suggest_float(name, self.low, self.high, step=self.step)
 
     def to_json(self) -> dict[str, Any]:
-        return {"knob": "Sparsity", "low": self.low, "high": self.high, "step": self.step,
-                "block": list(self.block) if self.block else None}
+        return {
+            "knob": "Sparsity",
+            "low": self.low,
+            "high": self.high,
+            "step": self.step,
+            "block": list(self.block) if self.block else None,
+        }
 
 
 @dataclass(frozen=True, init=False)
@@ -104,7 +113,9 @@ class Rank(Knob):
 
     def __init__(self, *args: float) -> None:
         if not args:
-            raise SpaceError("Rank: give a fraction range like Rank(0.1, 1.0) or ranks like Rank(8, 16)")
+            raise SpaceError(
+                "Rank: give a fraction range like Rank(0.1, 1.0) or ranks like Rank(8, 16)"
+            )
         if all(isinstance(a, int) and not isinstance(a, bool) for a in args):
             if any(a < 1 for a in args):
                 raise SpaceError(f"Rank: explicit ranks {args} must be >= 1")
@@ -187,8 +198,13 @@ class Float(Knob):
         return trial.suggest_float(name, self.low, self.high, log=self.log, step=self.step)
 
     def to_json(self) -> dict[str, Any]:
-        return {"knob": "Float", "low": self.low, "high": self.high, "log": self.log,
-                "step": self.step}
+        return {
+            "knob": "Float",
+            "low": self.low,
+            "high": self.high,
+            "log": self.log,
+            "step": self.step,
+        }
 
 
 @dataclass(frozen=True)
@@ -209,5 +225,10 @@ class Int(Knob):
         return trial.suggest_int(name, self.low, self.high, log=self.log, step=self.step)
 
     def to_json(self) -> dict[str, Any]:
-        return {"knob": "Int", "low": self.low, "high": self.high, "log": self.log,
-                "step": self.step}
+        return {
+            "knob": "Int",
+            "low": self.low,
+            "high": self.high,
+            "log": self.log,
+            "step": self.step,
+        }

@@ -56,7 +56,9 @@ class LayerPolicy:
     @property
     def is_identity(self) -> bool:
         """True when applying this policy changes nothing."""
-        return self.sparsity == 0.0 and self.bits == 32 and self.act_bits == 32 and self.rank is None
+        return (
+            self.sparsity == 0.0 and self.bits == 32 and self.act_bits == 32 and self.rank is None
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The non-default fields, so that stored policies stay short."""

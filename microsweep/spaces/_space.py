@@ -70,7 +70,10 @@ def _linear_layers(model: nn.Module) -> dict[str, tuple[nn.Linear, LayerInfo]]:
             shared = tuple(
                 o.rsplit(".", 1)[0] for o in owners[id(module.weight)] if o != f"{name}.weight"
             )
-            layers[name] = (module, LayerInfo(name, module.out_features, module.in_features, shared))
+            layers[name] = (
+                module,
+                LayerInfo(name, module.out_features, module.in_features, shared),
+            )
     return layers
 
 
@@ -82,8 +85,11 @@ def _check_setting(rule: str, key: str, value: Any) -> Any:
             raise SpaceError(f"rule {rule!r}: {key} takes {expected.__name__}(...), not {value!r}")
         return value
     if key == "sparsity":
-        return Sparsity(float(value), float(value)) if isinstance(value, (int, float)) else _bad(
-            rule, key, value)
+        return (
+            Sparsity(float(value), float(value))
+            if isinstance(value, (int, float))
+            else _bad(rule, key, value)
+        )
     if key in ("bits", "act_bits"):
         if isinstance(value, int) and value in VALID_BITS:
             return Bits(value)
@@ -170,7 +176,9 @@ class Space:
                 matched_any = any(rule.matches(n, m) for n, (m, _) in self._layers.items())
                 names = ", ".join(list(self._layers)[:6])
                 if matched_any:
-                    raise SpaceError(f"rule {rule.key!r} is shadowed: earlier rules take all its layers")
+                    raise SpaceError(
+                        f"rule {rule.key!r} is shadowed: earlier rules take all its layers"
+                    )
                 raise SpaceError(
                     f"rule {rule.key!r} matches no Linear layer; layer names are like: {names}"
                 )
@@ -251,13 +259,17 @@ class Space:
         """A description for the store: rules with their knobs, layers, hyperparameters."""
         return {
             "rules": [
-                {"selector": r.key, "tied": r.tied,
-                 "settings": {k: v.to_json() for k, v in r.settings.items()},
-                 "layers": [i.name for i in self.layers_of(r)]}
+                {
+                    "selector": r.key,
+                    "tied": r.tied,
+                    "settings": {k: v.to_json() for k, v in r.settings.items()},
+                    "layers": [i.name for i in self.layers_of(r)],
+                }
                 for r in self.rules
             ],
             "hyper": {k: v.to_json() for k, v in self.hyper.items()},
         }
 
     def __repr__(self) -> str:
-        return f"Space({len(self.assignment)} layers, {len(self.rules)} rules, {len(self.hyper)} hyper)"
+        n_layers, n_rules, n_hyper = len(self.assignment), len(self.rules), len(self.hyper)
+        return f"Space({n_layers} layers, {n_rules} rules, {n_hyper} hyper)"

@@ -144,7 +144,9 @@ class Store:
             try:
                 self._optuna = optuna.storages.RDBStorage(self.url, engine_kwargs=kwargs)
             except Exception as exc:
-                raise StorageError(f"cannot open Optuna storage on {self.url}: {_one_line(exc)}") from None
+                raise StorageError(
+                    f"cannot open Optuna storage on {self.url}: {_one_line(exc)}"
+                ) from None
         return self._optuna
 
     # -- sweeps -----------------------------------------------------------------------------
@@ -208,12 +210,19 @@ class Store:
 
         with self.session() as s:
             trial = TrialRow(
-                sweep_id=sweep_id, number=number, state=state, policy=dict(policy),
-                finished_at=_now(), **fields,
+                sweep_id=sweep_id,
+                number=number,
+                state=state,
+                policy=dict(policy),
+                finished_at=_now(),
+                **fields,
             )
             trial.layers = [
                 LayerRow(
-                    layer=lc["name"], kind=lc["kind"], params=lc["params"], ops=lc["ops"],
+                    layer=lc["name"],
+                    kind=lc["kind"],
+                    params=lc["params"],
+                    ops=lc["ops"],
                     **{k: lc.get(k) for k in _LAYER_FIELDS if lc.get(k) is not None},
                 )
                 for lc in layers
@@ -243,7 +252,8 @@ class Store:
 
         with self.session() as s:
             row = s.scalar(
-                select(TrialRow).join(SweepRow)
+                select(TrialRow)
+                .join(SweepRow)
                 .where(SweepRow.name == name, TrialRow.number == number)
                 .options(selectinload(TrialRow.layers))
             )

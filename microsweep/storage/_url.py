@@ -32,14 +32,18 @@ def resolve_url(url: str | None = None) -> str:
         ) from None
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
-        raise StorageError(f"storage backend {backend!r} is not supported; use sqlite or postgresql")
+        raise StorageError(
+            f"storage backend {backend!r} is not supported; use sqlite or postgresql"
+        )
     if backend == "postgresql" and parsed.drivername == "postgresql":
         if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg"):
             parsed = parsed.set(drivername="postgresql+psycopg")
     if backend == "sqlite":
         path = sqlite_path(parsed.render_as_string(hide_password=False))
         if path is not None and not path.parent.is_dir():
-            raise StorageError(f"folder {path.parent} for the SQLite file does not exist; create it")
+            raise StorageError(
+                f"folder {path.parent} for the SQLite file does not exist; create it"
+            )
     return parsed.render_as_string(hide_password=False)
 
 

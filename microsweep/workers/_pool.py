@@ -83,7 +83,9 @@ class RayPool(WorkerPool):
                 ray.init(address=address, logging_level="WARNING", log_to_driver=False)
             else:
                 ray.init(
-                    num_cpus=max(workers, 1), include_dashboard=False, logging_level="WARNING",
+                    num_cpus=max(workers, 1),
+                    include_dashboard=False,
+                    logging_level="WARNING",
                     log_to_driver=False,
                 )
             self._started_ray = True
@@ -100,8 +102,13 @@ class RayPool(WorkerPool):
     def _new_actor(self) -> Any:
         refs = self._refs
         return self._actor_cls.remote(
-            refs["model"], refs["windows"], refs["settings"], calib=refs["calib"],
-            train_tokens=refs["train_tokens"], evaluate=refs["evaluate"], threads=self._threads,
+            refs["model"],
+            refs["windows"],
+            refs["settings"],
+            calib=refs["calib"],
+            train_tokens=refs["train_tokens"],
+            evaluate=refs["evaluate"],
+            threads=self._threads,
         )
 
     @property
@@ -121,13 +128,21 @@ class RayPool(WorkerPool):
             result = ray.get(ref)
             self._idle.append(actor)
         except ray.exceptions.RayActorError as exc:  # includes ActorUnavailableError
-            result = {"status": "error", "number": number, "timings": {},
-                      "error": f"worker died: {type(exc).__name__}"}
+            result = {
+                "status": "error",
+                "number": number,
+                "timings": {},
+                "error": f"worker died: {type(exc).__name__}",
+            }
             ray.kill(actor, no_restart=True)
             self._idle.append(self._new_actor())
         except ray.exceptions.RayError as exc:
-            result = {"status": "error", "number": number, "timings": {},
-                      "error": f"worker error: {type(exc).__name__}: {str(exc).splitlines()[0]}"}
+            result = {
+                "status": "error",
+                "number": number,
+                "timings": {},
+                "error": f"worker error: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+            }
             self._idle.append(actor)
         return result
 
@@ -156,8 +171,17 @@ def make_pool(
 ) -> WorkerPool:
     """`workers` Ray actors (or one in-process runner when `in_process`)."""
     if in_process:
-        return InProcessPool(TrialRunner(model, windows, settings, calib=calib,
-                                         train_tokens=train_tokens, evaluate=evaluate))
-    args = {"model": model, "windows": windows, "settings": settings, "calib": calib,
-            "train_tokens": train_tokens, "evaluate": evaluate}
+        return InProcessPool(
+            TrialRunner(
+                model, windows, settings, calib=calib, train_tokens=train_tokens, evaluate=evaluate
+            )
+        )
+    args = {
+        "model": model,
+        "windows": windows,
+        "settings": settings,
+        "calib": calib,
+        "train_tokens": train_tokens,
+        "evaluate": evaluate,
+    }
     return RayPool(workers, args, address=address, register_by_value=register_by_value)

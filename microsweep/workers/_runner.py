@@ -29,7 +29,7 @@ class EvalSettings:
     context: float
     count: Mapping[str, Any] = field(default_factory=dict)
     batch_size: int = 32
-    finetune_block: int = 64
+    finetune_block: int | None = None  # default: the evaluation window length
     seed: int = 0
 
 
@@ -112,12 +112,18 @@ class TrialRunner:
         timings["evaluate"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        counts = count(model, context=self.settings.context, config=CountConfig(**self.settings.count))
+        counts = count(
+            model, context=self.settings.context, config=CountConfig(**self.settings.count)
+        )
         timings["count"] = time.perf_counter() - t
         del model
         if not math.isfinite(ppl):
-            return {"status": "error", "error": f"perplexity is {ppl} (not finite)",
-                    "params": counts.params, "ops": counts.ops}
+            return {
+                "status": "error",
+                "error": f"perplexity is {ppl} (not finite)",
+                "params": counts.params,
+                "ops": counts.ops,
+            }
         layers = [lc.to_json() for lc in counts.layers]
         for row in layers:  # the policy's requested settings sit beside the counted values
             lp = policy.layers.get(row["name"])
@@ -140,7 +146,7 @@ class TrialRunner:
 
         if self.train_tokens is None:
             raise RuntimeError("finetune_steps was given but the runner has no training tokens")
-        block = self.settings.finetune_block
+        block = self.settings.finetune_block or self.windows.shape[1] - 1
         gen = torch.Generator().manual_seed(self.settings.seed)
         params = [p for p in model.parameters()]
         for p in params:
@@ -153,7 +159,9 @@ class TrialRunner:
                 x = torch.stack([self.train_tokens[i : i + block] for i in ix])
                 y = torch.stack([self.train_tokens[i + 1 : i + 1 + block] for i in ix])
                 logits = model(x)
-                loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+                loss = nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.size(-1)), y.reshape(-1)
+                )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

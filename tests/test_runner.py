@@ -1,0 +1,100 @@
+"""The trial runner: real compression and counting, isolation between trials on one worker."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from microsweep import LayerPolicy, Policy
+from microsweep.score import eval_windows, mean_context
+from microsweep.workers import EvalSettings, TrialRunner
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_gpt, corpus) -> TrialRunner:
+    windows = eval_windows(corpus.val, window=32, max_tokens=1024)
+    calib = corpus.train[: 8 * 32].view(8, 32)
+    return TrialRunner(
+        tiny_gpt,
+        windows,
+        EvalSettings(context=mean_context(32)),
+        calib=calib,
+        train_tokens=corpus.train,
+        threads=1,
+    )
+
+
+def _policy(**layers: LayerPolicy) -> dict:
+    return Policy(layers={k.replace("__", "."): v for k, v in layers.items()}).to_json()
+
+
+def test_dense_policy_matches_the_base_model(runner, tiny_gpt):
+    from microsweep.score import perplexity
+
+    res = runner.run(0, Policy().to_json())
+    assert res["status"] == "ok"
+    assert res["perplexity"] == pytest.approx(perplexity(tiny_gpt, runner.windows), rel=1e-9)
+    assert res["freebie"] is True
+
+
+def test_compression_changes_the_model_and_the_counts(runner):
+    dense = runner.run(0, Policy().to_json())
+    small = runner.run(
+        1, _policy(blocks__0__mlp__c_fc=LayerPolicy(sparsity=0.9, bits=4, act_bits=8))
+    )
+    assert small["status"] == "ok"
+    assert small["perplexity"] != dense["perplexity"]
+    row = next(r for r in small["layers"] if r["name"] == "blocks.0.mlp.c_fc")
+    assert row["bits"] == 4 and row["act_bits"] == 8
+    dense_row = next(r for r in dense["layers"] if r["name"] == "blocks.0.mlp.c_fc")
+    assert row["params"] < dense_row["params"] / 4  # 10% of values at 4 bits plus mask, scales
+    assert small["freebie"] is False  # quantized below 16 bits: no 16-bit allowance
+
+
+def test_base_model_is_never_modified(runner, tiny_gpt):
+    before = {k: v.clone() for k, v in tiny_gpt.state_dict().items()}
+    runner.run(
+        2,
+        _policy(
+            blocks__1__attn__c_attn=LayerPolicy(sparsity=0.5, bits=2, rank=None),
+            head=LayerPolicy(bits=4),
+        ),
+    )
+    for k, v in tiny_gpt.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_torch_state_does_not_leak_between_trials(runner):
+    policy = _policy(blocks__0__mlp__c_fc=LayerPolicy(sparsity=0.5, bits=8))
+    first = runner.run(5, policy)
+    # a previous trial (or user code) leaves global torch state dirty
+    torch.set_num_threads(2)
+    torch.set_grad_enabled(False)
+    torch.manual_seed(1234)
+    torch.set_default_dtype(torch.float64)
+    try:
+        second = runner.run(5, policy)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert second["status"] == "ok", second.get("error")
+    assert second["perplexity"] == first["perplexity"]
+    assert second["params"] == first["params"] and second["ops"] == first["ops"]
+    assert torch.is_grad_enabled()
+
+
+def test_finetune_hyperparameters_run_projected_steps(runner):
+    base = _policy(blocks__0__mlp__c_fc=LayerPolicy(sparsity=0.8, bits=4))
+    tuned = dict(base, hyper={"finetune_steps": 3, "finetune_lr": 1e-3})
+    a = runner.run(7, base)
+    b = runner.run(7, tuned)
+    assert b["status"] == "ok" and "finetune" in b["timings"]
+    assert b["perplexity"] != a["perplexity"]
+    # projection keeps the compressed structure: the count is unchanged by fine-tuning
+    assert b["params"] == pytest.approx(a["params"], rel=1e-3)
+
+
+def test_errors_come_back_as_results(runner):
+    res = runner.run(9, _policy(no__such__layer=LayerPolicy(bits=8)))
+    assert res["status"] == "error" and "no.such.layer" in res["error"]
+    res = runner.run(10, {"type": "bogus"})
+    assert res["status"] == "error" and "not a microsweep policy" in res["error"]

@@ -1,0 +1,298 @@
+"""Real sweeps of examples/tiny.py: on 2 Ray actors into a SQLite file, in-process, resumed,
+and through the CLI; then the trials, per-layer rows and plot data are read back and checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from microsweep.report import pareto_data, write_pareto_html
+from microsweep.search import resume_sweep, run_sweep
+from microsweep.storage import Store
+from tests.conftest import ROOT
+
+TINY = str(ROOT / "examples" / "tiny.py")
+
+
+def _check_sweep(url: str, name: str, n: int) -> None:
+    store = Store(url, must_exist=True)
+    sweep = store.get_sweep(name)
+    trials = store.trials(name, with_layers=True)
+    assert [t.number for t in trials] == list(range(n))
+    assert sweep.dense_perplexity > 1.0 and sweep.ceiling == pytest.approx(
+        1.10 * sweep.dense_perplexity
+    )
+    assert sweep.baseline_name == "dense" and sweep.baseline_params == sweep.dense_params
+    study = optuna.load_study(study_name=name, storage=store.optuna_storage())
+    by_number = {t.number: t for t in study.trials}
+    for t in trials:
+        assert t.state == "COMPLETE", t.reason
+        # the score is the MicroNet formula over the stored counts, against the dense baseline
+        assert t.score == pytest.approx(t.params / sweep.dense_params + t.ops / sweep.dense_ops)
+        assert t.feasible == (t.perplexity <= sweep.ceiling)
+        frozen = by_number[t.number]
+        assert frozen.value == pytest.approx(t.score)
+        assert frozen.constraints["perplexity"] == pytest.approx(t.perplexity - sweep.ceiling)
+        # per-layer rows add up to the trial's totals
+        assert sum(lr.params for lr in t.layers) == pytest.approx(t.params, rel=1e-9)
+        assert sum(lr.ops for lr in t.layers) == pytest.approx(t.ops, rel=1e-9)
+        policy_layers = t.policy["layers"]
+        rows = {lr.layer: lr for lr in t.layers}
+        for layer, settings in policy_layers.items():
+            if settings.get("rank") is None and layer in rows:
+                assert rows[layer].bits == settings.get("bits", 32) or rows[layer].bits is None
+        assert set(t.timings) >= {"compress", "evaluate", "count", "driver", "total"}
+    data = pareto_data(store, name)
+    assert len(data.points) == n and data.front
+    front = [p for p in data.points if p.number in data.front]
+    for p in front:  # nothing feasible dominates a front point
+        assert p.feasible
+        assert not any(
+            q.feasible
+            and q.score <= p.score
+            and q.perplexity <= p.perplexity
+            and (q.score, q.perplexity) != (p.score, p.perplexity)
+            for q in data.points
+        )
+    store.dispose()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_sweep_two_workers_into_sqlite(tmp_path, sqlite_url, tiny_gpt):
+    seen = []
+    result = run_sweep(
+        TINY,
+        name="ray",
+        trials=6,
+        workers=2,
+        storage=sqlite_url,
+        seed=3,
+        progress=False,
+        on_trial=seen.append,
+    )
+    assert result.states == {"COMPLETE": 6}
+    assert sorted(s["number"] for s in seen) == list(range(6))
+    _check_sweep(sqlite_url, "ray", 6)
+    import ray
+
+    assert not ray.is_initialized()  # the pool shut down the Ray it started
+
+    # the same seed in-process gives the same trials: workers are deterministic and isolated
+    local_url = f"sqlite:///{tmp_path / 'local.db'}"
+    run_sweep(
+        TINY, name="ray", trials=6, storage=local_url, seed=3, in_process=True, progress=False
+    )
+    ray_rows = Store(sqlite_url).trials("ray")
+    local_rows = Store(local_url).trials("ray")
+    assert [r.policy for r in ray_rows] == [r.policy for r in local_rows]
+    assert [r.perplexity for r in ray_rows] == pytest.approx(
+        [r.perplexity for r in local_rows], rel=1e-6
+    )
+
+    html = tmp_path / "p.html"
+    data = write_pareto_html(Store(sqlite_url), "ray", html)
+    text = html.read_text()
+    assert "plotly" in text and "Pareto front" in text and len(text) > 1_000_000  # inlined js
+    assert f"trial {data.front[0]}" in text
+
+
+def test_in_process_sweep_resume_and_zombie_trials(sqlite_url, tiny_gpt):
+    result = run_sweep(
+        TINY, name="r", trials=3, storage=sqlite_url, seed=1, in_process=True, progress=False
+    )
+    assert sum(result.states.values()) == 3
+    # a driver that died mid-trial leaves a RUNNING trial behind
+    store = Store(sqlite_url)
+    study = optuna.load_study(study_name="r", storage=store.optuna_storage())
+    zombie = study.ask()
+    zombie.suggest_float("blocks.0.mlp.c_fc:sparsity", 0.0, 0.9)
+    result = resume_sweep("r", trials=6, storage=sqlite_url, in_process=True, progress=False)
+    rows = Store(sqlite_url).trials("r")
+    assert len(rows) == 6  # 3 + the zombie (FAIL, it counts toward the total) + 2 new
+    states = {r.number: r.state for r in rows}
+    assert states[zombie.number] == "FAIL"
+    assert "driver stopped" in next(r.reason for r in rows if r.number == zombie.number)
+    assert sum(1 for s in states.values() if s == "COMPLETE") == 5
+    assert Store(sqlite_url).get_sweep("r").target_trials == 6
+    # resuming a finished sweep runs nothing more
+    again = resume_sweep("r", storage=sqlite_url, in_process=True, progress=False)
+    assert sum(again.states.values()) == 6
+
+
+def test_two_objectives_store_score_and_perplexity(tmp_path, sqlite_url, tiny_gpt):
+    space = _space_with(
+        tmp_path, "eval_tokens=2048", 'eval_tokens=2048, objectives="score+perplexity"'
+    )
+    run_sweep(
+        space,
+        name="two",
+        trials=3,
+        storage=sqlite_url,
+        sampler="nsga2",
+        seed=0,
+        in_process=True,
+        progress=False,
+    )
+    study = optuna.load_study(study_name="two", storage=Store(sqlite_url).optuna_storage())
+    rows = {r.number: r for r in Store(sqlite_url).trials("two")}
+    for t in study.trials:
+        assert t.values == pytest.approx([rows[t.number].score, rows[t.number].perplexity])
+
+
+def test_worker_exception_and_nan_perplexity_are_failed_trials(tmp_path, sqlite_url, tiny_gpt):
+    space = tmp_path / "bad_eval.py"
+    space.write_text(
+        Path(TINY).read_text()
+        + """
+import math
+_calls = {"n": 0}
+
+
+def evaluate(model):
+    _calls["n"] += 1
+    if _calls["n"] == 2:
+        raise RuntimeError("evaluation exploded")
+    if _calls["n"] == 3:
+        return math.nan
+    return 5.0
+"""
+    )
+    result = run_sweep(
+        str(space),
+        name="bad",
+        trials=4,
+        storage=sqlite_url,
+        seed=0,
+        in_process=True,
+        progress=False,
+    )
+    rows = Store(sqlite_url).trials("bad")
+    assert result.states == {"COMPLETE": 2, "FAIL": 2}
+    reasons = [r.reason for r in rows if r.state == "FAIL"]
+    assert any("evaluation exploded" in r for r in reasons)
+    assert any("not finite" in r for r in reasons)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "microsweep.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=300,
+    )
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_cli_run_plot_status(tmp_path, tiny_gpt):
+    url = "sqlite:///t.db"
+    run = _cli(
+        "run",
+        TINY,
+        "--name",
+        "t",
+        "--trials",
+        "6",
+        "--workers",
+        "2",
+        "--storage",
+        url,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "sweep 't': COMPLETE 6" in run.stdout
+    assert "[6/6]" in run.stderr  # progress lines
+    plot = _cli("plot", "--name", "t", "--storage", url, "-o", "p.html", cwd=tmp_path)
+    assert plot.returncode == 0, plot.stderr
+    assert (tmp_path / "p.html").stat().st_size > 1_000_000
+    status = _cli("status", "--name", "t", "--storage", url, cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert "6/6 finished (COMPLETE 6)" in status.stdout
+    assert "dense model: perplexity" in status.stdout and "best feasible trials" in status.stdout
+
+
+def _space_with(tmp_path: Path, old: str, new: str) -> str:
+    path = tmp_path / "space.py"
+    text = Path(TINY).read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            ('"head": dict(bits=Bits(6, 8, 32), tied=True)', '"hed": dict(bits=Bits(8))'),
+            "rule 'hed' matches no Linear layer",
+        ),
+        (("bits=Bits(4, 8, 16, 32)", "bits=Bits(4, 8, 64)"), "Bits: 64 is not a width"),
+        (("Sparsity(0.0, 0.9, step=0.1)", "Sparsity(0.0, 1.5)"), "Sparsity: 1.5 is outside [0, 1)"),
+        (("rank=Rank(0.25, 1.0)", "rank=Rank(8, 200)"), "rank 200 is above layer"),
+        (("space = Space(", "spaec = Space("), "must define `space"),
+        (("corpus = data", "corpus = undefined_name + data"), "NameError"),
+    ],
+)
+def test_cli_bad_space_is_one_line_error(tmp_path, edit, message, tiny_gpt):
+    space = _space_with(tmp_path, *edit)
+    proc = _cli(
+        "run", space, "--name", "x", "--trials", "2", "--storage", "sqlite:///x.db", cwd=tmp_path
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("microsweep: error:"), proc.stderr
+    assert message in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "nope.py", "--name", "x"], "space file nope.py does not exist"),
+        (["run", TINY, "--name", "x", "--trials", "0"], "must be at least 1"),
+        (["run", TINY, "--name", "x", "--sampler", "grid"], "invalid choice"),
+        (["run", TINY, "--name", "x", "--storage", "nonsense"], "is not a database URL"),
+        (["status", "--name", "x", "--storage", "sqlite:///missing.db"], "no sweep database"),
+        (["plot", "--name", "x", "--storage", "sqlite:///missing.db"], "no sweep database"),
+        (["resume", "--name", "x", "--storage", "sqlite:///missing.db"], "no sweep database"),
+    ],
+)
+def test_cli_bad_arguments(tmp_path, args, message):
+    proc = _cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_cli_unknown_sweep_and_duplicate_leave_data_intact(tmp_path, tiny_gpt):
+    url = f"sqlite:///{tmp_path / 'keep.db'}"
+    run_sweep(TINY, name="keep", trials=2, storage=url, in_process=True, progress=False)
+    before = [(r.number, r.score) for r in Store(url).trials("keep")]
+    proc = _cli("status", "--name", "other", "--storage", url, cwd=tmp_path)
+    assert proc.returncode == 2 and "no sweep named 'other'" in proc.stderr
+    assert "sweeps here: keep" in proc.stderr
+    proc = _cli("run", TINY, "--name", "keep", "--trials", "2", "--storage", url, cwd=tmp_path)
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+    assert [(r.number, r.score) for r in Store(url).trials("keep")] == before
+    out = tmp_path / "no" / "p.html"
+    proc = _cli("plot", "--name", "keep", "--storage", url, "-o", str(out), cwd=tmp_path)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_policy_json_in_store_revives(sqlite_url, tiny_gpt):
+    from microsweep import Policy
+
+    run_sweep(TINY, name="p", trials=2, storage=sqlite_url, in_process=True, progress=False)
+    for row in Store(sqlite_url).trials("p"):
+        policy = Policy.from_json(row.policy)
+        assert json.loads(policy.dumps()) == row.policy
