@@ -15,6 +15,7 @@ from microsweep._version import __version__
 if TYPE_CHECKING:
     from microsweep import data, models
     from microsweep.errors import MicrosweepError, SpaceError, StorageError, UsageError
+    from microsweep.export import load
     from microsweep.search import MicroNet, resume_sweep, run_sweep
     from microsweep.spaces import (
         Bits,
@@ -44,9 +45,11 @@ _LAZY = {
     "MicrosweepError": "microsweep.errors",
     "SpaceError": "microsweep.errors",
     "StorageError": "microsweep.errors",
+    "load": "microsweep.export",
     "UsageError": "microsweep.errors",
 }
 _SUBMODULES = {
+    "export",
     "data",
     "models",
     "compress",
@@ -77,6 +80,7 @@ __all__ = [
     "resume_sweep",
     "run_sweep",
     "data",
+    "load",
     "models",
 ]
 

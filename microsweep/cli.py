@@ -75,6 +75,16 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--name", required=True)
     status.add_argument("--storage", help=storage_help)
     status.add_argument("--top", type=_positive, default=5)
+
+    count = sub.add_parser("count", help="per-layer MicroNet table for the dense model or a policy")
+    count.add_argument("space", help="the space file whose model is counted")
+    count.add_argument("--policy", default=None, help="policy JSON file (default: dense model)")
+
+    export = sub.add_parser("export", help="write a trial's compressed model as a .msz file")
+    export.add_argument("--name", required=True)
+    export.add_argument("--trial", type=int, required=True, help="trial number")
+    export.add_argument("--storage", help=storage_help)
+    export.add_argument("-o", "--output", default="model.msz")
     return p
 
 
@@ -174,6 +184,19 @@ def _dispatch(args: argparse.Namespace) -> None:
         )
     elif args.command == "status":
         _status(args.name, args.storage, args.top)
+    elif args.command == "count":
+        from microsweep.score import count_report
+
+        print(count_report(args.space, args.policy))
+    elif args.command == "export":
+        from microsweep.export import export_trial
+
+        info = export_trial(args.name, args.trial, args.output, storage=args.storage)
+        print(
+            f"wrote {args.output}: payload {info.payload_bytes:,} bytes, header "
+            f"{info.header_bytes:,} bytes; counted {info.counted_params:,.1f} params x 4 bytes "
+            f"-> ratio {info.ratio:.4f}"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,12 +1,14 @@
 """The MicroNet counter against the scoring reference's worked examples and hand-written counts.
 
-E1-E4 are §5 of ``micronet-scoring.md``; the GPT counts are derived here from the shapes alone.
+E1-E4 are §5 of ``micronet-scoring.md`` (E5 is in ``test_counter_e5.py``); the GPT, LSTM and
+attention counts are derived here from the shapes alone.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,13 +17,16 @@ from torch.nn.utils import prune
 
 from microsweep.compress._modules import CompressedLinear, LowRankLinear
 from microsweep.errors import UsageError
+from microsweep.models import build
 from microsweep.models.gpt import GPT, GPTConfig
+from microsweep.models.lstm import LSTMLM, LSTMConfig
 from microsweep.score import (
     CHALLENGE_BASELINE,
     Baseline,
     Cost,
     CountConfig,
     count,
+    count_report,
     linear_adds,
     mask_bits,
     micronet_score,
@@ -446,6 +451,33 @@ def test_registered_rule_counts_subclasses() -> None:
         count(BarLayer(), context=1)
 
 
+def test_parameter_list_is_counted_by_its_parent_rule() -> None:
+    class Tables(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tables = nn.ParameterList(
+                [nn.Parameter(torch.ones(3, 2)), nn.Parameter(torch.ones(4))]
+            )
+
+    @register_rule(Tables)
+    def _tables(module: Tables, name: str, ctx: object) -> Cost:
+        cost = Cost("tables")
+        for t in module.tables:
+            cost.store(t)
+        return cost
+
+    c = count(Tables(), context=1, config=CountConfig(freebie=False))
+    assert [lc.name for lc in c.layers] == [""] and c.params == 10
+
+    class Untracked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tables = nn.ParameterList([nn.Parameter(torch.ones(3))])
+
+    with pytest.raises(UsageError, match=r"'tables.0'.*stored by no rule"):
+        count(Untracked(), context=1)
+
+
 def test_parameter_no_rule_stores_raises() -> None:
     linear = nn.Linear(4, 4)
     prune.l1_unstructured(linear, "weight", amount=0.5)
@@ -462,12 +494,23 @@ def test_bad_arguments_raise_usage_error() -> None:
         CountConfig(adds="fast")  # type: ignore[arg-type]
     with pytest.raises(UsageError):
         CountConfig(mask="never")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="attention"):
+        CountConfig(attention="per-layer")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="relu"):
+        CountConfig(relu="free")  # type: ignore[arg-type]
     with pytest.raises(UsageError):
         register_rule(int)  # type: ignore[arg-type]
 
 
 def test_count_config_json_round_trip() -> None:
-    config = CountConfig(freebie=False, mask="always", adds="mit", fold_layernorm=True)
+    config = CountConfig(
+        freebie=False,
+        mask="always",
+        adds="mit",
+        fold_layernorm=True,
+        attention="mit",
+        relu="other",
+    )
     assert CountConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
     assert CountConfig.from_json({"adds": "countingpy"}) == CountConfig(adds="countingpy")
     with pytest.raises(UsageError):
@@ -483,3 +526,280 @@ def test_dense_baseline_scores_two() -> None:
     assert dense.name == "dense"
     assert micronet_score(c.params, c.ops, dense) == pytest.approx(2.0)
     assert math.isfinite(micronet_score(c.params, c.ops))
+
+
+# --- softmax, ReLU and attention conventions ----------------------------------------------------
+
+
+def _dense(module: nn.Module) -> nn.Module:
+    """`module` with every parameter non-zero (trained values), so that nnz is known."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(_nonzero(*p.shape, seed=len(name)))
+    return module
+
+
+class _Ids(nn.Module):
+    """ids (B, T) -> embeddings (B, T, d) -> `body`: a host for modules that take vectors."""
+
+    def __init__(self, body: nn.Module, vocab: int = 11, d: int = 6) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.body = body
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.body(self.emb(ids))
+
+
+@pytest.mark.filterwarnings("ignore:Implicit dimension choice")
+def test_softmax_module_counts_3n_minus_1_over_its_dim() -> None:
+    c = count(_Ids(nn.Softmax(dim=-1)), context=5)
+    assert (c.mults, c.adds, c.others) == (0, 0, 3 * 6 - 1)
+    # dim=None: torch's legacy choice, dim 0 of a 3-D output: 6 softmaxes over 1 value each
+    c = count(_Ids(nn.Softmax()), context=5)
+    assert c.others == 6 * (3 * 1 - 1)
+    two = count(_Ids(nn.Sequential(nn.Softmax(-1), nn.Linear(6, 4), nn.Softmax(-1))), context=5)
+    assert two.others == (3 * 6 - 1) + (3 * 4 - 1)
+
+
+def test_relu_is_a_mult_or_an_other() -> None:
+    model = _Ids(nn.ReLU())
+    assert count(model, context=1).mults == 6
+    other = count(model, context=1, config=CountConfig(relu="other"))
+    assert (other.mults, other.others) == (0, 6)
+
+
+def test_gpt_mit_attention_drops_scaling_and_per_head_softmax() -> None:
+    model = _gpt()
+    h, c, layers = 2, 8.5, 2
+    faithful = count(model, context=c, config=CountConfig(freebie=False))
+    mit = count(model, context=c, config=CountConfig(freebie=False, attention="mit"))
+    assert faithful.mults - mit.mults == pytest.approx(layers * h * c)
+    assert faithful.others - mit.others == pytest.approx(layers * (h - 1) * (3 * c - 1))
+    assert faithful.adds == mit.adds and faithful.params == mit.params
+
+
+class _MHA(nn.Module):
+    """Self-attention on embeddings; keys and values read the first `kdim` features."""
+
+    def __init__(self, e: int, h: int, kdim: int, add_bias_kv: bool) -> None:
+        super().__init__()
+        self.kdim = kdim
+        self.emb = nn.Embedding(11, e)
+        self.mha = nn.MultiheadAttention(e, h, add_bias_kv=add_bias_kv, kdim=kdim, vdim=kdim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        kv = x[..., : self.kdim]
+        return self.mha(x, kv, kv, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("kv", [False, True])
+@pytest.mark.parametrize("kdim", [12, 8])
+def test_multihead_attention_matches_hand_count(kv: bool, kdim: int) -> None:
+    e, h, c = 12, 3, 6.5
+    model = _dense(_MHA(e, h, kdim, kv))
+    assert model.mha._qkv_same_embed_dim is (kdim == e)
+    got = count(model, context=c, config=CountConfig(freebie=False))
+    hs, pos = e // h, c + (1 if kv else 0)
+    proj_in = e + 2 * kdim  # inputs of the q, k and v projections
+    mults = e * proj_in + e * e + h * (2 * hs * pos + pos)
+    adds = e * (proj_in - 3) + 3 * e + (e - 1) * e + e + h * ((hs - 1) * pos + (pos - 1) * hs)
+    assert got.mults == pytest.approx(mults)
+    assert got.adds == pytest.approx(adds)
+    assert got.others == pytest.approx(h * (3 * pos - 1))
+    assert got.params == 11 * e + e * proj_in + 3 * e + e * e + e + (2 * e if kv else 0)
+    mit = count(model, context=c, config=CountConfig(freebie=False, attention="mit"))
+    assert got.ops - mit.ops == pytest.approx(h * pos + (h - 1) * (3 * pos - 1))
+
+
+# --- LSTM layers and the built-in LSTM LM -------------------------------------------------------
+
+
+def _lstm_step(n_in: int, h: int, bias: bool = True, proj: int = 0) -> tuple[int, int]:
+    """Raw (mults, adds) of one LSTM step, written out term by term; others are 0."""
+    r = proj or h
+    mults = 4 * h * n_in + 4 * h * r  # W_ih x, W_hh h
+    adds = 4 * h * (n_in - 1) + 4 * h * (r - 1) + 4 * h  # the two dot products, their sum
+    adds += 2 * 4 * h if bias else 0  # b_ih, b_hh
+    mults += 3 * h * 2 + 2 * h * 3  # sigmoid i, f, o (2 mults + 1 add); tanh g, c' (3 + 2)
+    adds += 3 * h * 1 + 2 * h * 2
+    mults += 3 * h  # f*c, i*g, o*tanh(c')
+    adds += h  # f*c + i*g
+    if proj:
+        mults += proj * h
+        adds += proj * (h - 1)
+    return mults, adds
+
+
+@pytest.mark.parametrize(
+    ("layers", "bidirectional", "bias", "proj"),
+    [(1, False, True, 0), (2, False, False, 0), (2, True, True, 0), (2, True, True, 3)],
+)
+def test_lstm_matches_hand_count(layers: int, bidirectional: bool, bias: bool, proj: int) -> None:
+    n_in, h = 5, 4
+    dirs = 2 if bidirectional else 1
+    lstm = nn.LSTM(
+        n_in, h, num_layers=layers, bias=bias, bidirectional=bidirectional, proj_size=proj
+    )
+    c = count(_dense(lstm), context=1, config=CountConfig(freebie=False))
+    (row,) = c.layers
+    mults = adds = 0
+    for layer in range(layers):
+        step = _lstm_step(n_in if layer == 0 else dirs * (proj or h), h, bias, proj)
+        mults += dirs * step[0]
+        adds += dirs * step[1]
+    assert (row.kind, row.mults, row.adds, row.others) == ("lstm", mults, adds, 0)
+    assert row.value_bits == 32 * sum(p.numel() for p in lstm.parameters())
+    assert row.sparsity == 0.0
+
+
+def test_lstm_cell_and_pruned_lstm() -> None:
+    cell = _dense(nn.LSTMCell(5, 4))
+    c = count(cell, context=1, config=CountConfig(freebie=False))
+    assert (c.mults, c.adds) == _lstm_step(5, 4)
+    assert c.params == sum(p.numel() for p in cell.parameters())
+    lstm = _dense(nn.LSTM(5, 4))
+    with torch.no_grad():
+        lstm.weight_ih_l0[:, :2] = 0  # 2 of 5 inputs gone from every gate row
+    c = count(lstm, context=1, config=CountConfig(freebie=False))
+    mults, adds = _lstm_step(5, 4)
+    assert (c.mults, c.adds) == (mults - 16 * 2, adds - 16 * 2)
+    assert c.layers[0].sparsity == pytest.approx(32 / (16 * 9))
+    always = count(lstm, context=1, config=CountConfig(freebie=False, mask="always"))
+    assert always.layers[0].mask_bits == sum(p.numel() for p in lstm.parameters())
+
+
+def _lstm_lm(tie: bool, n_embd: int, n_hidden: int, n_layer: int) -> LSTMLM:
+    cfg = LSTMConfig(
+        vocab_size=23, n_embd=n_embd, n_hidden=n_hidden, n_layer=n_layer, tie_weights=tie
+    )
+    torch.manual_seed(0)
+    return _dense(LSTMLM(cfg))
+
+
+def _expected_lstm_lm(cfg: LSTMConfig) -> tuple[int, int, int]:
+    v, e, h = cfg.vocab_size, cfg.n_embd, cfg.n_hidden
+    mults = adds = 0
+    for layer in range(cfg.n_layer):
+        m, a = _lstm_step(e if layer == 0 else h, h)
+        mults, adds = mults + m, adds + a
+    out = h
+    if cfg.tie_weights and h != e:  # projection h -> e, no bias
+        mults, adds, out = mults + h * e, adds + (h - 1) * e, e
+    mults, adds = mults + out * v, adds + (out - 1) * v + v  # head with bias
+    return mults, adds, 3 * v - 1  # output softmax
+
+
+@pytest.mark.parametrize(
+    ("tie", "n_embd", "n_hidden", "n_layer"),
+    [(True, 8, 8, 1), (True, 6, 10, 2), (False, 6, 10, 2)],
+)
+@pytest.mark.parametrize("freebie", [True, False])
+def test_lstm_lm_matches_hand_count(
+    tie: bool, n_embd: int, n_hidden: int, n_layer: int, freebie: bool
+) -> None:
+    model = _lstm_lm(tie, n_embd, n_hidden, n_layer)
+    cfg = model.config
+    assert model(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 23)
+    assert (model.head.weight is model.wte.weight) is tie
+    assert (model.proj is not None) is (tie and n_hidden != n_embd)
+    n = LSTMLM.analytic_num_params(cfg)
+    assert sum(p.numel() for p in model.parameters()) == n
+    c = count(model, context=4, config=CountConfig(freebie=freebie))
+    assert c.freebie is freebie
+    assert c.params == n * (16 if freebie else 32) / 32
+    mults, adds, others = _expected_lstm_lm(cfg)
+    assert (c.mults, c.adds, c.others) == (mults, adds, others)
+    assert c.ops == mults * (0.5 if freebie else 1) + adds + others
+    assert count(model, context=40, config=CountConfig(freebie=freebie)).ops == c.ops
+
+
+def test_lstm_lm_recipe_builds_the_same_shape() -> None:
+    model = _lstm_lm(True, 6, 10, 2)
+    recipe = json.loads(json.dumps(model.recipe()))
+    assert recipe["builder"] == "lstm"
+    rebuilt = build(recipe)
+    assert isinstance(rebuilt, LSTMLM) and rebuilt.config == model.config
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == shapes
+    with pytest.raises(UsageError, match="n_hidden"):
+        LSTMConfig(vocab_size=10, n_hidden=0)
+
+
+def test_compressed_lstm_lm_head() -> None:
+    """A quantized tied head on an LSTM LM: the table is stored once, at the head's width."""
+    from microsweep.compress import compress
+    from microsweep.spaces import LayerPolicy, Policy
+
+    model = _lstm_lm(True, 6, 10, 1)
+    small = compress(
+        model, Policy(layers={"head": LayerPolicy(bits=8), "proj": LayerPolicy(sparsity=0.5)})
+    )
+    c = count(small, context=4)
+    rows = {lc.name: lc for lc in c.layers}
+    assert not c.freebie
+    assert rows["wte"].value_bits == 0 and rows["head"].value_bits == 23 * 6 * 8 + 23 * 32
+    assert rows["proj"].sparsity == pytest.approx(0.5)
+    assert rows["lstm"].value_bits == 32 * sum(p.numel() for p in model.lstm.parameters())
+
+
+# --- count_report: the text of `microsweep count` ----------------------------------------------
+
+_SPACE = """
+from microsweep import Bits, MicroNet, Space, Sparsity, data
+from microsweep.models import GPT, GPTConfig
+
+corpus = data.tiny_shakespeare()
+model = GPT(GPTConfig(vocab_size=corpus.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+space = Space(model, rules={"blocks.*.mlp.*": dict(sparsity=Sparsity(0.0, 0.5), bits=Bits(8, 32))})
+objective = MicroNet(baseline="dense", count={"mask": "always"})
+"""
+
+
+def test_count_report_dense_and_policy(tmp_path: Path) -> None:
+    space = tmp_path / "space.py"
+    space.write_text(_SPACE)
+    dense = count_report(str(space))
+    assert "dense model" in dense and "total" in dense and "freebie applied" in dense
+    assert "mask=always" in dense and "against the challenge baseline" in dense
+    assert "context 8.5 " in dense  # (16 + 1) / 2
+    assert "against the dense model" not in dense
+
+    policy = {
+        "type": "microsweep.Policy",
+        "version": 1,
+        "layers": {"blocks.0.mlp.c_fc": {"sparsity": 0.5, "bits": 8, "act_bits": 8}},
+        "hyper": {},
+    }
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(policy))
+    text = count_report(str(space), str(path))
+    assert "freebie not applied" in text and "compressed_linear" in text
+    assert "w8/a8" in text and "against the dense model" in text
+    row = next(line for line in text.splitlines() if line.startswith("blocks.0.mlp.c_fc "))
+    assert "0.500" in row
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read policy file"),
+        ("{not json", "not valid JSON"),
+        ('{"type": "microsweep.Policy", "version": 7}', "version"),
+        ('{"type": "microsweep.Policy", "version": 1, "layers": [1]}', "policy file"),
+        (
+            '{"type": "microsweep.Policy", "version": 1, "layers": {"nope": {"bits": 8}}}',
+            "nope",
+        ),
+    ],
+)
+def test_count_report_bad_policy(tmp_path: Path, content: str | None, message: str) -> None:
+    space = tmp_path / "space.py"
+    space.write_text(_SPACE)
+    path = tmp_path / "policy.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UsageError, match=message) as err:
+        count_report(str(space), str(path))
+    assert "\n" not in str(err.value)

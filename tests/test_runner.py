@@ -28,13 +28,22 @@ def _policy(**layers: LayerPolicy) -> dict:
     return Policy(layers={k.replace("__", "."): v for k, v in layers.items()}).to_json()
 
 
-def test_dense_policy_matches_the_base_model(runner, tiny_gpt):
+def test_dense_policy_is_the_base_model_at_its_16_bit_storage(runner, tiny_gpt):
+    """Under the 16-bit allowance the evaluated model is the fp16 artifact the count describes."""
+    import copy
+
     from microsweep.score import perplexity
 
     res = runner.run(0, Policy().to_json())
     assert res["status"] == "ok"
-    assert res["perplexity"] == pytest.approx(perplexity(tiny_gpt, runner.windows), rel=1e-9)
     assert res["freebie"] is True
+    rounded = copy.deepcopy(tiny_gpt)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.half().float())
+    assert res["perplexity"] == pytest.approx(perplexity(rounded, runner.windows), rel=1e-9)
+    fp32 = perplexity(tiny_gpt, runner.windows)
+    assert res["perplexity"] != fp32 and res["perplexity"] == pytest.approx(fp32, rel=1e-3)
 
 
 def test_compression_changes_the_model_and_the_counts(runner):

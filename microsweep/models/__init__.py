@@ -2,5 +2,6 @@
 
 from microsweep.models._build import build, gpt, pretrain
 from microsweep.models.gpt import GPT, GPTConfig
+from microsweep.models.lstm import LSTMLM, LSTMConfig
 
-__all__ = ["GPT", "GPTConfig", "build", "gpt", "pretrain"]
+__all__ = ["GPT", "GPTConfig", "LSTMConfig", "LSTMLM", "build", "gpt", "pretrain"]

@@ -24,7 +24,11 @@ def build(recipe: dict[str, Any]) -> nn.Module:
     builder = recipe.get("builder")
     if builder == "gpt":
         return GPT(GPTConfig(**recipe["config"]))
-    raise UsageError(f"unknown model builder {builder!r}; this release builds 'gpt'")
+    if builder == "lstm":
+        from microsweep.models.lstm import LSTMLM, LSTMConfig
+
+        return LSTMLM(LSTMConfig(**recipe["config"]))
+    raise UsageError(f"unknown model builder {builder!r}; this release builds 'gpt' and 'lstm'")
 
 
 def pretrain(

@@ -2,7 +2,7 @@
 
 ``count(model, context=...)`` walks the model with the registered rules (`register_rule` adds
 one for a new layer type); `micronet_score` normalizes by a `Baseline`; `perplexity` measures a
-model on the fixed windows of `eval_windows`.
+model on the fixed windows of `eval_windows`; `count_report` is the text of ``microsweep count``.
 """
 
 from microsweep.score._config import CountConfig
@@ -10,6 +10,7 @@ from microsweep.score._counter import Counts, LayerCount, count
 from microsweep.score._formulas import linear_adds, mask_bits, mult_weight, op_weight, tensor_bits
 from microsweep.score._perplexity import eval_windows, mean_context, perplexity
 from microsweep.score._registry import Cost, RuleContext, find_rule, register_rule
+from microsweep.score._report import count_report
 from microsweep.score._score import CHALLENGE_BASELINE, Baseline, micronet_score
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "LayerCount",
     "RuleContext",
     "count",
+    "count_report",
     "eval_windows",
     "find_rule",
     "linear_adds",

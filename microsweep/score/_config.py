@@ -14,6 +14,8 @@ __all__ = ["CountConfig"]
 COUNT_CONFIG_VERSION = 1
 _TAG = "microsweep.CountConfig"
 MASK_MODES: tuple[str, ...] = ("sparse", "always")
+ATTENTION_MODES: tuple[str, ...] = ("faithful", "mit")
+RELU_MODES: tuple[str, ...] = ("mult", "other")
 
 
 @dataclass(frozen=True)
@@ -26,19 +28,32 @@ class CountConfig:
       ``"always"`` stores every parameter tensor as non-zeros plus a bitmask (MIT-HAN-Lab).
     - `adds`: the additions of a linear layer, see `linear_adds` (exact, countingpy or mit).
     - `fold_layernorm`: LayerNorm γ/β are folded into the next linear: not stored, not computed.
+    - `attention`: ``"faithful"`` counts what attention computes, per head: the softmax
+      (h·(3C-1)), the 1/√d_k scaling (h·C mults) and any positional term; ``"mit"`` follows the
+      winning entry (reference §3.4): one softmax per layer, no scaling (folded into the q
+      weights), a positional term shared by the heads counted once.
+    - `relu`: ``"mult"`` counts a ReLU as 1 multiply per element (counting.py, so it may be
+      weighted below 32 bits); ``"other"`` as 1 full-precision op (MIT-HAN-Lab).
     """
 
     freebie: bool = True
     mask: Literal["sparse", "always"] = "sparse"
     adds: Literal["exact", "countingpy", "mit"] = "exact"
     fold_layernorm: bool = False
+    attention: Literal["faithful", "mit"] = "faithful"
+    relu: Literal["mult", "other"] = "mult"
 
     def __post_init__(self) -> None:
         for name in ("freebie", "fold_layernorm"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise UsageError(f"CountConfig.{name}={value!r} must be True or False")
-        for name, allowed in (("mask", MASK_MODES), ("adds", ADDS_MODES)):
+        for name, allowed in (
+            ("mask", MASK_MODES),
+            ("adds", ADDS_MODES),
+            ("attention", ATTENTION_MODES),
+            ("relu", RELU_MODES),
+        ):
             value = getattr(self, name)
             if value not in allowed:
                 choices = ", ".join(allowed)

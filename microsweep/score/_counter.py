@@ -19,12 +19,14 @@ from torch import nn
 import microsweep.score._rules  # noqa: F401  (registers the built-in rules)
 from microsweep.errors import UsageError
 from microsweep.score._config import CountConfig
-from microsweep.score._formulas import mask_bits, op_weight, tensor_bits
+from microsweep.score._formulas import block_pattern, mask_bits, op_weight, tensor_bits
 from microsweep.score._registry import Cost, RuleContext, Stored, find_rule
 
 __all__ = ["Counts", "LayerCount", "count"]
 
 FREEBIE_BITS = 16
+_CONTAINERS = (nn.ParameterList, nn.ParameterDict)
+"""Parameter holders counted by their parent module's rule, never on their own."""
 
 
 @dataclass(frozen=True)
@@ -92,8 +94,20 @@ class Counts:
         }
 
     def table(self) -> str:
-        """An aligned text table, one row per counted module, then the totals."""
-        head = ("layer", "kind", "params", "ops", "mults", "adds", "others", "bits", "sparsity")
+        """An aligned text table, one row per counted module (stored parameters in 32-bit
+        equivalents, bitmask bits, weighted ops, raw ops by kind), the totals and the settings."""
+        head = (
+            "layer",
+            "kind",
+            "params",
+            "mask bits",
+            "ops",
+            "mults",
+            "adds",
+            "others",
+            "bits",
+            "sparsity",
+        )
         rows = [head]
         for lc in self.layers:
             width = "" if lc.bits is None else f"w{lc.bits}"
@@ -106,6 +120,7 @@ class Counts:
                     lc.name or "<model>",
                     lc.kind,
                     f"{lc.params:,.2f}",
+                    f"{lc.mask_bits:,}",
                     f"{lc.ops:,.2f}",
                     f"{lc.mults:,.1f}",
                     f"{lc.adds:,.1f}",
@@ -118,6 +133,7 @@ class Counts:
             "total",
             "",
             f"{self.params:,.2f}",
+            f"{sum(lc.mask_bits for lc in self.layers):,}",
             f"{self.ops:,.2f}",
             f"{self.mults:,.1f}",
             f"{self.adds:,.1f}",
@@ -126,18 +142,21 @@ class Counts:
             "",
         )
         widths = [max(len(r[i]) for r in [*rows, total]) for i in range(len(head))]
+        left = {0, 1, 8}
 
         def line(cells: tuple[str, ...]) -> str:
             return "  ".join(
-                c.ljust(w) if i < 2 or i == 7 else c.rjust(w)
+                c.ljust(w) if i in left else c.rjust(w)
                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))
             ).rstrip()
 
         rule = "-" * len(line(head))
+        cfg = self.config
         footer = (
             f"context {self.context:g} positions/token; 16-bit freebie "
-            f"{'applied' if self.freebie else 'not applied'}; mask={self.config.mask}, "
-            f"adds={self.config.adds}, fold_layernorm={self.config.fold_layernorm}"
+            f"{'applied' if self.freebie else 'not applied'}; mask={cfg.mask}, "
+            f"adds={cfg.adds}, fold_layernorm={cfg.fold_layernorm}, "
+            f"attention={cfg.attention}, relu={cfg.relu}"
         )
         return "\n".join([line(head), rule, *map(line, rows[1:]), rule, line(total), footer])
 
@@ -189,6 +208,8 @@ def count(
     for name, module in model.named_modules():
         rule = find_rule(type(module))
         if rule is None:
+            if isinstance(module, _CONTAINERS):
+                continue  # the parent's rule stores these; unclaimed ones are caught below
             if next(iter(module.named_parameters(recurse=False)), None) is not None:
                 raise UsageError(
                     f"no MicroNet counting rule for {name or '<model>'!r} "
@@ -238,7 +259,10 @@ def count(
         for stored in owned.get(i, []):
             t = stored.tensor.detach()
             as_sparse = stored.sparse or config.mask == "always"
-            nz = int(torch.count_nonzero(t)) if as_sparse else t.numel()
+            if stored.sparse and stored.block is not None:
+                nz = int(block_pattern(t, stored.block).sum())  # kept blocks, whole
+            else:
+                nz = int(torch.count_nonzero(t)) if as_sparse else t.numel()
             value += tensor_bits(t.numel(), nz, width(stored.bits))
             if as_sparse:
                 mask += mask_bits(t.shape, stored.block if stored.sparse else None)

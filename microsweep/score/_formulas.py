@@ -15,7 +15,16 @@ import torch
 
 from microsweep.errors import UsageError
 
-__all__ = ["AddsMode", "linear_adds", "mask_bits", "mult_weight", "op_weight", "tensor_bits"]
+__all__ = [
+    "AddsMode",
+    "block_grid",
+    "block_pattern",
+    "linear_adds",
+    "mask_bits",
+    "mult_weight",
+    "op_weight",
+    "tensor_bits",
+]
 
 AddsMode = Literal["exact", "countingpy", "mit"]
 ADDS_MODES: tuple[str, ...] = ("exact", "countingpy", "mit")
@@ -65,6 +74,28 @@ def mask_bits(shape: Sequence[int], block: tuple[int, int] | None = None) -> int
     if br < 1 or bc < 1:
         raise UsageError(f"block {block!r} must be two positive ints such as (4, 4)")
     return math.ceil(dims[0] / br) * math.ceil(dims[1] / bc)
+
+
+def block_grid(tensor: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """(ceil(rows/br), ceil(cols/bc)) bool: the (rows, cols) blocks that hold a non-zero."""
+    if tensor.dim() != 2:
+        raise UsageError(f"block sparsity needs a 2-D tensor, got shape {tuple(tensor.shape)}")
+    br, bc = block
+    rows, cols = tensor.shape
+    padded = torch.zeros(math.ceil(rows / br) * br, math.ceil(cols / bc) * bc, dtype=torch.bool)
+    padded[:rows, :cols] = tensor.detach() != 0
+    return padded.view(padded.shape[0] // br, br, padded.shape[1] // bc, bc).any(dim=(1, 3))
+
+
+def block_pattern(tensor: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The elements a block mask stores: every element of each block that holds a non-zero.
+    Zeros inside kept blocks are stored (a block mask cannot locate them) and multiplied by a
+    block-sparse kernel, so values and multiplies are counted from this."""
+    br, bc = block
+    grid = block_grid(tensor, block)
+    return grid.repeat_interleave(br, 0).repeat_interleave(bc, 1)[
+        : tensor.shape[0], : tensor.shape[1]
+    ]
 
 
 def tensor_bits(numel: int, nnz: int, bits: int, mask_bits: int = 0) -> int:

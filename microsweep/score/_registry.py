@@ -130,39 +130,44 @@ class RuleContext:
     """What a rule may ask about the count in progress.
 
     `config` and `context` (mean attended positions per token) are the `count()` arguments;
-    `elements(name)` is the number of output elements per token of a submodule, measured once
-    per count with a one-token forward pass (only when some rule asks for it).
+    `elements(name)` and `shapes(name)` describe the outputs of a submodule per token, measured
+    once per count with a one-token forward pass (only when some rule asks for them).
     """
 
     def __init__(self, model: nn.Module, config: CountConfig, context: float) -> None:
         self.model = model
         self.config = config
         self.context = context
-        self._elements: dict[str, float] | None = None
+        self._shapes: dict[str, list[tuple[int, ...]]] | None = None
+
+    def shapes(self, name: str) -> list[tuple[int, ...]]:
+        """Shapes of the tensors module `name` output in a one-token forward, one per tensor and
+        call (a module that returns a tuple contributes each tensor in it)."""
+        if self._shapes is None:
+            self._shapes = _trace_shapes(self.model)
+        return list(self._shapes.get(name, []))
 
     def elements(self, name: str) -> float:
         """Output elements per token of module `name`, summed over all its calls."""
-        if self._elements is None:
-            self._elements = _trace_elements(self.model)
-        return self._elements.get(name, 0.0)
+        return float(sum(math.prod(shape) for shape in self.shapes(name)))
 
 
-def _numel(output: Any) -> int:
+def _tensor_shapes(output: Any) -> list[tuple[int, ...]]:
     if isinstance(output, torch.Tensor):
-        return output.numel()
+        return [tuple(output.shape)]
     if isinstance(output, (tuple, list)):
-        return sum(_numel(o) for o in output)
-    return 0
+        return [shape for o in output for shape in _tensor_shapes(o)]
+    return []
 
 
-def _trace_elements(model: nn.Module) -> dict[str, float]:
-    """Run the model on one token id (batch 1) and record every module's output size."""
-    seen: dict[str, float] = {}
+def _trace_shapes(model: nn.Module) -> dict[str, list[tuple[int, ...]]]:
+    """Run the model on one token id (batch 1) and record the shapes every module outputs."""
+    seen: dict[str, list[tuple[int, ...]]] = {}
     handles = []
     for name, module in model.named_modules():
 
         def hook(_m: nn.Module, _inp: Any, out: Any, name: str = name) -> None:
-            seen[name] = seen.get(name, 0.0) + _numel(out)
+            seen.setdefault(name, []).extend(_tensor_shapes(out))
 
         handles.append(module.register_forward_hook(hook))
     param = next(iter(model.parameters()), None)

@@ -358,6 +358,21 @@ def run_sweep(
         store.dispose()
 
 
+def reopen_space(sweep: Any) -> tuple[SpaceFile, _Prepared]:
+    """Re-run a sweep's stored space source and rebuild its tensors, refusing when the model or
+    corpus is not the one the sweep was measured on (used by resume and export)."""
+    sf = load_space_source(sweep.space_source, sweep.space_path)
+    if _fingerprint(sf.model) != sweep.model_fingerprint:
+        raise StorageError(
+            f"the model built by the stored space file differs from sweep {sweep.name!r}'s "
+            "(fingerprint mismatch); rebuild it exactly as when the sweep ran"
+        )
+    prepared = _prepare(sf, sweep.seed or 0)
+    if prepared.data_fingerprint != sweep.data_fingerprint:
+        raise StorageError(f"the corpus differs from the one sweep {sweep.name!r} was measured on")
+    return sf, prepared
+
+
 def resume_sweep(
     name: str,
     *,
@@ -377,15 +392,7 @@ def resume_sweep(
     sweep = store.get_sweep(name)
     total = trials if trials is not None else sweep.target_trials
     _check_counts(total, workers)
-    sf = load_space_source(sweep.space_source, sweep.space_path)
-    if _fingerprint(sf.model) != sweep.model_fingerprint:
-        raise StorageError(
-            f"the model built by the stored space file differs from sweep {name!r}'s "
-            "(fingerprint mismatch); start a new sweep instead of resuming"
-        )
-    prepared = _prepare(sf, sweep.seed or 0)
-    if prepared.data_fingerprint != sweep.data_fingerprint:
-        raise StorageError(f"the corpus differs from the one sweep {name!r} was measured on")
+    sf, prepared = reopen_space(sweep)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(
         study_name=sweep.study_name,

@@ -91,6 +91,7 @@ class TrialRunner:
 
     def _run(self, policy: Any, timings: dict[str, float]) -> dict[str, Any]:
         from microsweep.compress import compress
+        from microsweep.export import round_to_storage
         from microsweep.score import CountConfig, count, perplexity
 
         t = time.perf_counter()
@@ -105,17 +106,19 @@ class TrialRunner:
 
         t = time.perf_counter()
         model.eval()
+        config = CountConfig(**self.settings.count)
+        counts = count(model, context=self.settings.context, config=config)
+        # with the 16-bit allowance the artifact stores fp16: evaluate exactly those values
+        if round_to_storage(model, counts):
+            counts = count(model, context=self.settings.context, config=config)
+        timings["count"] = time.perf_counter() - t
+
+        t = time.perf_counter()
         if self.evaluate_fn is not None:
             ppl = float(self.evaluate_fn(model))
         else:
             ppl = perplexity(model, self.windows, batch_size=self.settings.batch_size)
         timings["evaluate"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        counts = count(
-            model, context=self.settings.context, config=CountConfig(**self.settings.count)
-        )
-        timings["count"] = time.perf_counter() - t
         del model
         if not math.isfinite(ppl):
             return {

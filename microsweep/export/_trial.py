@@ -1,0 +1,105 @@
+"""`round_to_storage` (what the runner evaluates) and `export_trial` (a stored trial to a file)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from microsweep.score import Counts
+
+from ._format import ExportError
+from ._save import ExportInfo, save
+
+__all__ = ["export_trial", "round_to_storage"]
+
+
+def round_to_storage(model: nn.Module, counts: Counts) -> bool:
+    """Round every float parameter and buffer of `model` to fp16 precision in place when
+    `counts` applied the 16-bit allowance, so the model holds exactly what a 16-bit artifact
+    stores. Returns whether it rounded anything (False: values are stored as they are)."""
+    if not counts.freebie:
+        return False
+    with torch.no_grad():
+        seen: set[int] = set()
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point() and id(t) not in seen:
+                seen.add(id(t))
+                t.copy_(t.to(torch.float16).to(t.dtype))
+    return True
+
+
+def export_trial(
+    name: str, number: int, path: str | os.PathLike[str], *, storage: str | None = None
+) -> ExportInfo:
+    """Rebuild trial `number` of sweep `name` exactly as its worker evaluated it and `save` it.
+
+    The sweep's stored space file is run again (its model must match the stored fingerprint and
+    its corpus the stored data fingerprint), the policy is compressed with the same calibration
+    tokens, fine-tuned with the same seed when the policy asks for it, and rounded to 16 bits
+    when the 16-bit allowance applies. Only COMPLETE trials can be exported.
+    """
+    from microsweep.compress import compress
+    from microsweep.score import CountConfig, count
+    from microsweep.search._driver import _recipe, reopen_space
+    from microsweep.spaces import Policy
+    from microsweep.storage import Store
+    from microsweep.workers import TrialRunner
+
+    store = Store(storage, must_exist=True)
+    try:
+        sweep = store.get_sweep(name)
+        row = store.trial(name, number)
+    finally:
+        store.dispose()
+    if row.state != "COMPLETE":
+        why = f" ({row.reason})" if row.reason else ""
+        raise ExportError(
+            f"trial {number} of sweep {name!r} is {row.state}{why}; export a COMPLETE trial"
+        )
+    sf, prepared = reopen_space(sweep)  # refuses another model or another corpus
+    recipe = sweep.model_recipe or _recipe(sf.model)
+    if recipe is None:
+        raise ExportError(
+            f"sweep {name!r}'s model has no recipe(); only models from microsweep.models export"
+        )
+    settings = prepared.settings
+    config = (
+        CountConfig.from_json(row.count_config)
+        if row.count_config
+        else CountConfig(**settings.count)
+    )
+    policy = Policy.from_json(row.policy)
+    runner = TrialRunner(
+        sf.model,
+        prepared.windows,
+        settings,
+        calib=prepared.calib,
+        train_tokens=prepared.train_tokens,
+    )
+    grad, threads = torch.is_grad_enabled(), torch.get_num_threads()
+    try:
+        with torch.random.fork_rng():
+            runner._reset_torch_state(number)  # the worker's per-trial state: seed, grad mode
+            model = compress(runner.base, policy, calib=prepared.calib)
+            steps = int(policy.hyper.get("finetune_steps", 0) or 0)
+            if steps > 0:
+                runner._finetune(model, steps, float(policy.hyper.get("finetune_lr", 1e-4)))
+            model.eval()
+            round_to_storage(model, count(model, context=settings.context, config=config))
+    finally:
+        torch.set_grad_enabled(grad)
+        torch.set_num_threads(threads)
+    extra: dict[str, Any] = {
+        "sweep": name,
+        "trial": number,
+        "model_fingerprint": sweep.model_fingerprint,
+        "data_fingerprint": sweep.data_fingerprint,
+        "perplexity": row.perplexity,
+        "params": row.params,
+        "ops": row.ops,
+        "score": row.score,
+    }
+    return save(model, path, policy=policy, recipe=recipe, count_config=config, extra=extra)
