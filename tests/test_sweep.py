@@ -296,3 +296,54 @@ def test_policy_json_in_store_revives(sqlite_url, tiny_gpt):
     for row in Store(sqlite_url).trials("p"):
         policy = Policy.from_json(row.policy)
         assert json.loads(policy.dumps()) == row.policy
+
+
+def test_cli_count_and_export_round_trip(tmp_path, tiny_gpt):
+    """`microsweep count` prints the table; `microsweep export` writes a file whose reload
+    reproduces the stored perplexity and whose payload matches the count."""
+    import microsweep
+    from microsweep.export import read_header
+    from microsweep.score import eval_windows, perplexity
+
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    run_sweep(TINY, name="e", trials=3, storage=url, seed=2, in_process=True, progress=False)
+    dense = _cli("count", TINY, cwd=tmp_path)
+    assert dense.returncode == 0, dense.stderr
+    assert "blocks.0.mlp.c_fc" in dense.stdout and "freebie" in dense.stdout.lower()
+
+    row = next(r for r in Store(url).trials("e") if r.state == "COMPLETE")
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text(json.dumps(row.policy))
+    counted = _cli("count", TINY, "--policy", str(policy_file), cwd=tmp_path)
+    assert counted.returncode == 0, counted.stderr
+    assert counted.stdout != dense.stdout
+
+    out = tmp_path / "m.msz"
+    proc = _cli(
+        "export",
+        "--name",
+        "e",
+        "--trial",
+        str(row.number),
+        "--storage",
+        url,
+        "-o",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    header = read_header(out)
+    assert header["counted_params"] == pytest.approx(row.params)
+    assert abs(header["payload_bytes"] / (row.params * 4) - 1.0) <= 0.02
+    model = microsweep.load(out)
+    windows = eval_windows(microsweep.data.tiny_shakespeare().val, window=32, max_tokens=2048)
+    assert perplexity(model, windows) == pytest.approx(row.perplexity, rel=1e-4)
+
+    bad = _cli(
+        "export", "--name", "e", "--trial", "99", "--storage", url, "-o", "x.msz", cwd=tmp_path
+    )
+    assert bad.returncode == 2 and "no finished trial 99" in bad.stderr
+    assert not (tmp_path / "x.msz").exists()
+    out.write_bytes(out.read_bytes()[:-10])
+    with pytest.raises(microsweep.MicrosweepError):
+        microsweep.load(out)
