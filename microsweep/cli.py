@@ -209,7 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"microsweep: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("microsweep: interrupted; 'microsweep resume' continues the sweep", file=sys.stderr)
+        resumable = args.command in ("run", "resume")
+        hint = "; 'microsweep resume' continues the sweep" if resumable else ""
+        print(f"microsweep: interrupted{hint}", file=sys.stderr)
         return 130
     return 0
 

@@ -73,22 +73,34 @@ def test_base_model_is_never_modified(runner, tiny_gpt):
         assert torch.equal(v, before[k]), k
 
 
-def test_torch_state_does_not_leak_between_trials(runner):
+def test_torch_state_does_not_leak_between_trials(tiny_gpt, runner):
+    """A trial's result depends on its number alone, whatever global torch state came before."""
+    noisy = TrialRunner(
+        tiny_gpt,
+        runner.windows,
+        runner.settings,
+        calib=runner.calib,
+        threads=1,
+        evaluate=lambda model: 5.0 + float(torch.rand(())),  # reads the global RNG
+    )
     policy = _policy(blocks__0__mlp__c_fc=LayerPolicy(sparsity=0.5, bits=8))
-    first = runner.run(5, policy)
+    first = noisy.run(5, policy)
+    other = noisy.run(6, policy)
     # a previous trial (or user code) leaves global torch state dirty
     torch.set_num_threads(2)
-    torch.set_grad_enabled(False)
     torch.manual_seed(1234)
+    torch.rand(100)
     torch.set_default_dtype(torch.float64)
     try:
-        second = runner.run(5, policy)
+        with torch.no_grad():
+            second = noisy.run(5, policy)
+            assert not torch.is_grad_enabled()  # the caller's grad mode is given back
     finally:
         torch.set_default_dtype(torch.float32)
     assert second["status"] == "ok", second.get("error")
-    assert second["perplexity"] == first["perplexity"]
+    assert second["perplexity"] == first["perplexity"] != other["perplexity"]
     assert second["params"] == first["params"] and second["ops"] == first["ops"]
-    assert torch.is_grad_enabled()
+    assert torch.is_grad_enabled() and torch.get_num_threads() == 1
 
 
 def test_finetune_hyperparameters_run_projected_steps(runner):

@@ -95,7 +95,10 @@ def test_rank_fraction_resolves_per_layer_and_full_rank_means_unfactorized(gpt):
     policy = space.suggest(_study().ask())
     assert policy.layers["blocks.0.mlp.c_fc"].rank == 8  # 0.25 * min(128, 32)
     assert policy.layers["blocks.0.mlp.c_proj"].rank is None
-    assert Rank.resolve(3, 32) == 3 and Rank.resolve(32, 32) is None
+    # 128 x 32: factors of rank r hold 160 r values against 4096; break-even at 25.6
+    assert Rank.resolve(3, 128, 32) == 3 and Rank.resolve(25, 128, 32) == 25
+    assert Rank.resolve(26, 128, 32) is None and Rank.resolve(0.9, 128, 32) is None
+    assert Rank.resolve(1.0, 64, 64) is None and Rank.resolve(31, 64, 64) == 31
 
 
 def test_suggested_values_stay_in_range_and_hyper_is_carried(gpt):

@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from microsweep.errors import UsageError
 from microsweep.report import pareto_data, write_pareto_html
 from microsweep.search import resume_sweep, run_sweep
 from microsweep.storage import Store
@@ -50,16 +51,18 @@ def _check_sweep(url: str, name: str, n: int) -> None:
         assert set(t.timings) >= {"compress", "evaluate", "count", "driver", "total"}
     data = pareto_data(store, name)
     assert len(data.points) == n and data.front
-    front = [p for p in data.points if p.number in data.front]
-    for p in front:  # nothing feasible dominates a front point
-        assert p.feasible
-        assert not any(
-            q.feasible
-            and q.score <= p.score
+    feasible = [p for p in data.points if p.feasible]
+
+    def dominated(p):
+        return any(
+            q.score <= p.score
             and q.perplexity <= p.perplexity
             and (q.score, q.perplexity) != (p.score, p.perplexity)
-            for q in data.points
+            for q in feasible
         )
+
+    # brute force: the front is exactly the non-dominated feasible points
+    assert sorted(data.front) == sorted(p.number for p in feasible if not dominated(p))
     store.dispose()
 
 
@@ -121,6 +124,11 @@ def test_in_process_sweep_resume_and_zombie_trials(sqlite_url, tiny_gpt):
     assert "driver stopped" in next(r.reason for r in rows if r.number == zombie.number)
     assert sum(1 for s in states.values() if s == "COMPLETE") == 5
     assert Store(sqlite_url).get_sweep("r").target_trials == 6
+    # the resumed sampler draws fresh policies, not the first ones again
+    by_number = {r.number: r.policy for r in rows}
+    assert by_number[4] != by_number[0] and by_number[5] != by_number[1]
+    with pytest.raises(UsageError, match="already has 6 finished trials"):
+        resume_sweep("r", trials=4, storage=sqlite_url, in_process=True, progress=False)
     # resuming a finished sweep runs nothing more
     again = resume_sweep("r", storage=sqlite_url, in_process=True, progress=False)
     assert sum(again.states.values()) == 6
@@ -260,6 +268,10 @@ def test_cli_bad_space_is_one_line_error(tmp_path, edit, message, tiny_gpt):
         (["run", "nope.py", "--name", "x"], "space file nope.py does not exist"),
         (["run", TINY, "--name", "x", "--trials", "0"], "must be at least 1"),
         (["run", TINY, "--name", "x", "--sampler", "grid"], "invalid choice"),
+        (
+            ["run", TINY, "--name", "x", "--seed", "-1", "--storage", "sqlite:///missing.db"],
+            "--seed -1 must be in 0..",
+        ),
         (["run", TINY, "--name", "x", "--storage", "nonsense"], "is not a database URL"),
         (["status", "--name", "x", "--storage", "sqlite:///missing.db"], "no sweep database"),
         (["plot", "--name", "x", "--storage", "sqlite:///missing.db"], "no sweep database"),
@@ -347,3 +359,31 @@ def test_cli_count_and_export_round_trip(tmp_path, tiny_gpt):
     out.write_bytes(out.read_bytes()[:-10])
     with pytest.raises(microsweep.MicrosweepError):
         microsweep.load(out)
+
+
+def test_interrupted_sweep_leaves_no_trial_unrecorded(tmp_path, sqlite_url, tiny_gpt):
+    """Ctrl-C during a trial: every trial Optuna knows is FAIL or COMPLETE with a stored row."""
+    space = tmp_path / "interrupt.py"
+    space.write_text(
+        Path(TINY).read_text()
+        + """
+_calls = {"n": 0}
+
+
+def evaluate(model):
+    _calls["n"] += 1
+    if _calls["n"] == 3:  # the dense baseline is call 1
+        raise KeyboardInterrupt
+    return 5.0
+"""
+    )
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(
+            str(space), name="i", trials=4, storage=sqlite_url, in_process=True, progress=False
+        )
+    rows = {r.number: r for r in Store(sqlite_url).trials("i")}
+    study = optuna.load_study(study_name="i", storage=Store(sqlite_url).optuna_storage())
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
+    assert sorted(rows) == [0, 1]
+    assert rows[1].state == "FAIL" and "stopped before the trial finished" in rows[1].reason
+    assert rows[1].policy["type"] == "microsweep.Policy"  # the policy that was running is kept

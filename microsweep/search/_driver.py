@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from microsweep.errors import StorageError, UsageError
+from microsweep.errors import MicrosweepError, StorageError, UsageError
 from microsweep.search._spacefile import SpaceFile, load_space_file, load_space_source
 from microsweep.storage import Store
 
@@ -59,7 +59,11 @@ def _fingerprint(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for key, value in sorted(model.state_dict().items()):
         h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+        if isinstance(value, torch.Tensor):
+            h.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        else:  # extra state
+            h.update(repr(value).encode())
     return h.hexdigest()[:16]
 
 
@@ -190,6 +194,21 @@ def _drive(
     )
     in_flight: dict[int, tuple[Any, Any, float]] = {}  # number -> trial, policy, ask seconds
     asked = done
+
+    def fail(trial: Any, policy: Any, reason: str, timings: dict[str, float]) -> None:
+        """Record and tell one FAIL; the reason is kept in both stores."""
+        trial.set_user_attr("fail_reason", reason)
+        store.record_trial(
+            sweep.id,
+            trial.number,
+            state="FAIL",
+            reason=reason,
+            policy=policy.to_json(),
+            summary=policy.summary(),
+            timings=timings,
+        )
+        study.tell(trial, None, state=TrialState.FAIL)
+
     try:
         while done < total:
             while pool.free and asked < total:
@@ -201,45 +220,48 @@ def _drive(
                 asked += 1
             res = pool.wait()
             t0 = time.perf_counter()
-            trial, policy, ask_s = in_flight.pop(res["number"])
-            state, reason = "COMPLETE", None
-            score = feasible = None
-            if res["status"] == "ok":
-                score = micronet_score(res["params"], res["ops"], baseline)
-                ppl = res["perplexity"]
-                feasible = ceiling is None or ppl <= ceiling
-                trial.set_constraint("perplexity", 0.0 if ceiling is None else ppl - ceiling)
-                values: Any = [score, ppl] if multi else score
-                trial.set_user_attr("perplexity", ppl)
-            else:
-                state, reason, values = "FAIL", res["error"], None
-                trial.set_user_attr("fail_reason", reason)
+            trial, policy, ask_s = in_flight[res["number"]]
             timings = dict(res.get("timings", {}))
-            # stored: ask + suggest + scoring; the write and tell below are added for callers
-            timings["driver"] = ask_s + time.perf_counter() - t0
-            record = {
-                "state": state,
-                "reason": reason,
-                "score": score,
-                "perplexity": res.get("perplexity"),
-                "params": res.get("params"),
-                "ops": res.get("ops"),
-                "feasible": feasible,
-                "freebie": res.get("freebie"),
-                "summary": policy.summary(),
-                "count_config": res.get("count_config"),
-            }
-            store.record_trial(
-                sweep.id,
-                trial.number,
-                policy=policy.to_json(),
-                layers=res.get("layers", ()),
-                timings=timings,
-                **record,
-            )
-            study.tell(
-                trial, values, state=TrialState.COMPLETE if state == "COMPLETE" else TrialState.FAIL
-            )
+            state, reason, score, feasible = "FAIL", res.get("error"), None, None
+            record: dict[str, Any] = {}
+            try:
+                if res["status"] == "ok":
+                    score = micronet_score(res["params"], res["ops"], baseline)
+                    ppl = res["perplexity"]
+                    feasible = ceiling is None or ppl <= ceiling
+                    state, reason = "COMPLETE", None
+                    # stored: ask + suggest + scoring; the write and tell are added for callers
+                    timings["driver"] = ask_s + time.perf_counter() - t0
+                    record = {
+                        "state": state,
+                        "reason": None,
+                        "score": score,
+                        "perplexity": ppl,
+                        "params": res["params"],
+                        "ops": res["ops"],
+                        "feasible": feasible,
+                        "freebie": res.get("freebie"),
+                        "summary": policy.summary(),
+                        "count_config": res.get("count_config"),
+                    }
+                    trial.set_constraint("perplexity", 0.0 if ceiling is None else ppl - ceiling)
+                    trial.set_user_attr("perplexity", ppl)
+                    store.record_trial(
+                        sweep.id,
+                        trial.number,
+                        policy=policy.to_json(),
+                        layers=res.get("layers", ()),
+                        timings=timings,
+                        **record,
+                    )
+                    study.tell(trial, [score, ppl] if multi else score)
+                else:
+                    timings["driver"] = ask_s + time.perf_counter() - t0
+                    fail(trial, policy, reason, timings)
+            except MicrosweepError as exc:  # e.g. the store refused the row: keep the cause
+                state, reason, score, feasible = "FAIL", f"driver: {exc}", None, None
+                fail(trial, policy, reason, timings)
+            del in_flight[trial.number]
             timings["driver"] = ask_s + time.perf_counter() - t0
             driver_time += timings["driver"]
             done += 1
@@ -253,18 +275,25 @@ def _drive(
                 result.best_perplexity = res["perplexity"]
             last = f"trial {trial.number} {state}" + (
                 f" score {score:.4g} ppl {res['perplexity']:.4g}"
-                if score is not None
+                if state == "COMPLETE"
                 else f" ({reason})"
             )
             bar.update(done, result.states, result.best_score, last)
             if on_trial is not None:
-                on_trial({"number": trial.number, "state": state, "timings": timings, **record})
+                on_trial(
+                    {
+                        "number": trial.number,
+                        "state": state,
+                        "reason": reason,
+                        "timings": timings,
+                        **record,
+                    }
+                )
     finally:
-        for trial, _, _ in in_flight.values():  # interrupted: leave no RUNNING trial behind
+        for trial, policy, _ in in_flight.values():  # interrupted: no trial left RUNNING
             try:
-                trial.set_user_attr("fail_reason", "sweep stopped before the trial finished")
-                study.tell(trial, None, state=TrialState.FAIL)
-            except Exception:
+                fail(trial, policy, "sweep stopped before the trial finished", {})
+            except Exception:  # the store itself may be what failed; resume repairs the rest
                 pass
         pool.close()
     ran = done - len(finished)
@@ -291,6 +320,8 @@ def run_sweep(
     import optuna
 
     _check_counts(trials, workers)
+    if seed is not None and not 0 <= seed < 2**32:
+        raise UsageError(f"--seed {seed} must be in 0..{2**32 - 1}")
     if sampler not in SAMPLERS:
         raise UsageError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
     if not name or len(name) > 200:
@@ -333,13 +364,22 @@ def run_sweep(
         target_trials=trials,
         versions=_versions(),
     )
-    study = optuna.create_study(
-        study_name=name,
-        storage=store.optuna_storage(),
-        sampler=_make_sampler(sampler, seed),
-        directions=sf.objective.directions,
-        load_if_exists=True,
-    )
+    try:
+        study = optuna.create_study(
+            study_name=name,
+            storage=store.optuna_storage(),
+            sampler=_make_sampler(sampler, seed),
+            directions=sf.objective.directions,
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        store.delete_sweep(name)
+        raise StorageError(
+            f"an Optuna study named {name!r} already exists in {store.url} without a "
+            "microsweep sweep; choose another --name"
+        ) from None
+    except BaseException:
+        store.delete_sweep(name)
+        raise
     try:
         return _drive(
             store,
@@ -394,20 +434,34 @@ def resume_sweep(
     _check_counts(total, workers)
     sf, prepared = reopen_space(sweep)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(
-        study_name=sweep.study_name,
-        storage=store.optuna_storage(),
-        sampler=_make_sampler(sweep.sampler, sweep.seed),
-    )
-    recorded = {row.number for row in store.trials(name)}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        reason = "driver stopped before the trial finished"
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
-        study.tell(t.number, None, state=TrialState.FAIL)
-        if t.number not in recorded:
-            store.record_trial(
-                sweep.id, t.number, state="FAIL", reason=reason, policy={}, summary=""
+    storage_ = store.optuna_storage()
+    try:
+        n_before = len(
+            storage_.get_all_trials(
+                storage_.get_study_id_from_name(sweep.study_name), deepcopy=False
             )
+        )
+    except KeyError:
+        raise StorageError(f"sweep {name!r} has no Optuna study in {store.url}") from None
+    # a fresh seed stream: the same seed again would repeat the first policies
+    seed = None if sweep.seed is None else (sweep.seed + n_before) % 2**32
+    study = optuna.load_study(
+        study_name=sweep.study_name, storage=storage_, sampler=_make_sampler(sweep.sampler, seed)
+    )
+    reason = "driver stopped before the trial finished"
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage_.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+        study.tell(t.number, None, state=TrialState.FAIL)
+    recorded = {row.number for row in store.trials(name)}
+    for t in study.get_trials(deepcopy=False):  # finished in Optuna, missing from our table
+        if t.state.is_finished() and t.number not in recorded:
+            why = t.user_attrs.get("fail_reason", reason) if t.state == TrialState.FAIL else reason
+            store.record_trial(sweep.id, t.number, state="FAIL", reason=why, policy={}, summary="")
+    finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
+    if trials is not None and trials < finished:
+        raise UsageError(
+            f"sweep {name!r} already has {finished} finished trials; pass --trials above {finished}"
+        )
     if trials is not None and trials != sweep.target_trials:
         store.update_sweep(name, target_trials=total)
     try:
@@ -448,7 +502,6 @@ def _dense(sf: SpaceFile, prepared: _Prepared) -> dict[str, Any]:
         sf.model, prepared.windows, prepared.settings, calib=prepared.calib, evaluate=sf.evaluate
     )
     res = runner.run(-1, Policy().to_json())
-    torch.set_grad_enabled(True)
     if res["status"] != "ok":
         raise UsageError(f"the dense model cannot be evaluated: {res['error']}")
     if not math.isfinite(res["perplexity"]):

@@ -103,9 +103,10 @@ class Bits(Knob):
 
 @dataclass(frozen=True, init=False)
 class Rank(Knob):
-    """Low-rank factorization rank: ``Rank(0.1, 1.0)`` is a fraction range of each layer's full
-    rank; ``Rank(8, 16, 32)`` (ints) are explicit ranks. A rank equal to the full rank leaves
-    the layer unfactorized, since full-rank factors are never smaller."""
+    """Low-rank factorization rank: ``Rank(0.1, 1.0)`` (floats) is a fraction range of each
+    layer's full rank; ``Rank(8, 16, 32)`` (ints) are explicit ranks, so ``Rank(1)`` is rank one
+    while ``Rank(1.0)`` is full rank. A rank at or past the break-even r * (out + in) >= out * in
+    leaves the layer dense, since its factors would not be smaller."""
 
     low: float | None
     high: float | None
@@ -146,10 +147,12 @@ class Rank(Knob):
         return trial.suggest_float(name, self.low, self.high)
 
     @staticmethod
-    def resolve(value: float | int, full_rank: int) -> int | None:
-        """The rank for a layer of `full_rank`, or None when no factorization is wanted."""
-        rank = value if isinstance(value, int) else max(1, round(value * full_rank))
-        return None if rank >= full_rank else rank
+    def resolve(value: float | int, out_features: int, in_features: int) -> int | None:
+        """The rank for an out x in layer, or None (leave it dense) when the two factors,
+        r * (out + in) values, would not be smaller than the out * in matrix."""
+        full = min(out_features, in_features)
+        rank = value if isinstance(value, int) else max(1, round(value * full))
+        return None if rank * (out_features + in_features) >= out_features * in_features else rank
 
     def to_json(self) -> dict[str, Any]:
         if self.values is not None:

@@ -143,7 +143,7 @@ class Space:
         if isinstance(selector, type):
             if not issubclass(selector, nn.Module):
                 raise SpaceError(f"rule {selector!r}: a type selector must be an nn.Module class")
-            key = selector.__name__
+            key = f"{selector.__module__}.{selector.__qualname__}"
         elif isinstance(selector, str) and selector:
             key = selector
             if selector.startswith("re:"):
@@ -177,7 +177,8 @@ class Space:
                 names = ", ".join(list(self._layers)[:6])
                 if matched_any:
                     raise SpaceError(
-                        f"rule {rule.key!r} is shadowed: earlier rules take all its layers"
+                        f"rule {rule.key!r} is shadowed: exact names or earlier patterns "
+                        "take all its layers"
                     )
                 raise SpaceError(
                     f"rule {rule.key!r} matches no Linear layer; layer names are like: {names}"
@@ -252,7 +253,11 @@ class Space:
             block=block if sparsity > 0 else None,
             bits=int(values.get("bits", 32)),
             act_bits=int(values.get("act_bits", 32)),
-            rank=Rank.resolve(rank, info.full_rank) if rank is not None else None,
+            rank=(
+                Rank.resolve(rank, info.out_features, info.in_features)
+                if rank is not None
+                else None
+            ),
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -44,7 +44,7 @@ class Store:
         self._optuna: optuna.storages.RDBStorage | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"url": self.url, "_must_exist": False, "_engine": None, "_optuna": None}
+        return {"url": self.url, "_must_exist": self._must_exist, "_engine": None, "_optuna": None}
 
     # -- engine and schema ------------------------------------------------------------------
     @property
@@ -71,7 +71,8 @@ class Store:
             @event.listens_for(engine, "connect")
             def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
                 cur = dbapi_conn.cursor()
-                cur.execute("PRAGMA journal_mode=WAL")
+                if not self._must_exist:  # read commands leave the file's journal mode alone
+                    cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=NORMAL")
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.execute("PRAGMA foreign_keys=ON")
@@ -88,6 +89,10 @@ class Store:
         assert self._engine is not None
         try:
             has_schema = inspect(self._engine).has_table("microsweep_schema")
+            if not has_schema and self._must_exist:
+                raise StorageError(
+                    f"{self.url} holds no microsweep tables; check --storage or run a sweep first"
+                )
             if has_schema:
                 with self.session() as s:
                     version = s.scalar(select(SchemaRow.version))
@@ -96,7 +101,8 @@ class Store:
                         f"database schema version {version} is newer than this release reads "
                         f"({SCHEMA_VERSION}); upgrade microsweep"
                     )
-            Base.metadata.create_all(self._engine)
+            if not self._must_exist:
+                Base.metadata.create_all(self._engine)
             if not has_schema:
                 with self.session() as s:
                     s.add(SchemaRow(id=1, version=SCHEMA_VERSION))
@@ -185,6 +191,17 @@ class Store:
 
         with self.session() as s:
             return list(s.scalars(select(SweepRow.name).order_by(SweepRow.id)))
+
+    def delete_sweep(self, name: str) -> None:
+        """Remove a sweep row and its trials (used to undo a sweep whose study failed to start)."""
+        from sqlalchemy import select
+
+        from microsweep.storage._models import SweepRow
+
+        with self.session() as s:
+            row = s.scalar(select(SweepRow).where(SweepRow.name == name))
+            if row is not None:
+                s.delete(row)
 
     def update_sweep(self, name: str, **fields: Any) -> None:
         from sqlalchemy import update

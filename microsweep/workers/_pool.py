@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from microsweep.errors import UsageError
 from microsweep.workers._runner import EvalSettings, TrialRunner
 
 __all__ = ["InProcessPool", "RayPool", "WorkerPool", "make_pool"]
@@ -73,21 +74,26 @@ class RayPool(WorkerPool):
         *,
         address: str | None = None,
         register_by_value: tuple[Any, ...] = (),
+        start_timeout: float = 120.0,
     ) -> None:
         import ray
 
         self._ray = ray
         self._started_ray = False
         if not ray.is_initialized():
-            if address:
-                ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-            else:
-                ray.init(
-                    num_cpus=max(workers, 1),
-                    include_dashboard=False,
-                    logging_level="WARNING",
-                    log_to_driver=False,
-                )
+            try:
+                if address:
+                    ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+                else:
+                    ray.init(
+                        num_cpus=max(workers, 1),
+                        include_dashboard=False,
+                        logging_level="WARNING",
+                        log_to_driver=False,
+                    )
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+                raise UsageError(f"cannot start or join {where}: {_first_line(exc)}") from None
             self._started_ray = True
         for module in register_by_value:  # classes from the user's space file travel by value
             ray.cloudpickle.register_pickle_by_value(module)
@@ -98,6 +104,25 @@ class RayPool(WorkerPool):
         self.size = workers
         self._idle = [self._new_actor() for _ in range(workers)]
         self._running: dict[Any, tuple[Any, int]] = {}
+        self._check_started(start_timeout)
+
+    def _check_started(self, timeout: float) -> None:
+        """Every actor answers a ping, or the sweep stops with why (no pending actor hangs)."""
+        ray = self._ray
+        pings = {actor.ping.remote(): actor for actor in self._idle}
+        ready, pending = ray.wait(list(pings), num_returns=len(pings), timeout=timeout)
+        try:
+            for ref in ready:
+                ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            self.close()
+            raise UsageError(f"a worker failed to start: {_first_line(exc)}") from None
+        if pending:
+            self.close()
+            raise UsageError(
+                f"Ray placed {len(ready)} of {len(pings)} workers within {timeout:.0f}s; "
+                "lower --workers or add CPUs to the cluster"
+            )
 
     def _new_actor(self) -> Any:
         refs = self._refs
@@ -127,23 +152,26 @@ class RayPool(WorkerPool):
         try:
             result = ray.get(ref)
             self._idle.append(actor)
-        except ray.exceptions.RayActorError as exc:  # includes ActorUnavailableError
+        except ray.exceptions.RayTaskError as exc:  # the call raised; the actor lives on
             result = {
                 "status": "error",
                 "number": number,
                 "timings": {},
-                "error": f"worker died: {type(exc).__name__}",
-            }
-            ray.kill(actor, no_restart=True)
-            self._idle.append(self._new_actor())
-        except ray.exceptions.RayError as exc:
-            result = {
-                "status": "error",
-                "number": number,
-                "timings": {},
-                "error": f"worker error: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+                "error": f"worker error: {_first_line(exc)}",
             }
             self._idle.append(actor)
+        except ray.exceptions.RayError as exc:  # actor, node or worker lost: replace the actor
+            result = {
+                "status": "error",
+                "number": number,
+                "timings": {},
+                "error": f"worker died ({type(exc).__name__}): {_first_line(exc)}",
+            }
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+            self._idle.append(self._new_actor())
         return result
 
     def close(self) -> None:
@@ -154,6 +182,11 @@ class RayPool(WorkerPool):
         self._running.clear()
         if self._started_ray:
             ray.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def make_pool(

@@ -73,6 +73,7 @@ class TrialRunner:
 
         timings: dict[str, float] = {}
         started = time.perf_counter()
+        grad_mode = torch.is_grad_enabled()
         try:
             self._reset_torch_state(number)
             policy = Policy.from_json(policy_json)
@@ -82,7 +83,7 @@ class TrialRunner:
             where = f" at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else ""
             result = {"status": "error", "error": f"{type(exc).__name__}: {exc}{where}"}
         finally:
-            torch.set_grad_enabled(True)
+            torch.set_grad_enabled(grad_mode)  # the caller's, not ours
             gc.collect()
         timings["total"] = time.perf_counter() - started
         result["timings"] = timings
