@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import Counter
 from collections.abc import Sequence
 
 from microsweep.errors import MicrosweepError
@@ -109,16 +110,14 @@ def _status(name: str, storage: str | None, top: int) -> None:
     store = Store(storage, must_exist=True)
     sweep = store.get_sweep(name)
     rows = store.trials(name)
-    states: dict[str, int] = {}
-    for r in rows:
-        states[r.state] = states.get(r.state, 0) + 1
+    states = dict(Counter(r.state for r in rows))
     print(f"sweep {sweep.name!r} in {store.url}")
     print(
         f"  trials: {len(rows)}/{sweep.target_trials} finished ("
         + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none")
         + ")"
     )
-    dense_score = sweep.dense_params / sweep.baseline_params + sweep.dense_ops / sweep.baseline_ops
+    dense_score = sweep.dense_score
     print(
         f"  dense model: perplexity {sweep.dense_perplexity:.4f}, params {sweep.dense_params:,.0f}"
         f", ops/token {sweep.dense_ops:,.0f}, score {dense_score:.6g}"

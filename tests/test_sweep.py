@@ -154,26 +154,27 @@ def test_two_objectives_store_score_and_perplexity(tmp_path, sqlite_url, tiny_gp
         assert t.values == pytest.approx([rows[t.number].score, rows[t.number].perplexity])
 
 
-def test_worker_exception_and_nan_perplexity_are_failed_trials(tmp_path, sqlite_url, tiny_gpt):
-    space = tmp_path / "bad_eval.py"
-    space.write_text(
+def _scripted_space(tmp_path: Path, script: dict[int, str]) -> str:
+    """examples/tiny.py plus an `evaluate` whose n-th call (1 is the dense baseline) runs the
+    statement script[n]; every other call returns perplexity 5.0."""
+    cases = "".join(f'    if _calls["n"] == {n}:\n        {stmt}\n' for n, stmt in script.items())
+    path = tmp_path / "scripted.py"
+    path.write_text(
         Path(TINY).read_text()
-        + """
-import math
-_calls = {"n": 0}
+        + '\nimport math\n\n_calls = {"n": 0}\n\n\ndef evaluate(model):\n'
+        + '    _calls["n"] += 1\n'
+        + cases
+        + "    return 5.0\n"
+    )
+    return str(path)
 
 
-def evaluate(model):
-    _calls["n"] += 1
-    if _calls["n"] == 2:
-        raise RuntimeError("evaluation exploded")
-    if _calls["n"] == 3:
-        return math.nan
-    return 5.0
-"""
+def test_worker_exception_and_nan_perplexity_are_failed_trials(tmp_path, sqlite_url, tiny_gpt):
+    space = _scripted_space(
+        tmp_path, {2: 'raise RuntimeError("evaluation exploded")', 3: "return math.nan"}
     )
     result = run_sweep(
-        str(space),
+        space,
         name="bad",
         trials=4,
         storage=sqlite_url,
@@ -363,24 +364,9 @@ def test_cli_count_and_export_round_trip(tmp_path, tiny_gpt):
 
 def test_interrupted_sweep_leaves_no_trial_unrecorded(tmp_path, sqlite_url, tiny_gpt):
     """Ctrl-C during a trial: every trial Optuna knows is FAIL or COMPLETE with a stored row."""
-    space = tmp_path / "interrupt.py"
-    space.write_text(
-        Path(TINY).read_text()
-        + """
-_calls = {"n": 0}
-
-
-def evaluate(model):
-    _calls["n"] += 1
-    if _calls["n"] == 3:  # the dense baseline is call 1
-        raise KeyboardInterrupt
-    return 5.0
-"""
-    )
+    space = _scripted_space(tmp_path, {3: "raise KeyboardInterrupt"})
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(
-            str(space), name="i", trials=4, storage=sqlite_url, in_process=True, progress=False
-        )
+        run_sweep(space, name="i", trials=4, storage=sqlite_url, in_process=True, progress=False)
     rows = {r.number: r for r in Store(sqlite_url).trials("i")}
     study = optuna.load_study(study_name="i", storage=Store(sqlite_url).optuna_storage())
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]

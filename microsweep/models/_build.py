@@ -16,7 +16,7 @@ from microsweep.data._corpus import Corpus, cache_dir
 from microsweep.errors import UsageError
 from microsweep.models.gpt import GPT, GPTConfig
 
-__all__ = ["build", "gpt", "pretrain"]
+__all__ = ["build", "gpt", "lm_batch_loss", "pretrain"]
 
 
 def build(recipe: dict[str, Any]) -> nn.Module:
@@ -29,6 +29,23 @@ def build(recipe: dict[str, Any]) -> nn.Module:
 
         return LSTMLM(LSTMConfig(**recipe["config"]))
     raise UsageError(f"unknown model builder {builder!r}; this release builds 'gpt' and 'lstm'")
+
+
+def lm_batch_loss(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    block_size: int,
+    batch_size: int,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Next-token cross-entropy on `batch_size` random windows of `tokens` drawn from `gen`
+    (shared by pretraining and recovery fine-tuning)."""
+    ix = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=gen).tolist()
+    x = torch.stack([tokens[i : i + block_size] for i in ix])  # (B, T)
+    y = torch.stack([tokens[i + 1 : i + 1 + block_size] for i in ix])
+    logits = model(x)  # (B, T, V)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
 
 
 def pretrain(
@@ -58,11 +75,7 @@ def pretrain(
         scale = 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
         for group in opt.param_groups:
             group["lr"] = lr * max(scale, 0.05) * min(1.0, (step + 1) / 50)
-        ix = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=gen)
-        x = torch.stack([tokens[i : i + block_size] for i in ix.tolist()])
-        y = torch.stack([tokens[i + 1 : i + 1 + block_size] for i in ix.tolist()])
-        logits = model(x)
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        loss = lm_batch_loss(model, tokens, block_size=block_size, batch_size=batch_size, gen=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

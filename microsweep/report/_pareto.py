@@ -6,6 +6,7 @@ tests assert on; `write_pareto_html` renders it as one self-contained HTML page.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,10 +64,8 @@ def pareto_data(store: Store, name: str) -> ParetoData:
         for r in rows
         if r.state == "COMPLETE" and r.score is not None and r.perplexity is not None
     ]
-    states: dict[str, int] = {}
-    for r in rows:
-        states[r.state] = states.get(r.state, 0) + 1
-    dense_score = sweep.dense_params / sweep.baseline_params + sweep.dense_ops / sweep.baseline_ops
+    states = dict(Counter(r.state for r in rows))
+    dense_score = sweep.dense_score
     return ParetoData(
         name=name,
         points=points,

@@ -68,6 +68,11 @@ class SweepRow(Base):
 
     trials: Mapped[list[TrialRow]] = relationship(back_populates="sweep", cascade="all, delete")
 
+    @property
+    def dense_score(self) -> float:
+        """The dense model's MicroNet score against this sweep's baseline."""
+        return self.dense_params / self.baseline_params + self.dense_ops / self.baseline_ops
+
 
 class TrialRow(Base):
     __tablename__ = "microsweep_trials"

@@ -147,6 +147,7 @@ class TrialRunner:
         """Recovery fine-tuning: AdamW steps on training windows, projected back onto the
         compressed set (masks and quantization grids) after every step."""
         from microsweep.compress import project_
+        from microsweep.models import lm_batch_loss
 
         if self.train_tokens is None:
             raise RuntimeError("finetune_steps was given but the runner has no training tokens")
@@ -159,12 +160,8 @@ class TrialRunner:
         model.train()
         with torch.enable_grad():
             for _ in range(steps):
-                ix = torch.randint(len(self.train_tokens) - block - 1, (8,), generator=gen).tolist()
-                x = torch.stack([self.train_tokens[i : i + block] for i in ix])
-                y = torch.stack([self.train_tokens[i + 1 : i + 1 + block] for i in ix])
-                logits = model(x)
-                loss = nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.size(-1)), y.reshape(-1)
+                loss = lm_batch_loss(
+                    model, self.train_tokens, block_size=block, batch_size=8, gen=gen
                 )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
