@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 
 from microsweep.errors import MicrosweepError
 
 __all__ = ["main"]
+
+SAMPLER_NAMES = ("auto", "allocate", "tpe", "nsga2", "gp", "cmaes", "random", "uniform")
+"""The same names as `microsweep.search.SAMPLERS` (kept here so `-h` imports nothing heavy)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,7 +49,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--trials", type=_positive, default=30, help="trials to run (default 30)")
     run.add_argument("--workers", type=_positive, default=1, help="parallel Ray workers")
     run.add_argument("--storage", help=storage_help)
-    run.add_argument("--sampler", choices=["tpe", "nsga2", "random"], default="tpe")
+    run.add_argument(
+        "--sampler",
+        choices=SAMPLER_NAMES,
+        default="auto",
+        help="auto (default): sensitivity pass, warm starts, then TPE over a few global "
+        "quantities mapped through budget allocation; allocate, uniform, or Optuna's per-layer "
+        "tpe, nsga2, gp, cmaes, random",
+    )
     run.add_argument("--seed", type=int, default=None, help="sampler and trial seed")
     run.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
     run.add_argument(
@@ -77,6 +88,22 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--storage", help=storage_help)
     status.add_argument("--top", type=_positive, default=5)
 
+    sens = sub.add_parser(
+        "sensitivity",
+        help="measure each layer alone at each level of each knob, store and plot it",
+    )
+    sens.add_argument("space", help="Python file defining `space` (and `objective`, `corpus`)")
+    sens.add_argument("--name", required=True, help="label of the measurements")
+    sens.add_argument("--storage", help=storage_help)
+    sens.add_argument("--workers", type=_positive, default=1, help="parallel Ray workers")
+    sens.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    sens.add_argument("--in-process", action="store_true", help="no Ray: measure here")
+    sens.add_argument("-o", "--output", default=None, help="plot (default: NAME-sensitivity.html)")
+    sens.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    upgrade = sub.add_parser("upgrade", help="bring a database's tables to this release's schema")
+    upgrade.add_argument("--storage", help=storage_help)
+
     count = sub.add_parser("count", help="per-layer MicroNet table for the dense model or a policy")
     count.add_argument("space", help="the space file whose model is counted")
     count.add_argument("--policy", default=None, help="policy JSON file (default: dense model)")
@@ -102,6 +129,28 @@ def _print_result(result: object) -> None:
         )
     else:
         print("no feasible trial yet")
+    if result.best_uniform_number is not None and result.best_score is not None:
+        ratio = result.best_score / result.best_uniform_score
+        print(
+            f"best uniform policy (one setting for every layer) in this sweep: trial "
+            f"{result.best_uniform_number} score {result.best_uniform_score:.6g}; best feasible "
+            f"is {ratio:.3f}x of it"
+        )
+    if result.sensitivity:
+        sens = result.sensitivity
+        print(
+            f"sensitivity: {sens['measured']} probes measured, {sens['reused']} reused "
+            f"({sens['seconds']:.1f}s)"
+        )
+    pruned = result.states.get("PRUNED", 0)
+    if pruned:
+        share = result.eval_seconds_saved / max(
+            result.eval_seconds + result.eval_seconds_saved, 1e-9
+        )
+        print(
+            f"early stopping: {pruned} trials stopped, {result.eval_seconds_saved:.1f}s of "
+            f"evaluation saved ({100 * share:.0f}% of this run's)"
+        )
 
 
 def _status(name: str, storage: str | None, top: int) -> None:
@@ -117,6 +166,9 @@ def _status(name: str, storage: str | None, top: int) -> None:
         + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none")
         + ")"
     )
+    feasible = sum(1 for r in rows if r.state == "COMPLETE" and r.feasible)
+    complete = states.get("COMPLETE", 0)
+    print(f"  feasible: {feasible} of {complete} complete, {complete - feasible} over the ceiling")
     dense_score = sweep.dense_score
     print(
         f"  dense model: perplexity {sweep.dense_perplexity:.4f}, params {sweep.dense_params:,.0f}"
@@ -132,9 +184,21 @@ def _status(name: str, storage: str | None, top: int) -> None:
     if not best:
         print("  no feasible trial yet")
     else:
-        print(f"  best feasible trials:\n    {'trial':>5} {'score':>10} {'perplexity':>10}  policy")
+        head = f"{'trial':>5} {'score':>10} {'perplexity':>10}  {'origin':<14} policy"
+        print(f"  best feasible trials:\n    {head}")
         for r in best[:top]:
-            print(f"    {r.number:>5} {r.score:>10.5g} {r.perplexity:>10.4f}  {r.summary}")
+            origin = r.origin or "-"
+            print(
+                f"    {r.number:>5} {r.score:>10.5g} {r.perplexity:>10.4f}  {origin:<14} "
+                f"{r.summary}"
+            )
+        uniform = [r for r in best if r.origin == "uniform"]
+        if uniform:
+            u = uniform[0]
+            print(
+                f"  best uniform policy: trial {u.number} score {u.score:.5g} "
+                f"(best feasible is {best[0].score / u.score:.3f}x of it)"
+            )
     failed = [r for r in rows if r.state == "FAIL"]
     for r in failed[:3]:
         print(f"  trial {r.number} FAIL: {r.reason}")
@@ -183,6 +247,38 @@ def _dispatch(args: argparse.Namespace) -> None:
         )
     elif args.command == "status":
         _status(args.name, args.storage, args.top)
+    elif args.command == "sensitivity":
+        from microsweep.report import sensitivity_data, write_sensitivity_html
+        from microsweep.search import run_sensitivity
+        from microsweep.storage import Store
+
+        run = run_sensitivity(
+            args.space,
+            name=args.name,
+            storage=args.storage,
+            workers=args.workers,
+            address=args.address,
+            in_process=args.in_process,
+            progress=not args.quiet,
+        )
+        out = args.output or f"{args.name}-sensitivity.html"
+        store = Store(args.storage, must_exist=True)
+        data = sensitivity_data(store, run.eval_key, ceiling=run.ceiling)
+        write_sensitivity_html(data, out)
+        s = run.summary
+        print(
+            f"sensitivity {args.name!r}: {s['probes']} probes ({s['measured']} measured now, "
+            f"{s['reused']} reused) in {s['seconds']:.1f}s; dense perplexity "
+            f"{run.dense_perplexity:.4f}; wrote {out}"
+        )
+    elif args.command == "upgrade":
+        from microsweep.storage import Store
+
+        before, now = Store(args.storage, must_exist=True, upgrade=True).upgrade()
+        if before == now:
+            print(f"schema version {now}: already current")
+        else:
+            print(f"upgraded schema version {before} -> {now}")
     elif args.command == "count":
         from microsweep.score import count_report
 
@@ -198,10 +294,24 @@ def _dispatch(args: argparse.Namespace) -> None:
         )
 
 
+def _note(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Space warnings print as one note naming the user's line; others as Python prints them."""
+    from microsweep.errors import SpaceWarning
+
+    if issubclass(category, SpaceWarning):
+        print(f"microsweep: note: {filename}:{lineno}: {message}", file=sys.stderr)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     args = _parser().parse_args(argv)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    warnings.showwarning = _note
     try:
         _dispatch(args)
     except MicrosweepError as exc:

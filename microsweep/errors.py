@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["MicrosweepError", "SpaceError", "StorageError", "UsageError", "DataError"]
+__all__ = [
+    "DataError",
+    "MicrosweepError",
+    "SpaceError",
+    "SpaceWarning",
+    "StorageError",
+    "UsageError",
+]
 
 
 class MicrosweepError(Exception):
@@ -23,3 +30,7 @@ class UsageError(MicrosweepError, ValueError):
 
 class DataError(MicrosweepError):
     """A corpus cannot be found, read or downloaded."""
+
+
+class SpaceWarning(UserWarning):
+    """A space is valid but wasteful: levels the scoring rules make pointless, for example."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -59,3 +61,15 @@ def postgres_available() -> bool:
             return True
     except Exception:
         return False
+
+
+def cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the `microsweep` command line in a fresh process, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "microsweep.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=timeout,
+    )

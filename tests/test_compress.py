@@ -464,11 +464,17 @@ def test_public_api() -> None:
     assert set(mc.__all__) == {
         "compress_",
         "compress",
+        "compress_layer",
         "project_",
         "CompressedLinear",
         "LowRankLinear",
+        "factorize",
         "fake_quantize_symmetric",
+        "layer_inputs",
+        "magnitude_mask",
+        "magnitude_masks",
         "sparsity_of",
+        "tensor_scale",
     }
     assert all(hasattr(mc, name) for name in mc.__all__)
     assert math.isclose(mc.fake_quantize_symmetric(torch.tensor(0.74), torch.tensor(0.5), 4), 0.5)

@@ -4,9 +4,6 @@ and through the CLI; then the trials, per-layer rows and plot data are read back
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -17,6 +14,7 @@ from microsweep.report import pareto_data, write_pareto_html
 from microsweep.search import resume_sweep, run_sweep
 from microsweep.storage import Store
 from tests.conftest import ROOT
+from tests.conftest import cli as _cli
 
 TINY = str(ROOT / "examples" / "tiny.py")
 
@@ -33,12 +31,20 @@ def _check_sweep(url: str, name: str, n: int) -> None:
     study = optuna.load_study(study_name=name, storage=store.optuna_storage())
     by_number = {t.number: t for t in study.trials}
     for t in trials:
-        assert t.state == "COMPLETE", t.reason
+        assert t.state in ("COMPLETE", "PRUNED"), t.reason
         # the score is the MicroNet formula over the stored counts, against the dense baseline
         assert t.score == pytest.approx(t.params / sweep.dense_params + t.ops / sweep.dense_ops)
-        assert t.feasible == (t.perplexity <= sweep.ceiling)
         frozen = by_number[t.number]
-        assert frozen.value == pytest.approx(t.score)
+        if t.state == "PRUNED":  # stopped early: over the ceiling by its estimate
+            assert not t.feasible and t.perplexity > sweep.ceiling and "stopped after" in t.reason
+            # Optuna's convention: a pruned trial's value is its last intermediate value, here
+            # the projected perplexity; the score is kept as a user attribute
+            last = frozen.intermediate_values[max(frozen.intermediate_values)]
+            assert frozen.value == pytest.approx(last) == pytest.approx(t.perplexity)
+            assert frozen.user_attrs["score"] == pytest.approx(t.score)
+        else:
+            assert t.feasible == (t.perplexity <= sweep.ceiling)
+            assert frozen.value == pytest.approx(t.score)
         assert frozen.constraints["perplexity"] == pytest.approx(t.perplexity - sweep.ceiling)
         # per-layer rows add up to the trial's totals
         assert sum(lr.params for lr in t.layers) == pytest.approx(t.params, rel=1e-9)
@@ -50,7 +56,7 @@ def _check_sweep(url: str, name: str, n: int) -> None:
                 assert rows[layer].bits == settings.get("bits", 32) or rows[layer].bits is None
         assert set(t.timings) >= {"compress", "evaluate", "count", "driver", "total"}
     data = pareto_data(store, name)
-    assert len(data.points) == n and data.front
+    assert len(data.points) == sum(t.state == "COMPLETE" for t in trials) and data.front
     feasible = [p for p in data.points if p.feasible]
 
     def dominated(p):
@@ -77,10 +83,11 @@ def test_ray_sweep_two_workers_into_sqlite(tmp_path, sqlite_url, tiny_gpt):
         workers=2,
         storage=sqlite_url,
         seed=3,
+        sampler="tpe",
         progress=False,
         on_trial=seen.append,
     )
-    assert result.states == {"COMPLETE": 6}
+    assert sum(result.states.values()) == 6 and set(result.states) <= {"COMPLETE", "PRUNED"}
     assert sorted(s["number"] for s in seen) == list(range(6))
     _check_sweep(sqlite_url, "ray", 6)
     import ray
@@ -90,7 +97,14 @@ def test_ray_sweep_two_workers_into_sqlite(tmp_path, sqlite_url, tiny_gpt):
     # the same seed in-process gives the same trials: workers are deterministic and isolated
     local_url = f"sqlite:///{tmp_path / 'local.db'}"
     run_sweep(
-        TINY, name="ray", trials=6, storage=local_url, seed=3, in_process=True, progress=False
+        TINY,
+        name="ray",
+        trials=6,
+        storage=local_url,
+        seed=3,
+        sampler="tpe",
+        in_process=True,
+        progress=False,
     )
     ray_rows = Store(sqlite_url).trials("ray")
     local_rows = Store(local_url).trials("ray")
@@ -108,7 +122,14 @@ def test_ray_sweep_two_workers_into_sqlite(tmp_path, sqlite_url, tiny_gpt):
 
 def test_in_process_sweep_resume_and_zombie_trials(sqlite_url, tiny_gpt):
     result = run_sweep(
-        TINY, name="r", trials=3, storage=sqlite_url, seed=1, in_process=True, progress=False
+        TINY,
+        name="r",
+        trials=3,
+        storage=sqlite_url,
+        seed=1,
+        sampler="tpe",
+        in_process=True,
+        progress=False,
     )
     assert sum(result.states.values()) == 3
     # a driver that died mid-trial leaves a RUNNING trial behind
@@ -122,7 +143,7 @@ def test_in_process_sweep_resume_and_zombie_trials(sqlite_url, tiny_gpt):
     states = {r.number: r.state for r in rows}
     assert states[zombie.number] == "FAIL"
     assert "driver stopped" in next(r.reason for r in rows if r.number == zombie.number)
-    assert sum(1 for s in states.values() if s == "COMPLETE") == 5
+    assert sum(1 for s in states.values() if s in ("COMPLETE", "PRUNED")) == 5
     assert Store(sqlite_url).get_sweep("r").target_trials == 6
     # the resumed sampler draws fresh policies, not the first ones again
     by_number = {r.number: r.policy for r in rows}
@@ -151,7 +172,10 @@ def test_two_objectives_store_score_and_perplexity(tmp_path, sqlite_url, tiny_gp
     study = optuna.load_study(study_name="two", storage=Store(sqlite_url).optuna_storage())
     rows = {r.number: r for r in Store(sqlite_url).trials("two")}
     for t in study.trials:
-        assert t.values == pytest.approx([rows[t.number].score, rows[t.number].perplexity])
+        if rows[t.number].state == "PRUNED":
+            assert t.values is None and not rows[t.number].feasible
+        else:
+            assert t.values == pytest.approx([rows[t.number].score, rows[t.number].perplexity])
 
 
 def _scripted_space(tmp_path: Path, script: dict[int, str]) -> str:
@@ -179,6 +203,7 @@ def test_worker_exception_and_nan_perplexity_are_failed_trials(tmp_path, sqlite_
         trials=4,
         storage=sqlite_url,
         seed=0,
+        sampler="tpe",  # the script counts evaluate calls: no sensitivity pass in between
         in_process=True,
         progress=False,
     )
@@ -187,17 +212,6 @@ def test_worker_exception_and_nan_perplexity_are_failed_trials(tmp_path, sqlite_
     reasons = [r.reason for r in rows if r.state == "FAIL"]
     assert any("evaluation exploded" in r for r in reasons)
     assert any("not finite" in r for r in reasons)
-
-
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "microsweep.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env=os.environ.copy(),
-        timeout=300,
-    )
 
 
 @pytest.mark.ray
@@ -218,14 +232,16 @@ def test_cli_run_plot_status(tmp_path, tiny_gpt):
         cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr
-    assert "sweep 't': COMPLETE 6" in run.stdout
+    states = run.stdout.splitlines()[0].split(": ", 1)[1]  # sweep 't': COMPLETE 5, PRUNED 1
+    assert sum(int(part.split()[1]) for part in states.split(", ")) == 6
     assert "[6/6]" in run.stderr  # progress lines
+    assert "sensitivity:" in run.stderr and "best uniform policy" in run.stdout  # auto, on Ray
     plot = _cli("plot", "--name", "t", "--storage", url, "-o", "p.html", cwd=tmp_path)
     assert plot.returncode == 0, plot.stderr
     assert (tmp_path / "p.html").stat().st_size > 1_000_000
     status = _cli("status", "--name", "t", "--storage", url, cwd=tmp_path)
     assert status.returncode == 0, status.stderr
-    assert "6/6 finished (COMPLETE 6)" in status.stdout
+    assert "6/6 finished (COMPLETE" in status.stdout
     assert "dense model: perplexity" in status.stdout and "best feasible trials" in status.stdout
 
 
@@ -366,7 +382,15 @@ def test_interrupted_sweep_leaves_no_trial_unrecorded(tmp_path, sqlite_url, tiny
     """Ctrl-C during a trial: every trial Optuna knows is FAIL or COMPLETE with a stored row."""
     space = _scripted_space(tmp_path, {3: "raise KeyboardInterrupt"})
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(space, name="i", trials=4, storage=sqlite_url, in_process=True, progress=False)
+        run_sweep(
+            space,
+            name="i",
+            trials=4,
+            storage=sqlite_url,
+            sampler="tpe",
+            in_process=True,
+            progress=False,
+        )
     rows = {r.number: r for r in Store(sqlite_url).trials("i")}
     study = optuna.load_study(study_name="i", storage=Store(sqlite_url).optuna_storage())
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]

@@ -9,16 +9,24 @@ a fine-tuning step.
 
 from __future__ import annotations
 
-from ._apply import compress, compress_, project_
+from ._apply import compress, compress_, compress_layer, layer_inputs, project_
+from ._lowrank import factorize
 from ._modules import CompressedLinear, LowRankLinear, fake_quantize_symmetric
-from ._prune import sparsity_of
+from ._prune import magnitude_mask, magnitude_masks, sparsity_of
+from ._quantize import tensor_scale
 
 __all__ = [
     "CompressedLinear",
     "LowRankLinear",
     "compress",
     "compress_",
+    "compress_layer",
+    "factorize",
     "fake_quantize_symmetric",
+    "layer_inputs",
+    "magnitude_mask",
+    "magnitude_masks",
     "project_",
     "sparsity_of",
+    "tensor_scale",
 ]

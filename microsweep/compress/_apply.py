@@ -24,7 +24,7 @@ from ._modules import CompressedLinear, LowRankLinear
 from ._prune import check_block, magnitude_mask
 from ._quantize import quantize_rows, tensor_scale
 
-__all__ = ["compress", "compress_", "project_"]
+__all__ = ["compress", "compress_", "compress_layer", "layer_inputs", "project_"]
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,47 @@ def compress_(model: nn.Module, policy: Policy, *, calib: torch.Tensor | None = 
     act_scales = _calibrate(model, [s for s in steps if s.settings.act_bits < 32], calib)
     with torch.no_grad():
         for step in steps:
-            _set_submodule(model, step.name, _compress_layer(step, act_scales.get(step.name)))
+            module = _compress_layer(step.linear, step.settings, act_scales.get(step.name))
+            _set_submodule(model, step.name, module)
     return model
+
+
+def compress_layer(
+    linear: nn.Linear,
+    settings: LayerPolicy,
+    *,
+    act_scale: torch.Tensor | None = None,
+    factors: LowRankLinear | None = None,
+    masks: tuple[torch.Tensor | None, ...] | None = None,
+) -> nn.Module:
+    """The module `linear` becomes under `settings`, built from copies (nothing is modified).
+
+    For evaluating many settings of one layer: `factors` is `linear` already factorized at
+    ``settings.rank`` (see `factorize`) and `masks` the magnitude masks of each matrix (one, or
+    one per factor), so neither is computed again. `act_scale` is the input scale for
+    ``settings.act_bits`` (calibrated by `compress_` on real inputs).
+    """
+    with torch.no_grad():
+        if settings.rank is not None and factors is not None:
+            if factors.rank != settings.rank:
+                raise SpaceError(f"factors of rank {factors.rank} given for rank {settings.rank}")
+            pair = LowRankLinear(_clone(factors.first), _clone(factors.second))
+            return _compress_layer(linear, settings, act_scale, pair.train(factors.training), masks)
+        return _compress_layer(_clone(linear), settings, act_scale, None, masks)
+
+
+def _clone(linear: nn.Module) -> nn.Module:
+    """A copy of a Linear with its own weight and bias (a plain Linear is rebuilt directly,
+    much faster than a deep copy; anything else is deep-copied)."""
+    if type(linear) is not nn.Linear:
+        return copy.deepcopy(linear)
+    out = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(out)
+    out.in_features, out.out_features = linear.in_features, linear.out_features
+    out.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+    bias = linear.bias
+    out.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return out.train(linear.training)
 
 
 def compress(model: nn.Module, policy: Policy, *, calib: torch.Tensor | None = None) -> nn.Module:
@@ -168,25 +207,30 @@ def _find_linear(model: nn.Module, name: str) -> nn.Linear:
     )
 
 
-def _calibrate(
-    model: nn.Module, steps: list[_Step], calib: torch.Tensor | None
-) -> dict[str, torch.Tensor]:
-    """Static input scales: max|x| / qmax seen by each layer over one no-grad pass of `calib`.
-
-    The pass runs in eval mode (so dropout does not move the scale); training flags are restored.
-    """
-    if not steps or calib is None:
-        return {}
-    amax: dict[str, torch.Tensor] = {}
+def layer_inputs(
+    model: nn.Module, modules: dict[str, nn.Module], calib: torch.Tensor, *, max_rows: int = 0
+) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+    """What each of `modules` (name -> module of `model`) sees when `calib` runs through the
+    model once: name -> (up to `max_rows` input rows as (n, in) float32, or None when
+    `max_rows` is 0; max |input| over every row). The pass runs without gradients in eval mode
+    (dropout does not move the scale); training flags are restored."""
+    seen: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
 
     def recorder(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            seen = args[0].detach().abs().amax()
-            amax[name] = seen if name not in amax else torch.maximum(amax[name], seen)
+            x = args[0].detach()
+            amax = x.abs().amax()
+            rows = x.reshape(-1, x.shape[-1]).to(torch.float32) if max_rows else None
+            if name in seen:
+                old_rows, old_amax = seen[name]
+                amax = torch.maximum(old_amax, amax)
+                if rows is not None and old_rows is not None:
+                    rows = torch.cat([old_rows, rows])
+            seen[name] = (rows[:max_rows] if rows is not None else None, amax)
 
         return hook
 
-    handles = [s.linear.register_forward_pre_hook(recorder(s.name)) for s in steps]
+    handles = [m.register_forward_pre_hook(recorder(n)) for n, m in modules.items()]
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
@@ -197,40 +241,64 @@ def _calibrate(
             handle.remove()
         for module, training in modes:
             module.training = training
+    return seen
+
+
+def _calibrate(
+    model: nn.Module, steps: list[_Step], calib: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """Static input scales: max|x| / qmax seen by each layer over one pass of `calib`."""
+    if not steps or calib is None:
+        return {}
+    seen = layer_inputs(model, {s.name: s.linear for s in steps}, calib)
     scales = {}
     for step in steps:
-        if step.name not in amax:
+        if step.name not in seen:
             raise SpaceError(
                 f"layer {step.name!r} saw no input while calibrating; pass calib tokens "
                 "whose forward pass runs through it, or set its act_bits to 32"
             )
-        scales[step.name] = tensor_scale(amax[step.name], step.settings.act_bits)
+        scales[step.name] = tensor_scale(seen[step.name][1], step.settings.act_bits)
     return scales
 
 
-def _compress_layer(step: _Step, act_scale: torch.Tensor | None) -> nn.Module:
-    """Factorize if asked, then prune/quantize each weight matrix; the module to put in place."""
-    settings = step.settings
+def _compress_layer(
+    linear: nn.Linear,
+    settings: LayerPolicy,
+    act_scale: torch.Tensor | None,
+    factors: LowRankLinear | None = None,
+    masks: tuple[torch.Tensor | None, ...] | None = None,
+) -> nn.Module:
+    """Factorize if asked (or take `factors`), then prune/quantize each weight matrix in place
+    (optionally with precomputed `masks`); the module to put in place of `linear`."""
+    masks = masks or (None, None)
     if settings.rank is None:
-        return _compress_matrix(step.linear, settings, act_scale)
-    pair = factorize(step.linear, settings.rank)
-    first = _compress_matrix(pair.first, settings, act_scale)
-    second = _compress_matrix(pair.second, replace(settings, act_bits=32), None)
-    return LowRankLinear(first, second).train(step.linear.training)
+        return _compress_matrix(linear, settings, act_scale, masks[0])
+    pair = factors if factors is not None else factorize(linear, settings.rank)
+    first = _compress_matrix(pair.first, settings, act_scale, masks[0])
+    second = _compress_matrix(pair.second, replace(settings, act_bits=32), None, masks[-1])
+    return LowRankLinear(first, second).train(linear.training)
 
 
 def _compress_matrix(
-    linear: nn.Linear, settings: LayerPolicy, act_scale: torch.Tensor | None
+    linear: nn.Linear,
+    settings: LayerPolicy,
+    act_scale: torch.Tensor | None,
+    mask: torch.Tensor | None = None,
 ) -> nn.Module:
     """Prune, then quantize one Linear's weight in place (ties hold); wrap it as CompressedLinear.
 
+    `mask`, when given, is the magnitude mask for ``settings.sparsity`` (computed ahead).
     Returns `linear` itself when nothing but rank applies to it.
     """
     sparse = settings.sparsity > 0
     if not sparse and settings.bits == 32 and settings.act_bits == 32:
         return linear
     weight = linear.weight
-    mask = magnitude_mask(weight, settings.sparsity, settings.block) if sparse else None
+    if sparse and mask is None:
+        mask = magnitude_mask(weight, settings.sparsity, settings.block)
+    if not sparse:
+        mask = None
     values = weight.detach() if mask is None else weight.detach() * mask
     scale = None
     if settings.bits < 32:

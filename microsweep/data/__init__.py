@@ -1,5 +1,12 @@
 """Corpora: fixed tokenized splits from a path, ``$MICROSWEEP_DATA`` or a download cache."""
 
-from microsweep.data._corpus import Corpus, cache_dir, text_file, tiny_shakespeare
+from microsweep.data._corpus import (
+    Corpus,
+    cache_dir,
+    ptb,
+    text_file,
+    tiny_shakespeare,
+    word_corpus,
+)
 
-__all__ = ["Corpus", "cache_dir", "text_file", "tiny_shakespeare"]
+__all__ = ["Corpus", "cache_dir", "ptb", "text_file", "tiny_shakespeare", "word_corpus"]

@@ -16,7 +16,7 @@ import torch
 
 from microsweep.errors import DataError
 
-__all__ = ["Corpus", "cache_dir", "text_file", "tiny_shakespeare"]
+__all__ = ["Corpus", "cache_dir", "ptb", "text_file", "tiny_shakespeare", "word_corpus"]
 
 TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -52,8 +52,12 @@ class Corpus:
         if not self._index:
             self._index = {s: i for i, s in enumerate(self.vocab)}
         units = list(text) if self.level == "char" else text.split()
+        unk = self._index.get("<unk>") if self.level == "word" else None
         try:
-            return torch.tensor([self._index[u] for u in units], dtype=torch.long)
+            return torch.tensor(
+                [self._index[u] if unk is None else self._index.get(u, unk) for u in units],
+                dtype=torch.long,
+            )
         except KeyError as exc:
             raise DataError(f"{exc.args[0]!r} is not in the {self.name} vocabulary") from None
 
@@ -137,3 +141,74 @@ def tiny_shakespeare(path: str | os.PathLike[str] | None = None) -> Corpus:
     if not cached.is_file():
         _download(TINY_SHAKESPEARE_URL, cached)
     return text_file(cached, level="char", name="tinyshakespeare")
+
+
+EOS = "<eos>"
+UNK = "<unk>"
+
+
+def _words(text: str) -> list[str]:
+    """Whitespace-split words with an end-of-sentence token closing every line."""
+    out: list[str] = []
+    for line in text.splitlines():
+        out.extend(line.split())
+        out.append(EOS)
+    return out
+
+
+def word_corpus(
+    path: str | os.PathLike[str],
+    *,
+    train: str = "train",
+    val: str = "valid",
+    name: str | None = None,
+) -> Corpus:
+    """A word-level corpus from a folder of split files (``{train}.txt``, ``{val}.txt``), laid
+    out as WikiText-2/103 and PTB are: words split on whitespace, ``<eos>`` closing every line,
+    the vocabulary built from the training split (plus ``<unk>``), unknown words as ``<unk>``.
+
+    Pick the splits by name, e.g. ``train="valid", val="test"`` where no training split exists.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DataError(f"corpus folder {folder} does not exist; pass a folder of split files")
+    if train == val:
+        raise DataError(f"train and val are both {train!r}; evaluate on a split not trained on")
+    texts = {split: _read(folder / f"{split}.txt") for split in (train, val)}
+    train_words, val_words = _words(texts[train]), _words(texts[val])
+    for split, words in ((train, train_words), (val, val_words)):
+        if len(words) < 100:
+            raise DataError(f"{folder / (split + '.txt')} has only {len(words)} tokens")
+    vocab = sorted(set(train_words) | {UNK, EOS})
+    index = {s: i for i, s in enumerate(vocab)}
+    unk = index[UNK]
+    digest = hashlib.sha256()
+    for split in (train, val):
+        digest.update(f"{split}\0".encode())
+        digest.update(texts[split].encode("utf-8"))
+    return Corpus(
+        name=name or folder.name,
+        vocab=vocab,
+        train=torch.tensor([index[w] for w in train_words], dtype=torch.long),
+        val=torch.tensor([index.get(w, unk) for w in val_words], dtype=torch.long),
+        level="word",
+        fingerprint=digest.hexdigest()[:16],
+        source=f"{folder} ({train} / {val})",
+        _index=index,
+    )
+
+
+def ptb(
+    path: str | os.PathLike[str] | None = None, *, train: str = "train", val: str = "valid"
+) -> Corpus:
+    """The Penn Treebank (Mikolov's word-level files ``train.txt``, ``valid.txt``,
+    ``test.txt``) from `path`, else ``$MICROSWEEP_DATA/ptb``, else the cache's ``data/ptb``."""
+    if path is None:
+        env = os.environ.get(DATA_ENV)
+        path = Path(env) / "ptb" if env else cache_dir() / "data" / "ptb"
+    if not Path(path).is_dir():
+        raise DataError(
+            f"no PTB folder at {path}; pass path= or set {DATA_ENV} to a folder holding "
+            "ptb/{train,valid,test}.txt"
+        )
+    return word_corpus(path, train=train, val=val, name="ptb")

@@ -7,5 +7,19 @@ from microsweep.report._pareto import (
     pareto_front,
     write_pareto_html,
 )
+from microsweep.report._sensitivity import (
+    SensitivityData,
+    sensitivity_data,
+    write_sensitivity_html,
+)
 
-__all__ = ["ParetoData", "Point", "pareto_data", "pareto_front", "write_pareto_html"]
+__all__ = [
+    "ParetoData",
+    "Point",
+    "SensitivityData",
+    "pareto_data",
+    "pareto_front",
+    "sensitivity_data",
+    "write_pareto_html",
+    "write_sensitivity_html",
+]

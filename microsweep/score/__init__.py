@@ -7,8 +7,15 @@ model on the fixed windows of `eval_windows`; `count_report` is the text of ``mi
 
 from microsweep.score._config import CountConfig
 from microsweep.score._counter import Counts, LayerCount, count
+from microsweep.score._early_stop import ChunkVerdict, StopRule
 from microsweep.score._formulas import linear_adds, mask_bits, mult_weight, op_weight, tensor_bits
-from microsweep.score._perplexity import eval_windows, mean_context, perplexity
+from microsweep.score._perplexity import (
+    eval_windows,
+    mean_context,
+    nll_to_perplexity,
+    perplexity,
+    window_nll,
+)
 from microsweep.score._registry import Cost, RuleContext, find_rule, register_rule
 from microsweep.score._report import count_report
 from microsweep.score._score import CHALLENGE_BASELINE, Baseline, micronet_score
@@ -16,6 +23,7 @@ from microsweep.score._score import CHALLENGE_BASELINE, Baseline, micronet_score
 __all__ = [
     "CHALLENGE_BASELINE",
     "Baseline",
+    "ChunkVerdict",
     "Cost",
     "CountConfig",
     "Counts",
@@ -30,8 +38,11 @@ __all__ = [
     "mean_context",
     "micronet_score",
     "mult_weight",
+    "nll_to_perplexity",
     "op_weight",
     "perplexity",
     "register_rule",
+    "StopRule",
     "tensor_bits",
+    "window_nll",
 ]

@@ -10,7 +10,7 @@ from torch import nn
 
 from microsweep.errors import UsageError
 
-__all__ = ["eval_windows", "mean_context", "perplexity"]
+__all__ = ["eval_windows", "mean_context", "nll_to_perplexity", "perplexity", "window_nll"]
 
 
 def _positive_int(value: int, what: str) -> int:
@@ -47,12 +47,11 @@ def mean_context(window: int) -> float:
     return (_positive_int(window, "window") + 1) / 2
 
 
-def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 32) -> float:
-    """exp(mean next-token negative log-likelihood) over every position of every window.
+def window_nll(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 32) -> torch.Tensor:
+    """Summed next-token negative log-likelihood of each window, float64 of shape (n,).
 
     `model` maps ids (B, T) to logits (B, T, V). Runs under ``torch.no_grad`` in eval mode and
-    restores each submodule's training flag. NLLs are summed in float64. A non-finite result
-    (NaN or inf) is returned as it is, for the caller to mark the trial failed.
+    restores each submodule's training flag. Non-finite values are returned as they are.
     """
     batch_size = _positive_int(batch_size, "batch_size")
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[1] < 2:
@@ -62,8 +61,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 32)
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else windows.device
     flags = [(m, m.training) for m in model.modules()]
-    total = torch.zeros((), dtype=torch.float64)
-    count = 0
+    sums = []
     try:
         model.eval()
         with torch.no_grad():
@@ -86,13 +84,27 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 32)
                     targets.reshape(-1),
                     reduction="none",
                 )
-                total += nll.to(torch.float64).sum().cpu()
-                count += nll.numel()
+                sums.append(nll.to(torch.float64).view(inputs.shape).sum(dim=1).cpu())
     finally:
         for module, flag in flags:
             module.train(flag)
-    mean = float(total) / count
+    return torch.cat(sums)
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 32) -> float:
+    """exp(mean next-token negative log-likelihood) over every position of every window.
+
+    `model` maps ids (B, T) to logits (B, T, V); see `window_nll`. NLLs are summed in float64.
+    A non-finite result (NaN or inf) is returned as it is, for the caller to mark the trial
+    failed.
+    """
+    nll = window_nll(model, windows, batch_size=batch_size)
+    return nll_to_perplexity(float(nll.sum()), nll.numel() * (windows.shape[1] - 1))
+
+
+def nll_to_perplexity(total_nll: float, tokens: int) -> float:
+    """exp(total / tokens), or inf when that overflows."""
     try:
-        return math.exp(mean)
+        return math.exp(total_nll / tokens)
     except OverflowError:
         return math.inf

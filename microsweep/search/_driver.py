@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from microsweep.errors import MicrosweepError, StorageError, UsageError
+from microsweep.search._samplers import make_sampler
 from microsweep.search._spacefile import SpaceFile, load_space_file, load_space_source
 from microsweep.storage import Store
 
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = ["SAMPLERS", "SweepResult", "resume_sweep", "run_sweep"]
 
-SAMPLERS = ("tpe", "nsga2", "random")
+SAMPLERS = ("auto", "allocate", "tpe", "nsga2", "gp", "cmaes", "random", "uniform")
+"""Sampler names (`microsweep.search._samplers`); ``auto`` is the default."""
 
 
 @dataclass
@@ -41,18 +43,24 @@ class SweepResult:
     best_perplexity: float | None = None
     wall: float = 0.0
     driver_ms_per_trial: float = 0.0
+    best_uniform_number: int | None = None
+    best_uniform_score: float | None = None
+    eval_seconds: float = 0.0
+    eval_seconds_saved: float = 0.0
+    sensitivity: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
-
-def _make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
-    import optuna
-
-    if name == "tpe":
-        return optuna.samplers.TPESampler(multivariate=True, seed=seed)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise UsageError(f"sampler {name!r} is not one of {', '.join(SAMPLERS)}")
+    def consider(self, number: int, state: str, origin: str | None, score: Any, row: Any) -> None:
+        """Fold one finished trial into the best feasible (and best uniform) figures."""
+        if state != "COMPLETE" or not row.get("feasible"):
+            return
+        if self.best_score is None or score < self.best_score:
+            self.best_number, self.best_score = number, score
+            self.best_perplexity = row.get("perplexity")
+        if origin == "uniform" and (
+            self.best_uniform_score is None or score < self.best_uniform_score
+        ):
+            self.best_uniform_number, self.best_uniform_score = number, score
 
 
 def _fingerprint(model: torch.nn.Module) -> str:
@@ -137,6 +145,107 @@ class _Progress:
         self.stream.flush()
 
 
+def _plan(
+    store: Store,
+    sweep: Any,
+    sf: SpaceFile,
+    prepared: _Prepared,
+    study: optuna.Study,
+    pool: Any,
+    result: SweepResult,
+    *,
+    progress: bool,
+) -> None:
+    """Give a planned sampler its planner (and sensitivity table), enqueue its warm starts on a
+    new study, and note what the planner drops."""
+    import math
+
+    from microsweep.allocate import Planner
+    from microsweep.score import Baseline, CountConfig
+    from microsweep.search._samplers import _PlanSampler
+    from microsweep.search._sensitivity import measure_sensitivity
+
+    sampler = study.sampler
+    if not isinstance(sampler, _PlanSampler):
+        return
+    started = time.perf_counter()
+    planner = Planner(
+        sf.space,
+        sf.model,
+        context=prepared.settings.context,
+        config=CountConfig(**prepared.settings.count),
+        baseline=Baseline(sweep.baseline_params, sweep.baseline_ops, sweep.baseline_name),
+        calib=prepared.calib,
+    )
+    n_options = sum(len(o) for o in planner.options)
+    _say(
+        progress,
+        f"planning: {n_options:,} options over {len(planner.units)} units counted exactly "
+        f"in {time.perf_counter() - started:.1f}s",
+    )
+    dense_nll = math.log(sweep.dense_perplexity)
+    ceiling = sweep.ceiling if sweep.ceiling is not None else 1.05 * sweep.dense_perplexity
+    budget = math.log(ceiling) - dense_nll
+    if sampler.needs_sensitivity:
+        table, summary = measure_sensitivity(
+            store,
+            pool,
+            planner.probes(),
+            key=sweep.eval_key or "",
+            label=sweep.name,
+            model_fingerprint=sweep.model_fingerprint,
+            data_fingerprint=sweep.data_fingerprint,
+            dense_perplexity=sweep.dense_perplexity,
+            progress=progress,
+        )
+        planner.set_sensitivity(table)
+        result.sensitivity = summary
+        result.notes.extend(planner.notes())
+    sampler.attach(planner, budget=budget, dense_nll=dense_nll)
+    if budget <= 0:
+        result.notes.append(
+            f"the ceiling {ceiling:.4g} is not above the dense perplexity "
+            f"{sweep.dense_perplexity:.4g}: no compression can meet it"
+        )
+    if not study.get_trials(deepcopy=False):
+        for params, attrs in sampler.warm_starts():
+            study.enqueue_trial(params, user_attrs=attrs)
+    for note in result.notes:
+        _say(progress, f"note: {note}")
+
+
+def _make_pool(
+    sf: SpaceFile, prepared: _Prepared, *, workers: int, address: str | None, in_process: bool
+) -> Any:
+    """The workers of a sweep (or a sensitivity pass): the space's model and evaluation."""
+    from microsweep.workers import make_pool
+
+    return make_pool(
+        workers,
+        model=sf.model,
+        windows=prepared.windows,
+        settings=prepared.settings,
+        calib=prepared.calib,
+        train_tokens=prepared.train_tokens,
+        evaluate=sf.evaluate,
+        address=address,
+        in_process=in_process,
+        register_by_value=(sf.module,),
+    )
+
+
+def _say(enabled: bool, line: str) -> None:
+    if enabled:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def _origin(study: optuna.Study, number: int, default: str) -> str:
+    origin = getattr(study.sampler, "origin", None)
+    found = origin(number) if callable(origin) else None
+    return found or default
+
+
 def _drive(
     store: Store,
     sweep: Any,
@@ -154,7 +263,6 @@ def _drive(
     from optuna.trial import TrialState
 
     from microsweep.score import Baseline, micronet_score
-    from microsweep.workers import make_pool
 
     ceiling = sweep.ceiling
     baseline = Baseline(sweep.baseline_params, sweep.baseline_ops, sweep.baseline_name)
@@ -165,35 +273,18 @@ def _drive(
     for t in finished:
         result.states[t.state.name] = result.states.get(t.state.name, 0) + 1
     for row in store.trials(sweep.name):
-        if (
-            row.state == "COMPLETE"
-            and row.feasible
-            and (result.best_score is None or row.score < result.best_score)
-        ):
-            result.best_number, result.best_score, result.best_perplexity = (
-                row.number,
-                row.score,
-                row.perplexity,
-            )
+        row_d = {"feasible": row.feasible, "perplexity": row.perplexity}
+        result.consider(row.number, row.state, row.origin, row.score, row_d)
     if done >= total:
         return result
     bar = _Progress(total, enabled=progress)
     started = time.perf_counter()
     driver_time = 0.0
-    pool = make_pool(
-        workers,
-        model=sf.model,
-        windows=prepared.windows,
-        settings=prepared.settings,
-        calib=prepared.calib,
-        train_tokens=prepared.train_tokens,
-        evaluate=sf.evaluate,
-        address=address,
-        in_process=in_process,
-        register_by_value=(sf.module,),
-    )
+    _say(progress, f"starting {'1 in-process worker' if in_process else f'{workers} Ray workers'}")
+    pool = _make_pool(sf, prepared, workers=workers, address=address, in_process=in_process)
     in_flight: dict[int, tuple[Any, Any, float]] = {}  # number -> trial, policy, ask seconds
     asked = done
+    default_origin = sweep.sampler
 
     def fail(trial: Any, policy: Any, reason: str, timings: dict[str, float]) -> None:
         """Record and tell one FAIL; the reason is kept in both stores."""
@@ -203,6 +294,7 @@ def _drive(
             trial.number,
             state="FAIL",
             reason=reason,
+            origin=_origin(study, trial.number, default_origin),
             policy=policy.to_json(),
             summary=policy.summary(),
             timings=timings,
@@ -210,6 +302,7 @@ def _drive(
         study.tell(trial, None, state=TrialState.FAIL)
 
     try:
+        _plan(store, sweep, sf, prepared, study, pool, result, progress=progress)
         while done < total:
             while pool.free and asked < total:
                 t0 = time.perf_counter()
@@ -221,20 +314,34 @@ def _drive(
             res = pool.wait()
             t0 = time.perf_counter()
             trial, policy, ask_s = in_flight[res["number"]]
+            origin = _origin(study, trial.number, default_origin)
             timings = dict(res.get("timings", {}))
+            result.eval_seconds += timings.get("evaluate", 0.0)
             state, reason, score, feasible = "FAIL", res.get("error"), None, None
             record: dict[str, Any] = {}
             try:
-                if res["status"] == "ok":
+                if res["status"] in ("ok", "pruned"):
                     score = micronet_score(res["params"], res["ops"], baseline)
-                    ppl = res["perplexity"]
-                    feasible = ceiling is None or ppl <= ceiling
-                    state, reason = "COMPLETE", None
-                    # stored: ask + suggest + scoring; the write and tell are added for callers
+                    pruned = res["status"] == "pruned"
+                    ppl = res["perplexity_estimate"] if pruned else res["perplexity"]
+                    feasible = (ceiling is None or ppl <= ceiling) and not pruned
+                    state = "PRUNED" if pruned else "COMPLETE"
+                    reason = None
+                    if pruned:
+                        seen, n = res["windows_seen"], res["windows"]
+                        reason = (
+                            f"stopped after {seen}/{n} windows: perplexity heading for "
+                            f"{ppl:.4g} (at best {res['optimistic_perplexity']:.4g}), "
+                            f"ceiling {ceiling:.4g}"
+                        )
+                        saved = timings.get("evaluate", 0.0) * (n / seen - 1)
+                        result.eval_seconds_saved += saved
+                        timings["evaluate_saved"] = saved
                     timings["driver"] = ask_s + time.perf_counter() - t0
                     record = {
                         "state": state,
-                        "reason": None,
+                        "reason": reason,
+                        "origin": origin,
                         "score": score,
                         "perplexity": ppl,
                         "params": res["params"],
@@ -244,8 +351,15 @@ def _drive(
                         "summary": policy.summary(),
                         "count_config": res.get("count_config"),
                     }
+                    if not multi:
+                        for step, value in enumerate(res.get("intermediate", ())):
+                            trial.report(value, step)
                     trial.set_constraint("perplexity", 0.0 if ceiling is None else ppl - ceiling)
-                    trial.set_user_attr("perplexity", ppl)
+                    if pruned:
+                        trial.set_user_attr("perplexity_estimate", ppl)
+                        trial.set_user_attr("score", score)
+                    else:
+                        trial.set_user_attr("perplexity", ppl)
                     store.record_trial(
                         sweep.id,
                         trial.number,
@@ -254,7 +368,10 @@ def _drive(
                         timings=timings,
                         **record,
                     )
-                    study.tell(trial, [score, ppl] if multi else score)
+                    if pruned:
+                        study.tell(trial, None, state=TrialState.PRUNED)
+                    else:
+                        study.tell(trial, [score, ppl] if multi else score)
                 else:
                     timings["driver"] = ask_s + time.perf_counter() - t0
                     fail(trial, policy, reason, timings)
@@ -266,18 +383,14 @@ def _drive(
             driver_time += timings["driver"]
             done += 1
             result.states[state] = result.states.get(state, 0) + 1
-            if (
-                state == "COMPLETE"
-                and feasible
-                and (result.best_score is None or score < result.best_score)
-            ):
-                result.best_number, result.best_score = trial.number, score
-                result.best_perplexity = res["perplexity"]
-            last = f"trial {trial.number} {state}" + (
-                f" score {score:.4g} ppl {res['perplexity']:.4g}"
-                if state == "COMPLETE"
-                else f" ({reason})"
-            )
+            result.consider(trial.number, state, origin, score, record)
+            if state == "COMPLETE":
+                mark = "" if feasible else " over the ceiling"
+                last = f"trial {trial.number} ({origin}) score {score:.4g} ppl {ppl:.4g}{mark}"
+            elif state == "PRUNED":
+                last = f"trial {trial.number} ({origin}) stopped early: {reason}"
+            else:
+                last = f"trial {trial.number} FAIL ({reason})"
             bar.update(done, result.states, result.best_score, last)
             if on_trial is not None:
                 on_trial(
@@ -309,7 +422,7 @@ def run_sweep(
     trials: int,
     workers: int = 1,
     storage: str | None = None,
-    sampler: str = "tpe",
+    sampler: str = "auto",
     seed: int | None = None,
     address: str | None = None,
     in_process: bool = False,
@@ -333,9 +446,13 @@ def run_sweep(
             "use 'microsweep resume' or another --name"
         )
     sf = load_space_file(space_path)
+    if sampler == "cmaes" and sf.objective.objectives != "score":
+        raise UsageError("--sampler cmaes handles one objective; use tpe, nsga2 or auto")
     prepared = _prepare(sf, seed or 0)
     dense = _dense(sf, prepared)
     ceiling = sf.objective.ceiling(dense["perplexity"])
+    prepared = _with_stop_rule(sf, prepared, dense, ceiling)
+    model_fp = _fingerprint(sf.model)
     if sf.objective.baseline == "dense":
         b_name, b_params, b_ops = "dense", dense["params"], dense["ops"]
     else:
@@ -348,8 +465,9 @@ def run_sweep(
         space_source=sf.source,
         space_json=sf.space.to_json(),
         objective_json=sf.objective.to_json(),
-        model_fingerprint=_fingerprint(sf.model),
+        model_fingerprint=model_fp,
         data_fingerprint=prepared.data_fingerprint,
+        eval_key=_eval_key(sf, prepared, model_fp),
         model_recipe=_recipe(sf.model),
         dense_perplexity=dense["perplexity"],
         dense_params=dense["params"],
@@ -368,7 +486,13 @@ def run_sweep(
         study = optuna.create_study(
             study_name=name,
             storage=store.optuna_storage(),
-            sampler=_make_sampler(sampler, seed),
+            sampler=make_sampler(
+                sampler,
+                seed=seed,
+                space=sf.space,
+                workers=workers,
+                multi=sf.objective.objectives != "score",
+            ),
             directions=sf.objective.directions,
         )
     except optuna.exceptions.DuplicatedStudyError:
@@ -428,7 +552,7 @@ def resume_sweep(
     import optuna
     from optuna.trial import TrialState
 
-    store = Store(storage, must_exist=True)
+    store = Store(storage, must_exist=True, upgrade=True)
     sweep = store.get_sweep(name)
     total = trials if trials is not None else sweep.target_trials
     _check_counts(total, workers)
@@ -445,9 +569,19 @@ def resume_sweep(
         raise StorageError(f"sweep {name!r} has no Optuna study in {store.url}") from None
     # a fresh seed stream: the same seed again would repeat the first policies
     seed = None if sweep.seed is None else (sweep.seed + n_before) % 2**32
-    study = optuna.load_study(
-        study_name=sweep.study_name, storage=storage_, sampler=_make_sampler(sweep.sampler, seed)
+    sampler = make_sampler(
+        sweep.sampler,
+        seed=seed,
+        space=sf.space,
+        workers=workers,
+        multi=sf.objective.objectives != "score",
     )
+    study = optuna.load_study(study_name=sweep.study_name, storage=storage_, sampler=sampler)
+    if sf.objective.early_stop and sweep.ceiling is not None and sf.evaluate is None:
+        prepared = _with_stop_rule(sf, prepared, _dense(sf, prepared), sweep.ceiling)
+    if not sweep.eval_key:
+        sweep.eval_key = _eval_key(sf, prepared, sweep.model_fingerprint)
+        store.update_sweep(name, eval_key=sweep.eval_key)
     reason = "driver stopped before the trial finished"
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage_.set_trial_user_attr(t._trial_id, "fail_reason", reason)
@@ -494,16 +628,50 @@ def _recipe(model: torch.nn.Module) -> dict[str, Any] | None:
 
 
 def _dense(sf: SpaceFile, prepared: _Prepared) -> dict[str, Any]:
-    """Perplexity and counts of the unmodified model, measured exactly as trials are."""
+    """Perplexity and counts of the unmodified model, measured exactly as trials are (with the
+    NLL of each window, for the early-stop rule)."""
     from microsweep.spaces import Policy
     from microsweep.workers import TrialRunner
 
     runner = TrialRunner(
         sf.model, prepared.windows, prepared.settings, calib=prepared.calib, evaluate=sf.evaluate
     )
-    res = runner.run(-1, Policy().to_json())
+    res = runner.run(-1, Policy().to_json(), early_stop=False, window_nll=True)
     if res["status"] != "ok":
         raise UsageError(f"the dense model cannot be evaluated: {res['error']}")
     if not math.isfinite(res["perplexity"]):
         raise UsageError(f"the dense model's perplexity is {res['perplexity']}")
     return res
+
+
+def _with_stop_rule(
+    sf: SpaceFile, prepared: _Prepared, dense: dict[str, Any], ceiling: float | None
+) -> _Prepared:
+    """`prepared` whose settings read windows in chunks against `ceiling`, when the objective
+    asks for early stopping and the built-in perplexity is used."""
+    from dataclasses import replace
+
+    from microsweep.score import StopRule
+
+    nll = dense.get("window_nll")
+    if not sf.objective.early_stop or ceiling is None or sf.evaluate is not None or not nll:
+        return prepared
+    rule = StopRule(
+        dense_nll=tuple(nll),
+        tokens_per_window=prepared.windows.shape[1] - 1,
+        ceiling=ceiling,
+    )
+    return replace(prepared, settings=replace(prepared.settings, stop=rule))
+
+
+def _eval_key(sf: SpaceFile, prepared: _Prepared, model_fp: str) -> str:
+    from microsweep.search._sensitivity import eval_key
+
+    return eval_key(
+        model_fingerprint=model_fp,
+        data_fingerprint=prepared.data_fingerprint,
+        windows=prepared.windows,
+        calib=prepared.calib,
+        objective=sf.objective,
+        evaluate_source=sf.source if sf.evaluate is not None else None,
+    )

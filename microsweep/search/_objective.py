@@ -23,6 +23,9 @@ class MicroNet:
     - `eval_tokens`, `window`: perplexity is measured on the first `eval_tokens` tokens of the
       validation split in non-overlapping windows of `window` (default: the model's block size).
     - `count`: options of the MicroNet counter (`microsweep.score.CountConfig` fields).
+    - `early_stop`: read the evaluation windows in chunks and end a trial PRUNED once its
+      perplexity cannot plausibly meet the ceiling (see `microsweep.score.StopRule`); needs a
+      ceiling and the built-in perplexity.
     """
 
     perplexity_ceiling: float | None = None
@@ -33,6 +36,7 @@ class MicroNet:
     window: int | None = None
     calib_tokens: int = 2048
     count: dict[str, Any] = field(default_factory=dict)
+    early_stop: bool = True
 
     def __post_init__(self) -> None:
         c = self.perplexity_ceiling
@@ -56,6 +60,8 @@ class MicroNet:
             raise SpaceError(f"MicroNet: eval_tokens {self.eval_tokens!r} must be an int >= 16")
         if self.window is not None and (not isinstance(self.window, int) or self.window < 2):
             raise SpaceError(f"MicroNet: window {self.window!r} must be an int >= 2")
+        if not isinstance(self.early_stop, bool):
+            raise SpaceError(f"MicroNet: early_stop {self.early_stop!r} must be True or False")
         from microsweep.score import CountConfig
 
         try:

@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from microsweep.errors import MicrosweepError, UsageError
+from microsweep.errors import MicrosweepError, SpaceWarning, UsageError
 from microsweep.search._objective import MicroNet
 from microsweep.spaces import Space
 
@@ -60,20 +61,33 @@ def load_space_source(source: str, path: str) -> SpaceFile:
     module = importlib.util.module_from_spec(spec)
     module.__file__ = path
     sys.modules[mod_name] = module
-    try:
-        code = compile(source, path, "exec")
-        exec(code, module.__dict__)
-    except MicrosweepError as exc:
-        raise type(exc)(f"{path}: {exc}") from None
-    except SyntaxError as exc:
-        raise UsageError(f"space file {path} line {exc.lineno}: syntax error: {exc.msg}") from None
-    except Exception as exc:
-        frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == path]
-        line = f" line {frames[-1].lineno}" if frames else ""
-        raise UsageError(f"space file {path}{line}: {type(exc).__name__}: {exc}") from None
+    # notes the space raises while the file runs are shown only if the file loads: an error
+    # stays one line
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SpaceWarning)
+        try:
+            code = compile(source, path, "exec")
+            exec(code, module.__dict__)
+        except MicrosweepError as exc:
+            raise type(exc)(f"{path}: {exc}") from None
+        except SyntaxError as exc:
+            raise UsageError(
+                f"space file {path} line {exc.lineno}: syntax error: {exc.msg}"
+            ) from None
+        except Exception as exc:
+            frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == path]
+            line = f" line {frames[-1].lineno}" if frames else ""
+            raise UsageError(f"space file {path}{line}: {type(exc).__name__}: {exc}") from None
     space = module.__dict__.get("space")
     if not isinstance(space, Space):
         raise UsageError(f"space file {path} must define `space = Space(model, rules=...)`")
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return _collect(module, path, source, space)
+
+
+def _collect(module: ModuleType, path: str, source: str, space: Space) -> SpaceFile:
+    """The objective, corpus and evaluate a loaded space file defines, checked."""
     objective = module.__dict__.get("objective", MicroNet())
     if not isinstance(objective, MicroNet):
         raise UsageError(

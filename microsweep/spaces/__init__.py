@@ -2,7 +2,7 @@
 
 from microsweep.spaces._knobs import Bits, Choice, Float, Int, Knob, Rank, Sparsity
 from microsweep.spaces._policy import POLICY_VERSION, LayerPolicy, Policy
-from microsweep.spaces._space import LayerInfo, Space
+from microsweep.spaces._space import LayerInfo, Space, Unit
 
 __all__ = [
     "POLICY_VERSION",
@@ -17,4 +17,5 @@ __all__ = [
     "Rank",
     "Space",
     "Sparsity",
+    "Unit",
 ]

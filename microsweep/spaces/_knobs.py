@@ -7,6 +7,7 @@ knobs (`Choice`, `Float`, `Int`) become hyperparameters.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,11 @@ class Knob:
 
     def to_json(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    @property
+    def is_constant(self) -> bool:
+        """True when `suggest` asks the trial nothing (a single fixed value)."""
+        return False
 
 
 def _check_range(kind: str, low: float, high: float) -> None:
@@ -63,10 +69,26 @@ class Sparsity(Knob):
                 )
             object.__setattr__(self, "block", block)
 
+    @property
+    def is_constant(self) -> bool:
+        return self.low == self.high
+
     def suggest(self, trial: optuna.trial.BaseTrial, name: str) -> float:
         if self.low == self.high:
             return float(self.low)
         return trial.suggest_float(name, self.low, self.high, step=self.step)
+
+    def grid(self, levels: int = 11) -> list[float]:
+        """The values an allocation chooses among: the `step` grid, else `levels` evenly spaced
+        values from `low` to `high` (decimal-rounded, so 0.3 is 0.3)."""
+        if self.low == self.high:
+            return [float(self.low)]
+        if self.step is not None:
+            n = int(math.floor((self.high - self.low) / self.step + 1e-9))
+            values = [self.low + i * self.step for i in range(n + 1)]
+        else:
+            values = [self.low + (self.high - self.low) * i / (levels - 1) for i in range(levels)]
+        return sorted({round(v, 10) for v in values})
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -91,6 +113,10 @@ class Bits(Knob):
             if isinstance(c, bool) or c not in VALID_BITS:
                 raise SpaceError(f"Bits: {c!r} is not a width in 2..16 or 32 (32 means off)")
         object.__setattr__(self, "choices", tuple(int(c) for c in choices))
+
+    @property
+    def is_constant(self) -> bool:
+        return len(self.choices) == 1
 
     def suggest(self, trial: optuna.trial.BaseTrial, name: str) -> int:
         if len(self.choices) == 1:
@@ -136,6 +162,12 @@ class Rank(Knob):
         object.__setattr__(self, "high", high)
         object.__setattr__(self, "values", None)
 
+    @property
+    def is_constant(self) -> bool:
+        if self.values is not None:
+            return len(self.values) == 1
+        return self.low == self.high
+
     def suggest(self, trial: optuna.trial.BaseTrial, name: str) -> float | int:
         """A fraction (float) or an explicit rank (int); `resolve` turns it into a rank."""
         if self.values is not None:
@@ -152,7 +184,13 @@ class Rank(Knob):
         r * (out + in) values, would not be smaller than the out * in matrix."""
         full = min(out_features, in_features)
         rank = value if isinstance(value, int) else max(1, round(value * full))
-        return None if rank * (out_features + in_features) >= out_features * in_features else rank
+        return None if rank >= Rank.break_even(out_features, in_features) else rank
+
+    @staticmethod
+    def break_even(out_features: int, in_features: int) -> int:
+        """The smallest rank whose factors, r * (out + in) values, are not smaller than the
+        out x in matrix: every rank from here on leaves the layer dense."""
+        return -(-(out_features * in_features) // (out_features + in_features))
 
     def to_json(self) -> dict[str, Any]:
         if self.values is not None:

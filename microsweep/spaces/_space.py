@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from microsweep.errors import SpaceError
+from microsweep.errors import SpaceError, SpaceWarning
 from microsweep.spaces._knobs import Bits, Knob, Rank, Sparsity
 from microsweep.spaces._policy import VALID_BITS, LayerPolicy, Policy
 
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["LayerInfo", "Space"]
+__all__ = ["LayerInfo", "Space", "Unit"]
 
 LAYER_KNOBS = ("sparsity", "bits", "act_bits", "rank")
 _RULE_KEYS = frozenset([*LAYER_KNOBS, "tied"])
@@ -42,6 +43,20 @@ class LayerInfo:
     @property
     def full_rank(self) -> int:
         return min(self.out_features, self.in_features)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Layers that take one setting together: a single layer, or all layers of a tied rule.
+
+    `knobs` maps each layer knob of the rule to its knob (constants included); `params` maps the
+    knobs that are searched to their Optuna parameter names.
+    """
+
+    key: str
+    layers: tuple[LayerInfo, ...]
+    knobs: Mapping[str, Knob]
+    params: Mapping[str, str]
 
 
 @dataclass(frozen=True)
@@ -137,6 +152,9 @@ class Space:
         self.assignment = self._assign()
         for rule in self.rules:
             self._validate(rule)
+        self.notes = self._hygiene()
+        for note in self.notes:
+            warnings.warn(note, SpaceWarning, stacklevel=2)
 
     # -- definition-time checks -------------------------------------------------------------
     def _parse_rule(self, selector: str | type, settings: Mapping[str, Any]) -> _Rule:
@@ -214,6 +232,47 @@ class Space:
                         "use unstructured Sparsity with Rank"
                     )
 
+    def _hygiene(self) -> list[str]:
+        """Levels the scoring rules make wasteful, one note per rule and knob."""
+        notes = []
+        for rule in self.rules:
+            sparsity, bits = rule.settings.get("sparsity"), rule.settings.get("bits")
+            if isinstance(sparsity, Sparsity) and sparsity.high > 0:
+                per_value = 1.0
+                if sparsity.block is not None:
+                    per_value = 1.0 / (sparsity.block[0] * sparsity.block[1])
+                widths = sorted(bits.choices) if isinstance(bits, Bits) else [32]
+                # sparse storage is (1 - s) * b + (mask bits per value) against b for dense
+                even = [(b, per_value / b) for b in widths]
+                below = [f"{e:.3g} at w{b}" for b, e in even if 0 < e and sparsity.low < e]
+                if below:
+                    notes.append(
+                        f"rule {rule.key!r}: sparsity below the mask break-even "
+                        f"({', '.join(below)}) stores more bits than the dense layer; it still "
+                        "saves operations"
+                    )
+            rank = rule.settings.get("rank")
+            if isinstance(rank, Rank):
+                dense: dict[str, list[str]] = {}
+                for info in self.layers_of(rule):
+                    even = Rank.break_even(info.out_features, info.in_features)
+                    if rank.values is not None:
+                        if any(v >= even for v in rank.values):
+                            dense.setdefault(f"ranks >= {even}", []).append(info.name)
+                    elif rank.high is not None and round(rank.high * info.full_rank) >= even:
+                        frac = f"fractions >= {even / info.full_rank:.3g}"
+                        dense.setdefault(frac, []).append(info.name)
+                if dense:
+                    parts = []
+                    for what, names in dense.items():
+                        more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+                        parts.append(f"{what} on {', '.join(names[:2])}{more}")
+                    notes.append(
+                        f"rule {rule.key!r}: ranks at or past the break-even leave the layer "
+                        f"dense ({'; '.join(parts)})"
+                    )
+        return notes
+
     # -- queries ----------------------------------------------------------------------------
     @property
     def layers(self) -> list[LayerInfo]:
@@ -222,6 +281,72 @@ class Space:
 
     def layers_of(self, rule: _Rule) -> list[LayerInfo]:
         return [self._layers[n][1] for n, r in self.assignment.items() if r is rule]
+
+    def param_name(self, layer: str, knob: str) -> str:
+        """The Optuna parameter that sets `knob` of `layer` (the rule's name when tied)."""
+        rule = self.assignment.get(layer)
+        if rule is None or knob not in rule.settings:
+            raise SpaceError(f"layer {layer!r} has no knob {knob!r} in this space")
+        return f"{rule.key}:{knob}" if rule.tied else f"{layer}:{knob}"
+
+    def units(self) -> list[Unit]:
+        """The allocation units in model order: each untied layer alone, each tied rule whole."""
+        units: dict[str, Unit] = {}
+        for name, rule in self.assignment.items():
+            info = self._layers[name][1]
+            key = rule.key if rule.tied else name
+            if key in units:
+                old = units[key]
+                units[key] = Unit(key, (*old.layers, info), old.knobs, old.params)
+                continue
+            params = {
+                knob: self.param_name(name, knob)
+                for knob, value in rule.settings.items()
+                if not value.is_constant
+            }
+            units[key] = Unit(key, (info,), dict(rule.settings), params)
+        return list(units.values())
+
+    def policy_for(
+        self, choices: Mapping[str, Mapping[str, Any]], hyper: Mapping[str, Any] | None = None
+    ) -> Policy:
+        """The policy that gives each unit (by key) its knob values, in the units Optuna sees
+        (fractions for fractional ranks); knobs not given take their constant value."""
+        layers: dict[str, LayerPolicy] = {}
+        known = {u.key for u in self.units()}
+        unknown = set(choices) - known
+        if unknown:
+            raise SpaceError(
+                f"unknown unit(s) {sorted(unknown)[:3]}; units are layer names or tied rules"
+            )
+        for name, rule in self.assignment.items():
+            info = self._layers[name][1]
+            given = choices.get(rule.key if rule.tied else name, {})
+            values = {}
+            for key, knob in rule.settings.items():
+                if key in given:
+                    values[key] = given[key]
+                elif knob.is_constant:
+                    values[key] = knob.suggest(None, key)  # type: ignore[arg-type]
+                else:
+                    raise SpaceError(f"unit of layer {name!r} has no value for knob {key!r}")
+            layers[name] = self._layer_policy(info, rule, values)
+        return Policy(layers=layers, hyper=dict(hyper or {}))
+
+    def params_for(
+        self, choices: Mapping[str, Mapping[str, Any]], hyper: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Optuna parameter values that make `suggest` return `policy_for(choices, hyper)`
+        (for `study.enqueue_trial`)."""
+        params: dict[str, Any] = {}
+        for unit in self.units():
+            given = choices.get(unit.key, {})
+            for knob, pname in unit.params.items():
+                if knob not in given:
+                    raise SpaceError(f"unit {unit.key!r} has no value for knob {knob!r}")
+                params[pname] = given[knob]
+        params.update(hyper or {})
+        return params
 
     # -- suggestion -------------------------------------------------------------------------
     def suggest(self, trial: optuna.trial.BaseTrial) -> Policy:

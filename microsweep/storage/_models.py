@@ -23,9 +23,26 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-__all__ = ["SCHEMA_VERSION", "Base", "LayerRow", "SchemaRow", "SweepRow", "TrialRow"]
+MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
+    1: [
+        ("microsweep_trials", "origin", "VARCHAR(32)"),
+        ("microsweep_sweeps", "eval_key", "VARCHAR(64)"),
+    ],
+}
+"""Columns each version adds to the one before (new tables are created as they come)."""
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "Base",
+    "LayerRow",
+    "SchemaRow",
+    "SensitivityRow",
+    "SweepRow",
+    "TrialRow",
+]
 
 
 class Base(DeclarativeBase):
@@ -65,6 +82,7 @@ class SweepRow(Base):
     seed: Mapped[int | None] = mapped_column(Integer, nullable=True)
     target_trials: Mapped[int] = mapped_column(Integer)
     versions: Mapped[dict] = mapped_column(JSON)
+    eval_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     trials: Mapped[list[TrialRow]] = relationship(back_populates="sweep", cascade="all, delete")
 
@@ -82,6 +100,7 @@ class TrialRow(Base):
     sweep_id: Mapped[int] = mapped_column(ForeignKey("microsweep_sweeps.id", ondelete="CASCADE"))
     number: Mapped[int] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16))  # COMPLETE, PRUNED or FAIL
+    origin: Mapped[str | None] = mapped_column(String(32), nullable=True)  # who proposed it
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     score: Mapped[float | None] = mapped_column(Float, nullable=True)
     perplexity: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -119,3 +138,31 @@ class LayerRow(Base):
     ops: Mapped[float] = mapped_column(Float)
 
     trial: Mapped[TrialRow] = relationship(back_populates="layers")
+
+
+class SensitivityRow(Base):
+    """One single-knob measurement: a layer with one knob at one level, everything else dense.
+
+    Keyed by `eval_key` (model and data fingerprints plus every evaluation setting), so any
+    sweep of the same model on the same windows reuses it; the dense model is the row with
+    ``knob="dense"``. `nll` is the mean NLL per token (log perplexity).
+    """
+
+    __tablename__ = "microsweep_sensitivity"
+    __table_args__ = (UniqueConstraint("eval_key", "layer", "knob", "level"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    eval_key: Mapped[str] = mapped_column(String(64), index=True)
+    model_fingerprint: Mapped[str] = mapped_column(String(64))
+    data_fingerprint: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(256))
+    layer: Mapped[str] = mapped_column(String(512))
+    knob: Mapped[str] = mapped_column(String(16))
+    level: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
+    nll: Mapped[float] = mapped_column(Float)
+    perplexity: Mapped[float] = mapped_column(Float)
+    params: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ops: Mapped[float | None] = mapped_column(Float, nullable=True)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(DateTime)

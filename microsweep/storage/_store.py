@@ -32,11 +32,16 @@ def _now() -> datetime:
 
 
 class Store:
-    """The sweep database. `must_exist=True` refuses to create a new SQLite file (read commands)."""
+    """The sweep database. `must_exist=True` refuses to create a new SQLite file and leaves the
+    database as it is (read commands); `upgrade` (default: not `must_exist`) brings an older
+    schema up to this release's."""
 
-    def __init__(self, url: str | None = None, *, must_exist: bool = False) -> None:
+    def __init__(
+        self, url: str | None = None, *, must_exist: bool = False, upgrade: bool | None = None
+    ) -> None:
         self.url = resolve_url(url)
         self._must_exist = must_exist
+        self._upgrade = (not must_exist) if upgrade is None else upgrade
         path = sqlite_path(self.url)
         if must_exist and path is not None and not path.is_file():
             raise StorageError(f"no sweep database at {path}; check --storage or run a sweep first")
@@ -44,7 +49,13 @@ class Store:
         self._optuna: optuna.storages.RDBStorage | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"url": self.url, "_must_exist": self._must_exist, "_engine": None, "_optuna": None}
+        return {
+            "url": self.url,
+            "_must_exist": self._must_exist,
+            "_upgrade": self._upgrade,
+            "_engine": None,
+            "_optuna": None,
+        }
 
     # -- engine and schema ------------------------------------------------------------------
     @property
@@ -101,13 +112,62 @@ class Store:
                         f"database schema version {version} is newer than this release reads "
                         f"({SCHEMA_VERSION}); upgrade microsweep"
                     )
-            if not self._must_exist:
+                if version is not None and version < SCHEMA_VERSION:
+                    if not self._upgrade:
+                        raise StorageError(
+                            f"database schema version {version} is older than this release's "
+                            f"({SCHEMA_VERSION}); run 'microsweep upgrade --storage URL' first"
+                        )
+                    self._migrate(version)
+            if not self._must_exist or self._upgrade:
                 Base.metadata.create_all(self._engine)
             if not has_schema:
                 with self.session() as s:
                     s.add(SchemaRow(id=1, version=SCHEMA_VERSION))
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot use storage {self.url}: {_one_line(exc)}") from None
+
+    def _migrate(self, version: int) -> None:
+        """Add the columns each later version brings, then record the new version; a
+        concurrent upgrade that got there first is accepted."""
+        from sqlalchemy import select, text, update
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from microsweep.storage._models import MIGRATIONS, SCHEMA_VERSION, SchemaRow
+
+        assert self._engine is not None
+        try:
+            with self._engine.begin() as conn:
+                for step in range(version, SCHEMA_VERSION):
+                    for table, column, sql_type in MIGRATIONS[step]:
+                        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
+                conn.execute(update(SchemaRow).values(version=SCHEMA_VERSION))
+        except SQLAlchemyError:
+            with self._engine.connect() as conn:
+                now = conn.execute(select(SchemaRow.version)).scalar()
+            if now != SCHEMA_VERSION:
+                raise
+
+    def upgrade(self) -> tuple[int, int]:
+        """Bring the schema to this release's; returns (version before, version now)."""
+        from sqlalchemy import inspect, select
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from microsweep.storage._models import SCHEMA_VERSION, SchemaRow
+
+        engine = self._make_engine()
+        try:
+            if not inspect(engine).has_table("microsweep_schema"):
+                raise StorageError(f"{self.url} holds no microsweep tables; nothing to upgrade")
+            with engine.connect() as conn:
+                before = int(conn.execute(select(SchemaRow.version)).scalar() or 0)
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot use storage {self.url}: {_one_line(exc)}") from None
+        finally:
+            engine.dispose()
+        self._upgrade = True
+        _ = self.engine  # migrates when older
+        return before, SCHEMA_VERSION
 
     def schema_version(self) -> int:
         from sqlalchemy import select
@@ -147,12 +207,17 @@ class Store:
                 kwargs = {"connect_args": {"timeout": 30}}
             else:
                 kwargs = {"pool_pre_ping": True}
-            try:
-                self._optuna = optuna.storages.RDBStorage(self.url, engine_kwargs=kwargs)
-            except Exception as exc:
-                raise StorageError(
-                    f"cannot open Optuna storage on {self.url}: {_one_line(exc)}"
-                ) from None
+            for attempt in range(3):
+                try:
+                    self._optuna = optuna.storages.RDBStorage(self.url, engine_kwargs=kwargs)
+                    break
+                except Exception as exc:
+                    # two drivers creating Optuna's tables at once: the loser finds them made
+                    if attempt < 2 and "already exists" in str(exc):
+                        continue
+                    raise StorageError(
+                        f"cannot open Optuna storage on {self.url}: {_one_line(exc)}"
+                    ) from None
         return self._optuna
 
     # -- sweeps -----------------------------------------------------------------------------
@@ -277,6 +342,69 @@ class Store:
             if row is None:
                 raise StorageError(f"sweep {name!r} has no finished trial {number}")
             return row
+
+    # -- sensitivity ------------------------------------------------------------------------
+    def sensitivity(self, eval_key: str) -> dict[tuple[str, str, str], float]:
+        """Measured mean NLL per token by (layer, knob, level) for one evaluation key."""
+        from sqlalchemy import select
+
+        from microsweep.storage._models import SensitivityRow
+
+        with self.session() as s:
+            rows = s.execute(
+                select(
+                    SensitivityRow.layer,
+                    SensitivityRow.knob,
+                    SensitivityRow.level,
+                    SensitivityRow.nll,
+                ).where(SensitivityRow.eval_key == eval_key)
+            ).all()
+        return {(layer, knob, level): float(nll) for layer, knob, level, nll in rows}
+
+    def sensitivity_rows(self, eval_key: str) -> list[Any]:
+        """Every stored measurement of one evaluation key (for plots and reports)."""
+        from sqlalchemy import select
+
+        from microsweep.storage._models import SensitivityRow
+
+        with self.session() as s:
+            query = select(SensitivityRow).where(SensitivityRow.eval_key == eval_key)
+            return list(s.scalars(query.order_by(SensitivityRow.id)))
+
+    def sensitivity_keys(self) -> list[tuple[str, str, int]]:
+        """(eval key, label, rows) of every stored sensitivity table, oldest first."""
+        from sqlalchemy import func, select
+
+        from microsweep.storage._models import SensitivityRow
+
+        with self.session() as s:
+            rows = s.execute(
+                select(
+                    SensitivityRow.eval_key,
+                    func.min(SensitivityRow.label),
+                    func.count(SensitivityRow.id),
+                    func.min(SensitivityRow.id),
+                )
+                .group_by(SensitivityRow.eval_key)
+                .order_by(func.min(SensitivityRow.id))
+            ).all()
+        return [(key, label, int(n)) for key, label, n, _ in rows]
+
+    def record_sensitivity(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert measurements; one that another process stored meanwhile is kept as it is."""
+        if not rows:
+            return
+        from microsweep.storage._models import SensitivityRow
+
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        values = [{"created_at": _now(), **dict(r)} for r in rows]
+        stmt = insert(SensitivityRow).values(values).on_conflict_do_nothing()
+        with self.session() as s:
+            s.execute(stmt)
 
     def dispose(self) -> None:
         if self._engine is not None:

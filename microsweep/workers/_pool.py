@@ -35,7 +35,8 @@ class WorkerPool:
     def busy(self) -> int:
         return self.size - self.free
 
-    def submit(self, number: int, policy_json: Mapping[str, Any]) -> None:
+    def submit(self, number: int, policy_json: Mapping[str, Any], **options: Any) -> None:
+        """Start one policy on a free worker; `options` go to `TrialRunner.run`."""
         raise NotImplementedError
 
     def wait(self) -> dict[str, Any]:
@@ -57,8 +58,8 @@ class InProcessPool(WorkerPool):
     def free(self) -> int:
         return 0 if self._done else 1
 
-    def submit(self, number: int, policy_json: Mapping[str, Any]) -> None:
-        self._done.append(self.runner.run(number, policy_json))
+    def submit(self, number: int, policy_json: Mapping[str, Any], **options: Any) -> None:
+        self._done.append(self.runner.run(number, policy_json, **options))
 
     def wait(self) -> dict[str, Any]:
         return self._done.popleft()
@@ -140,9 +141,9 @@ class RayPool(WorkerPool):
     def free(self) -> int:
         return len(self._idle)
 
-    def submit(self, number: int, policy_json: Mapping[str, Any]) -> None:
+    def submit(self, number: int, policy_json: Mapping[str, Any], **options: Any) -> None:
         actor = self._idle.pop()
-        ref = actor.run.remote(number, dict(policy_json))
+        ref = actor.run.remote(number, dict(policy_json), **options)
         self._running[ref] = (actor, number)
 
     def wait(self) -> dict[str, Any]:

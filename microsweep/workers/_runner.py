@@ -14,10 +14,13 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from microsweep.score import StopRule
 
 __all__ = ["EvalSettings", "TrialRunner"]
 
@@ -31,6 +34,7 @@ class EvalSettings:
     batch_size: int = 32
     finetune_block: int | None = None  # default: the evaluation window length
     seed: int = 0
+    stop: StopRule | None = None  # chunked evaluation that may end a hopeless trial early
 
 
 class TrialRunner:
@@ -67,8 +71,20 @@ class TrialRunner:
         torch.set_grad_enabled(False)
         torch.manual_seed(self.settings.seed * 1_000_003 + number)
 
-    def run(self, number: int, policy_json: Mapping[str, Any]) -> dict[str, Any]:
-        """Evaluate one policy; never raises for a trial's own failure."""
+    def run(
+        self,
+        number: int,
+        policy_json: Mapping[str, Any],
+        *,
+        early_stop: bool = True,
+        window_nll: bool = False,
+    ) -> dict[str, Any]:
+        """Evaluate one policy; never raises for a trial's own failure.
+
+        With a stop rule in the settings and `early_stop`, the windows are read in chunks and a
+        trial that cannot meet the ceiling ends with ``status="pruned"``; `window_nll` adds the
+        per-window NLL sums to the result (the dense run records them for the rule).
+        """
         from microsweep.spaces import Policy
 
         timings: dict[str, float] = {}
@@ -77,23 +93,25 @@ class TrialRunner:
         try:
             self._reset_torch_state(number)
             policy = Policy.from_json(policy_json)
-            result = self._run(policy, timings)
+            result = self._run(policy, timings, early_stop=early_stop, keep_nll=window_nll)
         except Exception as exc:  # a worker exception is a FAIL with its reason, not a crash
             tb = traceback.extract_tb(exc.__traceback__)
             where = f" at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else ""
             result = {"status": "error", "error": f"{type(exc).__name__}: {exc}{where}"}
         finally:
             torch.set_grad_enabled(grad_mode)  # the caller's, not ours
-            gc.collect()
+            gc.collect(0)  # young objects only: a full collection costs ~90 ms a trial
         timings["total"] = time.perf_counter() - started
         result["timings"] = timings
         result["number"] = number
         return result
 
-    def _run(self, policy: Any, timings: dict[str, float]) -> dict[str, Any]:
+    def _run(
+        self, policy: Any, timings: dict[str, float], *, early_stop: bool, keep_nll: bool
+    ) -> dict[str, Any]:
         from microsweep.compress import compress
         from microsweep.export import round_to_storage
-        from microsweep.score import CountConfig, count, perplexity
+        from microsweep.score import CountConfig, count
 
         t = time.perf_counter()
         model = compress(self.base, policy, calib=self.calib)
@@ -115,33 +133,70 @@ class TrialRunner:
         timings["count"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        extra: dict[str, Any] = {}
         if self.evaluate_fn is not None:
             ppl = float(self.evaluate_fn(model))
         else:
-            ppl = perplexity(model, self.windows, batch_size=self.settings.batch_size)
+            ppl, extra = self._evaluate(model, early_stop=early_stop, keep_nll=keep_nll)
         timings["evaluate"] = time.perf_counter() - t
         del model
-        if not math.isfinite(ppl):
-            return {
-                "status": "error",
-                "error": f"perplexity is {ppl} (not finite)",
-                "params": counts.params,
-                "ops": counts.ops,
-            }
         layers = [lc.to_json() for lc in counts.layers]
         for row in layers:  # the policy's requested settings sit beside the counted values
             lp = policy.layers.get(row["name"])
             if lp is not None and row.get("sparsity") is None:
                 row["sparsity"] = lp.sparsity
-        return {
-            "status": "ok",
-            "perplexity": ppl,
+        counted = {
             "params": counts.params,
             "ops": counts.ops,
             "freebie": counts.freebie,
             "layers": layers,
             "count_config": counts.config.to_json(),
         }
+        if not math.isfinite(ppl):
+            return {"status": "error", "error": f"perplexity is {ppl} (not finite)", **counted}
+        if extra.get("pruned"):
+            return {"status": "pruned", **extra, **counted}
+        return {"status": "ok", "perplexity": ppl, **extra, **counted}
+
+    def _evaluate(
+        self, model: nn.Module, *, early_stop: bool, keep_nll: bool
+    ) -> tuple[float, dict[str, Any]]:
+        """Perplexity on the windows, chunk by chunk when a stop rule is set; the extra keys
+        are the intermediate projections, and for a stopped trial its estimate and reach."""
+        from microsweep.score import nll_to_perplexity, window_nll
+
+        windows, batch = self.windows, self.settings.batch_size
+        rule = self.settings.stop
+        tokens = windows.shape[0] * (windows.shape[1] - 1)
+        if rule is None or rule.n_windows != windows.shape[0]:
+            nll = window_nll(model, windows, batch_size=batch)
+            extra = {"window_nll": nll.tolist()} if keep_nll else {}
+            return nll_to_perplexity(float(nll.sum()), tokens), extra
+        seen: list[int] = []
+        values: list[torch.Tensor] = []
+        intermediate: list[float] = []
+        for chunk in rule.chunk_indices():
+            values.append(window_nll(model, windows[chunk], batch_size=batch))
+            seen.extend(chunk)
+            verdict = rule.verdict(seen, torch.cat(values))
+            intermediate.append(verdict.projected)
+            if early_stop and verdict.stop and len(seen) < rule.n_windows:
+                if not math.isfinite(verdict.projected):
+                    return math.inf, {}
+                return verdict.projected, {
+                    "pruned": True,
+                    "perplexity_estimate": verdict.projected,
+                    "optimistic_perplexity": verdict.optimistic,
+                    "windows_seen": len(seen),
+                    "windows": rule.n_windows,
+                    "intermediate": intermediate,
+                }
+        nll = torch.empty(rule.n_windows, dtype=torch.float64)
+        nll[torch.tensor(seen)] = torch.cat(values)
+        extra: dict[str, Any] = {"intermediate": intermediate}
+        if keep_nll:
+            extra["window_nll"] = nll.tolist()
+        return nll_to_perplexity(float(nll.sum()), tokens), extra
 
     def _finetune(self, model: nn.Module, steps: int, lr: float) -> None:
         """Recovery fine-tuning: AdamW steps on training windows, projected back onto the

@@ -1,0 +1,277 @@
+"""Option tables: every combination of a unit's knob levels with its exact cost and how its
+knobs interact.
+
+Cost is exact: each option's layer is really compressed and counted alone by the MicroNet
+counter, in both counting modes (the 16-bit allowance applies only when no width anywhere is
+below 16 bits, so a policy is counted in one mode or the other as a whole). A layer's count
+depends on nothing but the layer (a shared weight is stored once, by the compressed side), so
+the score of any policy is the dense model's plus the sum of its options' deltas; a test checks
+this against the counter on whole compressed models.
+
+Interaction: the sensitivity pass measures each knob alone. How knobs combine inside a layer is
+read from a proxy, the relative output error ||(W' - W) X||^2 / ||W X||^2 on calibration
+inputs X (the quantity post-training compression methods minimise), plus the error the input
+quantizer adds. `rho` = error of the combination / sum of the errors of its knobs alone; the
+predicted loss of a combination is `rho` times the sum of its knobs' measured losses, exact at
+every measured point.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from microsweep.allocate._levels import KNOBS, identity_level, layer_setting, level_key
+from microsweep.compress import (
+    LowRankLinear,
+    compress_layer,
+    factorize,
+    fake_quantize_symmetric,
+    magnitude_masks,
+    tensor_scale,
+)
+from microsweep.score import Baseline, CountConfig, count
+from microsweep.spaces import LayerPolicy, Unit
+
+__all__ = ["MODES", "UnitOptions", "build_unit_options"]
+
+MODES = ("quantized", "freebie")
+"""Counting modes: below 16 bits somewhere (real widths), or the 16-bit allowance for all."""
+
+
+@dataclass
+class UnitOptions:
+    """Every level combination of one unit.
+
+    - `combos` (K, n_knobs): level index per knob (`knobs` order), 0 = least compressed;
+    - `cost` (K, 2): the score delta against the dense model in each of `MODES` (NaN where the
+      combination rules the mode out);
+    - `rho` (K, n_layers): interaction ratio per member layer;
+    - `keys[(m, knob, i)]`: the sensitivity-table key of member m's knob at level i (None for
+      the identity level).
+    """
+
+    unit: Unit
+    knobs: tuple[str, ...]
+    levels: dict[str, list[Any]]
+    combos: np.ndarray
+    cost: np.ndarray
+    rho: np.ndarray
+    keys: dict[tuple[int, str, int], str | None]
+    _index: dict[tuple[int, ...], int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._index = {tuple(int(v) for v in row): k for k, row in enumerate(self.combos)}
+
+    def __len__(self) -> int:
+        return len(self.combos)
+
+    def values(self, k: int) -> dict[str, Any]:
+        """Knob values (Optuna units) of combination `k`."""
+        return {
+            kn: self.levels[kn][int(i)] for kn, i in zip(self.knobs, self.combos[k], strict=True)
+        }
+
+    def index_of(self, levels: tuple[int, ...]) -> int | None:
+        """The combination with these level indices, if it exists."""
+        return self._index.get(tuple(levels))
+
+    def locate(self, values: Mapping[str, Any]) -> int | None:
+        """The combination whose knob values equal `values` (floats to 1e-9), if any."""
+        idx = []
+        for kn in self.knobs:
+            if kn not in values:
+                return None
+            found = _find(self.levels[kn], values[kn])
+            if found is None:
+                return None
+            idx.append(found)
+        return self.index_of(tuple(idx))
+
+    def nearest(self, knob: str, value: Any) -> int:
+        """Index of the level of `knob` nearest to `value` (ties: the less compressed)."""
+        levels = self.levels[knob]
+        if knob == "rank":
+            order = [(_rank_distance(v, value), i) for i, v in enumerate(levels)]
+        else:
+            order = [(abs(float(v) - float(value)), i) for i, v in enumerate(levels)]
+        return min(order)[1]
+
+
+def _find(levels: list[Any], value: Any) -> int | None:
+    for i, level in enumerate(levels):
+        if level is None or value is None:
+            if level is value:
+                return i
+        elif abs(float(level) - float(value)) < 1e-9 and isinstance(level, int) == isinstance(
+            value, int
+        ):
+            return i
+    return None
+
+
+def _rank_distance(a: Any, b: Any) -> float:
+    return abs(float(a) - float(b))
+
+
+def _effective_weight(module: nn.Module) -> torch.Tensor:
+    if isinstance(module, LowRankLinear):
+        return _effective_weight(module.second) @ _effective_weight(module.first)
+    return module.weight.detach().to(torch.float64)
+
+
+class _Holder(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+
+def _score(module: nn.Module, context: float, config: CountConfig, baseline: Baseline):
+    counts = count(_Holder(module), context=context, config=config)
+    return counts.params / baseline.params + counts.ops / baseline.ops, counts.freebie
+
+
+def build_unit_options(
+    unit: Unit,
+    model: nn.Module,
+    levels: dict[str, list[Any]],
+    *,
+    context: float,
+    config: CountConfig,
+    baseline: Baseline,
+    inputs: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> UnitOptions:
+    """Compress and count every combination of `levels` for each layer of `unit`."""
+    knobs = tuple(k for k in KNOBS if k in levels)
+    grid = [range(len(levels[k])) for k in knobs]
+    combos = np.array(list(itertools.product(*grid)), dtype=np.int64).reshape(-1, len(knobs))
+    n, m = len(combos), len(unit.layers)
+    cost = np.zeros((n, len(MODES)))
+    rho = np.ones((n, m))
+    keys: dict[tuple[int, str, int], str | None] = {}
+    quantized = replace(config, freebie=False)
+    freebie_on = config.freebie
+    with torch.no_grad():
+        for mi, info in enumerate(unit.layers):
+            linear = model.get_submodule(info.name)
+            dense_q, _ = _score(linear, context, quantized, baseline)
+            dense_f = _score(linear, context, config, baseline)[0] if freebie_on else np.nan
+            layer_in = inputs.get(info.name) if inputs else None
+            proxy = _Proxy(linear, layer_in)
+            for kn in knobs:
+                for i, value in enumerate(levels[kn]):
+                    setting = layer_setting(info, dict(unit.knobs), {kn: value})
+                    keys[(mi, kn, i)] = level_key(kn, setting)
+            builder = _LayerBuilder(linear, list(levels.get("sparsity", [])))
+            for k, row in enumerate(combos):
+                values = {kn: levels[kn][int(i)] for kn, i in zip(knobs, row, strict=True)}
+                setting = layer_setting(info, dict(unit.knobs), values)
+                module = builder.build(setting, proxy.act_scale(setting.act_bits))
+                score_q, _ = _score(module, context, quantized, baseline)
+                cost[k, 0] += score_q - dense_q
+                if freebie_on and min(setting.bits, setting.act_bits) >= 16:
+                    score_f, applied = _score(module, context, config, baseline)
+                    cost[k, 1] += (score_f - dense_f) if applied else np.nan
+                else:
+                    cost[k, 1] = np.nan
+                if layer_in is not None:
+                    rho[k, mi] = proxy.ratio(setting, builder, module)
+    return UnitOptions(unit, knobs, levels, combos, cost, rho, keys)
+
+
+class _LayerBuilder:
+    """Builds compressed variants of one Linear, reusing factorizations and magnitude masks."""
+
+    def __init__(self, linear: nn.Linear, sparsities: list[float]) -> None:
+        self.linear = linear
+        self.sparsities = [s for s in sparsities if s > 0]
+        self._factors: dict[int, LowRankLinear] = {}
+        self._masks: dict[tuple[int | None, float, tuple[int, int] | None], tuple] = {}
+
+    def factors(self, rank: int) -> LowRankLinear:
+        if rank not in self._factors:
+            self._factors[rank] = factorize(self.linear, rank)
+        return self._factors[rank]
+
+    def build(self, setting: LayerPolicy, act_scale: torch.Tensor | None) -> nn.Module:
+        factors = self.factors(setting.rank) if setting.rank is not None else None
+        masks = None
+        if setting.sparsity > 0:
+            key = (setting.rank, setting.sparsity, setting.block)
+            if key not in self._masks:
+                mats = [self.linear] if factors is None else [factors.first, factors.second]
+                per_matrix = [
+                    magnitude_masks(mat.weight, self.sparsities, setting.block) for mat in mats
+                ]
+                for i, s in enumerate(self.sparsities):
+                    self._masks[(setting.rank, s, setting.block)] = tuple(m[i] for m in per_matrix)
+            masks = self._masks[key]
+        return compress_layer(
+            self.linear, setting, act_scale=act_scale, factors=factors, masks=masks
+        )
+
+
+class _Proxy:
+    """Relative output error of compressed variants of one layer on its calibration inputs."""
+
+    def __init__(
+        self, linear: nn.Linear, layer_in: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> None:
+        self.weight = linear.weight.detach().to(torch.float32)
+        self._weight_err: dict[tuple[int | None, float, int], float] = {}
+        self._act_err: dict[int, float] = {}
+        self.rows, self.amax = layer_in if layer_in is not None else (None, None)
+        if self.rows is not None:
+            self.gram = (self.rows.double().T @ self.rows.double()).to(torch.float32)
+            self.ref = max(float(((self.weight @ self.gram) * self.weight).sum()), 1e-30)
+
+    def act_scale(self, act_bits: int) -> torch.Tensor | None:
+        if act_bits >= 32:
+            return None
+        amax = self.amax if self.amax is not None else torch.tensor(1.0)
+        return tensor_scale(amax, act_bits)
+
+    def weight_error(
+        self, setting: LayerPolicy, builder: _LayerBuilder, module: nn.Module | None = None
+    ) -> float:
+        """Relative output error of the weights alone (`module`: already built for `setting`)."""
+        key = (setting.rank, setting.sparsity, setting.bits)
+        if key not in self._weight_err:
+            if setting.rank is None and setting.sparsity == 0 and setting.bits == 32:
+                self._weight_err[key] = 0.0
+            else:
+                if module is None:
+                    module = builder.build(replace(setting, act_bits=32), None)
+                diff = _effective_weight(module).to(torch.float32) - self.weight
+                self._weight_err[key] = float(((diff @ self.gram) * diff).sum()) / self.ref
+        return self._weight_err[key]
+
+    def act_error(self, act_bits: int) -> float:
+        if act_bits >= 32:
+            return 0.0
+        if act_bits not in self._act_err:
+            scale = self.act_scale(act_bits)
+            delta = (
+                fake_quantize_symmetric(self.rows, scale.to(torch.float64), act_bits) - self.rows
+            )
+            self._act_err[act_bits] = float(((delta @ self.weight.T) ** 2).sum()) / self.ref
+        return self._act_err[act_bits]
+
+    def ratio(self, setting: LayerPolicy, builder: _LayerBuilder, module: nn.Module) -> float:
+        """Error of the combination over the sum of its knobs' errors alone (1 if all zero)."""
+        whole = self.weight_error(setting, builder, module) + self.act_error(setting.act_bits)
+        alone = self.act_error(setting.act_bits)
+        for knob in ("sparsity", "bits", "rank"):
+            value = getattr(setting, knob)
+            if value != identity_level(knob):
+                single = LayerPolicy(
+                    **{knob: value, "block": setting.block if knob == "sparsity" else None}
+                )
+                alone += self.weight_error(single, builder)
+        return whole / alone if alone > 1e-15 else 1.0

@@ -1,0 +1,133 @@
+"""Sensitivity curves: perplexity of each layer alone at each level of each knob.
+
+`sensitivity_data` reads one stored table (by evaluation key) into a small object the tests
+assert on; `write_sensitivity_html` draws it as one panel per knob, one curve per layer, with
+the dense model and the ceiling as horizontal lines.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from microsweep.errors import UsageError
+from microsweep.storage import Store
+
+__all__ = ["SensitivityData", "sensitivity_data", "write_sensitivity_html"]
+
+_KNOB_TITLES = {
+    "sparsity": "sparsity (fraction pruned)",
+    "bits": "weight bits",
+    "act_bits": "activation bits",
+    "rank": "rank",
+}
+
+
+@dataclass
+class SensitivityData:
+    """Curves by knob then layer: lists of (level value, perplexity), sorted by value."""
+
+    eval_key: str
+    label: str
+    dense_perplexity: float | None
+    ceiling: float | None
+    curves: dict[str, dict[str, list[tuple[float, float]]]] = field(default_factory=dict)
+
+    @property
+    def probes(self) -> int:
+        return sum(len(points) for layers in self.curves.values() for points in layers.values())
+
+
+def sensitivity_data(
+    store: Store, eval_key: str, *, ceiling: float | None = None
+) -> SensitivityData:
+    """The stored table under `eval_key` as curves; a key with no rows is an error."""
+    rows = store.sensitivity_rows(eval_key)
+    if not rows:
+        raise UsageError(f"no sensitivity measurements under key {eval_key} in {store.url}")
+    data = SensitivityData(eval_key, rows[0].label, None, ceiling)
+    for row in rows:
+        if row.knob == "dense":
+            data.dense_perplexity = row.perplexity
+            continue
+        layer = data.curves.setdefault(row.knob, {}).setdefault(row.layer, [])
+        layer.append((row.value, row.perplexity))
+    for layers in data.curves.values():
+        for points in layers.values():
+            points.sort()
+    return data
+
+
+def figure(data: SensitivityData) -> Any:
+    """One panel per knob; each layer's perplexity against the knob's level."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    knobs = [k for k in _KNOB_TITLES if k in data.curves]
+    fig = make_subplots(
+        rows=1,
+        cols=max(1, len(knobs)),
+        shared_yaxes=True,
+        subplot_titles=[_KNOB_TITLES[k] for k in knobs],
+    )
+    from plotly.colors import qualitative
+
+    palette = qualitative.Dark24 + qualitative.Light24
+    layers = sorted({layer for k in knobs for layer in data.curves[k]})
+    colour = {layer: palette[i % len(palette)] for i, layer in enumerate(layers)}
+    finite = [
+        p for k in knobs for pts in data.curves[k].values() for _, p in pts if math.isfinite(p)
+    ]
+    for col, knob in enumerate(knobs, start=1):
+        for layer, points in data.curves[knob].items():
+            xs = [v for v, _ in points]
+            ys = [p if math.isfinite(p) else None for _, p in points]
+            fig.add_trace(
+                go.Scatter(
+                    x=xs,
+                    y=ys,
+                    mode="lines+markers",
+                    name=layer,
+                    legendgroup=layer,
+                    showlegend=col == 1 or layer not in data.curves[knobs[0]],
+                    line=dict(color=colour[layer]),
+                    hovertemplate=(
+                        f"{layer}<br>{knob} %{{x}}<br>perplexity %{{y:.4f}}<extra></extra>"
+                    ),
+                ),
+                row=1,
+                col=col,
+            )
+        for value, name, dash in (
+            (data.dense_perplexity, "dense", "dot"),
+            (data.ceiling, "ceiling", "dash"),
+        ):
+            if value is not None:
+                label = {"annotation_text": name} if col == 1 else {}
+                fig.add_hline(y=value, line_dash=dash, line_color="#444", row=1, col=col, **label)
+        if knob in ("bits", "act_bits", "rank"):
+            fig.update_xaxes(autorange="reversed", row=1, col=col)  # more compression rightward
+    if finite:
+        top = max(finite)
+        if data.ceiling is not None:
+            top = min(top, data.ceiling + 2 * (data.ceiling - (data.dense_perplexity or 0)))
+        low = min(finite + ([data.dense_perplexity] if data.dense_perplexity else []))
+        fig.update_yaxes(range=[low - 0.02 * (top - low + 1e-9), top], row=1, col=1)
+    fig.update_layout(
+        title=f"microsweep sensitivity '{data.label}': each layer alone at each level "
+        f"({data.probes} measurements)",
+        yaxis_title="validation perplexity",
+        template="plotly_white",
+        legend=dict(orientation="v"),
+    )
+    return fig
+
+
+def write_sensitivity_html(data: SensitivityData, path: str | Path) -> None:
+    """Write the curves as a self-contained HTML page (plotly.js inlined)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UsageError(f"folder {path.parent} for the plot does not exist; create it first")
+    figure(data).write_html(str(path), include_plotlyjs=True, full_html=True)

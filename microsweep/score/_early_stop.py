@@ -1,0 +1,109 @@
+"""Early stopping: evaluate a trial's windows in chunks and stop once its perplexity cannot
+plausibly meet the ceiling.
+
+The rule compares each window's NLL with the dense model's on the same window, so that how hard a
+window's text is cancels out and only the compression's excess remains. Chunks take every k-th
+window (a systematic sample across the split), so a stop never rests on one stretch of text. With
+E the total excess the ceiling allows, a trial stops after a chunk when
+
+    observed excess + n_rest * (mean excess - z * sd * sqrt(1/n_seen + 1/n_rest)) > E
+
+that is, when even a z-standard-error optimistic guess for the unseen windows cannot bring it
+under the ceiling. z = 4 keeps false stops of trials that end feasible out of reach in practice;
+`tests/test_early_stop.py` replays the rule on recorded trials to check it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from microsweep.errors import UsageError
+
+__all__ = ["ChunkVerdict", "StopRule"]
+
+
+@dataclass(frozen=True)
+class ChunkVerdict:
+    """The rule's reading after a chunk: the projected final perplexity (observed excess per
+    window carried to the unseen ones), an optimistic bound on it, and whether to stop."""
+
+    seen: int
+    projected: float
+    optimistic: float
+    stop: bool
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """Chunked evaluation against a perplexity ceiling.
+
+    - `dense_nll`: the dense model's summed NLL per evaluation window, in window order;
+    - `tokens_per_window`: predicted tokens per window;
+    - `ceiling`: the perplexity a trial must not exceed;
+    - `chunks`: how many chunks the windows are read in (chunk c holds windows c, c+k, ...);
+    - `z`: how many standard errors of optimism the unseen windows get before a stop;
+    - `min_fraction`: the share of windows read before any stop.
+    """
+
+    dense_nll: tuple[float, ...]
+    tokens_per_window: int
+    ceiling: float
+    chunks: int = 8
+    z: float = 4.0
+    min_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not self.dense_nll:
+            raise UsageError("StopRule: dense_nll is empty; it needs one value per window")
+        if not (isinstance(self.chunks, int) and self.chunks >= 1):
+            raise UsageError(f"StopRule: chunks={self.chunks!r} must be an int >= 1")
+        if not (math.isfinite(self.ceiling) and self.ceiling > 0):
+            raise UsageError(f"StopRule: ceiling {self.ceiling!r} must be a positive number")
+        if not self.z >= 0:
+            raise UsageError(f"StopRule: z={self.z!r} must be >= 0")
+        if not 0.0 <= self.min_fraction <= 1.0:
+            raise UsageError(f"StopRule: min_fraction={self.min_fraction!r} must be in [0, 1]")
+
+    @property
+    def n_windows(self) -> int:
+        return len(self.dense_nll)
+
+    def chunk_indices(self) -> list[list[int]]:
+        """Window indices of each chunk: chunk c holds windows c, c + k, c + 2k, ..."""
+        k = min(self.chunks, self.n_windows)
+        return [list(range(c, self.n_windows, k)) for c in range(k)]
+
+    def allowed_excess(self) -> float:
+        """The total NLL above the dense model's that still meets the ceiling."""
+        tokens = self.n_windows * self.tokens_per_window
+        return tokens * math.log(self.ceiling) - math.fsum(self.dense_nll)
+
+    def verdict(self, indices: Sequence[int], nll: Sequence[float] | torch.Tensor) -> ChunkVerdict:
+        """Read the windows seen so far (`indices` with their summed `nll`) and decide."""
+        n = self.n_windows
+        seen = len(indices)
+        values = torch.as_tensor(nll, dtype=torch.float64).reshape(-1)
+        if values.numel() != seen or seen == 0:
+            raise UsageError("StopRule.verdict needs one NLL per seen window, and at least one")
+        dense = torch.tensor([self.dense_nll[i] for i in indices], dtype=torch.float64)
+        excess = values - dense
+        tokens = n * self.tokens_per_window
+        dense_total = math.fsum(self.dense_nll)
+        rest = n - seen
+        observed = float(excess.sum())
+        if not math.isfinite(observed):  # NaN or inf never recovers: stop at once
+            return ChunkVerdict(seen, math.inf, math.inf, True)
+        mean = observed / seen
+        projected = math.exp(min((dense_total + observed + rest * mean) / tokens, 700.0))
+        if rest == 0:
+            return ChunkVerdict(seen, projected, projected, False)
+        sd = float(excess.std(unbiased=True)) if seen > 1 else math.inf
+        optimistic_rest = rest * (mean - self.z * sd * math.sqrt(1 / seen + 1 / rest))
+        bound = observed + optimistic_rest
+        optimistic = math.exp(min((dense_total + bound) / tokens, 700.0))
+        stop = seen >= self.min_fraction * n and seen > 1 and bound > self.allowed_excess()
+        return ChunkVerdict(seen, projected, optimistic, stop)

@@ -1,0 +1,615 @@
+"""Samplers by name: Optuna's per-layer samplers and microsweep's planned ones.
+
+Every sampler is an Optuna `BaseSampler`, so each trial's parameters stay the full per-layer
+policy whoever proposed it, and a warm start is a plain `study.enqueue_trial`. The planned
+samplers propose whole policies from a `Planner` and answer each per-layer `suggest` from that:
+
+- ``uniform``: one setting for every layer, in rising order of exact score; a setting that
+  compresses at least as much in every knob as one that missed the ceiling is skipped.
+- ``allocate``: the knapsack allocation under the perplexity budget, its loss predictor refit
+  on every measured trial (per-knob weights), with variations around the budget.
+- ``auto``: warm starts (the best predicted uniform policies and allocations), then TPE over a
+  handful of global quantities (budget spent, per-knob loss weights, allocation temperature)
+  that the planner maps to a whole policy, with a refit allocation every third trial.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import optuna
+from optuna.samplers import BaseSampler
+
+from microsweep.errors import UsageError
+
+if TYPE_CHECKING:
+    from optuna.distributions import BaseDistribution
+    from optuna.trial import FrozenTrial
+
+    from microsweep.allocate import Plan, Planner
+    from microsweep.spaces import Space
+
+__all__ = ["PLANNED", "SAMPLERS", "make_sampler"]
+
+SAMPLERS = ("auto", "allocate", "tpe", "nsga2", "gp", "cmaes", "random", "uniform")
+"""Sampler names `run` accepts; ``auto`` is the default."""
+PLANNED = ("auto", "allocate", "uniform")
+"""Samplers that plan whole policies (they need a `Planner`)."""
+
+ORIGIN_ATTR = "origin"
+POINT_ATTR = "point"
+HYPER = "hyper:"
+
+
+def make_sampler(
+    name: str, *, seed: int | None, space: Space, workers: int = 1, multi: bool = False
+) -> BaseSampler:
+    """The Optuna sampler for `name` (see `SAMPLERS`)."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(multivariate=True, constant_liar=workers > 1, seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, deterministic_objective=True)
+    if name == "cmaes":
+        if multi:
+            raise UsageError("--sampler cmaes handles one objective; use tpe, nsga2 or auto")
+        return _ConstrainedCmaEs(seed=seed, warn_independent_sampling=False)
+    if name == "uniform":
+        return UniformSampler(space, seed=seed)
+    if name == "allocate":
+        return AllocateSampler(space, seed=seed)
+    if name == "auto":
+        return AutoSampler(space, seed=seed, workers=workers, multi=multi)
+    raise UsageError(f"sampler {name!r} is not one of {', '.join(SAMPLERS)}")
+
+
+class _ConstrainedCmaEs(optuna.samplers.CmaEsSampler):
+    """CMA-ES (over the float knobs: sparsity, rank fractions; bit-widths are sampled
+    independently) that sees the perplexity constraint: a trial over the ceiling, or stopped
+    early, ranks behind every feasible one, by how far over it is."""
+
+    def _get_trials(self, study: optuna.Study) -> list[FrozenTrial]:
+        import copy
+
+        from optuna.trial import TrialState
+
+        done = [
+            t
+            for t in study._get_trials(deepcopy=False, use_cache=True)
+            if t.state == TrialState.COMPLETE
+            or (t.state == TrialState.PRUNED and "score" in t.user_attrs)
+        ]
+
+        def violation(t: FrozenTrial) -> float:
+            return max(0.0, float((t.constraints or {}).get("perplexity", 0.0)))
+
+        feasible = [t.value for t in done if t.state == TrialState.COMPLETE and not violation(t)]
+        worst = max(feasible, default=0.0)
+        out = []
+        for t in done:
+            over = violation(t)
+            if t.state == TrialState.COMPLETE and not over:
+                out.append(t)
+                continue
+            value = t.value if t.state == TrialState.COMPLETE else float(t.user_attrs["score"])
+            penalized = copy.deepcopy(t)
+            penalized.state = TrialState.COMPLETE
+            penalized.value = max(worst, value) + 1.0 + over
+            out.append(penalized)
+        return out
+
+    def after_trial(self, study, trial, state, values):  # noqa: ANN001, ANN201
+        self._independent_sampler.after_trial(study, trial, state, values)
+
+
+@dataclass(frozen=True)
+class _Record:
+    """What a finished trial says to a planned sampler."""
+
+    number: int
+    origin: str | None
+    choice: tuple[int, ...] | None
+    feasible: bool
+    loss: float | None
+    values: tuple[float, ...] | None
+    constraint: float | None
+    point: dict[str, Any] | None
+
+
+class _PlanSampler(BaseSampler):
+    """Base of the planned samplers: proposes a whole policy in `before_trial` and answers each
+    `suggest` from it; anything it does not plan (hyperparameters, a trial before `attach`)
+    goes to an independent random sampler."""
+
+    needs_sensitivity = False
+    name = "planned"
+
+    def __init__(self, space: Space, *, seed: int | None) -> None:
+        self.space = space
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+        self._fallback = optuna.samplers.RandomSampler(seed=seed)
+        self._planned: dict[int, dict[str, Any]] = {}
+        self.origins: dict[int, str] = {}
+        self.planner: Planner | None = None
+        self.budget = 0.0
+        self.dense_nll = 0.0
+
+    # -- set-up by the driver ------------------------------------------------------------------
+    def attach(self, planner: Planner, *, budget: float, dense_nll: float) -> None:
+        """Give the sampler its planner and the NLL budget (log ceiling - log dense)."""
+        self.planner, self.budget, self.dense_nll = planner, budget, dense_nll
+
+    def warm_starts(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """(params, user attrs) of the trials to enqueue at the start of a new sweep."""
+        return []
+
+    def origin(self, number: int) -> str | None:
+        return self.origins.get(number)
+
+    # -- Optuna's sampler interface -------------------------------------------------------------
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict:
+        return {}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict:
+        return {}
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.system_attrs.get("fixed_params"):
+            self.origins[trial.number] = trial.user_attrs.get(ORIGIN_ATTR, "enqueued")
+            return
+        if self.planner is None:
+            self.origins[trial.number] = "random"
+            return
+        proposal = self._propose(study, trial)
+        if proposal is None:
+            self.origins[trial.number] = "random"
+            return
+        params, origin, point = proposal
+        self._planned[trial.number] = params
+        self.origins[trial.number] = origin
+        storage = study._storage
+        storage.set_trial_user_attr(trial._trial_id, ORIGIN_ATTR, origin)
+        if point:
+            storage.set_trial_user_attr(trial._trial_id, POINT_ATTR, point)
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        params = self._planned.get(trial.number)
+        if params is not None and param_name in params:
+            return params[param_name]
+        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        state: Any,
+        values: Sequence[float] | None,
+    ) -> None:
+        self._planned.pop(trial.number, None)
+
+    def reseed_rng(self) -> None:
+        self._fallback.reseed_rng()
+        self._rng = np.random.default_rng()
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _propose(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> tuple[dict[str, Any], str, dict[str, Any] | None] | None:
+        raise NotImplementedError
+
+    def _records(self, study: optuna.Study) -> tuple[list[_Record], set[tuple[int, ...]]]:
+        """Finished trials as records, and the plans of every trial (running ones too)."""
+        from optuna.trial import TrialState
+
+        assert self.planner is not None
+        records, seen = [], set()
+        for t in study.get_trials(deepcopy=False):
+            choice = self.planner.locate(t.params) if t.params else None
+            planned = self._planned.get(t.number)
+            if choice is None and planned is not None:
+                choice = self.planner.locate(planned)
+            if choice is not None:
+                seen.add(choice)
+            if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+                continue
+            ppl = t.user_attrs.get("perplexity", t.user_attrs.get("perplexity_estimate"))
+            loss = None
+            if isinstance(ppl, (int, float)) and ppl > 0 and math.isfinite(ppl):
+                loss = math.log(ppl) - self.dense_nll
+            constraint = t.constraints.get("perplexity") if t.constraints else None
+            feasible = t.state == TrialState.COMPLETE and (constraint is None or constraint <= 0)
+            values = tuple(t.values) if t.values is not None else None
+            if t.state == TrialState.PRUNED:
+                score = t.user_attrs.get("score")
+                values = None if score is None else (float(score), float(ppl or math.inf))
+            records.append(
+                _Record(
+                    t.number,
+                    t.user_attrs.get(ORIGIN_ATTR),
+                    choice,
+                    feasible,
+                    loss,
+                    values,
+                    constraint,
+                    t.user_attrs.get(POINT_ATTR),
+                )
+            )
+        return records, seen
+
+    def _correction(self, records: list[_Record]) -> np.ndarray:
+        """Per-unit, per-knob loss weights refit on every measured trial on the planner's grid
+        (all ones before any)."""
+        from microsweep.allocate import KNOBS, fit_correction
+
+        assert self.planner is not None
+        rows = [
+            (self.planner.features(r.choice), r.loss)
+            for r in records
+            if r.choice is not None and r.loss is not None
+        ]
+        if not rows:
+            return np.ones((len(self.planner.options), len(KNOBS)))
+        features = np.stack([f for f, _ in rows])
+        measured = np.array([m for _, m in rows])
+        return fit_correction(features, measured, self.budget)
+
+    @staticmethod
+    def _margin(records: list[_Record], origin: str) -> float:
+        """Budget factor of the refit allocations, steered by their outcomes in trial order:
+        down 8% after one over the ceiling, up 3% after one under it."""
+        margin = 1.0
+        for r in sorted(records, key=lambda r: r.number):
+            if r.origin == origin:
+                margin = margin * 1.03 if r.feasible else margin * 0.92
+        return float(np.clip(margin, 0.3, 1.5))
+
+    def _allocate_new(
+        self,
+        seen: set[tuple[int, ...]],
+        budget: float,
+        weights: np.ndarray,
+        temperature: float,
+        seed: int,
+    ) -> tuple[Plan | None, float]:
+        """An allocation not proposed before: the temperature rises on a repeat (a few tries)."""
+        assert self.planner is not None
+        rng = np.random.default_rng(seed)
+        plan = None
+        for attempt in range(8):
+            plan = self.planner.allocate(budget, weights=weights, temperature=temperature, rng=rng)
+            while plan is None and budget < 64 * max(self.budget, 1e-9):
+                budget *= 2
+                plan = self.planner.allocate(
+                    budget, weights=weights, temperature=temperature, rng=rng
+                )
+            if plan is None or plan.choice not in seen:
+                return plan, temperature
+            temperature = max(0.05, temperature) * (1.6 if attempt else 1.0) + 0.05
+        return plan, temperature
+
+    def _local(
+        self,
+        records: list[_Record],
+        seen: set[tuple[int, ...]],
+        correction: np.ndarray,
+        move_cost: float,
+        seed: int,
+    ) -> tuple[Plan | None, float]:
+        """A plan near the best feasible trial: its measured loss anchors the prediction (the
+        budget is the ceiling less the incumbent's prediction error) and each unit moved off it
+        costs `move_cost` of score while solving, a trust region; steered by earlier local
+        plans' outcomes like the refit ones."""
+        assert self.planner is not None
+        feasible = [
+            r
+            for r in records
+            if r.feasible and r.choice is not None and r.loss is not None and r.values
+        ]
+        if not feasible:
+            return None, 0.0
+        best = min(feasible, key=lambda r: r.values[0])
+        residual = best.loss - (self.planner.plan(best.choice, correction).loss or 0.0)
+        budget = self._margin(records, "local") * self.budget - residual
+        rng = np.random.default_rng(seed)
+        temperature = 0.0
+        for attempt in range(6):
+            plan = self.planner.allocate(
+                max(budget, 0.0),
+                weights=correction,
+                temperature=temperature,
+                rng=rng,
+                anchor=best.choice,
+                move_cost=move_cost,
+            )
+            if plan is not None and plan.choice not in seen:
+                return plan, temperature
+            move_cost *= 0.5
+            temperature = 0.05 * (attempt + 1)
+        return None, temperature
+
+
+class UniformSampler(_PlanSampler):
+    """One setting for every layer, cheapest first (exact scores), skipping settings that
+    compress at least as much in every knob as one already over the ceiling."""
+
+    name = "uniform"
+
+    def __init__(self, space: Space, *, seed: int | None) -> None:
+        super().__init__(space, seed=seed)
+        self._order: list[tuple[tuple[int, ...], Plan]] | None = None
+
+    def _propose(self, study, trial):  # noqa: ANN001, ANN202
+        assert self.planner is not None
+        if self._order is None:
+            self._order = sorted(self.planner.uniform(), key=lambda item: item[1].score)
+        records, seen = self._records(study)
+        index_of = {plan.choice: idx for idx, plan in self._order}
+        failed = [index_of[r.choice] for r in records if r.choice in index_of and not r.feasible]
+        for idx, plan in self._order:
+            if plan.choice in seen:
+                continue
+            if any(all(a >= b for a, b in zip(idx, bad, strict=True)) for bad in failed):
+                continue
+            return self.planner.params(plan.choice), "uniform", None
+        return None
+
+
+class AllocateSampler(_PlanSampler):
+    """Allocation alone: the knapsack at the perplexity budget with a predictor refit on every
+    measured trial; budgets vary around the ceiling and repeats raise the temperature."""
+
+    needs_sensitivity = True
+    name = "allocate"
+    SCHEDULE = (1.0, 0.95, 1.05)
+    MOVE_COSTS = (0.005, 0.002, 0.01)
+    """Score a unit's move off the incumbent costs in local plans (dense scores are ~2)."""
+
+    def __init__(self, space: Space, *, seed: int | None) -> None:
+        super().__init__(space, seed=seed)
+        self._count = 0
+
+    def _propose(self, study, trial):  # noqa: ANN001, ANN202
+        records, seen = self._records(study)
+        correction = self._correction(records)
+        step = self._count
+        self._count += 1
+        seed = _seed(self.seed, trial.number)
+        if step % 2:  # every other trial: a move near the best feasible plan
+            move_cost = self.MOVE_COSTS[(step // 2) % len(self.MOVE_COSTS)]
+            plan, _ = self._local(records, seen, correction, move_cost, seed)
+            if plan is not None:
+                return self.planner.params(plan.choice), "local", None
+        factor = self._margin(records, "allocation")
+        factor *= self.SCHEDULE[(step // 2) % len(self.SCHEDULE)]
+        plan, temperature = self._allocate_new(seen, factor * self.budget, correction, 0.0, seed)
+        if plan is None:
+            return None
+        point = _point(factor, np.ones(len(_knobs())), temperature)
+        return self.planner.params(plan.choice), "allocation", point
+
+
+class AutoSampler(_PlanSampler):
+    """Warm starts, then TPE over a few global quantities mapped to policies by the planner."""
+
+    needs_sensitivity = True
+    name = "auto"
+    SCHEDULE = (1.0, 0.97, 1.03)
+    WARM_UNIFORM = (1.0, 0.7, 1.4)
+    WARM_ALLOCATION = (1.0, 0.7, 0.5)  # an optimized plan's loss is under-predicted more often
+
+    def __init__(
+        self, space: Space, *, seed: int | None, workers: int = 1, multi: bool = False
+    ) -> None:
+        super().__init__(space, seed=seed)
+        self.workers = workers
+        self.multi = multi
+        self._inner: optuna.Study | None = None
+        self._told: set[int] = set()
+        self._pending: dict[int, Any] = {}
+        self._count = 0
+
+    # -- the low-dimensional space ----------------------------------------------------------
+    def _distributions(self) -> dict[str, BaseDistribution]:
+        from optuna.distributions import FloatDistribution
+
+        from microsweep.allocate import KNOBS
+
+        assert self.planner is not None
+        present = {kn for o in self.planner.options for kn in o.knobs}
+        dists: dict[str, BaseDistribution] = {
+            "budget": FloatDistribution(0.25, 4.0, log=True),
+            "temperature": FloatDistribution(0.0, 0.5),
+        }
+        for kn in KNOBS:
+            if kn in present:
+                dists[f"w_{kn}"] = FloatDistribution(0.25, 4.0, log=True)
+        return dists
+
+    def _inner_study(self) -> optuna.Study:
+        if self._inner is None:
+            sampler = optuna.samplers.TPESampler(
+                multivariate=True,
+                constant_liar=True,
+                n_startup_trials=4,
+                seed=self.seed,
+            )
+            directions = ["minimize", "minimize"] if self.multi else ["minimize"]
+            self._inner = optuna.create_study(sampler=sampler, directions=directions)
+        return self._inner
+
+    def _tell_inner(self, point: dict[str, Any], record: _Record | None) -> Any:
+        """Add `point` to the inner study; told at once when `record` is finished."""
+        study = self._inner_study()
+        dists = self._distributions()
+        params = {
+            k: float(np.clip(point[k], d.low, d.high)) for k, d in dists.items() if k in point
+        }
+        if len(params) != len(dists):
+            return None
+        hyper = {k[len(HYPER) :]: v for k, v in point.items() if k.startswith(HYPER)}
+        study.enqueue_trial({**params, **hyper}, skip_if_exists=False)
+        inner = study.ask(dists)
+        self._suggest_hyper(inner)
+        if record is not None:
+            self._finish_inner(inner, record)
+        return inner
+
+    def _finish_inner(self, inner: Any, record: _Record) -> None:
+        from optuna.trial import TrialState
+
+        study = self._inner_study()
+        if record.values is None:
+            study.tell(inner, state=TrialState.FAIL)
+            return
+        if record.constraint is not None:
+            inner.set_constraint("perplexity", record.constraint)
+        values = list(record.values) if self.multi else [record.values[0]]
+        study.tell(inner, values)
+
+    def _sync(self, records: list[_Record]) -> None:
+        """Tell the inner study every finished outer trial that carries a point."""
+        for r in records:
+            if r.number in self._told or r.point is None:
+                continue
+            self._told.add(r.number)
+            inner = self._pending.pop(r.number, None)
+            if inner is None:
+                self._tell_inner(r.point, r)
+            else:
+                self._finish_inner(inner, r)
+
+    # -- proposals ---------------------------------------------------------------------------
+    def warm_starts(self):  # noqa: ANN201
+        """The best predicted uniform policies and the allocations at budgets around the
+        ceiling (uncorrected predictor), each enqueued once."""
+        from microsweep.allocate import KNOBS
+
+        assert self.planner is not None
+        out, seen = [], set()
+        uniform = sorted(self.planner.uniform(), key=lambda item: item[1].score)
+        for factor in self.WARM_UNIFORM:
+            fits = [p for _, p in uniform if p.loss is not None and p.loss <= factor * self.budget]
+            if fits and fits[0].choice not in seen:
+                seen.add(fits[0].choice)
+                out.append((self.planner.params(fits[0].choice), {ORIGIN_ATTR: "uniform"}))
+        weights = np.ones(len(KNOBS))
+        for factor in self.WARM_ALLOCATION:
+            plan = self.planner.allocate(factor * self.budget, weights=weights)
+            if plan is not None and plan.choice not in seen:
+                seen.add(plan.choice)
+                attrs = {ORIGIN_ATTR: "allocation", POINT_ATTR: _point(factor, weights, 0.0)}
+                out.append((self.planner.params(plan.choice), attrs))
+        return out
+
+    def _propose(self, study, trial):  # noqa: ANN001, ANN202
+        records, seen = self._records(study)
+        self._sync(records)
+        self._count += 1
+        seed = _seed(self.seed, trial.number)
+        correction = self._correction(records)
+        phase = self._count % 3
+        plan = None
+        if phase == 1:  # a move near the best feasible plan
+            move_cost = AllocateSampler.MOVE_COSTS[(self._count // 3) % 3]
+            plan, _ = self._local(records, seen, correction, move_cost, seed)
+            origin, inner = "local", None
+            point = {}  # anchored on a trial, not a point of the low-dimensional space
+        if phase == 2 or (phase == 1 and plan is None):  # the refit allocation at the ceiling
+            factor = self._margin(records, "refit")
+            factor *= self.SCHEDULE[(self._count // 3) % len(self.SCHEDULE)]
+            plan, temperature = self._allocate_new(
+                seen, factor * self.budget, correction, 0.0, seed
+            )
+            origin = "refit"
+            point = _point(factor, np.ones(len(_knobs())), temperature)
+            inner = None
+        if phase == 0:  # the inner TPE explores the low-dimensional space
+            inner = self._inner_study().ask(self._distributions())
+            hyper = self._suggest_hyper(inner)
+            point = {k: v for k, v in inner.params.items() if k not in hyper}
+            point.update({HYPER + k: v for k, v in hyper.items()})
+            weights = correction * _weights_of(point)[None, :]
+            plan, temperature = self._allocate_new(
+                seen, point["budget"] * self.budget, weights, point["temperature"], seed
+            )
+            origin = "tpe-allocation"
+            if temperature != point["temperature"]:  # a repeat: the policy came from elsewhere
+                self._inner_study().tell(inner, state=_fail_state())
+                point = {**point, "temperature": temperature}
+                inner = None
+        if plan is None:
+            if inner is not None:
+                self._inner_study().tell(inner, state=_fail_state())
+            return None
+        if inner is not None:
+            self._pending[trial.number] = inner
+        hyper = {k[len(HYPER) :]: v for k, v in point.items() if k.startswith(HYPER)}
+        return self.planner.params(plan.choice, hyper), origin, point
+
+    def plan_for(
+        self,
+        point: dict[str, float],
+        correction: np.ndarray | None = None,
+        seed: int = 0,
+    ) -> Plan | None:
+        """The policy a point of the low-dimensional space maps to: the allocation at
+        ``budget`` x the NLL budget, with the per-knob weights ``w_*`` on top of the
+        (per-unit) `correction`, each unit's loss jittered by ``temperature``."""
+        assert self.planner is not None, "attach a planner first"
+        weights = _weights_of(point)
+        if correction is not None:
+            weights = correction * weights[None, :]
+        return self.planner.allocate(
+            point["budget"] * self.budget,
+            weights=weights,
+            temperature=point.get("temperature", 0.0),
+            rng=np.random.default_rng(seed),
+        )
+
+    def _suggest_hyper(self, inner: Any) -> dict[str, Any]:
+        """The space's plain hyperparameters, searched by the inner TPE with the rest."""
+        return {k: knob.suggest(inner, k) for k, knob in self.space.hyper.items()}
+
+
+def _fail_state() -> Any:
+    from optuna.trial import TrialState
+
+    return TrialState.FAIL
+
+
+def _knobs() -> tuple[str, ...]:
+    from microsweep.allocate import KNOBS
+
+    return KNOBS
+
+
+def _point(budget: float, weights: np.ndarray, temperature: float) -> dict[str, float]:
+    from microsweep.allocate import KNOBS
+
+    point = {"budget": float(budget), "temperature": float(temperature)}
+    point.update({f"w_{kn}": float(w) for kn, w in zip(KNOBS, weights, strict=True)})
+    return point
+
+
+def _weights_of(point: dict[str, Any]) -> np.ndarray:
+    from microsweep.allocate import KNOBS
+
+    return np.array([float(point.get(f"w_{kn}", 1.0)) for kn in KNOBS])
+
+
+def _seed(seed: int | None, number: int) -> int:
+    return ((seed or 0) * 1_000_003 + number) % 2**32

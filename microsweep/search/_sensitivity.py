@@ -1,0 +1,233 @@
+"""The sensitivity pass: each layer alone, each knob at each level, measured on the workers and
+kept in SQL under a key of the model, the data and every evaluation setting.
+
+A later sweep (or `microsweep sensitivity`) of the same model on the same windows finds its
+measurements stored and runs only what is missing, so a second sweep measures nothing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from microsweep.allocate import Probe, SensitivityTable
+    from microsweep.search._objective import MicroNet
+    from microsweep.storage import Store
+    from microsweep.workers import WorkerPool
+
+__all__ = ["SensitivityRun", "eval_key", "measure_sensitivity", "run_sensitivity"]
+
+DENSE = ("", "dense", "")
+"""The (layer, knob, level) under which the dense model's NLL is stored."""
+
+
+def _digest(tensor: torch.Tensor | None) -> str | None:
+    if tensor is None:
+        return None
+    data = tensor.detach().cpu().contiguous().reshape(-1).to(torch.int64).numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def eval_key(
+    *,
+    model_fingerprint: str,
+    data_fingerprint: str,
+    windows: torch.Tensor,
+    calib: torch.Tensor | None,
+    objective: MicroNet,
+    evaluate_source: str | None,
+) -> str:
+    """A key naming everything a measurement depends on: the model, the data, the evaluation
+    windows and calibration tokens, the count options (the 16-bit rounding follows them) and,
+    for a user `evaluate`, the space file that defines it."""
+    parts = {
+        "model": model_fingerprint,
+        "data": data_fingerprint,
+        "windows": [list(windows.shape), _digest(windows) if windows.numel() else None],
+        "calib": _digest(calib),
+        "count": dict(sorted(objective.count.items())),
+        "evaluate": (
+            hashlib.sha256(evaluate_source.encode()).hexdigest()[:16] if evaluate_source else None
+        ),
+    }
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def measure_sensitivity(
+    store: Store,
+    pool: WorkerPool,
+    probes: Sequence[Probe],
+    *,
+    key: str,
+    label: str,
+    model_fingerprint: str,
+    data_fingerprint: str,
+    dense_perplexity: float,
+    progress: bool = True,
+) -> tuple[SensitivityTable, dict[str, Any]]:
+    """Measure the probes not stored yet under `key`, store them, and return the whole table
+    with a summary (probes measured now, reused, seconds)."""
+    from microsweep.allocate import SensitivityTable
+    from microsweep.spaces import Policy
+
+    started = time.perf_counter()
+    common = {
+        "eval_key": key,
+        "model_fingerprint": model_fingerprint,
+        "data_fingerprint": data_fingerprint,
+        "label": label[:256],
+    }
+    stored = store.sensitivity(key)
+    if DENSE not in stored:
+        nll = math.log(dense_perplexity)
+        store.record_sensitivity(
+            [
+                {
+                    **common,
+                    "layer": "",
+                    "knob": "dense",
+                    "level": "",
+                    "value": 0.0,
+                    "nll": nll,
+                    "perplexity": dense_perplexity,
+                }
+            ]
+        )
+        stored[DENSE] = nll
+    missing = [p for p in probes if (p.layer, p.knob, p.key) not in stored]
+    by_number = {-2 - i: p for i, p in enumerate(missing)}
+    queue = list(by_number)
+    pending: list[dict[str, Any]] = []
+    done = 0
+    out = sys.stderr
+    last_shown = 0.0
+    while queue or pool.busy:
+        while queue and pool.free:
+            number = queue.pop(0)
+            probe = by_number[number]
+            policy = Policy(layers={probe.layer: probe.setting})
+            pool.submit(number, policy.to_json(), early_stop=False)
+        res = pool.wait()
+        probe = by_number[res["number"]]
+        ppl = res.get("perplexity") if res.get("status") == "ok" else None
+        ok = isinstance(ppl, float) and math.isfinite(ppl) and ppl > 0
+        nll = math.log(ppl) if ok else math.inf
+        pending.append(
+            {
+                **common,
+                "layer": probe.layer,
+                "knob": probe.knob,
+                "level": probe.key,
+                "value": probe.value,
+                "nll": nll,
+                "perplexity": ppl if ok else math.inf,
+                "params": res.get("params"),
+                "ops": res.get("ops"),
+                "seconds": float(res.get("timings", {}).get("total", 0.0)),
+            }
+        )
+        stored[(probe.layer, probe.knob, probe.key)] = nll
+        done += 1
+        if len(pending) >= 16 or not (queue or pool.busy):
+            store.record_sensitivity(pending)
+            pending = []
+        now = time.perf_counter()
+        if progress and (now - last_shown > 2.0 or done == len(missing)):
+            last_shown = now
+            out.write(
+                f"sensitivity: {done}/{len(missing)} probes measured "
+                f"({len(probes) - len(missing)} reused), {now - started:.0f}s\n"
+            )
+            out.flush()
+    store.record_sensitivity(pending)
+    table = SensitivityTable(
+        dense_nll=stored[DENSE],
+        entries={k: v for k, v in stored.items() if k != DENSE},
+    )
+    summary = {
+        "probes": len(probes),
+        "measured": len(missing),
+        "reused": len(probes) - len(missing),
+        "seconds": time.perf_counter() - started,
+    }
+    return table, summary
+
+
+@dataclass
+class SensitivityRun:
+    """What `run_sensitivity` measured: the key the table is stored under, counts and timing,
+    and the sweep-equivalent ceiling (for plots)."""
+
+    eval_key: str
+    label: str
+    summary: dict[str, Any]
+    dense_perplexity: float
+    ceiling: float | None
+
+
+def run_sensitivity(
+    space_path: str,
+    *,
+    name: str,
+    storage: str | None = None,
+    workers: int = 1,
+    address: str | None = None,
+    in_process: bool = False,
+    progress: bool = True,
+) -> SensitivityRun:
+    """Measure (or complete) the sensitivity table of a space file's model into `storage`,
+    labelled `name`; sweeps of the same model and evaluation settings reuse it."""
+    from microsweep.allocate import plan_levels, probes
+    from microsweep.errors import UsageError
+    from microsweep.search._driver import (
+        _check_counts,
+        _dense,
+        _eval_key,
+        _fingerprint,
+        _make_pool,
+        _prepare,
+        load_space_file,
+    )
+    from microsweep.storage import Store
+
+    _check_counts(1, workers)
+    if not name or len(name) > 200:
+        raise UsageError("--name must be 1..200 characters")
+    store = Store(storage)
+    try:
+        sf = load_space_file(space_path)
+        prepared = _prepare(sf, 0)
+        dense = _dense(sf, prepared)
+        model_fp = _fingerprint(sf.model)
+        key = _eval_key(sf, prepared, model_fp)
+        units = sf.space.units()
+        wanted = probes(units, {u.key: plan_levels(u) for u in units})
+        pool = _make_pool(sf, prepared, workers=workers, address=address, in_process=in_process)
+        try:
+            _, summary = measure_sensitivity(
+                store,
+                pool,
+                wanted,
+                key=key,
+                label=name,
+                model_fingerprint=model_fp,
+                data_fingerprint=prepared.data_fingerprint,
+                dense_perplexity=dense["perplexity"],
+                progress=progress,
+            )
+        finally:
+            pool.close()
+        ceiling = sf.objective.ceiling(dense["perplexity"])
+        return SensitivityRun(key, name, summary, dense["perplexity"], ceiling)
+    finally:
+        store.dispose()

@@ -1,0 +1,342 @@
+"""Budget allocation: the knapsack against brute force, exact option costs against the counter on
+whole compressed models, level grids, the plan <-> Optuna parameter mapping, and corrections."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+from microsweep import Bits, Rank, Space, Sparsity
+from microsweep.allocate import (
+    KNOBS,
+    Planner,
+    SensitivityTable,
+    fit_correction,
+    fit_weights,
+    pareto_options,
+    plan_levels,
+    solve,
+    unit_levels,
+)
+from microsweep.compress import compress
+from microsweep.score import Baseline, CountConfig, count, mean_context, micronet_score
+
+CONTEXT = mean_context(32)
+
+
+def _brute(costs, losses, budget):
+    best = None
+    for pick in itertools.product(*(range(len(c)) for c in costs)):
+        if any(not math.isfinite(c[i]) for c, i in zip(costs, pick, strict=True)):
+            continue
+        loss = sum(max(0.0, lo[i]) for lo, i in zip(losses, pick, strict=True))
+        cost = sum(c[i] for c, i in zip(costs, pick, strict=True))
+        if loss <= budget + 1e-12 and (best is None or cost < best):
+            best = cost
+    return best
+
+
+def test_knapsack_matches_brute_force_on_grid_losses():
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        groups = int(rng.integers(1, 5))
+        costs = [rng.normal(size=int(rng.integers(1, 6))) for _ in range(groups)]
+        for c in costs:  # some options barred (NaN cost), as the freebie mode does
+            c[rng.random(len(c)) < 0.15] = np.nan
+        losses = [rng.integers(0, 12, size=len(c)).astype(float) for c in costs]
+        budget = float(rng.integers(0, 30))
+        # losses on the solver's grid: one unit of loss = budget / resolution
+        choice = solve(costs, losses, budget, resolution=max(int(budget), 1))
+        best = _brute(costs, losses, budget)
+        if best is None:
+            assert choice is None
+            continue
+        assert choice is not None
+        got = sum(c[i] for c, i in zip(costs, choice, strict=True))
+        assert got == pytest.approx(best, abs=1e-12)
+        assert sum(lo[i] for lo, i in zip(losses, choice, strict=True)) <= budget
+
+
+def test_knapsack_never_exceeds_the_budget_off_grid():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        costs = [rng.normal(size=5) for _ in range(4)]
+        losses = [rng.random(5) for _ in range(4)]
+        budget = float(rng.random() * 2)
+        choice = solve(costs, losses, budget, resolution=500)
+        if choice is not None:
+            assert sum(lo[i] for lo, i in zip(losses, choice, strict=True)) <= budget + 1e-12
+            best = _brute(costs, losses, budget)
+            got = sum(c[i] for c, i in zip(costs, choice, strict=True))
+            # each group's loss rounds up by under one unit (budget / 500): the solution is at
+            # least as good as the best one within the budget less 4 units
+            assert got >= best - 1e-12
+            tighter = _brute(costs, losses, budget * (1 - 4 / 500))
+            if tighter is not None:
+                assert got <= tighter + 1e-12
+
+
+def test_pareto_options_are_the_non_dominated_ones():
+    cost = np.array([5.0, 3.0, 4.0, 3.0, np.nan, 1.0])
+    loss = np.array([0.0, 1.0, 1.0, 2.0, 0.0, 3.0])
+    assert list(pareto_options(cost, loss)) == [0, 1, 5]
+
+
+@pytest.fixture(scope="module")
+def tiny_planner(tiny_gpt, corpus):
+    calib = corpus.train[: 8 * 32].view(8, 32)
+    space = Space(
+        tiny_gpt,
+        rules={
+            "blocks.*.attn.c_attn": dict(sparsity=Sparsity(0, 0.6, step=0.2), bits=Bits(4, 8, 32)),
+            "blocks.*.attn.c_proj": dict(act_bits=Bits(8, 32), tied=True),
+            "blocks.*.mlp.*": dict(
+                sparsity=Sparsity(0, 0.5, step=0.25),
+                bits=Bits(4, 16),
+                act_bits=Bits(8, 16),
+                rank=Rank(0.25, 1.0),
+            ),
+            "head": dict(bits=Bits(6, 8, 16, 32)),
+        },
+    )
+    dense = count(tiny_gpt, context=CONTEXT)
+    baseline = Baseline(dense.params, dense.ops)
+    planner = Planner(
+        space,
+        tiny_gpt,
+        context=CONTEXT,
+        config=CountConfig(),
+        baseline=baseline,
+        calib=calib,
+        rank_levels=4,
+    )
+    return planner, baseline, calib
+
+
+def test_plan_scores_equal_the_counter_on_whole_compressed_models(tiny_planner, tiny_gpt):
+    """Exact: dense total + the sum of each unit's option delta is the count of the model
+    compressed by that policy, in whichever counting mode the policy falls."""
+    planner, baseline, calib = tiny_planner
+    rng = np.random.default_rng(0)
+    choices = [tuple(int(rng.integers(len(o))) for o in planner.options) for _ in range(12)]
+    # and two that keep every width >= 16 bits, so the 16-bit allowance applies
+    for _ in range(2):
+        choice = []
+        for o in planner.options:
+            wide = [k for k in range(len(o)) if np.isfinite(o.cost[k, 1])]
+            choice.append(int(rng.choice(wide)))
+        choices.append(tuple(choice))
+    modes = set()
+    for choice in choices:
+        plan = planner.plan(choice)
+        modes.add(plan.mode)
+        model = compress(tiny_gpt, planner.policy(choice), calib=calib)
+        counted = count(model, context=CONTEXT)
+        assert counted.freebie == (plan.mode == "freebie")
+        exact = micronet_score(counted.params, counted.ops, baseline)
+        assert plan.score == pytest.approx(exact, rel=1e-9, abs=1e-12)
+    assert modes == {"freebie", "quantized"}
+
+
+def test_tied_rule_is_one_unit_and_plans_keep_it_tied(tiny_planner):
+    planner, _, _ = tiny_planner
+    keys = [u.key for u in planner.units]
+    assert "blocks.*.attn.c_proj" in keys
+    tied = next(u for u in planner.units if u.key == "blocks.*.attn.c_proj")
+    assert [i.name for i in tied.layers] == ["blocks.0.attn.c_proj", "blocks.1.attn.c_proj"]
+    for choice in [tuple(len(o) - 1 for o in planner.options), tuple(0 for _ in planner.options)]:
+        policy = planner.policy(choice)
+        a, b = policy.layers["blocks.0.attn.c_proj"], policy.layers["blocks.1.attn.c_proj"]
+        assert a == b
+
+
+def test_params_locate_and_suggest_round_trip(tiny_planner):
+    planner, _, _ = tiny_planner
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        choice = tuple(int(rng.integers(len(o))) for o in planner.options)
+        params = planner.params(choice)
+        assert planner.locate(params) == choice
+        # Optuna replays the parameters into exactly the planned policy
+        suggested = planner.space.suggest(optuna.trial.FixedTrial(params))
+        assert suggested == planner.policy(choice)
+    assert planner.locate({"blocks.0.attn.c_attn:sparsity": 0.123}) is None
+
+
+def test_levels_grid_rank_below_break_even_and_dense_first(tiny_gpt):
+    space = Space(
+        tiny_gpt,
+        rules={"blocks.0.mlp.c_fc": dict(rank=Rank(0.25, 1.0), sparsity=Sparsity(0.1, 0.3))},
+    )
+    (unit,) = space.units()
+    levels = unit_levels(unit, sparsity_levels=3, rank_levels=4)
+    assert levels["sparsity"] == [0.1, 0.2, 0.3]
+    ranks = levels["rank"]
+    info = unit.layers[0]  # 128 x 32: full rank 32, break-even 26
+    assert ranks[0] == 1.0 and Rank.resolve(ranks[0], 128, 32) is None
+    resolved = [Rank.resolve(r, 128, 32) for r in ranks[1:]]
+    assert resolved == sorted(resolved, reverse=True)
+    assert max(resolved) < Rank.break_even(info.out_features, info.in_features)
+    assert min(resolved) == 8  # 0.25 of 32
+    thinned = plan_levels(unit, sparsity_levels=3, rank_levels=4, max_options=4)
+    assert thinned["sparsity"] == [0.1, 0.3]  # thinned evenly, ends kept
+    assert len(thinned["rank"]) == 2 and thinned["rank"][0] == 1.0
+
+
+def _table(planner, losses):
+    """A fabricated sensitivity table: each probe's loss from `losses(layer, knob, key)`."""
+    entries = {}
+    for probe in planner.probes():
+        entries[(probe.layer, probe.knob, probe.key)] = 1.0 + losses(probe)
+    return SensitivityTable(dense_nll=1.0, entries=entries)
+
+
+def test_single_knob_options_predict_exactly_the_measured_loss(tiny_planner):
+    planner, _, _ = tiny_planner
+    planner.set_sensitivity(_table(planner, lambda p: 0.01 * (1 + len(p.key))))
+    checked = 0
+    for opts, part in zip(planner.options, planner.parts, strict=True):
+        for k in range(len(opts)):
+            moved = [j for j, i in enumerate(opts.combos[k]) if i != 0]
+            identity = [
+                opts.levels[kn][0] in (0.0, 32, None) or opts.unit.knobs[kn].is_constant
+                for kn in opts.knobs
+            ]
+            if len(moved) == 1 and all(identity):
+                (j,) = moved
+                kn = opts.knobs[j]
+                want = sum(
+                    planner.table.loss(info.name, kn, opts.keys[(m, kn, int(opts.combos[k, j]))])
+                    for m, info in enumerate(opts.unit.layers)
+                )
+                assert part[k].sum() == pytest.approx(want, rel=1e-9)
+                assert np.allclose(opts.rho[k], 1.0)
+                checked += 1
+    assert checked >= 10
+    # and a combination's interaction ratio is read from the proxy, not assumed to be 1
+    assert any(not np.allclose(o.rho, 1.0) for o in planner.options)
+
+
+def test_allocation_is_the_best_plan_within_the_predicted_budget(tiny_gpt, corpus):
+    """A small space whose every plan can be enumerated: the allocation is the brute-force
+    optimum of score under predicted loss <= budget."""
+    space = Space(
+        tiny_gpt,
+        rules={
+            "blocks.0.mlp.c_fc": dict(sparsity=Sparsity(0, 0.6, step=0.3), bits=Bits(4, 8)),
+            "blocks.1.mlp.c_fc": dict(sparsity=Sparsity(0, 0.6, step=0.3), bits=Bits(4, 8)),
+            "blocks.1.attn.c_attn": dict(bits=Bits(3, 6, 16)),
+        },
+    )
+    dense = count(tiny_gpt, context=CONTEXT)
+    planner = Planner(
+        space,
+        tiny_gpt,
+        context=CONTEXT,
+        config=CountConfig(),
+        baseline=Baseline(dense.params, dense.ops),
+        calib=corpus.train[:256].view(8, 32),
+    )
+    rng = np.random.default_rng(5)
+    drawn = {}
+    planner.set_sensitivity(
+        _table(planner, lambda p: drawn.setdefault((p.layer, p.knob, p.key), rng.random() * 0.1))
+    )
+    plans = [planner.plan(c) for c in itertools.product(*(range(len(o)) for o in planner.options))]
+    for budget in (0.0, 0.02, 0.05, 0.1, 0.2, 1.0):
+        fits = [p for p in plans if p.loss <= budget]
+        got = planner.allocate(budget, resolution=20000)
+        if not fits:
+            assert got is None
+            continue
+        best = min(p.score for p in fits)
+        assert got is not None and got.loss <= budget + 1e-12
+        # within the loss rounding of the solver (at most one unit per group)
+        near = [p.score for p in plans if p.loss <= budget * (1 - 3 / 20000)]
+        assert best - 1e-12 <= got.score <= (min(near) if near else best) + 1e-12
+
+
+def test_fit_weights_and_correction_recover_known_multipliers():
+    rng = np.random.default_rng(11)
+    n, units = 60, 5
+    features = rng.random((n, units, len(KNOBS))) * 0.01
+    truth = np.ones((units, len(KNOBS))) * np.array([1.5, 0.8, 1.0, 2.0])
+    truth[2] *= 3.0  # one unit the predictor misjudges
+    measured = np.einsum("nuk,uk->n", features, truth)
+    shared = fit_weights(features.sum(axis=1), measured, budget=1.0)
+    assert shared[0] > 1.2 and shared[3] > 1.5  # the knob-level trend is found
+    per_unit = fit_correction(features, measured, budget=1.0)
+    assert per_unit.shape == (units, len(KNOBS))
+    assert np.mean(per_unit[2]) > 1.5 * np.mean(np.delete(per_unit, 2, axis=0))
+    predicted = np.einsum("nuk,uk->n", features, per_unit)
+    assert np.abs(predicted - measured).mean() < 0.2 * np.abs(measured).mean()
+    # with no data the correction is the identity
+    assert np.all(fit_correction(features[:0], measured[:0], 1.0) == 1.0)
+
+
+def test_space_notes_report_wasteful_levels(tiny_gpt):
+    with pytest.warns(UserWarning) as caught:
+        space = Space(
+            tiny_gpt,
+            rules={
+                "blocks.*.mlp.*": dict(
+                    sparsity=Sparsity(0, 0.5), bits=Bits(4, 8), rank=Rank(0.5, 1.0)
+                )
+            },
+        )
+    text = " ".join(space.notes)
+    assert "0.25 at w4" in text and "0.125 at w8" in text  # 1 mask bit against b bits saved
+    assert "break-even" in text and "blocks.0.mlp.c_fc" in text
+    assert len(caught) == len(space.notes) == 2
+    quiet = Space(tiny_gpt, rules={"blocks.*.mlp.*": dict(bits=Bits(4, 8))})
+    assert quiet.notes == []
+
+
+def test_planner_needs_a_table_before_allocating(tiny_planner):
+    planner, _, _ = tiny_planner
+    fresh = Planner.__new__(Planner)
+    fresh.parts = None
+    from microsweep.errors import UsageError
+
+    with pytest.raises(UsageError, match="sensitivity"):
+        fresh.allocate(0.1)
+    with pytest.raises(UsageError, match="no entry"):
+        SensitivityTable(1.0, {}).loss("x", "bits", "4")
+    assert SensitivityTable(1.0, {("x", "bits", "4"): 0.5}).loss("x", "bits", "4") == 0.0
+    assert torch.isfinite(torch.tensor(planner.totals["quantized"]))
+
+
+def test_low_dimensional_point_maps_to_a_whole_policy(tiny_planner):
+    """AutoSampler's mapping: more budget never costs score, a heavier knob weight moves loss
+    off that knob, the same point gives the same policy, and Optuna replays it exactly."""
+    from microsweep.search import AutoSampler
+
+    planner, _, _ = tiny_planner
+    planner.set_sensitivity(_table(planner, lambda p: 0.002 * (1 + len(p.key) % 5)))
+    sampler = AutoSampler(planner.space, seed=0)
+    floor = min(p.loss for p in (planner.plan(c) for c in [tuple(0 for _ in planner.options)]))
+    budget = 4 * floor + 0.05  # every budget factor tried leaves room for a plan
+    sampler.attach(planner, budget=budget, dense_nll=1.0)
+    base = {f"w_{k}": 1.0 for k in KNOBS} | {"temperature": 0.0}
+    scores = [sampler.plan_for(base | {"budget": b}).score for b in (0.25, 0.5, 1.0, 2.0, 4.0)]
+    assert scores == sorted(scores, reverse=True) and scores[0] > scores[-1]
+    plan = sampler.plan_for(base | {"budget": 1.0})
+    assert plan.loss <= budget + 1e-12
+    heavy = sampler.plan_for(base | {"budget": 1.0, "w_sparsity": 4.0})
+    share = planner.features(plan.choice).sum(axis=0)
+    share_heavy = planner.features(heavy.choice).sum(axis=0)
+    assert share_heavy[0] < share[0]  # sparsity's predicted loss, weighted 4x, is used less
+    # a per-unit correction scales the same way: doubling every weight halves the budget
+    doubled = sampler.plan_for(
+        base | {"budget": 1.0}, correction=np.full((len(planner.options), len(KNOBS)), 2.0)
+    )
+    assert doubled.choice == sampler.plan_for(base | {"budget": 0.5}).choice
+    jitter = base | {"budget": 1.0, "temperature": 0.5}
+    assert sampler.plan_for(jitter, seed=3).choice == sampler.plan_for(jitter, seed=3).choice
+    params = planner.params(plan.choice)
+    assert planner.space.suggest(optuna.trial.FixedTrial(params)) == planner.policy(plan.choice)

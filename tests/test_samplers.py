@@ -1,0 +1,328 @@
+"""Samplers by name on real sweeps of examples/tiny.py: each runs with the perplexity constraint;
+the planned ones measure sensitivity once and reuse it, enqueue warm starts, keep tied rules
+tied, and `uniform` walks one-setting-for-all policies cheapest first."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from microsweep.search import SAMPLERS, run_sweep
+from microsweep.storage import Store
+from tests.conftest import ROOT
+from tests.conftest import cli as _cli
+
+TINY = str(ROOT / "examples" / "tiny.py")
+
+
+@pytest.fixture(scope="module")
+def shared_url(tmp_path_factory) -> str:
+    """One store for the planned samplers, so the sensitivity table is measured once."""
+    return f"sqlite:///{tmp_path_factory.mktemp('samplers') / 'shared.db'}"
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_each_sampler_runs_with_the_constraint(sampler, shared_url, tiny_gpt):
+    result = run_sweep(
+        TINY,
+        name=f"s-{sampler}",
+        trials=6,
+        storage=shared_url,
+        seed=2,
+        in_process=True,
+        progress=False,
+        sampler=sampler,
+    )
+    assert sum(result.states.values()) == 6 and set(result.states) <= {"COMPLETE", "PRUNED"}
+    store = Store(shared_url)
+    sweep = store.get_sweep(f"s-{sampler}")
+    study = optuna.load_study(study_name=f"s-{sampler}", storage=store.optuna_storage())
+    rows = {r.number: r for r in store.trials(f"s-{sampler}")}
+    for t in study.trials:
+        assert t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        row = rows[t.number]
+        assert t.constraints["perplexity"] == pytest.approx(row.perplexity - sweep.ceiling)
+        assert row.feasible == (t.state == TrialState.COMPLETE and row.perplexity <= sweep.ceiling)
+        assert row.origin
+        if t.state == TrialState.PRUNED:
+            assert "stopped after" in row.reason and row.perplexity > sweep.ceiling
+    store.dispose()
+
+
+def test_sensitivity_is_measured_once_and_reused(shared_url, tiny_gpt):
+    first = run_sweep(
+        TINY,
+        name="reuse-a",
+        trials=2,
+        storage=shared_url,
+        seed=4,
+        in_process=True,
+        progress=False,
+        sampler="allocate",
+    )
+    store = Store(shared_url)
+    key = store.get_sweep("reuse-a").eval_key
+    stored = store.sensitivity(key)
+    assert first.sensitivity["probes"] > 50 and len(stored) >= first.sensitivity["probes"]
+    again = run_sweep(
+        TINY,
+        name="reuse-b",
+        trials=2,
+        storage=shared_url,
+        seed=5,
+        in_process=True,
+        progress=False,
+        sampler="auto",
+    )
+    assert again.sensitivity["measured"] == 0
+    assert again.sensitivity["reused"] == again.sensitivity["probes"]
+    assert store.sensitivity(key) == stored  # nothing measured again, nothing rewritten
+    assert store.get_sweep("reuse-b").eval_key == key
+    # a different evaluation (other windows) is another key: nothing is reused across them
+    from microsweep.search import eval_key
+    from microsweep.search._driver import _prepare
+    from microsweep.search._spacefile import load_space_file
+
+    sf = load_space_file(TINY)
+    prepared = _prepare(sf, 0)
+    sweep = store.get_sweep("reuse-a")
+    kwargs = dict(
+        model_fingerprint=sweep.model_fingerprint,
+        data_fingerprint=sweep.data_fingerprint,
+        calib=prepared.calib,
+        objective=sf.objective,
+        evaluate_source=None,
+    )
+    assert eval_key(windows=prepared.windows, **kwargs) == key
+    assert eval_key(windows=prepared.windows[:-1], **kwargs) != key
+    store.dispose()
+
+
+def test_auto_starts_with_its_warm_starts(shared_url, tiny_gpt):
+    run_sweep(
+        TINY,
+        name="warm",
+        trials=8,
+        storage=shared_url,
+        seed=6,
+        in_process=True,
+        progress=False,
+        sampler="auto",
+    )
+    store = Store(shared_url)
+    study = optuna.load_study(study_name="warm", storage=store.optuna_storage())
+    trials = sorted(study.trials, key=lambda t: t.number)
+    origins = [t.user_attrs.get("origin") for t in trials]
+    warm = [o for o in origins if o in ("uniform", "allocation")]
+    # the warm starts come first, from both sources, and were enqueued (fixed parameters)
+    assert origins[: len(warm)] == warm and {"uniform", "allocation"} <= set(warm)
+    for t in trials[: len(warm)]:
+        fixed = t.system_attrs.get("fixed_params")
+        assert fixed == {k: v for k, v in t.params.items() if k != "finetune_lr"}
+    rows = {r.number: r for r in store.trials("warm")}
+    for t in trials[: len(warm)]:
+        if t.user_attrs["origin"] == "uniform":
+            _assert_uniform(rows[t.number].policy["layers"])
+    later = set(origins[len(warm) :])
+    assert later <= {"tpe-allocation", "refit", "random"} and later
+    store.dispose()
+
+
+def _assert_uniform(layers: dict) -> None:
+    """Layers with the same knob levels share one value per knob."""
+    by_knob: dict[tuple[str, str], set] = {}
+    for name, settings in layers.items():
+        kind = "head" if name == "head" else name.split(".")[2]
+        for knob in ("sparsity", "bits", "act_bits"):
+            by_knob.setdefault((kind, knob), set()).add(settings.get(knob))
+    for values in by_knob.values():
+        assert len(values) == 1, layers
+
+
+def test_uniform_walks_cheapest_first_and_skips_what_must_fail(tmp_path, tiny_gpt):
+    url = f"sqlite:///{tmp_path / 'u.db'}"
+    run_sweep(
+        TINY,
+        name="u",
+        trials=10,
+        storage=url,
+        seed=0,
+        in_process=True,
+        progress=False,
+        sampler="uniform",
+    )
+    store = Store(url)
+    rows = store.trials("u")
+    assert all(r.origin == "uniform" for r in rows)
+    scores = [r.score for r in rows]
+    assert scores == sorted(scores)  # exact scores, proposed in rising order
+    for r in rows:
+        _assert_uniform(r.policy["layers"])
+    # no later trial compresses at least as much in every knob as one over the ceiling
+    levels = [_compression(r.policy["layers"]) for r in rows]
+    for i, r in enumerate(rows):
+        if not r.feasible:
+            for later in levels[i + 1 :]:
+                assert not all(a >= b for a, b in zip(later, levels[i], strict=True))
+    store.dispose()
+
+
+def _compression(layers: dict) -> tuple[float, ...]:
+    mlp = layers["blocks.0.mlp.c_fc"]
+    attn = layers["blocks.0.attn.c_attn"]
+    return (
+        mlp.get("sparsity", 0.0),
+        -mlp.get("bits", 32),
+        -mlp.get("act_bits", 32),
+        -mlp.get("rank", math.inf),
+        attn.get("sparsity", 0.0),
+        -attn.get("bits", 32),
+        -layers["head"].get("bits", 32),
+    )
+
+
+TIED_SPACE = """
+from microsweep import Bits, MicroNet, Space, Sparsity, data, models
+
+corpus = data.tiny_shakespeare()
+model = models.gpt(corpus, n_layer=2, n_head=2, n_embd=32, block_size=32, pretrain_steps=300)
+space = Space(model, rules={
+    "blocks.*.attn.*": dict(sparsity=Sparsity(0.0, 0.6, step=0.2), bits=Bits(4, 8), tied=True),
+    "blocks.*.mlp.*": dict(bits=Bits(4, 6, 8)),
+})
+objective = MicroNet(perplexity_ceiling=1.08, relative_to="dense", baseline="dense",
+                     eval_tokens=2048)
+"""
+
+
+def test_tied_rule_stays_tied_under_auto(tmp_path, tiny_gpt):
+    path = tmp_path / "tied.py"
+    path.write_text(TIED_SPACE)
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    result = run_sweep(
+        str(path),
+        name="tied",
+        trials=8,
+        storage=url,
+        seed=1,
+        in_process=True,
+        progress=False,
+    )
+    assert sum(result.states.values()) == 8
+    store = Store(url)
+    study = optuna.load_study(study_name="tied", storage=store.optuna_storage())
+    for t in study.trials:
+        assert "blocks.*.attn.*:bits" in t.params  # one parameter for the tied rule
+        assert not any(p.startswith("blocks.0.attn") for p in t.params)
+    for row in store.trials("tied"):
+        attn = [v for k, v in row.policy["layers"].items() if ".attn." in k]
+        assert len(attn) == 4 and all(a == attn[0] for a in attn)
+    store.dispose()
+
+
+def test_cli_default_and_uniform_samplers_and_sensitivity(tmp_path, tiny_gpt):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    sens = _cli(
+        "sensitivity",
+        TINY,
+        "--name",
+        "tiny",
+        "--storage",
+        url,
+        "--in-process",
+        "-o",
+        "s.html",
+        cwd=tmp_path,
+    )
+    assert sens.returncode == 0, sens.stderr
+    assert "measured now" in sens.stdout and (tmp_path / "s.html").stat().st_size > 100_000
+    measured = int(sens.stdout.split("(")[1].split()[0])
+    assert measured > 50
+    again = _cli(
+        "sensitivity",
+        TINY,
+        "--name",
+        "tiny",
+        "--storage",
+        url,
+        "--in-process",
+        "-o",
+        "s2.html",
+        cwd=tmp_path,
+    )
+    assert again.returncode == 0 and "(0 measured now" in again.stdout
+
+    auto = _cli(
+        "run",
+        TINY,
+        "--name",
+        "a",
+        "--trials",
+        "8",
+        "--storage",
+        url,
+        "--in-process",
+        "--seed",
+        "3",
+        cwd=tmp_path,
+    )
+    assert auto.returncode == 0, auto.stderr
+    assert "best uniform policy" in auto.stdout and "0 probes measured" in auto.stdout
+    uni = _cli(
+        "run",
+        TINY,
+        "--name",
+        "u",
+        "--trials",
+        "3",
+        "--sampler",
+        "uniform",
+        "--storage",
+        url,
+        "--in-process",
+        cwd=tmp_path,
+    )
+    assert uni.returncode == 0, uni.stderr
+    status = _cli("status", "--name", "a", "--storage", url, cwd=tmp_path)
+    assert status.returncode == 0 and "feasible:" in status.stdout and "origin" in status.stdout
+    bad = _cli("run", TINY, "--name", "x", "--sampler", "annealing", "--storage", url, cwd=tmp_path)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_old_schema_is_refused_by_reads_and_upgraded(tmp_path, tiny_gpt):
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    run_sweep(
+        TINY,
+        name="old",
+        trials=2,
+        storage=url,
+        seed=0,
+        in_process=True,
+        progress=False,
+        sampler="random",
+    )
+    # turn it into a version-1 database: the columns and table version 2 added are gone
+    con = sqlite3.connect(tmp_path / "old.db")
+    con.execute("ALTER TABLE microsweep_trials DROP COLUMN origin")
+    con.execute("ALTER TABLE microsweep_sweeps DROP COLUMN eval_key")
+    con.execute("DROP TABLE microsweep_sensitivity")
+    con.execute("UPDATE microsweep_schema SET version = 1")
+    con.commit()
+    con.close()
+    status = _cli("status", "--name", "old", "--storage", url, cwd=tmp_path)
+    assert status.returncode == 2 and "microsweep upgrade" in status.stderr
+    up = _cli("upgrade", "--storage", url, cwd=tmp_path)
+    assert up.returncode == 0 and "1 -> 2" in up.stdout, up.stderr
+    status = _cli("status", "--name", "old", "--storage", url, cwd=tmp_path)
+    assert status.returncode == 0 and "2/2 finished" in status.stdout
+    assert _cli("upgrade", "--storage", url, cwd=tmp_path).stdout.startswith("schema version 2")
+    # a resumed sweep writes into the upgraded tables
+    from microsweep.search import resume_sweep
+
+    resume_sweep("old", trials=3, storage=url, in_process=True, progress=False)
+    assert [r.number for r in Store(url).trials("old")] == [0, 1, 2]
