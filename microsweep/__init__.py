@@ -14,7 +14,13 @@ from microsweep._version import __version__
 
 if TYPE_CHECKING:
     from microsweep import data, models
-    from microsweep.errors import MicrosweepError, SpaceError, StorageError, UsageError
+    from microsweep.errors import (
+        MicrosweepError,
+        SpaceError,
+        SpaceWarning,
+        StorageError,
+        UsageError,
+    )
     from microsweep.export import load
     from microsweep.search import MicroNet, resume_sweep, run_sweep
     from microsweep.spaces import (
@@ -44,11 +50,13 @@ _LAZY = {
     "resume_sweep": "microsweep.search",
     "MicrosweepError": "microsweep.errors",
     "SpaceError": "microsweep.errors",
+    "SpaceWarning": "microsweep.errors",
     "StorageError": "microsweep.errors",
     "load": "microsweep.export",
     "UsageError": "microsweep.errors",
 }
 _SUBMODULES = {
+    "allocate",
     "export",
     "data",
     "models",
@@ -74,6 +82,7 @@ __all__ = [
     "Rank",
     "Space",
     "SpaceError",
+    "SpaceWarning",
     "Sparsity",
     "StorageError",
     "UsageError",

@@ -13,7 +13,7 @@ import warnings
 from collections import Counter
 from collections.abc import Sequence
 
-from microsweep.errors import MicrosweepError
+from microsweep.errors import MicrosweepError, UsageError
 
 __all__ = ["main"]
 
@@ -252,6 +252,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         from microsweep.search import run_sensitivity
         from microsweep.storage import Store
 
+        out = args.output or f"{args.name}-sensitivity.html"
+        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            folder = os.path.dirname(out)
+            raise UsageError(f"folder {folder} for the plot does not exist; create it first")
         run = run_sensitivity(
             args.space,
             name=args.name,
@@ -261,7 +265,6 @@ def _dispatch(args: argparse.Namespace) -> None:
             in_process=args.in_process,
             progress=not args.quiet,
         )
-        out = args.output or f"{args.name}-sensitivity.html"
         store = Store(args.storage, must_exist=True)
         data = sensitivity_data(store, run.eval_key, ceiling=run.ceiling)
         write_sensitivity_html(data, out)

@@ -340,3 +340,30 @@ def test_low_dimensional_point_maps_to_a_whole_policy(tiny_planner):
     assert sampler.plan_for(jitter, seed=3).choice == sampler.plan_for(jitter, seed=3).choice
     params = planner.params(plan.choice)
     assert planner.space.suggest(optuna.trial.FixedTrial(params)) == planner.policy(plan.choice)
+
+
+def test_units_without_knobs_and_constant_fractions(tiny_gpt, corpus):
+    """A rule that only names layers (no knob) plans as one identity option; a constant rank
+    fraction plans exactly the rank its trials run."""
+    space = Space(
+        tiny_gpt,
+        rules={
+            "blocks.0.mlp.c_fc": {},
+            "blocks.0.mlp.c_proj": dict(rank=Rank(0.3, 0.3), bits=Bits(4, 8)),
+        },
+    )
+    dense = count(tiny_gpt, context=CONTEXT)
+    planner = Planner(
+        space,
+        tiny_gpt,
+        context=CONTEXT,
+        config=CountConfig(),
+        baseline=Baseline(dense.params, dense.ops),
+        calib=corpus.train[:256].view(8, 32),
+    )
+    empty, lowrank = planner.options
+    assert len(empty) == 1 and empty.cost[0, 0] == 0.0
+    assert lowrank.levels["rank"] == [0.3]
+    policy = planner.policy((0, 0))
+    suggested = space.suggest(optuna.trial.FixedTrial(planner.params((0, 0))))
+    assert suggested == policy and policy.layers["blocks.0.mlp.c_proj"].rank == round(0.3 * 32)

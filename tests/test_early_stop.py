@@ -88,18 +88,21 @@ def test_rule_never_stops_a_trial_that_ends_feasible(setup, recorded):
 
 
 def test_rule_edges():
-    rule = StopRule((10.0,) * 8, tokens_per_window=10, ceiling=math.e, chunks=4)
+    rule = StopRule((10.0,) * 64, tokens_per_window=10, ceiling=math.e, chunks=4)
     assert rule.allowed_excess() == pytest.approx(0.0)
-    assert rule.chunk_indices() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert rule.chunk_indices()[1] == list(range(1, 64, 4))
+    first = rule.chunk_indices()[0]  # 16 windows: enough to stop on
+    far = [30.0 + (i % 3) for i in range(16)]
     # NaN stops at once; everything seen never stops; far over stops after min_fraction
     assert rule.verdict([0, 4], [math.nan, 10.0]).stop
-    assert not rule.verdict(list(range(8)), [30.0] * 8).stop
-    assert rule.verdict([0, 4], [30.0, 31.0]).stop
-    assert (
-        not StopRule((10.0,) * 8, 10, math.e, chunks=4, min_fraction=0.9)
-        .verdict([0, 4], [30.0, 31.0])
-        .stop
-    )
+    assert not rule.verdict(list(range(64)), [30.0] * 64).stop
+    assert rule.verdict(first, far).stop
+    assert not rule.verdict(first[:8], far[:8]).stop  # too few windows to rest a stop on
+    lenient = StopRule((10.0,) * 64, 10, math.e, chunks=4, min_fraction=0.9)
+    assert not lenient.verdict(first, far).stop
+    # a handful of long windows never stops early: fewer than MIN_WINDOWS in all
+    few = StopRule((10.0,) * 8, 10, math.e, chunks=8)
+    assert not any(few.verdict(list(range(k)), [50.0] * k).stop for k in range(2, 8))
     with pytest.raises(UsageError, match="empty"):
         StopRule((), 10, 2.0)
     with pytest.raises(UsageError, match="ceiling"):

@@ -5,6 +5,7 @@ tied, and `uniform` walks one-setting-for-all policies cheapest first."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import optuna
 import pytest
@@ -127,7 +128,7 @@ def test_auto_starts_with_its_warm_starts(shared_url, tiny_gpt):
         if t.user_attrs["origin"] == "uniform":
             _assert_uniform(rows[t.number].policy["layers"])
     later = set(origins[len(warm) :])
-    assert later <= {"tpe-allocation", "refit", "random"} and later
+    assert later <= {"tpe-allocation", "refit", "local", "random"} and later
     store.dispose()
 
 
@@ -142,7 +143,7 @@ def _assert_uniform(layers: dict) -> None:
         assert len(values) == 1, layers
 
 
-def test_uniform_walks_cheapest_first_and_skips_what_must_fail(tmp_path, tiny_gpt):
+def test_uniform_bisects_the_score_order_and_skips_what_must_fail(tmp_path, tiny_gpt):
     url = f"sqlite:///{tmp_path / 'u.db'}"
     run_sweep(
         TINY,
@@ -156,17 +157,21 @@ def test_uniform_walks_cheapest_first_and_skips_what_must_fail(tmp_path, tiny_gp
     )
     store = Store(url)
     rows = store.trials("u")
-    assert all(r.origin == "uniform" for r in rows)
-    scores = [r.score for r in rows]
-    assert scores == sorted(scores)  # exact scores, proposed in rising order
+    assert rows and all(r.origin == "uniform" for r in rows)
     for r in rows:
         _assert_uniform(r.policy["layers"])
-    # no later trial compresses at least as much in every knob as one over the ceiling
     levels = [_compression(r.policy["layers"]) for r in rows]
+    best = None
     for i, r in enumerate(rows):
-        if not r.feasible:
+        # after a feasible trial, every later proposal scores lower (exact scores)
+        if best is not None:
+            assert r.score < best
+        if r.state == "COMPLETE" and r.feasible:
+            best = r.score if best is None else min(best, r.score)
+        else:  # no later trial compresses at least as much in every knob as this one
             for later in levels[i + 1 :]:
                 assert not all(a >= b for a, b in zip(later, levels[i], strict=True))
+    assert best is not None  # bisection reaches the feasible side within 10 trials
     store.dispose()
 
 
@@ -326,3 +331,32 @@ def test_old_schema_is_refused_by_reads_and_upgraded(tmp_path, tiny_gpt):
 
     resume_sweep("old", trials=3, storage=url, in_process=True, progress=False)
     assert [r.number for r in Store(url).trials("old")] == [0, 1, 2]
+
+
+def test_cli_sampler_names_match_the_samplers():
+    from microsweep.cli import SAMPLER_NAMES
+
+    assert SAMPLER_NAMES == SAMPLERS
+
+
+def test_planned_sampler_refuses_a_ceiling_no_compression_can_meet(tmp_path, tiny_gpt):
+    from microsweep.errors import UsageError
+
+    path = tmp_path / "tight.py"
+    path.write_text(
+        Path(TINY).read_text().replace("perplexity_ceiling=1.10", "perplexity_ceiling=1.0")
+    )
+    url = f"sqlite:///{tmp_path / 'tight.db'}"
+    with pytest.raises(UsageError, match="not above the dense model"):
+        run_sweep(str(path), name="t", trials=2, storage=url, in_process=True, progress=False)
+    # uniform needs no budget: it runs, and finds every compressed policy over the ceiling
+    result = run_sweep(
+        str(path),
+        name="u",
+        trials=2,
+        storage=url,
+        in_process=True,
+        progress=False,
+        sampler="uniform",
+    )
+    assert sum(result.states.values()) == 2 and result.best_number is None

@@ -42,6 +42,8 @@ def solve(
     zero count as zero."""
     if len(costs) != len(losses):
         raise ValueError("costs and losses need one array per group")
+    if not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"resolution {resolution!r} must be a positive int")
     if budget < 0:
         return None
     unit = budget / resolution if budget > 0 else 1.0

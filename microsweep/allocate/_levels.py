@@ -38,8 +38,9 @@ def _rank_levels(knob: Rank, unit: Unit, levels: int) -> list[Any]:
     resolve to in every layer of the unit."""
     if knob.values is not None:
         candidates: list[Any] = sorted(set(knob.values), reverse=True)
+    elif knob.low == knob.high:  # a constant fraction: exactly what `suggest` returns
+        candidates = [knob.low]
     else:
-        assert knob.low is not None and knob.high is not None
         if len(unit.layers) == 1:
             info = unit.layers[0]
             full = info.full_rank

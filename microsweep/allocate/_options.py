@@ -95,12 +95,14 @@ class UnitOptions:
         return self.index_of(tuple(idx))
 
     def nearest(self, knob: str, value: Any) -> int:
-        """Index of the level of `knob` nearest to `value` (ties: the less compressed)."""
+        """Index of the level of `knob` nearest to `value` (ties: the less compressed). A rank
+        given as an explicit rank for a unit of fractions (or the other way) is converted with
+        the unit's first layer's full rank."""
         levels = self.levels[knob]
         if knob == "rank":
-            order = [(_rank_distance(v, value), i) for i, v in enumerate(levels)]
-        else:
-            order = [(abs(float(v) - float(value)), i) for i, v in enumerate(levels)]
+            full = self.unit.layers[0].full_rank
+            value = _rank_like(value, levels[-1], full)
+        order = [(abs(float(v) - float(value)), i) for i, v in enumerate(levels)]
         return min(order)[1]
 
 
@@ -116,8 +118,13 @@ def _find(levels: list[Any], value: Any) -> int | None:
     return None
 
 
-def _rank_distance(a: Any, b: Any) -> float:
-    return abs(float(a) - float(b))
+def _rank_like(value: Any, like: Any, full: int) -> Any:
+    """`value` (an explicit rank or a fraction) in the unit of `like`."""
+    if isinstance(value, int) and not isinstance(like, int):
+        return value / full
+    if not isinstance(value, int) and isinstance(like, int):
+        return round(float(value) * full)
+    return value
 
 
 def _effective_weight(module: nn.Module) -> torch.Tensor:
@@ -150,7 +157,8 @@ def build_unit_options(
     """Compress and count every combination of `levels` for each layer of `unit`."""
     knobs = tuple(k for k in KNOBS if k in levels)
     grid = [range(len(levels[k])) for k in knobs]
-    combos = np.array(list(itertools.product(*grid)), dtype=np.int64).reshape(-1, len(knobs))
+    rows = list(itertools.product(*grid))  # one empty combination when the unit has no knob
+    combos = np.array(rows, dtype=np.int64).reshape(len(rows), len(knobs))
     n, m = len(combos), len(unit.layers)
     cost = np.zeros((n, len(MODES)))
     rho = np.ones((n, m))

@@ -76,14 +76,14 @@ def fit_weights(
     features = np.asarray(features, dtype=np.float64).reshape(-1, len(KNOBS))
     measured = np.asarray(measured, dtype=np.float64).reshape(-1)
     keep = np.isfinite(measured) & (measured <= 4 * max(budget, 1e-12))
-    keep &= features.sum(axis=1) > 0
+    keep &= np.isfinite(features).all(axis=1) & (features.sum(axis=1) > 0)
     f, y = features[keep], measured[keep]
     scale = (f**2).mean(axis=0) if len(f) else np.zeros(len(KNOBS))
     scale = np.where(scale > 0, scale, 1.0)
     lhs = f.T @ f + strength * np.diag(scale)
     rhs = f.T @ y + strength * scale
     weights = np.linalg.solve(lhs, rhs)
-    return np.clip(weights, 0.1, 10.0)
+    return np.clip(np.where(np.isfinite(weights), weights, 1.0), 0.1, 10.0)
 
 
 def fit_correction(
@@ -107,6 +107,7 @@ def fit_correction(
     prior = np.tile(shared, units)
     measured = np.asarray(measured, dtype=np.float64).reshape(-1)
     keep = np.isfinite(measured) & (measured <= 4 * max(budget, 1e-12))
+    keep &= np.isfinite(features).reshape(n, units * knobs).all(axis=1)
     x = features.reshape(n, units * knobs)[keep]
     y = measured[keep]
     if len(y) == 0:
@@ -116,6 +117,7 @@ def fit_correction(
     lhs = x.T @ x + unit_strength * np.diag(scale)
     rhs = x.T @ y + unit_strength * scale * prior
     weights = np.linalg.solve(lhs, rhs)
+    weights = np.where(np.isfinite(weights), weights, prior)
     return np.clip(weights, 0.1, 10.0).reshape(units, knobs)
 
 
@@ -201,13 +203,6 @@ class Planner:
             parts.append(part)
         self.table, self.parts = table, parts
 
-    @property
-    def budget_scale(self) -> float:
-        """A loss of reference: the summed predicted loss of the most compressed options."""
-        if self.parts is None:
-            return 0.0
-        return float(sum(p.sum(axis=1).max() for p in self.parts))
-
     # -- plans ---------------------------------------------------------------------------------
     def plan(self, choice: tuple[int, ...], weights: np.ndarray | None = None) -> Plan:
         """Score (exact) and predicted loss (per-knob or per-unit `weights`) of one option per
@@ -281,7 +276,9 @@ class Planner:
                 costs = [c + move_cost for c in costs]
                 for c, k in zip(costs, anchor, strict=True):
                     c[k] -= move_cost
-            choice = solve(costs, losses, budget, resolution=resolution)
+            # each unit rounds its loss up by under one step: keep that well under the budget
+            steps = max(resolution, 50 * len(costs))
+            choice = solve(costs, losses, budget, resolution=steps)
             if choice is None:
                 continue
             plan = self.plan(tuple(choice), w)
@@ -382,13 +379,15 @@ def _label(v: Any) -> str:
 def _same(a: Any, b: Any) -> bool:
     if a is None or b is None:
         return a is b
+    if isinstance(a, int) != isinstance(b, int):  # rank 1 is not the fraction 1.0
+        return False
     return abs(float(a) - float(b)) < 1e-9
 
 
-def _compression(knob: str, value: Any) -> float:
-    """Sort key: larger compresses more."""
+def _compression(knob: str, value: Any) -> tuple[int, float]:
+    """Sort key: larger compresses more (explicit ranks and rank fractions apart)."""
     if knob == "sparsity":
-        return float(value)
+        return (0, float(value))
     if knob == "rank":
-        return -float(value)
-    return -float(value)  # bits and act_bits: fewer bits compress more
+        return (int(isinstance(value, int)), -float(value))
+    return (0, -float(value))  # bits and act_bits: fewer bits compress more

@@ -23,7 +23,10 @@ import torch
 
 from microsweep.errors import UsageError
 
-__all__ = ["ChunkVerdict", "StopRule"]
+__all__ = ["MIN_WINDOWS", "ChunkVerdict", "StopRule"]
+
+MIN_WINDOWS = 16
+"""Windows read before any stop: the spread of the excess needs a sample to rest on."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,8 @@ class StopRule:
     - `ceiling`: the perplexity a trial must not exceed;
     - `chunks`: how many chunks the windows are read in (chunk c holds windows c, c+k, ...);
     - `z`: how many standard errors of optimism the unseen windows get before a stop;
-    - `min_fraction`: the share of windows read before any stop.
+    - `min_fraction`: the share of windows read before any stop (and never fewer than
+      `MIN_WINDOWS`).
     """
 
     dense_nll: tuple[float, ...]
@@ -105,5 +109,6 @@ class StopRule:
         optimistic_rest = rest * (mean - self.z * sd * math.sqrt(1 / seen + 1 / rest))
         bound = observed + optimistic_rest
         optimistic = math.exp(min((dense_total + bound) / tokens, 700.0))
-        stop = seen >= self.min_fraction * n and seen > 1 and bound > self.allowed_excess()
+        enough = seen >= max(self.min_fraction * n, MIN_WINDOWS)
+        stop = enough and bound > self.allowed_excess()
         return ChunkVerdict(seen, projected, optimistic, stop)

@@ -1,29 +1,51 @@
-"""The sweep driver: Optuna ask/tell over a pool of workers, with constraints and resume."""
+"""The sweep driver: Optuna ask/tell over a pool of workers, with constraints and resume; the
+samplers by name and the sensitivity pass.
 
-from microsweep.search._driver import SAMPLERS, SweepResult, resume_sweep, run_sweep
+The samplers load Optuna when first used, so importing this package (as every space file does
+for `MicroNet`) stays as light as the driver.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from microsweep.search._driver import SweepResult, resume_sweep, run_sweep
 from microsweep.search._objective import MicroNet
-from microsweep.search._samplers import (
-    AllocateSampler,
-    AutoSampler,
-    UniformSampler,
-    make_sampler,
-)
 from microsweep.search._sensitivity import SensitivityRun, eval_key, run_sensitivity
 from microsweep.search._spacefile import SpaceFile, load_space_file
+
+if TYPE_CHECKING:
+    from microsweep.search._samplers import (
+        SAMPLERS,
+        AllocateSampler,
+        AutoSampler,
+        UniformSampler,
+        make_sampler,
+    )
+
+_SAMPLER_NAMES = {"SAMPLERS", "AllocateSampler", "AutoSampler", "UniformSampler", "make_sampler"}
 
 __all__ = [
     "SAMPLERS",
     "AllocateSampler",
     "AutoSampler",
-    "SensitivityRun",
-    "UniformSampler",
-    "eval_key",
-    "make_sampler",
-    "run_sensitivity",
     "MicroNet",
+    "SensitivityRun",
     "SpaceFile",
     "SweepResult",
+    "UniformSampler",
+    "eval_key",
     "load_space_file",
+    "make_sampler",
     "resume_sweep",
+    "run_sensitivity",
     "run_sweep",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SAMPLER_NAMES:
+        from microsweep.search import _samplers
+
+        return getattr(_samplers, name)
+    raise AttributeError(f"module 'microsweep.search' has no attribute {name!r}")

@@ -19,17 +19,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from microsweep.errors import MicrosweepError, StorageError, UsageError
-from microsweep.search._samplers import make_sampler
 from microsweep.search._spacefile import SpaceFile, load_space_file, load_space_source
 from microsweep.storage import Store
 
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["SAMPLERS", "SweepResult", "resume_sweep", "run_sweep"]
-
-SAMPLERS = ("auto", "allocate", "tpe", "nsga2", "gp", "cmaes", "random", "uniform")
-"""Sampler names (`microsweep.search._samplers`); ``auto`` is the default."""
+__all__ = ["SweepResult", "resume_sweep", "run_sweep"]
 
 
 @dataclass
@@ -186,6 +182,12 @@ def _plan(
     dense_nll = math.log(sweep.dense_perplexity)
     ceiling = sweep.ceiling if sweep.ceiling is not None else 1.05 * sweep.dense_perplexity
     budget = math.log(ceiling) - dense_nll
+    if budget <= 0 and sampler.needs_sensitivity:
+        raise UsageError(
+            f"the perplexity ceiling {ceiling:.6g} is not above the dense model's "
+            f"{sweep.dense_perplexity:.6g}: no compression can meet it, so there is nothing to "
+            "allocate; raise perplexity_ceiling or use --sampler uniform or tpe"
+        )
     if sampler.needs_sensitivity:
         table, summary = measure_sensitivity(
             store,
@@ -202,11 +204,6 @@ def _plan(
         result.sensitivity = summary
         result.notes.extend(planner.notes())
     sampler.attach(planner, budget=budget, dense_nll=dense_nll)
-    if budget <= 0:
-        result.notes.append(
-            f"the ceiling {ceiling:.4g} is not above the dense perplexity "
-            f"{sweep.dense_perplexity:.4g}: no compression can meet it"
-        )
     if not study.get_trials(deepcopy=False):
         for params, attrs in sampler.warm_starts():
             study.enqueue_trial(params, user_attrs=attrs)
@@ -435,6 +432,8 @@ def run_sweep(
     _check_counts(trials, workers)
     if seed is not None and not 0 <= seed < 2**32:
         raise UsageError(f"--seed {seed} must be in 0..{2**32 - 1}")
+    from microsweep.search._samplers import SAMPLERS, make_sampler
+
     if sampler not in SAMPLERS:
         raise UsageError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
     if not name or len(name) > 200:
@@ -567,6 +566,8 @@ def resume_sweep(
         )
     except KeyError:
         raise StorageError(f"sweep {name!r} has no Optuna study in {store.url}") from None
+    from microsweep.search._samplers import make_sampler
+
     # a fresh seed stream: the same seed again would repeat the first policies
     seed = None if sweep.seed is None else (sweep.seed + n_before) % 2**32
     sampler = make_sampler(

@@ -4,13 +4,15 @@ Every sampler is an Optuna `BaseSampler`, so each trial's parameters stay the fu
 policy whoever proposed it, and a warm start is a plain `study.enqueue_trial`. The planned
 samplers propose whole policies from a `Planner` and answer each per-layer `suggest` from that:
 
-- ``uniform``: one setting for every layer, in rising order of exact score; a setting that
-  compresses at least as much in every knob as one that missed the ceiling is skipped.
-- ``allocate``: the knapsack allocation under the perplexity budget, its loss predictor refit
-  on every measured trial (per-knob weights), with variations around the budget.
-- ``auto``: warm starts (the best predicted uniform policies and allocations), then TPE over a
-  handful of global quantities (budget spent, per-knob loss weights, allocation temperature)
-  that the planner maps to a whole policy, with a refit allocation every third trial.
+- ``uniform``: one setting for every layer, by bisection over the exact score order; a setting
+  that compresses at least as much in every knob as one that missed the ceiling is skipped.
+- ``allocate``: the knapsack allocation under the perplexity budget with its loss predictor
+  refit on every measured trial (per-knob, then per-layer weights), in turn with moves near the
+  best feasible trial (a trust region anchored on what that trial measured).
+- ``auto``: warm starts (the best predicted uniform policies and allocations), then in turn:
+  TPE over a handful of global quantities (budget spent, per-knob loss weights, allocation
+  temperature, plain hyperparameters) that the planner maps to a whole policy, a move near the
+  best feasible trial, and the refit allocation at the ceiling.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def make_sampler(
             raise UsageError("--sampler cmaes handles one objective; use tpe, nsga2 or auto")
         return _ConstrainedCmaEs(seed=seed, warn_independent_sampling=False)
     if name == "uniform":
-        return UniformSampler(space, seed=seed)
+        return UniformSampler(space, seed=seed, multi=multi)
     if name == "allocate":
         return AllocateSampler(space, seed=seed)
     if name == "auto":
@@ -215,13 +217,13 @@ class _PlanSampler(BaseSampler):
         """Finished trials as records, and the plans of every trial (running ones too)."""
         from optuna.trial import TrialState
 
-        assert self.planner is not None
+        planner = self._require_planner()
         records, seen = [], set()
         for t in study.get_trials(deepcopy=False):
-            choice = self.planner.locate(t.params) if t.params else None
+            choice = planner.locate(t.params) if t.params else None
             planned = self._planned.get(t.number)
             if choice is None and planned is not None:
-                choice = self.planner.locate(planned)
+                choice = planner.locate(planned)
             if choice is not None:
                 seen.add(choice)
             if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
@@ -236,6 +238,10 @@ class _PlanSampler(BaseSampler):
             if t.state == TrialState.PRUNED:
                 score = t.user_attrs.get("score")
                 values = None if score is None else (float(score), float(ppl or math.inf))
+            point = t.user_attrs.get(POINT_ATTR)
+            if point is not None:  # the hyperparameters the trial really ran with
+                point = {k: v for k, v in point.items() if not k.startswith(HYPER)}
+                point.update({HYPER + k: t.params[k] for k in self.space.hyper if k in t.params})
             records.append(
                 _Record(
                     t.number,
@@ -245,7 +251,7 @@ class _PlanSampler(BaseSampler):
                     loss,
                     values,
                     constraint,
-                    t.user_attrs.get(POINT_ATTR),
+                    point,
                 )
             )
         return records, seen
@@ -255,14 +261,14 @@ class _PlanSampler(BaseSampler):
         (all ones before any)."""
         from microsweep.allocate import KNOBS, fit_correction
 
-        assert self.planner is not None
+        planner = self._require_planner()
         rows = [
-            (self.planner.features(r.choice), r.loss)
+            (planner.features(r.choice), r.loss)
             for r in records
             if r.choice is not None and r.loss is not None
         ]
         if not rows:
-            return np.ones((len(self.planner.options), len(KNOBS)))
+            return np.ones((len(planner.options), len(KNOBS)))
         features = np.stack([f for f, _ in rows])
         measured = np.array([m for _, m in rows])
         return fit_correction(features, measured, self.budget)
@@ -284,22 +290,29 @@ class _PlanSampler(BaseSampler):
         weights: np.ndarray,
         temperature: float,
         seed: int,
-    ) -> tuple[Plan | None, float]:
-        """An allocation not proposed before: the temperature rises on a repeat (a few tries)."""
-        assert self.planner is not None
+    ) -> tuple[Plan | None, float, float]:
+        """An allocation not proposed before, with the temperature and budget it took: a repeat
+        raises the temperature (a few tries, then None); a budget no plan fits doubles, up to
+        64x the NLL budget."""
+        planner = self._require_planner()
         rng = np.random.default_rng(seed)
-        plan = None
+        top = 64 * self.budget
         for attempt in range(8):
-            plan = self.planner.allocate(budget, weights=weights, temperature=temperature, rng=rng)
-            while plan is None and budget < 64 * max(self.budget, 1e-9):
+            plan = planner.allocate(budget, weights=weights, temperature=temperature, rng=rng)
+            while plan is None and 0 < budget < top:
                 budget *= 2
-                plan = self.planner.allocate(
-                    budget, weights=weights, temperature=temperature, rng=rng
-                )
+                plan = planner.allocate(budget, weights=weights, temperature=temperature, rng=rng)
             if plan is None or plan.choice not in seen:
-                return plan, temperature
+                return plan, temperature, budget
             temperature = max(0.05, temperature) * (1.6 if attempt else 1.0) + 0.05
-        return plan, temperature
+        return None, temperature, budget
+
+    def _require_planner(self) -> Planner:
+        if self.planner is None:
+            raise UsageError(
+                f"the {self.name} sampler has no planner yet: call attach(planner, ...) first"
+            )
+        return self.planner
 
     def _local(
         self,
@@ -313,7 +326,7 @@ class _PlanSampler(BaseSampler):
         budget is the ceiling less the incumbent's prediction error) and each unit moved off it
         costs `move_cost` of score while solving, a trust region; steered by earlier local
         plans' outcomes like the refit ones."""
-        assert self.planner is not None
+        planner = self._require_planner()
         feasible = [
             r
             for r in records
@@ -322,12 +335,12 @@ class _PlanSampler(BaseSampler):
         if not feasible:
             return None, 0.0
         best = min(feasible, key=lambda r: r.values[0])
-        residual = best.loss - (self.planner.plan(best.choice, correction).loss or 0.0)
+        residual = best.loss - (planner.plan(best.choice, correction).loss or 0.0)
         budget = self._margin(records, "local") * self.budget - residual
         rng = np.random.default_rng(seed)
         temperature = 0.0
         for attempt in range(6):
-            plan = self.planner.allocate(
+            plan = planner.allocate(
                 max(budget, 0.0),
                 weights=correction,
                 temperature=temperature,
@@ -343,34 +356,45 @@ class _PlanSampler(BaseSampler):
 
 
 class UniformSampler(_PlanSampler):
-    """One setting for every layer, cheapest first (exact scores), skipping settings that
-    compress at least as much in every knob as one already over the ceiling."""
+    """One setting for every layer, found by bisection over the exact score order: each trial
+    takes the middle of the settings still open. One over the ceiling closes every setting that
+    compresses at least as much in every knob; a feasible one (single objective) closes every
+    setting that scores no better."""
 
     name = "uniform"
 
-    def __init__(self, space: Space, *, seed: int | None) -> None:
+    def __init__(self, space: Space, *, seed: int | None, multi: bool = False) -> None:
         super().__init__(space, seed=seed)
+        self.multi = multi
         self._order: list[tuple[tuple[int, ...], Plan]] | None = None
 
     def _propose(self, study, trial):  # noqa: ANN001, ANN202
-        assert self.planner is not None
+        planner = self._require_planner()
         if self._order is None:
-            self._order = sorted(self.planner.uniform(), key=lambda item: item[1].score)
+            self._order = sorted(planner.uniform(), key=lambda item: item[1].score)
         records, seen = self._records(study)
         index_of = {plan.choice: idx for idx, plan in self._order}
         failed = [index_of[r.choice] for r in records if r.choice in index_of and not r.feasible]
-        for idx, plan in self._order:
-            if plan.choice in seen:
-                continue
-            if any(all(a >= b for a, b in zip(idx, bad, strict=True)) for bad in failed):
-                continue
-            return self.planner.params(plan.choice), "uniform", None
-        return None
+        best = min(
+            (r.values[0] for r in records if r.feasible and r.choice in index_of and r.values),
+            default=math.inf,
+        )
+        open_ = [
+            plan
+            for idx, plan in self._order
+            if plan.choice not in seen
+            and (self.multi or plan.score < best)
+            and not any(all(a >= b for a, b in zip(idx, bad, strict=True)) for bad in failed)
+        ]
+        if not open_:
+            return None
+        return planner.params(open_[len(open_) // 2].choice), "uniform", None
 
 
 class AllocateSampler(_PlanSampler):
     """Allocation alone: the knapsack at the perplexity budget with a predictor refit on every
-    measured trial; budgets vary around the ceiling and repeats raise the temperature."""
+    measured trial, in turn with moves near the best feasible trial; budgets vary around the
+    ceiling and repeats raise the temperature."""
 
     needs_sensitivity = True
     name = "allocate"
@@ -392,18 +416,21 @@ class AllocateSampler(_PlanSampler):
             move_cost = self.MOVE_COSTS[(step // 2) % len(self.MOVE_COSTS)]
             plan, _ = self._local(records, seen, correction, move_cost, seed)
             if plan is not None:
-                return self.planner.params(plan.choice), "local", None
+                return self._require_planner().params(plan.choice), "local", None
         factor = self._margin(records, "allocation")
         factor *= self.SCHEDULE[(step // 2) % len(self.SCHEDULE)]
-        plan, temperature = self._allocate_new(seen, factor * self.budget, correction, 0.0, seed)
+        plan, temperature, used = self._allocate_new(
+            seen, factor * self.budget, correction, 0.0, seed
+        )
         if plan is None:
             return None
-        point = _point(factor, np.ones(len(_knobs())), temperature)
-        return self.planner.params(plan.choice), "allocation", point
+        point = _point(used / self.budget, np.ones(len(_knobs())), temperature)
+        return self._require_planner().params(plan.choice), "allocation", point
 
 
 class AutoSampler(_PlanSampler):
-    """Warm starts, then TPE over a few global quantities mapped to policies by the planner."""
+    """Warm starts, then in turn: TPE over a few global quantities mapped to policies by the
+    planner, a move near the best feasible trial, and the refit allocation at the ceiling."""
 
     needs_sensitivity = True
     name = "auto"
@@ -428,8 +455,8 @@ class AutoSampler(_PlanSampler):
 
         from microsweep.allocate import KNOBS
 
-        assert self.planner is not None
-        present = {kn for o in self.planner.options for kn in o.knobs}
+        planner = self._require_planner()
+        present = {kn for o in planner.options for kn in o.knobs}
         dists: dict[str, BaseDistribution] = {
             "budget": FloatDistribution(0.25, 4.0, log=True),
             "temperature": FloatDistribution(0.0, 0.5),
@@ -460,7 +487,7 @@ class AutoSampler(_PlanSampler):
         }
         if len(params) != len(dists):
             return None
-        hyper = {k[len(HYPER) :]: v for k, v in point.items() if k.startswith(HYPER)}
+        hyper = {k: v for k, v in point.items() if k.startswith(HYPER)}
         study.enqueue_trial({**params, **hyper}, skip_if_exists=False)
         inner = study.ask(dists)
         self._suggest_hyper(inner)
@@ -498,21 +525,21 @@ class AutoSampler(_PlanSampler):
         ceiling (uncorrected predictor), each enqueued once."""
         from microsweep.allocate import KNOBS
 
-        assert self.planner is not None
+        planner = self._require_planner()
         out, seen = [], set()
-        uniform = sorted(self.planner.uniform(), key=lambda item: item[1].score)
+        uniform = sorted(planner.uniform(), key=lambda item: item[1].score)
         for factor in self.WARM_UNIFORM:
             fits = [p for _, p in uniform if p.loss is not None and p.loss <= factor * self.budget]
             if fits and fits[0].choice not in seen:
                 seen.add(fits[0].choice)
-                out.append((self.planner.params(fits[0].choice), {ORIGIN_ATTR: "uniform"}))
+                out.append((planner.params(fits[0].choice), {ORIGIN_ATTR: "uniform"}))
         weights = np.ones(len(KNOBS))
         for factor in self.WARM_ALLOCATION:
-            plan = self.planner.allocate(factor * self.budget, weights=weights)
+            plan = planner.allocate(factor * self.budget, weights=weights)
             if plan is not None and plan.choice not in seen:
                 seen.add(plan.choice)
                 attrs = {ORIGIN_ATTR: "allocation", POINT_ATTR: _point(factor, weights, 0.0)}
-                out.append((self.planner.params(plan.choice), attrs))
+                out.append((planner.params(plan.choice), attrs))
         return out
 
     def _propose(self, study, trial):  # noqa: ANN001, ANN202
@@ -531,25 +558,27 @@ class AutoSampler(_PlanSampler):
         if phase == 2 or (phase == 1 and plan is None):  # the refit allocation at the ceiling
             factor = self._margin(records, "refit")
             factor *= self.SCHEDULE[(self._count // 3) % len(self.SCHEDULE)]
-            plan, temperature = self._allocate_new(
+            plan, temperature, used = self._allocate_new(
                 seen, factor * self.budget, correction, 0.0, seed
             )
             origin = "refit"
-            point = _point(factor, np.ones(len(_knobs())), temperature)
+            point = _point(used / self.budget, np.ones(len(_knobs())), temperature)
             inner = None
         if phase == 0:  # the inner TPE explores the low-dimensional space
             inner = self._inner_study().ask(self._distributions())
-            hyper = self._suggest_hyper(inner)
-            point = {k: v for k, v in inner.params.items() if k not in hyper}
-            point.update({HYPER + k: v for k, v in hyper.items()})
+            self._suggest_hyper(inner)
+            point = dict(inner.params)
             weights = correction * _weights_of(point)[None, :]
-            plan, temperature = self._allocate_new(
+            plan, temperature, used = self._allocate_new(
                 seen, point["budget"] * self.budget, weights, point["temperature"], seed
             )
             origin = "tpe-allocation"
-            if temperature != point["temperature"]:  # a repeat: the policy came from elsewhere
+            budget = used / self.budget
+            if temperature != point["temperature"] or budget != point["budget"]:
+                # the plan came from another point than TPE asked for: tell TPE that one fails,
+                # and record the point that made the plan
                 self._inner_study().tell(inner, state=_fail_state())
-                point = {**point, "temperature": temperature}
+                point = {**point, "temperature": temperature, "budget": budget}
                 inner = None
         if plan is None:
             if inner is not None:
@@ -558,7 +587,7 @@ class AutoSampler(_PlanSampler):
         if inner is not None:
             self._pending[trial.number] = inner
         hyper = {k[len(HYPER) :]: v for k, v in point.items() if k.startswith(HYPER)}
-        return self.planner.params(plan.choice, hyper), origin, point
+        return self._require_planner().params(plan.choice, hyper), origin, point
 
     def plan_for(
         self,
@@ -569,11 +598,11 @@ class AutoSampler(_PlanSampler):
         """The policy a point of the low-dimensional space maps to: the allocation at
         ``budget`` x the NLL budget, with the per-knob weights ``w_*`` on top of the
         (per-unit) `correction`, each unit's loss jittered by ``temperature``."""
-        assert self.planner is not None, "attach a planner first"
+        planner = self._require_planner()
         weights = _weights_of(point)
         if correction is not None:
             weights = correction * weights[None, :]
-        return self.planner.allocate(
+        return planner.allocate(
             point["budget"] * self.budget,
             weights=weights,
             temperature=point.get("temperature", 0.0),
@@ -581,8 +610,9 @@ class AutoSampler(_PlanSampler):
         )
 
     def _suggest_hyper(self, inner: Any) -> dict[str, Any]:
-        """The space's plain hyperparameters, searched by the inner TPE with the rest."""
-        return {k: knob.suggest(inner, k) for k, knob in self.space.hyper.items()}
+        """The space's plain hyperparameters, searched by the inner TPE with the rest (under
+        prefixed names, apart from the point's own quantities)."""
+        return {k: knob.suggest(inner, HYPER + k) for k, knob in self.space.hyper.items()}
 
 
 def _fail_state() -> Any:

@@ -108,7 +108,7 @@ def measure_sensitivity(
     by_number = {-2 - i: p for i, p in enumerate(missing)}
     queue = list(by_number)
     pending: list[dict[str, Any]] = []
-    done = 0
+    done = failures = 0
     out = sys.stderr
     last_shown = 0.0
     while queue or pool.busy:
@@ -122,6 +122,13 @@ def measure_sensitivity(
         ppl = res.get("perplexity") if res.get("status") == "ok" else None
         ok = isinstance(ppl, float) and math.isfinite(ppl) and ppl > 0
         nll = math.log(ppl) if ok else math.inf
+        stored[(probe.layer, probe.knob, probe.key)] = nll  # this sweep avoids the level
+        # a model that breaks (non-finite perplexity) is a measurement worth keeping; a worker
+        # that failed (died, raised) is not: a later pass measures the probe again
+        if not ok and not str(res.get("error", "")).startswith("perplexity is"):
+            done += 1
+            failures += 1
+            continue
         pending.append(
             {
                 **common,
@@ -136,7 +143,6 @@ def measure_sensitivity(
                 "seconds": float(res.get("timings", {}).get("total", 0.0)),
             }
         )
-        stored[(probe.layer, probe.knob, probe.key)] = nll
         done += 1
         if len(pending) >= 16 or not (queue or pool.busy):
             store.record_sensitivity(pending)
@@ -156,7 +162,8 @@ def measure_sensitivity(
     )
     summary = {
         "probes": len(probes),
-        "measured": len(missing),
+        "measured": len(missing) - failures,
+        "failed": failures,
         "reused": len(probes) - len(missing),
         "seconds": time.perf_counter() - started,
     }

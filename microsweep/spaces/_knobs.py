@@ -83,6 +83,8 @@ class Sparsity(Knob):
         values from `low` to `high` (decimal-rounded, so 0.3 is 0.3)."""
         if self.low == self.high:
             return [float(self.low)]
+        if not isinstance(levels, int) or levels < 2:
+            raise SpaceError(f"Sparsity.grid: levels={levels!r} must be an int >= 2")
         if self.step is not None:
             n = int(math.floor((self.high - self.low) / self.step + 1e-9))
             values = [self.low + i * self.step for i in range(n + 1)]

@@ -62,7 +62,12 @@ class Store:
     def engine(self) -> Engine:
         if self._engine is None:
             self._engine = self._make_engine()
-            self._ensure_schema()
+            try:
+                self._ensure_schema()
+            except BaseException:  # refused (older, newer, foreign): never use it unchecked
+                self._engine.dispose()
+                self._engine = None
+                raise
         return self._engine
 
     def _make_engine(self) -> Engine:
@@ -370,25 +375,6 @@ class Store:
         with self.session() as s:
             query = select(SensitivityRow).where(SensitivityRow.eval_key == eval_key)
             return list(s.scalars(query.order_by(SensitivityRow.id)))
-
-    def sensitivity_keys(self) -> list[tuple[str, str, int]]:
-        """(eval key, label, rows) of every stored sensitivity table, oldest first."""
-        from sqlalchemy import func, select
-
-        from microsweep.storage._models import SensitivityRow
-
-        with self.session() as s:
-            rows = s.execute(
-                select(
-                    SensitivityRow.eval_key,
-                    func.min(SensitivityRow.label),
-                    func.count(SensitivityRow.id),
-                    func.min(SensitivityRow.id),
-                )
-                .group_by(SensitivityRow.eval_key)
-                .order_by(func.min(SensitivityRow.id))
-            ).all()
-        return [(key, label, int(n)) for key, label, n, _ in rows]
 
     def record_sensitivity(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Insert measurements; one that another process stored meanwhile is kept as it is."""
