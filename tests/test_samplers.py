@@ -38,6 +38,8 @@ def test_each_sampler_runs_with_the_constraint(sampler, shared_url, tiny_gpt):
         sampler=sampler,
     )
     assert sum(result.states.values()) == 6 and set(result.states) <= {"COMPLETE", "PRUNED"}
+    if sampler in ("nsga2", "gp"):  # they learn only from completed trials: evaluated in full
+        assert set(result.states) == {"COMPLETE"}
     store = Store(shared_url)
     sweep = store.get_sweep(f"s-{sampler}")
     study = optuna.load_study(study_name=f"s-{sampler}", storage=store.optuna_storage())
@@ -106,7 +108,7 @@ def test_auto_starts_with_its_warm_starts(shared_url, tiny_gpt):
     run_sweep(
         TINY,
         name="warm",
-        trials=8,
+        trials=12,
         storage=shared_url,
         seed=6,
         in_process=True,
@@ -120,6 +122,7 @@ def test_auto_starts_with_its_warm_starts(shared_url, tiny_gpt):
     warm = [o for o in origins if o in ("uniform", "allocation")]
     # the warm starts come first, from both sources, and were enqueued (fixed parameters)
     assert origins[: len(warm)] == warm and {"uniform", "allocation"} <= set(warm)
+    assert 3 <= len(warm) <= 8 and len(warm) < len(trials)
     for t in trials[: len(warm)]:
         fixed = t.system_attrs.get("fixed_params")
         assert fixed == {k: v for k, v in t.params.items() if k != "finetune_lr"}

@@ -141,6 +141,10 @@ class _Progress:
         self.stream.flush()
 
 
+FULL_EVALUATION = frozenset({"nsga2", "gp"})
+"""Samplers whose trials are evaluated in full: they learn nothing from a PRUNED trial."""
+
+
 def _plan(
     store: Store,
     sweep: Any,
@@ -150,10 +154,12 @@ def _plan(
     pool: Any,
     result: SweepResult,
     *,
+    total: int,
     progress: bool,
 ) -> None:
     """Give a planned sampler its planner (and sensitivity table), enqueue its warm starts on a
-    new study, and note what the planner drops."""
+    new study (no more than the sweep's `total` trials, so none is left waiting), and note what
+    the planner drops."""
     import math
 
     from microsweep.allocate import Planner
@@ -205,7 +211,7 @@ def _plan(
         result.notes.extend(planner.notes())
     sampler.attach(planner, budget=budget, dense_nll=dense_nll)
     if not study.get_trials(deepcopy=False):
-        for params, attrs in sampler.warm_starts():
+        for params, attrs in sampler.warm_starts()[:total]:
             study.enqueue_trial(params, user_attrs=attrs)
     for note in result.notes:
         _say(progress, f"note: {note}")
@@ -281,6 +287,8 @@ def _drive(
     pool = _make_pool(sf, prepared, workers=workers, address=address, in_process=in_process)
     in_flight: dict[int, tuple[Any, Any, float]] = {}  # number -> trial, policy, ask seconds
     asked = done
+    # NSGA-II and GP learn only from completed trials: a stopped one would be lost to them
+    early_stop = sweep.sampler not in FULL_EVALUATION
     default_origin = sweep.sampler
 
     def fail(trial: Any, policy: Any, reason: str, timings: dict[str, float]) -> None:
@@ -299,14 +307,14 @@ def _drive(
         study.tell(trial, None, state=TrialState.FAIL)
 
     try:
-        _plan(store, sweep, sf, prepared, study, pool, result, progress=progress)
+        _plan(store, sweep, sf, prepared, study, pool, result, total=total, progress=progress)
         while done < total:
             while pool.free and asked < total:
                 t0 = time.perf_counter()
                 trial = study.ask()
                 policy = sf.space.suggest(trial)
                 in_flight[trial.number] = (trial, policy, time.perf_counter() - t0)
-                pool.submit(trial.number, policy.to_json())
+                pool.submit(trial.number, policy.to_json(), early_stop=early_stop)
                 asked += 1
             res = pool.wait()
             t0 = time.perf_counter()

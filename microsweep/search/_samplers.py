@@ -9,10 +9,10 @@ samplers propose whole policies from a `Planner` and answer each per-layer `sugg
 - ``allocate``: the knapsack allocation under the perplexity budget with its loss predictor
   refit on every measured trial (per-knob, then per-layer weights), in turn with moves near the
   best feasible trial (a trust region anchored on what that trial measured).
-- ``auto``: warm starts (the best predicted uniform policies and allocations), then in turn:
-  TPE over a handful of global quantities (budget spent, per-knob loss weights, allocation
-  temperature, plain hyperparameters) that the planner maps to a whole policy, a move near the
-  best feasible trial, and the refit allocation at the ceiling.
+- ``auto``: warm starts (the best predicted uniform policies and allocations), then moves near
+  the best feasible trial and refit allocations in turn, and one trial in six from TPE over a
+  handful of global quantities (budget spent, per-knob loss weights, allocation temperature,
+  plain hyperparameters) that the planner maps to a whole policy.
 """
 
 from __future__ import annotations
@@ -429,14 +429,20 @@ class AllocateSampler(_PlanSampler):
 
 
 class AutoSampler(_PlanSampler):
-    """Warm starts, then in turn: TPE over a few global quantities mapped to policies by the
-    planner, a move near the best feasible trial, and the refit allocation at the ceiling."""
+    """Warm starts, then moves near the best feasible trial and refit allocations in turn, with
+    one trial in six from TPE over a few global quantities mapped to policies by the planner."""
 
     needs_sensitivity = True
     name = "auto"
     SCHEDULE = (1.0, 0.97, 1.03)
+    CYCLE = ("local", "refit", "local", "refit", "local", "tpe")
+    """After the warm starts: moves near the best feasible trial and refit allocations in turn
+    (the benchmark's best performers), with one trial in six exploring by TPE."""
     WARM_UNIFORM = (1.0, 0.7, 1.4)
-    WARM_ALLOCATION = (1.0, 0.7, 0.5)  # an optimized plan's loss is under-predicted more often
+    WARM_ALLOCATION = (1.0, 0.7, 0.5, 0.25, 0.1)
+    """Budget factors of the warm-start allocations: below 1 because an optimized plan's loss
+    is under-predicted more often than not, and down to 0.1 so the front has its low-perplexity
+    end from the start."""
 
     def __init__(
         self, space: Space, *, seed: int | None, workers: int = 1, multi: bool = False
@@ -545,26 +551,30 @@ class AutoSampler(_PlanSampler):
     def _propose(self, study, trial):  # noqa: ANN001, ANN202
         records, seen = self._records(study)
         self._sync(records)
+        step = self._count
         self._count += 1
         seed = _seed(self.seed, trial.number)
         correction = self._correction(records)
-        phase = self._count % 3
+        kind = self.CYCLE[step % len(self.CYCLE)]
+        rounds = step // len(self.CYCLE)
         plan = None
-        if phase == 1:  # a move near the best feasible plan
-            move_cost = AllocateSampler.MOVE_COSTS[(self._count // 3) % 3]
+        if kind == "local":  # a move near the best feasible plan
+            move_cost = AllocateSampler.MOVE_COSTS[(step + rounds) % 3]
             plan, _ = self._local(records, seen, correction, move_cost, seed)
             origin, inner = "local", None
             point = {}  # anchored on a trial, not a point of the low-dimensional space
-        if phase == 2 or (phase == 1 and plan is None):  # the refit allocation at the ceiling
+            if plan is None:  # no feasible trial yet: allocate at the ceiling instead
+                kind = "refit"
+        if kind == "refit":  # the refit allocation at the ceiling
             factor = self._margin(records, "refit")
-            factor *= self.SCHEDULE[(self._count // 3) % len(self.SCHEDULE)]
+            factor *= self.SCHEDULE[(step + rounds) % len(self.SCHEDULE)]
             plan, temperature, used = self._allocate_new(
                 seen, factor * self.budget, correction, 0.0, seed
             )
             origin = "refit"
             point = _point(used / self.budget, np.ones(len(_knobs())), temperature)
             inner = None
-        if phase == 0:  # the inner TPE explores the low-dimensional space
+        if kind == "tpe":  # the inner TPE explores the low-dimensional space
             inner = self._inner_study().ask(self._distributions())
             self._suggest_hyper(inner)
             point = dict(inner.params)
