@@ -39,6 +39,7 @@ class SweepResult:
     best_perplexity: float | None = None
     wall: float = 0.0
     driver_ms_per_trial: float = 0.0
+    sampler_ms_per_trial: float = 0.0
     best_uniform_number: int | None = None
     best_uniform_score: float | None = None
     eval_seconds: float = 0.0
@@ -249,6 +250,63 @@ def _origin(study: optuna.Study, number: int, default: str) -> str:
     return found or default
 
 
+class _SamplerClock:
+    """Time spent inside the sampler's own methods, so driver bookkeeping is reported apart from
+    the sampler's compute (TPE's fit grows with the trials; bookkeeping must not)."""
+
+    METHODS = (
+        "infer_relative_search_space",
+        "sample_relative",
+        "sample_independent",
+        "before_trial",
+        "after_trial",
+    )
+
+    def __init__(self, sampler: Any) -> None:
+        self.seconds = 0.0
+        for name in self.METHODS:
+            method = getattr(sampler, name, None)
+            if method is not None:
+                setattr(sampler, name, self._timed(method))
+
+    def _timed(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return timed
+
+
+def _memory_study(study: optuna.Study) -> optuna.Study:
+    """An in-memory twin of the sweep's RDB study holding its finished trials: asking,
+    suggesting and telling there touch no database, and each finished trial is then written to
+    SQL in one transaction (`Store.record_trial`), instead of one commit per parameter."""
+    import optuna
+
+    mem = optuna.create_study(
+        storage=optuna.storages.InMemoryStorage(),
+        sampler=study.sampler,
+        directions=study.directions,
+    )
+    mem.add_trials([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+    return mem
+
+
+@dataclass
+class _Asked:
+    """A trial asked of the in-memory study: its policy, its reserved Optuna row (trial id,
+    number) once it has one, and the bookkeeping and sampler seconds spent on it so far."""
+
+    trial: Any
+    policy: Any
+    row: tuple[int, int] | None = None
+    driver_s: float = 0.0
+    sampler_s: float = 0.0
+
+
 def _drive(
     store: Store,
     sweep: Any,
@@ -263,6 +321,15 @@ def _drive(
     progress: bool,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
 ) -> SweepResult:
+    """Run trials until `study` has `total` finished ones.
+
+    Sampling happens on an in-memory twin of the study. A trial's Optuna row is reserved RUNNING
+    when it is dispatched to a Ray worker (in-process: when it is written), and when it
+    finishes its parameters, values and attributes go into that row together with microsweep's
+    rows in one transaction, which also reserves the row of the trial asked ahead. With Ray, the
+    next policy is asked before a worker frees, and a freed worker gets it before the finished
+    trial's bookkeeping starts.
+    """
     from optuna.trial import TrialState
 
     from microsweep.score import Baseline, micronet_score
@@ -270,10 +337,11 @@ def _drive(
     ceiling = sweep.ceiling
     baseline = Baseline(sweep.baseline_params, sweep.baseline_ops, sweep.baseline_name)
     multi = sf.objective.objectives == "score+perplexity"
-    finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
-    done = len(finished)
+    study_id = study._study_id
+    mem = _memory_study(study)
+    done = first = len(mem.get_trials(deepcopy=False))
     result = SweepResult(name=sweep.name)
-    for t in finished:
+    for t in mem.get_trials(deepcopy=False):
         result.states[t.state.name] = result.states.get(t.state.name, 0) + 1
     for row in store.trials(sweep.name):
         row_d = {"feasible": row.feasible, "perplexity": row.perplexity}
@@ -282,48 +350,89 @@ def _drive(
         return result
     bar = _Progress(total, enabled=progress)
     started = time.perf_counter()
-    driver_time = 0.0
+    driver_time = sampler_time = 0.0
     _say(progress, f"starting {'1 in-process worker' if in_process else f'{workers} Ray workers'}")
     pool = _make_pool(sf, prepared, workers=workers, address=address, in_process=in_process)
-    in_flight: dict[int, tuple[Any, Any, float]] = {}  # number -> trial, policy, ask seconds
+    in_flight: dict[int, _Asked] = {}  # by in-memory trial number
+    ready: list[_Asked] = []  # asked ahead, waiting for a free worker
+    ahead = 0 if in_process else 1  # a Ray worker never waits for the sampler
     asked = done
     # NSGA-II and GP learn only from completed trials: a stopped one would be lost to them
     early_stop = sweep.sampler not in FULL_EVALUATION
     default_origin = sweep.sampler
+    clock: _SamplerClock | None = None
 
-    def fail(trial: Any, policy: Any, reason: str, timings: dict[str, float]) -> None:
-        """Record and tell one FAIL; the reason is kept in both stores."""
-        trial.set_user_attr("fail_reason", reason)
-        store.record_trial(
+    def ask() -> _Asked:
+        t0, s0 = time.perf_counter(), clock.seconds if clock else 0.0
+        trial = mem.ask()
+        policy = sf.space.suggest(trial)
+        sampler_s = (clock.seconds if clock else 0.0) - s0
+        return _Asked(trial, policy, None, time.perf_counter() - t0 - sampler_s, sampler_s)
+
+    def submit(item: _Asked) -> None:
+        nonlocal asked
+        t0 = time.perf_counter()
+        if item.row is None and not in_process:  # visible as RUNNING while a worker has it
+            item.row = store.reserve_trials(study_id, 1)[0]
+        in_flight[item.trial.number] = item
+        policy_json = item.policy.to_json()
+        item.driver_s += time.perf_counter() - t0
+        pool.submit(item.trial.number, policy_json, early_stop=early_stop)  # in-process: runs it
+        asked += 1
+
+    def persist(item: _Asked, **record: Any) -> int:
+        """Write the finished in-memory trial to Optuna's tables and microsweep's in one
+        transaction, reserving the rows of trials asked ahead in it too; returns its number."""
+        frozen = mem._storage.get_trial(item.trial._trial_id)
+        ahead_items = [a for a in ready if a.row is None]
+        rows = store.record_trial(
             sweep.id,
-            trial.number,
+            optuna_trial=(study_id, item.row, frozen),
+            reserve=len(ahead_items),
+            **record,
+        )
+        item.row = rows[0]
+        for a, row in zip(ahead_items, rows[1:], strict=True):
+            a.row = row
+        return item.row[1]
+
+    def fail(item: _Asked, reason: str, timings: dict[str, float]) -> int:
+        """Tell and record one FAIL; the reason and the policy are kept in both stores."""
+        item.trial.set_user_attr("fail_reason", reason)
+        mem.tell(item.trial, None, state=TrialState.FAIL)
+        return persist(
+            item,
             state="FAIL",
             reason=reason,
-            origin=_origin(study, trial.number, default_origin),
-            policy=policy.to_json(),
-            summary=policy.summary(),
+            origin=_origin(mem, item.trial.number, default_origin),
+            policy=item.policy.to_json(),
+            summary=item.policy.summary(),
             timings=timings,
         )
-        study.tell(trial, None, state=TrialState.FAIL)
+
+    def refill() -> None:
+        if len(ready) < ahead and asked + len(ready) < total:
+            ready.append(ask())  # the next policy is ready before a worker frees
 
     try:
-        _plan(store, sweep, sf, prepared, study, pool, result, total=total, progress=progress)
+        _plan(store, sweep, sf, prepared, mem, pool, result, total=total, progress=progress)
+        clock = _SamplerClock(mem.sampler)
         while done < total:
             while pool.free and asked < total:
-                t0 = time.perf_counter()
-                trial = study.ask()
-                policy = sf.space.suggest(trial)
-                in_flight[trial.number] = (trial, policy, time.perf_counter() - t0)
-                pool.submit(trial.number, policy.to_json(), early_stop=early_stop)
-                asked += 1
+                submit(ready.pop(0) if ready else ask())
+            refill()
             res = pool.wait()
-            t0 = time.perf_counter()
-            trial, policy, ask_s = in_flight[res["number"]]
-            origin = _origin(study, trial.number, default_origin)
+            if pool.free and ready and asked < total:
+                submit(ready.pop(0))  # dispatch first, then the bookkeeping of this result
+            t0, s0 = time.perf_counter(), clock.seconds
+            item = in_flight[res["number"]]
+            trial, policy = item.trial, item.policy
+            origin = _origin(mem, trial.number, default_origin)
             timings = dict(res.get("timings", {}))
             result.eval_seconds += timings.get("evaluate", 0.0)
-            state, reason, score, feasible = "FAIL", res.get("error"), None, None
+            state, reason, score, feasible, ppl = "FAIL", res.get("error"), None, None, None
             record: dict[str, Any] = {}
+            number = None
             try:
                 if res["status"] in ("ok", "pruned"):
                     score = micronet_score(res["params"], res["ops"], baseline)
@@ -342,7 +451,6 @@ def _drive(
                         saved = timings.get("evaluate", 0.0) * (n / seen - 1)
                         result.eval_seconds_saved += saved
                         timings["evaluate_saved"] = saved
-                    timings["driver"] = ask_s + time.perf_counter() - t0
                     record = {
                         "state": state,
                         "reason": reason,
@@ -363,44 +471,50 @@ def _drive(
                     if pruned:
                         trial.set_user_attr("perplexity_estimate", ppl)
                         trial.set_user_attr("score", score)
+                        mem.tell(trial, None, state=TrialState.PRUNED)
                     else:
                         trial.set_user_attr("perplexity", ppl)
-                    store.record_trial(
-                        sweep.id,
-                        trial.number,
+                        mem.tell(trial, [score, ppl] if multi else score)
+                    refill()  # asked after this result is told, reserved in its transaction
+                    sampler_s = item.sampler_s + clock.seconds - s0
+                    timings["sampler"] = sampler_s
+                    timings["driver"] = item.driver_s + time.perf_counter() - t0 - sampler_s
+                    number = persist(
+                        item,
                         policy=policy.to_json(),
                         layers=res.get("layers", ()),
                         timings=timings,
                         **record,
                     )
-                    if pruned:
-                        study.tell(trial, None, state=TrialState.PRUNED)
-                    else:
-                        study.tell(trial, [score, ppl] if multi else score)
                 else:
-                    timings["driver"] = ask_s + time.perf_counter() - t0
-                    fail(trial, policy, reason, timings)
+                    refill()
+                    number = fail(item, reason, timings)
             except MicrosweepError as exc:  # e.g. the store refused the row: keep the cause
+                if mem._storage.get_trial(trial._trial_id).state.is_finished():
+                    raise  # told but not stored: stop here, resume repairs the reserved row
                 state, reason, score, feasible = "FAIL", f"driver: {exc}", None, None
-                fail(trial, policy, reason, timings)
+                number = fail(item, reason, timings)
             del in_flight[trial.number]
-            timings["driver"] = ask_s + time.perf_counter() - t0
+            sampler_s = item.sampler_s + clock.seconds - s0
+            timings["sampler"] = sampler_s
+            timings["driver"] = item.driver_s + time.perf_counter() - t0 - sampler_s
             driver_time += timings["driver"]
+            sampler_time += sampler_s
             done += 1
             result.states[state] = result.states.get(state, 0) + 1
-            result.consider(trial.number, state, origin, score, record)
+            result.consider(number, state, origin, score, record)
             if state == "COMPLETE":
                 mark = "" if feasible else " over the ceiling"
-                last = f"trial {trial.number} ({origin}) score {score:.4g} ppl {ppl:.4g}{mark}"
+                last = f"trial {number} ({origin}) score {score:.4g} ppl {ppl:.4g}{mark}"
             elif state == "PRUNED":
-                last = f"trial {trial.number} ({origin}) stopped early: {reason}"
+                last = f"trial {number} ({origin}) stopped early: {reason}"
             else:
-                last = f"trial {trial.number} FAIL ({reason})"
+                last = f"trial {number} FAIL ({reason})"
             bar.update(done, result.states, result.best_score, last)
             if on_trial is not None:
                 on_trial(
                     {
-                        "number": trial.number,
+                        "number": number,
                         "state": state,
                         "reason": reason,
                         "timings": timings,
@@ -408,15 +522,21 @@ def _drive(
                     }
                 )
     finally:
-        for trial, policy, _ in in_flight.values():  # interrupted: no trial left RUNNING
+        # interrupted: a trial that ran, or whose row was reserved, is kept as a FAIL with its
+        # policy; one only asked ahead leaves no trace
+        stopped = [(i, "finished") for i in in_flight.values()]
+        stopped += [(i, "started") for i in ready if i.row is not None]
+        ready.clear()
+        for item, what in stopped:
             try:
-                fail(trial, policy, "sweep stopped before the trial finished", {})
-            except Exception:  # the store itself may be what failed; resume repairs the rest
+                fail(item, f"sweep stopped before the trial {what}", {})
+            except Exception:  # the store itself may be what failed; resume ends the row
                 pass
         pool.close()
-    ran = done - len(finished)
+    ran = done - first
     result.wall = time.perf_counter() - started
     result.driver_ms_per_trial = 1000 * driver_time / max(ran, 1)
+    result.sampler_ms_per_trial = 1000 * sampler_time / max(ran, 1)
     return result
 
 

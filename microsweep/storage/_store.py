@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Store"]
 
-_LAYER_FIELDS = ("sparsity", "bits", "act_bits", "rank", "mask_bits", "mults", "adds", "others")
+_KNOB_FIELDS = ("sparsity", "bits", "act_bits", "rank")
+_COUNT_FIELDS = ("mask_bits", "mults", "adds", "others")
 
 
 def _now() -> datetime:
@@ -285,36 +286,88 @@ class Store:
     def record_trial(
         self,
         sweep_id: int,
-        number: int,
+        number: int | None = None,
         *,
         state: str,
         policy: Mapping[str, Any],
         layers: Sequence[Mapping[str, Any]] = (),
+        optuna_trial: tuple[int, tuple[int, int] | None, optuna.trial.FrozenTrial] | None = None,
+        reserve: int = 0,
         **fields: Any,
-    ) -> None:
-        """Write one finished trial and its per-layer rows in a single transaction."""
+    ) -> list[tuple[int, int]]:
+        """Write one finished trial and its per-layer rows in a single transaction.
+
+        With `optuna_trial` (study id, the trial's reserved Optuna row as (trial id, number) or
+        None to reserve it now, the finished in-memory trial), Optuna's rows are written in the
+        same transaction, so both stores agree whatever fails, and the trial takes Optuna's
+        number; `reserve` more RUNNING rows are reserved in it for trials about to start.
+        Returns the trial's (Optuna trial id, number) (or (-1, number) without Optuna) followed
+        by the reserved rows.
+        """
+        from sqlalchemy import insert
+
         from microsweep.storage._models import LayerRow, TrialRow
+        from microsweep.storage._optuna_rows import (
+            StaleTrialError,
+            finish_trial,
+            insert_rows,
+            reserve_trials,
+        )
 
         with self.session() as s:
-            trial = TrialRow(
-                sweep_id=sweep_id,
-                number=number,
-                state=state,
-                policy=dict(policy),
-                finished_at=_now(),
-                **fields,
-            )
-            trial.layers = [
-                LayerRow(
-                    layer=lc["name"],
-                    kind=lc["kind"],
-                    params=lc["params"],
-                    ops=lc["ops"],
-                    **{k: lc.get(k) for k in _LAYER_FIELDS if lc.get(k) is not None},
+            out: list[tuple[int, int]] = [(-1, number if number is not None else -1)]
+            if optuna_trial is not None:
+                study_id, row, frozen = optuna_trial
+                if row is None:
+                    row = reserve_trials(s, study_id, 1)[0]
+                try:
+                    finish_trial(s, row[0], frozen)
+                except StaleTrialError:
+                    raise StorageError(
+                        f"trial {row[1]} was ended by another driver of this sweep; its result "
+                        "is not stored"
+                    ) from None
+                out = [row]
+                number = row[1]
+                if reserve:
+                    out += reserve_trials(s, study_id, reserve)
+            if number is None:
+                raise ValueError("record_trial needs a number or an Optuna trial")
+            # Core inserts, not ORM objects: a trial's rows cost a few statements, not a flush
+            table = TrialRow.__table__
+            trial_id = s.execute(
+                insert(table).values(
+                    sweep_id=sweep_id,
+                    number=number,
+                    state=state,
+                    policy=dict(policy),
+                    finished_at=_now(),
+                    **fields,
                 )
-                for lc in layers
-            ]
-            s.add(trial)
+            ).inserted_primary_key[0]
+            if layers:
+                rows = [
+                    {
+                        "trial_id": trial_id,
+                        "layer": lc["name"],
+                        "kind": lc["kind"],
+                        "params": lc["params"],
+                        "ops": lc["ops"],
+                        **{k: lc.get(k) for k in _KNOB_FIELDS},
+                        **{k: lc.get(k) or 0.0 for k in _COUNT_FIELDS},
+                    }
+                    for lc in layers
+                ]
+                insert_rows(s, LayerRow.__table__, rows)
+        return out
+
+    def reserve_trials(self, study_id: int, count: int) -> list[tuple[int, int]]:
+        """`count` new RUNNING trials in Optuna study `study_id`, as (trial id, number), in one
+        commit."""
+        from microsweep.storage._optuna_rows import reserve_trials
+
+        with self.session() as s:
+            return reserve_trials(s, study_id, count)
 
     def trials(self, name: str, *, with_layers: bool = False) -> list[TrialRow]:
         """Finished trials of a sweep in trial order (layers loaded when asked)."""
