@@ -11,6 +11,7 @@ cost is reported apart). Per task and method it reports the best feasible score 
     python benchmarks/quality.py                      # both tasks, 6 methods, 3 seeds, 200 trials
     python benchmarks/quality.py --tasks shakespeare --methods auto,uniform --seeds 1
     python benchmarks/quality.py --finetune           # also: uniform vs auto with fine-tuning
+    python benchmarks/quality.py --tasks ptb          # one task; the others in --out are kept
 
 Writes benchmarks/results/quality.json and benchmarks/results/quality.png.
 """
@@ -261,7 +262,8 @@ def _plot(results: dict, path: Path) -> None:
         for method, runs in data["runs"].items():
             traces = [r["best_trace"] for r in runs]
             n = max(len(t) for t in traces)
-            xs = list(range(1, n + 1))
+            step = runs[0].get("trace_step", 1)  # traces kept in the JSON are thinned
+            xs = [1 + i * step for i in range(n)]
             mean = []
             lows, highs = [], []
             for i in range(n):
@@ -307,6 +309,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     parser.add_argument("--workdir", default=None, help="where the stores go (default: temp)")
     parser.add_argument("--tag", default="", help="suffix of the run names in the stores")
+    parser.add_argument("--fresh", action="store_true",
+                        help="drop the tasks an existing --out file holds (default: keep them)")
     args = parser.parse_args()
     os.environ.setdefault("MICROSWEEP_DATA", str(ROOT.parent / "shared" / "data"))
     sys.path.insert(0, str(ROOT))
@@ -314,6 +318,11 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     methods = [m for m in args.methods.split(",") if m]
     results: dict = {"trials": args.trials, "seeds": args.seeds, "methods": methods, "tasks": {}}
+    out = Path(args.out)
+    if out.is_file() and not args.fresh:  # tasks measured by an earlier invocation stay
+        earlier = json.loads(out.read_text())
+        if (earlier.get("trials"), earlier.get("seeds")) == (args.trials, args.seeds):
+            results["tasks"] = earlier.get("tasks", {})
     ctx = mp.get_context("spawn")
     for task in [t for t in args.tasks.split(",") if t]:
         space = str(ROOT / TASKS[task])
@@ -380,14 +389,16 @@ def main() -> None:
                          for r in rs] for m, rs in by_method.items()},
         }
     _ratios(results, args.trials)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _plot(results, out.with_suffix(".png"))
     for task in results["tasks"].values():  # traces are in the plot; keep the JSON readable
         for runs in task["runs"].values():
             for r in runs:
-                r["best_trace"] = r["best_trace"][:: max(1, len(r["best_trace"]) // 50)]
-                r["hv_trace"] = r["hv_trace"][:: max(1, len(r["hv_trace"]) // 50)]
+                if r.get("trace_step", 1) == 1:
+                    step = max(1, len(r["best_trace"]) // 50)
+                    r["best_trace"] = r["best_trace"][::step]
+                    r["hv_trace"] = r["hv_trace"][::step]
+                    r["trace_step"] = step
     out.write_text(json.dumps(results, indent=1, default=str))
     print(json.dumps({k: v for k, v in results.items() if k.startswith("ratio")}, indent=1))
     print(f"wrote {out} and {out.with_suffix('.png')}")

@@ -7,6 +7,7 @@ traceback; stored data is left as it was.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -42,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="microsweep", description="Compression-policy search for language models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     storage_help = "database URL (default: $MICROSWEEP_STORAGE, else sqlite:///microsweep.db)"
+    wait_help = "seconds to keep retrying while the database is unreachable (default 60)"
 
     run = sub.add_parser("run", help="start a sweep over a space file")
     run.add_argument("space", help="Python file defining `space` (and `objective`, `corpus`)")
@@ -63,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         "--in-process", action="store_true", help="no Ray: run trials here, one by one"
     )
     run.add_argument("--quiet", action="store_true", help="no progress lines")
+    run.add_argument("--storage-wait", type=_positive, default=60, help=wait_help)
 
     resume = sub.add_parser("resume", help="continue a stopped sweep")
     resume.add_argument("--name", required=True)
@@ -77,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--address", default=None)
     resume.add_argument("--in-process", action="store_true")
     resume.add_argument("--quiet", action="store_true")
+    resume.add_argument("--storage-wait", type=_positive, default=60, help=wait_help)
 
     plot = sub.add_parser("plot", help="write the Pareto front as a self-contained HTML page")
     plot.add_argument("--name", required=True)
@@ -160,7 +164,7 @@ def _status(name: str, storage: str | None, top: int) -> None:
     sweep = store.get_sweep(name)
     rows = store.trials(name)
     states = dict(Counter(r.state for r in rows))
-    print(f"sweep {sweep.name!r} in {store.url}")
+    print(f"sweep {sweep.name!r} in {store.display}")
     print(
         f"  trials: {len(rows)}/{sweep.target_trials} finished ("
         + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none")
@@ -220,6 +224,7 @@ def _dispatch(args: argparse.Namespace) -> None:
                 address=args.address,
                 in_process=args.in_process,
                 progress=not args.quiet,
+                storage_wait=args.storage_wait,
             )
         )
     elif args.command == "resume":
@@ -234,6 +239,7 @@ def _dispatch(args: argparse.Namespace) -> None:
                 address=args.address,
                 in_process=args.in_process,
                 progress=not args.quiet,
+                storage_wait=args.storage_wait,
             )
         )
     elif args.command == "plot":
@@ -319,6 +325,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _dispatch(args)
     except MicrosweepError as exc:
         print(f"microsweep: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `microsweep status | head -1`: the reader left, nothing to say
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - flushed at exit, never closed
+        return 0
+    except OSError as exc:  # e.g. -o on a directory or a read-only filesystem
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"microsweep: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         resumable = args.command in ("run", "resume")

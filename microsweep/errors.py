@@ -8,6 +8,7 @@ __all__ = [
     "SpaceError",
     "SpaceWarning",
     "StorageError",
+    "StorageUnavailable",
     "UsageError",
 ]
 
@@ -22,6 +23,11 @@ class SpaceError(MicrosweepError, ValueError):
 
 class StorageError(MicrosweepError):
     """The storage URL, schema version or a named sweep is wrong."""
+
+
+class StorageUnavailable(StorageError):
+    """The database cannot be reached or written right now (refused connection, restart, lock,
+    full disk): worth retrying, unlike a wrong URL or schema."""
 
 
 class UsageError(MicrosweepError, ValueError):

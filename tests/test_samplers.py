@@ -314,8 +314,10 @@ def test_old_schema_is_refused_by_reads_and_upgraded(tmp_path, tiny_gpt):
         progress=False,
         sampler="random",
     )
-    # turn it into a version-1 database: the columns and table version 2 added are gone
+    # turn it into a version-1 database: the columns and table versions 2 and 3 added are gone
     con = sqlite3.connect(tmp_path / "old.db")
+    con.execute("ALTER TABLE microsweep_sweeps DROP COLUMN owner")
+    con.execute("ALTER TABLE microsweep_sweeps DROP COLUMN lease_until")
     con.execute("ALTER TABLE microsweep_trials DROP COLUMN origin")
     con.execute("ALTER TABLE microsweep_sweeps DROP COLUMN eval_key")
     con.execute("DROP TABLE microsweep_sensitivity")
@@ -325,10 +327,10 @@ def test_old_schema_is_refused_by_reads_and_upgraded(tmp_path, tiny_gpt):
     status = _cli("status", "--name", "old", "--storage", url, cwd=tmp_path)
     assert status.returncode == 2 and "microsweep upgrade" in status.stderr
     up = _cli("upgrade", "--storage", url, cwd=tmp_path)
-    assert up.returncode == 0 and "1 -> 2" in up.stdout, up.stderr
+    assert up.returncode == 0 and "1 -> 3" in up.stdout, up.stderr
     status = _cli("status", "--name", "old", "--storage", url, cwd=tmp_path)
     assert status.returncode == 0 and "2/2 finished" in status.stdout
-    assert _cli("upgrade", "--storage", url, cwd=tmp_path).stdout.startswith("schema version 2")
+    assert _cli("upgrade", "--storage", url, cwd=tmp_path).stdout.startswith("schema version 3")
     # a resumed sweep writes into the upgraded tables
     from microsweep.search import resume_sweep
 

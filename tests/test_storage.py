@@ -108,7 +108,7 @@ def test_sweep_trial_and_layer_rows_round_trip(store, unique_name):
     assert trials[0].layers[2].params == 12.0 and trials[0].layers[0].bits == 4
     assert trials[1].reason == "boom" and trials[1].layers == []
     assert store.trial(unique_name, 0).layers[1].ops == 21.0
-    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert store.schema_version() == SCHEMA_VERSION == 3
 
 
 def test_duplicate_sweep_and_unknown_names_are_clear_errors(store, unique_name):

@@ -7,6 +7,7 @@ file is fully checked (magic, version, lengths, both checksums) before a tensor 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -48,7 +49,8 @@ def write_container(path: str | os.PathLike[str], header: dict[str, Any], payloa
             fh.write(payload)
         os.replace(tmp, target)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only filesystem refuses the cleanup too
+            tmp.unlink(missing_ok=True)
         raise ExportError(f"cannot write {target}: {exc.strerror or exc}") from None
     return len(prefix) + len(head)
 
@@ -57,11 +59,15 @@ def read_container(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes,
     """(header, payload, header size) of the file at `path`, after every check passes."""
     target = Path(path)
     try:
-        data = target.read_bytes()
+        if not target.is_file():  # a device such as /dev/zero would be read without end
+            raise ExportError(f"{target} is not a regular file; pass an exported .msz file")
+        with open(target, "rb") as fh:
+            if fh.read(len(MAGIC)) != MAGIC:  # the magic first: no large read of a foreign file
+                raise ExportError(f"{target} is not a microsweep model file (bad magic bytes)")
+            fh.seek(0)
+            data = fh.read()
     except OSError as exc:
         raise ExportError(f"cannot read {target}: {exc.strerror or exc}") from None
-    if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
-        raise ExportError(f"{target} is not a microsweep model file (bad magic bytes)")
     if len(data) < PREFIX_BYTES:
         raise ExportError(f"{target} is truncated: {len(data)} bytes, shorter than its prefix")
     _, version, head_len, head_sha = _PREFIX.unpack_from(data)

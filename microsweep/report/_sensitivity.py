@@ -46,7 +46,7 @@ def sensitivity_data(
     """The stored table under `eval_key` as curves; a key with no rows is an error."""
     rows = store.sensitivity_rows(eval_key)
     if not rows:
-        raise UsageError(f"no sensitivity measurements under key {eval_key} in {store.url}")
+        raise UsageError(f"no sensitivity measurements under key {eval_key} in {store.display}")
     data = SensitivityData(eval_key, rows[0].label, None, ceiling)
     for row in rows:
         if row.knob == "dense":

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from microsweep.errors import MicrosweepError, StorageError, UsageError
+from microsweep.search._guard import Lease
 from microsweep.search._spacefile import SpaceFile, load_space_file, load_space_source
 from microsweep.storage import Store
 
@@ -264,6 +265,8 @@ class _SamplerClock:
 
     def __init__(self, sampler: Any) -> None:
         self.seconds = 0.0
+        if sampler is None:  # nothing to time yet
+            return
         for name in self.METHODS:
             method = getattr(sampler, name, None)
             if method is not None:
@@ -313,13 +316,14 @@ def _drive(
     sf: SpaceFile,
     prepared: _Prepared,
     study: optuna.Study,
+    pool: Any,
     *,
     total: int,
-    workers: int,
-    address: str | None,
     in_process: bool,
     progress: bool,
+    lease: Any = None,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
+    storage_wait: float = 60.0,
 ) -> SweepResult:
     """Run trials until `study` has `total` finished ones.
 
@@ -328,11 +332,19 @@ def _drive(
     finishes its parameters, values and attributes go into that row together with microsweep's
     rows in one transaction, which also reserves the row of the trial asked ahead. With Ray, the
     next policy is asked before a worker frees, and a freed worker gets it before the finished
-    trial's bookkeeping starts.
+    trial's bookkeeping starts. Writes are retried while the database is away, for up to
+    `storage_wait` seconds; past that the sweep stops and spools what finished.
     """
     from optuna.trial import TrialState
 
     from microsweep.score import Baseline, micronet_score
+    from microsweep.search._guard import (
+        StorageGuard,
+        StorageOutage,
+        spool_path,
+        trial_to_json,
+        write_spool,
+    )
 
     ceiling = sweep.ceiling
     baseline = Baseline(sweep.baseline_params, sweep.baseline_ops, sweep.baseline_name)
@@ -351,8 +363,7 @@ def _drive(
     bar = _Progress(total, enabled=progress)
     started = time.perf_counter()
     driver_time = sampler_time = 0.0
-    _say(progress, f"starting {'1 in-process worker' if in_process else f'{workers} Ray workers'}")
-    pool = _make_pool(sf, prepared, workers=workers, address=address, in_process=in_process)
+    guard = StorageGuard(storage_wait, lambda line: _say(progress, line))
     in_flight: dict[int, _Asked] = {}  # by in-memory trial number
     ready: list[_Asked] = []  # asked ahead, waiting for a free worker
     ahead = 0 if in_process else 1  # a Ray worker never waits for the sampler
@@ -360,59 +371,133 @@ def _drive(
     # NSGA-II and GP learn only from completed trials: a stopped one would be lost to them
     early_stop = sweep.sampler not in FULL_EVALUATION
     default_origin = sweep.sampler
-    clock: _SamplerClock | None = None
+    clock = _SamplerClock(None)
+    unwritten: list[dict[str, Any]] = []  # finished trials whose write is under way or failed
 
     def ask() -> _Asked:
-        t0, s0 = time.perf_counter(), clock.seconds if clock else 0.0
+        t0, s0 = time.perf_counter(), clock.seconds
         trial = mem.ask()
         policy = sf.space.suggest(trial)
-        sampler_s = (clock.seconds if clock else 0.0) - s0
+        sampler_s = clock.seconds - s0
         return _Asked(trial, policy, None, time.perf_counter() - t0 - sampler_s, sampler_s)
 
     def submit(item: _Asked) -> None:
         nonlocal asked
         t0 = time.perf_counter()
         if item.row is None and not in_process:  # visible as RUNNING while a worker has it
-            item.row = store.reserve_trials(study_id, 1)[0]
+            item.row = guard.call(store.reserve_trials, study_id, 1)[0]
         in_flight[item.trial.number] = item
         policy_json = item.policy.to_json()
         item.driver_s += time.perf_counter() - t0
         pool.submit(item.trial.number, policy_json, early_stop=early_stop)  # in-process: runs it
         asked += 1
 
-    def persist(item: _Asked, **record: Any) -> int:
-        """Write the finished in-memory trial to Optuna's tables and microsweep's in one
-        transaction, reserving the rows of trials asked ahead in it too; returns its number."""
+    def conclude(item: _Asked, res: dict[str, Any]) -> dict[str, Any]:
+        """Score a worker's result and tell it to the in-memory study; returns the row to
+        write (a FAIL with its reason when the worker or the scoring failed)."""
+        trial, policy = item.trial, item.policy
+        origin = _origin(mem, trial.number, default_origin)
+        timings = dict(res.get("timings", {}))
+        base = {"origin": origin, "policy": policy.to_json(), "summary": policy.summary()}
+        try:
+            if res["status"] not in ("ok", "pruned"):
+                raise _TrialFailed(res.get("error") or "worker gave no reason")
+            score = micronet_score(res["params"], res["ops"], baseline)
+            pruned = res["status"] == "pruned"
+            ppl = res["perplexity_estimate"] if pruned else res["perplexity"]
+            reason = None
+            if pruned:
+                seen, n = res["windows_seen"], res["windows"]
+                reason = (
+                    f"stopped after {seen}/{n} windows: perplexity heading for {ppl:.4g} "
+                    f"(at best {res['optimistic_perplexity']:.4g}), ceiling {ceiling:.4g}"
+                )
+                timings["evaluate_saved"] = timings.get("evaluate", 0.0) * (n / seen - 1)
+            if not multi:
+                for step, value in enumerate(res.get("intermediate", ())):
+                    trial.report(value, step)
+            trial.set_constraint("perplexity", 0.0 if ceiling is None else ppl - ceiling)
+            if pruned:
+                trial.set_user_attr("perplexity_estimate", ppl)
+                trial.set_user_attr("score", score)
+                mem.tell(trial, None, state=TrialState.PRUNED)
+            else:
+                trial.set_user_attr("perplexity", ppl)
+                mem.tell(trial, [score, ppl] if multi else score)
+            return base | {
+                "state": "PRUNED" if pruned else "COMPLETE",
+                "reason": reason,
+                "score": score,
+                "perplexity": ppl,
+                "params": res["params"],
+                "ops": res["ops"],
+                "feasible": (ceiling is None or ppl <= ceiling) and not pruned,
+                "freebie": res.get("freebie"),
+                "count_config": res.get("count_config"),
+                "layers": res.get("layers", ()),
+                "timings": timings,
+            }
+        except (_TrialFailed, MicrosweepError) as exc:  # a bad result: keep the cause
+            if mem._storage.get_trial(trial._trial_id).state.is_finished():
+                raise
+            reason = str(exc) if isinstance(exc, _TrialFailed) else f"driver: {exc}"
+            trial.set_user_attr("fail_reason", reason)
+            mem.tell(trial, None, state=TrialState.FAIL)
+            return base | {"state": "FAIL", "reason": reason, "timings": timings}
+
+    def persist(item: _Asked, record: dict[str, Any], *, wait: bool = True) -> int:
+        """Write the told trial to Optuna's tables and microsweep's in one transaction,
+        reserving the rows of trials asked ahead in it too; returns its number. While the write
+        is under way the trial is in `unwritten`, so an outage can spool it."""
         frozen = mem._storage.get_trial(item.trial._trial_id)
+        entry = {"study_id": study_id, "row": item.row, "record": record, "frozen": frozen}
+        unwritten.append(entry)
         ahead_items = [a for a in ready if a.row is None]
-        rows = store.record_trial(
+        write = guard.call if wait else (lambda fn, *a, **k: fn(*a, **k))
+        rows = write(
+            store.record_trial,
             sweep.id,
             optuna_trial=(study_id, item.row, frozen),
             reserve=len(ahead_items),
             **record,
         )
+        unwritten.remove(entry)
         item.row = rows[0]
         for a, row in zip(ahead_items, rows[1:], strict=True):
             a.row = row
         return item.row[1]
 
-    def fail(item: _Asked, reason: str, timings: dict[str, float]) -> int:
-        """Tell and record one FAIL; the reason and the policy are kept in both stores."""
-        item.trial.set_user_attr("fail_reason", reason)
-        mem.tell(item.trial, None, state=TrialState.FAIL)
-        return persist(
-            item,
-            state="FAIL",
-            reason=reason,
-            origin=_origin(mem, item.trial.number, default_origin),
-            policy=item.policy.to_json(),
-            summary=item.policy.summary(),
-            timings=timings,
-        )
-
     def refill() -> None:
         if len(ready) < ahead and asked + len(ready) < total:
             ready.append(ask())  # the next policy is ready before a worker frees
+
+    def spool(exc: StorageOutage) -> StorageError:
+        """Keep every finished, unwritten trial on local disk (draining results the workers
+        already finished) and say how to get them in."""
+        while (res := pool.wait(timeout=0)) is not None:
+            item = in_flight.pop(res["number"])
+            record = conclude(item, res)
+            frozen = mem._storage.get_trial(item.trial._trial_id)
+            unwritten.append(
+                {"study_id": study_id, "row": item.row, "record": record, "frozen": frozen}
+            )
+        path = spool_path(store.display, sweep.name)
+        write_spool(
+            path,
+            [
+                {
+                    "study_id": e["study_id"],
+                    "row": e["row"],
+                    "record": e["record"],
+                    "trial": trial_to_json(e["frozen"]),
+                }
+                for e in unwritten
+            ],
+        )
+        return StorageError(
+            f"{exc}; the sweep stopped and {len(unwritten)} finished trial(s) are kept in "
+            f"{path}: run 'microsweep resume --name {sweep.name}' once the database is back"
+        )
 
     try:
         _plan(store, sweep, sf, prepared, mem, pool, result, total=total, progress=progress)
@@ -422,122 +507,77 @@ def _drive(
                 submit(ready.pop(0) if ready else ask())
             refill()
             res = pool.wait()
+            if lease is not None:
+                lease.check()  # another driver took the sweep: write nothing more
             if pool.free and ready and asked < total:
                 submit(ready.pop(0))  # dispatch first, then the bookkeeping of this result
             t0, s0 = time.perf_counter(), clock.seconds
-            item = in_flight[res["number"]]
-            trial, policy = item.trial, item.policy
-            origin = _origin(mem, trial.number, default_origin)
-            timings = dict(res.get("timings", {}))
-            result.eval_seconds += timings.get("evaluate", 0.0)
-            state, reason, score, feasible, ppl = "FAIL", res.get("error"), None, None, None
-            record: dict[str, Any] = {}
-            number = None
-            try:
-                if res["status"] in ("ok", "pruned"):
-                    score = micronet_score(res["params"], res["ops"], baseline)
-                    pruned = res["status"] == "pruned"
-                    ppl = res["perplexity_estimate"] if pruned else res["perplexity"]
-                    feasible = (ceiling is None or ppl <= ceiling) and not pruned
-                    state = "PRUNED" if pruned else "COMPLETE"
-                    reason = None
-                    if pruned:
-                        seen, n = res["windows_seen"], res["windows"]
-                        reason = (
-                            f"stopped after {seen}/{n} windows: perplexity heading for "
-                            f"{ppl:.4g} (at best {res['optimistic_perplexity']:.4g}), "
-                            f"ceiling {ceiling:.4g}"
-                        )
-                        saved = timings.get("evaluate", 0.0) * (n / seen - 1)
-                        result.eval_seconds_saved += saved
-                        timings["evaluate_saved"] = saved
-                    record = {
-                        "state": state,
-                        "reason": reason,
-                        "origin": origin,
-                        "score": score,
-                        "perplexity": ppl,
-                        "params": res["params"],
-                        "ops": res["ops"],
-                        "feasible": feasible,
-                        "freebie": res.get("freebie"),
-                        "summary": policy.summary(),
-                        "count_config": res.get("count_config"),
-                    }
-                    if not multi:
-                        for step, value in enumerate(res.get("intermediate", ())):
-                            trial.report(value, step)
-                    trial.set_constraint("perplexity", 0.0 if ceiling is None else ppl - ceiling)
-                    if pruned:
-                        trial.set_user_attr("perplexity_estimate", ppl)
-                        trial.set_user_attr("score", score)
-                        mem.tell(trial, None, state=TrialState.PRUNED)
-                    else:
-                        trial.set_user_attr("perplexity", ppl)
-                        mem.tell(trial, [score, ppl] if multi else score)
-                    refill()  # asked after this result is told, reserved in its transaction
-                    sampler_s = item.sampler_s + clock.seconds - s0
-                    timings["sampler"] = sampler_s
-                    timings["driver"] = item.driver_s + time.perf_counter() - t0 - sampler_s
-                    number = persist(
-                        item,
-                        policy=policy.to_json(),
-                        layers=res.get("layers", ()),
-                        timings=timings,
-                        **record,
-                    )
-                else:
-                    refill()
-                    number = fail(item, reason, timings)
-            except MicrosweepError as exc:  # e.g. the store refused the row: keep the cause
-                if mem._storage.get_trial(trial._trial_id).state.is_finished():
-                    raise  # told but not stored: stop here, resume repairs the reserved row
-                state, reason, score, feasible = "FAIL", f"driver: {exc}", None, None
-                number = fail(item, reason, timings)
-            del in_flight[trial.number]
+            item = in_flight.pop(res["number"])
+            result.eval_seconds += res.get("timings", {}).get("evaluate", 0.0)
+            record = conclude(item, res)
+            refill()  # asked after this result is told, reserved in its transaction
+            timings = record["timings"]
+            result.eval_seconds_saved += timings.get("evaluate_saved", 0.0)
             sampler_s = item.sampler_s + clock.seconds - s0
             timings["sampler"] = sampler_s
+            timings["driver"] = item.driver_s + time.perf_counter() - t0 - sampler_s
+            number = persist(item, record)
             timings["driver"] = item.driver_s + time.perf_counter() - t0 - sampler_s
             driver_time += timings["driver"]
             sampler_time += sampler_s
             done += 1
+            state, origin = record["state"], record["origin"]
             result.states[state] = result.states.get(state, 0) + 1
-            result.consider(number, state, origin, score, record)
+            result.consider(number, state, origin, record.get("score"), record)
             if state == "COMPLETE":
-                mark = "" if feasible else " over the ceiling"
-                last = f"trial {number} ({origin}) score {score:.4g} ppl {ppl:.4g}{mark}"
+                mark = "" if record["feasible"] else " over the ceiling"
+                last = (
+                    f"trial {number} ({origin}) score {record['score']:.4g} "
+                    f"ppl {record['perplexity']:.4g}{mark}"
+                )
             elif state == "PRUNED":
-                last = f"trial {number} ({origin}) stopped early: {reason}"
+                last = f"trial {number} ({origin}) stopped early: {record['reason']}"
             else:
-                last = f"trial {number} FAIL ({reason})"
+                last = f"trial {number} FAIL ({record['reason']})"
             bar.update(done, result.states, result.best_score, last)
             if on_trial is not None:
-                on_trial(
-                    {
-                        "number": number,
-                        "state": state,
-                        "reason": reason,
-                        "timings": timings,
-                        **record,
-                    }
-                )
+                on_trial({"number": number, **record})
+    except StorageOutage as exc:
+        raise spool(exc) from None
     finally:
         # interrupted: a trial that ran, or whose row was reserved, is kept as a FAIL with its
-        # policy; one only asked ahead leaves no trace
+        # policy (one attempt each: the store may be what failed, and resume ends the rows)
         stopped = [(i, "finished") for i in in_flight.values()]
         stopped += [(i, "started") for i in ready if i.row is not None]
-        ready.clear()
         for item, what in stopped:
             try:
-                fail(item, f"sweep stopped before the trial {what}", {})
-            except Exception:  # the store itself may be what failed; resume ends the row
+                reason = f"sweep stopped before the trial {what}"
+                item.trial.set_user_attr("fail_reason", reason)
+                mem.tell(item.trial, None, state=TrialState.FAIL)
+                base = {"origin": _origin(mem, item.trial.number, default_origin)}
+                persist(
+                    item,
+                    base
+                    | {
+                        "state": "FAIL",
+                        "reason": reason,
+                        "policy": item.policy.to_json(),
+                        "summary": item.policy.summary(),
+                        "timings": {},
+                    },
+                    wait=False,
+                )
+            except Exception:
                 pass
-        pool.close()
     ran = done - first
     result.wall = time.perf_counter() - started
     result.driver_ms_per_trial = 1000 * driver_time / max(ran, 1)
     result.sampler_ms_per_trial = 1000 * sampler_time / max(ran, 1)
     return result
+
+
+class _TrialFailed(Exception):
+    """A worker reported an error for the trial (its message is the reason stored)."""
 
 
 def run_sweep(
@@ -553,8 +593,10 @@ def run_sweep(
     in_process: bool = False,
     progress: bool = True,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
+    storage_wait: float = 60.0,
 ) -> SweepResult:
-    """Start a new sweep named `name` over the space file at `space_path`."""
+    """Start a new sweep named `name` over the space file at `space_path`. `storage_wait` is
+    how long the driver keeps retrying while the database is unreachable before it stops."""
     import optuna
 
     _check_counts(trials, workers)
@@ -569,7 +611,7 @@ def run_sweep(
     store = Store(storage)
     if name in store.sweep_names():
         raise StorageError(
-            f"a sweep named {name!r} already exists in {store.url}; "
+            f"a sweep named {name!r} already exists in {store.display}; "
             "use 'microsweep resume' or another --name"
         )
     sf = load_space_file(space_path)
@@ -585,68 +627,89 @@ def run_sweep(
     else:
         b_name, b_params, b_ops = "challenge", 159e6, 318e6
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sweep = store.create_sweep(
-        name=name,
-        study_name=name,
-        space_path=str(space_path),
-        space_source=sf.source,
-        space_json=sf.space.to_json(),
-        objective_json=sf.objective.to_json(),
-        model_fingerprint=model_fp,
-        data_fingerprint=prepared.data_fingerprint,
-        eval_key=_eval_key(sf, prepared, model_fp),
-        model_recipe=_recipe(sf.model),
-        dense_perplexity=dense["perplexity"],
-        dense_params=dense["params"],
-        dense_ops=dense["ops"],
-        dense_layers=dense["layers"],
-        baseline_name=b_name,
-        baseline_params=b_params,
-        baseline_ops=b_ops,
-        ceiling=ceiling,
-        sampler=sampler,
-        seed=seed,
-        target_trials=trials,
-        versions=_versions(),
-    )
+    # workers first: a cluster that is not there or cannot place them leaves nothing stored
+    pool = _start_pool(sf, prepared, workers, address, in_process, progress)
+    lease = None
     try:
-        study = optuna.create_study(
+        sweep = store.create_sweep(
+            name=name,
             study_name=name,
-            storage=store.optuna_storage(),
-            sampler=make_sampler(
-                sampler,
-                seed=seed,
-                space=sf.space,
-                workers=workers,
-                multi=sf.objective.objectives != "score",
-            ),
-            directions=sf.objective.directions,
+            space_path=str(space_path),
+            space_source=sf.source,
+            space_json=sf.space.to_json(),
+            objective_json=sf.objective.to_json(),
+            model_fingerprint=model_fp,
+            data_fingerprint=prepared.data_fingerprint,
+            eval_key=_eval_key(sf, prepared, model_fp),
+            model_recipe=_recipe(sf.model),
+            dense_perplexity=dense["perplexity"],
+            dense_params=dense["params"],
+            dense_ops=dense["ops"],
+            dense_layers=dense["layers"],
+            baseline_name=b_name,
+            baseline_params=b_params,
+            baseline_ops=b_ops,
+            ceiling=ceiling,
+            sampler=sampler,
+            seed=seed,
+            target_trials=trials,
+            versions=_versions(),
         )
-    except optuna.exceptions.DuplicatedStudyError:
-        store.delete_sweep(name)
-        raise StorageError(
-            f"an Optuna study named {name!r} already exists in {store.url} without a "
-            "microsweep sweep; choose another --name"
-        ) from None
-    except BaseException:
-        store.delete_sweep(name)
-        raise
-    try:
+        try:
+            lease = Lease(store, name)
+            lease.acquire()
+            study = optuna.create_study(
+                study_name=name,
+                storage=store.optuna_storage(),
+                sampler=make_sampler(
+                    sampler,
+                    seed=seed,
+                    space=sf.space,
+                    workers=workers,
+                    multi=sf.objective.objectives != "score",
+                ),
+                directions=sf.objective.directions,
+            )
+        except optuna.exceptions.DuplicatedStudyError:
+            store.delete_sweep(name)
+            raise StorageError(
+                f"an Optuna study named {name!r} already exists in {store.display} without a "
+                "microsweep sweep; choose another --name"
+            ) from None
+        except BaseException:
+            store.delete_sweep(name)
+            raise
         return _drive(
             store,
             sweep,
             sf,
             prepared,
             study,
+            pool,
             total=trials,
-            workers=workers,
-            address=address,
             in_process=in_process,
             progress=progress,
+            lease=lease,
             on_trial=on_trial,
+            storage_wait=storage_wait,
         )
     finally:
+        if lease is not None:
+            lease.release()
+        pool.close()
         store.dispose()
+
+
+def _start_pool(
+    sf: SpaceFile,
+    prepared: _Prepared,
+    workers: int,
+    address: str | None,
+    in_process: bool,
+    progress: bool,
+) -> Any:
+    _say(progress, f"starting {'1 in-process worker' if in_process else f'{workers} Ray workers'}")
+    return _make_pool(sf, prepared, workers=workers, address=address, in_process=in_process)
 
 
 def reopen_space(sweep: Any) -> tuple[SpaceFile, _Prepared]:
@@ -673,9 +736,12 @@ def resume_sweep(
     address: str | None = None,
     in_process: bool = False,
     progress: bool = True,
+    storage_wait: float = 60.0,
 ) -> SweepResult:
     """Continue sweep `name` until it has `trials` finished trials in total (default: its
-    original target). Trials left RUNNING by a stopped driver are marked FAIL first."""
+    original target). Refused while another driver runs the sweep. Trials an earlier driver
+    spooled during a database outage are written first; trials it left RUNNING are then
+    marked FAIL."""
     import optuna
     from optuna.trial import TrialState
 
@@ -683,65 +749,98 @@ def resume_sweep(
     sweep = store.get_sweep(name)
     total = trials if trials is not None else sweep.target_trials
     _check_counts(total, workers)
-    sf, prepared = reopen_space(sweep)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage_ = store.optuna_storage()
+    lease = Lease(store, name)
+    lease.acquire()  # before anything is touched: a live driver's trials stay its own
+    pool = None
     try:
-        n_before = len(
-            storage_.get_all_trials(
-                storage_.get_study_id_from_name(sweep.study_name), deepcopy=False
-            )
-        )
-    except KeyError:
-        raise StorageError(f"sweep {name!r} has no Optuna study in {store.url}") from None
-    from microsweep.search._samplers import make_sampler
+        sf, prepared = reopen_space(sweep)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage_ = store.optuna_storage()
+        try:
+            study_id = storage_.get_study_id_from_name(sweep.study_name)
+        except KeyError:
+            raise StorageError(f"sweep {name!r} has no Optuna study in {store.display}") from None
+        _replay_spool(store, sweep, progress=progress)
+        n_before = len(storage_.get_all_trials(study_id, deepcopy=False))
+        from microsweep.search._samplers import make_sampler
 
-    # a fresh seed stream: the same seed again would repeat the first policies
-    seed = None if sweep.seed is None else (sweep.seed + n_before) % 2**32
-    sampler = make_sampler(
-        sweep.sampler,
-        seed=seed,
-        space=sf.space,
-        workers=workers,
-        multi=sf.objective.objectives != "score",
-    )
-    study = optuna.load_study(study_name=sweep.study_name, storage=storage_, sampler=sampler)
-    if sf.objective.early_stop and sweep.ceiling is not None and sf.evaluate is None:
-        prepared = _with_stop_rule(sf, prepared, _dense(sf, prepared), sweep.ceiling)
-    if not sweep.eval_key:
-        sweep.eval_key = _eval_key(sf, prepared, sweep.model_fingerprint)
-        store.update_sweep(name, eval_key=sweep.eval_key)
-    reason = "driver stopped before the trial finished"
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage_.set_trial_user_attr(t._trial_id, "fail_reason", reason)
-        study.tell(t.number, None, state=TrialState.FAIL)
-    recorded = {row.number for row in store.trials(name)}
-    for t in study.get_trials(deepcopy=False):  # finished in Optuna, missing from our table
-        if t.state.is_finished() and t.number not in recorded:
-            why = t.user_attrs.get("fail_reason", reason) if t.state == TrialState.FAIL else reason
-            store.record_trial(sweep.id, t.number, state="FAIL", reason=why, policy={}, summary="")
-    finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
-    if trials is not None and trials < finished:
-        raise UsageError(
-            f"sweep {name!r} already has {finished} finished trials; pass --trials above {finished}"
+        # a fresh seed stream: the same seed again would repeat the first policies
+        seed = None if sweep.seed is None else (sweep.seed + n_before) % 2**32
+        sampler = make_sampler(
+            sweep.sampler,
+            seed=seed,
+            space=sf.space,
+            workers=workers,
+            multi=sf.objective.objectives != "score",
         )
-    if trials is not None and trials != sweep.target_trials:
-        store.update_sweep(name, target_trials=total)
-    try:
+        study = optuna.load_study(study_name=sweep.study_name, storage=storage_, sampler=sampler)
+        if sf.objective.early_stop and sweep.ceiling is not None and sf.evaluate is None:
+            prepared = _with_stop_rule(sf, prepared, _dense(sf, prepared), sweep.ceiling)
+        if not sweep.eval_key:
+            sweep.eval_key = _eval_key(sf, prepared, sweep.model_fingerprint)
+            store.update_sweep(name, eval_key=sweep.eval_key)
+        reason = "driver stopped before the trial finished"
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            storage_.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+            study.tell(t.number, None, state=TrialState.FAIL)
+        recorded = {row.number for row in store.trials(name)}
+        for t in study.get_trials(deepcopy=False):  # finished in Optuna, missing from our table
+            if t.state.is_finished() and t.number not in recorded:
+                why = (
+                    t.user_attrs.get("fail_reason", reason)
+                    if t.state == TrialState.FAIL
+                    else reason
+                )
+                store.record_trial(
+                    sweep.id, t.number, state="FAIL", reason=why, policy={}, summary=""
+                )
+        finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
+        if trials is not None and trials < finished:
+            raise UsageError(
+                f"sweep {name!r} already has {finished} finished trials; pass --trials above "
+                f"{finished}"
+            )
+        if trials is not None and trials != sweep.target_trials:
+            store.update_sweep(name, target_trials=total)
+        if finished < total:
+            pool = _start_pool(sf, prepared, workers, address, in_process, progress)
         return _drive(
             store,
             sweep,
             sf,
             prepared,
             study,
+            pool,
             total=total,
-            workers=workers,
-            address=address,
             in_process=in_process,
             progress=progress,
+            lease=lease,
+            storage_wait=storage_wait,
         )
     finally:
+        lease.release()
+        if pool is not None:
+            pool.close()
         store.dispose()
+
+
+def _replay_spool(store: Store, sweep: Any, *, progress: bool) -> None:
+    """Write the finished trials an earlier driver spooled while the database was away (before
+    RUNNING rows are ended), then remove the spool."""
+    from microsweep.search._guard import read_spool, spool_path, trial_from_json
+
+    path = spool_path(store.display, sweep.name)
+    entries = read_spool(path)
+    for entry in entries:
+        row = tuple(entry["row"]) if entry["row"] else None
+        store.record_trial(
+            sweep.id,
+            optuna_trial=(entry["study_id"], row, trial_from_json(entry["trial"])),
+            **entry["record"],
+        )
+    if entries:
+        path.unlink()
+        _say(progress, f"wrote {len(entries)} finished trial(s) kept in {path} during an outage")
 
 
 def _check_counts(trials: int, workers: int) -> None:

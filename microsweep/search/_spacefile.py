@@ -74,6 +74,11 @@ def load_space_source(source: str, path: str) -> SpaceFile:
             raise UsageError(
                 f"space file {path} line {exc.lineno}: syntax error: {exc.msg}"
             ) from None
+        except SystemExit as exc:  # sys.exit() in the file: say so instead of quitting silently
+            raise UsageError(
+                f"space file {path} called sys.exit({exc.code!r}) while loading; a space file "
+                "must define `space` and return"
+            ) from None
         except Exception as exc:
             frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == path]
             line = f" line {frames[-1].lineno}" if frames else ""

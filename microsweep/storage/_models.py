@@ -23,12 +23,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     1: [
         ("microsweep_trials", "origin", "VARCHAR(32)"),
         ("microsweep_sweeps", "eval_key", "VARCHAR(64)"),
+    ],
+    2: [
+        ("microsweep_sweeps", "owner", "VARCHAR(256)"),
+        ("microsweep_sweeps", "lease_until", "FLOAT"),
     ],
 }
 """Columns each version adds to the one before (new tables are created as they come)."""
@@ -83,6 +87,9 @@ class SweepRow(Base):
     target_trials: Mapped[int] = mapped_column(Integer)
     versions: Mapped[dict] = mapped_column(JSON)
     eval_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # the driver running the sweep and when its lease ends (epoch seconds; renewed by heartbeat)
+    owner: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     trials: Mapped[list[TrialRow]] = relationship(back_populates="sweep", cascade="all, delete")
 

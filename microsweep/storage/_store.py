@@ -12,8 +12,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from microsweep.errors import StorageError
-from microsweep.storage._url import resolve_url, sqlite_path
+from microsweep.errors import StorageError, StorageUnavailable
+from microsweep.storage._url import masked, resolve_url, sqlite_path
 
 if TYPE_CHECKING:
     import optuna
@@ -41,6 +41,7 @@ class Store:
         self, url: str | None = None, *, must_exist: bool = False, upgrade: bool | None = None
     ) -> None:
         self.url = resolve_url(url)
+        self.display = masked(self.url)  # what messages show: no password
         self._must_exist = must_exist
         self._upgrade = (not must_exist) if upgrade is None else upgrade
         path = sqlite_path(self.url)
@@ -52,6 +53,7 @@ class Store:
     def __getstate__(self) -> dict[str, Any]:
         return {
             "url": self.url,
+            "display": self.display,
             "_must_exist": self._must_exist,
             "_upgrade": self._upgrade,
             "_engine": None,
@@ -82,7 +84,7 @@ class Store:
         try:
             engine = create_engine(self.url, **kwargs)
         except Exception as exc:  # driver missing, bad options
-            raise StorageError(f"cannot open storage {self.url}: {exc}") from None
+            raise StorageError(f"cannot open storage {self.display}: {_one_line(exc)}") from None
         if self.url.startswith("sqlite"):
 
             @event.listens_for(engine, "connect")
@@ -108,7 +110,8 @@ class Store:
             has_schema = inspect(self._engine).has_table("microsweep_schema")
             if not has_schema and self._must_exist:
                 raise StorageError(
-                    f"{self.url} holds no microsweep tables; check --storage or run a sweep first"
+                    f"{self.display} holds no microsweep tables; check --storage or run a sweep "
+                    "first"
                 )
             if has_schema:
                 with self.session() as s:
@@ -131,7 +134,7 @@ class Store:
                 with self.session() as s:
                     s.add(SchemaRow(id=1, version=SCHEMA_VERSION))
         except SQLAlchemyError as exc:
-            raise StorageError(f"cannot use storage {self.url}: {_one_line(exc)}") from None
+            raise StorageError(f"cannot use storage {self.display}: {_one_line(exc)}") from None
 
     def _migrate(self, version: int) -> None:
         """Add the columns each later version brings, then record the new version; a
@@ -164,11 +167,11 @@ class Store:
         engine = self._make_engine()
         try:
             if not inspect(engine).has_table("microsweep_schema"):
-                raise StorageError(f"{self.url} holds no microsweep tables; nothing to upgrade")
+                raise StorageError(f"{self.display} holds no microsweep tables; nothing to upgrade")
             with engine.connect() as conn:
                 before = int(conn.execute(select(SchemaRow.version)).scalar() or 0)
         except SQLAlchemyError as exc:
-            raise StorageError(f"cannot use storage {self.url}: {_one_line(exc)}") from None
+            raise StorageError(f"cannot use storage {self.display}: {_one_line(exc)}") from None
         finally:
             engine.dispose()
         self._upgrade = True
@@ -195,7 +198,8 @@ class Store:
             session.commit()
         except SQLAlchemyError as exc:
             session.rollback()
-            raise StorageError(f"storage error on {self.url}: {_one_line(exc)}") from None
+            kind = StorageUnavailable if _unavailable(exc) else StorageError
+            raise kind(f"storage error on {self.display}: {_one_line(exc)}") from None
         except BaseException:
             session.rollback()
             raise
@@ -222,7 +226,7 @@ class Store:
                     if attempt < 2 and "already exists" in str(exc):
                         continue
                     raise StorageError(
-                        f"cannot open Optuna storage on {self.url}: {_one_line(exc)}"
+                        f"cannot open Optuna storage on {self.display}: {_one_line(exc)}"
                     ) from None
         return self._optuna
 
@@ -235,7 +239,7 @@ class Store:
         with self.session() as s:
             if s.scalar(select(SweepRow.id).where(SweepRow.name == fields["name"])) is not None:
                 raise StorageError(
-                    f"a sweep named {fields['name']!r} already exists in {self.url}; "
+                    f"a sweep named {fields['name']!r} already exists in {self.display}; "
                     "use 'microsweep resume' or another --name"
                 )
             row = SweepRow(created_at=_now(), **fields)
@@ -252,7 +256,7 @@ class Store:
             if row is None:
                 names = s.scalars(select(SweepRow.name).order_by(SweepRow.id)).all()
                 known = f"; sweeps here: {', '.join(names)}" if names else "; it holds no sweeps"
-                raise StorageError(f"no sweep named {name!r} in {self.url}{known}")
+                raise StorageError(f"no sweep named {name!r} in {self.display}{known}")
             return row
 
     def sweep_names(self) -> list[str]:
@@ -282,6 +286,69 @@ class Store:
         with self.session() as s:
             s.execute(update(SweepRow).where(SweepRow.name == name).values(**fields))
 
+    # -- ownership --------------------------------------------------------------------------
+    def acquire_lease(self, name: str, owner: str, ttl: float) -> tuple[str, float] | None:
+        """Make `owner` the driver of sweep `name` for `ttl` seconds if no live driver holds
+        it (free, expired, or already `owner`); returns None on success, else the holder and
+        the seconds since its lease was last renewed."""
+        import time
+
+        from sqlalchemy import or_, select, update
+
+        from microsweep.storage._models import SweepRow
+
+        now = time.time()
+        with self.session() as s:
+            taken = s.execute(
+                update(SweepRow)
+                .where(
+                    SweepRow.name == name,
+                    or_(
+                        SweepRow.owner.is_(None),
+                        SweepRow.lease_until < now,
+                        SweepRow.owner == owner,
+                    ),
+                )
+                .values(owner=owner, lease_until=now + ttl)
+            ).rowcount
+            if taken == 1:
+                return None
+            holder, until = s.execute(
+                select(SweepRow.owner, SweepRow.lease_until).where(SweepRow.name == name)
+            ).one()
+            return str(holder), max(0.0, now - ((until or now) - ttl))
+
+    def renew_lease(self, name: str, owner: str, ttl: float) -> bool:
+        """Extend `owner`'s lease on sweep `name`; False when someone else holds it now."""
+        import time
+
+        from sqlalchemy import update
+
+        from microsweep.storage._models import SweepRow
+
+        with self.session() as s:
+            return (
+                s.execute(
+                    update(SweepRow)
+                    .where(SweepRow.name == name, SweepRow.owner == owner)
+                    .values(lease_until=time.time() + ttl)
+                ).rowcount
+                == 1
+            )
+
+    def release_lease(self, name: str, owner: str) -> None:
+        """Give sweep `name` up, if `owner` still holds it."""
+        from sqlalchemy import update
+
+        from microsweep.storage._models import SweepRow
+
+        with self.session() as s:
+            s.execute(
+                update(SweepRow)
+                .where(SweepRow.name == name, SweepRow.owner == owner)
+                .values(owner=None, lease_until=None)
+            )
+
     # -- trials -----------------------------------------------------------------------------
     def record_trial(
         self,
@@ -304,7 +371,7 @@ class Store:
         Returns the trial's (Optuna trial id, number) (or (-1, number) without Optuna) followed
         by the reserved rows.
         """
-        from sqlalchemy import insert
+        from sqlalchemy import insert, select
 
         from microsweep.storage._models import LayerRow, TrialRow
         from microsweep.storage._optuna_rows import (
@@ -323,6 +390,12 @@ class Store:
                 try:
                     finish_trial(s, row[0], frozen)
                 except StaleTrialError:
+                    if s.scalar(
+                        select(TrialRow.id).where(
+                            TrialRow.sweep_id == sweep_id, TrialRow.number == row[1]
+                        )
+                    ):  # written already (a retried commit that had gone through)
+                        return [row]
                     raise StorageError(
                         f"trial {row[1]} was ended by another driver of this sweep; its result "
                         "is not stored"
@@ -455,3 +528,14 @@ class Store:
 def _one_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc)
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """Whether a database error means 'not reachable or writable now' (retry) rather than a
+    wrong statement or schema: connection refused or dropped, server restarting, a lock held
+    too long, a full disk."""
+    from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+
+    if isinstance(exc, (OperationalError, InterfaceError, DisconnectionError)):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)

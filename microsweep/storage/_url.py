@@ -8,7 +8,7 @@ from pathlib import Path
 
 from microsweep.errors import StorageError
 
-__all__ = ["DEFAULT_URL", "STORAGE_ENV", "resolve_url", "sqlite_path"]
+__all__ = ["DEFAULT_URL", "STORAGE_ENV", "masked", "resolve_url", "sqlite_path"]
 
 DEFAULT_URL = "sqlite:///microsweep.db"
 STORAGE_ENV = "MICROSWEEP_STORAGE"
@@ -27,7 +27,7 @@ def resolve_url(url: str | None = None) -> str:
         parsed = make_url(raw)
     except ArgumentError:
         raise StorageError(
-            f"storage URL {raw!r} is not a database URL; use sqlite:///FILE.db or "
+            "the storage URL is not a database URL; use sqlite:///FILE.db or "
             "postgresql://USER@HOST/DB"
         ) from None
     backend = parsed.get_backend_name()
@@ -40,11 +40,27 @@ def resolve_url(url: str | None = None) -> str:
             parsed = parsed.set(drivername="postgresql+psycopg")
     if backend == "sqlite":
         path = sqlite_path(parsed.render_as_string(hide_password=False))
+        if path is None:
+            raise StorageError(
+                "an in-memory SQLite database keeps nothing after the command ends; use "
+                "sqlite:///FILE.db"
+            )
         if path is not None and not path.parent.is_dir():
             raise StorageError(
                 f"folder {path.parent} for the SQLite file does not exist; create it"
             )
     return parsed.render_as_string(hide_password=False)
+
+
+def masked(url: str) -> str:
+    """`url` with any password replaced by ***, for messages and printed output."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable storage URL>"
 
 
 def sqlite_path(url: str) -> Path | None:

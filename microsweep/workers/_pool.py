@@ -39,7 +39,9 @@ class WorkerPool:
         """Start one policy on a free worker; `options` go to `TrialRunner.run`."""
         raise NotImplementedError
 
-    def wait(self) -> dict[str, Any]:
+    def wait(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next finished result; with `timeout`, None when none finishes in time (or
+        nothing is running)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -61,7 +63,9 @@ class InProcessPool(WorkerPool):
     def submit(self, number: int, policy_json: Mapping[str, Any], **options: Any) -> None:
         self._done.append(self.runner.run(number, policy_json, **options))
 
-    def wait(self) -> dict[str, Any]:
+    def wait(self, timeout: float | None = None) -> dict[str, Any] | None:
+        if timeout is not None and not self._done:
+            return None
         return self._done.popleft()
 
 
@@ -82,20 +86,36 @@ class RayPool(WorkerPool):
         self._ray = ray
         self._started_ray = False
         if not ray.is_initialized():
+            if address:
+                _probe(address)
+            elif workers > (os.cpu_count() or 1):
+                raise UsageError(
+                    f"--workers {workers} is more than this machine's {os.cpu_count()} CPUs; "
+                    "use fewer workers, or a Ray cluster with --address"
+                )
             try:
                 if address:
                     ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-                else:
+                else:  # a local instance reachable from this machine only
                     ray.init(
                         num_cpus=max(workers, 1),
                         include_dashboard=False,
                         logging_level="WARNING",
                         log_to_driver=False,
+                        _node_ip_address="127.0.0.1",
                     )
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = f"the Ray cluster at {address}" if address else "a local Ray instance"
                 raise UsageError(f"cannot start or join {where}: {_first_line(exc)}") from None
             self._started_ray = True
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if workers > cpus:
+            if self._started_ray:
+                ray.shutdown()
+            raise UsageError(
+                f"--workers {workers} is more than the {cpus:g} CPUs the Ray cluster has; "
+                "lower --workers or add nodes"
+            )
         for module in register_by_value:  # classes from the user's space file travel by value
             ray.cloudpickle.register_pickle_by_value(module)
         threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
@@ -146,9 +166,14 @@ class RayPool(WorkerPool):
         ref = actor.run.remote(number, dict(policy_json), **options)
         self._running[ref] = (actor, number)
 
-    def wait(self) -> dict[str, Any]:
+    def wait(self, timeout: float | None = None) -> dict[str, Any] | None:
         ray = self._ray
-        [ref], _ = ray.wait(list(self._running), num_returns=1)
+        if timeout is not None and not self._running:
+            return None
+        done, _ = ray.wait(list(self._running), num_returns=1, timeout=timeout)
+        if not done:
+            return None
+        [ref] = done
         actor, number = self._running.pop(ref)
         try:
             result = ray.get(ref)
@@ -183,6 +208,26 @@ class RayPool(WorkerPool):
         self._running.clear()
         if self._started_ray:
             ray.shutdown()
+
+
+def _probe(address: str, timeout: float = 10.0) -> None:
+    """Refuse quickly when nothing answers at a Ray cluster address (`ray.init` would wait for
+    minutes): the GCS port must accept a TCP connection."""
+    import socket
+
+    if address in ("auto", "local") or address.startswith(("ray://", "anyscale://")):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return
+    except ValueError:
+        raise UsageError(f"--address {address!r} is not HOST:PORT") from None
+    except OSError as exc:
+        raise UsageError(
+            f"no Ray cluster answers at {address} ({exc.strerror or exc}); start one with "
+            "'ray start --head' or check the address"
+        ) from None
 
 
 def _first_line(exc: BaseException) -> str:

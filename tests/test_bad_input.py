@@ -1,0 +1,156 @@
+"""Bad input from the command line and the API: one clean line, exit 2, stored data intact."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import microsweep
+from microsweep.search import run_sweep
+from microsweep.storage import Store
+from tests.conftest import ROOT
+from tests.conftest import cli as _cli
+
+TINY = ROOT / "examples" / "tiny.py"
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("microsweep: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+
+
+def test_in_memory_sqlite_is_refused(tmp_path):
+    _one_line_error(
+        _cli("status", "--name", "x", "--storage", "sqlite://", cwd=tmp_path), "in-memory"
+    )
+
+
+def test_sys_exit_in_a_space_file_is_reported(tmp_path):
+    space = tmp_path / "exits.py"
+    space.write_text("import sys\nsys.exit(3)\n")
+    _one_line_error(_cli("count", str(space), cwd=tmp_path), "sys.exit(3)")
+
+
+def test_load_refuses_devices_and_foreign_files_at_once(tmp_path):
+    started = time.perf_counter()
+    with pytest.raises(microsweep.MicrosweepError, match="not a regular file"):
+        microsweep.load("/dev/zero")
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as fh:  # 200 MB of something else: refused from its first bytes
+        fh.truncate(200 * 1024 * 1024)
+    with pytest.raises(microsweep.MicrosweepError, match="bad magic"):
+        microsweep.load(big)
+    assert time.perf_counter() - started < 2.0
+
+
+@pytest.fixture(scope="module")
+def small_sweep(tmp_path_factory, tiny_gpt):
+    url = f"sqlite:///{tmp_path_factory.mktemp('bad') / 'bad.db'}"
+    run_sweep(
+        str(TINY),
+        name="b",
+        trials=4,
+        storage=url,
+        seed=0,
+        sampler="uniform",
+        in_process=True,
+        progress=False,
+    )
+    return url
+
+
+def test_outputs_that_cannot_be_written_are_one_line(tmp_path, small_sweep):
+    rows = Store(small_sweep).trials("b")
+    before = [r.number for r in rows]
+    complete = next(r.number for r in rows if r.state == "COMPLETE")
+    outdir = tmp_path / "adir"
+    outdir.mkdir()
+    _one_line_error(
+        _cli("plot", "--name", "b", "--storage", small_sweep, "-o", str(outdir), cwd=tmp_path),
+        str(outdir),
+    )
+    _one_line_error(
+        _cli(
+            "export",
+            "--name",
+            "b",
+            "--trial",
+            str(complete),
+            "--storage",
+            small_sweep,
+            "-o",
+            str(outdir),
+            cwd=tmp_path,
+        ),
+        str(outdir),
+    )
+    assert [r.number for r in Store(small_sweep).trials("b")] == before
+
+
+def test_status_into_a_closed_pipe_is_quiet(tmp_path, small_sweep):
+    proc = subprocess.run(
+        f"{sys.executable} -m microsweep.cli status --name b --storage {small_sweep} | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.stdout.strip() and "Traceback" not in proc.stderr and "Error" not in proc.stderr
+
+
+def test_password_is_masked_in_messages(tmp_path):
+    url = "postgresql://bob:s3cret-pw@127.0.0.1:1/nowhere"
+    proc = _cli("status", "--name", "x", "--storage", url, cwd=tmp_path)
+    assert proc.returncode == 2 and "s3cret-pw" not in proc.stderr + proc.stdout
+    assert "***" in proc.stderr
+
+
+def test_unreachable_cluster_is_refused_quickly_and_stores_nothing(tmp_path, tiny_gpt):
+    url = f"sqlite:///{tmp_path / 'addr.db'}"
+    started = time.perf_counter()
+    proc = _cli(
+        "run",
+        str(TINY),
+        "--name",
+        "a",
+        "--trials",
+        "2",
+        "--storage",
+        url,
+        "--address",
+        "127.0.0.1:1",
+        cwd=tmp_path,
+    )
+    _one_line_error(proc, "no Ray cluster answers at 127.0.0.1:1")
+    assert time.perf_counter() - started < 120
+    assert Store(url).sweep_names() == []
+    proc = _cli(
+        "run",
+        str(TINY),
+        "--name",
+        "a",
+        "--trials",
+        "2",
+        "--storage",
+        url,
+        "--workers",
+        "1000",
+        cwd=tmp_path,
+    )
+    _one_line_error(proc, "--workers 1000")
+    assert Store(url).sweep_names() == []
+
+
+def test_cli_storage_wait_must_be_positive(tmp_path):
+    proc = _cli("run", str(TINY), "--name", "w", "--storage-wait", "0", cwd=tmp_path)
+    assert proc.returncode == 2 and "must be at least 1" in proc.stderr
+    assert not Path(tmp_path / "microsweep.db").exists()
