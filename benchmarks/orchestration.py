@@ -11,6 +11,13 @@ Parts:
   calls) and Optuna's in-memory storage as the floor; and the growth from trial 100 to the
   last trial of a long in-memory-sampled run.
 
+- ``scaling``: sleep-bound 1 s trials (a 3-layer model, an `evaluate` that sleeps) on 1, 2, 4,
+  8, 16 and 32 Ray workers of a local Ray instance given 32 CPUs (a simulated cluster: the
+  workers sleep, so two cores carry them); efficiency = throughput / (N x one worker's).
+- ``trial``: a trial's wall time on its worker over the dense model's evaluation of the same
+  windows on that worker, for `examples/shakespeare.py`, in-process and on a Ray worker
+  (completed trials only: a trial stopped early reads fewer windows).
+
 Writes benchmarks/results/orchestration.json.
 """
 
@@ -201,13 +208,106 @@ def part_driver(args: argparse.Namespace, tmp: Path) -> dict:
     return out
 
 
-PARTS = {"driver": part_driver}
+SLEEPY = SPACE.replace("return 5.0", "time.sleep({sleep})\n    return 5.0").replace(
+    "import torch\n", "import time\n\nimport torch\n"
+)
+
+
+def part_scaling(args: argparse.Namespace, tmp: Path) -> dict:
+    import ray
+
+    from microsweep.search import run_sweep
+
+    space = tmp / "sleepy.py"
+    space.write_text(SLEEPY.format(n=3, sleep=args.sleep))
+    ray.init(num_cpus=32, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    throughput = {}
+    try:
+        for n in (1, 2, 4, 8, 16, 32):
+            trials = args.per_worker * n
+            url = f"sqlite:///{tmp / f'scale{n}.db'}"
+            stamps: list[float] = []
+            run_sweep(
+                str(space),
+                name=f"w{n}",
+                trials=trials + n,
+                workers=n,
+                storage=url,
+                seed=0,
+                sampler="random",
+                progress=False,
+                on_trial=lambda _row, stamps=stamps: stamps.append(time.perf_counter()),
+            )
+            steady = stamps[n:]  # after every worker finished its first trial
+            throughput[n] = (len(steady) - 1) / (steady[-1] - steady[0])
+            print(f"{n} workers: {throughput[n]:.2f} trials/s", flush=True)
+    finally:
+        ray.shutdown()
+    one = throughput[1]
+    return {
+        "trial_sleep_s": args.sleep,
+        "throughput_by_workers": {str(n): t for n, t in throughput.items()},
+        "efficiency_by_workers": {str(n): t / (n * one) for n, t in throughput.items()},
+    }
+
+
+def part_trial(args: argparse.Namespace, tmp: Path) -> dict:
+    import torch
+
+    from microsweep.search import run_sweep
+    from microsweep.search._driver import _prepare
+    from microsweep.search._spacefile import load_space_file
+    from microsweep.spaces import Policy
+    from microsweep.workers import TrialRunner
+
+    space = str(ROOT / "examples" / "shakespeare.py")
+    sf = load_space_file(space)
+    prepared = _prepare(sf, 0)
+    torch.set_num_threads(1)
+    runner = TrialRunner(
+        sf.model,
+        prepared.windows,
+        prepared.settings,
+        calib=prepared.calib,
+        train_tokens=prepared.train_tokens,
+    )
+    dense = [runner.run(-1, Policy({}).to_json())["timings"]["evaluate"] for _ in range(5)]
+    dense_s = statistics.median(dense)
+    out = {"dense_evaluate_s": dense_s, "trial_over_dense_eval": {}}
+    for mode in ("in_process", "ray"):
+        rows: list[dict] = []
+        run_sweep(
+            space,
+            name=mode,
+            trials=args.trials_timing,
+            workers=1,
+            storage=f"sqlite:///{tmp / f'trial-{mode}.db'}",
+            seed=0,
+            sampler="random",
+            in_process=mode == "in_process",
+            progress=False,
+            on_trial=rows.append,
+        )
+        walls = [r["timings"]["total"] for r in rows if r["state"] == "COMPLETE"]
+        out["trial_over_dense_eval"][mode] = statistics.median(walls) / dense_s
+        print(
+            f"{mode}: trial {1000 * statistics.median(walls):.0f} ms, dense evaluation "
+            f"{1000 * dense_s:.0f} ms",
+            flush=True,
+        )
+    return out
+
+
+PARTS = {"driver": part_driver, "scaling": part_scaling, "trial": part_trial}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--trials", type=int, default=120)
+    parser.add_argument("--sleep", type=float, default=1.0, help="scaling: seconds per trial")
+    parser.add_argument("--per-worker", type=int, default=4, help="scaling: trials per worker")
+    parser.add_argument("--trials-timing", type=int, default=12, help="trial: trials per mode")
     parser.add_argument(
         "--out", default=str(ROOT / "benchmarks" / "results" / "orchestration.json")
     )

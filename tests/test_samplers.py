@@ -318,6 +318,7 @@ def test_old_schema_is_refused_by_reads_and_upgraded(tmp_path, tiny_gpt):
     con = sqlite3.connect(tmp_path / "old.db")
     con.execute("ALTER TABLE microsweep_sweeps DROP COLUMN owner")
     con.execute("ALTER TABLE microsweep_sweeps DROP COLUMN lease_until")
+    con.execute("ALTER TABLE microsweep_trials DROP COLUMN worker")
     con.execute("ALTER TABLE microsweep_trials DROP COLUMN origin")
     con.execute("ALTER TABLE microsweep_sweeps DROP COLUMN eval_key")
     con.execute("DROP TABLE microsweep_sensitivity")

@@ -398,7 +398,12 @@ def _drive(
         trial, policy = item.trial, item.policy
         origin = _origin(mem, trial.number, default_origin)
         timings = dict(res.get("timings", {}))
-        base = {"origin": origin, "policy": policy.to_json(), "summary": policy.summary()}
+        base = {
+            "origin": origin,
+            "policy": policy.to_json(),
+            "summary": policy.summary(),
+            "worker": res.get("worker"),
+        }
         try:
             if res["status"] not in ("ok", "pruned"):
                 raise _TrialFailed(res.get("error") or "worker gave no reason")

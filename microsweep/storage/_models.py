@@ -33,6 +33,7 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     2: [
         ("microsweep_sweeps", "owner", "VARCHAR(256)"),
         ("microsweep_sweeps", "lease_until", "FLOAT"),
+        ("microsweep_trials", "worker", "VARCHAR(128)"),
     ],
 }
 """Columns each version adds to the one before (new tables are created as they come)."""
@@ -109,6 +110,7 @@ class TrialRow(Base):
     state: Mapped[str] = mapped_column(String(16))  # COMPLETE, PRUNED or FAIL
     origin: Mapped[str | None] = mapped_column(String(32), nullable=True)  # who proposed it
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(128), nullable=True)  # where it ran (v3)
     score: Mapped[float | None] = mapped_column(Float, nullable=True)
     perplexity: Mapped[float | None] = mapped_column(Float, nullable=True)
     params: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -104,6 +104,7 @@ class TrialRunner:
         timings["total"] = time.perf_counter() - started
         result["timings"] = timings
         result["number"] = number
+        result["worker"] = _worker_name()
         return result
 
     def _run(
@@ -225,3 +226,20 @@ class TrialRunner:
         for p in params:
             p.requires_grad_(False)
         model.eval()
+
+
+def _worker_name() -> str:
+    """Where a trial ran: the Ray node (first 12 hex digits of its id) and process, or the
+    host and process outside Ray."""
+    import os
+    import socket
+    import sys
+
+    ray = sys.modules.get("ray")  # a Ray worker has it; in-process it is not imported for this
+    try:
+        if ray is not None and ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+            return f"node {node[:12]} pid {os.getpid()}"
+    except Exception:  # Ray missing or no runtime context: the host will do
+        pass
+    return f"{socket.gethostname()} pid {os.getpid()}"
