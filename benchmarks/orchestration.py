@@ -14,6 +14,8 @@ Parts:
 - ``scaling``: sleep-bound 1 s trials (a 3-layer model, an `evaluate` that sleeps) on 1, 2, 4,
   8, 16 and 32 Ray workers of a local Ray instance given 32 CPUs (a simulated cluster: the
   workers sleep, so two cores carry them); efficiency = throughput / (N x one worker's).
+- ``tune``: Ray Tune with OptunaSearch on the same free trial (51 parameters), one at a time,
+  against microsweep on one Ray worker (`pip install "ray[tune]"`; part of the `bench` extra).
 - ``trial``: a trial's wall time on its worker over the dense model's evaluation of the same
   windows on that worker, for `examples/shakespeare.py`, in-process and on a Ray worker
   (completed trials only: a trial stopped early reads fewer windows).
@@ -298,7 +300,78 @@ def part_trial(args: argparse.Namespace, tmp: Path) -> dict:
     return out
 
 
-PARTS = {"driver": part_driver, "scaling": part_scaling, "trial": part_trial}
+_TUNE: dict = {}  # the space Ray Tune's define-by-run function suggests from
+
+
+def _define_by_run(trial):  # noqa: ANN001, ANN202 - module level: OptunaSearch pickles it
+    _TUNE["space"].suggest(trial)
+
+
+def _trainable(config):  # noqa: ANN001, ANN202
+    return {"score": 1.0}
+
+
+def part_tune(args: argparse.Namespace, tmp: Path) -> dict:
+    """Ray Tune with OptunaSearch (define-by-run over the same suggest calls) on the same free
+    trial, against microsweep on one Ray worker: wall time per trial once started."""
+    import logging
+
+    import ray
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from microsweep.search import run_sweep
+    from microsweep.search._spacefile import load_space_file
+
+    space = tmp / "tune-stack.py"
+    space.write_text(SPACE.format(n=17))
+    _TUNE["space"] = load_space_file(str(space)).space
+    n = args.tune_trials
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        logging.getLogger("ray.tune").setLevel(logging.ERROR)
+        tuner = tune.Tuner(
+            _trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=OptunaSearch(space=_define_by_run, metric="score", mode="min"),
+                num_samples=n,
+                max_concurrent_trials=1,
+            ),
+            run_config=tune.RunConfig(storage_path=str(tmp / "tune"), verbose=0),
+        )
+        t0 = time.perf_counter()
+        tuner.fit()
+        tune_s = (time.perf_counter() - t0) / n
+        stamps: list[float] = []
+        run_sweep(
+            str(space),
+            name="tune-cmp",
+            trials=n,
+            workers=1,
+            storage=f"sqlite:///{tmp / 'tune-cmp.db'}",
+            seed=0,
+            sampler="random",
+            progress=False,
+            on_trial=lambda _row: stamps.append(time.perf_counter()),
+        )
+        ours_s = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    finally:
+        ray.shutdown()
+    print(
+        f"Ray Tune + OptunaSearch {1000 * tune_s:.0f} ms per trial, microsweep on one Ray "
+        f"worker {1000 * ours_s:.0f} ms",
+        flush=True,
+    )
+    return {
+        "ray_tune_ms_per_trial": 1000 * tune_s,
+        "microsweep_ray_ms_per_trial": 1000 * ours_s,
+        "tune_trials": n,
+        "tune_params": 51,
+    }
+
+
+PARTS = {"driver": part_driver, "scaling": part_scaling, "trial": part_trial, "tune": part_tune}
 
 
 def main() -> None:
@@ -308,6 +381,7 @@ def main() -> None:
     parser.add_argument("--sleep", type=float, default=1.0, help="scaling: seconds per trial")
     parser.add_argument("--per-worker", type=int, default=4, help="scaling: trials per worker")
     parser.add_argument("--trials-timing", type=int, default=12, help="trial: trials per mode")
+    parser.add_argument("--tune-trials", type=int, default=40, help="tune: trials each")
     parser.add_argument(
         "--out", default=str(ROOT / "benchmarks" / "results" / "orchestration.json")
     )
@@ -317,11 +391,11 @@ def main() -> None:
     out = Path(args.out)
     if out.exists():
         results = json.loads(out.read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for part in args.parts.split(","):
             results.update(PARTS[part](args, Path(tmp)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+            out.write_text(json.dumps(results, indent=2))  # each part kept as it finishes
     print(f"wrote {out}")
 
 

@@ -231,8 +231,14 @@ def _probe(address: str, timeout: float = 10.0) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
+    """One line for a Ray error: its first, plus the underlying error's own last line when the
+    first only says that an actor or task died."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first, last = lines[0], lines[-1]
+    return f"{first} ({last})" if last != first and "died" in first else first
 
 
 def make_pool(
