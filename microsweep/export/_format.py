@@ -59,7 +59,7 @@ def read_container(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes,
     """(header, payload, header size) of the file at `path`, after every check passes."""
     target = Path(path)
     try:
-        if not target.is_file():  # a device such as /dev/zero would be read without end
+        if target.exists() and not target.is_file():  # /dev/zero would be read without end
             raise ExportError(f"{target} is not a regular file; pass an exported .msz file")
         with open(target, "rb") as fh:
             if fh.read(len(MAGIC)) != MAGIC:  # the magic first: no large read of a foreign file
