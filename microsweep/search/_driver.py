@@ -372,7 +372,7 @@ def _drive(
     early_stop = sweep.sampler not in FULL_EVALUATION
     default_origin = sweep.sampler
     clock = _SamplerClock(None)
-    unwritten: list[dict[str, Any]] = []  # finished trials whose write is under way or failed
+    unwritten: list[tuple[_Asked, dict[str, Any]]] = []  # told, write under way or failed
 
     def ask() -> _Asked:
         t0, s0 = time.perf_counter(), clock.seconds
@@ -455,7 +455,7 @@ def _drive(
         reserving the rows of trials asked ahead in it too; returns its number. While the write
         is under way the trial is in `unwritten`, so an outage can spool it."""
         frozen = mem._storage.get_trial(item.trial._trial_id)
-        entry = {"study_id": study_id, "row": item.row, "record": record, "frozen": frozen}
+        entry = (item, record)
         unwritten.append(entry)
         ahead_items = [a for a in ready if a.row is None]
         write = guard.call if wait else (lambda fn, *a, **k: fn(*a, **k))
@@ -481,22 +481,18 @@ def _drive(
         already finished) and say how to get them in."""
         while (res := pool.wait(timeout=0)) is not None:
             item = in_flight.pop(res["number"])
-            record = conclude(item, res)
-            frozen = mem._storage.get_trial(item.trial._trial_id)
-            unwritten.append(
-                {"study_id": study_id, "row": item.row, "record": record, "frozen": frozen}
-            )
+            unwritten.append((item, conclude(item, res)))
         path = spool_path(store.display, sweep.name)
         write_spool(
             path,
             [
                 {
-                    "study_id": e["study_id"],
-                    "row": e["row"],
-                    "record": e["record"],
-                    "trial": trial_to_json(e["frozen"]),
+                    "study_id": study_id,
+                    "row": item.row,
+                    "record": record,
+                    "trial": trial_to_json(mem._storage.get_trial(item.trial._trial_id)),
                 }
-                for e in unwritten
+                for item, record in unwritten
             ],
         )
         return StorageError(
