@@ -8,8 +8,9 @@ Parts:
   stores' rows, tell; the sampler's own compute apart) on SQLite and PostgreSQL at 50 and 200
   per-layer parameters, an `evaluate` that costs nothing, random sampler, in-process; against
   Optuna driving the same RDB storage its usual way (`study.optimize` with the same suggest
-  calls) and Optuna's in-memory storage as the floor; and the growth from trial 100 to the
-  last trial of a long in-memory-sampled run.
+  calls) and Optuna's in-memory storage as the floor.
+- ``growth``: the same driver on SQLite at 51 parameters for a long sweep (10,000 trials by
+  default): median bookkeeping over trials 50-150 against the last 100, and the sampler's.
 
 - ``scaling``: sleep-bound 1 s trials (a 3-layer model, an `evaluate` that sleeps) on 1, 2, 4,
   8, 16 and 32 Ray workers of a local Ray instance given 32 CPUs (a simulated cluster: the
@@ -82,7 +83,7 @@ def _floor(space_path: str, trials: int) -> list[float]:
     """Optuna's in-memory ask + the space's suggest calls + tell, per trial (the floor)."""
     import optuna
 
-    from microsweep.search._spacefile import load_space_file
+    from microsweep.prepare import load_space_file
 
     sf = load_space_file(space_path)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -100,7 +101,7 @@ def _optuna_rdb(space_path: str, url: str, trials: int) -> list[float]:
     """Optuna driving the RDB storage its usual way: `study.optimize` with the same suggests."""
     import optuna
 
-    from microsweep.search._spacefile import load_space_file
+    from microsweep.prepare import load_space_file
 
     sf = load_space_file(space_path)
     study = optuna.create_study(
@@ -210,6 +211,37 @@ def part_driver(args: argparse.Namespace, tmp: Path) -> dict:
     return out
 
 
+def part_growth(args: argparse.Namespace, tmp: Path) -> dict:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = tmp / "stack17.py"
+    space.write_text(SPACE.format(n=17))
+    drv = _driver(str(space), f"sqlite:///{tmp / 'growth.db'}", args.growth_trials, "growth")
+    n = len(drv["driver"])
+    early = 1000 * statistics.median(drv["driver"][50:150])
+    late = 1000 * statistics.median(drv["driver"][n - 100 :])
+    early_s = 1000 * statistics.median(drv["sampler"][50:150])
+    late_s = 1000 * statistics.median(drv["sampler"][n - 100 :])
+    print(
+        f"growth over {n} trials: driver {early:.1f} -> {late:.1f} ms ({late / early:.2f}x), "
+        f"sampler {early_s:.2f} -> {late_s:.2f} ms",
+        flush=True,
+    )
+    return {
+        "growth": {
+            "trials": n,
+            "params": 51,
+            "driver_ms_at_100": early,
+            "driver_ms_at_end": late,
+            "driver_growth": late / early,
+            "sampler_ms_at_100": early_s,
+            "sampler_ms_at_end": late_s,
+            "wall_s": drv["wall"],
+        }
+    }
+
+
 SLEEPY = SPACE.replace("return 5.0", "time.sleep({sleep})\n    return 5.0").replace(
     "import torch\n", "import time\n\nimport torch\n"
 )
@@ -256,15 +288,14 @@ def part_scaling(args: argparse.Namespace, tmp: Path) -> dict:
 def part_trial(args: argparse.Namespace, tmp: Path) -> dict:
     import torch
 
+    from microsweep.prepare import load_space_file, prepare
     from microsweep.search import run_sweep
-    from microsweep.search._driver import _prepare
-    from microsweep.search._spacefile import load_space_file
     from microsweep.spaces import Policy
     from microsweep.workers import TrialRunner
 
     space = str(ROOT / "examples" / "shakespeare.py")
     sf = load_space_file(space)
-    prepared = _prepare(sf, 0)
+    prepared = prepare(sf, 0)
     torch.set_num_threads(1)
     runner = TrialRunner(
         sf.model,
@@ -320,8 +351,8 @@ def part_tune(args: argparse.Namespace, tmp: Path) -> dict:
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
+    from microsweep.prepare import load_space_file
     from microsweep.search import run_sweep
-    from microsweep.search._spacefile import load_space_file
 
     space = tmp / "tune-stack.py"
     space.write_text(SPACE.format(n=17))
@@ -371,13 +402,20 @@ def part_tune(args: argparse.Namespace, tmp: Path) -> dict:
     }
 
 
-PARTS = {"driver": part_driver, "scaling": part_scaling, "trial": part_trial, "tune": part_tune}
+PARTS = {
+    "driver": part_driver,
+    "growth": part_growth,
+    "scaling": part_scaling,
+    "trial": part_trial,
+    "tune": part_tune,
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--trials", type=int, default=120)
+    parser.add_argument("--growth-trials", type=int, default=10_000, help="growth: trials")
     parser.add_argument("--sleep", type=float, default=1.0, help="scaling: seconds per trial")
     parser.add_argument("--per-worker", type=int, default=4, help="scaling: trials per worker")
     parser.add_argument("--trials-timing", type=int, default=12, help="trial: trials per mode")

@@ -68,8 +68,13 @@ def _one_run(job: dict) -> dict:
     if exists:  # cut short earlier: finish it
         from microsweep.search import resume_sweep
 
-        resume_sweep(job["name"], trials=job["trials"], storage=job["storage"],
-                     in_process=True, progress=False)
+        resume_sweep(
+            job["name"],
+            trials=job["trials"],
+            storage=job["storage"],
+            in_process=True,
+            progress=False,
+        )
         return {**_summarize(job, None, None), "job": job}
     started = time.perf_counter()
     result = run_sweep(
@@ -156,24 +161,34 @@ def _uniform_grid(space_path: str, rank_levels: int) -> dict:
     _quiet()
     torch.set_num_threads(2)
     from microsweep.allocate import Planner
+    from microsweep.prepare import load_space_file, measure_dense, prepare, with_stop_rule
     from microsweep.score import Baseline, CountConfig, micronet_score
-    from microsweep.search._driver import _dense, _prepare, _with_stop_rule
-    from microsweep.search._spacefile import load_space_file
     from microsweep.workers import TrialRunner
 
     started = time.perf_counter()
     sf = load_space_file(space_path)
-    prepared = _prepare(sf, 0)
-    dense = _dense(sf, prepared)
+    prepared = prepare(sf, 0)
+    dense = measure_dense(sf, prepared)
     ceiling = sf.objective.ceiling(dense["perplexity"])
     baseline = Baseline(dense["params"], dense["ops"])
-    prepared = _with_stop_rule(sf, prepared, dense, ceiling)
-    planner = Planner(sf.space, sf.model, context=prepared.settings.context,
-                      config=CountConfig(**prepared.settings.count), baseline=baseline,
-                      calib=prepared.calib, rank_levels=rank_levels)
+    prepared = with_stop_rule(sf, prepared, dense, ceiling)
+    planner = Planner(
+        sf.space,
+        sf.model,
+        context=prepared.settings.context,
+        config=CountConfig(**prepared.settings.count),
+        baseline=baseline,
+        calib=prepared.calib,
+        rank_levels=rank_levels,
+    )
     plans = sorted(planner.uniform(), key=lambda item: item[1].score)
-    runner = TrialRunner(sf.model, prepared.windows, prepared.settings, calib=prepared.calib,
-                         train_tokens=prepared.train_tokens)
+    runner = TrialRunner(
+        sf.model,
+        prepared.windows,
+        prepared.settings,
+        calib=prepared.calib,
+        train_tokens=prepared.train_tokens,
+    )
     best = None
     evaluated = 0
     for _, plan in plans:
@@ -185,8 +200,11 @@ def _uniform_grid(space_path: str, rank_levels: int) -> dict:
             continue
         score = micronet_score(res["params"], res["ops"], baseline)
         if res["perplexity"] <= ceiling:
-            best = {"score": score, "perplexity": res["perplexity"],
-                    "policy": planner.choices(plan.choice)}
+            best = {
+                "score": score,
+                "perplexity": res["perplexity"],
+                "policy": planner.choices(plan.choice),
+            }
     return {
         "rank_levels": rank_levels,
         "uniform_policies": len(plans),
@@ -253,9 +271,16 @@ def _plot(results: dict, path: Path) -> None:
 
     tasks = list(results["tasks"])
     fig, axes = plt.subplots(2, len(tasks), figsize=(6.5 * len(tasks), 8.5), squeeze=False)
-    colours = {"uniform": "#7f7f7f", "random": "#bcbd22", "tpe": "#1f77b4", "nsga2": "#9467bd",
-               "allocate": "#ff7f0e", "auto": "#d62728", "uniform+ft": "#555555",
-               "auto+ft": "#8b0000"}
+    colours = {
+        "uniform": "#7f7f7f",
+        "random": "#bcbd22",
+        "tpe": "#1f77b4",
+        "nsga2": "#9467bd",
+        "allocate": "#ff7f0e",
+        "auto": "#d62728",
+        "uniform+ft": "#555555",
+        "auto+ft": "#8b0000",
+    }
     for col, task in enumerate(tasks):
         data = results["tasks"][task]
         ax, hv = axes[0][col], axes[1][col]
@@ -275,12 +300,21 @@ def _plot(results: dict, path: Path) -> None:
             ax.plot(xs, mean, label=method, color=c)
             ax.fill_between(xs, lows, highs, color=c, alpha=0.15)
             curves = [r["hv_trace"] for r in runs]
-            hv.plot(xs, [statistics.fmean(cv[i] for cv in curves) for i in range(n)],
-                    label=method, color=c)
+            hv.plot(
+                xs,
+                [statistics.fmean(cv[i] for cv in curves) for i in range(n)],
+                label=method,
+                color=c,
+            )
         ref = data["uniform_grid"]["best"]
         if ref:
-            ax.axhline(ref["score"], color="black", ls="--", lw=1,
-                       label=f"best uniform policy ({ref['score']:.3f})")
+            ax.axhline(
+                ref["score"],
+                color="black",
+                ls="--",
+                lw=1,
+                label=f"best uniform policy ({ref['score']:.3f})",
+            )
             ax.axhline(0.8 * ref["score"], color="black", ls=":", lw=1, label="0.8x best uniform")
         ax.set_title(f"{task}: best feasible MicroNet score (mean, band = seeds)")
         ax.set_xlabel("trials")
@@ -303,14 +337,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one core each)")
-    parser.add_argument("--finetune", action="store_true",
-                        help="also uniform vs auto with recovery fine-tuning (shakespeare)")
+    parser.add_argument(
+        "--finetune",
+        action="store_true",
+        help="also uniform vs auto with recovery fine-tuning (shakespeare)",
+    )
     parser.add_argument("--finetune-steps", type=int, default=40)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     parser.add_argument("--workdir", default=None, help="where the stores go (default: temp)")
     parser.add_argument("--tag", default="", help="suffix of the run names in the stores")
-    parser.add_argument("--fresh", action="store_true",
-                        help="drop the tasks an existing --out file holds (default: keep them)")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="drop the tasks an existing --out file holds (default: keep them)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("MICROSWEEP_DATA", str(ROOT.parent / "shared" / "data"))
     sys.path.insert(0, str(ROOT))
@@ -337,8 +377,11 @@ def main() -> None:
                 with ctx.Pool(1) as pool:  # a fresh process: the same settings the runs get
                     grids.append(pool.apply(_uniform_grid, (space, levels)))
             grid = min(grids, key=lambda g: (g["best"] or {}).get("score", math.inf))
-            grid["grids"] = [{k: v for k, v in g.items() if k != "best"} | {
-                "best_score": (g["best"] or {}).get("score")} for g in grids]
+            grid["grids"] = [
+                {k: v for k, v in g.items() if k != "best"}
+                | {"best_score": (g["best"] or {}).get("score")}
+                for g in grids
+            ]
             grid_file.write_text(json.dumps(grid))
         print(f"[{task}] best uniform {grid['best']} ({grid['evaluated']} evaluated)", flush=True)
         sens = None
@@ -351,8 +394,14 @@ def main() -> None:
 
         Store(storage).optuna_storage()  # Optuna's tables exist before runs start side by side
         jobs = [
-            {"space": space, "storage": storage, "method": m, "seed": s, "trials": args.trials,
-             "name": f"{m}{args.tag}-{s}"}
+            {
+                "space": space,
+                "storage": storage,
+                "method": m,
+                "seed": s,
+                "trials": args.trials,
+                "name": f"{m}{args.tag}-{s}",
+            }
             for s in range(args.seeds)
             for m in methods
         ]
@@ -362,16 +411,26 @@ def main() -> None:
                 Path(space).read_text() + FINETUNE.format(steps=args.finetune_steps, lr=5e-4)
             )
             jobs += [  # the same store: fine-tuning changes no measurement of the table
-                {"space": str(ft_path), "storage": storage, "method": m, "seed": 0,
-                 "trials": args.trials, "name": f"{m}+ft-0", "label": f"{m}+ft"}
+                {
+                    "space": str(ft_path),
+                    "storage": storage,
+                    "method": m,
+                    "seed": 0,
+                    "trials": args.trials,
+                    "name": f"{m}+ft-0",
+                    "label": f"{m}+ft",
+                }
                 for m in ("uniform", "auto")
             ]
         runs = []
         with ctx.Pool(args.jobs, maxtasksperchild=1) as pool:
             for res in pool.imap_unordered(_one_run, jobs):
                 job = res["job"]
-                print(f"[{task}] {job['name']}: best {res['best_by_trials']} "
-                      f"wall {res['wall_s']:.0f}s", flush=True)
+                print(
+                    f"[{task}] {job['name']}: best {res['best_by_trials']} "
+                    f"wall {res['wall_s']:.0f}s",
+                    flush=True,
+                )
                 runs.append(res)
         for r in runs:
             r["job"]["method"] = r["job"].get("label", r["job"]["method"])
@@ -385,8 +444,13 @@ def main() -> None:
             "uniform_grid": grid,
             "sensitivity": sens,
             "methods": _aggregate(runs, args.trials),
-            "runs": {m: [{k: v for k, v in r.items() if k != "job"} | {"seed": r["job"]["seed"]}
-                         for r in rs] for m, rs in by_method.items()},
+            "runs": {
+                m: [
+                    {k: v for k, v in r.items() if k != "job"} | {"seed": r["job"]["seed"]}
+                    for r in rs
+                ]
+                for m, rs in by_method.items()
+            },
         }
     _ratios(results, args.trials)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,10 @@ def _summary(rows: list[dict], wall: float) -> dict:
     for phase in PHASES:
         values = [r["timings"][phase] for r in rows if phase in r["timings"]]
         if values:
-            out[phase] = {"median_ms": 1000 * statistics.median(values),
-                          "mean_ms": 1000 * statistics.fmean(values)}
+            out[phase] = {
+                "median_ms": 1000 * statistics.median(values),
+                "mean_ms": 1000 * statistics.fmean(values),
+            }
     return out
 
 
@@ -47,9 +49,17 @@ def main() -> None:
             rows: list[dict] = []
             url = f"sqlite:///{tmp}/{mode}.db"
             start = time.perf_counter()
-            res = run_sweep(args.space, name=mode, trials=args.trials, workers=args.workers,
-                            storage=url, seed=0, in_process=mode == "in_process", progress=False,
-                            on_trial=rows.append)
+            res = run_sweep(
+                args.space,
+                name=mode,
+                trials=args.trials,
+                workers=args.workers,
+                storage=url,
+                seed=0,
+                in_process=mode == "in_process",
+                progress=False,
+                on_trial=rows.append,
+            )
             summary = _summary(rows, time.perf_counter() - start)
             summary["best_feasible_score"] = res.best_score
             summary["driver_ms_per_trial"] = res.driver_ms_per_trial
@@ -64,8 +74,10 @@ def main() -> None:
             if phase in results[mode]:
                 r = results[mode][phase]
                 print(f"{mode:<11} {phase:<9} {r['median_ms']:>10.1f} {r['mean_ms']:>10.1f}")
-        print(f"{mode:<11} wall {results[mode]['wall_s']:.1f}s for {results[mode]['trials']} "
-              f"trials; best feasible score {results[mode]['best_feasible_score']}")
+        print(
+            f"{mode:<11} wall {results[mode]['wall_s']:.1f}s for {results[mode]['trials']} "
+            f"trials; best feasible score {results[mode]['best_feasible_score']}"
+        )
     print(f"wrote {args.out}")
 
 

@@ -45,7 +45,7 @@ _LAZY = {
     "Int": "microsweep.spaces",
     "Policy": "microsweep.spaces",
     "LayerPolicy": "microsweep.spaces",
-    "MicroNet": "microsweep.search",
+    "MicroNet": "microsweep.prepare",
     "run_sweep": "microsweep.search",
     "resume_sweep": "microsweep.search",
     "MicrosweepError": "microsweep.errors",

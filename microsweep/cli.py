@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--in-process", action="store_true", help="no Ray: run trials here, one by one"
     )
+    _resource_flags(run)
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.add_argument("--storage-wait", type=_positive, default=60, help=wait_help)
 
@@ -79,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--storage", help=storage_help)
     resume.add_argument("--address", default=None)
     resume.add_argument("--in-process", action="store_true")
+    _resource_flags(resume)
     resume.add_argument("--quiet", action="store_true")
     resume.add_argument("--storage-wait", type=_positive, default=60, help=wait_help)
 
@@ -102,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     sens.add_argument("--workers", type=_positive, default=1, help="parallel Ray workers")
     sens.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
     sens.add_argument("--in-process", action="store_true", help="no Ray: measure here")
+    _resource_flags(sens)
     sens.add_argument("-o", "--output", default=None, help="plot (default: NAME-sensitivity.html)")
     sens.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -208,6 +211,41 @@ def _status(name: str, storage: str | None, top: int) -> None:
         print(f"  trial {r.number} FAIL: {r.reason}")
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a number above 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a number of at least 0")
+    return value
+
+
+def _resource_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cpus-per-worker",
+        type=_positive_float,
+        default=1.0,
+        help="CPUs each Ray worker reserves; its torch threads follow them (default 1)",
+    )
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=_non_negative_float,
+        default=0.0,
+        help="GPUs each Ray worker reserves; a worker given one evaluates on it (default 0)",
+    )
+
+
 def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "run":
         from microsweep.search import run_sweep
@@ -225,6 +263,8 @@ def _dispatch(args: argparse.Namespace) -> None:
                 in_process=args.in_process,
                 progress=not args.quiet,
                 storage_wait=args.storage_wait,
+                cpus_per_worker=args.cpus_per_worker,
+                gpus_per_worker=args.gpus_per_worker,
             )
         )
     elif args.command == "resume":
@@ -240,6 +280,8 @@ def _dispatch(args: argparse.Namespace) -> None:
                 in_process=args.in_process,
                 progress=not args.quiet,
                 storage_wait=args.storage_wait,
+                cpus_per_worker=args.cpus_per_worker,
+                gpus_per_worker=args.gpus_per_worker,
             )
         )
     elif args.command == "plot":
@@ -270,6 +312,8 @@ def _dispatch(args: argparse.Namespace) -> None:
             address=args.address,
             in_process=args.in_process,
             progress=not args.quiet,
+            cpus_per_worker=args.cpus_per_worker,
+            gpus_per_worker=args.gpus_per_worker,
         )
         store = Store(args.storage, must_exist=True)
         data = sensitivity_data(store, run.eval_key, ceiling=run.ceiling)
@@ -289,7 +333,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         else:
             print(f"upgraded schema version {before} -> {now}")
     elif args.command == "count":
-        from microsweep.score import count_report
+        from microsweep.report import count_report
 
         print(count_report(args.space, args.policy))
     elif args.command == "export":

@@ -154,3 +154,63 @@ def test_cli_storage_wait_must_be_positive(tmp_path):
     proc = _cli("run", str(TINY), "--name", "w", "--storage-wait", "0", cwd=tmp_path)
     assert proc.returncode == 2 and "must be at least 1" in proc.stderr
     assert not Path(tmp_path / "microsweep.db").exists()
+
+
+def test_an_optuna_only_database_is_left_as_it_was_by_a_refused_run(tmp_path):
+    """A run refused after opening the store (here: a space file that fails) adds no table to
+    a database that holds only Optuna's, and leaves its journal mode alone."""
+    import sqlite3
+
+    import optuna
+
+    db = tmp_path / "optuna.db"
+    optuna.create_study(storage=f"sqlite:///{db}", study_name="theirs")
+
+    def state() -> tuple[list[str], str]:
+        with sqlite3.connect(db) as conn:
+            tables = sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master"))
+            return tables, conn.execute("PRAGMA journal_mode").fetchone()[0]
+
+    before = state()
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise ValueError('boom')\n")
+    _one_line_error(
+        _cli("run", str(bad), "--name", "x", "--storage", f"sqlite:///{db}", cwd=tmp_path),
+        "boom",
+    )
+    assert state() == before
+    assert not any(t.startswith("microsweep") for t in before[0])
+
+
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    """A private tmpfs at `where` (root on Linux only); False where the machine refuses."""
+    where.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    return proc.returncode == 0
+
+
+def test_status_reads_a_sweep_on_a_read_only_medium(tmp_path, small_sweep):
+    import shutil
+
+    mnt = tmp_path / "ro"
+    if not _mount_tmpfs(mnt, "20m"):
+        pytest.skip("this machine does not allow mounting a tmpfs")
+    try:
+        src = Path(small_sweep.split("///", 1)[1])
+        shutil.copy(src, mnt / "s.db")
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        url = f"sqlite:///{mnt / 's.db'}"
+        proc = _cli("status", "--name", "b", "--storage", url, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert "best feasible" in proc.stdout or "trials" in proc.stdout
+        assert Store(url, must_exist=True).sweep_names() == ["b"]
+        _one_line_error(  # writing is refused in one line, not a traceback
+            _cli("resume", "--name", "b", "--storage", url, "--in-process", cwd=tmp_path),
+            "s.db",
+        )
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

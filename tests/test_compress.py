@@ -468,6 +468,7 @@ def test_public_api() -> None:
         "project_",
         "CompressedLinear",
         "LowRankLinear",
+        "VariantCache",
         "factorize",
         "fake_quantize_symmetric",
         "layer_inputs",

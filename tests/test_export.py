@@ -367,6 +367,21 @@ def test_malformed_table_with_valid_checksums_is_refused(gpt, tmp_path):
         load(path)  # a valid but empty file never yields a half-built model
 
 
+def test_declared_shapes_are_checked_before_anything_is_allocated(saved, tmp_path):
+    """A crafted table row (valid checksums) that declares a huge block-masked tensor under a
+    real weight's name is refused from the meta skeleton, before its mask is expanded."""
+    from microsweep.export._format import write_container
+
+    header = read_header(saved)
+    header.pop("header_bytes")
+    row = dict(header["tensors"][0])
+    row.update(shape=[10**7, 10**7], mask="block", block=[10**7, 10**7], count=1)
+    path = tmp_path / "crafted.msz"
+    write_container(path, {**header, "tensors": [row]}, b"\xff" * 16)
+    with pytest.raises(ExportError, match="does not fit the rebuilt model"):
+        load(path)
+
+
 def test_load_draws_no_random_numbers(saved):
     torch.manual_seed(5)
     expected = torch.rand(3)

@@ -119,3 +119,62 @@ def test_errors_come_back_as_results(runner):
     assert res["status"] == "error" and "no.such.layer" in res["error"]
     res = runner.run(10, {"type": "bogus"})
     assert res["status"] == "error" and "not a microsweep policy" in res["error"]
+
+
+def test_cached_variants_give_exactly_the_copied_models_results(runner, tiny_gpt):
+    """Trials built from shared tensors and cached layers score value for value as trials on
+    full copies: rank, pruning, weight and input quantization, the tied head, the 16-bit
+    rounding, and repeats that hit the cache."""
+    import dataclasses
+
+    from microsweep.compress import VariantCache
+
+    copying = TrialRunner(
+        tiny_gpt,
+        runner.windows,
+        dataclasses.replace(runner.settings, cache_mb=0),
+        calib=runner.calib,
+        threads=1,
+    )
+    cached = TrialRunner(tiny_gpt, runner.windows, runner.settings, calib=runner.calib, threads=1)
+    before = {k: v.clone() for k, v in tiny_gpt.state_dict().items()}
+    policies = [
+        _policy(blocks__0__mlp__c_fc=LayerPolicy(sparsity=0.5, rank=8)),  # 16-bit allowance
+        _policy(head=LayerPolicy(bits=6), blocks__1__mlp__c_proj=LayerPolicy(act_bits=8, bits=8)),
+        _policy(
+            blocks__0__mlp__c_fc=LayerPolicy(sparsity=0.3, rank=4, bits=4, act_bits=8),
+            blocks__1__attn__c_attn=LayerPolicy(sparsity=0.6, block=(4, 4), bits=8),
+        ),
+        Policy().to_json(),
+    ]
+    for i, policy in enumerate(policies * 2):  # the second round hits the cache
+        a, b = copying.run(i, policy), cached.run(i, policy)
+        assert a["status"] == b["status"] == "ok", (a.get("error"), b.get("error"))
+        assert b["perplexity"] == a["perplexity"], i
+        assert (b["params"], b["ops"], b["freebie"]) == (a["params"], a["ops"], a["freebie"])
+    cache = cached._cache
+    assert isinstance(cache, VariantCache) and cache.hits >= 5 and cache.misses >= 5
+    for k, v in tiny_gpt.state_dict().items():  # nothing shared was written to
+        assert torch.equal(v, before[k]), k
+
+
+def test_a_cached_trial_copies_only_what_its_policy_changes(runner, tiny_gpt):
+    from microsweep.compress import VariantCache
+
+    cache = VariantCache(tiny_gpt, calib=runner.calib)
+    policy = Policy(layers={"blocks.0.mlp.c_fc": LayerPolicy(sparsity=0.5, bits=8)})
+    model = cache.model(policy)
+    base = dict(tiny_gpt.named_parameters())
+    mine = dict(model.named_parameters())
+    changed = {n for n in mine if mine[n] is not base.get(n)}
+    assert changed == {"blocks.0.mlp.c_fc.weight", "blocks.0.mlp.c_fc.bias"}
+    again = cache.model(policy)
+    assert again.blocks[0].mlp.c_fc is model.blocks[0].mlp.c_fc  # a lookup, not a rebuild
+    # a quantized head takes the embedding with it: one tensor, as in compress()
+    tied = cache.model(Policy(layers={"head": LayerPolicy(bits=6)}))
+    assert tied.head.weight is tied.wte.weight and tied.wte.weight is not tiny_gpt.wte.weight
+    # the byte budget holds: a tiny cache keeps only the latest entry
+    small = VariantCache(tiny_gpt, calib=runner.calib, max_bytes=1)
+    small.model(policy)
+    small.model(Policy(layers={"blocks.1.mlp.c_fc": LayerPolicy(sparsity=0.5, bits=8)}))
+    assert len(small._entries) == 1

@@ -85,12 +85,11 @@ def test_sensitivity_is_measured_once_and_reused(shared_url, tiny_gpt):
     assert store.sensitivity(key) == stored  # nothing measured again, nothing rewritten
     assert store.get_sweep("reuse-b").eval_key == key
     # a different evaluation (other windows) is another key: nothing is reused across them
+    from microsweep.prepare import load_space_file, prepare
     from microsweep.search import eval_key
-    from microsweep.search._driver import _prepare
-    from microsweep.search._spacefile import load_space_file
 
     sf = load_space_file(TINY)
-    prepared = _prepare(sf, 0)
+    prepared = prepare(sf, 0)
     sweep = store.get_sweep("reuse-a")
     kwargs = dict(
         model_fingerprint=sweep.model_fingerprint,

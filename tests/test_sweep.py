@@ -120,6 +120,34 @@ def test_ray_sweep_two_workers_into_sqlite(tmp_path, sqlite_url, tiny_gpt):
     assert f"trial {data.front[0]}" in text
 
 
+def test_worker_threads_follow_the_cpus_ray_gives_it(sqlite_url, tiny_gpt):
+    """--cpus-per-worker reserves CPUs per actor and the actor's torch threads follow them;
+    asking for more CPUs or GPUs than there are is refused before anything is stored."""
+    import os
+
+    from microsweep.errors import UsageError
+
+    cores = os.cpu_count() or 1
+    with pytest.raises(UsageError, match="cpus-per-worker"):
+        run_sweep(TINY, name="big", trials=2, storage=sqlite_url, cpus_per_worker=cores + 1)
+    with pytest.raises(UsageError, match="needs 1 GPUs; the Ray cluster has 0"):
+        run_sweep(TINY, name="gpu", trials=2, storage=sqlite_url, gpus_per_worker=1)
+    assert Store(sqlite_url).sweep_names() == []
+    seen: list[dict] = []
+    run_sweep(
+        TINY,
+        name="wide",
+        trials=2,
+        storage=sqlite_url,
+        sampler="random",
+        cpus_per_worker=cores,
+        progress=False,
+        on_trial=seen.append,
+    )
+    assert [s["worker"].startswith("node ") for s in seen] == [True, True]  # on Ray
+    assert [s["worker"].rsplit(", threads ", 1)[1] for s in seen] == [str(cores)] * 2
+
+
 def test_in_process_sweep_resume_and_zombie_trials(sqlite_url, tiny_gpt):
     result = run_sweep(
         TINY,
@@ -290,6 +318,8 @@ def test_cli_bad_space_is_one_line_error(tmp_path, edit, message, tiny_gpt):
             "--seed -1 must be in 0..",
         ),
         (["run", TINY, "--name", "x", "--storage", "nonsense"], "is not a database URL"),
+        (["run", TINY, "--name", "x", "--cpus-per-worker", "0"], "must be a number above 0"),
+        (["resume", "--name", "x", "--gpus-per-worker", "-1"], "must be a number of at least 0"),
         (["status", "--name", "x", "--storage", "sqlite:///missing.db"], "no sweep database"),
         (["plot", "--name", "x", "--storage", "sqlite:///missing.db"], "no sweep database"),
         (["resume", "--name", "x", "--storage", "sqlite:///missing.db"], "no sweep database"),

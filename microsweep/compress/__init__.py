@@ -10,6 +10,7 @@ a fine-tuning step.
 from __future__ import annotations
 
 from ._apply import compress, compress_, compress_layer, layer_inputs, project_
+from ._cache import VariantCache
 from ._lowrank import factorize
 from ._modules import CompressedLinear, LowRankLinear, fake_quantize_symmetric
 from ._prune import magnitude_mask, magnitude_masks, sparsity_of
@@ -18,6 +19,7 @@ from ._quantize import tensor_scale
 __all__ = [
     "CompressedLinear",
     "LowRankLinear",
+    "VariantCache",
     "compress",
     "compress_",
     "compress_layer",

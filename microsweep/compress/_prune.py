@@ -6,7 +6,14 @@ import torch
 
 from microsweep.errors import SpaceError
 
-__all__ = ["check_block", "magnitude_mask", "magnitude_masks", "sparsity_of"]
+__all__ = [
+    "check_block",
+    "magnitude_mask",
+    "magnitude_masks",
+    "magnitude_order",
+    "mask_from_order",
+    "sparsity_of",
+]
 
 
 def sparsity_of(tensor: torch.Tensor) -> float:
@@ -27,18 +34,6 @@ def check_block(shape: tuple[int, int], block: tuple[int, int], what: str) -> No
         )
 
 
-def _keep(scores: torch.Tensor, sparsity: float, order: torch.Tensor | None = None) -> torch.Tensor:
-    """Flat bool mask dropping exactly round(sparsity * n) lowest scores; ties go by index.
-    `order` is ``argsort(scores.flatten(), stable=True)`` when already known."""
-    n_drop = round(sparsity * scores.numel())
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if n_drop:
-        if order is None:
-            order = torch.argsort(scores.flatten(), stable=True)
-        keep[order[:n_drop]] = False
-    return keep
-
-
 def magnitude_mask(
     weight: torch.Tensor, sparsity: float, block: tuple[int, int] | None = None
 ) -> torch.Tensor:
@@ -54,18 +49,38 @@ def magnitude_masks(
     weight: torch.Tensor, sparsities: list[float], block: tuple[int, int] | None = None
 ) -> list[torch.Tensor]:
     """`magnitude_mask` at several sparsities, sorting the magnitudes once."""
+    order = magnitude_order(weight, block)
+    return [mask_from_order(order, weight.shape, s, block) for s in sparsities]
+
+
+def magnitude_order(weight: torch.Tensor, block: tuple[int, int] | None = None) -> torch.Tensor:
+    """Entries (or blocks, row-major) from the smallest magnitude up, ties by index: the one
+    sort every sparsity's mask of this weight is read from."""
     w = weight.detach()
     if block is None:
-        scores = w.abs()
-        order = torch.argsort(scores.flatten(), stable=True)
-        return [_keep(scores, s, order).view(w.shape) for s in sparsities]
+        return torch.argsort(w.abs().flatten(), stable=True)
     br, bc = block
     rows, cols = w.shape
     tiles = w.reshape(rows // br, br, cols // bc, bc)
     norms = torch.linalg.vector_norm(tiles.to(torch.float64), dim=(1, 3))  # (rows/br, cols/bc)
-    order = torch.argsort(norms.flatten(), stable=True)
-    masks = []
-    for s in sparsities:
-        keep = _keep(norms, s, order).view(norms.shape)
-        masks.append(keep.repeat_interleave(br, dim=0).repeat_interleave(bc, dim=1))
-    return masks
+    return torch.argsort(norms.flatten(), stable=True)
+
+
+def mask_from_order(
+    order: torch.Tensor,
+    shape: tuple[int, ...] | torch.Size,
+    sparsity: float,
+    block: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """The kept-entry mask of a `shape` weight at `sparsity`, from its `magnitude_order`."""
+    rows, cols = shape
+    br, bc = block or (1, 1)
+    grid = (rows // br, cols // bc)
+    keep = torch.ones(order.numel(), dtype=torch.bool, device=order.device)
+    n_drop = round(sparsity * order.numel())
+    if n_drop:
+        keep[order[:n_drop]] = False
+    keep = keep.view(grid)
+    if block is None:
+        return keep
+    return keep.repeat_interleave(br, dim=0).repeat_interleave(bc, dim=1)

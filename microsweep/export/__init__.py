@@ -36,10 +36,12 @@ Bits are packed least-significant first.
 
 from __future__ import annotations
 
+from microsweep.score import round_to_storage
+
 from ._format import FORMAT_VERSION, MAGIC, ExportError
 from ._load import load, read_header
 from ._save import ExportInfo, save
-from ._trial import export_trial, round_to_storage
+from ._trial import export_trial
 
 __all__ = [
     "FORMAT_VERSION",

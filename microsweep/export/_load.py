@@ -1,7 +1,8 @@
 """`load` and `read_header`: check a model file completely, decode every tensor, then build.
 
-Nothing is built until the container's magic, version, lengths and checksums are verified and
-every tensor has been decoded; a model is returned only when every parameter and buffer of the
+Nothing is built until the container's magic, version, lengths and checksums are verified, the
+declared shapes match the recipe's model (built on the meta device) and every tensor has been
+decoded; a model is returned only when every parameter and buffer of the
 rebuilt structure has been filled from the file.
 """
 
@@ -105,6 +106,28 @@ def _decode_all(
     return [item for item in out if item is not None]
 
 
+def _check_shapes(model: nn.Module, table: list[Mapping[str, Any]], where: str) -> None:
+    """Every row's names exist in the rebuilt (meta) model with the row's shape, so a file
+    cannot make `load` allocate more than the model it claims to be."""
+    for row in table:
+        shape = tuple(int(s) for s in row["shape"])
+        for ref in row["refs"]:
+            mpath, _, field = str(ref).rpartition(".")
+            try:
+                module = model.get_submodule(mpath)
+            except AttributeError:
+                raise ExportError(f"{where} is for another model: it stores {ref!r}") from None
+            current = module._parameters.get(field, module._buffers.get(field))
+            if current is None or tuple(current.shape) != shape:
+                raise ExportError(
+                    f"{where} is for another model: {ref!r} does not fit the rebuilt model"
+                )
+        if row.get("mask") == "block":
+            br, bc = (int(b) for b in row["block"])
+            if len(shape) != 2 or not (0 < br <= shape[0] and 0 < bc <= shape[1]):
+                raise ExportError(f"{where} is corrupt: block {br}x{bc} for shape {shape}")
+
+
 def _fill(
     model: nn.Module,
     table: list[Mapping[str, Any]],
@@ -170,8 +193,9 @@ def load(
             "the expected one"
         )
     try:
+        model = skeleton(recipe, layers, where)  # on the meta device: allocates nothing
+        _check_shapes(model, table, where)  # declared shapes fit before anything is decoded
         decoded = _decode_all(header, payload, where)
-        model = skeleton(recipe, layers, where)
         _fill(model, table, decoded, where)
     except MicrosweepError:
         raise

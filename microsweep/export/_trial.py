@@ -1,4 +1,4 @@
-"""`round_to_storage` (what the runner evaluates) and `export_trial` (a stored trial to a file)."""
+"""`export_trial`: a stored trial rebuilt exactly as its worker evaluated it, saved to a file."""
 
 from __future__ import annotations
 
@@ -6,29 +6,11 @@ import os
 from typing import Any
 
 import torch
-from torch import nn
-
-from microsweep.score import Counts
 
 from ._format import ExportError
 from ._save import ExportInfo, save
 
-__all__ = ["export_trial", "round_to_storage"]
-
-
-def round_to_storage(model: nn.Module, counts: Counts) -> bool:
-    """Round every float parameter and buffer of `model` to fp16 precision in place when
-    `counts` applied the 16-bit allowance, so the model holds exactly what a 16-bit artifact
-    stores. Returns whether it rounded anything (False: values are stored as they are)."""
-    if not counts.freebie:
-        return False
-    with torch.no_grad():
-        seen: set[int] = set()
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.is_floating_point() and id(t) not in seen:
-                seen.add(id(t))
-                t.copy_(t.to(torch.float16).to(t.dtype))
-    return True
+__all__ = ["export_trial"]
 
 
 def export_trial(
@@ -42,8 +24,8 @@ def export_trial(
     when the 16-bit allowance applies. Only COMPLETE trials can be exported.
     """
     from microsweep.compress import compress
-    from microsweep.score import CountConfig, count
-    from microsweep.search._driver import _recipe, reopen_space
+    from microsweep.prepare import recipe_of, reopen_space
+    from microsweep.score import CountConfig, count, round_to_storage
     from microsweep.spaces import Policy
     from microsweep.storage import Store
     from microsweep.workers import TrialRunner
@@ -60,7 +42,7 @@ def export_trial(
             f"trial {number} of sweep {name!r} is {row.state}{why}; export a COMPLETE trial"
         )
     sf, prepared = reopen_space(sweep)  # refuses another model or another corpus
-    recipe = sweep.model_recipe or _recipe(sf.model)
+    recipe = sweep.model_recipe or recipe_of(sf.model)
     if recipe is None:
         raise ExportError(
             f"sweep {name!r}'s model has no recipe(); only models from microsweep.models export"

@@ -44,6 +44,9 @@ def lm_batch_loss(
     ix = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=gen).tolist()
     x = torch.stack([tokens[i : i + block_size] for i in ix])  # (B, T)
     y = torch.stack([tokens[i + 1 : i + 1 + block_size] for i in ix])
+    param = next(model.parameters(), None)
+    if param is not None and param.device != x.device:  # a model on a GPU
+        x, y = x.to(param.device), y.to(param.device)
     logits = model(x)  # (B, T, V)
     return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
 

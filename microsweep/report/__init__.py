@@ -1,5 +1,7 @@
-"""Reports read from the store: Pareto data and self-contained plotly HTML."""
+"""Reports read from the store: Pareto data and self-contained plotly HTML, and the text of
+``microsweep count``."""
 
+from microsweep.report._count import count_report
 from microsweep.report._pareto import (
     ParetoData,
     Point,
@@ -16,6 +18,7 @@ from microsweep.report._sensitivity import (
 __all__ = [
     "ParetoData",
     "Point",
+    "count_report",
     "SensitivityData",
     "pareto_data",
     "pareto_front",

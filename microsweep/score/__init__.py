@@ -2,7 +2,7 @@
 
 ``count(model, context=...)`` walks the model with the registered rules (`register_rule` adds
 one for a new layer type); `micronet_score` normalizes by a `Baseline`; `perplexity` measures a
-model on the fixed windows of `eval_windows`; `count_report` is the text of ``microsweep count``.
+model on the fixed windows of `eval_windows`.
 """
 
 from microsweep.score._config import CountConfig
@@ -17,7 +17,7 @@ from microsweep.score._perplexity import (
     window_nll,
 )
 from microsweep.score._registry import Cost, RuleContext, find_rule, register_rule
-from microsweep.score._report import count_report
+from microsweep.score._rounding import round_to_storage
 from microsweep.score._score import CHALLENGE_BASELINE, Baseline, micronet_score
 
 __all__ = [
@@ -30,7 +30,6 @@ __all__ = [
     "LayerCount",
     "RuleContext",
     "count",
-    "count_report",
     "eval_windows",
     "find_rule",
     "linear_adds",
@@ -42,6 +41,7 @@ __all__ = [
     "op_weight",
     "perplexity",
     "register_rule",
+    "round_to_storage",
     "StopRule",
     "tensor_bits",
     "window_nll",

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from microsweep.prepare import MicroNet, SpaceFile, eval_key, load_space_file
 from microsweep.search._driver import SweepResult, resume_sweep, run_sweep
-from microsweep.search._objective import MicroNet
-from microsweep.search._sensitivity import SensitivityRun, eval_key, run_sensitivity
-from microsweep.search._spacefile import SpaceFile, load_space_file
+from microsweep.search._sensitivity import SensitivityRun, run_sensitivity
 
 if TYPE_CHECKING:
     from microsweep.search._samplers import (

@@ -7,20 +7,29 @@ exception or a non-finite perplexity never stops the sweep.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from microsweep.errors import MicrosweepError, StorageError, UsageError
+from microsweep.prepare import (
+    Prepared,
+    SpaceFile,
+    check_counts,
+    load_space_file,
+    measure_dense,
+    model_fingerprint,
+    prepare,
+    recipe_of,
+    reopen_space,
+    sweep_eval_key,
+    versions,
+    with_stop_rule,
+)
 from microsweep.search._guard import Lease
-from microsweep.search._spacefile import SpaceFile, load_space_file, load_space_source
 from microsweep.storage import Store
 
 if TYPE_CHECKING:
@@ -61,64 +70,6 @@ class SweepResult:
             self.best_uniform_number, self.best_uniform_score = number, score
 
 
-def _fingerprint(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        h.update(key.encode())
-        if isinstance(value, torch.Tensor):
-            h.update(f"{value.dtype}{tuple(value.shape)}".encode())
-            h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        else:  # extra state
-            h.update(repr(value).encode())
-    return h.hexdigest()[:16]
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("microsweep", "torch", "optuna", "ray", "sqlalchemy", "plotly"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "?"
-    return out
-
-
-@dataclass
-class _Prepared:
-    """The tensors and settings every worker receives once."""
-
-    windows: torch.Tensor
-    calib: torch.Tensor | None
-    train_tokens: torch.Tensor | None
-    settings: Any
-    data_fingerprint: str
-
-
-def _prepare(sf: SpaceFile, seed: int) -> _Prepared:
-    from microsweep.score import eval_windows, mean_context
-    from microsweep.workers import EvalSettings
-
-    obj = sf.objective
-    model = sf.model
-    block = getattr(getattr(model, "config", None), "block_size", None)
-    window = obj.window or block
-    if window is None:
-        raise UsageError("MicroNet(window=...) is needed: the model has no config.block_size")
-    if sf.corpus is not None:
-        windows = eval_windows(sf.corpus.val, window=window, max_tokens=obj.eval_tokens)
-        n_calib = max(1, min(obj.calib_tokens // window, (len(sf.corpus.train) - 1) // window))
-        calib = sf.corpus.train[: n_calib * window].view(n_calib, window)
-        train = sf.corpus.train
-        data_fp = getattr(sf.corpus, "fingerprint", "") or "unknown"
-    else:
-        windows = torch.zeros(0, window + 1, dtype=torch.long)
-        calib, train, data_fp = None, None, "user-evaluate"
-    settings = EvalSettings(
-        context=mean_context(window), count=dict(obj.count), seed=seed, finetune_block=window
-    )
-    return _Prepared(windows, calib, train, settings, data_fp)
-
-
 class _Progress:
     """One line per finished trial (or a rewritten line on a terminal)."""
 
@@ -151,7 +102,7 @@ def _plan(
     store: Store,
     sweep: Any,
     sf: SpaceFile,
-    prepared: _Prepared,
+    prepared: Prepared,
     study: optuna.Study,
     pool: Any,
     result: SweepResult,
@@ -162,7 +113,6 @@ def _plan(
     """Give a planned sampler its planner (and sensitivity table), enqueue its warm starts on a
     new study (no more than the sweep's `total` trials, so none is left waiting), and note what
     the planner drops."""
-    import math
 
     from microsweep.allocate import Planner
     from microsweep.score import Baseline, CountConfig
@@ -220,7 +170,14 @@ def _plan(
 
 
 def _make_pool(
-    sf: SpaceFile, prepared: _Prepared, *, workers: int, address: str | None, in_process: bool
+    sf: SpaceFile,
+    prepared: Prepared,
+    *,
+    workers: int,
+    address: str | None,
+    in_process: bool,
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
 ) -> Any:
     """The workers of a sweep (or a sensitivity pass): the space's model and evaluation."""
     from microsweep.workers import make_pool
@@ -236,6 +193,8 @@ def _make_pool(
         address=address,
         in_process=in_process,
         register_by_value=(sf.module,),
+        cpus_per_worker=cpus_per_worker,
+        gpus_per_worker=gpus_per_worker,
     )
 
 
@@ -314,7 +273,7 @@ def _drive(
     store: Store,
     sweep: Any,
     sf: SpaceFile,
-    prepared: _Prepared,
+    prepared: Prepared,
     study: optuna.Study,
     pool: Any,
     *,
@@ -595,12 +554,16 @@ def run_sweep(
     progress: bool = True,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
     storage_wait: float = 60.0,
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
 ) -> SweepResult:
     """Start a new sweep named `name` over the space file at `space_path`. `storage_wait` is
-    how long the driver keeps retrying while the database is unreachable before it stops."""
+    how long the driver keeps retrying while the database is unreachable before it stops;
+    each Ray worker reserves `cpus_per_worker` CPUs (its torch threads) and `gpus_per_worker`
+    GPUs (a worker given a GPU evaluates on it)."""
     import optuna
 
-    _check_counts(trials, workers)
+    check_counts(trials, workers)
     if seed is not None and not 0 <= seed < 2**32:
         raise UsageError(f"--seed {seed} must be in 0..{2**32 - 1}")
     from microsweep.search._samplers import SAMPLERS, make_sampler
@@ -618,18 +581,20 @@ def run_sweep(
     sf = load_space_file(space_path)
     if sampler == "cmaes" and sf.objective.objectives != "score":
         raise UsageError("--sampler cmaes handles one objective; use tpe, nsga2 or auto")
-    prepared = _prepare(sf, seed or 0)
-    dense = _dense(sf, prepared)
+    prepared = prepare(sf, seed or 0)
+    dense = measure_dense(sf, prepared)
     ceiling = sf.objective.ceiling(dense["perplexity"])
-    prepared = _with_stop_rule(sf, prepared, dense, ceiling)
-    model_fp = _fingerprint(sf.model)
+    prepared = with_stop_rule(sf, prepared, dense, ceiling)
+    model_fp = model_fingerprint(sf.model)
     if sf.objective.baseline == "dense":
         b_name, b_params, b_ops = "dense", dense["params"], dense["ops"]
     else:
         b_name, b_params, b_ops = "challenge", 159e6, 318e6
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # workers first: a cluster that is not there or cannot place them leaves nothing stored
-    pool = _start_pool(sf, prepared, workers, address, in_process, progress)
+    pool = _start_pool(
+        sf, prepared, workers, address, in_process, progress, (cpus_per_worker, gpus_per_worker)
+    )
     lease = None
     try:
         sweep = store.create_sweep(
@@ -641,8 +606,8 @@ def run_sweep(
             objective_json=sf.objective.to_json(),
             model_fingerprint=model_fp,
             data_fingerprint=prepared.data_fingerprint,
-            eval_key=_eval_key(sf, prepared, model_fp),
-            model_recipe=_recipe(sf.model),
+            eval_key=sweep_eval_key(sf, prepared, model_fp),
+            model_recipe=recipe_of(sf.model),
             dense_perplexity=dense["perplexity"],
             dense_params=dense["params"],
             dense_ops=dense["ops"],
@@ -654,7 +619,7 @@ def run_sweep(
             sampler=sampler,
             seed=seed,
             target_trials=trials,
-            versions=_versions(),
+            versions=versions(),
         )
         try:
             lease = Lease(store, name)
@@ -703,29 +668,24 @@ def run_sweep(
 
 def _start_pool(
     sf: SpaceFile,
-    prepared: _Prepared,
+    prepared: Prepared,
     workers: int,
     address: str | None,
     in_process: bool,
     progress: bool,
+    resources: tuple[float, float] = (1.0, 0.0),
 ) -> Any:
     _say(progress, f"starting {'1 in-process worker' if in_process else f'{workers} Ray workers'}")
-    return _make_pool(sf, prepared, workers=workers, address=address, in_process=in_process)
-
-
-def reopen_space(sweep: Any) -> tuple[SpaceFile, _Prepared]:
-    """Re-run a sweep's stored space source and rebuild its tensors, refusing when the model or
-    corpus is not the one the sweep was measured on (used by resume and export)."""
-    sf = load_space_source(sweep.space_source, sweep.space_path)
-    if _fingerprint(sf.model) != sweep.model_fingerprint:
-        raise StorageError(
-            f"the model built by the stored space file differs from sweep {sweep.name!r}'s "
-            "(fingerprint mismatch); rebuild it exactly as when the sweep ran"
-        )
-    prepared = _prepare(sf, sweep.seed or 0)
-    if prepared.data_fingerprint != sweep.data_fingerprint:
-        raise StorageError(f"the corpus differs from the one sweep {sweep.name!r} was measured on")
-    return sf, prepared
+    cpus, gpus = resources
+    return _make_pool(
+        sf,
+        prepared,
+        workers=workers,
+        address=address,
+        in_process=in_process,
+        cpus_per_worker=cpus,
+        gpus_per_worker=gpus,
+    )
 
 
 def resume_sweep(
@@ -738,6 +698,8 @@ def resume_sweep(
     in_process: bool = False,
     progress: bool = True,
     storage_wait: float = 60.0,
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
 ) -> SweepResult:
     """Continue sweep `name` until it has `trials` finished trials in total (default: its
     original target). Refused while another driver runs the sweep. Trials an earlier driver
@@ -749,7 +711,7 @@ def resume_sweep(
     store = Store(storage, must_exist=True, upgrade=True)
     sweep = store.get_sweep(name)
     total = trials if trials is not None else sweep.target_trials
-    _check_counts(total, workers)
+    check_counts(total, workers)
     lease = Lease(store, name)
     lease.acquire()  # before anything is touched: a live driver's trials stay its own
     pool = None
@@ -776,9 +738,9 @@ def resume_sweep(
         )
         study = optuna.load_study(study_name=sweep.study_name, storage=storage_, sampler=sampler)
         if sf.objective.early_stop and sweep.ceiling is not None and sf.evaluate is None:
-            prepared = _with_stop_rule(sf, prepared, _dense(sf, prepared), sweep.ceiling)
+            prepared = with_stop_rule(sf, prepared, measure_dense(sf, prepared), sweep.ceiling)
         if not sweep.eval_key:
-            sweep.eval_key = _eval_key(sf, prepared, sweep.model_fingerprint)
+            sweep.eval_key = sweep_eval_key(sf, prepared, sweep.model_fingerprint)
             store.update_sweep(name, eval_key=sweep.eval_key)
         reason = "driver stopped before the trial finished"
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -804,7 +766,15 @@ def resume_sweep(
         if trials is not None and trials != sweep.target_trials:
             store.update_sweep(name, target_trials=total)
         if finished < total:
-            pool = _start_pool(sf, prepared, workers, address, in_process, progress)
+            pool = _start_pool(
+                sf,
+                prepared,
+                workers,
+                address,
+                in_process,
+                progress,
+                (cpus_per_worker, gpus_per_worker),
+            )
         return _drive(
             store,
             sweep,
@@ -842,65 +812,3 @@ def _replay_spool(store: Store, sweep: Any, *, progress: bool) -> None:
     if entries:
         path.unlink()
         _say(progress, f"wrote {len(entries)} finished trial(s) kept in {path} during an outage")
-
-
-def _check_counts(trials: int, workers: int) -> None:
-    if not isinstance(trials, int) or trials < 1:
-        raise UsageError(f"--trials {trials} must be a positive number")
-    if not isinstance(workers, int) or workers < 1:
-        raise UsageError(f"--workers {workers} must be a positive number")
-
-
-def _recipe(model: torch.nn.Module) -> dict[str, Any] | None:
-    recipe = getattr(model, "recipe", None)
-    return recipe() if callable(recipe) else None
-
-
-def _dense(sf: SpaceFile, prepared: _Prepared) -> dict[str, Any]:
-    """Perplexity and counts of the unmodified model, measured exactly as trials are (with the
-    NLL of each window, for the early-stop rule)."""
-    from microsweep.spaces import Policy
-    from microsweep.workers import TrialRunner
-
-    runner = TrialRunner(
-        sf.model, prepared.windows, prepared.settings, calib=prepared.calib, evaluate=sf.evaluate
-    )
-    res = runner.run(-1, Policy().to_json(), early_stop=False, window_nll=True)
-    if res["status"] != "ok":
-        raise UsageError(f"the dense model cannot be evaluated: {res['error']}")
-    if not math.isfinite(res["perplexity"]):
-        raise UsageError(f"the dense model's perplexity is {res['perplexity']}")
-    return res
-
-
-def _with_stop_rule(
-    sf: SpaceFile, prepared: _Prepared, dense: dict[str, Any], ceiling: float | None
-) -> _Prepared:
-    """`prepared` whose settings read windows in chunks against `ceiling`, when the objective
-    asks for early stopping and the built-in perplexity is used."""
-    from dataclasses import replace
-
-    from microsweep.score import StopRule
-
-    nll = dense.get("window_nll")
-    if not sf.objective.early_stop or ceiling is None or sf.evaluate is not None or not nll:
-        return prepared
-    rule = StopRule(
-        dense_nll=tuple(nll),
-        tokens_per_window=prepared.windows.shape[1] - 1,
-        ceiling=ceiling,
-    )
-    return replace(prepared, settings=replace(prepared.settings, stop=rule))
-
-
-def _eval_key(sf: SpaceFile, prepared: _Prepared, model_fp: str) -> str:
-    from microsweep.search._sensitivity import eval_key
-
-    return eval_key(
-        model_fingerprint=model_fp,
-        data_fingerprint=prepared.data_fingerprint,
-        windows=prepared.windows,
-        calib=prepared.calib,
-        objective=sf.objective,
-        evaluate_source=sf.source if sf.evaluate is not None else None,
-    )

@@ -7,8 +7,6 @@ measurements stored and runs only what is missing, so a second sweep measures no
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import sys
 import time
@@ -16,51 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 if TYPE_CHECKING:
     from microsweep.allocate import Probe, SensitivityTable
-    from microsweep.search._objective import MicroNet
     from microsweep.storage import Store
     from microsweep.workers import WorkerPool
 
-__all__ = ["SensitivityRun", "eval_key", "measure_sensitivity", "run_sensitivity"]
+__all__ = ["SensitivityRun", "measure_sensitivity", "run_sensitivity"]
 
 DENSE = ("", "dense", "")
 """The (layer, knob, level) under which the dense model's NLL is stored."""
-
-
-def _digest(tensor: torch.Tensor | None) -> str | None:
-    if tensor is None:
-        return None
-    data = tensor.detach().cpu().contiguous().reshape(-1).to(torch.int64).numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def eval_key(
-    *,
-    model_fingerprint: str,
-    data_fingerprint: str,
-    windows: torch.Tensor,
-    calib: torch.Tensor | None,
-    objective: MicroNet,
-    evaluate_source: str | None,
-) -> str:
-    """A key naming everything a measurement depends on: the model, the data, the evaluation
-    windows and calibration tokens, the count options (the 16-bit rounding follows them) and,
-    for a user `evaluate`, the space file that defines it."""
-    parts = {
-        "model": model_fingerprint,
-        "data": data_fingerprint,
-        "windows": [list(windows.shape), _digest(windows) if windows.numel() else None],
-        "calib": _digest(calib),
-        "count": dict(sorted(objective.count.items())),
-        "evaluate": (
-            hashlib.sha256(evaluate_source.encode()).hexdigest()[:16] if evaluate_source else None
-        ),
-    }
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def measure_sensitivity(
@@ -191,35 +153,45 @@ def run_sensitivity(
     address: str | None = None,
     in_process: bool = False,
     progress: bool = True,
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
 ) -> SensitivityRun:
     """Measure (or complete) the sensitivity table of a space file's model into `storage`,
     labelled `name`; sweeps of the same model and evaluation settings reuse it."""
     from microsweep.allocate import plan_levels, probes
     from microsweep.errors import UsageError
-    from microsweep.search._driver import (
-        _check_counts,
-        _dense,
-        _eval_key,
-        _fingerprint,
-        _make_pool,
-        _prepare,
+    from microsweep.prepare import (
+        check_counts,
         load_space_file,
+        measure_dense,
+        model_fingerprint,
+        prepare,
+        sweep_eval_key,
     )
+    from microsweep.search._driver import _make_pool
     from microsweep.storage import Store
 
-    _check_counts(1, workers)
+    check_counts(1, workers)
     if not name or len(name) > 200:
         raise UsageError("--name must be 1..200 characters")
     store = Store(storage)
     try:
         sf = load_space_file(space_path)
-        prepared = _prepare(sf, 0)
-        dense = _dense(sf, prepared)
-        model_fp = _fingerprint(sf.model)
-        key = _eval_key(sf, prepared, model_fp)
+        prepared = prepare(sf, 0)
+        dense = measure_dense(sf, prepared)
+        model_fp = model_fingerprint(sf.model)
+        key = sweep_eval_key(sf, prepared, model_fp)
         units = sf.space.units()
         wanted = probes(units, {u.key: plan_levels(u) for u in units})
-        pool = _make_pool(sf, prepared, workers=workers, address=address, in_process=in_process)
+        pool = _make_pool(
+            sf,
+            prepared,
+            workers=workers,
+            address=address,
+            in_process=in_process,
+            cpus_per_worker=cpus_per_worker,
+            gpus_per_worker=gpus_per_worker,
+        )
         try:
             _, summary = measure_sensitivity(
                 store,

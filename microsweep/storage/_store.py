@@ -77,12 +77,14 @@ class Store:
         from sqlalchemy import create_engine, event
 
         kwargs: dict[str, Any] = {}
+        url = self.url
         if self.url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 30}
+            url = self._read_only_url() or url
         else:
             kwargs["pool_pre_ping"] = True
         try:
-            engine = create_engine(self.url, **kwargs)
+            engine = create_engine(url, **kwargs)
         except Exception as exc:  # driver missing, bad options
             raise StorageError(f"cannot open storage {self.display}: {_one_line(exc)}") from None
         if self.url.startswith("sqlite"):
@@ -98,6 +100,43 @@ class Store:
                 cur.close()
 
         return engine
+
+    def _read_only_url(self) -> str | None:
+        """For a read command on a SQLite file this process cannot write (read-only file or
+        medium), a URL that opens it read-only: SQLite's default would try to create the WAL
+        index beside it and fail. On a medium nothing can write, the file is opened immutable
+        (no locks, no index). None when the file is writable or the store writes."""
+        import os
+        from urllib.parse import quote
+
+        path = sqlite_path(self.url)
+        if not self._must_exist or path is None or not path.is_file():
+            return None
+        if os.access(path, os.W_OK) and os.access(path.parent, os.W_OK):
+            return None
+        mode = "mode=ro" if os.access(path.parent, os.W_OK) else "mode=ro&immutable=1"
+        return f"sqlite:///file:{quote(str(path.resolve()))}?{mode}&uri=true"
+
+    def _has_schema(self) -> bool:
+        """Whether microsweep's tables exist, looked up without creating a file, a table or
+        changing the journal mode."""
+        from sqlalchemy import create_engine, inspect
+        from sqlalchemy.exc import SQLAlchemyError
+
+        path = sqlite_path(self.url)
+        if path is not None and not path.is_file():
+            return False
+        try:
+            engine = create_engine(self._read_only_url() or self.url)
+        except Exception as exc:  # driver missing, bad options
+            raise StorageError(f"cannot open storage {self.display}: {_one_line(exc)}") from None
+        try:
+            return inspect(engine).has_table("microsweep_schema")
+        except SQLAlchemyError as exc:
+            kind = StorageUnavailable if _unavailable(exc) else StorageError
+            raise kind(f"cannot use storage {self.display}: {_one_line(exc)}") from None
+        finally:
+            engine.dispose()
 
     def _ensure_schema(self) -> None:
         from sqlalchemy import inspect, select
@@ -260,10 +299,14 @@ class Store:
             return row
 
     def sweep_names(self) -> list[str]:
+        """Names of the sweeps stored here, oldest first. A database without microsweep's
+        tables answers [] and is left as it is (a run refused later leaves nothing behind)."""
         from sqlalchemy import select
 
         from microsweep.storage._models import SweepRow
 
+        if self._engine is None and not self._has_schema():
+            return []
         with self.session() as s:
             return list(s.scalars(select(SweepRow.name).order_by(SweepRow.id)))
 

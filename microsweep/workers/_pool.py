@@ -8,6 +8,7 @@ it was running; the pool starts a replacement.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -80,25 +81,35 @@ class RayPool(WorkerPool):
         address: str | None = None,
         register_by_value: tuple[Any, ...] = (),
         start_timeout: float = 120.0,
+        cpus_per_worker: float = 1.0,
+        gpus_per_worker: float = 0.0,
     ) -> None:
         import ray
+
+        if not cpus_per_worker > 0 or not gpus_per_worker >= 0:
+            raise UsageError(
+                f"--cpus-per-worker {cpus_per_worker:g} / --gpus-per-worker {gpus_per_worker:g}: "
+                "CPUs must be above 0 and GPUs at least 0"
+            )
+        cpus_needed = workers * cpus_per_worker
 
         self._ray = ray
         self._started_ray = False
         if not ray.is_initialized():
             if address:
                 _probe(address)
-            elif workers > (os.cpu_count() or 1):
+            elif cpus_needed > (os.cpu_count() or 1):
                 raise UsageError(
-                    f"--workers {workers} is more than this machine's {os.cpu_count()} CPUs; "
-                    "use fewer workers, or a Ray cluster with --address"
+                    f"--workers {workers} x --cpus-per-worker {cpus_per_worker:g} is more than "
+                    f"this machine's {os.cpu_count()} CPUs; use fewer, or a Ray cluster with "
+                    "--address"
                 )
             try:
                 if address:
                     ray.init(address=address, logging_level="WARNING", log_to_driver=False)
                 else:  # a local instance reachable from this machine only
                     ray.init(
-                        num_cpus=max(workers, 1),
+                        num_cpus=max(math.ceil(cpus_needed), 1),
                         include_dashboard=False,
                         logging_level="WARNING",
                         log_to_driver=False,
@@ -108,20 +119,25 @@ class RayPool(WorkerPool):
                 where = f"the Ray cluster at {address}" if address else "a local Ray instance"
                 raise UsageError(f"cannot start or join {where}: {_first_line(exc)}") from None
             self._started_ray = True
-        cpus = ray.cluster_resources().get("CPU", 0)
-        if workers > cpus:
-            if self._started_ray:
-                ray.shutdown()
-            raise UsageError(
-                f"--workers {workers} is more than the {cpus:g} CPUs the Ray cluster has; "
-                "lower --workers or add nodes"
-            )
+        have = ray.cluster_resources()
+        for what, need, flag in (
+            ("CPU", cpus_needed, "cpus"),
+            ("GPU", workers * gpus_per_worker, "gpus"),
+        ):
+            if need > have.get(what, 0):
+                if self._started_ray:
+                    ray.shutdown()
+                raise UsageError(
+                    f"--workers {workers} x --{flag}-per-worker needs {need:g} {what}s; the Ray "
+                    f"cluster has {have.get(what, 0):g}: lower them or add nodes"
+                )
         for module in register_by_value:  # classes from the user's space file travel by value
             ray.cloudpickle.register_pickle_by_value(module)
-        threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
         self._refs = {k: ray.put(v) for k, v in runner_args.items()}
-        self._actor_cls = ray.remote(num_cpus=1, max_restarts=0)(TrialRunner)
-        self._threads = threads
+        # threads follow the CPUs Ray gives each actor (TrialRunner reads them on the node)
+        self._actor_cls = ray.remote(
+            num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0
+        )(TrialRunner)
         self.size = workers
         self._idle = [self._new_actor() for _ in range(workers)]
         self._running: dict[Any, tuple[Any, int]] = {}
@@ -154,7 +170,6 @@ class RayPool(WorkerPool):
             calib=refs["calib"],
             train_tokens=refs["train_tokens"],
             evaluate=refs["evaluate"],
-            threads=self._threads,
         )
 
     @property
@@ -253,8 +268,11 @@ def make_pool(
     address: str | None = None,
     in_process: bool = False,
     register_by_value: tuple[Any, ...] = (),
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
 ) -> WorkerPool:
-    """`workers` Ray actors (or one in-process runner when `in_process`)."""
+    """`workers` Ray actors, each reserving `cpus_per_worker` CPUs and `gpus_per_worker` GPUs
+    (or one in-process runner when `in_process`)."""
     if in_process:
         return InProcessPool(
             TrialRunner(
@@ -269,4 +287,11 @@ def make_pool(
         "train_tokens": train_tokens,
         "evaluate": evaluate,
     }
-    return RayPool(workers, args, address=address, register_by_value=register_by_value)
+    return RayPool(
+        workers,
+        args,
+        address=address,
+        register_by_value=register_by_value,
+        cpus_per_worker=cpus_per_worker,
+        gpus_per_worker=gpus_per_worker,
+    )

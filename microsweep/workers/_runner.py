@@ -1,13 +1,17 @@
 """`TrialRunner`: compress -> (fine-tune) -> evaluate -> count, for one policy at a time.
 
 A runner holds the base model and the fixed evaluation windows for its whole life and runs trial
-after trial on fresh copies. Before each trial it puts torch's global state (seed, threads, grad
-mode, default dtype) back to what it was at start, so that trials on a reused worker cannot leak
-into each other. Every failure comes back as a result with ``status="error"`` and a reason.
+after trial. A trial's model shares every tensor the policy leaves alone with the base, and its
+compressed layers come from a per-runner `VariantCache` keyed by (layer, settings), so repeated
+settings cost a lookup; only fine-tuning takes a full copy (it trains). Before each trial it puts
+torch's global state (seed, threads, grad mode, default dtype) back to what it was at start, so
+that trials on a reused worker cannot leak into each other. Every failure comes back as a result
+with ``status="error"`` and a reason.
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
 import time
@@ -35,6 +39,7 @@ class EvalSettings:
     finetune_block: int | None = None  # default: the evaluation window length
     seed: int = 0
     stop: StopRule | None = None  # chunked evaluation that may end a hopeless trial early
+    cache_mb: int = 512  # compressed layer variants kept per worker; 0 copies the model per trial
 
 
 class TrialRunner:
@@ -51,6 +56,11 @@ class TrialRunner:
         evaluate: Callable[[nn.Module], float] | None = None,
         threads: int | None = None,
     ) -> None:
+        self.device = _assigned_device()
+        if self.device is not None:  # a Ray worker given a GPU evaluates on it
+            model = model.to(self.device)
+            windows = windows.to(self.device)
+            calib = calib.to(self.device) if calib is not None else None
         self.base = model.eval()
         for p in self.base.parameters():
             p.requires_grad_(False)
@@ -59,8 +69,15 @@ class TrialRunner:
         self.train_tokens = train_tokens
         self.settings = settings
         self.evaluate_fn = evaluate
-        self.threads = threads or torch.get_num_threads()
+        self.threads = threads or _assigned_cpus() or torch.get_num_threads()
         self._dtype = torch.get_default_dtype()
+        self._cache = None
+        if settings.cache_mb > 0:
+            from microsweep.compress import VariantCache
+
+            self._cache = VariantCache(model, calib=calib, max_bytes=settings.cache_mb * 2**20)
+        self._base_ids = {id(t) for t in [*model.parameters(), *model.buffers()]}
+        self._rounded_base: dict[int, torch.Tensor] = {}
 
     def ping(self) -> bool:
         return True
@@ -104,21 +121,26 @@ class TrialRunner:
         timings["total"] = time.perf_counter() - started
         result["timings"] = timings
         result["number"] = number
-        result["worker"] = _worker_name()
+        result["worker"] = f"{_worker_name()}, threads {self.threads}"
         return result
 
     def _run(
         self, policy: Any, timings: dict[str, float], *, early_stop: bool, keep_nll: bool
     ) -> dict[str, Any]:
         from microsweep.compress import compress
-        from microsweep.export import round_to_storage
-        from microsweep.score import CountConfig, count
+        from microsweep.score import CountConfig, count, round_to_storage
 
         t = time.perf_counter()
-        model = compress(self.base, policy, calib=self.calib)
+        steps = int(policy.hyper.get("finetune_steps", 0) or 0)
+        shared = self._cache is not None
+        if shared:
+            model = self._cache.model(policy)
+            if steps > 0:  # training needs tensors of its own
+                model, shared = copy.deepcopy(model), False
+        else:
+            model = compress(self.base, policy, calib=self.calib)
         timings["compress"] = time.perf_counter() - t
 
-        steps = int(policy.hyper.get("finetune_steps", 0) or 0)
         if steps > 0:
             t = time.perf_counter()
             self._finetune(model, steps, float(policy.hyper.get("finetune_lr", 1e-4)))
@@ -129,7 +151,11 @@ class TrialRunner:
         config = CountConfig(**self.settings.count)
         counts = count(model, context=self.settings.context, config=config)
         # with the 16-bit allowance the artifact stores fp16: evaluate exactly those values
-        if round_to_storage(model, counts):
+        if counts.freebie:
+            if shared:
+                model = self._rounded(model)
+            else:
+                round_to_storage(model, counts)
             counts = count(model, context=self.settings.context, config=config)
         timings["count"] = time.perf_counter() - t
 
@@ -199,6 +225,28 @@ class TrialRunner:
             extra["window_nll"] = nll.tolist()
         return nll_to_perplexity(float(nll.sum()), tokens), extra
 
+    def _rounded(self, model: nn.Module) -> nn.Module:
+        """A copy of `model` whose float tensors hold fp16-rounded values (what a 16-bit
+        artifact stores), leaving the shared tensors as they are; the base's rounded tensors
+        are made once per runner."""
+        memo: dict[int, Any] = {}
+        for t in [*model.parameters(), *model.buffers()]:
+            if id(t) in memo:
+                continue
+            if not t.is_floating_point():
+                memo[id(t)] = t
+                continue
+            rounded = self._rounded_base.get(id(t)) if id(t) in self._base_ids else None
+            if rounded is None:
+                with torch.no_grad():
+                    rounded = t.detach().to(torch.float16).to(t.dtype)
+                if isinstance(t, nn.Parameter):
+                    rounded = nn.Parameter(rounded, requires_grad=False)
+                if id(t) in self._base_ids:
+                    self._rounded_base[id(t)] = rounded
+            memo[id(t)] = rounded
+        return copy.deepcopy(model, memo)
+
     def _finetune(self, model: nn.Module, steps: int, lr: float) -> None:
         """Recovery fine-tuning: AdamW steps on training windows, projected back onto the
         compressed set (masks and quantization grids) after every step."""
@@ -226,6 +274,36 @@ class TrialRunner:
         for p in params:
             p.requires_grad_(False)
         model.eval()
+
+
+def _assigned_device() -> torch.device | None:
+    """The GPU Ray gave this actor (Ray limits CUDA_VISIBLE_DEVICES to it), or None: CPU."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    try:
+        if ray is not None and ray.is_initialized() and ray.get_gpu_ids():
+            if torch.cuda.is_available():
+                return torch.device("cuda")
+    except Exception:  # no runtime context: not a Ray worker
+        pass
+    return None
+
+
+def _assigned_cpus() -> int | None:
+    """The CPUs Ray gave this actor (threads follow them, not the machine's core count); None
+    outside Ray."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    try:
+        if ray is not None and ray.is_initialized():
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            if cpus:
+                return max(1, int(cpus))
+    except Exception:  # no runtime context: not a Ray worker
+        pass
+    return None
 
 
 def _worker_name() -> str:

@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from microsweep.errors import MicrosweepError, UsageError
-from microsweep.score._config import CountConfig
-from microsweep.score._counter import count
-from microsweep.score._score import CHALLENGE_BASELINE, Baseline, micronet_score
+from microsweep.score import CHALLENGE_BASELINE, Baseline, CountConfig, count, micronet_score
 
 if TYPE_CHECKING:
     from microsweep.spaces import Policy
@@ -44,11 +42,10 @@ def count_report(space_path: str, policy_path: str | None = None) -> str:
     settings, and the MicroNet score against the challenge baseline (and against the dense
     model when the objective's baseline is ``"dense"``). A bad policy file raises `UsageError`.
     """
-    from microsweep.search._driver import _prepare
-    from microsweep.search._spacefile import load_space_file
+    from microsweep.prepare import load_space_file, prepare
 
     sf = load_space_file(space_path)
-    prepared = _prepare(sf, seed=0)
+    prepared = prepare(sf, seed=0)
     settings = prepared.settings
     config = CountConfig(**settings.count)
     model = sf.model

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from microsweep.errors import MicrosweepError, SpaceWarning, UsageError
-from microsweep.search._objective import MicroNet
+from microsweep.prepare._objective import MicroNet
 from microsweep.spaces import Space
 
 __all__ = ["SpaceFile", "load_space_file", "load_space_source"]

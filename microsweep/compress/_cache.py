@@ -1,0 +1,184 @@
+"""`VariantCache`: compressed models that share every unchanged tensor with their base.
+
+A worker runs trial after trial on one base model, and most trials repeat layer settings an
+earlier trial already built. The cache keeps each compressed layer by (layer name, settings),
+the SVD of each factorized weight and the calibrated input ranges, so a trial's model is the
+base's module tree with the policy's layers swapped in: no full copy, and a repeated setting
+costs a lookup. The result is the same model `compress` builds, value for value.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from microsweep.errors import SpaceError
+from microsweep.spaces._policy import LayerPolicy, Policy
+
+from ._apply import _plan, _set_submodule, compress_layer, layer_inputs
+from ._lowrank import factorize
+from ._prune import magnitude_order, mask_from_order
+from ._quantize import tensor_scale
+
+__all__ = ["VariantCache"]
+
+
+def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is not None:
+            seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+class VariantCache:
+    """Builds `policy`'s model from `base` with cached layer variants (least recently used
+    first out past `max_bytes`).
+
+    The models it returns share tensors with the base and with each other: treat them as
+    read-only (evaluate and count them; copy one with `copy.deepcopy` before training it).
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        calib: torch.Tensor | None = None,
+        max_bytes: int = 512 * 2**20,
+    ) -> None:
+        self.base = base
+        self.calib = calib
+        self.max_bytes = max_bytes
+        self._shared: dict[int, Any] = {}
+        for t in [*base.parameters(), *base.buffers()]:
+            self._shared[id(t)] = t
+        self._entries: OrderedDict[tuple[str, Any], tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._amax: dict[str, torch.Tensor] | None = None
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cached layers and decompositions hold now."""
+        return self._bytes
+
+    def model(self, policy: Policy) -> nn.Module:
+        """`policy` applied to the base: the base's modules copied, its tensors shared, and each
+        changed layer a cached variant (built on first use). Raises `SpaceError` as `compress`."""
+        steps = _plan(self.base, policy, self.calib)
+        model = copy.deepcopy(self.base, dict(self._shared))
+        retie: dict[int, nn.Parameter] = {}
+        placed: set[int] = set()
+        for step in steps:
+            variant = self._variant(step.name, step.linear, step.settings)
+            _set_submodule(model, step.name, variant)
+            placed.update(id(m) for m in variant.modules())
+            weight = getattr(variant, "weight", None)
+            if isinstance(weight, nn.Parameter) and weight is not step.linear.weight:
+                retie[id(step.linear.weight)] = weight  # a tie (head = embedding) follows it
+        if retie:
+            for module in model.modules():
+                if id(module) in placed:
+                    continue
+                for key, param in module._parameters.items():
+                    if param is not None and id(param) in retie:
+                        module._parameters[key] = retie[id(param)]
+        return model
+
+    def _variant(self, name: str, linear: nn.Linear, settings: LayerPolicy) -> nn.Module:
+        key = (name, settings)
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[0]
+        self.misses += 1
+        act_scale = None
+        if settings.act_bits < 32:
+            act_scale = tensor_scale(self._input_amax(name), settings.act_bits)
+        factors, masks = None, None
+        if settings.rank is not None:
+            factors = factorize(linear, settings.rank, svd=self._svd(name, linear))
+        if settings.sparsity > 0:
+            if factors is None:
+                matrices = {name: linear.weight}
+            else:
+                prefix = f"{name}@{settings.rank}"
+                matrices = {f"{prefix}.first": factors.first.weight}
+                matrices[f"{prefix}.second"] = factors.second.weight
+            masks = tuple(
+                mask_from_order(
+                    self._order(key, weight, settings.block),
+                    weight.shape,
+                    settings.sparsity,
+                    settings.block,
+                )
+                for key, weight in matrices.items()
+            )
+        module = compress_layer(linear, settings, act_scale=act_scale, factors=factors, masks=masks)
+        own = [
+            t
+            for t in [*module.parameters(), *module.buffers()]
+            if id(t) not in self._shared  # a bias the variant still shares costs nothing
+        ]
+        self._put(key, module, _nbytes(own))
+        return module
+
+    def _order(
+        self, matrix: str, weight: torch.Tensor, block: tuple[int, int] | None
+    ) -> torch.Tensor:
+        """The magnitude order of one weight matrix (a layer's, or a factor's at a rank), sorted
+        once for every sparsity."""
+        key = (matrix, ("order", block))
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry[0]
+        order = magnitude_order(weight, block)
+        self._put(key, order, _nbytes([order]))
+        return order
+
+    def _svd(self, name: str, linear: nn.Linear) -> tuple[torch.Tensor, ...]:
+        key = (name, "svd")
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry[0]
+        w = linear.weight.detach().to(torch.float64)
+        svd = tuple(torch.linalg.svd(w, full_matrices=False))
+        self._put(key, svd, _nbytes(svd))
+        return svd
+
+    def _input_amax(self, name: str) -> torch.Tensor:
+        """max |input| of layer `name` over one pass of the calibration tokens through the
+        unchanged base (one pass for every Linear, on first need)."""
+        if self._amax is None:
+            if self.calib is None:  # _plan refuses act_bits without calib before this
+                raise SpaceError("act_bits needs calib token ids to calibrate input scales")
+            linears = {n: m for n, m in self.base.named_modules() if isinstance(m, nn.Linear)}
+            seen = layer_inputs(self.base, linears, self.calib)
+            self._amax = {n: amax for n, (_, amax) in seen.items()}
+        if name not in self._amax:
+            raise SpaceError(
+                f"layer {name!r} saw no input while calibrating; pass calib tokens "
+                "whose forward pass runs through it, or set its act_bits to 32"
+            )
+        return self._amax[name]
+
+    def _put(self, key: tuple[str, Any], value: Any, size: int) -> None:
+        self._entries[key] = (value, size)
+        self._bytes += size
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self._bytes -= dropped
+
+    def clear(self) -> None:
+        """Forget every cached layer and decomposition."""
+        self._entries.clear()
+        self._bytes = 0

@@ -1,0 +1,36 @@
+"""Sweep preparation shared by search, export, reports and `count`: loading a space file, the
+`MicroNet` objective, evaluation tensors, the dense measurement, fingerprints and recipes."""
+
+from microsweep.prepare._objective import MicroNet
+from microsweep.prepare._prepared import (
+    Prepared,
+    check_counts,
+    eval_key,
+    measure_dense,
+    model_fingerprint,
+    prepare,
+    recipe_of,
+    reopen_space,
+    sweep_eval_key,
+    versions,
+    with_stop_rule,
+)
+from microsweep.prepare._spacefile import SpaceFile, load_space_file, load_space_source
+
+__all__ = [
+    "MicroNet",
+    "Prepared",
+    "SpaceFile",
+    "check_counts",
+    "eval_key",
+    "load_space_file",
+    "load_space_source",
+    "measure_dense",
+    "model_fingerprint",
+    "prepare",
+    "recipe_of",
+    "reopen_space",
+    "sweep_eval_key",
+    "versions",
+    "with_stop_rule",
+]
