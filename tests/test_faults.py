@@ -276,3 +276,108 @@ def test_postgres_away_too_long_spools_and_resume_writes(tmp_path, tiny_gpt, pri
     assert resume.returncode == 0, err
     assert "during an outage" in err and not spooled[0].exists()
     _stores_agree(pg.url, "s", 12)
+
+
+# -- a full disk, and a worker killed under a running sweep --------------------------------
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
+    )
+    return proc.returncode == 0
+
+
+def _used_kb(where: Path) -> int:
+    out = subprocess.run(
+        ["df", "-k", "--output=used", str(where)], capture_output=True, text=True, check=True
+    )
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.slow
+def test_full_disk_spools_and_resume_writes_after_space_is_freed(tmp_path, tiny_gpt):
+    """The database's disk fills mid-sweep (a small tmpfs of the test's own): the driver stops
+    in one line, finished trials go to the spool on another disk, and once there is room again
+    resume writes them and completes exactly N trials with both stores agreeing."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "16m"):
+        pytest.skip("this machine does not allow mounting a tmpfs")
+    try:
+        url = f"sqlite:///{disk / 'full.db'}"
+        cache = tmp_path / "cache"
+        env = {"MICROSWEEP_CACHE": str(cache), "MICROSWEEP_LEASE_TTL": "2"}
+        run = _start(
+            "run",
+            _slow_space(tmp_path, 0.2),
+            "--name",
+            "f",
+            "--trials",
+            "60",
+            "--in-process",
+            "--sampler",
+            "random",
+            "--storage",
+            url,
+            "--storage-wait",
+            "2",
+            env=env,
+        )
+        _wait_for_trials(url, "f", 3)
+        # no more room than a few trials' rows need
+        subprocess.run(
+            ["mount", "-o", f"remount,size={_used_kb(disk) + 48}k", str(disk)], check=True
+        )
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 2 and "Traceback" not in err, err
+        assert "microsweep resume --name f" in err and "kept in" in err, err
+        written = len(Store(url, must_exist=True).trials("f"))
+        assert 3 <= written < 60
+        spooled = list((cache / "spool").glob("*.jsonl"))
+        assert len(spooled) == 1 and spooled[0].read_text().strip()
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        time.sleep(2.5)  # the stopped driver's lease runs out
+        resume = _start("resume", "--name", "f", "--storage", url, "--in-process", env=env)
+        out, err = resume.communicate(timeout=600)
+        assert resume.returncode == 0, err
+        assert "during an outage" in err and not spooled[0].exists()
+        _stores_agree(url, "f", 60)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_killed_worker_fails_only_its_trial_and_the_sweep_goes_on(tmp_path, tiny_gpt):
+    """SIGKILL to a Ray worker process of a running sweep: the trial it held (or the next one
+    sent to it) is FAIL with the reason, a new worker takes its place, and the sweep ends with
+    exactly N finished trials in both stores."""
+    import re
+
+    url = f"sqlite:///{tmp_path / 'worker.db'}"
+    run = _start(
+        "run",
+        _slow_space(tmp_path, 0.5),
+        "--name",
+        "w",
+        "--trials",
+        "10",
+        "--workers",
+        "2",
+        "--sampler",
+        "random",
+        "--storage",
+        url,
+    )
+    try:
+        _wait_for_trials(url, "w", 2)
+        rows = Store(url, must_exist=True).trials("w")
+        pid = int(re.search(r"pid (\d+)", rows[-1].worker or "").group(1))
+        assert pid != run.pid
+        os.kill(pid, signal.SIGKILL)  # a process of this sweep's own Ray, found by its trial
+    finally:
+        out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    _stores_agree(url, "w", 10)
+    rows = Store(url, must_exist=True).trials("w")
+    failed = [r for r in rows if r.state == "FAIL"]
+    assert failed and all("worker died" in (r.reason or "") for r in failed), failed
+    assert len(failed) <= 2 and sum(r.state == "COMPLETE" for r in rows) >= 8
