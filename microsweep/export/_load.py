@@ -106,22 +106,29 @@ def _decode_all(
     return [item for item in out if item is not None]
 
 
+def _slot(
+    model: nn.Module, ref: str, shape: tuple[int, ...], where: str
+) -> tuple[str, nn.Module, str]:
+    """The (module path, module, field) a stored name refers to, when it exists in `model`
+    with `shape`; otherwise the file is for another model."""
+    mpath, _, field = ref.rpartition(".")
+    try:
+        module = model.get_submodule(mpath)
+    except AttributeError:
+        raise ExportError(f"{where} is for another model: it stores {ref!r}") from None
+    current = module._parameters.get(field, module._buffers.get(field))
+    if current is None or tuple(current.shape) != shape:
+        raise ExportError(f"{where} is for another model: {ref!r} does not fit the rebuilt model")
+    return mpath, module, field
+
+
 def _check_shapes(model: nn.Module, table: list[Mapping[str, Any]], where: str) -> None:
     """Every row's names exist in the rebuilt (meta) model with the row's shape, so a file
     cannot make `load` allocate more than the model it claims to be."""
     for row in table:
         shape = tuple(int(s) for s in row["shape"])
         for ref in row["refs"]:
-            mpath, _, field = str(ref).rpartition(".")
-            try:
-                module = model.get_submodule(mpath)
-            except AttributeError:
-                raise ExportError(f"{where} is for another model: it stores {ref!r}") from None
-            current = module._parameters.get(field, module._buffers.get(field))
-            if current is None or tuple(current.shape) != shape:
-                raise ExportError(
-                    f"{where} is for another model: {ref!r} does not fit the rebuilt model"
-                )
+            _slot(model, str(ref), shape, where)
         if row.get("mask") == "block":
             br, bc = (int(b) for b in row["block"])
             if len(shape) != 2 or not (0 < br <= shape[0] and 0 < bc <= shape[1]):
@@ -139,16 +146,7 @@ def _fill(
     for row, (tensor, keep) in zip(table, decoded, strict=True):
         param: nn.Parameter | None = None
         for ref in row["refs"]:
-            mpath, _, field = str(ref).rpartition(".")
-            try:
-                module = model.get_submodule(mpath)
-            except AttributeError:
-                raise ExportError(f"{where} is for another model: it stores {ref!r}") from None
-            current = module._parameters.get(field, module._buffers.get(field))
-            if current is None or tuple(current.shape) != tuple(tensor.shape):
-                raise ExportError(
-                    f"{where} is for another model: {ref!r} does not fit the rebuilt model"
-                )
+            mpath, module, field = _slot(model, str(ref), tuple(tensor.shape), where)
             if field in module._parameters:
                 param = param if param is not None else nn.Parameter(tensor)
                 setattr(module, field, param)
