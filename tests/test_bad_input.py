@@ -207,10 +207,32 @@ def test_status_reads_a_sweep_on_a_read_only_medium(tmp_path, small_sweep):
         proc = _cli("status", "--name", "b", "--storage", url, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert "best feasible" in proc.stdout or "trials" in proc.stdout
-        assert Store(url, must_exist=True).sweep_names() == ["b"]
+        reader = Store(url, must_exist=True)
+        assert reader.sweep_names() == ["b"]
+        done = next(r.number for r in reader.trials("b") if r.state == "COMPLETE")
+        reader.dispose()
+        _one_line_error(  # an output on the read-only medium: one line, nothing half-written
+            _cli("plot", "--name", "b", "--storage", url, "-o", str(mnt / "p.html"), cwd=tmp_path),
+            "p.html",
+        )
+        _one_line_error(
+            _cli(
+                "export",
+                "--name",
+                "b",
+                "--trial",
+                str(done),
+                "--storage",
+                url,
+                "-o",
+                str(mnt / "m.msz"),
+                cwd=tmp_path,
+            ),
+            "m.msz",
+        )
         _one_line_error(  # writing is refused in one line, not a traceback
             _cli("resume", "--name", "b", "--storage", url, "--in-process", cwd=tmp_path),
             "s.db",
         )
     finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

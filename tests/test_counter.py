@@ -20,13 +20,13 @@ from microsweep.errors import UsageError
 from microsweep.models import build
 from microsweep.models.gpt import GPT, GPTConfig
 from microsweep.models.lstm import LSTMLM, LSTMConfig
+from microsweep.report import count_report
 from microsweep.score import (
     CHALLENGE_BASELINE,
     Baseline,
     Cost,
     CountConfig,
     count,
-    count_report,
     linear_adds,
     mask_bits,
     micronet_score,

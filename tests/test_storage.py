@@ -151,14 +151,14 @@ def test_optuna_storage_shares_the_url(store, unique_name):
 
 def test_sqlite_is_in_wal_mode_with_a_busy_timeout(tmp_path):
     path = tmp_path / "w.db"
-    Store(f"sqlite:///{path}").sweep_names()
+    Store(f"sqlite:///{path}").schema_version()  # the first use creates the tables
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_newer_schema_version_is_refused(tmp_path):
     path = tmp_path / "new.db"
-    Store(f"sqlite:///{path}").sweep_names()
+    Store(f"sqlite:///{path}").schema_version()
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE microsweep_schema SET version = 99")
     with pytest.raises(StorageError, match="schema version 99 is newer"):

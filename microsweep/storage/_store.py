@@ -305,7 +305,7 @@ class Store:
 
         from microsweep.storage._models import SweepRow
 
-        if self._engine is None and not self._has_schema():
+        if self._engine is None and not self._must_exist and not self._has_schema():
             return []
         with self.session() as s:
             return list(s.scalars(select(SweepRow.name).order_by(SweepRow.id)))
