@@ -16,7 +16,7 @@ from microsweep.data._corpus import Corpus, cache_dir
 from microsweep.errors import UsageError
 from microsweep.models.gpt import GPT, GPTConfig
 
-__all__ = ["build", "gpt", "lm_batch_loss", "pretrain"]
+__all__ = ["build", "gpt", "lm_batch_loss", "logits_of", "pretrain"]
 
 
 def build(recipe: dict[str, Any]) -> nn.Module:
@@ -29,6 +29,20 @@ def build(recipe: dict[str, Any]) -> nn.Module:
 
         return LSTMLM(LSTMConfig(**recipe["config"]))
     raise UsageError(f"unknown model builder {builder!r}; this release builds 'gpt' and 'lstm'")
+
+
+def logits_of(output: object) -> torch.Tensor | object:
+    """The logits in a model's output: the output itself when it is a tensor, else its `logits`
+    attribute (Hugging Face style output objects) or first element (a tuple); anything else is
+    returned as it is for the caller to refuse."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return output
 
 
 def lm_batch_loss(
@@ -47,7 +61,7 @@ def lm_batch_loss(
     param = next(model.parameters(), None)
     if param is not None and param.device != x.device:  # a model on a GPU
         x, y = x.to(param.device), y.to(param.device)
-    logits = model(x)  # (B, T, V)
+    logits = logits_of(model(x))  # (B, T, V)
     return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
 
 

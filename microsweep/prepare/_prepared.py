@@ -114,19 +114,30 @@ def prepare(sf: SpaceFile, seed: int) -> Prepared:
 
     obj = sf.objective
     model = sf.model
-    block = getattr(getattr(model, "config", None), "block_size", None)
+    config = getattr(model, "config", None)
+    block = next(
+        (
+            getattr(config, key)
+            for key in ("block_size", "n_positions", "max_position_embeddings")
+            if isinstance(getattr(config, key, None), int)
+        ),
+        None,
+    )
     window = obj.window or block
     if window is None:
-        raise UsageError("MicroNet(window=...) is needed: the model has no config.block_size")
+        raise UsageError(
+            "MicroNet(window=...) is needed: the model's config has no block_size, n_positions "
+            "or max_position_embeddings"
+        )
     if sf.corpus is not None:
         windows = eval_windows(sf.corpus.val, window=window, max_tokens=obj.eval_tokens)
         n_calib = max(1, min(obj.calib_tokens // window, (len(sf.corpus.train) - 1) // window))
         calib = sf.corpus.train[: n_calib * window].view(n_calib, window)
         train = sf.corpus.train
         data_fp = getattr(sf.corpus, "fingerprint", "") or "unknown"
-    else:
+    else:  # the user's evaluate; calibration and training tokens from the file when given
         windows = torch.zeros(0, window + 1, dtype=torch.long)
-        calib, train, data_fp = None, None, "user-evaluate"
+        calib, train, data_fp = sf.calib, sf.train_tokens, "user-evaluate"
     settings = EvalSettings(
         context=mean_context(window), count=dict(obj.count), seed=seed, finetune_block=window
     )

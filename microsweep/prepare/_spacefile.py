@@ -1,5 +1,7 @@
-"""Load a space file: a Python file defining `space`, and optionally `objective`, `corpus` and
-`evaluate`. Errors in the user's file come back as one line naming the file and line."""
+"""Load a space file: a Python file defining `space`, and optionally `objective`, `corpus`,
+`evaluate`, `calib` and `train_tokens`. Errors in the user's file come back as one line naming
+the file and line, and a model that breaks the custom-model contract (README) is refused here,
+before any trial, with the part that is missing."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import torch
 from torch import nn
 
 from microsweep.errors import MicrosweepError, SpaceWarning, UsageError
@@ -34,6 +37,8 @@ class SpaceFile:
     objective: MicroNet
     corpus: Any | None
     evaluate: Callable[[nn.Module], float] | None
+    calib: torch.Tensor | None = None  # token ids (B, T) for input scales, without a corpus
+    train_tokens: torch.Tensor | None = None  # 1-D ids for fine-tuning, without a corpus
 
     @property
     def model(self) -> nn.Module:
@@ -107,4 +112,71 @@ def _collect(module: ModuleType, path: str, source: str, space: Space) -> SpaceF
             f"space file {path} must define `corpus` (e.g. data.tiny_shakespeare()) or "
             "`evaluate(model) -> perplexity`"
         )
-    return SpaceFile(path, source, module, space, objective, corpus, evaluate)
+    names = module.__dict__
+    calib = _ids(names.get("calib"), 2, f"space file {path}: `calib`", "(B, T)")
+    train = _ids(names.get("train_tokens"), 1, f"space file {path}: `train_tokens`", "(N,)")
+    if corpus is None and calib is None:
+        for rule in space.rules:
+            levels = getattr(rule.settings.get("act_bits"), "choices", ())
+            if any(b < 32 for b in levels):
+                raise UsageError(
+                    f"space file {path}: rule {rule.key!r} quantizes layer inputs (act_bits) but "
+                    "the file gives no calibration tokens; define `calib` (token ids of shape "
+                    "(B, T)) or a `corpus`, or keep act_bits at 32"
+                )
+    if corpus is None and train is None and "finetune_steps" in space.hyper:
+        raise UsageError(
+            f"space file {path}: `finetune_steps` needs training tokens; define `train_tokens` "
+            "(1-D token ids) or a `corpus`"
+        )
+    if evaluate is None:
+        _check_forward(space.model, path)
+    return SpaceFile(path, source, module, space, objective, corpus, evaluate, calib, train)
+
+
+def _ids(value: Any, dims: int, what: str, shape: str) -> torch.Tensor | None:
+    """A token-id tensor of `dims` dimensions, or None; anything else is refused."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, torch.Tensor)
+        or value.dim() != dims
+        or value.dtype.is_floating_point
+        or value.dtype in (torch.bool, torch.complex64, torch.complex128)
+        or value.numel() == 0
+    ):
+        got = (
+            f"{value.dtype} {tuple(value.shape)}"
+            if isinstance(value, torch.Tensor)
+            else type(value).__name__
+        )
+        raise UsageError(f"{what} must be integer token ids of shape {shape}, got {got}")
+    return value.to(torch.long)
+
+
+def _check_forward(model: nn.Module, path: str) -> None:
+    """The built-in perplexity's contract: ids (B, T) in, logits (B, T, V) out (or an output
+    holding them); checked once on two positions so a wrong model fails before any trial."""
+    from microsweep.models import logits_of
+
+    param = next(iter(model.parameters()), None)
+    ids = torch.zeros(1, 2, dtype=torch.long, device=param.device if param is not None else None)
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = logits_of(model(ids))
+    except Exception as exc:
+        raise UsageError(
+            f"space file {path}: the model fails on token ids of shape (1, 2) "
+            f"({type(exc).__name__}: {exc}); it must take ids (B, T), or define `evaluate`"
+        ) from None
+    finally:
+        for m, flag in flags:
+            m.train(flag)
+    if not (isinstance(out, torch.Tensor) and out.dim() == 3 and tuple(out.shape[:2]) == (1, 2)):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UsageError(
+            f"space file {path}: model(ids (1, 2)) gave {got}; the built-in perplexity needs "
+            "logits (B, T, V) or an output with .logits; return them, or define `evaluate`"
+        )

@@ -9,8 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from microsweep.errors import UsageError
+from microsweep.models._build import logits_of
 
-__all__ = ["eval_windows", "mean_context", "nll_to_perplexity", "perplexity", "window_nll"]
+__all__ = [
+    "eval_windows",
+    "mean_context",
+    "nll_to_perplexity",
+    "perplexity",
+    "window_nll",
+]
 
 
 def _positive_int(value: int, what: str) -> int:
@@ -50,8 +57,9 @@ def mean_context(window: int) -> float:
 def window_nll(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 32) -> torch.Tensor:
     """Summed next-token negative log-likelihood of each window, float64 of shape (n,).
 
-    `model` maps ids (B, T) to logits (B, T, V). Runs under ``torch.no_grad`` in eval mode and
-    restores each submodule's training flag. Non-finite values are returned as they are.
+    `model` maps ids (B, T) to logits (B, T, V), or to an output holding them (`logits_of`).
+    Runs under ``torch.no_grad`` in eval mode and restores each submodule's training flag.
+    Non-finite values are returned as they are.
     """
     batch_size = _positive_int(batch_size, "batch_size")
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[1] < 2:
@@ -68,7 +76,7 @@ def window_nll(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 32)
             for start in range(0, windows.shape[0], batch_size):
                 batch = windows[start : start + batch_size].to(device=device, dtype=torch.long)
                 inputs, targets = batch[:, :-1], batch[:, 1:]
-                logits = model(inputs)
+                logits = logits_of(model(inputs))
                 if not (
                     isinstance(logits, torch.Tensor)
                     and logits.dim() == 3

@@ -1,0 +1,137 @@
+"""A custom nn.Module LM written to the README's contract: its own `evaluate`, calibration tokens
+given by the space file (no corpus), `act_bits` searched; and the contract's refusals, each at
+load time with the part that is missing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from microsweep.errors import UsageError
+from microsweep.prepare import load_space_file
+from microsweep.search import run_sweep
+from microsweep.storage import Store
+
+CUSTOM = '''
+import torch
+from torch import nn
+
+from microsweep import Bits, MicroNet, Space, Sparsity
+from microsweep.score import perplexity
+
+
+class TinyLM(nn.Module):
+    """ids (B, T) -> logits (B, T, V): an embedding, a two-layer MLP per position, a head."""
+
+    def __init__(self, vocab=40, width=24):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.up = nn.Linear(width, 2 * width)
+        self.down = nn.Linear(2 * width, width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        return self.head(x + self.down(torch.relu(self.up(x))))
+
+
+torch.manual_seed(0)
+model = TinyLM()
+gen = torch.Generator().manual_seed(1)
+WINDOWS = torch.randint(0, 40, (8, 17), generator=gen)
+{calib}
+
+space = Space(
+    model,
+    rules={{
+        "up": dict(
+            bits=Bits(4, 8, 32), act_bits=Bits(8, 32), sparsity=Sparsity(0.0, 0.5, step=0.5)
+        ),
+        "down": dict(bits=Bits(4, 8, 32), act_bits=Bits(8, 32)),
+    }},
+)
+objective = MicroNet(window=16, perplexity_ceiling=None, baseline="dense")
+
+
+def evaluate(model):
+    return perplexity(model, WINDOWS)
+'''
+
+CALIB = "calib = torch.randint(0, 40, (4, 16), generator=gen)"
+
+
+def _space(tmp_path: Path, calib: str = CALIB, name: str = "custom.py") -> str:
+    path = tmp_path / name
+    path.write_text(CUSTOM.format(calib=calib))
+    return str(path)
+
+
+def test_custom_lm_with_evaluate_and_calib_sweeps_with_act_bits(tmp_path):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    seen: list[dict] = []
+    run_sweep(
+        _space(tmp_path),
+        name="c",
+        trials=6,
+        storage=url,
+        sampler="random",
+        seed=2,
+        in_process=True,
+        progress=False,
+        on_trial=seen.append,
+    )
+    assert [s["state"] for s in seen] == ["COMPLETE"] * 6, [s.get("reason") for s in seen]
+    rows = Store(url, must_exist=True).trials("c")
+    quantized_inputs = [
+        r for r in rows if any(v.get("act_bits") == 8 for v in r.policy["layers"].values())
+    ]
+    assert quantized_inputs  # activation quantization really ran, calibrated on `calib`
+    assert len({round(r.perplexity, 9) for r in rows}) > 1  # the models really changed
+
+
+def test_act_bits_without_calibration_tokens_is_refused_at_load(tmp_path):
+    with pytest.raises(UsageError, match=r"rule 'up' quantizes layer inputs.*define `calib`"):
+        load_space_file(_space(tmp_path, calib="", name="nocalib.py"))
+
+
+def test_calib_of_the_wrong_kind_is_refused_at_load(tmp_path):
+    bad = "calib = torch.rand(4, 16)"
+    with pytest.raises(UsageError, match=r"`calib` must be integer token ids of shape \(B, T\)"):
+        load_space_file(_space(tmp_path, calib=bad, name="floatcalib.py"))
+
+
+def test_a_model_without_logits_is_refused_at_load(tmp_path):
+    path = tmp_path / "nologits.py"
+    path.write_text(
+        CUSTOM.format(calib=CALIB)
+        .replace("return self.head(x + self.down(torch.relu(self.up(x))))", "return x.mean(1)")
+        .replace("def evaluate(model):", "def _unused(model):")
+        + "\nfrom microsweep import data\ncorpus = data.tiny_shakespeare()\n"
+    )
+    with pytest.raises(UsageError, match=r"gave \(1, 24\); the built-in perplexity needs logits"):
+        load_space_file(str(path))
+
+
+def test_an_output_object_with_logits_is_read_by_the_built_in_perplexity():
+    """Hugging Face style outputs (an object with `.logits`) need no adapter."""
+    from dataclasses import dataclass
+
+    from microsweep.score import perplexity
+
+    @dataclass
+    class Output:
+        logits: torch.Tensor
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10))
+
+        def forward(self, ids: torch.Tensor) -> Output:
+            return Output(self.inner(ids))
+
+    model = Wrapped()
+    windows = torch.randint(0, 10, (3, 9), generator=torch.Generator().manual_seed(0))
+    assert perplexity(model, windows) == pytest.approx(perplexity(model.inner, windows), rel=1e-12)
