@@ -52,7 +52,10 @@ space = Space(
         "down": dict(bits=Bits(4, 8, 32), act_bits=Bits(8, 32)),
     }},
 )
-objective = MicroNet(window=16, perplexity_ceiling=None, baseline="dense")
+# the residual add and the relu in forward() have no counting rule: accepted within 5%
+objective = MicroNet(
+    window=16, perplexity_ceiling=None, baseline="dense", uncounted_tolerance=0.05
+)
 
 
 def evaluate(model):
@@ -112,6 +115,68 @@ def test_a_model_without_logits_is_refused_at_load(tmp_path):
     )
     with pytest.raises(UsageError, match=r"gave \(1, 24\); the built-in perplexity needs logits"):
         load_space_file(str(path))
+
+
+HAND_ATTENTION = """
+import torch
+from torch import nn
+
+from microsweep import Bits, MicroNet, Space
+
+
+class HandAttention(nn.Module):
+    \"\"\"Attention computed by hand: no parameters of its own, no counting rule.\"\"\"
+
+    def forward(self, q, k, v):
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        return torch.softmax(scores, dim=-1) @ v
+
+
+class LM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 16)
+        self.qkv = nn.Linear(16, 48)
+        self.attn = HandAttention()
+        self.head = nn.Linear(16, 30)
+
+    def forward(self, ids):
+        q, k, v = self.qkv(self.emb(ids)).split(16, dim=-1)
+        return self.head(self.attn(q, k, v))
+
+
+torch.manual_seed(0)
+space = Space(LM(), rules={{"qkv": dict(bits=Bits(8, 32))}})
+objective = MicroNet(window=16, perplexity_ceiling=None{tolerance})
+
+
+def evaluate(model):
+    return 10.0
+"""
+
+
+def test_parameter_free_work_no_rule_counts_fails_loudly(tmp_path):
+    """A module that computes attention by hand (no parameters, no rule) would add nothing to
+    the count: the sweep is refused, naming the module and its ops; a stated tolerance lets it
+    through with a warning."""
+    from microsweep.errors import SpaceWarning
+    from microsweep.score import uncounted_work
+
+    path = tmp_path / "hand.py"
+    path.write_text(HAND_ATTENTION.format(tolerance=""))
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    with pytest.raises(UsageError, match=r"module 'attn' \(HandAttention\) executes .*matmul"):
+        run_sweep(str(path), name="h", trials=2, storage=url, in_process=True, progress=False)
+    assert Store(url).sweep_names() == []
+    sf = load_space_file(str(path))
+    [work] = uncounted_work(sf.model, torch.zeros(1, 16, dtype=torch.long))
+    # q @ k^T and attn @ v: 2 x 16 x 16 products of 16 terms per token pair -> 2 * 2 * 16 * 16
+    assert work.name == "attn" and work.ops["matmul"] == pytest.approx(2 * 2 * 16 * 16)
+    assert work.ops["softmax"] == pytest.approx(3 * 16)
+    path.write_text(HAND_ATTENTION.format(tolerance=", uncounted_tolerance=0.9"))
+    with pytest.warns(SpaceWarning, match="within uncounted_tolerance"):
+        run_sweep(str(path), name="h", trials=2, storage=url, in_process=True, progress=False)
+    assert Store(url).sweep_names() == ["h"]
 
 
 def test_an_output_object_with_logits_is_read_by_the_built_in_perplexity():

@@ -26,6 +26,9 @@ class MicroNet:
     - `early_stop`: read the evaluation windows in chunks and end a trial PRUNED once its
       perplexity cannot plausibly meet the ceiling (see `microsweep.score.StopRule`); needs a
       ceiling and the built-in perplexity.
+    - `uncounted_tolerance`: math the forward pass executes in modules no counting rule covers
+      (checked once on the dense model) is an error by default; a fraction such as 0.01 accepts
+      that much of the counted operations with a warning instead.
     """
 
     perplexity_ceiling: float | None = None
@@ -37,6 +40,7 @@ class MicroNet:
     calib_tokens: int = 2048
     count: dict[str, Any] = field(default_factory=dict)
     early_stop: bool = True
+    uncounted_tolerance: float = 0.0
 
     def __post_init__(self) -> None:
         c = self.perplexity_ceiling
@@ -60,6 +64,12 @@ class MicroNet:
             raise SpaceError(f"MicroNet: eval_tokens {self.eval_tokens!r} must be an int >= 16")
         if self.window is not None and (not isinstance(self.window, int) or self.window < 2):
             raise SpaceError(f"MicroNet: window {self.window!r} must be an int >= 2")
+        t = self.uncounted_tolerance
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t < 1.0:
+            raise SpaceError(
+                f"MicroNet: uncounted_tolerance {t!r} must be a fraction in [0, 1) of the "
+                "counted operations"
+            )
         if not isinstance(self.early_stop, bool):
             raise SpaceError(f"MicroNet: early_stop {self.early_stop!r} must be True or False")
         from microsweep.score import CountConfig
@@ -86,4 +96,5 @@ class MicroNet:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MicroNet:
+        """The objective stored with a sweep (older sweeps lack later fields: defaults)."""
         return cls(**data)

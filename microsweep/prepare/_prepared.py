@@ -24,6 +24,7 @@ from microsweep.prepare._spacefile import SpaceFile, load_space_source
 
 __all__ = [
     "Prepared",
+    "check_counted",
     "check_counts",
     "eval_key",
     "measure_dense",
@@ -185,9 +186,50 @@ def measure_dense(sf: SpaceFile, prepared: Prepared) -> dict[str, Any]:
     res = runner.run(-1, Policy().to_json(), early_stop=False, window_nll=True)
     if res["status"] != "ok":
         raise UsageError(f"the dense model cannot be evaluated: {res['error']}")
+    check_counted(sf, prepared, res["ops"])
     if not math.isfinite(res["perplexity"]):
         raise UsageError(f"the dense model's perplexity is {res['perplexity']}")
     return res
+
+
+def check_counted(sf: SpaceFile, prepared: Prepared, counted_ops: float) -> None:
+    """Refuse a model whose forward pass does math no counting rule covers (a silent zero in
+    the score), unless it stays within the objective's `uncounted_tolerance`, which warns."""
+    import warnings
+
+    from microsweep.errors import SpaceWarning
+    from microsweep.score import uncounted_work
+
+    window = prepared.windows.shape[1] - 1 if prepared.windows.numel() else 8
+    source = prepared.calib if prepared.calib is not None else prepared.windows
+    length = max(1, min(window, 16))
+    if source is not None and source.numel():
+        ids = source[:1, :length]
+    else:
+        ids = torch.zeros(1, length, dtype=torch.long)
+    param = next(iter(sf.model.parameters()), None)
+    if param is not None:
+        ids = ids.to(param.device)
+    work = uncounted_work(sf.model, ids)
+    if not work:
+        return
+    total = sum(w.total for w in work)
+    top = work[0]
+    ops = ", ".join(
+        f"{op} ~{value:,.0f}" for op, value in sorted(top.ops.items(), key=lambda kv: -kv[1])[:4]
+    )
+    fraction = total / max(counted_ops, 1e-9)
+    more = f" (and {len(work) - 1} more modules)" if len(work) > 1 else ""
+    line = (
+        f"module {top.name!r} ({top.kind}) executes {ops} ops per token that no MicroNet rule "
+        f"counts{more}: about {fraction:.1%} of the counted operations"
+    )
+    if fraction > sf.objective.uncounted_tolerance:
+        raise UsageError(
+            f"{line}; register a rule for {top.kind} with microsweep.score.register_rule, or "
+            "accept it with MicroNet(uncounted_tolerance=...)"
+        )
+    warnings.warn(f"{line} (within uncounted_tolerance)", SpaceWarning, stacklevel=2)
 
 
 def with_stop_rule(

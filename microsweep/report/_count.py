@@ -42,7 +42,7 @@ def count_report(space_path: str, policy_path: str | None = None) -> str:
     settings, and the MicroNet score against the challenge baseline (and against the dense
     model when the objective's baseline is ``"dense"``). A bad policy file raises `UsageError`.
     """
-    from microsweep.prepare import load_space_file, prepare
+    from microsweep.prepare import check_counted, load_space_file, prepare
 
     sf = load_space_file(space_path)
     prepared = prepare(sf, seed=0)
@@ -60,6 +60,8 @@ def count_report(space_path: str, policy_path: str | None = None) -> str:
             raise UsageError(f"policy file {policy_path}: {str(exc).splitlines()[0]}") from None
         title = f"{space_path}: policy {policy_path}"
     counts = count(model, context=settings.context, config=config)
+    if policy_path is None:
+        check_counted(sf, prepared, counts.ops)  # no silent zero in the table
     score = micronet_score(counts.params, counts.ops)
     base = CHALLENGE_BASELINE
     lines = [

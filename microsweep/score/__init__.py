@@ -19,6 +19,7 @@ from microsweep.score._perplexity import (
 from microsweep.score._registry import Cost, RuleContext, find_rule, register_rule
 from microsweep.score._rounding import round_to_storage
 from microsweep.score._score import CHALLENGE_BASELINE, Baseline, micronet_score
+from microsweep.score._trace import UncountedWork, uncounted_work
 
 __all__ = [
     "CHALLENGE_BASELINE",
@@ -29,6 +30,7 @@ __all__ = [
     "Counts",
     "LayerCount",
     "RuleContext",
+    "UncountedWork",
     "count",
     "eval_windows",
     "find_rule",
@@ -41,6 +43,7 @@ __all__ = [
     "op_weight",
     "perplexity",
     "register_rule",
+    "uncounted_work",
     "round_to_storage",
     "StopRule",
     "tensor_bits",

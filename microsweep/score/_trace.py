@@ -1,0 +1,158 @@
+"""`uncounted_work`: the math a forward pass really executes that no counting rule covers.
+
+The counter walks modules and trusts each rule to count its module's own forward. A module
+without a rule and without parameters would count as zero, silently. Here one short forward pass
+runs under a `TorchFunctionMode`. Each matmul, normalization, softmax or element-wise call is
+charged to the innermost module running at that moment. Whatever lands on a module that has no
+rule is reported, with a rough count per token, so `count` never returns a silent zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode, resolve_name
+
+from microsweep.score._registry import find_rule
+
+__all__ = ["UncountedWork", "uncounted_work"]
+
+_MATMUL = {"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "bilinear"}
+_CONV = {"conv1d", "conv2d", "conv3d"}
+_WEIGHTED = {
+    "softmax": 3,
+    "log_softmax": 4,
+    "_softmax": 3,
+    "layer_norm": 8,
+    "rms_norm": 5,
+    "group_norm": 8,
+    "batch_norm": 4,
+    "gelu": 5,
+    "silu": 4,
+    "sigmoid": 3,
+    "tanh": 5,
+    "erf": 1,
+}
+_ELEMENTWISE = set(
+    """add sub mul div true_divide floor_divide pow sqrt rsqrt exp log relu neg reciprocal abs
+    maximum minimum clamp clip mean sum var std cumsum logsumexp addcmul addcdiv square rsub
+    hardtanh leaky_relu elu softplus mish hardswish round lerp""".split()
+)
+
+
+@dataclass(frozen=True)
+class UncountedWork:
+    """Math executed in the forward of module `name` (type `kind`), which has no counting rule:
+    `ops` maps each operation to its rough count per token."""
+
+    name: str
+    kind: str
+    ops: dict[str, float]
+
+    @property
+    def total(self) -> float:
+        return sum(self.ops.values())
+
+
+def _op_name(func: Any) -> str:
+    """`torch.Tensor.__iadd__` -> "add", `torch.nn.functional.linear` -> "linear"."""
+    try:
+        name = resolve_name(func) or getattr(func, "__name__", "")
+    except Exception:  # a callable torch cannot name
+        name = getattr(func, "__name__", "")
+    name = name.rsplit(".", 1)[-1]
+    if name.startswith("__") and name.endswith("__"):
+        name = name[2:-2]
+        if name[:1] in ("r", "i") and name[1:] in _ELEMENTWISE | {"truediv", "matmul"}:
+            name = name[1:]
+    name = name.rstrip("_") if not name.startswith("_") else name
+    return {"truediv": "div", "scaled_dot_product_attention": "attention"}.get(name, name)
+
+
+def _numel(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel()
+    if isinstance(value, (tuple, list)):
+        return sum(_numel(v) for v in value)
+    return 0
+
+
+def _estimate(op: str, args: tuple[Any, ...], out: Any) -> float:
+    """Rough operations of one call: 2k per output element of a product over k terms, a few per
+    element for normalizations and softmax, one per element otherwise."""
+    n = _numel(out)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if op in _MATMUL and tensors:
+        return 2.0 * n * max(tensors[0].shape[-1] if tensors[0].dim() else 1, 1)
+    if op in _CONV and len(tensors) > 1:
+        return 2.0 * n * math.prod(tensors[1].shape[1:])
+    if op == "attention" and len(tensors) >= 3:
+        q, k = tensors[0], tensors[1]
+        scores = q.numel() // max(q.shape[-1], 1) * k.shape[-2]
+        return 4.0 * scores * q.shape[-1] + 3.0 * scores
+    return float(_WEIGHTED.get(op, 1) * n)
+
+
+_COUNTED = _MATMUL | _CONV | set(_WEIGHTED) | _ELEMENTWISE | {"attention"}
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, stack: list[nn.Module]) -> None:
+        super().__init__()
+        self.stack = stack
+        self.work: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        op = _op_name(func)
+        if self.stack and op in _COUNTED:
+            self.work[id(self.stack[-1])][op] += _estimate(op, args, out)
+        return out
+
+
+def uncounted_work(model: nn.Module, ids: torch.Tensor) -> list[UncountedWork]:
+    """Run `model(ids)` once and return the math executed directly in the forward of modules
+    that no counting rule covers (largest first), per token of `ids`. Modules with a rule are
+    trusted to count their own forward; containers that only call children report nothing."""
+    names: dict[int, str] = {}
+    for name, module in model.named_modules():
+        names.setdefault(id(module), name)
+    stack: list[nn.Module] = []
+
+    def enter(module: nn.Module, _args: Any) -> None:
+        stack.append(module)
+
+    def leave(module: nn.Module, _args: Any, _out: Any) -> None:
+        if stack and stack[-1] is module:
+            stack.pop()
+
+    pre = nn.modules.module.register_module_forward_pre_hook(enter)
+    post = nn.modules.module.register_module_forward_hook(leave)
+    recorder = _Recorder(stack)
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad(), recorder:
+            model(ids)
+    finally:
+        pre.remove()
+        post.remove()
+        for module, flag in flags:
+            module.train(flag)
+    tokens = max(ids.numel(), 1)
+    modules = {id(m): m for m in model.modules()}
+    out = []
+    for key, ops in recorder.work.items():
+        module = modules.get(key)
+        if module is None or find_rule(type(module)) is not None:
+            continue
+        per_token = {op: value / tokens for op, value in sorted(ops.items())}
+        out.append(
+            UncountedWork(names.get(key, "?") or "<model>", type(module).__name__, per_token)
+        )
+    return sorted(out, key=lambda w: -w.total)
