@@ -4,6 +4,7 @@
 from microsweep.prepare._objective import MicroNet
 from microsweep.prepare._prepared import (
     Prepared,
+    check_counted,
     check_counts,
     eval_key,
     measure_dense,
@@ -21,6 +22,7 @@ __all__ = [
     "MicroNet",
     "Prepared",
     "SpaceFile",
+    "check_counted",
     "check_counts",
     "eval_key",
     "load_space_file",
