@@ -200,3 +200,44 @@ def test_an_output_object_with_logits_is_read_by_the_built_in_perplexity():
     model = Wrapped()
     windows = torch.randint(0, 10, (3, 9), generator=torch.Generator().manual_seed(0))
     assert perplexity(model, windows) == pytest.approx(perplexity(model.inner, windows), rel=1e-12)
+
+
+RULE = """
+
+from microsweep.score import Cost, register_rule
+
+
+@register_rule(HandAttention)
+def _hand_attention(module, name, ctx):
+    cost = Cost("attention")
+    d, positions = 16, ctx.context
+    cost.mul(2 * d * positions, 32, 32)  # q.k over the attended positions, then attn.v
+    cost.add(2 * d * positions)
+    cost.other(3 * positions)  # softmax
+    return cost
+"""
+
+
+@pytest.mark.ray
+def test_a_rule_registered_in_the_space_file_counts_on_ray_workers(tmp_path):
+    """A counting rule the space file registers also counts on Ray workers, which never run
+    the file: the same policies count the same operations there and in-process."""
+    path = tmp_path / "ruled.py"
+    path.write_text(HAND_ATTENTION.format(tolerance="") + RULE)
+    counts = {}
+    for mode in ("ray", "local"):
+        seen: list[dict] = []
+        run_sweep(
+            str(path),
+            name=mode,
+            trials=3,
+            storage=f"sqlite:///{tmp_path / f'{mode}.db'}",
+            sampler="random",
+            seed=4,
+            in_process=mode == "local",
+            progress=False,
+            on_trial=seen.append,
+        )
+        counts[mode] = [(s["state"], s.get("ops")) for s in seen]
+    assert counts["ray"] == counts["local"]
+    assert all(state == "COMPLETE" for state, _ in counts["ray"])

@@ -16,7 +16,14 @@ from microsweep.score._perplexity import (
     perplexity,
     window_nll,
 )
-from microsweep.score._registry import Cost, RuleContext, find_rule, register_rule
+from microsweep.score._registry import (
+    Cost,
+    RuleContext,
+    find_rule,
+    register_rule,
+    register_rules,
+    rules_defined_in,
+)
 from microsweep.score._rounding import round_to_storage
 from microsweep.score._score import CHALLENGE_BASELINE, Baseline, micronet_score
 from microsweep.score._trace import UncountedWork, uncounted_work
@@ -43,6 +50,8 @@ __all__ = [
     "op_weight",
     "perplexity",
     "register_rule",
+    "register_rules",
+    "rules_defined_in",
     "uncounted_work",
     "round_to_storage",
     "StopRule",

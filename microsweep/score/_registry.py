@@ -220,3 +220,15 @@ def find_rule(module_type: type) -> Rule | None:
         if rule is not None:
             return rule
     return None
+
+
+def rules_defined_in(module_name: str) -> dict[type, Rule]:
+    """The rules registered by code of module `module_name` (a space file), so a worker process
+    that never ran that file can register the same ones (`register_rules`)."""
+    return {t: r for t, r in _RULES.items() if getattr(r, "__module__", None) == module_name}
+
+
+def register_rules(rules: dict[type, Rule]) -> None:
+    """Register each (module type, rule) pair, as `register_rule` does."""
+    for module_type, rule in rules.items():
+        register_rule(module_type)(rule)

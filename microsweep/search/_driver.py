@@ -180,6 +180,7 @@ def _make_pool(
     gpus_per_worker: float = 0.0,
 ) -> Any:
     """The workers of a sweep (or a sensitivity pass): the space's model and evaluation."""
+    from microsweep.score import rules_defined_in
     from microsweep.workers import make_pool
 
     return make_pool(
@@ -193,6 +194,7 @@ def _make_pool(
         address=address,
         in_process=in_process,
         register_by_value=(sf.module,),
+        rules=rules_defined_in(sf.module.__name__),  # the file's own rules, on every worker
         cpus_per_worker=cpus_per_worker,
         gpus_per_worker=gpus_per_worker,
     )

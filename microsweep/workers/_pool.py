@@ -170,6 +170,7 @@ class RayPool(WorkerPool):
             calib=refs["calib"],
             train_tokens=refs["train_tokens"],
             evaluate=refs["evaluate"],
+            rules=refs["rules"],
         )
 
     @property
@@ -270,6 +271,7 @@ def make_pool(
     register_by_value: tuple[Any, ...] = (),
     cpus_per_worker: float = 1.0,
     gpus_per_worker: float = 0.0,
+    rules: Mapping[type, Any] | None = None,
 ) -> WorkerPool:
     """`workers` Ray actors, each reserving `cpus_per_worker` CPUs and `gpus_per_worker` GPUs
     (or one in-process runner when `in_process`)."""
@@ -286,6 +288,7 @@ def make_pool(
         "calib": calib,
         "train_tokens": train_tokens,
         "evaluate": evaluate,
+        "rules": dict(rules or {}),
     }
     return RayPool(
         workers,

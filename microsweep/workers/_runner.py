@@ -55,7 +55,12 @@ class TrialRunner:
         train_tokens: torch.Tensor | None = None,
         evaluate: Callable[[nn.Module], float] | None = None,
         threads: int | None = None,
+        rules: Mapping[type, Any] | None = None,
     ) -> None:
+        if rules:  # counting rules a space file registered, in a process that did not run it
+            from microsweep.score import register_rules
+
+            register_rules(dict(rules))
         self.device = _assigned_device()
         if self.device is not None:  # a Ray worker given a GPU evaluates on it
             model = model.to(self.device)
