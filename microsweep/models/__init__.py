@@ -2,6 +2,7 @@
 
 from microsweep.models._build import build, gpt, lm_batch_loss, logits_of, pretrain
 from microsweep.models.gpt import GPT, GPTConfig
+from microsweep.models.hf import hf
 from microsweep.models.lstm import LSTMLM, LSTMConfig
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "LSTMLM",
     "build",
     "gpt",
+    "hf",
     "lm_batch_loss",
     "logits_of",
     "pretrain",

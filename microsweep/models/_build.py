@@ -28,7 +28,13 @@ def build(recipe: dict[str, Any]) -> nn.Module:
         from microsweep.models.lstm import LSTMLM, LSTMConfig
 
         return LSTMLM(LSTMConfig(**recipe["config"]))
-    raise UsageError(f"unknown model builder {builder!r}; this release builds 'gpt' and 'lstm'")
+    if builder == "hf":
+        from microsweep.models.hf import hf_recipe_model
+
+        return hf_recipe_model(recipe)
+    raise UsageError(
+        f"unknown model builder {builder!r}; this release builds 'gpt', 'lstm' and 'hf'"
+    )
 
 
 def logits_of(output: object) -> torch.Tensor | object:

@@ -214,11 +214,19 @@ def register_rule(module_type: type[nn.Module]) -> Callable[[R], R]:
 
 
 def find_rule(module_type: type) -> Rule | None:
-    """The rule for the nearest class in `module_type`'s MRO that has one, or None."""
+    """The rule for the nearest class in `module_type`'s MRO that has one, or None. The rules
+    for transformers' modules register on first need, in whichever process counts."""
     for cls in module_type.__mro__:
         rule = _RULES.get(cls)
         if rule is not None:
             return rule
+    if str(getattr(module_type, "__module__", "")).startswith("transformers."):
+        from microsweep.score._hf_rules import register_hf_rules
+
+        if register_hf_rules():
+            for cls in module_type.__mro__:
+                if cls in _RULES:
+                    return _RULES[cls]
     return None
 
 

@@ -1,0 +1,168 @@
+"""Counting rules for Hugging Face transformers modules (GPT-2 and Llama families).
+
+Registered the first time the counter meets a module from the transformers package, in
+whatever process that happens (a Ray worker too), so transformers stays optional and is
+imported only for models that use it. Conventions are the built-in GPT's: attention over the
+mean context per token, one residual add per element per branch, the output softmax over the
+vocabulary once per token.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from microsweep.score._registry import Cost, RuleContext, register_rule
+from microsweep.score._rules import _attention_ops, _elementwise, _softmax_others
+
+__all__ = ["register_hf_rules"]
+
+_DONE = False
+
+
+def _hidden(module: nn.Module) -> int:
+    """The hidden size, from the module or the config it (or its attention) holds."""
+    if isinstance(getattr(module, "hidden_size", None), int):
+        return int(module.hidden_size)
+    attention = getattr(module, "self_attn", None)
+    for config in (getattr(module, "config", None), getattr(attention, "config", None)):
+        for key in ("n_embd", "hidden_size"):
+            value = getattr(config, key, None)
+            if isinstance(value, int):
+                return value
+    raise ValueError(f"cannot find the hidden size of {type(module).__name__}")
+
+
+def _vocab(module: nn.Module) -> int:
+    return int(module.config.vocab_size)
+
+
+def register_hf_rules() -> bool:
+    """Register the rules for the transformers classes that exist in this installation;
+    False when transformers is missing."""
+    global _DONE
+    if _DONE:
+        return True
+    try:
+        import transformers.activations as act
+    except ImportError:
+        return False
+    _DONE = True
+    gelu_tanh = _elementwise("gelu", 6, 2, 1)  # x³, ·0.044715, +x, ·√(2/π), tanh, +1, ·x, ·0.5
+    for name in ("NewGELUActivation", "FastGELUActivation", "GELUTanh", "PytorchGELUTanh"):
+        if hasattr(act, name):
+            register_rule(getattr(act, name))(gelu_tanh)
+    for name in ("GELUActivation", "AccurateGELUActivation"):
+        if hasattr(act, name):
+            register_rule(getattr(act, name))(_elementwise("gelu", 3, 1, 1))
+    if hasattr(act, "QuickGELUActivation"):  # x·sigmoid(1.702x): 2 mults and a sigmoid
+        register_rule(act.QuickGELUActivation)(_elementwise("gelu", 4, 1, 0))
+    if hasattr(act, "SiLUActivation"):
+        register_rule(act.SiLUActivation)(_elementwise("silu", 3, 1, 0))
+    _gpt2()
+    _llama()
+    return True
+
+
+def _causal_lm_rule(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
+    """The output softmax over the vocabulary (3V-1 others); the body and head are children."""
+    cost = Cost("model")
+    cost.other(_softmax_others(_vocab(module)))
+    return cost
+
+
+def _residual_rule(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
+    """Two residual additions of the hidden size."""
+    cost = Cost("block")
+    cost.add(2 * _hidden(module))
+    return cost
+
+
+def _gpt2() -> None:
+    try:
+        from transformers.models.gpt2 import modeling_gpt2 as g
+    except ImportError:
+        return
+
+    @register_rule(g.GPT2Attention)
+    def _attention(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
+        """Attention over the context; c_attn and c_proj are children with their own rules."""
+        cost = Cost("attention")
+        heads, size = int(module.num_heads), int(module.head_dim)
+        _attention_ops(cost, ctx, heads=heads, head_size=size, c=ctx.context)
+        return cost
+
+    @register_rule(g.GPT2Block)
+    def _block(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
+        """Two residual additions of the hidden size."""
+        cost = Cost("block")
+        cost.add(2 * int(module.ln_1.normalized_shape[0]))
+        return cost
+
+    @register_rule(g.GPT2Model)
+    def _body(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
+        """Token plus position embedding: d adds."""
+        cost = Cost("body")
+        cost.add(_hidden(module))
+        return cost
+
+    register_rule(g.GPT2LMHeadModel)(_causal_lm_rule)
+
+
+def _llama() -> None:
+    try:
+        from transformers.models.llama import modeling_llama as m
+    except ImportError:
+        return
+
+    @register_rule(m.LlamaRMSNorm)
+    def _rms_norm(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
+        """x·rsqrt(mean(x²)+ε)·γ over d: d mults (x²), d adds (sum, +ε), 1 other (rsqrt), d mults
+        (normalize), d mults (γ); γ is stored."""
+        d = int(module.weight.numel())
+        cost = Cost("rmsnorm")
+        cost.store(module.weight)
+        cost.mul(3 * d)
+        cost.add(d)
+        cost.other(1)
+        return cost
+
+    @register_rule(m.LlamaAttention)
+    def _attention(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
+        """Rotary position on q and k (2 mults and 1 add per element each), then attention of
+        every query head over the context (key/value heads shared in groups)."""
+        cost = Cost("attention")
+        config = module.config
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        size = int(module.head_dim)
+        rotated = (heads + kv_heads) * size
+        cost.mul(2 * rotated)
+        cost.add(rotated)
+        _attention_ops(cost, ctx, heads=heads, head_size=size, c=ctx.context)
+        return cost
+
+    @register_rule(m.LlamaRotaryEmbedding)
+    def _rotary(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
+        """cos and sin of this position's angles: head_dim/2 mults, head_dim others; the
+        inverse frequencies are a constant recomputable from the config (not stored)."""
+        cost = Cost("rotary")
+        half = int(module.inv_freq.numel())
+        cost.mul(half)
+        cost.other(4 * half)  # cos and sin of each angle, each written twice (concatenated)
+        return cost
+
+    @register_rule(m.LlamaMLP)
+    def _mlp(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
+        """act(gate(x)) · up(x): one mult per intermediate element; projections are children."""
+        cost = Cost("mlp")
+        cost.mul(int(module.intermediate_size))
+        return cost
+
+    register_rule(m.LlamaDecoderLayer)(_residual_rule)
+
+    @register_rule(m.LlamaModel)
+    def _body(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
+        """Nothing of its own: embedding, layers, rotary and norm are children."""
+        return Cost("body")
+
+    register_rule(m.LlamaForCausalLM)(_causal_lm_rule)
