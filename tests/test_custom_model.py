@@ -241,3 +241,13 @@ def test_a_rule_registered_in_the_space_file_counts_on_ray_workers(tmp_path):
         counts[mode] = [(s["state"], s.get("ops")) for s in seen]
     assert counts["ray"] == counts["local"]
     assert all(state == "COMPLETE" for state, _ in counts["ray"])
+
+
+def test_hf_without_transformers_says_what_to_install(monkeypatch):
+    import sys
+
+    from microsweep import models
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    with pytest.raises(UsageError, match=r'pip install -e "\.\[hf\]"'):
+        models.hf("some/model/dir")

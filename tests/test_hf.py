@@ -139,3 +139,14 @@ def test_hf_gpt2_sweeps_on_ray_and_exports_with_equal_perplexity(tmp_path: Path)
     assert info.exact and abs(info.ratio - 1.0) <= 0.02
     model = load(path, expect_recipe=recipe)
     assert perplexity(model, windows) == pytest.approx(row.perplexity, rel=1e-4)
+
+
+def test_a_raw_gpt2_space_points_to_models_hf():
+    from microsweep import Bits, Space
+    from microsweep.errors import SpaceError
+
+    raw = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    )
+    with pytest.raises(SpaceError, match=r"Conv1D layers \(GPT-2\): pass microsweep.models.hf"):
+        Space(raw, rules={"transformer.h.*.mlp.*": dict(bits=Bits(8, 32))})

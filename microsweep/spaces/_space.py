@@ -198,8 +198,16 @@ class Space:
                         f"rule {rule.key!r} is shadowed: exact names or earlier patterns "
                         "take all its layers"
                     )
+                conv1d = any(type(m).__name__ == "Conv1D" for m in self.model.modules())
+                hint = (
+                    "; this model has transformers Conv1D layers (GPT-2): pass "
+                    "microsweep.models.hf(model) to Space, which makes them Linear"
+                    if conv1d
+                    else ""
+                )
                 raise SpaceError(
-                    f"rule {rule.key!r} matches no Linear layer; layer names are like: {names}"
+                    f"rule {rule.key!r} matches no Linear layer; layer names are like: "
+                    f"{names}{hint}"
                 )
         return assignment
 
