@@ -26,7 +26,7 @@ def _transformers() -> Any:
         import transformers
     except ImportError:
         raise UsageError(
-            "Hugging Face models need transformers: pip install -e \".[hf]\" (or pip install "
+            'Hugging Face models need transformers: pip install -e ".[hf]" (or pip install '
             "transformers)"
         ) from None
     return transformers
