@@ -92,6 +92,20 @@ def test_custom_lm_with_evaluate_and_calib_sweeps_with_act_bits(tmp_path):
     ]
     assert quantized_inputs  # activation quantization really ran, calibrated on `calib`
     assert len({round(r.perplexity, 9) for r in rows}) > 1  # the models really changed
+    # export without a recipe: the file names the class; load takes a dense instance
+    from microsweep import load
+    from microsweep.export import ExportError, export_trial
+
+    row = quantized_inputs[0]
+    path = tmp_path / "custom.msz"
+    info = export_trial("c", row.number, path, storage=url)
+    assert info.exact
+    with pytest.raises(ExportError, match=r"custom model \(.*TinyLM\); pass load\(path, model="):
+        load(path)
+    sf = load_space_file(_space(tmp_path))
+    model = load(path, model=sf.model)
+    assert sf.evaluate(model) == pytest.approx(row.perplexity, rel=1e-6)
+    assert model is not sf.model and type(model.up).__name__ == "CompressedLinear"
 
 
 def test_act_bits_without_calibration_tokens_is_refused_at_load(tmp_path):

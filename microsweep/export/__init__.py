@@ -39,6 +39,7 @@ from __future__ import annotations
 from microsweep.score import round_to_storage
 
 from ._format import FORMAT_VERSION, MAGIC, ExportError
+from ._layers import custom_recipe
 from ._load import load, read_header
 from ._save import ExportInfo, save
 from ._trial import export_trial
@@ -48,6 +49,7 @@ __all__ = [
     "MAGIC",
     "ExportError",
     "ExportInfo",
+    "custom_recipe",
     "export_trial",
     "load",
     "read_header",

@@ -97,14 +97,41 @@ def _sides(spec: Mapping[str, Any]) -> tuple[int, int]:
     return int(spec["in"]), int(spec["out"])
 
 
-def skeleton(recipe: Mapping[str, Any], layers: list[list[Any]], where: str) -> nn.Module:
+def custom_recipe(model: nn.Module) -> dict[str, Any]:
+    """The recipe of a model outside `microsweep.models`: its class, for the error that asks
+    `load` for an instance built as when the sweep ran."""
+    kind = type(model)
+    return {"builder": "custom", "class": f"{kind.__module__}.{kind.__qualname__}"}
+
+
+def skeleton(
+    recipe: Mapping[str, Any],
+    layers: list[list[Any]],
+    where: str,
+    base: nn.Module | None = None,
+) -> nn.Module:
     """The recipe's model on the meta device with `layers` swapped in; `where` names the file
-    or model in error messages."""
+    or model in error messages. A ``"custom"`` recipe takes the structure from `base`, a dense
+    instance of the model (its copy goes to the meta device; `base` is not changed)."""
+    import copy
+
     from microsweep.models import build
 
+    if recipe.get("builder") == "custom":
+        if base is None:
+            raise ExportError(
+                f"{where} holds a custom model ({recipe.get('class')}); pass "
+                "load(path, model=<an instance built as when the sweep ran>)"
+            )
+        kind = f"{type(base).__module__}.{type(base).__qualname__}"
+        if type(base).__qualname__ != str(recipe.get("class", "")).rsplit(".", 1)[-1]:
+            raise ExportError(f"{where} is for another model: {recipe.get('class')}, not {kind}")
     with torch.device("meta"):
         try:
-            model = build(dict(recipe))
+            if recipe.get("builder") == "custom":
+                model = copy.deepcopy(base).to("meta")
+            else:
+                model = build(dict(recipe))
         except MicrosweepError:
             raise
         except Exception as exc:

@@ -164,12 +164,17 @@ def _fill(
 
 
 def load(
-    path: str | os.PathLike[str], *, expect_recipe: Mapping[str, Any] | None = None
+    path: str | os.PathLike[str],
+    *,
+    expect_recipe: Mapping[str, Any] | None = None,
+    model: nn.Module | None = None,
 ) -> nn.Module:
     """Rebuild the model saved at `path` on the CPU, in eval mode.
 
     The file is verified (magic, format version, lengths, checksums) and every tensor decoded
-    before a module is built; `expect_recipe` refuses a file made for another model. Raises
+    before a module is built; `expect_recipe` refuses a file made for another model. A file of
+    a custom model (outside `microsweep.models`) needs `model`, a dense instance built as when
+    the sweep ran; it is copied, not changed. Raises
     `ExportError` with what is wrong; never returns a partially filled model.
     """
     where = os.fspath(path)
@@ -191,7 +196,7 @@ def load(
             "the expected one"
         )
     try:
-        model = skeleton(recipe, layers, where)  # on the meta device: allocates nothing
+        model = skeleton(recipe, layers, where, model)  # on the meta device: allocates nothing
         _check_shapes(model, table, where)  # declared shapes fit before anything is decoded
         decoded = _decode_all(header, payload, where)
         _fill(model, table, decoded, where)

@@ -308,6 +308,7 @@ def save(
     recipe: Mapping[str, Any],
     count_config: CountConfig | Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    base: nn.Module | None = None,
 ) -> ExportInfo:
     """Write compressed `model` to `path` (atomically) and return what was written.
 
@@ -315,7 +316,8 @@ def save(
     built-in GPT, ``model.recipe()``); `policy` and `extra` are kept as metadata. Values are
     stored at the widths `count(model, config=count_config)` counts them at; with the 16-bit
     allowance every value is stored as fp16, so call `round_to_storage` first to make the
-    saved model exactly the one you evaluated (`ExportInfo.exact` says whether it was).
+    saved model exactly the one you evaluated (`ExportInfo.exact` says whether it was). For a
+    model outside `microsweep.models`, pass ``recipe=custom_recipe(base)`` and the dense `base`.
     """
     if not isinstance(model, nn.Module):
         raise ExportError(f"save() needs an nn.Module, got {type(model).__name__}")
@@ -327,7 +329,7 @@ def save(
     if callable(own) and canonical(_json_object(own(), "model.recipe()")) != canonical(recipe_json):
         raise ExportError("recipe describes another model than the one given; pass model.recipe()")
     layers = layer_specs(model)
-    shell = skeleton(recipe_json, layers, "the recipe")
+    shell = skeleton(recipe_json, layers, "the recipe", base)
     shapes = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
     expected = {n: tuple(t.shape) for n, t in shell.state_dict(keep_vars=True).items()}
     if shapes != expected:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ._format import ExportError
+from ._layers import custom_recipe
 from ._save import ExportInfo, save
 
 __all__ = ["export_trial"]
@@ -42,11 +43,8 @@ def export_trial(
             f"trial {number} of sweep {name!r} is {row.state}{why}; export a COMPLETE trial"
         )
     sf, prepared = reopen_space(sweep)  # refuses another model or another corpus
-    recipe = sweep.model_recipe or recipe_of(sf.model)
-    if recipe is None:
-        raise ExportError(
-            f"sweep {name!r}'s model has no recipe(); only models from microsweep.models export"
-        )
+    # a model outside microsweep.models is stored under its class; load() takes an instance
+    recipe = sweep.model_recipe or recipe_of(sf.model) or custom_recipe(sf.model)
     settings = prepared.settings
     config = (
         CountConfig.from_json(row.count_config)
@@ -84,4 +82,12 @@ def export_trial(
         "ops": row.ops,
         "score": row.score,
     }
-    return save(model, path, policy=policy, recipe=recipe, count_config=config, extra=extra)
+    return save(
+        model,
+        path,
+        policy=policy,
+        recipe=recipe,
+        count_config=config,
+        extra=extra,
+        base=sf.model,
+    )
