@@ -41,6 +41,22 @@ def test_gpt2_conv1d_becomes_linear_with_the_same_function():
     assert converted.recipe()["builder"] == "hf"
 
 
+def test_a_local_directory_loads_like_the_model_saved_there(tmp_path):
+    from microsweep.errors import UsageError
+
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    original = transformers.GPT2LMHeadModel(cfg).eval()
+    original.save_pretrained(tmp_path / "gpt2-tiny")
+    ids = torch.randint(0, 64, (1, 16))
+    with torch.no_grad():
+        expected = original(ids).logits
+        got = models.hf(str(tmp_path / "gpt2-tiny"))(ids).logits
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(UsageError, match="not a local model directory"):
+        models.hf(str(tmp_path / "absent"))
+
+
 def test_gpt2_counts_every_parameter_once_and_ops_like_the_built_in_gpt():
     d, layers, heads, vocab, window = 256, 2, 4, 512, 64
     hf = _gpt2(vocab_size=vocab, n_positions=window, n_embd=d, n_layer=layers, n_head=heads)
@@ -59,23 +75,41 @@ def test_gpt2_counts_every_parameter_once_and_ops_like_the_built_in_gpt():
     assert abs(counted.ops / ours.ops - 1) < 0.005
 
 
-def test_llama_style_model_is_counted_with_nothing_left_over():
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+def _family(kind: str) -> torch.nn.Module:
+    small = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    small["max_position_embeddings"] = 64
+    grouped = dict(small, intermediate_size=128, num_key_value_heads=2)
+    config = {
+        "llama": lambda: transformers.LlamaConfig(**grouped),
+        "qwen2": lambda: transformers.Qwen2Config(**grouped),
+        "mistral": lambda: transformers.MistralConfig(**grouped),
+        "opt": lambda: transformers.OPTConfig(**small, ffn_dim=128, word_embed_proj_dim=64),
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(**small, intermediate_size=128),
+    }[kind]()
     torch.manual_seed(0)
-    llama = models.hf(cfg)
-    assert uncounted_work(llama, torch.zeros(1, 8, dtype=torch.long)) == []
-    counted = count(llama, context=mean_context(64), config=EXACT)
-    assert counted.params == sum(p.numel() for p in llama.parameters())
-    names = {row.name: row for row in counted.layers}
-    assert names["model.layers.0.self_attn"].ops > 0 and names["model.norm"].params == 64
+    return models.hf(config)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "opt", "gpt_neox"])
+def test_linear_based_families_are_counted_with_nothing_left_over(kind):
+    """Llama, Qwen2, Mistral, OPT and GPT-NeoX style models: every parameter counted once, no
+    executed math outside a rule, and a compressed layer changes the count as it should."""
+    from microsweep import LayerPolicy, Policy
+    from microsweep.compress import compress
+
+    model = _family(kind)
+    assert uncounted_work(model, torch.zeros(1, 8, dtype=torch.long)) == []
+    dense = count(model, context=mean_context(64), config=EXACT)
+    assert dense.params == sum(p.numel() for p in model.parameters())
+    attention_rows = [r for r in dense.layers if r.name.endswith(("self_attn", "attention"))]
+    assert len(attention_rows) == 2 and all(r.ops > 0 for r in attention_rows)
+    name, linear = next(
+        (n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".0." in n
+    )
+    small = compress(model, Policy(layers={name: LayerPolicy(bits=8)}))
+    after = count(small, context=mean_context(64), config=EXACT)
+    saved = linear.weight.numel() * (1 - 8 / 32)
+    assert after.params == pytest.approx(dense.params - saved + linear.out_features, rel=1e-9)
 
 
 SPACE = """

@@ -23,7 +23,7 @@ def _hidden(module: nn.Module) -> int:
     """The hidden size, from the module or the config it (or its attention) holds."""
     if isinstance(getattr(module, "hidden_size", None), int):
         return int(module.hidden_size)
-    attention = getattr(module, "self_attn", None)
+    attention = getattr(module, "self_attn", None) or getattr(module, "attention", None)
     for config in (getattr(module, "config", None), getattr(attention, "config", None)):
         for key in ("n_embd", "hidden_size"):
             value = getattr(config, key, None)
@@ -108,61 +108,125 @@ def _gpt2() -> None:
     register_rule(g.GPT2LMHeadModel)(_causal_lm_rule)
 
 
+def _rotated(module: nn.Module, heads: int, kv_heads: int, head_dim: int) -> int:
+    """Elements of q and k that rotary position embedding turns (all of each head, or the
+    first `rotary_ndims`)."""
+    dims = int(getattr(module, "rotary_ndims", None) or head_dim)
+    return (heads + kv_heads) * dims
+
+
+def _rotary_attention(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
+    """Rotary position on q and k (2 mults and 1 add per turned element), then attention of
+    every query head over the context (key/value heads shared in groups)."""
+    cost = Cost("attention")
+    config = module.config
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    size = int(getattr(module, "head_dim", None) or getattr(module, "head_size", None))
+    rotated = _rotated(module, heads, kv_heads, size)
+    cost.mul(2 * rotated)
+    cost.add(rotated)
+    _attention_ops(cost, ctx, heads=heads, head_size=size, c=ctx.context)
+    return cost
+
+
+def _rms_norm(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
+    """x·rsqrt(mean(x²)+ε)·γ over d: d mults (x²), d adds (sum, +ε), 1 other (rsqrt), d mults
+    (normalize), d mults (γ); γ is stored."""
+    d = int(module.weight.numel())
+    cost = Cost("rmsnorm")
+    cost.store(module.weight)
+    cost.mul(3 * d)
+    cost.add(d)
+    cost.other(1)
+    return cost
+
+
+def _rotary(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
+    """cos and sin of this position's angles: one mult per frequency, then cos and sin of each
+    angle written for both halves (4 others per frequency); the inverse frequencies are a
+    constant recomputable from the config (not stored)."""
+    cost = Cost("rotary")
+    half = int(module.inv_freq.numel())
+    cost.mul(half)
+    cost.other(4 * half)
+    return cost
+
+
+def _gated_mlp(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
+    """act(gate(x)) · up(x): one mult per intermediate element; projections are children."""
+    cost = Cost("mlp")
+    cost.mul(int(module.intermediate_size))
+    return cost
+
+
 def _llama() -> None:
+    """Llama and the families built the same way (Qwen2, Qwen3, Mistral): RMSNorm, rotary
+    attention with grouped key/value heads, a gated MLP, two residual adds per layer."""
+    import importlib
+
+    for family, prefix in (
+        ("llama", "Llama"),
+        ("qwen2", "Qwen2"),
+        ("qwen3", "Qwen3"),
+        ("mistral", "Mistral"),
+    ):
+        try:
+            m = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        except ImportError:
+            continue
+        for suffix, rule in (
+            ("RMSNorm", _rms_norm),
+            ("Attention", _rotary_attention),
+            ("RotaryEmbedding", _rotary),
+            ("MLP", _gated_mlp),
+            ("DecoderLayer", _residual_rule),
+            ("ForCausalLM", _causal_lm_rule),
+        ):
+            cls = getattr(m, prefix + suffix, None)
+            if cls is not None:
+                register_rule(cls)(rule)
+    _opt()
+    _gpt_neox()
+
+
+def _opt() -> None:
     try:
-        from transformers.models.llama import modeling_llama as m
+        from transformers.models.opt import modeling_opt as m
     except ImportError:
         return
 
-    @register_rule(m.LlamaRMSNorm)
-    def _rms_norm(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
-        """x·rsqrt(mean(x²)+ε)·γ over d: d mults (x²), d adds (sum, +ε), 1 other (rsqrt), d mults
-        (normalize), d mults (γ); γ is stored."""
-        d = int(module.weight.numel())
-        cost = Cost("rmsnorm")
-        cost.store(module.weight)
-        cost.mul(3 * d)
-        cost.add(d)
-        cost.other(1)
-        return cost
-
-    @register_rule(m.LlamaAttention)
+    @register_rule(m.OPTAttention)
     def _attention(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
-        """Rotary position on q and k (2 mults and 1 add per element each), then attention of
-        every query head over the context (key/value heads shared in groups)."""
+        """Attention over the context; the q, k, v and out projections are children."""
         cost = Cost("attention")
-        config = module.config
-        heads = int(config.num_attention_heads)
-        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-        size = int(module.head_dim)
-        rotated = (heads + kv_heads) * size
-        cost.mul(2 * rotated)
-        cost.add(rotated)
+        heads, size = int(module.num_heads), int(module.head_dim)
         _attention_ops(cost, ctx, heads=heads, head_size=size, c=ctx.context)
         return cost
 
-    @register_rule(m.LlamaRotaryEmbedding)
-    def _rotary(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
-        """cos and sin of this position's angles: head_dim/2 mults, head_dim others; the
-        inverse frequencies are a constant recomputable from the config (not stored)."""
-        cost = Cost("rotary")
-        half = int(module.inv_freq.numel())
-        cost.mul(half)
-        cost.other(4 * half)  # cos and sin of each angle, each written twice (concatenated)
+    @register_rule(m.OPTDecoderLayer)
+    def _layer(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
+        """Two residual additions of the hidden size."""
+        cost = Cost("block")
+        cost.add(2 * int(module.embed_dim))
         return cost
 
-    @register_rule(m.LlamaMLP)
-    def _mlp(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
-        """act(gate(x)) · up(x): one mult per intermediate element; projections are children."""
-        cost = Cost("mlp")
-        cost.mul(int(module.intermediate_size))
+    @register_rule(m.OPTDecoder)
+    def _decoder(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
+        """Token plus learned position embedding: d adds (after any input projection)."""
+        cost = Cost("body")
+        cost.add(int(module.config.hidden_size))
         return cost
 
-    register_rule(m.LlamaDecoderLayer)(_residual_rule)
+    register_rule(m.OPTForCausalLM)(_causal_lm_rule)
 
-    @register_rule(m.LlamaModel)
-    def _body(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
-        """Nothing of its own: embedding, layers, rotary and norm are children."""
-        return Cost("body")
 
-    register_rule(m.LlamaForCausalLM)(_causal_lm_rule)
+def _gpt_neox() -> None:
+    try:
+        from transformers.models.gpt_neox import modeling_gpt_neox as m
+    except ImportError:
+        return
+    register_rule(m.GPTNeoXAttention)(_rotary_attention)
+    register_rule(m.GPTNeoXRotaryEmbedding)(_rotary)
+    register_rule(m.GPTNeoXLayer)(_residual_rule)  # parallel or not: two adds of d
+    register_rule(m.GPTNeoXForCausalLM)(_causal_lm_rule)

@@ -110,7 +110,8 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         out = func(*args, **(kwargs or {}))
         op = _op_name(func)
-        if self.stack and op in _COUNTED:
+        floating = isinstance(out, torch.Tensor) and out.is_floating_point()
+        if self.stack and op in _COUNTED and floating:  # integer position bookkeeping is free
             self.work[id(self.stack[-1])][op] += _estimate(op, args, out)
         return out
 
