@@ -20,10 +20,15 @@ _DONE = False
 
 
 def _hidden(module: nn.Module) -> int:
-    """The hidden size, from the module or the config it (or its attention) holds."""
-    if isinstance(getattr(module, "hidden_size", None), int):
-        return int(module.hidden_size)
-    attention = getattr(module, "self_attn", None) or getattr(module, "attention", None)
+    """The hidden size, from the module, its attention or the config either holds."""
+    attention = next(
+        (getattr(module, a) for a in ("self_attn", "attention", "attn") if hasattr(module, a)),
+        None,
+    )
+    for owner in (module, attention):
+        for key in ("hidden_size", "embed_dim"):
+            if isinstance(getattr(owner, key, None), int):
+                return int(getattr(owner, key))
     for config in (getattr(module, "config", None), getattr(attention, "config", None)):
         for key in ("n_embd", "hidden_size"):
             value = getattr(config, key, None)
@@ -77,26 +82,23 @@ def _residual_rule(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
     return cost
 
 
+def _plain_attention(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
+    """Attention over the context (`num_heads` heads of `head_dim`); the projections are
+    children with their own rules."""
+    cost = Cost("attention")
+    heads, size = int(module.num_heads), int(module.head_dim)
+    _attention_ops(cost, ctx, heads=heads, head_size=size, c=ctx.context)
+    return cost
+
+
 def _gpt2() -> None:
     try:
         from transformers.models.gpt2 import modeling_gpt2 as g
     except ImportError:
         return
 
-    @register_rule(g.GPT2Attention)
-    def _attention(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
-        """Attention over the context; c_attn and c_proj are children with their own rules."""
-        cost = Cost("attention")
-        heads, size = int(module.num_heads), int(module.head_dim)
-        _attention_ops(cost, ctx, heads=heads, head_size=size, c=ctx.context)
-        return cost
-
-    @register_rule(g.GPT2Block)
-    def _block(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
-        """Two residual additions of the hidden size."""
-        cost = Cost("block")
-        cost.add(2 * int(module.ln_1.normalized_shape[0]))
-        return cost
+    register_rule(g.GPT2Attention)(_plain_attention)
+    register_rule(g.GPT2Block)(_residual_rule)
 
     @register_rule(g.GPT2Model)
     def _body(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
@@ -196,20 +198,8 @@ def _opt() -> None:
     except ImportError:
         return
 
-    @register_rule(m.OPTAttention)
-    def _attention(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
-        """Attention over the context; the q, k, v and out projections are children."""
-        cost = Cost("attention")
-        heads, size = int(module.num_heads), int(module.head_dim)
-        _attention_ops(cost, ctx, heads=heads, head_size=size, c=ctx.context)
-        return cost
-
-    @register_rule(m.OPTDecoderLayer)
-    def _layer(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
-        """Two residual additions of the hidden size."""
-        cost = Cost("block")
-        cost.add(2 * int(module.embed_dim))
-        return cost
+    register_rule(m.OPTAttention)(_plain_attention)
+    register_rule(m.OPTDecoderLayer)(_residual_rule)
 
     @register_rule(m.OPTDecoder)
     def _decoder(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
