@@ -24,9 +24,9 @@ SAMPLER_NAMES = ("auto", "allocate", "tpe", "nsga2", "gp", "cmaes", "random", "u
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like our own errors
-        self.exit(
-            2, f"microsweep: error: {message} (see 'microsweep {self.prog.split()[-1]} -h')\n"
-        )
+        words = self.prog.split()
+        where = "microsweep" if len(words) == 1 else f"microsweep {words[-1]}"
+        self.exit(2, f"microsweep: error: {message} (see '{where} -h')\n")
 
 
 def _positive(text: str) -> int:
@@ -40,8 +40,12 @@ def _positive(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from microsweep._version import __version__
+
     p = _Parser(prog="microsweep", description="Compression-policy search for language models.")
+    p.add_argument("--version", action="version", version=f"microsweep {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    formats = ("table", "csv", "json")
     storage_help = "database URL (default: $MICROSWEEP_STORAGE, else sqlite:///microsweep.db)"
     wait_help = "seconds to keep retrying while the database is unreachable (default 60)"
 
@@ -114,6 +118,31 @@ def _parser() -> argparse.ArgumentParser:
     count = sub.add_parser("count", help="per-layer MicroNet table for the dense model or a policy")
     count.add_argument("space", help="the space file whose model is counted")
     count.add_argument("--policy", default=None, help="policy JSON file (default: dense model)")
+
+    ls = sub.add_parser("ls", help="the sweeps in a storage: trials, state, best feasible")
+    ls.add_argument("--storage", help=storage_help)
+    ls.add_argument("--format", choices=formats, default="table")
+
+    trials = sub.add_parser("trials", help="a sweep's finished trials as a table, CSV or JSON")
+    trials.add_argument("--name", required=True)
+    trials.add_argument("--storage", help=storage_help)
+    trials.add_argument("--state", choices=("COMPLETE", "PRUNED", "FAIL"), default=None)
+    pick = trials.add_mutually_exclusive_group()
+    pick.add_argument("--feasible", action="store_true", help="only trials under the ceiling")
+    pick.add_argument("--infeasible", action="store_true", help="only trials over it")
+    trials.add_argument("--format", choices=formats, default="table")
+
+    show = sub.add_parser("show", help="one trial: full policy and per-layer counts")
+    show.add_argument("--name", required=True)
+    show.add_argument("--trial", type=int, required=True)
+    show.add_argument("--storage", help=storage_help)
+    show.add_argument("--format", choices=formats, default="table")
+    show.add_argument(
+        "--json",
+        dest="policy_out",
+        default=None,
+        help="also write the policy to this file (what 'count --policy' reads)",
+    )
 
     export = sub.add_parser("export", help="write a trial's compressed model as a .msz file")
     export.add_argument("--name", required=True)
@@ -209,6 +238,50 @@ def _status(name: str, storage: str | None, top: int) -> None:
     failed = [r for r in rows if r.state == "FAIL"]
     for r in failed[:3]:
         print(f"  trial {r.number} FAIL: {r.reason}")
+
+
+def _read_command(args: argparse.Namespace) -> None:
+    """`ls`, `trials` and `show`: rows from the store printed as a table, CSV or JSON."""
+    from microsweep.report import format_rows, sweep_rows, trial_detail, trial_rows
+    from microsweep.storage import Store
+
+    store = Store(args.storage, must_exist=True)
+    if args.command == "ls":
+        rows = sweep_rows(store)
+        cols = ["name", "state", "finished", "target", "feasible", "best_score", "best_trial"]
+        print(format_rows(rows, args.format, cols) if rows else f"no sweeps in {store.display}")
+        return
+    if args.command == "trials":
+        feasible = True if args.feasible else False if args.infeasible else None
+        rows = trial_rows(store, args.name, state=args.state, feasible=feasible)
+        cols = ["trial", "state", "feasible", "score", "perplexity", "origin", "policy"]
+        print(format_rows(rows, args.format, cols))
+        return
+    detail = trial_detail(store, args.name, args.trial)
+    if args.policy_out:
+        from microsweep.spaces import Policy
+
+        text = Policy.from_json(detail["policy"]).dumps()
+        try:
+            with open(args.policy_out, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.policy_out}: {exc.strerror or exc}") from None
+    if args.format == "json":
+        import json
+
+        print(json.dumps(detail, indent=2, default=str))
+        return
+    head = {k: v for k, v in detail.items() if k not in ("policy", "layers")}
+    print("\n".join(f"{k}: {v}" for k, v in head.items()))
+    cols = ["layer", "kind", "sparsity", "bits", "act_bits", "rank", "params", "dense_params",
+            "ops", "dense_ops"]  # fmt: skip
+    print(format_rows(detail["layers"], args.format, cols))
+    hyper = detail["policy"].get("hyper") or {}
+    if hyper:
+        print("hyper: " + ", ".join(f"{k}={v}" for k, v in sorted(hyper.items())))
+    if args.policy_out:
+        print(f"wrote the policy to {args.policy_out}")
 
 
 def _positive_float(text: str) -> float:
@@ -336,6 +409,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         from microsweep.report import count_report
 
         print(count_report(args.space, args.policy))
+    elif args.command in ("ls", "trials", "show"):
+        _read_command(args)
     elif args.command == "export":
         from microsweep.export import export_trial
 

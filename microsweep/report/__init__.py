@@ -14,15 +14,20 @@ from microsweep.report._sensitivity import (
     sensitivity_data,
     write_sensitivity_html,
 )
+from microsweep.report._tables import format_rows, sweep_rows, trial_detail, trial_rows
 
 __all__ = [
     "ParetoData",
     "Point",
     "count_report",
+    "format_rows",
     "SensitivityData",
     "pareto_data",
     "pareto_front",
     "sensitivity_data",
+    "sweep_rows",
+    "trial_detail",
+    "trial_rows",
     "write_pareto_html",
     "write_sensitivity_html",
 ]

@@ -1,0 +1,147 @@
+"""The data behind `microsweep ls`, `trials` and `show`: plain rows that the CLI prints as a
+table, CSV or JSON and that tests assert on."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from microsweep.storage import Store
+
+__all__ = ["format_rows", "sweep_rows", "trial_detail", "trial_rows"]
+
+
+def sweep_rows(store: Store) -> list[dict[str, Any]]:
+    """One row per sweep: finished and target trials, feasible count, state (running while a
+    driver holds a live lease; done at the target; stopped otherwise) and best feasible score."""
+    out = []
+    now = time.time()
+    for name in store.sweep_names():
+        sweep = store.get_sweep(name)
+        rows = store.trials(name)
+        feasible = [r for r in rows if r.state == "COMPLETE" and r.feasible]
+        if sweep.owner and sweep.lease_until and sweep.lease_until > now:
+            state = "running"
+        elif len(rows) >= sweep.target_trials:
+            state = "done"
+        else:
+            state = "stopped"
+        best = min(feasible, key=lambda r: r.score, default=None)
+        out.append(
+            {
+                "name": name,
+                "state": state,
+                "finished": len(rows),
+                "target": sweep.target_trials,
+                "feasible": len(feasible),
+                "best_score": None if best is None else best.score,
+                "best_trial": None if best is None else best.number,
+                "sampler": sweep.sampler,
+                "created": sweep.created_at.isoformat(timespec="seconds"),
+            }
+        )
+    return out
+
+
+def trial_rows(
+    store: Store, name: str, *, state: str | None = None, feasible: bool | None = None
+) -> list[dict[str, Any]]:
+    """The finished trials of sweep `name`, filtered by state (COMPLETE, PRUNED, FAIL) and by
+    whether they met the ceiling."""
+    store.get_sweep(name)  # an unknown name is an error that lists the sweeps
+    out = []
+    for r in store.trials(name):
+        if state is not None and r.state != state:
+            continue
+        if feasible is not None and bool(r.feasible) != feasible:
+            continue
+        out.append(
+            {
+                "trial": r.number,
+                "state": r.state,
+                "feasible": r.feasible,
+                "score": r.score,
+                "perplexity": r.perplexity,
+                "params": r.params,
+                "ops": r.ops,
+                "origin": r.origin,
+                "policy": r.summary,
+                "reason": r.reason,
+            }
+        )
+    return out
+
+
+def trial_detail(store: Store, name: str, number: int) -> dict[str, Any]:
+    """Everything stored for one trial: its scores, the full policy and per-layer counts next
+    to the dense model's."""
+    sweep = store.get_sweep(name)
+    row = store.trial(name, number)
+    dense = {d["name"]: d for d in sweep.dense_layers or []}
+    layers = []
+    for layer in sorted(row.layers, key=lambda x: x.id):
+        base = dense.get(layer.layer, {})
+        layers.append(
+            {
+                "layer": layer.layer,
+                "kind": layer.kind,
+                "sparsity": layer.sparsity,
+                "bits": layer.bits,
+                "act_bits": layer.act_bits,
+                "rank": layer.rank,
+                "params": layer.params,
+                "ops": layer.ops,
+                "dense_params": base.get("params"),
+                "dense_ops": base.get("ops"),
+            }
+        )
+    return {
+        "sweep": name,
+        "trial": row.number,
+        "state": row.state,
+        "feasible": row.feasible,
+        "score": row.score,
+        "perplexity": row.perplexity,
+        "ceiling": sweep.ceiling,
+        "params": row.params,
+        "ops": row.ops,
+        "origin": row.origin,
+        "reason": row.reason,
+        "worker": row.worker,
+        "policy": row.policy,
+        "layers": layers,
+    }
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def format_rows(rows: Sequence[Mapping[str, Any]], fmt: str, columns: Sequence[str]) -> str:
+    """`rows` as an aligned text table, CSV or JSON (all columns for CSV and JSON)."""
+    if fmt == "json":
+        return json.dumps(list(rows), indent=2, default=str)
+    if fmt == "csv":
+        buf = io.StringIO()
+        keys = list(rows[0]) if rows else list(columns)
+        writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buf.getvalue().rstrip("\n")
+    table = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(t[i]) for t in table]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    for t in table:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)).rstrip())
+    return "\n".join(lines)
