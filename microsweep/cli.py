@@ -69,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
         "--in-process", action="store_true", help="no Ray: run trials here, one by one"
     )
     _resource_flags(run)
+    run.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=None,
+        help="time budget in seconds: no new "
+        "trial starts after it; running ones finish and 'resume' continues",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.add_argument("--storage-wait", type=_positive, default=60, help=wait_help)
 
@@ -85,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--address", default=None)
     resume.add_argument("--in-process", action="store_true")
     _resource_flags(resume)
+    resume.add_argument("--timeout", type=_positive_float, default=None, help="time budget (s)")
     resume.add_argument("--quiet", action="store_true")
     resume.add_argument("--storage-wait", type=_positive, default=60, help=wait_help)
 
@@ -178,6 +186,12 @@ def _print_result(result: object) -> None:
             f"sensitivity: {sens['measured']} probes measured, {sens['reused']} reused "
             f"({sens['seconds']:.1f}s)"
         )
+    if result.timed_out:
+        done = sum(result.states.values())
+        print(
+            f"time budget reached after {result.wall:.0f}s with {done} trials run; "
+            f"'microsweep resume --name {result.name}' continues"
+        )
     pruned = result.states.get("PRUNED", 0)
     if pruned:
         share = result.eval_seconds_saved / max(
@@ -205,6 +219,14 @@ def _status(name: str, storage: str | None, top: int) -> None:
     feasible = sum(1 for r in rows if r.state == "COMPLETE" and r.feasible)
     complete = states.get("COMPLETE", 0)
     print(f"  feasible: {feasible} of {complete} complete, {complete - feasible} over the ceiling")
+    from microsweep.report import sweep_state
+
+    if rows:
+        wall = (max(r.finished_at for r in rows) - sweep.created_at).total_seconds()
+        rate = f", {len(rows) / wall * 60:.1f} trials/min" if wall > 0 else ""
+        print(f"  state: {sweep_state(sweep, len(rows))}; wall time {wall:.0f}s{rate}")
+    else:
+        print(f"  state: {sweep_state(sweep, 0)}; no trial finished yet")
     dense_score = sweep.dense_score
     print(
         f"  dense model: perplexity {sweep.dense_perplexity:.4f}, params {sweep.dense_params:,.0f}"
@@ -338,6 +360,7 @@ def _dispatch(args: argparse.Namespace) -> None:
                 storage_wait=args.storage_wait,
                 cpus_per_worker=args.cpus_per_worker,
                 gpus_per_worker=args.gpus_per_worker,
+                timeout=args.timeout,
             )
         )
     elif args.command == "resume":
@@ -355,6 +378,7 @@ def _dispatch(args: argparse.Namespace) -> None:
                 storage_wait=args.storage_wait,
                 cpus_per_worker=args.cpus_per_worker,
                 gpus_per_worker=args.gpus_per_worker,
+                timeout=args.timeout,
             )
         )
     elif args.command == "plot":

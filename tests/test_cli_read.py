@@ -95,3 +95,12 @@ def test_show_gives_the_full_policy_and_a_file_count_reads(tmp_path, sweep):
     assert f"params {row.params:,.2f}" in counted.stdout
     missing = _cli("show", "--name", "r", "--trial", "99", "--storage", sweep, cwd=tmp_path)
     assert missing.returncode == 2 and "no finished trial 99" in missing.stderr
+
+
+def test_status_says_state_wall_time_and_throughput(tmp_path, sweep):
+    proc = _cli("status", "--name", "r", "--storage", sweep, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.strip().startswith("state:"))
+    assert "state: done; wall time" in line and "trials/min" in line
+    seconds = float(line.split("wall time ")[1].split("s")[0])
+    assert 0 < seconds < 3600

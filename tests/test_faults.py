@@ -381,3 +381,28 @@ def test_killed_worker_fails_only_its_trial_and_the_sweep_goes_on(tmp_path, tiny
     failed = [r for r in rows if r.state == "FAIL"]
     assert failed and all("worker died" in (r.reason or "") for r in failed), failed
     assert len(failed) <= 2 and sum(r.state == "COMPLETE" for r in rows) >= 8
+
+
+def test_time_budget_stops_starting_trials_and_resume_continues(tmp_path, tiny_gpt):
+    """--timeout: no trial starts after the budget, the running ones are kept (no FAIL), and
+    resume goes on to the target."""
+    from microsweep.search import resume_sweep, run_sweep
+
+    url = f"sqlite:///{tmp_path / 'budget.db'}"
+    space = _slow_space(tmp_path, 0.3)
+    result = run_sweep(
+        space, name="t", trials=200, storage=url, sampler="random", in_process=True,
+        progress=False, timeout=2.0,
+    )  # fmt: skip
+    done = sum(result.states.values())
+    assert result.timed_out and 1 <= done < 200 and "FAIL" not in result.states
+    _stores_agree(url, "t", done)
+    more = resume_sweep("t", trials=done + 2, storage=url, in_process=True, progress=False)
+    assert not more.timed_out
+    _stores_agree(url, "t", done + 2)
+    proc = subprocess.run(
+        [sys.executable, "-m", "microsweep.cli", "resume", "--name", "t", "--storage", url,
+         "--timeout", "0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "must be a number above 0" in proc.stderr

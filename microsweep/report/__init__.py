@@ -14,7 +14,13 @@ from microsweep.report._sensitivity import (
     sensitivity_data,
     write_sensitivity_html,
 )
-from microsweep.report._tables import format_rows, sweep_rows, trial_detail, trial_rows
+from microsweep.report._tables import (
+    format_rows,
+    sweep_rows,
+    sweep_state,
+    trial_detail,
+    trial_rows,
+)
 
 __all__ = [
     "ParetoData",
@@ -26,6 +32,7 @@ __all__ = [
     "pareto_front",
     "sensitivity_data",
     "sweep_rows",
+    "sweep_state",
     "trial_detail",
     "trial_rows",
     "write_pareto_html",

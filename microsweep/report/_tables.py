@@ -13,24 +13,25 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from microsweep.storage import Store
 
-__all__ = ["format_rows", "sweep_rows", "trial_detail", "trial_rows"]
+__all__ = ["format_rows", "sweep_rows", "sweep_state", "trial_detail", "trial_rows"]
+
+
+def sweep_state(sweep: Any, finished: int) -> str:
+    """running while a driver holds a live lease; done at the target; stopped otherwise."""
+    if sweep.owner and sweep.lease_until and sweep.lease_until > time.time():
+        return "running"
+    return "done" if finished >= sweep.target_trials else "stopped"
 
 
 def sweep_rows(store: Store) -> list[dict[str, Any]]:
     """One row per sweep: finished and target trials, feasible count, state (running while a
     driver holds a live lease; done at the target; stopped otherwise) and best feasible score."""
     out = []
-    now = time.time()
     for name in store.sweep_names():
         sweep = store.get_sweep(name)
         rows = store.trials(name)
         feasible = [r for r in rows if r.state == "COMPLETE" and r.feasible]
-        if sweep.owner and sweep.lease_until and sweep.lease_until > now:
-            state = "running"
-        elif len(rows) >= sweep.target_trials:
-            state = "done"
-        else:
-            state = "stopped"
+        state = sweep_state(sweep, len(rows))
         best = min(feasible, key=lambda r: r.score, default=None)
         out.append(
             {

@@ -56,6 +56,7 @@ class SweepResult:
     eval_seconds_saved: float = 0.0
     sensitivity: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    timed_out: bool = False  # the time budget ended the run before its target
 
     def consider(self, number: int, state: str, origin: str | None, score: Any, row: Any) -> None:
         """Fold one finished trial into the best feasible (and best uniform) figures."""
@@ -285,8 +286,10 @@ def _drive(
     lease: Any = None,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
     storage_wait: float = 60.0,
+    timeout: float | None = None,
 ) -> SweepResult:
-    """Run trials until `study` has `total` finished ones.
+    """Run trials until `study` has `total` finished ones, or until `timeout` seconds have
+    passed (no new trial starts after it; those running finish and are kept).
 
     Sampling happens on an in-memory twin of the study. A trial's Optuna row is reserved RUNNING
     when it is dispatched to a Ray worker (in-process: when it is written), and when it
@@ -433,8 +436,11 @@ def _drive(
             a.row = row
         return item.row[1]
 
+    def expired() -> bool:
+        return timeout is not None and time.perf_counter() - started >= timeout
+
     def refill() -> None:
-        if len(ready) < ahead and asked + len(ready) < total:
+        if len(ready) < ahead and asked + len(ready) < total and not expired():
             ready.append(ask())  # the next policy is ready before a worker frees
 
     def spool(exc: StorageOutage) -> StorageError:
@@ -465,9 +471,12 @@ def _drive(
         _plan(store, sweep, sf, prepared, mem, pool, result, total=total, progress=progress)
         clock = _SamplerClock(mem.sampler)
         while done < total:
-            while pool.free and asked < total:
-                submit(ready.pop(0) if ready else ask())
+            while pool.free and asked < total and (ready or not expired()):
+                submit(ready.pop(0) if ready else ask())  # an asked-ahead trial still runs
             refill()
+            if not in_flight:  # the time budget is spent and nothing runs
+                result.timed_out = True
+                break
             res = pool.wait()
             if lease is not None:
                 lease.check()  # another driver took the sweep: write nothing more
@@ -558,14 +567,17 @@ def run_sweep(
     storage_wait: float = 60.0,
     cpus_per_worker: float = 1.0,
     gpus_per_worker: float = 0.0,
+    timeout: float | None = None,
 ) -> SweepResult:
     """Start a new sweep named `name` over the space file at `space_path`. `storage_wait` is
     how long the driver keeps retrying while the database is unreachable before it stops;
+    `timeout` is a time budget in seconds after which no new trial starts (resume continues);
     each Ray worker reserves `cpus_per_worker` CPUs (its torch threads) and `gpus_per_worker`
     GPUs (a worker given a GPU evaluates on it)."""
     import optuna
 
     check_counts(trials, workers)
+    _check_timeout(timeout)
     if seed is not None and not 0 <= seed < 2**32:
         raise UsageError(f"--seed {seed} must be in 0..{2**32 - 1}")
     from microsweep.search._samplers import SAMPLERS, make_sampler
@@ -660,12 +672,18 @@ def run_sweep(
             lease=lease,
             on_trial=on_trial,
             storage_wait=storage_wait,
+            timeout=timeout,
         )
     finally:
         if lease is not None:
             lease.release()
         pool.close()
         store.dispose()
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
+        raise UsageError(f"--timeout {timeout!r} must be a number of seconds above 0")
 
 
 def _start_pool(
@@ -702,6 +720,7 @@ def resume_sweep(
     storage_wait: float = 60.0,
     cpus_per_worker: float = 1.0,
     gpus_per_worker: float = 0.0,
+    timeout: float | None = None,
 ) -> SweepResult:
     """Continue sweep `name` until it has `trials` finished trials in total (default: its
     original target). Refused while another driver runs the sweep. Trials an earlier driver
@@ -714,6 +733,7 @@ def resume_sweep(
     sweep = store.get_sweep(name)
     total = trials if trials is not None else sweep.target_trials
     check_counts(total, workers)
+    _check_timeout(timeout)
     lease = Lease(store, name)
     lease.acquire()  # before anything is touched: a live driver's trials stay its own
     pool = None
@@ -789,6 +809,7 @@ def resume_sweep(
             progress=progress,
             lease=lease,
             storage_wait=storage_wait,
+            timeout=timeout,
         )
     finally:
         lease.release()
