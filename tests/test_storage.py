@@ -205,3 +205,34 @@ def test_read_commands_leave_a_foreign_database_untouched(tmp_path):
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
         assert tables == ["mine"]
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_optuna_rows_carry_what_optuna_dashboard_reads(tmp_path, tiny_gpt):
+    """Feasibility in the list form optuna-dashboard 0.21 reads (beside Optuna 5's named
+    constraint) and metric names; samplers on resume still see one constraint."""
+    import optuna
+
+    from microsweep.search import run_sweep
+    from microsweep.search._driver import _memory_study
+    from tests.conftest import ROOT
+
+    url = f"sqlite:///{tmp_path / 'dash.db'}"
+    run_sweep(
+        str(ROOT / "examples" / "tiny.py"), name="d", trials=3, storage=url, sampler="random",
+        in_process=True, progress=False,
+    )  # fmt: skip
+    store = Store(url, must_exist=True)
+    sweep = store.get_sweep("d")
+    study = optuna.load_study(study_name="d", storage=store.optuna_storage())
+    assert study.metric_names == ["score"]
+    rows = {r.number: r for r in store.trials("d")}
+    for t in study.trials:
+        row = rows[t.number]
+        if row.state == "FAIL":
+            continue
+        assert t.system_attrs["constraints"] == [t.system_attrs["constraints:perplexity"]]
+        expected = row.perplexity - sweep.ceiling
+        assert t.system_attrs["constraints"][0] == pytest.approx(expected)
+        assert (t.system_attrs["constraints"][0] <= 0) == bool(row.feasible)
+    mem = _memory_study(study)
+    assert all(list(t.constraints) == ["perplexity"] for t in mem.trials if t.constraints)

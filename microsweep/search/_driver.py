@@ -7,6 +7,7 @@ exception or a non-finite perplexity never stops the sweep.
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -256,7 +257,17 @@ def _memory_study(study: optuna.Study) -> optuna.Study:
         sampler=study.sampler,
         directions=study.directions,
     )
-    mem.add_trials([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+    trials = []
+    for t in study.get_trials(deepcopy=False):
+        if not t.state.is_finished():
+            continue
+        if "constraints" in t.system_attrs and any(
+            k.startswith("constraints:") for k in t.system_attrs
+        ):  # the dashboard's copy of the named constraint: samplers see it once
+            t = copy.copy(t)
+            t.system_attrs = {k: v for k, v in t.system_attrs.items() if k != "constraints"}
+        trials.append(t)
+    mem.add_trials(trials)
     return mem
 
 
@@ -650,6 +661,9 @@ def run_sweep(
                 ),
                 directions=sf.objective.directions,
             )
+            multi = sf.objective.objectives != "score"
+            # what optuna-dashboard labels its axes with, instead of "Objective 0"
+            study.set_metric_names(["score", "perplexity"] if multi else ["score"])
         except optuna.exceptions.DuplicatedStudyError:
             store.delete_sweep(name)
             raise StorageError(

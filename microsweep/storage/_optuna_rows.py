@@ -174,9 +174,13 @@ def finish_trial(session: Session, trial_id: int, trial: FrozenTrial) -> None:
             }
         )
     bulk(inter, inter_rows)
+    system = dict(trial.system_attrs)
+    named = [v for k, v in system.items() if k.startswith("constraints:")]
+    if named and "constraints" not in system:
+        system["constraints"] = named  # the list optuna-dashboard 0.21 reads for feasibility
     for model, attrs in (
         (models.TrialUserAttributeModel, trial.user_attrs),
-        (models.TrialSystemAttributeModel, trial.system_attrs),
+        (models.TrialSystemAttributeModel, system),
     ):
         bulk(
             model,
