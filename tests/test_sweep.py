@@ -263,6 +263,7 @@ def test_cli_run_plot_status(tmp_path, tiny_gpt):
     states = run.stdout.splitlines()[0].split(": ", 1)[1]  # sweep 't': COMPLETE 5, PRUNED 1
     assert sum(int(part.split()[1]) for part in states.split(", ")) == 6
     assert "[6/6]" in run.stderr  # progress lines
+    assert "elapsed, ETA 0:00" in run.stderr  # the last line: nothing left to wait for
     assert "sensitivity:" in run.stderr and "best uniform policy" in run.stdout  # auto, on Ray
     plot = _cli("plot", "--name", "t", "--storage", url, "-o", "p.html", cwd=tmp_path)
     assert plot.returncode == 0, plot.stderr
@@ -427,3 +428,17 @@ def test_interrupted_sweep_leaves_no_trial_unrecorded(tmp_path, sqlite_url, tiny
     assert sorted(rows) == [0, 1]
     assert rows[1].state == "FAIL" and "stopped before the trial finished" in rows[1].reason
     assert rows[1].policy["type"] == "microsweep.Policy"  # the policy that was running is kept
+
+
+def test_progress_lines_show_elapsed_and_an_estimate_from_this_runs_pace():
+    import io
+
+    from microsweep.search._driver import _clock, _Progress
+
+    assert (_clock(5), _clock(75), _clock(3725)) == ("0:05", "1:15", "1:02:05")
+    out = io.StringIO()
+    bar = _Progress(10, stream=out, first=4)  # a resume: 4 trials were done before
+    bar.started -= 30.0  # 30 s into this run
+    bar.update(6, {"COMPLETE": 6}, 0.5, "trial 5")
+    # 2 trials in 30 s, 4 left: 60 s
+    assert out.getvalue().startswith("[6/10] 0:30 elapsed, ETA 1:00 | COMPLETE=6")

@@ -73,20 +73,29 @@ class SweepResult:
 
 
 class _Progress:
-    """One line per finished trial (or a rewritten line on a terminal)."""
+    """One line per finished trial (or a rewritten line on a terminal), with the time spent
+    and an estimate of the time left from this run's pace."""
 
-    def __init__(self, total: int, stream: Any = None, enabled: bool = True) -> None:
+    def __init__(
+        self, total: int, stream: Any = None, enabled: bool = True, first: int = 0
+    ) -> None:
         self.total = total
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.first = first  # trials finished before this run (a resume)
+        self.started = time.perf_counter()
 
     def update(self, done: int, states: dict[str, int], best: float | None, last: str) -> None:
         if not self.enabled:
             return
         parts = " ".join(f"{k}={v}" for k, v in sorted(states.items()))
         best_s = f"{best:.5g}" if best is not None else "-"
-        line = f"[{done}/{self.total}] {parts} | best feasible score {best_s} | {last}"
+        elapsed = time.perf_counter() - self.started
+        ran = done - self.first
+        eta = elapsed / ran * (self.total - done) if ran > 0 else None
+        clock = f"{_clock(elapsed)} elapsed" + (f", ETA {_clock(eta)}" if eta is not None else "")
+        line = f"[{done}/{self.total}] {clock} | {parts} | best feasible score {best_s} | {last}"
         if self.tty:
             self.stream.write("\r\033[K" + line)
             if done >= self.total:
@@ -94,6 +103,13 @@ class _Progress:
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    """h:mm:ss or m:ss."""
+    s = int(round(seconds))
+    h, rest = divmod(s, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
 FULL_EVALUATION = frozenset({"nsga2", "gp"})
@@ -335,7 +351,7 @@ def _drive(
         result.consider(row.number, row.state, row.origin, row.score, row_d)
     if done >= total:
         return result
-    bar = _Progress(total, enabled=progress)
+    bar = _Progress(total, enabled=progress, first=done)
     started = time.perf_counter()
     driver_time = sampler_time = 0.0
     guard = StorageGuard(storage_wait, lambda line: _say(progress, line))
