@@ -224,7 +224,7 @@ def _status(name: str, storage: str | None, top: int) -> None:
     if rows:
         wall = (max(r.finished_at for r in rows) - sweep.created_at).total_seconds()
         rate = f", {len(rows) / wall * 60:.1f} trials/min" if wall > 0 else ""
-        print(f"  state: {sweep_state(sweep, len(rows))}; wall time {wall:.0f}s{rate}")
+        print(f"  state: {sweep_state(sweep, len(rows))}; wall time {wall:.1f}s{rate}")
     else:
         print(f"  state: {sweep_state(sweep, 0)}; no trial finished yet")
     dense_score = sweep.dense_score
