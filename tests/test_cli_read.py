@@ -110,3 +110,20 @@ def test_status_says_state_wall_time_and_throughput(tmp_path, sweep):
     if wall > 0:
         rate = float(line.split(", ")[-1].split(" trials/min")[0])
         assert rate == pytest.approx(len(rows) / wall * 60, rel=0.01, abs=0.051)
+
+
+def test_pareto_page_has_a_title_axes_that_fit_and_the_infeasible_region(tmp_path, sweep):
+    from microsweep.report import pareto_data, write_pareto_html
+    from microsweep.report._pareto import figure
+
+    store = Store(sweep, must_exist=True)
+    data = write_pareto_html(store, "r", tmp_path / "p.html")
+    html = (tmp_path / "p.html").read_text()
+    assert html.count("<title>microsweep: r Pareto front</title>") == 1
+    fig = figure(pareto_data(store, "r"))
+    low, high = fig.layout.yaxis.range
+    scores = [p.score for p in data.points]
+    assert low < min(scores) and max(scores) < high
+    assert high < data.dense_score or low <= data.dense_score <= high
+    [region] = [s for s in fig.layout.shapes if s.type == "rect"]
+    assert region.x0 == data.ceiling and region.x1 > data.ceiling

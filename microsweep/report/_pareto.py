@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,14 @@ def figure(data: ParetoData) -> Any:
         )
     )
     if data.ceiling is not None:
+        fig.add_vrect(  # everything right of the ceiling is infeasible
+            x0=data.ceiling,
+            x1=max([data.ceiling, *(p.perplexity for p in data.points)]) * 1.02,
+            fillcolor="#d62728",
+            opacity=0.06,
+            line_width=0,
+            layer="below",
+        )
         fig.add_vline(
             x=data.ceiling,
             line_dash="dash",
@@ -146,6 +155,20 @@ def figure(data: ParetoData) -> Any:
             annotation_position="top",
         )
     counts = ", ".join(f"{k} {v}" for k, v in sorted(data.states.items()))
+    scores = [p.score for p in data.points]
+    if scores:  # fit the trials; the dense star may sit above, marked at the top edge
+        low, high = min(scores), max(scores)
+        pad = 0.08 * (high - low or abs(high) or 1.0)
+        fig.update_yaxes(range=[low - pad, high + pad])
+        if data.dense_score > high + pad:
+            fig.add_annotation(
+                x=data.dense_perplexity,
+                y=high + pad,
+                text=f"dense model: score {data.dense_score:.3g} (above)",
+                showarrow=True,
+                arrowhead=2,
+                ay=20,
+            )
     fig.update_layout(
         title=f"microsweep '{data.name}': MicroNet score vs perplexity ({counts})",
         xaxis_title="validation perplexity",
@@ -163,5 +186,8 @@ def write_pareto_html(store: Store, name: str, path: str | Path) -> ParetoData:
     if not path.parent.is_dir():
         raise UsageError(f"folder {path.parent} for the report does not exist; create it first")
     data = pareto_data(store, name)
-    figure(data).write_html(str(path), include_plotlyjs=True, full_html=True)
+    html = figure(data).to_html(include_plotlyjs=True, full_html=True)
+    title = f"<title>microsweep: {escape(data.name)} Pareto front</title>"
+    html = html.replace("<head>", f"<head>{title}", 1)
+    path.write_text(html, encoding="utf-8")
     return data
