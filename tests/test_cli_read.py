@@ -127,3 +127,12 @@ def test_pareto_page_has_a_title_axes_that_fit_and_the_infeasible_region(tmp_pat
     assert high < data.dense_score or low <= data.dense_score <= high
     [region] = [s for s in fig.layout.shapes if s.type == "rect"]
     assert region.x0 == data.ceiling and region.x1 > data.ceiling
+    # history: the running best of the feasible COMPLETE trials, in trial order
+    rows = store.trials("r")
+    best, want = None, []
+    for r in rows:
+        if r.state == "COMPLETE" and r.feasible:
+            best = r.score if best is None else min(best, r.score)
+        want.append((r.number, best))
+    assert data.history == want
+    assert "best feasible score over trials" in html and html.count("plotly-graph-div") >= 2

@@ -42,6 +42,8 @@ class ParetoData:
     baseline: str
     failed: int = 0
     states: dict[str, int] = field(default_factory=dict)
+    history: list[tuple[int, float | None]] = field(default_factory=list)
+    """(trial number, best feasible score among trials up to it), in trial order."""
 
 
 def pareto_front(points: list[Point]) -> list[int]:
@@ -67,6 +69,12 @@ def pareto_data(store: Store, name: str) -> ParetoData:
     ]
     states = dict(Counter(r.state for r in rows))
     dense_score = sweep.dense_score
+    history: list[tuple[int, float | None]] = []
+    best: float | None = None
+    for r in rows:  # in trial order
+        if r.state == "COMPLETE" and r.feasible and r.score is not None:
+            best = r.score if best is None else min(best, r.score)
+        history.append((r.number, best))
     return ParetoData(
         name=name,
         points=points,
@@ -77,6 +85,7 @@ def pareto_data(store: Store, name: str) -> ParetoData:
         baseline=sweep.baseline_name,
         failed=states.get("FAIL", 0),
         states=states,
+        history=history,
     )
 
 
@@ -180,14 +189,42 @@ def figure(data: ParetoData) -> Any:
     return fig
 
 
+def history_figure(data: ParetoData) -> Any:
+    """Best feasible score against trials, with the dense model's score for scale."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    shown = [(n, s) for n, s in data.history if s is not None]
+    fig.add_trace(
+        go.Scatter(
+            x=[n for n, _ in shown],
+            y=[s for _, s in shown],
+            mode="lines+markers",
+            line_shape="hv",
+            name="best feasible score",
+        )
+    )
+    fig.update_layout(
+        title="best feasible score over trials",
+        xaxis_title="trial",
+        yaxis_title="best feasible MicroNet score",
+        template="plotly_white",
+    )
+    return fig
+
+
 def write_pareto_html(store: Store, name: str, path: str | Path) -> ParetoData:
     """Write the sweep's Pareto page to `path` (plotly.js inlined) and return its data."""
     path = Path(path)
     if not path.parent.is_dir():
         raise UsageError(f"folder {path.parent} for the report does not exist; create it first")
     data = pareto_data(store, name)
-    html = figure(data).to_html(include_plotlyjs=True, full_html=True)
-    title = f"<title>microsweep: {escape(data.name)} Pareto front</title>"
-    html = html.replace("<head>", f"<head>{title}", 1)
+    front = figure(data).to_html(include_plotlyjs=True, full_html=False)
+    history = history_figure(data).to_html(include_plotlyjs=False, full_html=False)
+    title = f"microsweep: {escape(data.name)} Pareto front"
+    html = (
+        f'<!DOCTYPE html>\n<html>\n<head><meta charset="utf-8"><title>{title}</title></head>\n'
+        f"<body>\n{front}\n{history}\n</body>\n</html>\n"
+    )
     path.write_text(html, encoding="utf-8")
     return data
