@@ -60,6 +60,7 @@ class VariantCache:
         self._entries: OrderedDict[tuple[str, Any], tuple[Any, int]] = OrderedDict()
         self._bytes = 0
         self._amax: dict[str, torch.Tensor] | None = None
+        self._rounded_base: dict[int, torch.Tensor] = {}  # base tensor id -> its fp16 copy
         self.hits = 0
         self.misses = 0
 
@@ -90,6 +91,28 @@ class VariantCache:
                     if param is not None and id(param) in retie:
                         module._parameters[key] = retie[id(param)]
         return model
+
+    def rounded(self, model: nn.Module) -> nn.Module:
+        """A copy of a model from `model()` whose float tensors hold fp16-rounded values (what
+        a 16-bit artifact stores); nothing shared is written, and the base's rounded tensors
+        are made once."""
+        memo: dict[int, Any] = {}
+        for t in [*model.parameters(), *model.buffers()]:
+            if id(t) in memo:
+                continue
+            if not t.is_floating_point():
+                memo[id(t)] = t
+                continue
+            rounded = self._rounded_base.get(id(t))
+            if rounded is None:
+                with torch.no_grad():
+                    rounded = t.detach().to(torch.float16).to(t.dtype)
+                if isinstance(t, nn.Parameter):
+                    rounded = nn.Parameter(rounded, requires_grad=False)
+                if id(t) in self._shared:
+                    self._rounded_base[id(t)] = rounded
+            memo[id(t)] = rounded
+        return copy.deepcopy(model, memo)
 
     def _variant(self, name: str, linear: nn.Linear, settings: LayerPolicy) -> nn.Module:
         key = (name, settings)

@@ -12,7 +12,14 @@ from __future__ import annotations
 from torch import nn
 
 from microsweep.score._registry import Cost, RuleContext, register_rule
-from microsweep.score._rules import _attention_ops, _elementwise, _softmax_others
+from microsweep.score._rules import (
+    _attention_ops,
+    _elementwise,
+    _gelu_erf,
+    _gelu_tanh,
+    _silu,
+    _softmax_others,
+)
 
 __all__ = ["register_hf_rules"]
 
@@ -52,19 +59,22 @@ def register_hf_rules() -> bool:
     except ImportError:
         return False
     _DONE = True
-    gelu_tanh = _elementwise("gelu", 6, 2, 1)  # x³, ·0.044715, +x, ·√(2/π), tanh, +1, ·x, ·0.5
-    for name in ("NewGELUActivation", "FastGELUActivation", "GELUTanh", "PytorchGELUTanh"):
+    for name, rule in (
+        ("NewGELUActivation", _gelu_tanh),
+        ("FastGELUActivation", _gelu_tanh),
+        ("GELUTanh", _gelu_tanh),
+        ("PytorchGELUTanh", _gelu_tanh),
+        ("GELUActivation", _gelu_erf),
+        ("AccurateGELUActivation", _gelu_erf),
+        ("QuickGELUActivation", _elementwise("gelu", 4, 1, 0)),  # x·sigmoid(1.702x)
+        ("SiLUActivation", _silu),
+    ):
         if hasattr(act, name):
-            register_rule(getattr(act, name))(gelu_tanh)
-    for name in ("GELUActivation", "AccurateGELUActivation"):
-        if hasattr(act, name):
-            register_rule(getattr(act, name))(_elementwise("gelu", 3, 1, 1))
-    if hasattr(act, "QuickGELUActivation"):  # x·sigmoid(1.702x): 2 mults and a sigmoid
-        register_rule(act.QuickGELUActivation)(_elementwise("gelu", 4, 1, 0))
-    if hasattr(act, "SiLUActivation"):
-        register_rule(act.SiLUActivation)(_elementwise("silu", 3, 1, 0))
+            register_rule(getattr(act, name))(rule)
     _gpt2()
     _llama()
+    _opt()
+    _gpt_neox()
     return True
 
 
@@ -72,6 +82,13 @@ def _causal_lm_rule(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
     """The output softmax over the vocabulary (3V-1 others); the body and head are children."""
     cost = Cost("model")
     cost.other(_softmax_others(_vocab(module)))
+    return cost
+
+
+def _position_add_rule(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
+    """Token plus learned position embedding: d adds."""
+    cost = Cost("body")
+    cost.add(_hidden(module))
     return cost
 
 
@@ -99,13 +116,7 @@ def _gpt2() -> None:
 
     register_rule(g.GPT2Attention)(_plain_attention)
     register_rule(g.GPT2Block)(_residual_rule)
-
-    @register_rule(g.GPT2Model)
-    def _body(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
-        """Token plus position embedding: d adds."""
-        cost = Cost("body")
-        cost.add(_hidden(module))
-        return cost
+    register_rule(g.GPT2Model)(_position_add_rule)
 
     register_rule(g.GPT2LMHeadModel)(_causal_lm_rule)
 
@@ -188,8 +199,6 @@ def _llama() -> None:
             cls = getattr(m, prefix + suffix, None)
             if cls is not None:
                 register_rule(cls)(rule)
-    _opt()
-    _gpt_neox()
 
 
 def _opt() -> None:
@@ -200,13 +209,7 @@ def _opt() -> None:
 
     register_rule(m.OPTAttention)(_plain_attention)
     register_rule(m.OPTDecoderLayer)(_residual_rule)
-
-    @register_rule(m.OPTDecoder)
-    def _decoder(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
-        """Token plus learned position embedding: d adds (after any input projection)."""
-        cost = Cost("body")
-        cost.add(int(module.config.hidden_size))
-        return cost
+    register_rule(m.OPTDecoder)(_position_add_rule)
 
     register_rule(m.OPTForCausalLM)(_causal_lm_rule)
 

@@ -665,19 +665,15 @@ def run_sweep(
         try:
             lease = Lease(store, name)
             lease.acquire()
+            multi = sf.objective.objectives != "score"
             study = optuna.create_study(
                 study_name=name,
                 storage=store.optuna_storage(),
                 sampler=make_sampler(
-                    sampler,
-                    seed=seed,
-                    space=sf.space,
-                    workers=workers,
-                    multi=sf.objective.objectives != "score",
+                    sampler, seed=seed, space=sf.space, workers=workers, multi=multi
                 ),
                 directions=sf.objective.directions,
             )
-            multi = sf.objective.objectives != "score"
             # what optuna-dashboard labels its axes with, instead of "Objective 0"
             study.set_metric_names(["score", "perplexity"] if multi else ["score"])
         except optuna.exceptions.DuplicatedStudyError:

@@ -81,8 +81,6 @@ class TrialRunner:
             from microsweep.compress import VariantCache
 
             self._cache = VariantCache(model, calib=calib, max_bytes=settings.cache_mb * 2**20)
-        self._base_ids = {id(t) for t in [*model.parameters(), *model.buffers()]}
-        self._rounded_base: dict[int, torch.Tensor] = {}
 
     def ping(self) -> bool:
         return True
@@ -158,7 +156,7 @@ class TrialRunner:
         # with the 16-bit allowance the artifact stores fp16: evaluate exactly those values
         if counts.freebie:
             if shared:
-                model = self._rounded(model)
+                model = self._cache.rounded(model)
             else:
                 round_to_storage(model, counts)
             counts = count(model, context=self.settings.context, config=config)
@@ -229,28 +227,6 @@ class TrialRunner:
         if keep_nll:
             extra["window_nll"] = nll.tolist()
         return nll_to_perplexity(float(nll.sum()), tokens), extra
-
-    def _rounded(self, model: nn.Module) -> nn.Module:
-        """A copy of `model` whose float tensors hold fp16-rounded values (what a 16-bit
-        artifact stores), leaving the shared tensors as they are; the base's rounded tensors
-        are made once per runner."""
-        memo: dict[int, Any] = {}
-        for t in [*model.parameters(), *model.buffers()]:
-            if id(t) in memo:
-                continue
-            if not t.is_floating_point():
-                memo[id(t)] = t
-                continue
-            rounded = self._rounded_base.get(id(t)) if id(t) in self._base_ids else None
-            if rounded is None:
-                with torch.no_grad():
-                    rounded = t.detach().to(torch.float16).to(t.dtype)
-                if isinstance(t, nn.Parameter):
-                    rounded = nn.Parameter(rounded, requires_grad=False)
-                if id(t) in self._base_ids:
-                    self._rounded_base[id(t)] = rounded
-            memo[id(t)] = rounded
-        return copy.deepcopy(model, memo)
 
     def _finetune(self, model: nn.Module, steps: int, lr: float) -> None:
         """Recovery fine-tuning: AdamW steps on training windows, projected back onto the
