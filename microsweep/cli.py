@@ -96,10 +96,16 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--quiet", action="store_true")
     resume.add_argument("--storage-wait", type=_positive, default=60, help=wait_help)
 
-    plot = sub.add_parser("plot", help="write the Pareto front as a self-contained HTML page")
-    plot.add_argument("--name", required=True)
-    plot.add_argument("--storage", help=storage_help)
-    plot.add_argument("-o", "--output", default="pareto.html")
+    for command, default in (("report", "report.html"), ("plot", "pareto.html")):
+        page = sub.add_parser(
+            command,
+            help="write the sweep report (Pareto front, per-layer view, history, importances) "
+            "as one self-contained HTML page"
+            + ("; an alias of 'report'" if command == "plot" else ""),
+        )
+        page.add_argument("--name", required=True)
+        page.add_argument("--storage", help=storage_help)
+        page.add_argument("-o", "--output", default=default, help=f"(default {default})")
 
     status = sub.add_parser("status", help="trial counts, the dense baseline and the best trials")
     status.add_argument("--name", required=True)
@@ -381,14 +387,16 @@ def _dispatch(args: argparse.Namespace) -> None:
                 timeout=args.timeout,
             )
         )
-    elif args.command == "plot":
-        from microsweep.report import write_pareto_html
+    elif args.command in ("report", "plot"):
+        from microsweep.report import write_report
         from microsweep.storage import Store
 
-        data = write_pareto_html(Store(args.storage, must_exist=True), args.name, args.output)
+        data = write_report(Store(args.storage, must_exist=True), args.name, args.output)
+        p = data.pareto
         print(
-            f"wrote {args.output}: {len(data.points)} completed trials, "
-            f"{len(data.front)} on the Pareto front"
+            f"wrote {args.output}: {len(p.points)} completed trials, {len(p.stopped)} stopped "
+            f"early, {len(p.failures)} failed; {len(p.front)} on the Pareto front"
+            + (" (the dense model among them)" if -1 in p.front else "")
         )
     elif args.command == "status":
         _status(args.name, args.storage, args.top)

@@ -119,7 +119,7 @@ def test_pareto_page_has_a_title_axes_that_fit_and_the_infeasible_region(tmp_pat
     store = Store(sweep, must_exist=True)
     data = write_pareto_html(store, "r", tmp_path / "p.html")
     html = (tmp_path / "p.html").read_text()
-    assert html.count("<title>microsweep: r Pareto front</title>") == 1
+    assert html.count("<title>microsweep report: r</title>") == 1
     fig = figure(pareto_data(store, "r"))
     low, high = fig.layout.yaxis.range
     scores = [p.score for p in data.points]

@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from microsweep.errors import UsageError
-from microsweep.report import pareto_data, write_pareto_html
+from microsweep.report import Point, pareto_data, write_pareto_html
 from microsweep.search import resume_sweep, run_sweep
 from microsweep.storage import Store
 from tests.conftest import ROOT
@@ -57,7 +57,8 @@ def _check_sweep(url: str, name: str, n: int) -> None:
         assert set(t.timings) >= {"compress", "evaluate", "count", "driver", "total"}
     data = pareto_data(store, name)
     assert len(data.points) == sum(t.state == "COMPLETE" for t in trials) and data.front
-    feasible = [p for p in data.points if p.feasible]
+    dense = Point(-1, data.dense_score, data.dense_perplexity, True, 0.0, 0.0, "dense")
+    feasible = [p for p in data.points if p.feasible] + [dense]
 
     def dominated(p):
         return any(
@@ -67,7 +68,7 @@ def _check_sweep(url: str, name: str, n: int) -> None:
             for q in feasible
         )
 
-    # brute force: the front is exactly the non-dominated feasible points
+    # brute force: the front is exactly the non-dominated feasible points, the dense model too
     assert sorted(data.front) == sorted(p.number for p in feasible if not dominated(p))
     store.dispose()
 
@@ -117,7 +118,7 @@ def test_ray_sweep_two_workers_into_sqlite(tmp_path, sqlite_url, tiny_gpt):
     data = write_pareto_html(Store(sqlite_url), "ray", html)
     text = html.read_text()
     assert "plotly" in text and "Pareto front" in text and len(text) > 1_000_000  # inlined js
-    assert f"trial {data.front[0]}" in text
+    assert f'data-trial="{data.front[0]}"' in text  # the front table row that selects it
 
 
 def test_worker_threads_follow_the_cpus_ray_gives_it(sqlite_url, tiny_gpt):

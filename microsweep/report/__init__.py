@@ -1,14 +1,16 @@
-"""Reports read from the store: Pareto data and self-contained plotly HTML, and the text of
-``microsweep count``."""
+"""Reports read from the store: the sweep report (Pareto front, per-layer view, history,
+importances, sensitivity) as data, plotly figures and one self-contained HTML page, and the
+text of ``microsweep count``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from microsweep.report._count import count_report
-from microsweep.report._pareto import (
-    ParetoData,
-    Point,
-    pareto_data,
-    pareto_front,
-    write_pareto_html,
-)
+from microsweep.report._layers import Importances, LayerTable, importances, layer_table
+from microsweep.report._page import ReportData, figures, layer_view, report_data, write_report
+from microsweep.report._pareto import ParetoData, Point, pareto_data, pareto_front
 from microsweep.report._sensitivity import (
     SensitivityData,
     sensitivity_data,
@@ -22,19 +24,37 @@ from microsweep.report._tables import (
     trial_rows,
 )
 
+if TYPE_CHECKING:
+    from microsweep.storage import Store
+
+
+def write_pareto_html(store: Store, name: str, path: str | Path) -> ParetoData:
+    """The report page (`write_report`), returning its Pareto data (the `plot` command)."""
+    return write_report(store, name, path).pareto
+
+
 __all__ = [
+    "Importances",
+    "LayerTable",
     "ParetoData",
     "Point",
-    "count_report",
-    "format_rows",
+    "ReportData",
     "SensitivityData",
+    "count_report",
+    "figures",
+    "format_rows",
+    "importances",
+    "layer_table",
+    "layer_view",
     "pareto_data",
     "pareto_front",
+    "report_data",
     "sensitivity_data",
     "sweep_rows",
     "sweep_state",
     "trial_detail",
     "trial_rows",
     "write_pareto_html",
+    "write_report",
     "write_sensitivity_html",
 ]

@@ -1,25 +1,32 @@
-"""Pareto report: compute the points and front from the store, then draw them with plotly.
+"""Pareto front and history: compute the points and front from the store, then draw them.
 
 `pareto_data` reads only microsweep's tables (no unpickling) and returns a small object the
-tests assert on; `write_pareto_html` renders it as one self-contained HTML page.
+tests assert on; `figure` and `history_figure` draw it with plotly.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from html import escape
-from pathlib import Path
 from typing import Any
 
-from microsweep.errors import UsageError
 from microsweep.storage import Store
 
-__all__ = ["ParetoData", "Point", "pareto_data", "pareto_front", "write_pareto_html"]
+__all__ = [
+    "ParetoData",
+    "Point",
+    "figure",
+    "history_figure",
+    "is_uniform",
+    "pareto_data",
+    "pareto_front",
+]
 
 
 @dataclass(frozen=True)
 class Point:
+    """One trial (or the dense model, number -1) in score-perplexity space."""
+
     number: int
     score: float
     perplexity: float
@@ -27,6 +34,8 @@ class Point:
     params: float
     ops: float
     summary: str
+    origin: str | None = None
+    state: str = "COMPLETE"
 
 
 @dataclass
@@ -44,11 +53,17 @@ class ParetoData:
     states: dict[str, int] = field(default_factory=dict)
     history: list[tuple[int, float | None]] = field(default_factory=list)
     """(trial number, best feasible score among trials up to it), in trial order."""
+    stopped: list[Point] = field(default_factory=list)
+    """PRUNED trials at their projected perplexity (stopped early, never feasible)."""
+    failures: list[tuple[int, str]] = field(default_factory=list)
+    """(trial number, reason) of the FAIL trials: they have no perplexity to plot."""
+    best_uniform: int | None = None
+    """The best feasible trial with one setting for every layer, if any."""
 
 
 def pareto_front(points: list[Point]) -> list[int]:
     """Numbers of the feasible points no other feasible point beats on both score and
-    perplexity, sorted by score."""
+    perplexity, sorted by score (the dense model, number -1, takes part when given)."""
     feasible = sorted((p for p in points if p.feasible), key=lambda p: (p.score, p.perplexity))
     front: list[int] = []
     best_ppl = float("inf")
@@ -59,13 +74,45 @@ def pareto_front(points: list[Point]) -> list[int]:
     return front
 
 
+def is_uniform(policy: dict[str, Any]) -> bool:
+    """One setting for every layer the policy touches: the same sparsity, block, bits and
+    activation bits everywhere, and a rank on all of them or none."""
+    layers = [v for v in (policy.get("layers") or {}).values() if v]
+    if len(layers) < 2:
+        return False
+    keys = {
+        (
+            lp.get("sparsity", 0.0) or 0.0,
+            tuple(lp.get("block") or ()),
+            lp.get("bits", 32),
+            lp.get("act_bits", 32),
+            lp.get("rank") is None,
+        )
+        for lp in layers
+    }
+    return len(keys) == 1
+
+
+def _point(r: Any) -> Point:
+    return Point(
+        r.number, r.score, r.perplexity, bool(r.feasible), r.params, r.ops, r.summary,
+        r.origin, r.state,
+    )  # fmt: skip
+
+
 def pareto_data(store: Store, name: str) -> ParetoData:
+    """The sweep's trials as points: completed, stopped early and failed; the feasible front
+    with the dense model in it; the best uniform policy; the running best score."""
     sweep = store.get_sweep(name)
     rows = store.trials(name)
-    points = [
-        Point(r.number, r.score, r.perplexity, bool(r.feasible), r.params, r.ops, r.summary)
-        for r in rows
-        if r.state == "COMPLETE" and r.score is not None and r.perplexity is not None
+    measured = [r for r in rows if r.score is not None and r.perplexity is not None]
+    points = [_point(r) for r in measured if r.state == "COMPLETE"]
+    stopped = [_point(r) for r in measured if r.state == "PRUNED"]
+    failures = [(r.number, r.reason or "no reason stored") for r in rows if r.state == "FAIL"]
+    uniform = [
+        p
+        for p, r in zip(points, (r for r in measured if r.state == "COMPLETE"), strict=True)
+        if p.feasible and (r.origin == "uniform" or is_uniform(r.policy or {}))
     ]
     states = dict(Counter(r.state for r in rows))
     dense_score = sweep.dense_score
@@ -75,10 +122,14 @@ def pareto_data(store: Store, name: str) -> ParetoData:
         if r.state == "COMPLETE" and r.feasible and r.score is not None:
             best = r.score if best is None else min(best, r.score)
         history.append((r.number, best))
+    dense = Point(
+        -1, dense_score, sweep.dense_perplexity, True, sweep.dense_params, sweep.dense_ops,
+        "dense", "dense",
+    )  # fmt: skip
     return ParetoData(
         name=name,
         points=points,
-        front=pareto_front(points),
+        front=pareto_front([*points, dense]),
         ceiling=sweep.ceiling,
         dense_perplexity=sweep.dense_perplexity,
         dense_score=dense_score,
@@ -86,71 +137,113 @@ def pareto_data(store: Store, name: str) -> ParetoData:
         failed=states.get("FAIL", 0),
         states=states,
         history=history,
+        stopped=stopped,
+        failures=failures,
+        best_uniform=min(uniform, key=lambda p: p.score).number if uniform else None,
     )
 
 
-def _hover(p: Point) -> str:
-    summary = p.summary.replace("; ", "<br>")
-    return (
-        f"trial {p.number}<br>score {p.score:.5g}<br>perplexity {p.perplexity:.4f}<br>"
-        f"params {p.params:,.0f} ops {p.ops:,.0f}<br>{summary}"
+_HOVER = (
+    "trial %{customdata[0]} (%{customdata[1]})<br>score %{y:.5g}<br>perplexity %{x:.4f}"
+    "<br>params %{customdata[2]:,.0f}  ops/token %{customdata[3]:,.0f}<extra>%{fullData.name}"
+    "</extra>"
+)
+
+
+def _scatter(points: list[Point], name: str, **style: Any) -> Any:
+    """One trace of `points`; hover shows the trial and its counts (the full policy is in the
+    per-layer view), so a 10,000-trial page stays small."""
+    import plotly.graph_objects as go
+
+    return go.Scatter(
+        x=[p.perplexity for p in points],
+        y=[p.score for p in points],
+        name=name if name.startswith(("dense", "best uniform")) else f"{name} ({len(points)})",
+        customdata=[[p.number, p.origin or "-", p.params, p.ops] for p in points],
+        hovertemplate=_HOVER,
+        **style,
     )
 
 
 def figure(data: ParetoData) -> Any:
-    """The plotly figure: feasible, infeasible and front traces, the dense model, the ceiling."""
+    """Score against perplexity: feasible, over-the-ceiling, stopped-early and failed trials,
+    the front (the dense model on it when nothing beats it), the best uniform policy, the
+    ceiling and the infeasible region; the y axis fits the trials."""
     import plotly.graph_objects as go
 
     front = set(data.front)
-    groups = {
-        "feasible": [p for p in data.points if p.feasible and p.number not in front],
-        "infeasible": [p for p in data.points if not p.feasible],
-        "Pareto front": sorted(
-            (p for p in data.points if p.number in front), key=lambda p: p.score
-        ),
-    }
-    styles = {
-        "feasible": dict(mode="markers", marker=dict(color="#1f77b4", size=8, opacity=0.8)),
-        "infeasible": dict(
-            mode="markers", marker=dict(color="#aaaaaa", size=8, symbol="x", opacity=0.7)
-        ),
-        "Pareto front": dict(
-            mode="lines+markers",
-            line=dict(color="#d62728", width=2),
-            marker=dict(color="#d62728", size=11, symbol="diamond"),
-        ),
-    }
+    dense = Point(
+        -1, data.dense_score, data.dense_perplexity, True, float("nan"), float("nan"),
+        "dense", "dense",
+    )  # fmt: skip
+    by_number = {p.number: p for p in data.points}
+    by_number[-1] = dense
     fig = go.Figure()
-    for label, pts in groups.items():
-        fig.add_trace(
-            go.Scatter(
-                x=[p.perplexity for p in pts],
-                y=[p.score for p in pts],
-                name=label,
-                text=[_hover(p) for p in pts],
-                hoverinfo="text",
-                customdata=[p.number for p in pts],
-                **styles[label],
-            )
-        )
     fig.add_trace(
-        go.Scatter(
-            x=[data.dense_perplexity],
-            y=[data.dense_score],
-            name="dense model",
+        _scatter(
+            [p for p in data.points if p.feasible and p.number not in front],
+            "feasible",
             mode="markers",
-            marker=dict(color="black", size=12, symbol="star"),
-            hoverinfo="text",
-            text=[
-                f"dense model<br>score {data.dense_score:.5g}<br>perplexity "
-                f"{data.dense_perplexity:.4f}"
-            ],
+            marker=dict(color="#1f77b4", size=7, opacity=0.75),
         )
     )
+    fig.add_trace(
+        _scatter(
+            [p for p in data.points if not p.feasible],
+            "over the ceiling",
+            mode="markers",
+            marker=dict(color="#999999", size=7, symbol="x", opacity=0.7),
+        )
+    )
+    fig.add_trace(
+        _scatter(
+            data.stopped,
+            "stopped early",
+            mode="markers",
+            marker=dict(color="#ff7f0e", size=7, symbol="triangle-right-open", opacity=0.8),
+        )
+    )
+    fig.add_trace(  # a FAIL trial has no perplexity: listed here, drawn in the history
+        go.Scatter(
+            x=[None],
+            y=[None],
+            name=f"failed ({len(data.failures)}): no perplexity, see history",
+            mode="markers",
+            marker=dict(color="#8c564b", size=8, symbol="x-thin-open"),
+        )
+    )
+    fig.add_trace(
+        _scatter(
+            sorted((by_number[n] for n in front), key=lambda p: p.score),
+            "Pareto front",
+            mode="lines+markers",
+            line=dict(color="#d62728", width=2),
+            marker=dict(color="#d62728", size=10, symbol="diamond"),
+        )
+    )
+    fig.add_trace(
+        _scatter(
+            [dense],
+            "dense model",
+            mode="markers",
+            marker=dict(color="black", size=13, symbol="star"),
+        )
+    )
+    if data.best_uniform is not None:
+        u = by_number[data.best_uniform]
+        fig.add_trace(
+            _scatter(
+                [u],
+                f"best uniform policy (trial {u.number})",
+                mode="markers",
+                marker=dict(size=18, symbol="circle-open", color="#2ca02c", line=dict(width=3)),
+            )
+        )
+    measured = [*data.points, *data.stopped]
     if data.ceiling is not None:
         fig.add_vrect(  # everything right of the ceiling is infeasible
             x0=data.ceiling,
-            x1=max([data.ceiling, *(p.perplexity for p in data.points)]) * 1.02,
+            x1=max([data.ceiling, *(p.perplexity for p in measured)]) * 1.02,
             fillcolor="#d62728",
             opacity=0.06,
             line_width=0,
@@ -164,7 +257,7 @@ def figure(data: ParetoData) -> Any:
             annotation_position="top",
         )
     counts = ", ".join(f"{k} {v}" for k, v in sorted(data.states.items()))
-    scores = [p.score for p in data.points]
+    scores = [p.score for p in measured]
     if scores:  # fit the trials; the dense star may sit above, marked at the top edge
         low, high = min(scores), max(scores)
         pad = 0.08 * (high - low or abs(high) or 1.0)
@@ -184,47 +277,64 @@ def figure(data: ParetoData) -> Any:
         yaxis_title=f"MicroNet score ({data.baseline} baseline)",
         template="plotly_white",
         hovermode="closest",
-        legend=dict(orientation="h", y=-0.15),
+        legend=dict(orientation="h", y=-0.18),
+        margin=dict(t=60),
     )
     return fig
 
 
 def history_figure(data: ParetoData) -> Any:
-    """Best feasible score against trials, with the dense model's score for scale."""
+    """Every trial's score in trial order (by outcome; failed trials on the bottom edge) and
+    the best feasible score so far."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
+    groups = (
+        ("feasible", [p for p in data.points if p.feasible], dict(color="#1f77b4")),
+        ("over the ceiling", [p for p in data.points if not p.feasible], dict(color="#999999")),
+        ("stopped early", data.stopped, dict(color="#ff7f0e", symbol="triangle-right-open")),
+    )
+    for label, pts, marker in groups:
+        fig.add_trace(
+            go.Scatter(
+                x=[p.number for p in pts],
+                y=[p.score for p in pts],
+                name=f"{label} ({len(pts)})",
+                mode="markers",
+                marker=dict(size=5, opacity=0.6, **marker),
+                customdata=[[p.number, p.origin or "-", p.params, p.ops] for p in pts],
+                hovertemplate="trial %{x} (%{customdata[1]})<br>score %{y:.5g}<extra></extra>",
+            )
+        )
+    scores = [p.score for p in (*data.points, *data.stopped)]
+    bottom = min(scores) if scores else 0.0
+    fig.add_trace(
+        go.Scatter(
+            x=[n for n, _ in data.failures],
+            y=[bottom] * len(data.failures),
+            name=f"failed ({len(data.failures)})",
+            mode="markers",
+            marker=dict(color="#8c564b", size=9, symbol="x-thin-open", line=dict(width=2)),
+            text=[reason[:200] for _, reason in data.failures],
+            hovertemplate="trial %{x} FAIL<br>%{text}<extra></extra>",
+        )
+    )
     shown = [(n, s) for n, s in data.history if s is not None]
     fig.add_trace(
         go.Scatter(
             x=[n for n, _ in shown],
             y=[s for _, s in shown],
-            mode="lines+markers",
+            mode="lines",
             line_shape="hv",
+            line=dict(color="#d62728", width=2),
             name="best feasible score",
         )
     )
     fig.update_layout(
         title="best feasible score over trials",
         xaxis_title="trial",
-        yaxis_title="best feasible MicroNet score",
+        yaxis_title="MicroNet score",
         template="plotly_white",
+        legend=dict(orientation="h", y=-0.25),
     )
     return fig
-
-
-def write_pareto_html(store: Store, name: str, path: str | Path) -> ParetoData:
-    """Write the sweep's Pareto page to `path` (plotly.js inlined) and return its data."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise UsageError(f"folder {path.parent} for the report does not exist; create it first")
-    data = pareto_data(store, name)
-    front = figure(data).to_html(include_plotlyjs=True, full_html=False)
-    history = history_figure(data).to_html(include_plotlyjs=False, full_html=False)
-    title = f"microsweep: {escape(data.name)} Pareto front"
-    html = (
-        f'<!DOCTYPE html>\n<html>\n<head><meta charset="utf-8"><title>{title}</title></head>\n'
-        f"<body>\n{front}\n{history}\n</body>\n</html>\n"
-    )
-    path.write_text(html, encoding="utf-8")
-    return data

@@ -1,0 +1,254 @@
+"""Per-layer data behind the report: every trial's settings and counts for the layers the space
+targets, stored compactly, and parameter importances grouped by knob and by layer.
+
+Both read microsweep's tables with two plain SELECTs (no ORM objects, no unpickling), so a
+10,000-trial sweep loads in well under a second.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from microsweep.storage import Store
+
+__all__ = ["Importances", "LayerTable", "importances", "layer_table"]
+
+KNOBS = ("sparsity", "bits", "act_bits", "rank")
+"""The per-layer knobs, in the order the heatmap shows them."""
+
+
+@dataclass
+class LayerTable:
+    """Settings and counts of the space's target layers in every finished trial.
+
+    Each layer has a list of distinct rows ``(sparsity, bits, act_bits, rank, params, ops)``
+    (`options`); a trial is one index into each layer's list (`choice[trial]`), so 10,000
+    trials over 50 layers stay a few hundred kilobytes in the page.
+    """
+
+    layers: list[str]
+    knobs: list[str]
+    allowed: list[list[str]]
+    """The knobs each layer's rule searches (a heatmap cell outside them stays blank)."""
+    dense: list[tuple[float, float]]
+    """(params, ops) of each layer in the dense model."""
+    dense_other: tuple[float, float]
+    """(params, ops) of everything outside the target layers, dense."""
+    options: list[list[tuple[Any, ...]]] = field(default_factory=list)
+    choice: dict[int, list[int]] = field(default_factory=dict)
+    other: dict[int, tuple[float, float]] = field(default_factory=dict)
+    """(params, ops) outside the target layers, per trial."""
+
+    def row(self, trial: int, layer: str) -> dict[str, Any]:
+        """One layer of one trial as a dict (the knobs, params and ops)."""
+        i = self.layers.index(layer)
+        values = self.options[i][self.choice[trial][i]]
+        return dict(zip((*KNOBS, "params", "ops"), values, strict=True))
+
+    def to_json(self) -> dict[str, Any]:
+        """The compact form the page's script reads."""
+        return {
+            "layers": self.layers,
+            "knobs": self.knobs,
+            "allowed": self.allowed,
+            "dense": self.dense,
+            "dense_other": self.dense_other,
+            "options": self.options,
+            "choice": {str(k): v for k, v in self.choice.items()},
+            "other": {str(k): v for k, v in self.other.items()},
+        }
+
+
+def target_layers(space_json: dict[str, Any]) -> tuple[list[str], list[str], list[list[str]]]:
+    """The layers the space's rules name (in rule order), the knobs any rule searches, and the
+    knobs each layer's rule searches."""
+    allowed: dict[str, list[str]] = {}
+    for rule in space_json.get("rules", []):
+        settings = [k for k in KNOBS if k in rule.get("settings", {})]
+        for name in rule.get("layers", []):
+            allowed.setdefault(name, settings)  # the first rule naming a layer holds it
+    knobs = {k for ks in allowed.values() for k in ks}
+    return list(allowed), [k for k in KNOBS if k in knobs], list(allowed.values())
+
+
+def _owner(name: str, targets: dict[str, int]) -> int | None:
+    """The index of the target layer `name` belongs to (itself or a parent, e.g. a
+    factorized layer's `.first`/`.second`), or None."""
+    probe = name
+    while True:
+        if probe in targets:
+            return targets[probe]
+        if "." not in probe:
+            return None
+        probe = probe.rsplit(".", 1)[0]
+
+
+def layer_table(store: Store, name: str) -> LayerTable:
+    """Every finished trial's settings and counts on the space's target layers (FAIL trials
+    without layer rows are left out)."""
+    from sqlalchemy import select
+
+    from microsweep.storage._models import LayerRow, SweepRow, TrialRow
+
+    sweep = store.get_sweep(name)
+    layers, knobs, allowed = target_layers(sweep.space_json or {})
+    index = {n: i for i, n in enumerate(layers)}
+    dense = [[0.0, 0.0] for _ in layers]
+    dense_other = [0.0, 0.0]
+    for d in sweep.dense_layers or []:
+        i = _owner(d["name"], index)
+        slot = dense_other if i is None else dense[i]
+        slot[0] += d["params"]
+        slot[1] += d["ops"]
+    query = (
+        select(
+            TrialRow.number,
+            LayerRow.layer,
+            LayerRow.sparsity,
+            LayerRow.bits,
+            LayerRow.act_bits,
+            LayerRow.rank,
+            LayerRow.params,
+            LayerRow.ops,
+        )
+        .join(TrialRow, LayerRow.trial_id == TrialRow.id)
+        .join(SweepRow, TrialRow.sweep_id == SweepRow.id)
+        .where(SweepRow.name == name)
+        .order_by(TrialRow.number, LayerRow.id)
+    )
+    # per trial: the settings of each target layer (its own row) and counts summed over it
+    per: dict[int, list[list[Any]]] = {}
+    other: dict[int, list[float]] = {}
+    with store.session() as s:
+        for number, layer, sp, bits, act, rank, params, ops in s.execute(query):
+            rows = per.get(number)
+            if rows is None:
+                rows = per[number] = [[None, None, None, None, 0.0, 0.0] for _ in layers]
+                other[number] = [0.0, 0.0]
+            i = _owner(layer, index)
+            if i is None:
+                slot = other[number]
+                slot[0] += params
+                slot[1] += ops
+                continue
+            row = rows[i]
+            if layer == layers[i]:
+                row[0], row[1], row[2], row[3] = sp, bits, act, rank
+            row[4] += params
+            row[5] += ops
+    table = LayerTable(
+        layers=layers,
+        knobs=knobs,
+        allowed=allowed,
+        dense=[(p, o) for p, o in dense],
+        dense_other=(dense_other[0], dense_other[1]),
+        options=[[] for _ in layers],
+    )
+    seen: list[dict[tuple[Any, ...], int]] = [{} for _ in layers]
+    for number, rows in per.items():
+        picks = []
+        for i, row in enumerate(rows):
+            key = tuple(row)
+            k = seen[i].get(key)
+            if k is None:
+                k = seen[i][key] = len(table.options[i])
+                table.options[i].append(key)
+            picks.append(k)
+        table.choice[number] = picks
+        table.other[number] = (other[number][0], other[number][1])
+    return table
+
+
+@dataclass
+class Importances:
+    """How much of the spread in score and in log-perplexity each parameter explains alone,
+    as shares that sum to 1 per target, and the same summed by knob and by layer."""
+
+    trials: int
+    params: dict[str, dict[str, float]] = field(default_factory=dict)
+    """parameter -> {"score": share, "perplexity": share}"""
+    by_knob: dict[str, dict[str, float]] = field(default_factory=dict)
+    by_layer: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _bins(values: Sequence[Any], most: int = 8) -> list[Any]:
+    """Group labels: the values themselves when few are distinct, else quantile bins (so a
+    continuous knob is not credited for fitting noise one trial per value)."""
+    distinct = sorted({v for v in values}, key=lambda v: (v is None, v if v is not None else 0))
+    if len(distinct) <= most:
+        return list(values)
+    numeric = [(-1.0 if v is None else float(v)) for v in values]
+    ordered = sorted(numeric)
+    edges = [ordered[min(len(ordered) - 1, (len(ordered) * k) // most)] for k in range(1, most)]
+    return [sum(x > e for e in edges) for x in numeric]
+
+
+def _eta_squared(groups: Sequence[Any], target: Sequence[float]) -> float:
+    """The correlation ratio: between-group variance of `target` over its total variance."""
+    n = len(target)
+    if n < 2:
+        return 0.0
+    mean = sum(target) / n
+    total = sum((t - mean) ** 2 for t in target)
+    if total <= 0:
+        return 0.0
+    sums: dict[Any, list[float]] = {}
+    for g, t in zip(groups, target, strict=True):
+        acc = sums.setdefault(g, [0.0, 0.0])
+        acc[0] += t
+        acc[1] += 1
+    between = sum(c * (s / c - mean) ** 2 for s, c in sums.values())
+    return between / total
+
+
+def importances(
+    table: LayerTable,
+    scores: dict[int, float],
+    perplexities: dict[int, float],
+    hyper: dict[int, dict[str, Any]] | None = None,
+) -> Importances:
+    """The correlation ratio (eta squared) of each searched parameter, one layer knob or one
+    hyperparameter, against the score and against log-perplexity of the given trials, scaled
+    to shares that sum to 1; parameters that never vary get nothing."""
+    numbers = [n for n in scores if n in table.choice and n in perplexities]
+    out = Importances(trials=len(numbers))
+    if len(numbers) < 3:
+        return out
+    targets = {
+        "score": [scores[n] for n in numbers],
+        "perplexity": [math.log(max(perplexities[n], 1e-300)) for n in numbers],
+    }
+    raw: dict[str, dict[str, float]] = {}
+    groups_of: dict[str, tuple[str, str]] = {}
+    for i, layer in enumerate(table.layers):
+        for k, knob in enumerate(KNOBS):
+            if knob not in table.allowed[i]:
+                continue
+            values = [table.options[i][table.choice[n][i]][k] for n in numbers]
+            if len(set(values)) < 2:
+                continue
+            name = f"{layer}.{knob}"
+            groups = _bins(values)
+            raw[name] = {t: _eta_squared(groups, v) for t, v in targets.items()}
+            groups_of[name] = (knob, layer)
+    for key in sorted({k for h in (hyper or {}).values() for k in h}):
+        values = [(hyper or {}).get(n, {}).get(key) for n in numbers]
+        if len({repr(v) for v in values}) < 2:
+            continue
+        groups = _bins(values)
+        raw[key] = {t: _eta_squared(groups, v) for t, v in targets.items()}
+        groups_of[key] = (key, "(hyperparameters)")
+    for target in targets:
+        total = sum(r[target] for r in raw.values())
+        for name, r in raw.items():
+            share = r[target] / total if total > 0 else 0.0
+            out.params.setdefault(name, {})[target] = share
+            knob, layer = groups_of[name]
+            for bucket, key in ((out.by_knob, knob), (out.by_layer, layer)):
+                slot = bucket.setdefault(key, {"score": 0.0, "perplexity": 0.0})
+                slot[target] += share
+    return out

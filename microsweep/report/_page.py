@@ -1,0 +1,411 @@
+"""The sweep report: one self-contained HTML page (plotly.js inlined, opens offline).
+
+`report_data` gathers everything the page shows from the store (tests assert on it);
+`figures` draws it as plotly figures (also what a notebook shows); `write_report` writes the
+page, whose small script redraws the per-layer view when a trial is clicked.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from microsweep.errors import UsageError
+from microsweep.report._layers import (
+    KNOBS,
+    Importances,
+    LayerTable,
+    importances,
+    layer_table,
+)
+from microsweep.report._pareto import ParetoData, figure, history_figure, pareto_data
+
+if TYPE_CHECKING:
+    from microsweep.report._sensitivity import SensitivityData
+    from microsweep.storage import Store
+
+__all__ = ["ReportData", "figures", "layer_view", "report_data", "write_report"]
+
+_KNOB_LABELS = {"sparsity": "sparsity", "bits": "bits", "act_bits": "act bits", "rank": "rank"}
+
+
+@dataclass
+class ReportData:
+    """Everything the report shows, read from the store."""
+
+    pareto: ParetoData
+    layers: LayerTable
+    importances: Importances
+    sensitivity: SensitivityData | None
+    front: list[dict[str, Any]] = field(default_factory=list)
+    """The front's trials (best score first) with the command that exports each."""
+    selected: int | None = None
+    """The trial the per-layer view opens on: the best feasible, else the first finished."""
+
+
+def export_command(name: str, number: int, storage: str) -> str:
+    """The shell command that writes trial `number` of sweep `name` as a .msz file."""
+    return (
+        f"microsweep export --name {shlex.quote(name)} --trial {number} "
+        f"--storage {shlex.quote(storage)} -o {shlex.quote(f'{name}-trial{number}.msz')}"
+    )
+
+
+def report_data(store: Store, name: str) -> ReportData:
+    """Read sweep `name`: its points and front, every trial's per-layer settings and counts,
+    the parameter importances over completed trials, and its sensitivity table if measured."""
+    from microsweep.report._sensitivity import sensitivity_data
+
+    pareto = pareto_data(store, name)
+    table = layer_table(store, name)
+    rows = store.trials(name)
+    complete = [r for r in rows if r.state == "COMPLETE" and r.score is not None]
+    imp = importances(
+        table,
+        {r.number: r.score for r in complete},
+        {r.number: r.perplexity for r in complete if r.perplexity is not None},
+        {r.number: dict((r.policy or {}).get("hyper") or {}) for r in complete},
+    )
+    sweep = store.get_sweep(name)
+    sensitivity = None
+    if sweep.eval_key and store.sensitivity_rows(sweep.eval_key):
+        sensitivity = sensitivity_data(store, sweep.eval_key, ceiling=sweep.ceiling)
+    points = {p.number: p for p in pareto.points}
+    front = []
+    for number in pareto.front:
+        if number < 0:
+            front.append(
+                {
+                    "trial": "dense",
+                    "score": pareto.dense_score,
+                    "perplexity": pareto.dense_perplexity,
+                    "policy": "no compression",
+                    "export": "",
+                }
+            )
+            continue
+        p = points[number]
+        front.append(
+            {
+                "trial": number,
+                "score": p.score,
+                "perplexity": p.perplexity,
+                "params": p.params,
+                "ops": p.ops,
+                "origin": p.origin,
+                "policy": p.summary,
+                "export": export_command(name, number, store.display),
+            }
+        )
+    feasible = [p for p in pareto.points if p.feasible]
+    if feasible:
+        selected: int | None = min(feasible, key=lambda p: p.score).number
+    else:
+        selected = next(iter(table.choice), None)
+    return ReportData(pareto, table, imp, sensitivity, front, selected)
+
+
+def layer_view(table: LayerTable, number: int | None) -> dict[str, Any]:
+    """The per-layer view of trial `number` (None: the dense model): for the heatmap, each
+    layer's knob values and how hard each compresses (0 none .. 1 most: the sparsity, 1 -
+    bits/32, 1 - rank/largest rank tried on the layer); and params and ops per layer (plus
+    everything else as "other") beside the dense model's."""
+    names = [*table.layers, "other"]
+    rank_max = [max((o[3] or 0 for o in opts), default=0) for opts in table.options]
+    z: list[list[float | None]] = []
+    text: list[list[str]] = []
+    params, ops = [], []
+    for i, _ in enumerate(table.layers):
+        if number is None or number not in table.choice:
+            values: tuple[Any, ...] = (None, 32, 32, None, *table.dense[i])
+        else:
+            values = table.options[i][table.choice[number][i]]
+        zr: list[float | None] = []
+        tr: list[str] = []
+        for knob in table.knobs:
+            v = values[KNOBS.index(knob)]
+            if knob not in table.allowed[i]:  # not searched on this layer: a blank cell
+                zr.append(None)
+                tr.append("")
+            elif knob == "sparsity":
+                zr.append(float(v or 0.0))
+                tr.append(f"{v or 0:.2f}")
+            elif knob in ("bits", "act_bits"):
+                bits = 32 if v is None else v
+                zr.append(1.0 - bits / 32)
+                tr.append(str(bits))
+            else:
+                zr.append(0.0 if v is None or not rank_max[i] else 1.0 - v / rank_max[i])
+                tr.append("full" if v is None else str(v))
+        z.append(zr)
+        text.append(tr)
+        params.append(values[4])
+        ops.append(values[5])
+    other = (
+        table.dense_other if number is None or number not in table.other else table.other[number]
+    )
+    params.append(other[0])
+    ops.append(other[1])
+    return {
+        "trial": number,
+        "layers": names,
+        "knobs": [_KNOB_LABELS[k] for k in table.knobs],
+        "z": z,
+        "text": text,
+        "params": params,
+        "ops": ops,
+        "dense_params": [d[0] for d in table.dense] + [table.dense_other[0]],
+        "dense_ops": [d[1] for d in table.dense] + [table.dense_other[1]],
+        "rank_max": rank_max,
+    }
+
+
+def _layer_figures(table: LayerTable, number: int | None) -> tuple[Any, Any]:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    view = layer_view(table, number)
+    label = "dense model" if number is None else f"trial {number}"
+    heat = go.Figure(
+        go.Heatmap(
+            z=view["z"],
+            x=view["knobs"],
+            y=view["layers"][:-1],
+            text=view["text"],
+            texttemplate="%{text}",
+            zmin=0.0,
+            zmax=1.0,
+            colorscale="Reds",
+            colorbar=dict(title="compression", thickness=12),
+            hovertemplate="%{y}<br>%{x}: %{text}<extra></extra>",
+        )
+    )
+    rows = len(view["layers"])
+    heat.update_layout(
+        title=f"{label}: policy per layer",
+        yaxis=dict(autorange="reversed", automargin=True),
+        template="plotly_white",
+        height=max(320, 90 + 22 * rows),
+        margin=dict(l=10, r=10, t=50, b=30),
+    )
+    counts = make_subplots(
+        rows=1, cols=2, shared_yaxes=True, subplot_titles=("parameters", "operations per token")
+    )
+    for col, key in ((1, "params"), (2, "ops")):
+        for who, values, colour in (
+            ("dense", view[f"dense_{key}"], "#bbbbbb"),
+            (label, view[key], "#d62728"),
+        ):
+            counts.add_trace(
+                go.Bar(
+                    y=view["layers"],
+                    x=values,
+                    orientation="h",
+                    name=who,
+                    marker_color=colour,
+                    legendgroup=who,
+                    showlegend=col == 1,
+                    hovertemplate=f"%{{y}}<br>{who}: %{{x:,.0f}}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
+    counts.update_yaxes(autorange="reversed", automargin=True)
+    counts.update_layout(
+        title=f"{label}: parameters and operations per layer against dense",
+        barmode="group",
+        template="plotly_white",
+        height=max(320, 90 + 22 * rows),
+        margin=dict(l=10, r=10, t=60, b=30),
+        legend=dict(orientation="h", y=-0.08),
+    )
+    return heat, counts
+
+
+def _importance_figure(imp: Importances) -> Any:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("by knob", "by layer"))
+    for col, groups in ((1, imp.by_knob), (2, imp.by_layer)):
+        names = sorted(groups, key=lambda g: -groups[g]["score"])
+        for target, colour in (("score", "#1f77b4"), ("perplexity", "#ff7f0e")):
+            fig.add_trace(
+                go.Bar(
+                    x=names,
+                    y=[groups[g][target] for g in names],
+                    name=target,
+                    marker_color=colour,
+                    legendgroup=target,
+                    showlegend=col == 1,
+                    hovertemplate=f"%{{x}}<br>{target}: %{{y:.1%}}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
+    fig.update_yaxes(tickformat=".0%")
+    fig.update_layout(
+        title=f"parameter importances over {imp.trials} completed trials (share of the spread "
+        "each parameter explains alone)",
+        barmode="group",
+        template="plotly_white",
+        height=420,
+    )
+    return fig
+
+
+def figures(data: ReportData, trial: int | None = None) -> dict[str, Any]:
+    """The report's plotly figures by name; the per-layer pair shows `trial` (default: the
+    trial the page opens on)."""
+    from microsweep.report._sensitivity import figure as sensitivity_figure
+
+    number = data.selected if trial is None else trial
+    if number is not None and number not in data.layers.choice:
+        raise UsageError(
+            f"trial {number} of sweep {data.pareto.name!r} has no per-layer rows (failed before "
+            "it was counted, or not finished); pick one from 'microsweep trials'"
+        )
+    heat, counts = _layer_figures(data.layers, number)
+    out = {
+        "pareto": figure(data.pareto),
+        "layers": heat,
+        "counts": counts,
+        "history": history_figure(data.pareto),
+        "importances": _importance_figure(data.importances),
+    }
+    if data.sensitivity is not None:
+        out["sensitivity"] = sensitivity_figure(data.sensitivity)
+    return out
+
+
+def _front_table(data: ReportData) -> str:
+    head = "<tr><th>trial</th><th>score</th><th>perplexity</th><th>policy</th><th>export</th></tr>"
+    body = []
+    for row in data.front:
+        trial = row["trial"]
+        attr = f' data-trial="{trial}"' if isinstance(trial, int) else ""
+        body.append(
+            f"<tr{attr}><td>{trial}</td><td>{row['score']:.5g}</td>"
+            f"<td>{row['perplexity']:.4f}</td><td>{escape(row['policy'])}</td>"
+            f"<td><code>{escape(row['export'])}</code></td></tr>"
+        )
+    return f'<table id="ms-front">{head}{"".join(body)}</table>'
+
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:16px;color:#222}
+h1{font-size:20px} h2{font-size:16px;margin-top:28px}
+.row{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1.3fr);gap:12px}
+#ms-front{border-collapse:collapse;font-size:12px} #ms-front td,#ms-front th{border:1px solid #ddd;
+padding:3px 6px;vertical-align:top;text-align:left} #ms-front tr[data-trial]{cursor:pointer}
+#ms-front tr[data-trial]:hover{background:#f3f3f3} code{font-size:11px}
+"""
+
+_SCRIPT = """
+(function(){
+const D = JSON.parse(document.getElementById('ms-data').textContent);
+const T = D.table, K = ['sparsity','bits','act_bits','rank'];
+function view(n){
+  const rows = T.layers.map((_, i) => T.options[i][T.choice[String(n)][i]]);
+  const z = [], text = [];
+  rows.forEach((v, i) => {
+    const zr = [], tr = [];
+    T.knobs.forEach(k => {
+      const x = v[K.indexOf(k)];
+      if (T.allowed[i].indexOf(k) < 0) { zr.push(null); tr.push(''); }
+      else if (k === 'sparsity') { zr.push(x || 0); tr.push((x || 0).toFixed(2)); }
+      else if (k === 'rank') {
+        zr.push(x == null || !D.rank_max[i] ? 0 : 1 - x / D.rank_max[i]);
+        tr.push(x == null ? 'full' : String(x));
+      } else { const b = x == null ? 32 : x; zr.push(1 - b / 32); tr.push(String(b)); }
+    });
+    z.push(zr); text.push(tr);
+  });
+  const other = T.other[String(n)];
+  return {z: z, text: text, params: rows.map(v => v[4]).concat([other[0]]),
+          ops: rows.map(v => v[5]).concat([other[1]])};
+}
+function show(n){
+  if (n === null || n === undefined || T.choice[String(n)] === undefined) return;
+  const v = view(n), label = 'trial ' + n;
+  const heat = document.getElementById('ms-layers'), counts = document.getElementById('ms-counts');
+  Plotly.restyle(heat, {z: [v.z], text: [v.text]}, [0]);
+  Plotly.relayout(heat, {'title.text': label + ': policy per layer'});
+  Plotly.restyle(counts, {x: [v.params, v.ops], name: [label, label]}, [1, 3]);
+  Plotly.relayout(counts, {'title.text': label +
+    ': parameters and operations per layer against dense'});
+  document.getElementById('ms-selected').textContent = label;
+  document.getElementById('ms-selected').dataset.trial = String(n);
+}
+function pick(ev){
+  const p = ev && ev.points && ev.points[0];
+  if (p && p.customdata) show(Array.isArray(p.customdata) ? p.customdata[0] : p.customdata);
+}
+['ms-pareto', 'ms-history'].forEach(id => {
+  const el = document.getElementById(id); if (el && el.on) el.on('plotly_click', pick);
+});
+document.querySelectorAll('#ms-front tr[data-trial]').forEach(tr =>
+  tr.addEventListener('click', () => show(Number(tr.dataset.trial))));
+})();
+"""
+
+
+def write_report(store: Store, name: str, path: str | Path) -> ReportData:
+    """Write sweep `name`'s report to `path` as one HTML page and return its data."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UsageError(f"folder {path.parent} for the report does not exist; create it first")
+    data = report_data(store, name)
+    figs = figures(data)
+    first = True
+    html_of: dict[str, str] = {}
+    for key, fig in figs.items():
+        html_of[key] = fig.to_html(
+            include_plotlyjs=first, full_html=False, div_id=f"ms-{key}", validate=False
+        )
+        first = False
+    p = data.pareto
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(p.states.items())) or "no trials"
+    feasible = sum(1 for x in p.points if x.feasible)
+    ceiling = "none" if p.ceiling is None else f"{p.ceiling:.4f}"
+    payload = json.dumps(
+        {"table": data.layers.to_json(), "rank_max": layer_view(data.layers, None)["rank_max"]},
+        separators=(",", ":"),
+    ).replace("</", "<\\/")
+    sens = (
+        f"<h2>Sensitivity: each layer alone at each level</h2>{html_of['sensitivity']}"
+        if "sensitivity" in html_of
+        else "<p>No sensitivity table for this sweep ('microsweep sensitivity' measures one; "
+        "the auto and allocate samplers measure it themselves).</p>"
+    )
+    selected = "dense model" if data.selected is None else f"trial {data.selected}"
+    title = f"microsweep report: {escape(name)}"
+    html = f"""<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><title>{title}</title><style>{_STYLE}</style></head>
+<body>
+<h1>{title}</h1>
+<p>{counts}; {feasible} feasible. Dense model: perplexity {p.dense_perplexity:.4f}, score
+{p.dense_score:.5g} ({escape(p.baseline)} baseline); perplexity ceiling {ceiling}.
+Click a point (or a row of the front table) to see its policy per layer.</p>
+{html_of["pareto"]}
+<h2>Per-layer view: <span id="ms-selected">{selected}</span></h2>
+<div class="row"><div>{html_of["layers"]}</div><div>{html_of["counts"]}</div></div>
+<h2>Pareto front</h2>
+{_front_table(data)}
+<h2>Search history</h2>
+{html_of["history"]}
+<h2>Parameter importances</h2>
+{html_of["importances"]}
+{sens}
+<script type="application/json" id="ms-data">{payload}</script>
+<script>{_SCRIPT}</script>
+</body>
+</html>
+"""
+    path.write_text(html, encoding="utf-8")
+    return data
