@@ -388,6 +388,9 @@ def _drive(
         write (a FAIL with its reason when the worker or the scoring failed)."""
         trial, policy = item.trial, item.policy
         origin = _origin(mem, trial.number, default_origin)
+        ranks = {n: lp.rank for n, lp in policy.layers.items() if lp.rank is not None}
+        if ranks:  # the ranks applied, as `status` shows them (a rank param may be a fraction)
+            trial.set_user_attr("ranks", ranks)
         timings = dict(res.get("timings", {}))
         base = {
             "origin": origin,
@@ -528,7 +531,7 @@ def _drive(
             result.states[state] = result.states.get(state, 0) + 1
             result.consider(number, state, origin, record.get("score"), record)
             if state == "COMPLETE":
-                mark = "" if record["feasible"] else " over the ceiling"
+                mark = ", meets the ceiling" if record["feasible"] else ", OVER the ceiling"
                 last = (
                     f"trial {number} ({origin}) score {record['score']:.4g} "
                     f"ppl {record['perplexity']:.4g}{mark}"
