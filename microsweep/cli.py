@@ -76,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
         help="time budget in seconds: no new "
         "trial starts after it; running ones finish and 'resume' continues",
     )
+    run.add_argument(
+        "--warm-start",
+        action="append",
+        default=[],
+        metavar="POLICY.json",
+        help="run this policy first (a file 'microsweep show --json' writes); repeatable",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.add_argument("--storage-wait", type=_positive, default=60, help=wait_help)
 
@@ -155,7 +162,8 @@ def _parser() -> argparse.ArgumentParser:
         "--json",
         dest="policy_out",
         default=None,
-        help="also write the policy to this file (what 'count --policy' reads)",
+        help="also write the policy to this file (what 'count --policy' and 'run --warm-start' "
+        "read)",
     )
 
     export = sub.add_parser("export", help="write a trial's compressed model as a .msz file")
@@ -367,6 +375,7 @@ def _dispatch(args: argparse.Namespace) -> None:
                 cpus_per_worker=args.cpus_per_worker,
                 gpus_per_worker=args.gpus_per_worker,
                 timeout=args.timeout,
+                warm_start=args.warm_start,
             )
         )
     elif args.command == "resume":

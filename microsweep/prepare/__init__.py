@@ -16,9 +16,16 @@ from microsweep.prepare._prepared import (
     versions,
     with_stop_rule,
 )
-from microsweep.prepare._spacefile import SpaceFile, load_space_file, load_space_source
+from microsweep.prepare._spacefile import (
+    INLINE_PATH,
+    SpaceFile,
+    load_space_file,
+    load_space_source,
+    space_from_objects,
+)
 
 __all__ = [
+    "INLINE_PATH",
     "MicroNet",
     "Prepared",
     "SpaceFile",
@@ -32,6 +39,7 @@ __all__ = [
     "prepare",
     "recipe_of",
     "reopen_space",
+    "space_from_objects",
     "sweep_eval_key",
     "versions",
     "with_stop_rule",

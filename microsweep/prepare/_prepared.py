@@ -20,7 +20,7 @@ import torch
 
 from microsweep.errors import StorageError, UsageError
 from microsweep.prepare._objective import MicroNet
-from microsweep.prepare._spacefile import SpaceFile, load_space_source
+from microsweep.prepare._spacefile import INLINE_PATH, SpaceFile, load_space_source
 
 __all__ = [
     "Prepared",
@@ -145,14 +145,25 @@ def prepare(sf: SpaceFile, seed: int) -> Prepared:
     return Prepared(windows, calib, train, settings, data_fp)
 
 
-def reopen_space(sweep: Any) -> tuple[SpaceFile, Prepared]:
-    """Re-run a sweep's stored space source and rebuild its tensors, refusing when the model or
-    corpus is not the one the sweep was measured on (used by resume and export)."""
-    sf = load_space_source(sweep.space_source, sweep.space_path)
+def reopen_space(sweep: Any, given: SpaceFile | None = None) -> tuple[SpaceFile, Prepared]:
+    """Re-run a sweep's stored space source (or take the objects `given` again, for a sweep
+    defined in Python) and rebuild its tensors, refusing when the model or corpus is not the
+    one the sweep was measured on (used by resume and export)."""
+    if given is not None:
+        sf = given
+    elif sweep.space_path == INLINE_PATH:
+        raise UsageError(
+            f"sweep {sweep.name!r} was defined from Python objects, so there is no space file "
+            "to re-run; call resume_sweep / export_trial with the same space (and corpus or "
+            "evaluate) as keyword arguments"
+        )
+    else:
+        sf = load_space_source(sweep.space_source, sweep.space_path)
     if model_fingerprint(sf.model) != sweep.model_fingerprint:
         raise StorageError(
-            f"the model built by the stored space file differs from sweep {sweep.name!r}'s "
-            "(fingerprint mismatch); rebuild it exactly as when the sweep ran"
+            f"the model {'given' if given is not None else 'built by the stored space file'} "
+            f"differs from sweep {sweep.name!r}'s (fingerprint mismatch); rebuild it exactly as "
+            "when the sweep ran"
         )
     prepared = prepare(sf, sweep.seed or 0)
     if prepared.data_fingerprint != sweep.data_fingerprint:

@@ -23,7 +23,7 @@ from microsweep.errors import MicrosweepError, SpaceWarning, UsageError
 from microsweep.prepare._objective import MicroNet
 from microsweep.spaces import Space
 
-__all__ = ["SpaceFile", "load_space_file", "load_space_source"]
+__all__ = ["INLINE_PATH", "SpaceFile", "load_space_file", "load_space_source", "space_from_objects"]
 
 
 @dataclass
@@ -43,6 +43,42 @@ class SpaceFile:
     @property
     def model(self) -> nn.Module:
         return self.space.model
+
+
+INLINE_PATH = "<python objects>"
+"""The space path stored for a sweep defined by objects (no file to re-run on resume)."""
+
+
+def space_from_objects(
+    space: Space,
+    *,
+    objective: MicroNet | None = None,
+    corpus: Any | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    calib: torch.Tensor | None = None,
+    train_tokens: torch.Tensor | None = None,
+) -> SpaceFile:
+    """What a space file would define, given as Python objects (a notebook's `Space`, its
+    objective and corpus), checked as a file's are."""
+    if not isinstance(space, Space):
+        raise UsageError(
+            f"space must be a Space(model, rules=...) or the path of a space file, not "
+            f"{type(space).__name__}"
+        )
+    name = f"microsweep_space_inline_{id(space):x}"
+    module = ModuleType(name)
+    module.__file__ = INLINE_PATH
+    given = {
+        "space": space,
+        "objective": objective,
+        "corpus": corpus,
+        "evaluate": evaluate,
+        "calib": calib,
+        "train_tokens": train_tokens,
+    }
+    module.__dict__.update({k: v for k, v in given.items() if v is not None})
+    sys.modules[name] = module
+    return _collect(module, INLINE_PATH, "", space)
 
 
 def load_space_file(path: str | Path) -> SpaceFile:
@@ -98,39 +134,38 @@ def load_space_source(source: str, path: str) -> SpaceFile:
 
 def _collect(module: ModuleType, path: str, source: str, space: Space) -> SpaceFile:
     """The objective, corpus and evaluate a loaded space file defines, checked."""
+    where = "the space given as objects" if path == INLINE_PATH else f"space file {path}"
     objective = module.__dict__.get("objective", MicroNet())
     if not isinstance(objective, MicroNet):
-        raise UsageError(
-            f"space file {path}: `objective` must be a MicroNet(...), not {objective!r}"
-        )
+        raise UsageError(f"{where}: `objective` must be a MicroNet(...), not {objective!r}")
     corpus = module.__dict__.get("corpus")
     evaluate = module.__dict__.get("evaluate")
     if evaluate is not None and not callable(evaluate):
-        raise UsageError(f"space file {path}: `evaluate` must be a function model -> perplexity")
+        raise UsageError(f"{where}: `evaluate` must be a function model -> perplexity")
     if corpus is None and evaluate is None:
         raise UsageError(
-            f"space file {path} must define `corpus` (e.g. data.tiny_shakespeare()) or "
+            f"{where} must define `corpus` (e.g. data.tiny_shakespeare()) or "
             "`evaluate(model) -> perplexity`"
         )
     names = module.__dict__
-    calib = _ids(names.get("calib"), 2, f"space file {path}: `calib`", "(B, T)")
-    train = _ids(names.get("train_tokens"), 1, f"space file {path}: `train_tokens`", "(N,)")
+    calib = _ids(names.get("calib"), 2, f"{where}: `calib`", "(B, T)")
+    train = _ids(names.get("train_tokens"), 1, f"{where}: `train_tokens`", "(N,)")
     if corpus is None and calib is None:
         for rule in space.rules:
             levels = getattr(rule.settings.get("act_bits"), "choices", ())
             if any(b < 32 for b in levels):
                 raise UsageError(
-                    f"space file {path}: rule {rule.key!r} quantizes layer inputs (act_bits) but "
+                    f"{where}: rule {rule.key!r} quantizes layer inputs (act_bits) but "
                     "the file gives no calibration tokens; define `calib` (token ids of shape "
                     "(B, T)) or a `corpus`, or keep act_bits at 32"
                 )
     if corpus is None and train is None and "finetune_steps" in space.hyper:
         raise UsageError(
-            f"space file {path}: `finetune_steps` needs training tokens; define `train_tokens` "
+            f"{where}: `finetune_steps` needs training tokens; define `train_tokens` "
             "(1-D token ids) or a `corpus`"
         )
     if evaluate is None:
-        _check_forward(space.model, path)
+        _check_forward(space.model, where)
     return SpaceFile(path, source, module, space, objective, corpus, evaluate, calib, train)
 
 
@@ -154,7 +189,7 @@ def _ids(value: Any, dims: int, what: str, shape: str) -> torch.Tensor | None:
     return value.to(torch.long)
 
 
-def _check_forward(model: nn.Module, path: str) -> None:
+def _check_forward(model: nn.Module, where: str) -> None:
     """The built-in perplexity's contract: ids (B, T) in, logits (B, T, V) out (or an output
     holding them); checked once on two positions so a wrong model fails before any trial."""
     from microsweep.models import logits_of
@@ -168,7 +203,7 @@ def _check_forward(model: nn.Module, path: str) -> None:
             out = logits_of(model(ids))
     except Exception as exc:
         raise UsageError(
-            f"space file {path}: the model fails on token ids of shape (1, 2) "
+            f"{where}: the model fails on token ids of shape (1, 2) "
             f"({type(exc).__name__}: {exc}); it must take ids (B, T), or define `evaluate`"
         ) from None
     finally:
@@ -177,6 +212,6 @@ def _check_forward(model: nn.Module, path: str) -> None:
     if not (isinstance(out, torch.Tensor) and out.dim() == 3 and tuple(out.shape[:2]) == (1, 2)):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UsageError(
-            f"space file {path}: model(ids (1, 2)) gave {got}; the built-in perplexity needs "
+            f"{where}: model(ids (1, 2)) gave {got}; the built-in perplexity needs "
             "logits (B, T, V) or an output with .logits; return them, or define `evaluate`"
         )

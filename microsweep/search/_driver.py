@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from microsweep.errors import MicrosweepError, StorageError, UsageError
+from microsweep.errors import MicrosweepError, SpaceError, StorageError, UsageError
 from microsweep.prepare import (
+    INLINE_PATH,
+    MicroNet,
     Prepared,
     SpaceFile,
     check_counts,
@@ -26,11 +29,13 @@ from microsweep.prepare import (
     prepare,
     recipe_of,
     reopen_space,
+    space_from_objects,
     sweep_eval_key,
     versions,
     with_stop_rule,
 )
 from microsweep.search._guard import Lease
+from microsweep.spaces import Policy, Space
 from microsweep.storage import Store
 
 if TYPE_CHECKING:
@@ -127,10 +132,12 @@ def _plan(
     *,
     total: int,
     progress: bool,
+    fresh: bool = False,
+    queued: int = 0,
 ) -> None:
     """Give a planned sampler its planner (and sensitivity table), enqueue its warm starts on a
-    new study (no more than the sweep's `total` trials, so none is left waiting), and note what
-    the planner drops."""
+    `fresh` study after the `queued` ones given by the user (no more than the sweep's `total`
+    trials in all, so none is left waiting), and note what the planner drops."""
 
     from microsweep.allocate import Planner
     from microsweep.score import Baseline, CountConfig
@@ -180,8 +187,8 @@ def _plan(
         result.sensitivity = summary
         result.notes.extend(planner.notes())
     sampler.attach(planner, budget=budget, dense_nll=dense_nll)
-    if not study.get_trials(deepcopy=False):
-        for params, attrs in sampler.warm_starts()[:total]:
+    if fresh:  # after the user's own warm starts, within the sweep's trials
+        for params, attrs in sampler.warm_starts()[: max(0, total - queued)]:
             study.enqueue_trial(params, user_attrs=attrs)
     for note in result.notes:
         _say(progress, f"note: {note}")
@@ -212,7 +219,8 @@ def _make_pool(
         address=address,
         in_process=in_process,
         register_by_value=(sf.module,),
-        rules=rules_defined_in(sf.module.__name__),  # the file's own rules, on every worker
+        # the file's own counting rules (a script's or notebook's, for objects), on every worker
+        rules=rules_defined_in("__main__" if sf.path == INLINE_PATH else sf.module.__name__),
         cpus_per_worker=cpus_per_worker,
         gpus_per_worker=gpus_per_worker,
     )
@@ -297,6 +305,7 @@ class _Asked:
     row: tuple[int, int] | None = None
     driver_s: float = 0.0
     sampler_s: float = 0.0
+    origin: str | None = None
 
 
 def _drive(
@@ -314,6 +323,7 @@ def _drive(
     on_trial: Callable[[dict[str, Any]], None] | None = None,
     storage_wait: float = 60.0,
     timeout: float | None = None,
+    warm: Sequence[dict[str, Any]] = (),
 ) -> SweepResult:
     """Run trials until `study` has `total` finished ones, or until `timeout` seconds have
     passed (no new trial starts after it; those running finish and are kept).
@@ -336,6 +346,7 @@ def _drive(
         trial_to_json,
         write_spool,
     )
+    from microsweep.search._samplers import ORIGIN_ATTR
 
     ceiling = sweep.ceiling
     baseline = Baseline(sweep.baseline_params, sweep.baseline_ops, sweep.baseline_name)
@@ -370,7 +381,10 @@ def _drive(
         trial = mem.ask()
         policy = sf.space.suggest(trial)
         sampler_s = clock.seconds - s0
-        return _Asked(trial, policy, None, time.perf_counter() - t0 - sampler_s, sampler_s)
+        asked = _Asked(trial, policy, None, time.perf_counter() - t0 - sampler_s, sampler_s)
+        if warm:  # an enqueued warm start carries its origin (as planned trials do)
+            asked.origin = trial.user_attrs.get(ORIGIN_ATTR)
+        return asked
 
     def submit(item: _Asked) -> None:
         nonlocal asked
@@ -387,7 +401,7 @@ def _drive(
         """Score a worker's result and tell it to the in-memory study; returns the row to
         write (a FAIL with its reason when the worker or the scoring failed)."""
         trial, policy = item.trial, item.policy
-        origin = _origin(mem, trial.number, default_origin)
+        origin = item.origin or _origin(mem, trial.number, default_origin)
         ranks = {n: lp.rank for n, lp in policy.layers.items() if lp.rank is not None}
         if ranks:  # the ranks applied, as `status` shows them (a rank param may be a fraction)
             trial.set_user_attr("ranks", ranks)
@@ -498,7 +512,14 @@ def _drive(
         )
 
     try:
-        _plan(store, sweep, sf, prepared, mem, pool, result, total=total, progress=progress)
+        fresh = not mem.get_trials(deepcopy=False)
+        if fresh:
+            for params in warm[:total]:
+                mem.enqueue_trial(params, user_attrs={ORIGIN_ATTR: "warm start"})
+        _plan(
+            store, sweep, sf, prepared, mem, pool, result, total=total, progress=progress,
+            fresh=fresh, queued=min(len(warm), total) if fresh else 0,
+        )  # fmt: skip
         clock = _SamplerClock(mem.sampler)
         while done < total:
             while pool.free and asked < total and (ready or not expired()):
@@ -555,7 +576,7 @@ def _drive(
                 reason = f"sweep stopped before the trial {what}"
                 item.trial.set_user_attr("fail_reason", reason)
                 mem.tell(item.trial, None, state=TrialState.FAIL)
-                base = {"origin": _origin(mem, item.trial.number, default_origin)}
+                base = {"origin": item.origin or _origin(mem, item.trial.number, default_origin)}
                 persist(
                     item,
                     base
@@ -577,12 +598,40 @@ def _drive(
     return result
 
 
+def _warm_params(
+    space: Space, warm_start: Sequence[Policy | str | os.PathLike[str]]
+) -> list[dict[str, Any]]:
+    """The Optuna parameters of each warm-start policy (a Policy or a policy file), refused
+    in one line when a file cannot be read or a policy does not fit the space."""
+    if isinstance(warm_start, (str, os.PathLike, Policy)):
+        warm_start = [warm_start]
+    out = []
+    for item in warm_start:
+        where = "warm start policy"
+        if isinstance(item, Policy):
+            policy = item
+        else:
+            where = f"warm start {os.fspath(item)}"
+            try:
+                with open(item, encoding="utf-8") as fh:
+                    policy = Policy.loads(fh.read())
+            except OSError as exc:
+                raise UsageError(f"{where}: cannot read it ({exc.strerror or exc})") from None
+            except SpaceError as exc:
+                raise UsageError(f"{where}: {exc}") from None
+        try:
+            out.append(space.params_from_policy(policy))
+        except SpaceError as exc:
+            raise UsageError(f"{where}: {exc}") from None
+    return out
+
+
 class _TrialFailed(Exception):
     """A worker reported an error for the trial (its message is the reason stored)."""
 
 
 def run_sweep(
-    space_path: str,
+    space: str | os.PathLike[str] | Space,
     *,
     name: str,
     trials: int,
@@ -598,12 +647,20 @@ def run_sweep(
     cpus_per_worker: float = 1.0,
     gpus_per_worker: float = 0.0,
     timeout: float | None = None,
+    objective: MicroNet | None = None,
+    corpus: Any | None = None,
+    evaluate: Callable[[Any], float] | None = None,
+    calib: Any | None = None,
+    train_tokens: Any | None = None,
+    warm_start: Sequence[Policy | str | os.PathLike[str]] = (),
 ) -> SweepResult:
-    """Start a new sweep named `name` over the space file at `space_path`. `storage_wait` is
-    how long the driver keeps retrying while the database is unreachable before it stops;
-    `timeout` is a time budget in seconds after which no new trial starts (resume continues);
-    each Ray worker reserves `cpus_per_worker` CPUs (its torch threads) and `gpus_per_worker`
-    GPUs (a worker given a GPU evaluates on it)."""
+    """Start a new sweep named `name` over `space`: the path of a space file, or a `Space`
+    built in Python with `objective`, `corpus` (or `evaluate`), `calib` and `train_tokens` as a
+    file would define them. `warm_start` policies (or policy files, as 'microsweep show
+    --json' writes) run first. `storage_wait` is how long the driver keeps retrying while the
+    database is unreachable before it stops; `timeout` is a time budget in seconds after which
+    no new trial starts (resume continues); each Ray worker reserves `cpus_per_worker` CPUs
+    (its torch threads) and `gpus_per_worker` GPUs (a worker given a GPU evaluates on it)."""
     import optuna
 
     check_counts(trials, workers)
@@ -622,7 +679,21 @@ def run_sweep(
             f"a sweep named {name!r} already exists in {store.display}; "
             "use 'microsweep resume' or another --name"
         )
-    sf = load_space_file(space_path)
+    objects = dict(
+        objective=objective, corpus=corpus, evaluate=evaluate, calib=calib,
+        train_tokens=train_tokens,
+    )  # fmt: skip
+    if isinstance(space, Space):
+        sf = space_from_objects(space, **objects)
+    else:
+        given = [k for k, v in objects.items() if v is not None]
+        if given:
+            raise UsageError(
+                f"{', '.join(given)} given beside a space file; the file defines them (pass a "
+                "Space object to give them in Python)"
+            )
+        sf = load_space_file(space)
+    warm = _warm_params(sf.space, warm_start)
     if sampler == "cmaes" and sf.objective.objectives != "score":
         raise UsageError("--sampler cmaes handles one objective; use tpe, nsga2 or auto")
     prepared = prepare(sf, seed or 0)
@@ -644,7 +715,7 @@ def run_sweep(
         sweep = store.create_sweep(
             name=name,
             study_name=name,
-            space_path=str(space_path),
+            space_path=sf.path if isinstance(space, Space) else str(space),
             space_source=sf.source,
             space_json=sf.space.to_json(),
             objective_json=sf.objective.to_json(),
@@ -702,6 +773,7 @@ def run_sweep(
             on_trial=on_trial,
             storage_wait=storage_wait,
             timeout=timeout,
+            warm=warm,
         )
     finally:
         if lease is not None:
@@ -750,16 +822,30 @@ def resume_sweep(
     cpus_per_worker: float = 1.0,
     gpus_per_worker: float = 0.0,
     timeout: float | None = None,
+    space: Space | None = None,
+    objective: MicroNet | None = None,
+    corpus: Any | None = None,
+    evaluate: Callable[[Any], float] | None = None,
+    calib: Any | None = None,
+    train_tokens: Any | None = None,
 ) -> SweepResult:
     """Continue sweep `name` until it has `trials` finished trials in total (default: its
     original target). Refused while another driver runs the sweep. Trials an earlier driver
     spooled during a database outage are written first; trials it left RUNNING are then
-    marked FAIL."""
+    marked FAIL. A sweep started from Python objects needs the same `space` (and `corpus` or
+    `evaluate`, `calib`, `train_tokens`) again; its objective defaults to the stored one."""
     import optuna
     from optuna.trial import TrialState
 
+    objects = dict(corpus=corpus, evaluate=evaluate, calib=calib, train_tokens=train_tokens)
+    if space is None and (objective is not None or any(v is not None for v in objects.values())):
+        raise UsageError("objective, corpus, evaluate, calib and train_tokens need space= too")
     store = Store(storage, must_exist=True, upgrade=True)
     sweep = store.get_sweep(name)
+    given = None
+    if space is not None:
+        stored = MicroNet.from_json(sweep.objective_json)
+        given = space_from_objects(space, objective=objective or stored, **objects)
     total = trials if trials is not None else sweep.target_trials
     check_counts(total, workers)
     _check_timeout(timeout)
@@ -767,7 +853,7 @@ def resume_sweep(
     lease.acquire()  # before anything is touched: a live driver's trials stay its own
     pool = None
     try:
-        sf, prepared = reopen_space(sweep)
+        sf, prepared = reopen_space(sweep, given)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage_ = store.optuna_storage()
         try:

@@ -356,6 +356,77 @@ class Space:
         params.update(hyper or {})
         return params
 
+    def params_from_policy(self, policy: Policy) -> dict[str, Any]:
+        """Optuna parameter values that make `suggest` return `policy` (a warm start, e.g. the
+        policy file 'microsweep show --json' writes). A layer the policy leaves out is taken as
+        uncompressed; a policy this space cannot produce is refused, naming the first layer or
+        knob that differs. Hyperparameters the policy lacks are left to the sampler."""
+        import warnings
+
+        import optuna
+
+        unknown = [n for n in policy.layers if n not in self.assignment]
+        if unknown:
+            raise SpaceError(
+                f"the policy names layer(s) this space does not search: {', '.join(unknown[:3])}"
+                f"{' ...' if len(unknown) > 3 else ''}; was it written for another model?"
+            )
+        params: dict[str, Any] = {}
+        for unit in self.units():
+            info = unit.layers[0]
+            lp = policy.layers.get(info.name, LayerPolicy())
+            for knob, pname in unit.params.items():
+                if knob == "rank":
+                    params[pname] = self._rank_param(unit.knobs["rank"], lp.rank, info)
+                else:
+                    params[pname] = getattr(lp, knob)
+        for key in self.hyper:
+            if key in policy.hyper:
+                params[key] = policy.hyper[key]
+        fixed = dict(params)
+        for key, knob in self.hyper.items():  # only the layers are checked: any value does here
+            if key not in fixed:
+                choices = getattr(knob, "choices", None)
+                fixed[key] = choices[0] if choices else getattr(knob, "low", None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # FixedTrial only warns on a value out of range
+            try:
+                got = self.suggest(optuna.trial.FixedTrial(fixed))
+            except (UserWarning, ValueError) as exc:
+                raise SpaceError(f"the policy does not fit this space: {exc}") from None
+        for name in self.assignment:
+            want = policy.layers.get(name, LayerPolicy())
+            have = got.layers[name]
+            if (want.sparsity, want.bits, want.act_bits, want.rank) != (
+                have.sparsity,
+                have.bits,
+                have.act_bits,
+                have.rank,
+            ):
+                raise SpaceError(
+                    f"the policy gives layer {name!r} {want}, which this space cannot produce "
+                    f"(its rule gives {have}); check the policy was written for this space"
+                )
+        return params
+
+    @staticmethod
+    def _rank_param(knob: Rank, rank: int | None, info: LayerInfo) -> float | int:
+        """The rank knob's value (a fraction or an explicit rank) that resolves to `rank`."""
+        if knob.values is not None:
+            for v in knob.values:
+                if Rank.resolve(v, info.out_features, info.in_features) == rank:
+                    return v
+            return rank if rank is not None else knob.values[-1]  # refused by the check
+        if rank is None:  # dense: the top of the range, when it leaves the layer dense
+            return float(knob.high)
+        fraction = rank / info.full_rank
+        low, high = float(knob.low), float(knob.high)
+        if Rank.resolve(low, info.out_features, info.in_features) == rank:
+            fraction = max(fraction, low)  # rounding may put rank / full a hair outside
+        if Rank.resolve(high, info.out_features, info.in_features) == rank:
+            fraction = min(fraction, high)
+        return fraction
+
     # -- suggestion -------------------------------------------------------------------------
     def suggest(self, trial: optuna.trial.BaseTrial) -> Policy:
         """Ask `trial` for every knob and return the plain `Policy` it describes."""
