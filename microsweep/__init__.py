@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         UsageError,
     )
     from microsweep.export import load
+    from microsweep.report import Sweep, open_sweep
     from microsweep.search import MicroNet, resume_sweep, run_sweep
     from microsweep.spaces import (
         Bits,
@@ -53,6 +54,8 @@ _LAZY = {
     "SpaceWarning": "microsweep.errors",
     "StorageError": "microsweep.errors",
     "load": "microsweep.export",
+    "open_sweep": "microsweep.report",
+    "Sweep": "microsweep.report",
     "UsageError": "microsweep.errors",
 }
 _SUBMODULES = {
@@ -86,6 +89,8 @@ __all__ = [
     "Sparsity",
     "StorageError",
     "UsageError",
+    "Sweep",
+    "open_sweep",
     "resume_sweep",
     "run_sweep",
     "data",

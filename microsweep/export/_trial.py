@@ -15,14 +15,25 @@ __all__ = ["export_trial"]
 
 
 def export_trial(
-    name: str, number: int, path: str | os.PathLike[str], *, storage: str | None = None
+    name: str,
+    number: int,
+    path: str | os.PathLike[str],
+    *,
+    storage: str | None = None,
+    space: Any | None = None,
+    corpus: Any | None = None,
+    evaluate: Any | None = None,
+    calib: Any | None = None,
+    train_tokens: Any | None = None,
 ) -> ExportInfo:
     """Rebuild trial `number` of sweep `name` exactly as its worker evaluated it and `save` it.
 
-    The sweep's stored space file is run again (its model must match the stored fingerprint and
-    its corpus the stored data fingerprint), the policy is compressed with the same calibration
-    tokens, fine-tuned with the same seed when the policy asks for it, and rounded to 16 bits
-    when the 16-bit allowance applies. Only COMPLETE trials can be exported.
+    The sweep's stored space file is run again, or for a sweep started from Python objects the
+    `space` (and `corpus` or `evaluate`, `calib`, `train_tokens`) given here are used; the model
+    must match the stored fingerprint and the corpus the stored data fingerprint. The policy is
+    compressed with the same calibration tokens, fine-tuned with the same seed when the policy
+    asks for it, and rounded to 16 bits when the 16-bit allowance applies. Only COMPLETE trials
+    can be exported.
     """
     from microsweep.compress import compress
     from microsweep.prepare import recipe_of, reopen_space
@@ -42,7 +53,15 @@ def export_trial(
         raise ExportError(
             f"trial {number} of sweep {name!r} is {row.state}{why}; export a COMPLETE trial"
         )
-    sf, prepared = reopen_space(sweep)  # refuses another model or another corpus
+    given = None
+    if space is not None:
+        from microsweep.prepare import MicroNet, space_from_objects
+
+        given = space_from_objects(
+            space, objective=MicroNet.from_json(sweep.objective_json), corpus=corpus,
+            evaluate=evaluate, calib=calib, train_tokens=train_tokens,
+        )  # fmt: skip
+    sf, prepared = reopen_space(sweep, given)  # refuses another model or another corpus
     # a model outside microsweep.models is stored under its class; load() takes an instance
     recipe = sweep.model_recipe or recipe_of(sf.model) or custom_recipe(sf.model)
     settings = prepared.settings

@@ -16,6 +16,7 @@ from microsweep.report._sensitivity import (
     sensitivity_data,
     write_sensitivity_html,
 )
+from microsweep.report._sweep import Sweep, open_sweep
 from microsweep.report._tables import (
     format_rows,
     sweep_rows,
@@ -40,12 +41,14 @@ __all__ = [
     "Point",
     "ReportData",
     "SensitivityData",
+    "Sweep",
     "count_report",
     "figures",
     "format_rows",
     "importances",
     "layer_table",
     "layer_view",
+    "open_sweep",
     "pareto_data",
     "pareto_front",
     "report_data",

@@ -87,6 +87,19 @@ def _owner(name: str, targets: dict[str, int]) -> int | None:
         probe = probe.rsplit(".", 1)[0]
 
 
+def _settings(lp: dict[str, Any]) -> list[Any]:
+    """[sparsity, bits, act_bits, rank, params, ops] from a layer's policy JSON (counts to
+    be summed)."""
+    return [
+        float(lp.get("sparsity", 0.0) or 0.0),
+        int(lp.get("bits", 32)),
+        int(lp.get("act_bits", 32)),
+        lp.get("rank"),
+        0.0,
+        0.0,
+    ]
+
+
 def layer_table(store: Store, name: str) -> LayerTable:
     """Every finished trial's settings and counts on the space's target layers (FAIL trials
     without layer rows are left out)."""
@@ -105,29 +118,30 @@ def layer_table(store: Store, name: str) -> LayerTable:
         slot[0] += d["params"]
         slot[1] += d["ops"]
     query = (
-        select(
-            TrialRow.number,
-            LayerRow.layer,
-            LayerRow.sparsity,
-            LayerRow.bits,
-            LayerRow.act_bits,
-            LayerRow.rank,
-            LayerRow.params,
-            LayerRow.ops,
-        )
+        select(TrialRow.number, LayerRow.layer, LayerRow.params, LayerRow.ops)
         .join(TrialRow, LayerRow.trial_id == TrialRow.id)
         .join(SweepRow, TrialRow.sweep_id == SweepRow.id)
         .where(SweepRow.name == name)
         .order_by(TrialRow.number, LayerRow.id)
     )
-    # per trial: the settings of each target layer (its own row) and counts summed over it
+    policies = (
+        select(TrialRow.number, TrialRow.policy)
+        .join(SweepRow, TrialRow.sweep_id == SweepRow.id)
+        .where(SweepRow.name == name)
+    )
+    # per trial: each target layer's settings as its policy gives them (a factorized layer's
+    # own row holds no bits: its factors do) and its counts summed over its rows
     per: dict[int, list[list[Any]]] = {}
     other: dict[int, list[float]] = {}
     with store.session() as s:
-        for number, layer, sp, bits, act, rank, params, ops in s.execute(query):
+        settings = {
+            number: (policy or {}).get("layers") or {} for number, policy in s.execute(policies)
+        }
+        for number, layer, params, ops in s.execute(query):
             rows = per.get(number)
             if rows is None:
-                rows = per[number] = [[None, None, None, None, 0.0, 0.0] for _ in layers]
+                given = settings.get(number, {})
+                rows = per[number] = [_settings(given.get(n) or {}) for n in layers]
                 other[number] = [0.0, 0.0]
             i = _owner(layer, index)
             if i is None:
@@ -136,8 +150,6 @@ def layer_table(store: Store, name: str) -> LayerTable:
                 slot[1] += ops
                 continue
             row = rows[i]
-            if layer == layers[i]:
-                row[0], row[1], row[2], row[3] = sp, bits, act, rank
             row[4] += params
             row[5] += ops
     table = LayerTable(

@@ -1,0 +1,227 @@
+"""The sweep report's data (points, per-layer table, importances, front with export commands),
+`microsweep report`, and `open_sweep` in Python, checked against the stored rows."""
+
+from __future__ import annotations
+
+import math
+import shlex
+
+import pytest
+
+from microsweep.errors import UsageError
+from microsweep.report import (
+    LayerTable,
+    figures,
+    importances,
+    layer_table,
+    layer_view,
+    open_sweep,
+    report_data,
+    trial_rows,
+    write_report,
+)
+from microsweep.search import run_sweep
+from microsweep.storage import Store
+from tests.conftest import ROOT
+from tests.conftest import cli as _cli
+
+TINY = str(ROOT / "examples" / "tiny.py")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, tiny_gpt) -> str:
+    """An auto sweep: uniform warm starts, a sensitivity table, trials stopped early."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('report') / 'report.db'}"
+    run_sweep(
+        TINY, name="a", trials=12, storage=url, seed=1, sampler="auto", in_process=True,
+        progress=False,
+    )  # fmt: skip
+    return url
+
+
+def test_layer_table_matches_the_stored_layers_and_policies(sweep):
+    store = Store(sweep, must_exist=True)
+    table = layer_table(store, "a")
+    rows = {r.number: r for r in store.trials("a", with_layers=True)}
+    assert table.layers[:2] == ["blocks.0.attn.c_attn", "blocks.0.attn.c_proj"]
+    assert table.knobs == ["sparsity", "bits", "act_bits", "rank"]
+    assert table.allowed[table.layers.index("head")] == ["bits"]
+    assert set(table.choice) == {n for n, r in rows.items() if r.layers}
+    for number, row in rows.items():
+        if number not in table.choice:
+            continue
+        # target layers plus the rest add up to the trial's counts exactly
+        total_p = sum(table.row(number, n)["params"] for n in table.layers)
+        total_o = sum(table.row(number, n)["ops"] for n in table.layers)
+        assert total_p + table.other[number][0] == pytest.approx(row.params, rel=1e-12)
+        assert total_o + table.other[number][1] == pytest.approx(row.ops, rel=1e-12)
+        for name, lp in row.policy["layers"].items():
+            got = table.row(number, name)
+            assert got["bits"] == lp.get("bits", 32)
+            assert got["rank"] == lp.get("rank")
+            assert got["sparsity"] == pytest.approx(lp.get("sparsity", 0.0), abs=0.01)
+    dense = store.get_sweep("a")
+    assert sum(p for p, _ in table.dense) + table.dense_other[0] == pytest.approx(
+        dense.dense_params, rel=1e-12
+    )
+
+
+def test_layer_view_encodes_each_knob(sweep):
+    store = Store(sweep, must_exist=True)
+    table = layer_table(store, "a")
+    number = next(iter(table.choice))
+    view = layer_view(table, number)
+    assert view["layers"] == [*table.layers, "other"]
+    for i, name in enumerate(table.layers):
+        row = table.row(number, name)
+        for j, knob in enumerate(table.knobs):
+            z, text = view["z"][i][j], view["text"][i][j]
+            if knob not in table.allowed[i]:
+                assert (z, text) == (None, "")
+            elif knob == "sparsity":
+                assert z == pytest.approx(row["sparsity"] or 0.0)
+            elif knob in ("bits", "act_bits"):
+                bits = row[knob] or 32
+                assert (z, text) == (pytest.approx(1 - bits / 32), str(bits))
+            else:
+                assert (row["rank"] is None) == (text == "full")
+        assert view["params"][i] == row["params"]
+    dense_view = layer_view(table, None)
+    assert dense_view["params"][:-1] == [p for p, _ in table.dense]
+    assert all(z in (0.0, None) for zr in dense_view["z"] for z in zr)
+
+
+def _table(values: list[tuple[float, int]]) -> LayerTable:
+    """Two layers, A and B, each with (sparsity, bits) per trial."""
+    table = LayerTable(
+        layers=["A", "B"],
+        knobs=["sparsity", "bits"],
+        allowed=[["sparsity", "bits"], ["sparsity", "bits"]],
+        dense=[(1.0, 1.0), (1.0, 1.0)],
+        dense_other=(0.0, 0.0),
+        options=[[], []],
+    )
+    for n, (a, b) in enumerate(values):
+        picks = []
+        for i, key in enumerate([(a, 32, None, None, 1.0, 1.0), (0.0, b, None, None, 1.0, 1.0)]):
+            if key not in table.options[i]:
+                table.options[i].append(key)
+            picks.append(table.options[i].index(key))
+        table.choice[n] = picks
+    return table
+
+
+def test_importances_credit_the_parameter_that_drives_the_score():
+    import random
+
+    rng = random.Random(0)
+    values = [(rng.choice([0.0, 0.3, 0.6, 0.9]), rng.choice([4, 8, 32])) for _ in range(200)]
+    table = _table(values)
+    scores = {n: 1.0 - a + 0.01 * rng.random() for n, (a, _) in enumerate(values)}
+    ppl = {n: math.exp(2.0 + b / 32 + 0.01 * rng.random()) for n, (_, b) in enumerate(values)}
+    imp = importances(table, scores, ppl, {n: {"lr": rng.random()} for n in scores})
+    assert imp.trials == 200
+    assert imp.params["A.sparsity"]["score"] > 0.9  # the score depends on A's sparsity alone
+    assert imp.params["B.bits"]["perplexity"] > 0.9  # the perplexity on B's bits alone
+    for target in ("score", "perplexity"):
+        assert sum(p[target] for p in imp.params.values()) == pytest.approx(1.0)
+        assert sum(g[target] for g in imp.by_knob.values()) == pytest.approx(1.0)
+        assert sum(g[target] for g in imp.by_layer.values()) == pytest.approx(1.0)
+    assert "B.sparsity" not in imp.params  # never varied: nothing to credit
+    assert imp.by_knob["sparsity"]["score"] == imp.params["A.sparsity"]["score"]
+    assert imp.by_layer["B"]["perplexity"] == imp.params["B.bits"]["perplexity"]
+    assert imp.by_layer["(hyperparameters)"]["score"] == imp.params["lr"]["score"]
+    assert importances(table, {0: 1.0}, {0: 2.0}).params == {}  # too few trials: nothing
+
+
+def test_report_data_marks_every_kind_of_trial(sweep):
+    store = Store(sweep, must_exist=True)
+    data = report_data(store, "a")
+    rows = store.trials("a")
+    p = data.pareto
+    assert [x.number for x in p.stopped] == [r.number for r in rows if r.state == "PRUNED"]
+    assert [n for n, _ in p.failures] == [r.number for r in rows if r.state == "FAIL"]
+    uniform = [r for r in rows if r.state == "COMPLETE" and r.feasible and r.origin == "uniform"]
+    assert uniform, "the auto sampler's warm starts include uniform policies"
+    assert p.best_uniform == min(uniform, key=lambda r: r.score).number
+    # the dense model is on the front unless a feasible trial beats it on both axes
+    beaten = any(
+        r.state == "COMPLETE" and r.feasible and r.score <= p.dense_score
+        and r.perplexity <= p.dense_perplexity
+        for r in rows
+    )  # fmt: skip
+    assert (-1 in p.front) == (not beaten)
+    # the front table: best score first, each trial with the command that exports it
+    assert [row["trial"] for row in data.front] == [n if n >= 0 else "dense" for n in p.front]
+    assert data.sensitivity is not None and data.sensitivity.probes > 0
+    feasible = [r for r in rows if r.state == "COMPLETE" and r.feasible]
+    assert data.selected == min(feasible, key=lambda r: r.score).number
+    figs = figures(data)
+    assert set(figs) == {"pareto", "layers", "counts", "history", "importances", "sensitivity"}
+    assert figs["layers"].data[0].z == tuple(
+        tuple(v) for v in layer_view(data.layers, data.selected)["z"]
+    ) or list(figs["layers"].data[0].z) == layer_view(data.layers, data.selected)["z"]
+    names = [t.name for t in figs["pareto"].data]
+    assert any(n.startswith("stopped early") for n in names)
+    assert any(n.startswith("best uniform policy") for n in names)
+    with pytest.raises(UsageError, match="no per-layer rows"):
+        figures(data, trial=10_000)
+
+
+def test_report_command_writes_a_page_whose_export_command_works(tmp_path, sweep):
+    proc = _cli("report", "--name", "a", "--storage", sweep, "-o", "r.html", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    html = (tmp_path / "r.html").read_text()
+    assert "<title>microsweep report: a</title>" in html
+    for div in ("ms-pareto", "ms-layers", "ms-counts", "ms-history", "ms-importances"):
+        assert f'id="{div}"' in html
+    assert len(html) < 6_000_000  # plotly.js inlined (about 4.7 MB) plus the sweep's data
+    data = report_data(Store(sweep, must_exist=True), "a")
+    row = next(r for r in data.front if r["trial"] != "dense")
+    assert f'data-trial="{row["trial"]}"' in html
+    words = shlex.split(row["export"])
+    assert words[:2] == ["microsweep", "export"]
+    proc = _cli(*words[1:], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / f"a-trial{row['trial']}.msz").stat().st_size > 0
+    # plot stays as an alias; bad input is one line and exit 2
+    assert _cli("plot", "--name", "a", "--storage", sweep, cwd=tmp_path).returncode == 0
+    proc = _cli("report", "--name", "zz", "--storage", sweep, cwd=tmp_path)
+    assert proc.returncode == 2 and "zz" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    proc = _cli("report", "--name", "a", "--storage", sweep, "-o", "no/r.html", cwd=tmp_path)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_open_sweep_gives_frames_policies_the_study_and_figures(tmp_path, sweep):
+    import microsweep
+
+    store = Store(sweep, must_exist=True)
+    with microsweep.open_sweep("a", sweep) as s:
+        frame = s.trials()
+        rows = trial_rows(store, "a")
+        assert list(frame.index) == [r["trial"] for r in rows]
+        assert list(frame["score"].fillna(-1)) == [
+            -1 if r["score"] is None else r["score"] for r in rows
+        ]
+        feasible = s.trials(feasible=True)
+        assert set(feasible.index) == {r["trial"] for r in rows if r["feasible"]}
+        assert set(s.trials(state="PRUNED")["state"]) <= {"PRUNED"}
+        wide = s.trials(layers=True)
+        table = layer_table(store, "a")
+        n = table.layers[0]
+        first = wide.index[0]
+        assert wide.loc[first, f"{n}.bits"] == table.row(first, n)["bits"]
+        assert "head.sparsity" not in wide.columns  # not searched on the head
+        best = s.best()
+        assert best is not None
+        assert best["score"] == min(feasible["score"]) and best["feasible"]
+        assert s.policy(best["trial"]).to_json() == store.trial("a", best["trial"]).policy
+        assert len(s.study.trials) == len(rows)
+        assert s.dense["score"] == pytest.approx(store.get_sweep("a").dense_score)
+        assert "pareto" in s.figures() and s.report(tmp_path / "x.html").pareto.name == "a"
+        with pytest.raises(UsageError, match="not one of"):
+            s.trials(state="DONE")
+    with pytest.raises(Exception, match="no sweep named"):
+        open_sweep("nope", sweep)
+    with pytest.raises(UsageError, match="does not exist"):
+        write_report(store, "a", tmp_path / "missing" / "r.html")
