@@ -685,6 +685,11 @@ def run_sweep(
     )  # fmt: skip
     if isinstance(space, Space):
         sf = space_from_objects(space, **objects)
+    elif not isinstance(space, (str, os.PathLike)):
+        raise UsageError(
+            f"space must be a Space(model, rules=...) or the path of a space file, not "
+            f"{type(space).__name__}"
+        )
     else:
         given = [k for k, v in objects.items() if v is not None]
         if given:

@@ -1,0 +1,129 @@
+"""Sweeps from Python objects (a Space built in a notebook), resumed and exported with the same
+objects; warm starts from policies and from the files 'microsweep show --json' writes."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+from microsweep import MicroNet, Policy, Space, open_sweep, resume_sweep, run_sweep
+from microsweep.errors import SpaceError, UsageError
+from microsweep.spaces import Bits, LayerPolicy, Rank, Sparsity
+from microsweep.storage import Store
+from tests.conftest import ROOT
+from tests.conftest import cli as _cli
+
+TINY = str(ROOT / "examples" / "tiny.py")
+MLP = ["blocks.0.mlp.c_fc", "blocks.0.mlp.c_proj", "blocks.1.mlp.c_fc", "blocks.1.mlp.c_proj"]
+
+
+def _space(model) -> Space:
+    return Space(
+        model,
+        rules={
+            "blocks.*.mlp.*": dict(
+                sparsity=Sparsity(0.0, 0.8, step=0.1), bits=Bits(4, 8, 32), rank=Rank(0.25, 1.0)
+            )
+        },
+    )
+
+
+OBJECTIVE = MicroNet(
+    perplexity_ceiling=1.10, relative_to="dense", baseline="dense", eval_tokens=2048
+)
+
+
+def test_a_space_object_runs_resumes_and_exports_with_its_objects(tmp_path, tiny_gpt, corpus):
+    url = f"sqlite:///{tmp_path / 'py.db'}"
+    space = _space(tiny_gpt)
+    warm = Policy(layers={n: LayerPolicy(sparsity=0.3, bits=8, rank=8) for n in MLP})
+    result = run_sweep(
+        space, objective=OBJECTIVE, corpus=corpus, name="py", trials=3, storage=url,
+        sampler="tpe", seed=0, in_process=True, progress=False, warm_start=[warm],
+    )  # fmt: skip
+    assert sum(result.states.values()) == 3
+    store = Store(url, must_exist=True)
+    sweep = store.get_sweep("py")
+    assert sweep.space_path == "<python objects>" and sweep.ceiling == pytest.approx(
+        1.10 * sweep.dense_perplexity
+    )
+    rows = store.trials("py")
+    assert rows[0].origin == "warm start" and rows[0].policy == warm.to_json()
+    assert all(r.origin == "tpe" for r in rows[1:])
+    # no file to re-run: resume and export say what to pass
+    with pytest.raises(UsageError, match="defined from Python objects"):
+        resume_sweep("py", trials=4, storage=url, in_process=True, progress=False)
+    with pytest.raises(UsageError, match="need space="):
+        resume_sweep("py", trials=4, storage=url, corpus=corpus, progress=False)
+    result = resume_sweep(
+        "py", trials=4, storage=url, in_process=True, progress=False, space=space, corpus=corpus
+    )
+    assert len(store.trials("py")) == 4
+    from microsweep.export import export_trial
+
+    done = next(r for r in store.trials("py") if r.state == "COMPLETE")
+    info = export_trial("py", done.number, tmp_path / "py.msz", storage=url, space=space,
+                        corpus=corpus)  # fmt: skip
+    assert info.ratio == pytest.approx(1.0, abs=0.02)
+    with pytest.raises(UsageError, match="defined from Python objects"):
+        export_trial("py", done.number, tmp_path / "x.msz", storage=url)
+
+
+def test_objects_beside_a_space_file_or_a_wrong_space_are_refused(tmp_path, corpus):
+    url = f"sqlite:///{tmp_path / 'bad.db'}"
+    with pytest.raises(UsageError, match="beside a space file"):
+        run_sweep(TINY, name="x", trials=1, storage=url, corpus=corpus, in_process=True)
+    with pytest.raises(UsageError, match="must be a Space"):
+        run_sweep(object(), name="x", trials=1, storage=url, in_process=True)  # type: ignore[arg-type]
+
+
+def test_params_from_policy_round_trips_and_refuses_what_the_space_cannot_make(tiny_gpt):
+    space = _space(tiny_gpt)
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    study = optuna.create_study(sampler=sampler)
+    for _ in range(20):
+        policy = space.suggest(study.ask())
+        params = space.params_from_policy(policy)
+        assert space.suggest(optuna.trial.FixedTrial(params)) == policy
+    off_grid = Policy(layers={MLP[0]: LayerPolicy(sparsity=0.35)})
+    with pytest.raises(SpaceError, match="out of the range"):
+        space.params_from_policy(off_grid)
+    with pytest.raises(SpaceError, match="does not search: blocks.0.attn.c_attn"):
+        space.params_from_policy(Policy(layers={"blocks.0.attn.c_attn": LayerPolicy(bits=8)}))
+    with pytest.raises(SpaceError, match="cannot produce"):
+        space.params_from_policy(Policy(layers={MLP[0]: LayerPolicy(act_bits=8)}))
+    with pytest.raises(SpaceError):
+        space.params_from_policy(Policy(layers={MLP[0]: LayerPolicy(bits=6)}))
+
+
+def test_cli_warm_start_takes_the_policy_show_writes(tmp_path, tiny_gpt):
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    args = ["--storage", url, "--in-process", "--quiet", "--sampler", "random", "--seed", "4"]
+    proc = _cli("run", TINY, "--name", "one", "--trials", "2", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    proc = _cli("show", "--name", "one", "--trial", "1", "--storage", url, "--json", "p.json",
+                cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    proc = _cli("run", TINY, "--name", "two", "--trials", "2", "--warm-start", "p.json", *args,
+                cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    store = Store(url, must_exist=True)
+    first = store.trials("two")[0]
+    assert first.origin == "warm start"
+    assert first.policy == store.trial("one", 1).policy
+    with open_sweep("two", url) as s:
+        assert s.policy(0) == Policy.loads((tmp_path / "p.json").read_text())
+    # a policy for another space, or a file that is not one: one line, exit 2, nothing stored
+    (tmp_path / "bad.json").write_text(json.dumps({"type": "microsweep.Policy", "version": 1, "layers": {
+        "nope": {"sparsity": 0.5}}}))  # fmt: skip
+    (tmp_path / "junk.json").write_text("{not json")
+    for name, why in (("bad.json", "does not search"), ("junk.json", "not valid JSON"),
+                      ("missing.json", "cannot read")):  # fmt: skip
+        proc = _cli("run", TINY, "--name", "three", "--trials", "2", "--warm-start", name, *args,
+                    cwd=tmp_path)  # fmt: skip
+        errors = [x for x in proc.stderr.splitlines() if x.startswith("microsweep: error")]
+        assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+        assert f"warm start {name}" in errors[0] and why in errors[0]
+    assert "three" not in Store(url, must_exist=True).sweep_names()
