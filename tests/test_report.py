@@ -158,9 +158,8 @@ def test_report_data_marks_every_kind_of_trial(sweep):
     assert data.selected == min(feasible, key=lambda r: r.score).number
     figs = figures(data)
     assert set(figs) == {"pareto", "layers", "counts", "history", "importances", "sensitivity"}
-    assert figs["layers"].data[0].z == tuple(
-        tuple(v) for v in layer_view(data.layers, data.selected)["z"]
-    ) or list(figs["layers"].data[0].z) == layer_view(data.layers, data.selected)["z"]
+    want = layer_view(data.layers, data.selected)["z"]
+    assert [list(row) for row in figs["layers"].data[0].z] == want
     names = [t.name for t in figs["pareto"].data]
     assert any(n.startswith("stopped early") for n in names)
     assert any(n.startswith("best uniform policy") for n in names)
