@@ -264,6 +264,18 @@ def test_cli_run_plot_status(tmp_path, tiny_gpt):
     states = run.stdout.splitlines()[0].split(": ", 1)[1]  # sweep 't': COMPLETE 5, PRUNED 1
     assert sum(int(part.split()[1]) for part in states.split(", ")) == 6
     assert "[6/6]" in run.stderr  # progress lines
+    # what it does before the first trial, in order, while Ray starts
+    steps = [
+        "loading space file",
+        "measuring the dense model",
+        "dense model: perplexity",
+        "starting 2 Ray worker(s) on a local Ray instance",
+        "workers ready after",
+        "[1/6]",
+    ]
+    at = [run.stderr.find(step) for step in steps]
+    assert -1 not in at and at == sorted(at), run.stderr
+    assert "meets the ceiling" in run.stderr or "OVER the ceiling" in run.stderr
     assert "elapsed, ETA 0:00" in run.stderr  # the last line: nothing left to wait for
     assert "sensitivity:" in run.stderr and "best uniform policy" in run.stdout  # auto, on Ray
     plot = _cli("plot", "--name", "t", "--storage", url, "-o", "p.html", cwd=tmp_path)

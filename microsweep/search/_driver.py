@@ -697,13 +697,22 @@ def run_sweep(
                 f"{', '.join(given)} given beside a space file; the file defines them (pass a "
                 "Space object to give them in Python)"
             )
+        _say(progress, f"loading space file {space}")
         sf = load_space_file(space)
     warm = _warm_params(sf.space, warm_start)
     if sampler == "cmaes" and sf.objective.objectives != "score":
         raise UsageError("--sampler cmaes handles one objective; use tpe, nsga2 or auto")
     prepared = prepare(sf, seed or 0)
+    t0 = time.perf_counter()
+    _say(progress, f"measuring the dense model on {len(prepared.windows)} windows")
     dense = measure_dense(sf, prepared)
     ceiling = sf.objective.ceiling(dense["perplexity"])
+    _say(
+        progress,
+        f"dense model: perplexity {dense['perplexity']:.4f}, ceiling "
+        + ("none" if ceiling is None else f"{ceiling:.4f}")
+        + f" ({time.perf_counter() - t0:.1f}s)",
+    )
     prepared = with_stop_rule(sf, prepared, dense, ceiling)
     model_fp = model_fingerprint(sf.model)
     if sf.objective.baseline == "dense":
@@ -801,9 +810,18 @@ def _start_pool(
     progress: bool,
     resources: tuple[float, float] = (1.0, 0.0),
 ) -> Any:
-    _say(progress, f"starting {'1 in-process worker' if in_process else f'{workers} Ray workers'}")
+    if in_process:
+        _say(progress, "starting 1 in-process worker")
+    else:
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        _say(
+            progress,
+            f"starting {workers} Ray worker(s) on {where} (each loads the model; a local start "
+            "takes 10-30 s)",
+        )
     cpus, gpus = resources
-    return _make_pool(
+    t0 = time.perf_counter()
+    pool = _make_pool(
         sf,
         prepared,
         workers=workers,
@@ -812,6 +830,9 @@ def _start_pool(
         cpus_per_worker=cpus,
         gpus_per_worker=gpus,
     )
+    if not in_process:
+        _say(progress, f"workers ready after {time.perf_counter() - t0:.1f}s")
+    return pool
 
 
 def resume_sweep(
