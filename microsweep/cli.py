@@ -257,7 +257,10 @@ def _status(name: str, storage: str | None, top: int) -> None:
         print("  no feasible trial yet")
     else:
         head = f"{'trial':>5} {'score':>10} {'perplexity':>10}  {'origin':<14} policy"
-        print(f"  best feasible trials:\n    {head}")
+        from microsweep.spaces import Policy
+
+        print(f"  best feasible trials (policy: {Policy.NOTATION}; 'show' gives every layer):")
+        print(f"    {head}")
         for r in best[:top]:
             origin = r.origin or "-"
             print(

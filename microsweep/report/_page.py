@@ -359,6 +359,8 @@ def write_report(store: Store, name: str, path: str | Path) -> ReportData:
     path = Path(path)
     if not path.parent.is_dir():
         raise UsageError(f"folder {path.parent} for the report does not exist; create it first")
+    from microsweep.spaces import Policy
+
     data = report_data(store, name)
     figs = figures(data)
     first = True
@@ -391,7 +393,8 @@ def write_report(store: Store, name: str, path: str | Path) -> ReportData:
 <h1>{title}</h1>
 <p>{counts}; {feasible} feasible. Dense model: perplexity {p.dense_perplexity:.4f}, score
 {p.dense_score:.5g} ({escape(p.baseline)} baseline); perplexity ceiling {ceiling}.
-Click a point (or a row of the front table) to see its policy per layer.</p>
+Click a point (or a row of the front table) to see its policy per layer.
+Policy notation: {escape(Policy.NOTATION)}.</p>
 {html_of["pareto"]}
 <h2>Per-layer view: <span id="ms-selected">{selected}</span></h2>
 <div class="row"><div>{html_of["layers"]}</div><div>{html_of["counts"]}</div></div>

@@ -127,6 +127,12 @@ class Policy:
             raise SpaceError(f"policy is not valid JSON ({exc.msg} at line {exc.lineno})") from None
         return cls.from_json(data)
 
+    NOTATION = (
+        "s=0.50 sparsity (blk: in blocks), w4 weight bits, a8 activation bits, r=32 rank; "
+        "layers not named are left dense"
+    )
+    """What `summary` writes, for the places that show it."""
+
     def summary(self, limit: int = 6) -> str:
         """A short human line such as ``blocks.0.mlp.c_fc: s=0.50 b=4 r=32; ...``."""
         parts = []
