@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/microsweep run examples/shakespeare.py --name demo --trials 30 --workers 2 \
 		--seed 0 --storage sqlite:///$(DEMO_DB)
 	$(BIN)/microsweep status --name demo --storage sqlite:///$(DEMO_DB)
-	$(BIN)/microsweep plot --name demo --storage sqlite:///$(DEMO_DB) -o demo-pareto.html
+	$(BIN)/microsweep report --name demo --storage sqlite:///$(DEMO_DB) -o demo-report.html
 
 lint: install
 	$(BIN)/ruff check microsweep tests benchmarks examples
@@ -31,4 +31,4 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) *.db *.db-wal *.db-shm demo-pareto.html
+	rm -rf $(VENV) *.db *.db-wal *.db-shm demo-report.html
