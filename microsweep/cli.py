@@ -11,7 +11,6 @@ import contextlib
 import os
 import sys
 import warnings
-from collections import Counter
 from collections.abc import Sequence
 
 from microsweep.errors import MicrosweepError, UsageError
@@ -118,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--name", required=True)
     status.add_argument("--storage", help=storage_help)
     status.add_argument("--top", type=_positive, default=5)
+    status.add_argument("--format", choices=("text", "json"), default="text")
 
     sens = sub.add_parser(
         "sensitivity",
@@ -217,66 +217,59 @@ def _print_result(result: object) -> None:
         )
 
 
-def _status(name: str, storage: str | None, top: int) -> None:
+def _status(name: str, storage: str | None, top: int, fmt: str) -> None:
+    from microsweep.report import sweep_status
+    from microsweep.spaces import Policy
     from microsweep.storage import Store
 
-    store = Store(storage, must_exist=True)
-    sweep = store.get_sweep(name)
-    rows = store.trials(name)
-    states = dict(Counter(r.state for r in rows))
-    print(f"sweep {sweep.name!r} in {store.display}")
-    print(
-        f"  trials: {len(rows)}/{sweep.target_trials} finished ("
-        + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none")
-        + ")"
-    )
-    feasible = sum(1 for r in rows if r.state == "COMPLETE" and r.feasible)
-    complete = states.get("COMPLETE", 0)
-    print(f"  feasible: {feasible} of {complete} complete, {complete - feasible} over the ceiling")
-    from microsweep.report import sweep_state
+    st = sweep_status(Store(storage, must_exist=True), name, top)
+    if fmt == "json":
+        import json
 
-    if rows:
-        wall = (max(r.finished_at for r in rows) - sweep.created_at).total_seconds()
-        rate = f", {len(rows) / wall * 60:.1f} trials/min" if wall > 0 else ""
-        print(f"  state: {sweep_state(sweep, len(rows))}; wall time {wall:.1f}s{rate}")
+        print(json.dumps(st, indent=2))
+        return
+    states = ", ".join(f"{k} {v}" for k, v in sorted(st["states"].items())) or "none"
+    print(f"sweep {st['name']!r} in {st['storage']}")
+    print(f"  trials: {st['finished']}/{st['target']} finished ({states})")
+    complete = st["states"].get("COMPLETE", 0)
+    print(
+        f"  feasible: {st['feasible']} of {complete} complete, {st['over_ceiling']} over the "
+        "ceiling"
+    )
+    if st["wall_seconds"] is not None:
+        rate = st["trials_per_minute"]
+        rate_s = f", {rate:.1f} trials/min" if rate else ""
+        print(f"  state: {st['state']}; wall time {st['wall_seconds']:.1f}s{rate_s}")
     else:
-        print(f"  state: {sweep_state(sweep, 0)}; no trial finished yet")
-    dense_score = sweep.dense_score
+        print(f"  state: {st['state']}; no trial finished yet")
+    d, b = st["dense"], st["baseline"]
     print(
-        f"  dense model: perplexity {sweep.dense_perplexity:.4f}, params {sweep.dense_params:,.0f}"
-        f", ops/token {sweep.dense_ops:,.0f}, score {dense_score:.6g}"
+        f"  dense model: perplexity {d['perplexity']:.4f}, params {d['params']:,.0f}"
+        f", ops/token {d['ops']:,.0f}, score {d['score']:.6g}"
     )
-    print(
-        f"  baseline: {sweep.baseline_name} ({sweep.baseline_params:,.0f} params, "
-        f"{sweep.baseline_ops:,.0f} ops)"
-    )
-    ceiling = "none" if sweep.ceiling is None else f"{sweep.ceiling:.4f}"
-    print(f"  perplexity ceiling: {ceiling}; sampler {sweep.sampler}")
-    best = sorted((r for r in rows if r.state == "COMPLETE" and r.feasible), key=lambda r: r.score)
-    if not best:
+    print(f"  baseline: {b['name']} ({b['params']:,.0f} params, {b['ops']:,.0f} ops)")
+    ceiling = "none" if st["ceiling"] is None else f"{st['ceiling']:.4f}"
+    print(f"  perplexity ceiling: {ceiling}; sampler {st['sampler']}")
+    if not st["best"]:
         print("  no feasible trial yet")
     else:
         head = f"{'trial':>5} {'score':>10} {'perplexity':>10}  {'origin':<14} policy"
-        from microsweep.spaces import Policy
-
         print(f"  best feasible trials (policy: {Policy.NOTATION}; 'show' gives every layer):")
         print(f"    {head}")
-        for r in best[:top]:
-            origin = r.origin or "-"
+        for r in st["best"]:
+            origin = r["origin"] or "-"
             print(
-                f"    {r.number:>5} {r.score:>10.5g} {r.perplexity:>10.4f}  {origin:<14} "
-                f"{r.summary}"
+                f"    {r['trial']:>5} {r['score']:>10.5g} {r['perplexity']:>10.4f}  "
+                f"{origin:<14} {r['policy']}"
             )
-        uniform = [r for r in best if r.origin == "uniform"]
-        if uniform:
-            u = uniform[0]
+        u = st["best_uniform"]
+        if u is not None:
             print(
-                f"  best uniform policy: trial {u.number} score {u.score:.5g} "
-                f"(best feasible is {best[0].score / u.score:.3f}x of it)"
+                f"  best uniform policy: trial {u['trial']} score {u['score']:.5g} "
+                f"(best feasible is {st['best'][0]['score'] / u['score']:.3f}x of it)"
             )
-    failed = [r for r in rows if r.state == "FAIL"]
-    for r in failed[:3]:
-        print(f"  trial {r.number} FAIL: {r.reason}")
+    for f in st["failures"][:3]:
+        print(f"  trial {f['trial']} FAIL: {f['reason']}")
 
 
 def _read_command(args: argparse.Namespace) -> None:
@@ -411,7 +404,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             + (" (the dense model among them)" if -1 in p.front else "")
         )
     elif args.command == "status":
-        _status(args.name, args.storage, args.top)
+        _status(args.name, args.storage, args.top, args.format)
     elif args.command == "sensitivity":
         from microsweep.report import sensitivity_data, write_sensitivity_html
         from microsweep.search import run_sensitivity

@@ -138,3 +138,20 @@ def test_pareto_page_has_a_title_axes_that_fit_and_the_infeasible_region(tmp_pat
         want.append((r.number, best))
     assert data.history == want
     assert "best feasible score over trials" in html and html.count("plotly-graph-div") >= 2
+
+
+def test_status_json_agrees_with_the_stored_trials(tmp_path, sweep):
+    proc = _cli("status", "--name", "r", "--storage", sweep, "--format", "json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    st = json.loads(proc.stdout)
+    rows = Store(sweep, must_exist=True).trials("r")
+    feasible = sorted(
+        (r for r in rows if r.state == "COMPLETE" and r.feasible), key=lambda r: r.score
+    )
+    complete = sum(r.state == "COMPLETE" for r in rows)
+    assert (st["finished"], st["target"], st["state"]) == (5, 5, "done")
+    assert (st["feasible"], st["over_ceiling"]) == (len(feasible), complete - len(feasible))
+    assert [b["trial"] for b in st["best"]] == [r.number for r in feasible][:5]
+    assert st["trials_per_minute"] == pytest.approx(5 / st["wall_seconds"] * 60)
+    proc = _cli("status", "--name", "r", "--storage", sweep, "--format", "xml", cwd=tmp_path)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr

@@ -21,6 +21,7 @@ from microsweep.report._tables import (
     format_rows,
     sweep_rows,
     sweep_state,
+    sweep_status,
     trial_detail,
     trial_rows,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "sensitivity_data",
     "sweep_rows",
     "sweep_state",
+    "sweep_status",
     "trial_detail",
     "trial_rows",
     "write_pareto_html",

@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from microsweep.storage import Store
 
-__all__ = ["format_rows", "sweep_rows", "sweep_state", "trial_detail", "trial_rows"]
+__all__ = [
+    "format_rows",
+    "sweep_rows",
+    "sweep_state",
+    "sweep_status",
+    "trial_detail",
+    "trial_rows",
+]
 
 
 def sweep_state(sweep: Any, finished: int) -> str:
@@ -47,6 +54,54 @@ def sweep_rows(store: Store) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def sweep_status(store: Store, name: str, top: int = 5) -> dict[str, Any]:
+    """What `microsweep status` shows: counts by state, feasible and over the ceiling, state,
+    wall time and throughput, the dense model and baseline, the best feasible trials, the best
+    uniform one and the first failures."""
+    from collections import Counter
+
+    sweep = store.get_sweep(name)
+    rows = store.trials(name)
+    states = dict(Counter(r.state for r in rows))
+    complete = states.get("COMPLETE", 0)
+    best = sorted((r for r in rows if r.state == "COMPLETE" and r.feasible), key=lambda r: r.score)
+    wall = (max(r.finished_at for r in rows) - sweep.created_at).total_seconds() if rows else None
+    uniform = next((r for r in best if r.origin == "uniform"), None)
+
+    def brief(r: Any) -> dict[str, Any]:
+        return {"trial": r.number, "score": r.score, "perplexity": r.perplexity,
+                "origin": r.origin, "policy": r.summary}  # fmt: skip
+
+    return {
+        "name": sweep.name,
+        "storage": store.display,
+        "finished": len(rows),
+        "target": sweep.target_trials,
+        "states": states,
+        "feasible": len(best),
+        "over_ceiling": complete - len(best),
+        "state": sweep_state(sweep, len(rows)),
+        "wall_seconds": wall,
+        "trials_per_minute": len(rows) / wall * 60 if wall else None,
+        "dense": {
+            "perplexity": sweep.dense_perplexity,
+            "params": sweep.dense_params,
+            "ops": sweep.dense_ops,
+            "score": sweep.dense_score,
+        },
+        "baseline": {
+            "name": sweep.baseline_name,
+            "params": sweep.baseline_params,
+            "ops": sweep.baseline_ops,
+        },
+        "ceiling": sweep.ceiling,
+        "sampler": sweep.sampler,
+        "best": [brief(r) for r in best[:top]],
+        "best_uniform": None if uniform is None else brief(uniform),
+        "failures": [{"trial": r.number, "reason": r.reason} for r in rows if r.state == "FAIL"],
+    }
 
 
 def trial_rows(
