@@ -116,8 +116,8 @@ def test_cli_warm_start_takes_the_policy_show_writes(tmp_path, tiny_gpt):
     with open_sweep("two", url) as s:
         assert s.policy(0) == Policy.loads((tmp_path / "p.json").read_text())
     # a policy for another space, or a file that is not one: one line, exit 2, nothing stored
-    (tmp_path / "bad.json").write_text(json.dumps({"type": "microsweep.Policy", "version": 1, "layers": {
-        "nope": {"sparsity": 0.5}}}))  # fmt: skip
+    other = {"type": "microsweep.Policy", "version": 1, "layers": {"nope": {"sparsity": 0.5}}}
+    (tmp_path / "bad.json").write_text(json.dumps(other))
     (tmp_path / "junk.json").write_text("{not json")
     for name, why in (("bad.json", "does not search"), ("junk.json", "not valid JSON"),
                       ("missing.json", "cannot read")):  # fmt: skip
