@@ -236,3 +236,92 @@ def test_optuna_rows_carry_what_optuna_dashboard_reads(tmp_path, tiny_gpt):
         assert (t.system_attrs["constraints"][0] <= 0) == bool(row.feasible)
     mem = _memory_study(study)
     assert all(list(t.constraints) == ["perplexity"] for t in mem.trials if t.constraints)
+
+
+def _write_trial(store: Store, study_name: str, trial) -> object:
+    """Write a FrozenTrial through `finish_trial` as a sweep does and read it back by Optuna."""
+    import optuna
+
+    from microsweep.storage._optuna_rows import finish_trial, reserve_trials
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=study_name, storage=store.optuna_storage())
+    with store.session() as s:
+        trial_id, _ = reserve_trials(s, study._study_id, 1)[0]
+        finish_trial(s, trial_id, trial)
+    return optuna.load_study(study_name=study_name, storage=store.optuna_storage()).trials[0]
+
+
+def test_float_params_are_stored_without_rounding_noise(store, unique_name):
+    """Grid values lose float noise (0.30000000000000004 -> 0.3); sampled values, log-scale
+    values and values whose decimal would leave the distribution are stored as they are."""
+    import math
+
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    noisy_low = 0.1 + 0.2  # 0.30000000000000004: its decimal 0.3 lies below this distribution
+    cases = {
+        "grid": (FloatDistribution(0.0, 0.9, step=0.1), 3 * 0.1, 0.3),
+        "grid_top": (FloatDistribution(0.0, 0.9, step=0.1), 7 * 0.1, 0.7),
+        "grid_zero": (FloatDistribution(-0.3, 0.6, step=0.1), -0.3 + 3 * 0.1, 0.0),
+        "fine_grid": (FloatDistribution(0.0, 1.0, step=0.05), 13 * 0.05, 0.65),
+        "span": (FloatDistribution(0.05, 0.9), 0.9 - 0.8, 0.1),
+        "sampled": (FloatDistribution(0.25, 1.0), 0.5488135039273248, 0.5488135039273248),
+        "log": (FloatDistribution(1e-5, 1e-3, log=True), 7.537078298264379e-05, None),
+        "log_noise": (FloatDistribution(1e-5, 1e-3, log=True), math.exp(math.log(1e-4)), None),
+        "leaves": (FloatDistribution(noisy_low, 0.9), noisy_low, noisy_low),
+    }
+    assert repr(3 * 0.1) == "0.30000000000000004"  # the noise this is about
+    trial = create_trial(
+        params={k: v for k, (_, v, _) in cases.items()},
+        distributions={k: d for k, (d, _, _) in cases.items()},
+        value=1.0,
+    )
+    stored = _write_trial(store, unique_name, trial).params
+    for name, (_, value, clean) in cases.items():
+        expected = value if clean is None else clean
+        assert repr(stored[name]) == repr(expected), name
+
+
+def test_pruned_trial_stores_its_score_and_constraints_parse_as_strict_json(store, unique_name):
+    """A PRUNED trial's value is its score, not Optuna's last intermediate value (a perplexity
+    projection here); an infinite constraint stays infinite in Optuna's named attribute and is
+    the largest float in the dashboard's list, which browsers must parse as JSON."""
+    import json
+    import math
+    import sys
+
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    trial = create_trial(
+        state=TrialState.PRUNED,
+        value=math.inf,  # what Optuna's tell keeps: the last projection
+        intermediate_values={0: 40.0, 1: math.inf},
+        params={"x": 0.5},
+        distributions={"x": FloatDistribution(0.0, 1.0)},
+        user_attrs={"score": 0.25, "perplexity_estimate": math.inf},
+        system_attrs={"constraints:perplexity": math.inf},
+    )
+    back = _write_trial(store, unique_name, trial)
+    assert back.state == TrialState.PRUNED and back.value == 0.25
+    assert back.intermediate_values == {0: 40.0, 1: math.inf}
+    assert back.system_attrs["constraints:perplexity"] == math.inf
+    assert back.system_attrs["constraints"] == [sys.float_info.max]
+    assert all(v > 0 for v in back.constraints.values())  # infeasible either way
+
+    def refuse(constant: str) -> float:
+        raise ValueError(f"{constant} is not JSON")
+
+    from optuna.storages._rdb import models
+    from sqlalchemy import select
+
+    with store.session() as s:
+        stored = s.scalar(
+            select(models.TrialSystemAttributeModel.value_json).where(
+                models.TrialSystemAttributeModel.trial_id == back._trial_id,
+                models.TrialSystemAttributeModel.key == "constraints",
+            )
+        )
+    assert json.loads(stored, parse_constant=refuse) == [sys.float_info.max]

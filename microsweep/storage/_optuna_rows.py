@@ -4,9 +4,16 @@ Optuna's `RDBStorage` commits once per parameter, attribute and value (one `sugg
 commit). A sweep instead samples against an in-memory study: a trial's row is reserved RUNNING
 when it is dispatched (so numbers follow dispatch order and optuna-dashboard shows what runs),
 and when it finishes everything else is written with a few bulk inserts in the same transaction
-as microsweep's own rows, so the two stores change together. The rows are exactly those Optuna
-writes itself (same tables, value encodings and naive-UTC datetimes), so Optuna,
-optuna-dashboard and resume read them as usual.
+as microsweep's own rows, so the two stores change together. The rows are those Optuna writes
+itself (same tables, value encodings and naive-UTC datetimes), so Optuna, optuna-dashboard and
+resume read them as usual, with three changes that make what they show true:
+- a float parameter is stored as its shortest decimal when it differs from that only by float
+  rounding noise (a step grid's 0.30000000000000004 is stored as 0.3);
+- a PRUNED trial's value is its score (the `score` user attribute): Optuna would store the last
+  intermediate value, which here is a perplexity projection, in the score column;
+- the legacy `constraints` list optuna-dashboard 0.21 reads beside Optuna 5's named constraint,
+  with infinities written as the largest finite float, since the dashboard's JSON would carry
+  `Infinity`, which browsers refuse to parse.
 """
 
 from __future__ import annotations
@@ -14,15 +21,19 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import math
+import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from optuna.distributions import FloatDistribution
     from optuna.trial import FrozenTrial
     from sqlalchemy.orm import Session
 
 __all__ = [
     "StaleTrialError",
+    "clean_float",
     "finish_trial",
     "insert_rows",
     "reserve_trials",
@@ -65,6 +76,47 @@ def _distribution_json(distribution: Any) -> str:
     from optuna.distributions import distribution_to_json
 
     return distribution_to_json(distribution)
+
+
+def clean_float(value: float, distribution: FloatDistribution) -> float:
+    """`value` as its shortest decimal (at most 12 significant digits) when the two differ only
+    by float rounding noise (a few units in the last place of the distribution's scale) and the
+    decimal still lies in `distribution`, on its step grid; otherwise `value` unchanged. Grid
+    arithmetic gives 0.1 * 3 = 0.30000000000000004, stored as 0.3; a sampled
+    0.5488135039273248, and any value on a log scale (a sample, never a grid point), is kept,
+    since cutting its digits would change the value the trial ran with."""
+    low, high, step = distribution.low, distribution.high, distribution.step
+    if distribution.log or not math.isfinite(value):
+        return value
+    tolerance = 4 * math.ulp(max(abs(value), abs(low), abs(high)))
+    for candidate in (0.0, *(float(f"{value:.{digits}g}") for digits in range(1, 13))):
+        if abs(candidate - value) > tolerance:
+            continue
+        if candidate == value or not low <= candidate <= high:
+            return value
+        if step is not None:
+            k = (candidate - low) / step
+            if abs(k - round(k)) >= 1e-8:  # off the grid, by Optuna's own test
+                return value
+        return candidate
+    return value
+
+
+def _stored_param(distribution: Any, value: Any) -> float:
+    """A parameter's internal representation, a float parameter cleaned of rounding noise."""
+    from optuna.distributions import FloatDistribution
+
+    if isinstance(distribution, FloatDistribution):
+        value = clean_float(float(value), distribution)
+    return distribution.to_internal_repr(value)
+
+
+def _finite(value: float) -> float:
+    """`value`, with an infinity (or NaN, which is never feasible) as the largest finite float
+    of its sign, so strict JSON parsers accept it and feasibility (<= 0) is unchanged."""
+    if math.isfinite(value):
+        return value
+    return -sys.float_info.max if value < 0 else sys.float_info.max
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -116,9 +168,9 @@ def reserve_trials(session: Session, study_id: int, count: int) -> list[tuple[in
 
 def finish_trial(session: Session, trial_id: int, trial: FrozenTrial) -> None:
     """Write the finished `trial`'s parameters, values, intermediate values and attributes onto
-    the reserved RUNNING trial `trial_id` and set its final state. Refuses (StaleTrialError)
-    when the row is no longer RUNNING: someone else ended it, and its result must not be
-    overwritten."""
+    the reserved RUNNING trial `trial_id` and set its final state (with the module's three
+    changes to Optuna's rows). Refuses (StaleTrialError) when the row is no longer RUNNING:
+    someone else ended it, and its result must not be overwritten."""
     from optuna.storages._rdb import models
     from optuna.trial import TrialState
     from sqlalchemy import update
@@ -147,13 +199,16 @@ def finish_trial(session: Session, trial_id: int, trial: FrozenTrial) -> None:
             {
                 "trial_id": trial_id,
                 "param_name": name,
-                "param_value": trial.distributions[name].to_internal_repr(value),
+                "param_value": _stored_param(trial.distributions[name], value),
                 "distribution_json": _distribution_json(trial.distributions[name]),
             }
             for name, value in trial.params.items()
         ],
     )
     values = trial.values or []
+    score = trial.user_attrs.get("score")
+    if trial.state == TrialState.PRUNED and len(values) == 1 and isinstance(score, (int, float)):
+        values = [float(score)]  # not Optuna's last intermediate value: a perplexity here
     value_rows = []
     for objective, value in enumerate(values):
         stored, kind = models.TrialValueModel.value_to_stored_repr(value)
@@ -177,7 +232,8 @@ def finish_trial(session: Session, trial_id: int, trial: FrozenTrial) -> None:
     system = dict(trial.system_attrs)
     named = [v for k, v in system.items() if k.startswith("constraints:")]
     if named and "constraints" not in system:
-        system["constraints"] = named  # the list optuna-dashboard 0.21 reads for feasibility
+        # the list optuna-dashboard 0.21 reads for feasibility, in JSON a browser parses
+        system["constraints"] = [_finite(float(v)) for v in named]
     for model, attrs in (
         (models.TrialUserAttributeModel, trial.user_attrs),
         (models.TrialSystemAttributeModel, system),
