@@ -113,6 +113,14 @@ def _parser() -> argparse.ArgumentParser:
         page.add_argument("--storage", help=storage_help)
         page.add_argument("-o", "--output", default=default, help=f"(default {default})")
 
+    dash = sub.add_parser(
+        "dashboard",
+        help="serve optuna-dashboard over the store, with the best feasible trial shown as best",
+    )
+    dash.add_argument("--storage", help=storage_help)
+    dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    dash.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+
     status = sub.add_parser("status", help="trial counts, the dense baseline and the best trials")
     status.add_argument("--name", required=True)
     status.add_argument("--storage", help=storage_help)
@@ -403,6 +411,10 @@ def _dispatch(args: argparse.Namespace) -> None:
             f"early, {len(p.failures)} failed; {len(p.front)} on the Pareto front"
             + (" (the dense model among them)" if -1 in p.front else "")
         )
+    elif args.command == "dashboard":
+        from microsweep.report._dashboard import serve_dashboard
+
+        serve_dashboard(args.storage, args.host, args.port)
     elif args.command == "status":
         _status(args.name, args.storage, args.top, args.format)
     elif args.command == "sensitivity":

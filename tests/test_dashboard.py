@@ -1,6 +1,6 @@
-"""optuna-dashboard and Optuna's CLI read a real sweep: what they show must agree with
-microsweep's own table (feasibility, constraint values, scores, metric names, ranks, clean
-parameter values).
+"""optuna-dashboard (stock and through `microsweep dashboard`) and Optuna's CLI read a real
+sweep: what they show must agree with microsweep's own table (the best feasible trial,
+feasibility, constraint values, scores, metric names, ranks, clean parameter values).
 
 The sweep (random sampler, seed 9) is chosen so that its lowest-score finished trial ends over
 the perplexity ceiling (by about 1.6 %) and some trials are stopped early: a tool that ignores
@@ -91,20 +91,24 @@ def _get(opener: urllib.request.OpenerDirector, url: str) -> Any:
         return json.loads(response.read(), parse_constant=_refuse)
 
 
-@pytest.fixture(scope="module")
-def study(sweep: Sweep, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Start optuna-dashboard on 127.0.0.1 against the sweep, read the study's detail over its
-    HTTP API, and stop the server (only the process started here)."""
+def _serve(
+    sweep: Sweep, tmp_path_factory: pytest.TempPathFactory, microsweep: bool
+) -> Iterator[dict[str, Any]]:
+    """Start optuna-dashboard (stock, or through `microsweep dashboard`) on 127.0.0.1 against
+    the sweep, read the study's detail over its HTTP API, and stop the server (only the process
+    started here)."""
     port = _free_port()
     log = tmp_path_factory.mktemp("dashboard-log") / "server.log"
     base = f"http://127.0.0.1:{port}"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
+    if microsweep:
+        command = [sys.executable, "-m", "microsweep.cli", "dashboard", "--host", "127.0.0.1",
+                   "--port", str(port), "--storage", sweep.url]  # fmt: skip
+    else:
+        command = [str(BIN / "optuna-dashboard"), "--host", "127.0.0.1", "--port", str(port),
+                   "--server", "wsgiref", sweep.url]  # fmt: skip
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "optuna-dashboard"), "--host", "127.0.0.1", "--port", str(port),
-             "--server", "wsgiref", sweep.url],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 60
             while True:
@@ -126,6 +130,49 @@ def study(sweep: Sweep, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture(scope="module")
+def study(sweep: Sweep, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The study as stock optuna-dashboard serves it."""
+    yield from _serve(sweep, tmp_path_factory, microsweep=False)
+
+
+@pytest.fixture(scope="module")
+def ours(sweep: Sweep, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The study as `microsweep dashboard` serves it."""
+    yield from _serve(sweep, tmp_path_factory, microsweep=True)
+
+
+def test_microsweep_dashboard_names_the_best_feasible_trial(sweep: Sweep, ours: dict) -> None:
+    """`microsweep dashboard` is optuna-dashboard with the best trial chosen among the trials
+    that meet the ceiling (the lowest-score trial here is over it)."""
+    assert [t["number"] for t in ours["best_trials"]] == [sweep.best_feasible()]
+    assert ours["objective_names"] == ["score"]
+    shown = {t["number"]: t["constraints"] for t in ours["trials"]}
+    for number, row in sweep.rows.items():
+        if row["state"] != "FAIL":
+            assert shown[number] == [pytest.approx(row["perplexity"] - sweep.ceiling)]
+
+
+def test_feasible_best_storage_without_a_feasible_trial(sweep: Sweep) -> None:
+    """With no trial meeting its constraints, the nearest one is named best (the dashboard
+    must still open); a maximized study picks the largest value among feasible trials."""
+    import optuna
+
+    from microsweep.report._dashboard import feasible_best_storage
+
+    storage = feasible_best_storage(sweep.url)
+    for name, direction, constraints, want in (
+        ("none-feasible", "minimize", [3.0, 0.5, 2.0], 1),
+        ("max", "maximize", [-1.0, 0.5, -2.0], 2),
+    ):
+        study = optuna.create_study(storage=storage, study_name=name, direction=direction)
+        for value, c in zip([1.0, 2.0, 3.0], constraints, strict=True):
+            study.add_trial(
+                optuna.trial.create_trial(value=value, system_attrs={"constraints:ppl": c})
+            )
+        assert storage.get_best_trial(study._study_id).number == want, name
 
 
 @pytest.mark.xfail(

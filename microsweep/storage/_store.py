@@ -245,9 +245,10 @@ class Store:
         finally:
             session.close()
 
-    def optuna_storage(self) -> optuna.storages.RDBStorage:
-        """Optuna's RDB storage on the same URL (created once per store)."""
-        if self._optuna is None:
+    def optuna_storage(self, cls: type | None = None) -> optuna.storages.RDBStorage:
+        """Optuna's RDB storage on the same URL (created once per store); with `cls`, a new
+        storage of that RDBStorage subclass (e.g. one that serves optuna-dashboard)."""
+        if self._optuna is None or cls is not None:
             import optuna
 
             _ = self.engine  # WAL and schema first
@@ -256,9 +257,13 @@ class Store:
                 kwargs = {"connect_args": {"timeout": 30}}
             else:
                 kwargs = {"pool_pre_ping": True}
+            make = cls or optuna.storages.RDBStorage
             for attempt in range(3):
                 try:
-                    self._optuna = optuna.storages.RDBStorage(self.url, engine_kwargs=kwargs)
+                    made = make(self.url, engine_kwargs=kwargs)
+                    if cls is not None:
+                        return made
+                    self._optuna = made
                     break
                 except Exception as exc:
                     # two drivers creating Optuna's tables at once: the loser finds them made
