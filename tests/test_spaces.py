@@ -198,3 +198,18 @@ def test_policy_json_round_trip_for_every_setting():
 def test_bad_policy_json_is_refused(text, message):
     with pytest.raises(SpaceError, match=message):
         Policy.loads(text)
+
+
+def test_step_grid_values_are_decimals():
+    """Optuna's step grid gives 0.1 * 3 = 0.30000000000000004; the policy gets 0.3."""
+    import optuna
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    knob, hyper = Sparsity(0.0, 0.9, step=0.1), Float(0.0, 1.0, step=0.1)
+    seen = set()
+    for _ in range(60):
+        trial = study.ask()
+        for value in (knob.suggest(trial, "s"), hyper.suggest(trial, "h")):
+            assert repr(value) == repr(round(value, 1)), value
+            seen.add(value)
+    assert {0.3, 0.7} <= seen  # the values whose raw grid arithmetic is noisy

@@ -35,6 +35,12 @@ class Knob:
         return False
 
 
+def _on_grid(value: float, step: float | None) -> float:
+    """A step-grid value as its decimal (Optuna's 0.1 * 3 is 0.30000000000000004; the policy
+    stores 0.3); a value off any grid is returned as sampled."""
+    return float(f"{value:.12g}") if step is not None else value
+
+
 def _check_range(kind: str, low: float, high: float) -> None:
     if low > high:
         raise SpaceError(f"{kind}: low {low} is above high {high}; swap them")
@@ -76,7 +82,7 @@ class Sparsity(Knob):
     def suggest(self, trial: optuna.trial.BaseTrial, name: str) -> float:
         if self.low == self.high:
             return float(self.low)
-        return trial.suggest_float(name, self.low, self.high, step=self.step)
+        return _on_grid(trial.suggest_float(name, self.low, self.high, step=self.step), self.step)
 
     def grid(self, levels: int = 11) -> list[float]:
         """The values an allocation chooses among: the `step` grid, else `levels` evenly spaced
@@ -238,7 +244,8 @@ class Float(Knob):
             raise SpaceError("Float: log and step cannot be used together")
 
     def suggest(self, trial: optuna.trial.BaseTrial, name: str) -> float:
-        return trial.suggest_float(name, self.low, self.high, log=self.log, step=self.step)
+        value = trial.suggest_float(name, self.low, self.high, log=self.log, step=self.step)
+        return _on_grid(value, self.step)
 
     def to_json(self) -> dict[str, Any]:
         return {
