@@ -260,3 +260,15 @@ def test_optuna_cli_names_the_best_feasible_trial_and_pruned_scores(sweep: Sweep
         for name, value in t["params"].items():
             if name.endswith(":sparsity"):  # Sparsity(..., step=0.1) in examples/tiny.py
                 assert _significant_digits(repr(value)) <= 12, (t["number"], name, value)
+
+
+def test_dashboard_command_refuses_a_missing_store_and_a_bad_port(tmp_path: Path) -> None:
+    from tests.conftest import cli
+
+    missing = f"sqlite:///{tmp_path / 'missing.db'}"
+    proc = cli("dashboard", "--storage", missing, "--port", "8099", cwd=tmp_path)
+    assert proc.returncode == 2 and "no sweep database" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = cli("dashboard", "--storage", missing, "--port", "70000", cwd=tmp_path)
+    assert proc.returncode == 2 and "--port 70000" in proc.stderr
+    assert not (tmp_path / "missing.db").exists()
