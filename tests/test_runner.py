@@ -145,6 +145,10 @@ def test_cached_variants_give_exactly_the_copied_models_results(runner, tiny_gpt
             blocks__0__mlp__c_fc=LayerPolicy(sparsity=0.3, rank=4, bits=4, act_bits=8),
             blocks__1__attn__c_attn=LayerPolicy(sparsity=0.6, block=(4, 4), bits=8),
         ),
+        _policy(  # data-aware ranks: input statistics from one calibration pass
+            blocks__0__mlp__c_proj=LayerPolicy(rank=6, rank_method="whiten", sparsity=0.3),
+            blocks__1__mlp__c_fc=LayerPolicy(rank=8, rank_method="activation", bits=8),
+        ),
         Policy().to_json(),
     ]
     for i, policy in enumerate(policies * 2):  # the second round hits the cache

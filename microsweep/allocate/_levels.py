@@ -125,12 +125,14 @@ def layer_setting(info: LayerInfo, knobs: dict[str, Knob], values: dict[str, Any
     knob = knobs.get("sparsity")
     block = knob.block if isinstance(knob, Sparsity) and sparsity > 0 else None
     rank = values.get("rank")
+    rank_knob = knobs.get("rank")
     return LayerPolicy(
         sparsity=sparsity,
         block=block,
         bits=int(values.get("bits", 32)),
         act_bits=int(values.get("act_bits", 32)),
         rank=None if rank is None else Rank.resolve(rank, info.out_features, info.in_features),
+        rank_method=rank_knob.method if isinstance(rank_knob, Rank) else "plain",
     )
 
 

@@ -29,11 +29,13 @@ from torch import nn
 
 from microsweep.allocate._levels import KNOBS, identity_level, layer_setting, level_key
 from microsweep.compress import (
+    InputStats,
     LowRankLinear,
     compress_layer,
     factorize,
     fake_quantize_symmetric,
     magnitude_masks,
+    rank_transform,
     tensor_scale,
 )
 from microsweep.score import Baseline, CountConfig, count
@@ -176,7 +178,7 @@ def build_unit_options(
                 for i, value in enumerate(levels[kn]):
                     setting = layer_setting(info, dict(unit.knobs), {kn: value})
                     keys[(mi, kn, i)] = level_key(kn, setting)
-            builder = _LayerBuilder(linear, list(levels.get("sparsity", [])))
+            builder = _LayerBuilder(linear, list(levels.get("sparsity", [])), proxy.stats())
             for k, row in enumerate(combos):
                 values = {kn: levels[kn][int(i)] for kn, i in zip(knobs, row, strict=True)}
                 setting = layer_setting(info, dict(unit.knobs), values)
@@ -196,19 +198,25 @@ def build_unit_options(
 class _LayerBuilder:
     """Builds compressed variants of one Linear, reusing factorizations and magnitude masks."""
 
-    def __init__(self, linear: nn.Linear, sparsities: list[float]) -> None:
+    def __init__(
+        self, linear: nn.Linear, sparsities: list[float], stats: InputStats | None = None
+    ) -> None:
         self.linear = linear
         self.sparsities = [s for s in sparsities if s > 0]
-        self._factors: dict[int, LowRankLinear] = {}
+        self.stats = stats  # the calibration inputs' moments, for data-aware ranks
+        self._factors: dict[tuple[int, str], LowRankLinear] = {}
         self._masks: dict[tuple[int | None, float, tuple[int, int] | None], tuple] = {}
 
-    def factors(self, rank: int) -> LowRankLinear:
-        if rank not in self._factors:
-            self._factors[rank] = factorize(self.linear, rank)
-        return self._factors[rank]
+    def factors(self, rank: int, method: str = "plain") -> LowRankLinear:
+        if (rank, method) not in self._factors:
+            transform = None if method == "plain" else rank_transform(method, self.stats)
+            self._factors[(rank, method)] = factorize(self.linear, rank, transform=transform)
+        return self._factors[(rank, method)]
 
     def build(self, setting: LayerPolicy, act_scale: torch.Tensor | None) -> nn.Module:
-        factors = self.factors(setting.rank) if setting.rank is not None else None
+        factors = (
+            self.factors(setting.rank, setting.rank_method) if setting.rank is not None else None
+        )
         masks = None
         if setting.sparsity > 0:
             key = (setting.rank, setting.sparsity, setting.block)
@@ -238,6 +246,14 @@ class _Proxy:
         if self.rows is not None:
             self.gram = (self.rows.double().T @ self.rows.double()).to(torch.float32)
             self.ref = max(float(((self.weight @ self.gram) * self.weight).sum()), 1e-30)
+
+    def stats(self) -> InputStats | None:
+        """The sampled inputs' moments (what a data-aware rank factorizes with), or None."""
+        if self.rows is None:
+            return None
+        rows = self.rows.double()
+        n = max(rows.shape[0], 1)
+        return InputStats(rows.T @ rows / n, rows.abs().sum(0) / n, rows.shape[0])
 
     def act_scale(self, act_bits: int) -> torch.Tensor | None:
         if act_bits >= 32:

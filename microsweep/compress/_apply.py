@@ -19,12 +19,19 @@ from torch import nn
 from microsweep.errors import SpaceError
 from microsweep.spaces._policy import LayerPolicy, Policy
 
-from ._lowrank import factorize
+from ._lowrank import InputStats, factorize, rank_transform
 from ._modules import CompressedLinear, LowRankLinear
 from ._prune import check_block, magnitude_mask
 from ._quantize import quantize_rows, tensor_scale
 
-__all__ = ["compress", "compress_", "compress_layer", "layer_inputs", "project_"]
+__all__ = [
+    "compress",
+    "compress_",
+    "compress_layer",
+    "input_stats",
+    "layer_inputs",
+    "project_",
+]
 
 
 @dataclass(frozen=True)
@@ -51,9 +58,20 @@ def compress_(model: nn.Module, policy: Policy, *, calib: torch.Tensor | None = 
         )
     steps = _plan(model, policy, calib)
     act_scales = _calibrate(model, [s for s in steps if s.settings.act_bits < 32], calib)
+    aware = {s.name: s.linear for s in steps if s.settings.rank_method != "plain"}
+    stats = input_stats(model, aware, calib) if aware else {}
     with torch.no_grad():
         for step in steps:
-            module = _compress_layer(step.linear, step.settings, act_scales.get(step.name))
+            factors = None
+            if step.name in aware:
+                if step.name not in stats:
+                    raise SpaceError(
+                        f"layer {step.name!r} saw no input while calibrating; its data-aware "
+                        "rank needs calib tokens whose forward pass runs through it"
+                    )
+                transform = rank_transform(step.settings.rank_method, stats[step.name])
+                factors = factorize(step.linear, step.settings.rank, transform=transform)
+            module = _compress_layer(step.linear, step.settings, act_scales.get(step.name), factors)
             _set_submodule(model, step.name, module)
     return model
 
@@ -177,6 +195,11 @@ def _plan(model: nn.Module, policy: Policy, calib: torch.Tensor | None) -> list[
         if settings.sparsity > 0 and settings.block is not None:
             for what, shape in shapes:
                 check_block(shape, settings.block, what)
+        if settings.rank is not None and settings.rank_method != "plain" and calib is None:
+            raise SpaceError(
+                f"layer {name!r} factorizes with {settings.rank_method!r} SVD, which reads the "
+                "layer's inputs; pass calib=token ids of shape (B, T)"
+            )
         if settings.act_bits < 32 and calib is None:
             raise SpaceError(
                 f"layer {name!r} quantizes its inputs (act_bits={settings.act_bits}); "
@@ -207,26 +230,19 @@ def _find_linear(model: nn.Module, name: str) -> nn.Linear:
     )
 
 
-def layer_inputs(
-    model: nn.Module, modules: dict[str, nn.Module], calib: torch.Tensor, *, max_rows: int = 0
-) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
-    """What each of `modules` (name -> module of `model`) sees when `calib` runs through the
-    model once: name -> (up to `max_rows` input rows as (n, in) float32, or None when
-    `max_rows` is 0; max |input| over every row). The pass runs without gradients in eval mode
-    (dropout does not move the scale); training flags are restored."""
-    seen: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+def _observe(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    calib: torch.Tensor,
+    record: Callable[[str, torch.Tensor], None],
+) -> None:
+    """Run `calib` through `model` once, calling `record(name, input)` for each of `modules`
+    it passes through; eval mode (dropout does not move the statistics), no gradients, and
+    the training flags restored."""
 
     def recorder(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach()
-            amax = x.abs().amax()
-            rows = x.reshape(-1, x.shape[-1]).to(torch.float32) if max_rows else None
-            if name in seen:
-                old_rows, old_amax = seen[name]
-                amax = torch.maximum(old_amax, amax)
-                if rows is not None and old_rows is not None:
-                    rows = torch.cat([old_rows, rows])
-            seen[name] = (rows[:max_rows] if rows is not None else None, amax)
+            record(name, args[0].detach())
 
         return hook
 
@@ -241,7 +257,53 @@ def layer_inputs(
             handle.remove()
         for module, training in modes:
             module.training = training
+
+
+def layer_inputs(
+    model: nn.Module, modules: dict[str, nn.Module], calib: torch.Tensor, *, max_rows: int = 0
+) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+    """What each of `modules` (name -> module of `model`) sees when `calib` runs through the
+    model once: name -> (up to `max_rows` input rows as (n, in) float32, or None when
+    `max_rows` is 0; max |input| over every row)."""
+    seen: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        amax = x.abs().amax()
+        rows = x.reshape(-1, x.shape[-1]).to(torch.float32) if max_rows else None
+        if name in seen:
+            old_rows, old_amax = seen[name]
+            amax = torch.maximum(old_amax, amax)
+            if rows is not None and old_rows is not None:
+                rows = torch.cat([old_rows, rows])
+        seen[name] = (rows[:max_rows] if rows is not None else None, amax)
+
+    _observe(model, modules, calib, record)
     return seen
+
+
+def input_stats(
+    model: nn.Module, modules: dict[str, nn.Module], calib: torch.Tensor
+) -> dict[str, InputStats]:
+    """The Gram matrix and mean |x| of each of `modules`' inputs over one pass of `calib`
+    (float64), for data-aware factorization."""
+    acc: dict[str, list[Any]] = {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        if name not in acc:
+            n = rows.shape[1]
+            zeros = rows.new_zeros
+            acc[name] = [zeros((n, n)), zeros(n), 0]
+        entry = acc[name]
+        entry[0] += rows.T @ rows
+        entry[1] += rows.abs().sum(0)
+        entry[2] += rows.shape[0]
+
+    _observe(model, modules, calib, record)
+    return {
+        name: InputStats(gram / max(n, 1), abs_sum / max(n, 1), n)
+        for name, (gram, abs_sum, n) in acc.items()
+    }
 
 
 def _calibrate(

@@ -20,8 +20,8 @@ from torch import nn
 from microsweep.errors import SpaceError
 from microsweep.spaces._policy import LayerPolicy, Policy
 
-from ._apply import _plan, _set_submodule, compress_layer, layer_inputs
-from ._lowrank import factorize
+from ._apply import _plan, _set_submodule, compress_layer, input_stats, layer_inputs
+from ._lowrank import InputStats, factorize, rank_transform
 from ._prune import magnitude_order, mask_from_order
 from ._quantize import tensor_scale
 
@@ -60,6 +60,8 @@ class VariantCache:
         self._entries: OrderedDict[tuple[str, Any], tuple[Any, int]] = OrderedDict()
         self._bytes = 0
         self._amax: dict[str, torch.Tensor] | None = None
+        self._input_stats: dict[str, InputStats] = {}
+        self._pending: dict[str, nn.Module] = {}
         self._rounded_base: dict[int, torch.Tensor] = {}  # base tensor id -> its fp16 copy
         self.hits = 0
         self.misses = 0
@@ -73,6 +75,13 @@ class VariantCache:
         """`policy` applied to the base: the base's modules copied, its tensors shared, and each
         changed layer a cached variant (built on first use). Raises `SpaceError` as `compress`."""
         steps = _plan(self.base, policy, self.calib)
+        # data-aware ranks read the layers' inputs: one calibration pass for all that lack them
+        self._pending = {
+            s.name: s.linear
+            for s in steps
+            if s.settings.rank_method != "plain"
+            and (s.name, ("svd", s.settings.rank_method)) not in self._entries
+        }
         model = copy.deepcopy(self.base, dict(self._shared))
         retie: dict[int, nn.Parameter] = {}
         placed: set[int] = set()
@@ -127,7 +136,8 @@ class VariantCache:
             act_scale = tensor_scale(self._input_amax(name), settings.act_bits)
         factors, masks = None, None
         if settings.rank is not None:
-            factors = factorize(linear, settings.rank, svd=self._svd(name, linear))
+            svd, transform = self._svd(name, linear, settings.rank_method)
+            factors = factorize(linear, settings.rank, svd=svd, transform=transform)
         if settings.sparsity > 0:
             if factors is None:
                 matrices = {name: linear.weight}
@@ -167,16 +177,40 @@ class VariantCache:
         self._put(key, order, _nbytes([order]))
         return order
 
-    def _svd(self, name: str, linear: nn.Linear) -> tuple[torch.Tensor, ...]:
-        key = (name, "svd")
+    def _svd(
+        self, name: str, linear: nn.Linear, method: str = "plain"
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, torch.Tensor] | None]:
+        """The SVD `factorize` truncates (of W, or of W T for a data-aware `method`) and T's
+        pair, computed once per layer and method."""
+        key = (name, ("svd", method))
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
             return entry[0]
         w = linear.weight.detach().to(torch.float64)
+        transform = None
+        if method != "plain":
+            transform = rank_transform(method, self._stats(name))
+            w = w @ transform[0]
         svd = tuple(torch.linalg.svd(w, full_matrices=False))
-        self._put(key, svd, _nbytes(svd))
-        return svd
+        self._put(key, (svd, transform), _nbytes([*svd, *(transform or ())]))
+        return svd, transform
+
+    def _stats(self, name: str) -> InputStats:
+        """Layer `name`'s input statistics, from one calibration pass through the unchanged
+        base for every data-aware layer the current policy still needs."""
+        if name not in self._input_stats:
+            if self.calib is None:  # _plan refuses data-aware ranks without calib first
+                raise SpaceError("a data-aware rank needs calib token ids")
+            wanted = dict(self._pending)
+            wanted[name] = self.base.get_submodule(name)
+            self._input_stats.update(input_stats(self.base, wanted, self.calib))
+        if name not in self._input_stats:
+            raise SpaceError(
+                f"layer {name!r} saw no input while calibrating; its data-aware rank needs "
+                "calib tokens whose forward pass runs through it"
+            )
+        return self._input_stats.pop(name)  # the SVD entry keeps what is needed
 
     def _input_amax(self, name: str) -> torch.Tensor:
         """max |input| of layer `name` over one pass of the calibration tokens through the

@@ -1,37 +1,89 @@
-"""Truncated-SVD factorization of a Linear into a `LowRankLinear` pair."""
+"""Low-rank factorization of a Linear into a `LowRankLinear` pair: truncated SVD of the weight,
+or data-aware SVD that weighs the weight's columns by what the layer's inputs carry.
+
+Plain SVD minimizes ||W - W_r|| and ignores the inputs. `activation` scales column j by the
+square root of the mean |x_j| seen on calibration tokens (activation-aware SVD: columns fed by
+large inputs are kept more exactly); `whiten` takes L with L L^T = X^T X / n (Cholesky of the
+input Gram matrix), so the truncated SVD of W L minimizes the output error ||(W - W_r) X|| over
+every rank-r W_r (whitened SVD). Both return W_r = U_r S_r V_r^T T^-1 as the same two factors.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
+from microsweep.spaces import RANK_METHODS
+
 from ._modules import LowRankLinear
 
-__all__ = ["factorize"]
+__all__ = ["RANK_METHODS", "InputStats", "factorize", "rank_transform"]
+
+
+@dataclass
+class InputStats:
+    """What a layer's inputs look like on calibration tokens (float64): the Gram matrix
+    X^T X / n and the mean |x| per input feature, over n rows."""
+
+    gram: torch.Tensor
+    abs_mean: torch.Tensor
+    rows: int
+
+
+def rank_transform(method: str, stats: InputStats | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, T^-1), float64, for a data-aware `method`: the SVD of W T is truncated."""
+    if stats is None:
+        raise ValueError(f"rank method {method!r} needs the layer's calibration inputs")
+    if method == "activation":
+        scale = stats.abs_mean.sqrt()
+        scale = scale.clamp_min(max(float(scale.max()) * 1e-6, 1e-12))  # dead inputs stay usable
+        return torch.diag(scale), torch.diag(1.0 / scale)
+    if method == "whiten":
+        gram = stats.gram
+        n = gram.shape[0]
+        # a small ridge keeps the factor invertible when some inputs never vary
+        ridge = max(float(gram.diagonal().mean()) * 1e-6, 1e-12)
+        lower = torch.linalg.cholesky(gram + ridge * torch.eye(n, dtype=gram.dtype))
+        eye = torch.eye(n, dtype=gram.dtype)
+        return lower, torch.linalg.solve_triangular(lower, eye, upper=False)
+    raise ValueError(f"rank method {method!r} is not one of {', '.join(RANK_METHODS)}")
 
 
 def factorize(
-    linear: nn.Linear, rank: int, *, svd: tuple[torch.Tensor, ...] | None = None
+    linear: nn.Linear,
+    rank: int,
+    *,
+    svd: tuple[torch.Tensor, ...] | None = None,
+    transform: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LowRankLinear:
-    """Best rank-`rank` approximation W ~= (U_r sqrt(S_r)) (sqrt(S_r) Vh_r), SVD in float64.
+    """Best rank-`rank` approximation W ~= (U_r sqrt(S_r)) (sqrt(S_r) Vh_r T^-1), SVD of W T in
+    float64 (T the identity for plain SVD; see `rank_transform`).
 
     The two factors are plain Linears in the weight's dtype and device; `second` reuses the
     original bias Parameter. Built with `skip_init` so the global RNG is not advanced. `svd` is
-    the weight's ``torch.linalg.svd(w.double(), full_matrices=False)`` when already computed
-    (one decomposition serves every rank).
+    the ``torch.linalg.svd((W T).double(), full_matrices=False)`` when already computed (one
+    decomposition serves every rank).
     """
     w = linear.weight.detach()
     out_f, in_f = w.shape
     if svd is None:
-        svd = torch.linalg.svd(w.to(torch.float64), full_matrices=False)
+        target = w.to(torch.float64)
+        if transform is not None:
+            target = target @ transform[0].to(target.device)
+        svd = torch.linalg.svd(target, full_matrices=False)
     u, s, vh = svd
     root = s[:rank].sqrt()
+    first_w = root[:, None] * vh[:rank]
+    if transform is not None:
+        first_w = first_w @ transform[1].to(first_w.device)
     kw = {"device": w.device, "dtype": w.dtype}
     first = skip_init(nn.Linear, in_f, rank, bias=False, **kw)
     second = skip_init(nn.Linear, rank, out_f, bias=linear.bias is not None, **kw)
     with torch.no_grad():
-        first.weight.copy_(root[:, None] * vh[:rank])
+        first.weight.copy_(first_w)
         second.weight.copy_(u[:, :rank] * root[None, :])
     if linear.bias is not None:
         second.bias = linear.bias

@@ -152,6 +152,13 @@ def _collect(module: ModuleType, path: str, source: str, space: Space) -> SpaceF
     train = _ids(names.get("train_tokens"), 1, f"{where}: `train_tokens`", "(N,)")
     if corpus is None and calib is None:
         for rule in space.rules:
+            method = getattr(rule.settings.get("rank"), "method", "plain")
+            if method != "plain":
+                raise UsageError(
+                    f"{where}: rule {rule.key!r} factorizes with {method!r} SVD, which reads "
+                    "the layers' inputs, but no calibration tokens are given; define `calib` "
+                    "(token ids of shape (B, T)) or a `corpus`, or use Rank(..., method='plain')"
+                )
             levels = getattr(rule.settings.get("act_bits"), "choices", ())
             if any(b < 32 for b in levels):
                 raise UsageError(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from microsweep.errors import SpaceError
-from microsweep.spaces._policy import VALID_BITS
+from microsweep.spaces._policy import RANK_METHODS, VALID_BITS
 
 if TYPE_CHECKING:
     import optuna
@@ -140,13 +140,22 @@ class Rank(Knob):
     """Low-rank factorization rank: ``Rank(0.1, 1.0)`` (floats) is a fraction range of each
     layer's full rank; ``Rank(8, 16, 32)`` (ints) are explicit ranks, so ``Rank(1)`` is rank one
     while ``Rank(1.0)`` is full rank. A rank at or past the break-even r * (out + in) >= out * in
-    leaves the layer dense, since its factors would not be smaller."""
+    leaves the layer dense, since its factors would not be smaller.
+
+    ``method`` chooses how the factors are found: ``"plain"`` truncated SVD of the weight,
+    ``"activation"`` (columns scaled by the mean |input| on calibration tokens) or ``"whiten"``
+    (whitened by the inputs' Gram matrix: the least output error at that rank). The data-aware
+    methods need calibration tokens (a corpus, or `calib` in the space file)."""
 
     low: float | None
     high: float | None
     values: tuple[int, ...] | None
+    method: str
 
-    def __init__(self, *args: float) -> None:
+    def __init__(self, *args: float, method: str = "plain") -> None:
+        if method not in RANK_METHODS:
+            raise SpaceError(f"Rank: method {method!r} is not one of {', '.join(RANK_METHODS)}")
+        object.__setattr__(self, "method", method)
         if not args:
             raise SpaceError(
                 "Rank: give a fraction range like Rank(0.1, 1.0) or ranks like Rank(8, 16)"
@@ -201,9 +210,14 @@ class Rank(Knob):
         return -(-(out_features * in_features) // (out_features + in_features))
 
     def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"knob": "Rank"}
         if self.values is not None:
-            return {"knob": "Rank", "values": list(self.values)}
-        return {"knob": "Rank", "low": self.low, "high": self.high}
+            out["values"] = list(self.values)
+        else:
+            out.update(low=self.low, high=self.high)
+        if self.method != "plain":
+            out["method"] = self.method
+        return out
 
 
 @dataclass(frozen=True, init=False)

@@ -14,12 +14,16 @@ from typing import Any
 
 from microsweep.errors import SpaceError
 
-__all__ = ["LayerPolicy", "Policy", "POLICY_VERSION", "VALID_BITS"]
+__all__ = ["LayerPolicy", "Policy", "POLICY_VERSION", "RANK_METHODS", "VALID_BITS"]
 
 POLICY_VERSION = 1
 _POLICY_TAG = "microsweep.Policy"
 VALID_BITS = frozenset([*range(2, 17), 32])
 """Weight and activation widths: 2..16 quantize, 32 means "not quantized" (fp32)."""
+RANK_METHODS = ("plain", "activation", "whiten")
+"""How a rank is reached: truncated SVD of the weight, or data-aware SVD on calibration inputs
+(columns scaled by the inputs' magnitude, or whitened by their Gram matrix); see
+`microsweep.compress.factorize`."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class LayerPolicy:
     bits: int = 32
     act_bits: int = 32
     rank: int | None = None
+    rank_method: str = "plain"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
@@ -52,6 +57,12 @@ class LayerPolicy:
                 raise SpaceError(f"{name}={value!r} is not a width in 2..16 or 32 (32 means off)")
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
             raise SpaceError(f"rank {self.rank!r} must be a positive int (or None for full rank)")
+        if self.rank_method not in RANK_METHODS:
+            raise SpaceError(
+                f"rank_method {self.rank_method!r} is not one of {', '.join(RANK_METHODS)}"
+            )
+        if self.rank is None and self.rank_method != "plain":  # no rank: nothing to factorize
+            object.__setattr__(self, "rank_method", "plain")
 
     @property
     def is_identity(self) -> bool:
@@ -73,11 +84,13 @@ class LayerPolicy:
             out["act_bits"] = self.act_bits
         if self.rank is not None:
             out["rank"] = self.rank
+        if self.rank_method != "plain":
+            out["rank_method"] = self.rank_method
         return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LayerPolicy:
-        unknown = set(data) - {"sparsity", "block", "bits", "act_bits", "rank"}
+        unknown = set(data) - {"sparsity", "block", "bits", "act_bits", "rank", "rank_method"}
         if unknown:
             raise SpaceError(f"unknown layer setting(s) {sorted(unknown)} in policy JSON")
         return cls(**data)
@@ -128,7 +141,8 @@ class Policy:
         return cls.from_json(data)
 
     NOTATION = (
-        "s=0.50 sparsity (blk: in blocks), w4 weight bits, a8 activation bits, r=32 rank; "
+        "s=0.50 sparsity (blk: in blocks), w4 weight bits, a8 activation bits, r=32 rank "
+        "(/act, /white: data-aware SVD); "
         "layers not named are left dense"
     )
     """What `summary` writes, for the places that show it."""
@@ -147,7 +161,8 @@ class Policy:
             if lp.act_bits != 32:
                 bits.append(f"a{lp.act_bits}")
             if lp.rank is not None:
-                bits.append(f"r={lp.rank}")
+                how = {"plain": "", "activation": "/act", "whiten": "/white"}[lp.rank_method]
+                bits.append(f"r={lp.rank}{how}")
             parts.append(f"{name}: {' '.join(bits)}")
         shown = parts[:limit]
         if len(parts) > limit:

@@ -397,12 +397,7 @@ class Space:
         for name in self.assignment:
             want = policy.layers.get(name, LayerPolicy())
             have = got.layers[name]
-            if (want.sparsity, want.bits, want.act_bits, want.rank) != (
-                have.sparsity,
-                have.bits,
-                have.act_bits,
-                have.rank,
-            ):
+            if want != have:
                 raise SpaceError(
                     f"the policy gives layer {name!r} {want}, which this space cannot produce "
                     f"(its rule gives {have}); check the policy was written for this space"
@@ -452,6 +447,7 @@ class Space:
         block = sparsity_knob.block if isinstance(sparsity_knob, Sparsity) else None
         sparsity = float(values.get("sparsity", 0.0))
         rank = values.get("rank")
+        rank_knob = rule.settings.get("rank")
         return LayerPolicy(
             sparsity=sparsity,
             block=block if sparsity > 0 else None,
@@ -462,6 +458,7 @@ class Space:
                 if rank is not None
                 else None
             ),
+            rank_method=rank_knob.method if isinstance(rank_knob, Rank) else "plain",
         )
 
     def to_json(self) -> dict[str, Any]:
