@@ -182,3 +182,39 @@ def test_a_cached_trial_copies_only_what_its_policy_changes(runner, tiny_gpt):
     small.model(policy)
     small.model(Policy(layers={"blocks.1.mlp.c_fc": LayerPolicy(sparsity=0.5, bits=8)}))
     assert len(small._entries) == 1
+
+
+def test_distillation_loss_is_exact_at_its_ends(tiny_gpt, corpus):
+    """alpha 0 is the plain cross-entropy; a student that is its own teacher has KL 0."""
+    from microsweep.models import lm_batch_loss
+
+    def loss(**kw):
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            return float(lm_batch_loss(tiny_gpt, corpus.train, block_size=16, batch_size=4,
+                                       gen=gen, **kw))  # fmt: skip
+
+    plain = loss()
+    assert loss(teacher=tiny_gpt, alpha=0.0) == plain
+    assert loss(teacher=tiny_gpt, alpha=1.0, temperature=3.0) == pytest.approx(0.0, abs=1e-6)
+    assert loss(teacher=tiny_gpt, alpha=0.5) == pytest.approx(0.5 * plain, rel=1e-6)
+
+
+def test_distillation_recovers_a_pruned_model(runner):
+    """Recovery fine-tuning distilled from the dense model lowers the perplexity of a heavily
+    pruned model, with masks kept (the counts do not move); a bad alpha fails the trial."""
+    layers = {
+        f"blocks__{b}__{n}": LayerPolicy(sparsity=0.8)
+        for b in range(2)
+        for n in ("mlp__c_fc", "mlp__c_proj", "attn__c_attn")
+    }
+    pruned = Policy(layers={k.replace("__", "."): v for k, v in layers.items()})
+    before = runner.run(0, pruned.to_json(), early_stop=False)
+    hyper = {"finetune_steps": 40, "finetune_lr": 3e-3, "distill_alpha": 0.7}
+    tuned = runner.run(1, Policy(layers=pruned.layers, hyper=hyper).to_json(), early_stop=False)
+    assert before["status"] == tuned["status"] == "ok", tuned.get("error")
+    assert tuned["perplexity"] < 0.97 * before["perplexity"]
+    assert (tuned["params"], tuned["ops"]) == (before["params"], before["ops"])
+    bad = Policy(layers=pruned.layers, hyper={**hyper, "distill_alpha": 1.5}).to_json()
+    res = runner.run(2, bad, early_stop=False)
+    assert res["status"] == "error" and "distill_alpha 1.5" in res["error"]

@@ -83,9 +83,7 @@ def export_trial(
         with torch.random.fork_rng():
             runner._reset_torch_state(number)  # the worker's per-trial state: seed, grad mode
             model = compress(runner.base, policy, calib=prepared.calib)
-            steps = int(policy.hyper.get("finetune_steps", 0) or 0)
-            if steps > 0:
-                runner._finetune(model, steps, float(policy.hyper.get("finetune_lr", 1e-4)))
+            runner.finetune(model, policy.hyper)  # as the worker did (none without steps)
             model.eval()
             round_to_storage(model, count(model, context=settings.context, config=config))
     finally:

@@ -58,9 +58,14 @@ def lm_batch_loss(
     block_size: int,
     batch_size: int,
     gen: torch.Generator,
+    teacher: nn.Module | None = None,
+    alpha: float = 0.0,
+    temperature: float = 2.0,
 ) -> torch.Tensor:
     """Next-token cross-entropy on `batch_size` random windows of `tokens` drawn from `gen`
-    (shared by pretraining and recovery fine-tuning)."""
+    (shared by pretraining and recovery fine-tuning). With a `teacher` and `alpha` > 0 the loss
+    is distillation: (1 - alpha) x cross-entropy + alpha x T^2 x KL(teacher || model), both
+    softened by the temperature T (the T^2 keeps the gradient scale as T changes)."""
     ix = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=gen).tolist()
     x = torch.stack([tokens[i : i + block_size] for i in ix])  # (B, T)
     y = torch.stack([tokens[i + 1 : i + 1 + block_size] for i in ix])
@@ -68,7 +73,19 @@ def lm_batch_loss(
     if param is not None and param.device != x.device:  # a model on a GPU
         x, y = x.to(param.device), y.to(param.device)
     logits = logits_of(model(x))  # (B, T, V)
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+    flat = logits.reshape(-1, logits.size(-1))
+    loss = nn.functional.cross_entropy(flat, y.reshape(-1))
+    if teacher is None or alpha <= 0.0:
+        return loss
+    with torch.no_grad():
+        target = logits_of(teacher(x)).reshape(-1, logits.size(-1))
+    soft = nn.functional.kl_div(
+        nn.functional.log_softmax(flat / temperature, dim=-1),
+        nn.functional.log_softmax(target / temperature, dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    return (1.0 - alpha) * loss + alpha * temperature**2 * soft
 
 
 def pretrain(

@@ -146,7 +146,7 @@ class TrialRunner:
 
         if steps > 0:
             t = time.perf_counter()
-            self._finetune(model, steps, float(policy.hyper.get("finetune_lr", 1e-4)))
+            self.finetune(model, policy.hyper)
             timings["finetune"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -228,9 +228,34 @@ class TrialRunner:
             extra["window_nll"] = nll.tolist()
         return nll_to_perplexity(float(nll.sum()), tokens), extra
 
-    def _finetune(self, model: nn.Module, steps: int, lr: float) -> None:
-        """Recovery fine-tuning: AdamW steps on training windows, projected back onto the
-        compressed set (masks and quantization grids) after every step."""
+    def finetune(self, model: nn.Module, hyper: Mapping[str, Any]) -> None:
+        """Recovery fine-tuning as the policy's hyperparameters ask: `finetune_steps` steps at
+        `finetune_lr`, distilled from the dense model with weight `distill_alpha` (0: plain
+        cross-entropy) at temperature `distill_temperature`."""
+        steps = int(hyper.get("finetune_steps", 0) or 0)
+        if steps <= 0:
+            return
+        alpha = float(hyper.get("distill_alpha", 0.0))
+        temperature = float(hyper.get("distill_temperature", 2.0))
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"distill_alpha {alpha} must be in [0, 1]")
+        if not temperature > 0:
+            raise ValueError(f"distill_temperature {temperature} must be above 0")
+        lr = float(hyper.get("finetune_lr", 1e-4))
+        self._finetune(model, steps, lr, alpha=alpha, temperature=temperature)
+
+    def _finetune(
+        self,
+        model: nn.Module,
+        steps: int,
+        lr: float,
+        *,
+        alpha: float = 0.0,
+        temperature: float = 2.0,
+    ) -> None:
+        """Recovery fine-tuning: AdamW steps on training windows (distilled from the dense
+        base when `alpha` > 0), projected back onto the compressed set (masks and quantization
+        grids) after every step."""
         from microsweep.compress import project_
         from microsweep.models import lm_batch_loss
 
@@ -246,8 +271,10 @@ class TrialRunner:
         with torch.enable_grad():
             for _ in range(steps):
                 loss = lm_batch_loss(
-                    model, self.train_tokens, block_size=block, batch_size=8, gen=gen
-                )
+                    model, self.train_tokens, block_size=block, batch_size=8, gen=gen,
+                    teacher=self.base if alpha > 0 else None, alpha=alpha,
+                    temperature=temperature,
+                )  # fmt: skip
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
