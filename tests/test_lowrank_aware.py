@@ -124,7 +124,9 @@ def test_the_method_travels_from_the_knob_to_the_policy_and_back() -> None:
     assert policy.layers["b"].rank_method == "plain"
     assert Policy.from_json(policy.to_json()) == policy
     assert "a: r=8/white" in policy.summary()
-    assert space.params_from_policy(policy) == {"a:rank": 0.25, "b:rank": 4}
+    params = space.params_from_policy(policy)
+    assert params["b:rank"] == 4 and 0.25 <= params["a:rank"] <= 0.5
+    assert space.suggest(optuna.trial.FixedTrial(params)) == policy
     plain_a = Policy(layers={"a": LayerPolicy(rank=8), "b": LayerPolicy(rank=4)})
     with pytest.raises(SpaceError, match="cannot produce"):
         space.params_from_policy(plain_a)  # the space factorizes `a` whitened

@@ -7,6 +7,7 @@ import json
 
 import optuna
 import pytest
+import torch
 
 from microsweep import MicroNet, Policy, Space, open_sweep, resume_sweep, run_sweep
 from microsweep.errors import SpaceError, UsageError
@@ -127,3 +128,40 @@ def test_cli_warm_start_takes_the_policy_show_writes(tmp_path, tiny_gpt):
         assert proc.returncode == 2 and len(errors) == 1, proc.stderr
         assert f"warm start {name}" in errors[0] and why in errors[0]
     assert "three" not in Store(url, must_exist=True).sweep_names()
+
+
+def test_resuming_with_another_space_or_objective_is_refused(tmp_path, tiny_gpt, corpus):
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    space = _space(tiny_gpt)
+    run_sweep(space, objective=OBJECTIVE, corpus=corpus, name="o", trials=1, storage=url,
+              sampler="random", seed=1, in_process=True, progress=False)  # fmt: skip
+    narrower = Space(tiny_gpt, rules={"blocks.*.mlp.*": dict(sparsity=Sparsity(0.0, 0.5))})
+    with pytest.raises(UsageError, match="space given differs"):
+        resume_sweep("o", trials=2, storage=url, in_process=True, progress=False,
+                     space=narrower, corpus=corpus)  # fmt: skip
+    looser = MicroNet(perplexity_ceiling=1.5, relative_to="dense", baseline="dense",
+                      eval_tokens=2048)  # fmt: skip
+    with pytest.raises(UsageError, match="objective given differs"):
+        resume_sweep("o", trials=2, storage=url, in_process=True, progress=False,
+                     space=space, objective=looser, corpus=corpus)  # fmt: skip
+    assert len(Store(url, must_exist=True).trials("o")) == 1  # nothing ran
+
+
+def test_warm_starts_of_a_tied_rank_over_layers_of_different_shapes():
+    """One fraction must give every tied layer its rank; each layer's own r/full may not."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(64, 64)
+            self.b = torch.nn.Linear(64, 256)
+            self.c = torch.nn.Linear(256, 256)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(self.b(self.a(x)))
+
+    space = Space(Net(), rules={"re:[abc]": dict(rank=Rank(0.1, 0.45), tied=True)})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(200):
+        policy = space.suggest(study.ask())
+        assert space.suggest(optuna.trial.FixedTrial(space.params_from_policy(policy))) == policy

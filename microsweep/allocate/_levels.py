@@ -147,7 +147,10 @@ def level_key(knob: str, setting: LayerPolicy) -> str | None:
         value = getattr(setting, knob)
         return None if value == 32 else str(value)
     if knob == "rank":
-        return None if setting.rank is None else str(setting.rank)
+        if setting.rank is None:
+            return None
+        method = "" if setting.rank_method == "plain" else f"/{setting.rank_method}"
+        return f"{setting.rank}{method}"  # another method is another measurement
     raise ValueError(f"unknown knob {knob!r}")
 
 

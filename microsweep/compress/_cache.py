@@ -21,7 +21,7 @@ from microsweep.errors import SpaceError
 from microsweep.spaces._policy import LayerPolicy, Policy
 
 from ._apply import _plan, _set_submodule, compress_layer, input_stats, layer_inputs
-from ._lowrank import InputStats, factorize, rank_transform
+from ._lowrank import InputStats, factorize, rank_transform, times_transform
 from ._prune import magnitude_order, mask_from_order
 from ._quantize import tensor_scale
 
@@ -80,6 +80,7 @@ class VariantCache:
             s.name: s.linear
             for s in steps
             if s.settings.rank_method != "plain"
+            and (s.name, s.settings) not in self._entries  # a cached variant needs no SVD
             and (s.name, ("svd", s.settings.rank_method)) not in self._entries
         }
         model = copy.deepcopy(self.base, dict(self._shared))
@@ -92,6 +93,8 @@ class VariantCache:
             weight = getattr(variant, "weight", None)
             if isinstance(weight, nn.Parameter) and weight is not step.linear.weight:
                 retie[id(step.linear.weight)] = weight  # a tie (head = embedding) follows it
+        self._input_stats.clear()  # what this policy's SVDs needed is in them now
+        self._pending = {}
         if retie:
             for module in model.modules():
                 if id(module) in placed:
@@ -191,7 +194,7 @@ class VariantCache:
         transform = None
         if method != "plain":
             transform = rank_transform(method, self._stats(name))
-            w = w @ transform[0]
+            w = times_transform(w, transform[0])
         svd = tuple(torch.linalg.svd(w, full_matrices=False))
         self._put(key, (svd, transform), _nbytes([*svd, *(transform or ())]))
         return svd, transform

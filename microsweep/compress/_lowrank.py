@@ -34,13 +34,14 @@ class InputStats:
 
 
 def rank_transform(method: str, stats: InputStats | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, T^-1), float64, for a data-aware `method`: the SVD of W T is truncated."""
+    """(T, T^-1), float64, for a data-aware `method`: the SVD of W T is truncated. A diagonal
+    T (activation scaling) is given as its diagonal vector."""
     if stats is None:
         raise ValueError(f"rank method {method!r} needs the layer's calibration inputs")
     if method == "activation":
         scale = stats.abs_mean.sqrt()
         scale = scale.clamp_min(max(float(scale.max()) * 1e-6, 1e-12))  # dead inputs stay usable
-        return torch.diag(scale), torch.diag(1.0 / scale)
+        return scale, 1.0 / scale
     if method == "whiten":
         gram = stats.gram
         n = gram.shape[0]
@@ -50,6 +51,11 @@ def rank_transform(method: str, stats: InputStats | None) -> tuple[torch.Tensor,
         eye = torch.eye(n, dtype=gram.dtype)
         return lower, torch.linalg.solve_triangular(lower, eye, upper=False)
     raise ValueError(f"rank method {method!r} is not one of {', '.join(RANK_METHODS)}")
+
+
+def times_transform(matrix: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """matrix @ T, with T a matrix or a diagonal given as a vector."""
+    return matrix * t[None, :] if t.dim() == 1 else matrix @ t
 
 
 def factorize(
@@ -72,13 +78,13 @@ def factorize(
     if svd is None:
         target = w.to(torch.float64)
         if transform is not None:
-            target = target @ transform[0].to(target.device)
+            target = times_transform(target, transform[0].to(target.device))
         svd = torch.linalg.svd(target, full_matrices=False)
     u, s, vh = svd
     root = s[:rank].sqrt()
     first_w = root[:, None] * vh[:rank]
     if transform is not None:
-        first_w = first_w @ transform[1].to(first_w.device)
+        first_w = times_transform(first_w, transform[1].to(first_w.device))
     kw = {"device": w.device, "dtype": w.dtype}
     first = skip_init(nn.Linear, in_f, rank, bias=False, **kw)
     second = skip_init(nn.Linear, rank, out_f, bias=linear.bias is not None, **kw)

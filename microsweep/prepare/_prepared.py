@@ -151,6 +151,15 @@ def reopen_space(sweep: Any, given: SpaceFile | None = None) -> tuple[SpaceFile,
     one the sweep was measured on (used by resume and export)."""
     if given is not None:
         sf = given
+        for what, have, stored in (
+            ("space", sf.space.to_json(), sweep.space_json),
+            ("objective", sf.objective.to_json(), sweep.objective_json),
+        ):
+            if json.loads(json.dumps(have)) != stored:
+                raise UsageError(
+                    f"the {what} given differs from the one sweep {sweep.name!r} ran with; pass "
+                    f"the same {what} (its rules and knobs are stored with the sweep)"
+                )
     elif sweep.space_path == INLINE_PATH:
         raise UsageError(
             f"sweep {sweep.name!r} was defined from Python objects, so there is no space file "

@@ -77,7 +77,7 @@ def pareto_front(points: list[Point]) -> list[int]:
 def is_uniform(policy: dict[str, Any]) -> bool:
     """One setting for every layer the policy touches: the same sparsity, block, bits and
     activation bits everywhere, and a rank on all of them or none."""
-    layers = [v for v in (policy.get("layers") or {}).values() if v]
+    layers = list((policy.get("layers") or {}).values())  # a layer left dense counts too
     if len(layers) < 2:
         return False
     keys = {

@@ -704,7 +704,8 @@ def run_sweep(
         raise UsageError("--sampler cmaes handles one objective; use tpe, nsga2 or auto")
     prepared = prepare(sf, seed or 0)
     t0 = time.perf_counter()
-    _say(progress, f"measuring the dense model on {len(prepared.windows)} windows")
+    where = "with the space's evaluate()" if sf.evaluate else f"on {len(prepared.windows)} windows"
+    _say(progress, f"measuring the dense model {where}")
     dense = measure_dense(sf, prepared)
     ceiling = sf.objective.ceiling(dense["perplexity"])
     _say(

@@ -373,11 +373,13 @@ class Space:
             )
         params: dict[str, Any] = {}
         for unit in self.units():
-            info = unit.layers[0]
-            lp = policy.layers.get(info.name, LayerPolicy())
+            lp = policy.layers.get(unit.layers[0].name, LayerPolicy())
             for knob, pname in unit.params.items():
                 if knob == "rank":
-                    params[pname] = self._rank_param(unit.knobs["rank"], lp.rank, info)
+                    wanted = [
+                        (policy.layers.get(i.name, LayerPolicy()).rank, i) for i in unit.layers
+                    ]
+                    params[pname] = self._rank_param(unit.knobs["rank"], wanted)
                 else:
                     params[pname] = getattr(lp, knob)
         for key in self.hyper:
@@ -405,22 +407,37 @@ class Space:
         return params
 
     @staticmethod
-    def _rank_param(knob: Rank, rank: int | None, info: LayerInfo) -> float | int:
-        """The rank knob's value (a fraction or an explicit rank) that resolves to `rank`."""
+    def _rank_param(knob: Rank, wanted: list[tuple[int | None, LayerInfo]]) -> float | int:
+        """The rank knob's value (a fraction or an explicit rank) that resolves to each
+        layer's wanted rank (one value for all layers of a tied rule); the first layer's best
+        guess when none does (the check that follows names the mismatch)."""
+
+        def fits(value: float | int) -> bool:
+            return all(Rank.resolve(value, i.out_features, i.in_features) == r for r, i in wanted)
+
         if knob.values is not None:
-            for v in knob.values:
-                if Rank.resolve(v, info.out_features, info.in_features) == rank:
-                    return v
-            return rank if rank is not None else knob.values[-1]  # refused by the check
-        if rank is None:  # dense: the top of the range, when it leaves the layer dense
-            return float(knob.high)
-        fraction = rank / info.full_rank
-        low, high = float(knob.low), float(knob.high)
-        if Rank.resolve(low, info.out_features, info.in_features) == rank:
-            fraction = max(fraction, low)  # rounding may put rank / full a hair outside
-        if Rank.resolve(high, info.out_features, info.in_features) == rank:
-            fraction = min(fraction, high)
-        return fraction
+            candidates: list[float | int] = list(knob.values)
+        else:
+            low, high = float(knob.low), float(knob.high)
+            # the fractions that round to every layer's rank: the middle of the intervals'
+            # intersection, then each layer's own fraction and the range's ends
+            lo, hi = low, high
+            for rank, info in wanted:
+                if rank is not None:
+                    lo = max(lo, (rank - 0.5) / info.full_rank)
+                    hi = min(hi, (rank + 0.5) / info.full_rank)
+            candidates = [(lo + hi) / 2] if lo < hi else []
+            candidates += [low, high]
+            for rank, info in wanted:
+                if rank is not None:
+                    candidates.append(min(max(rank / info.full_rank, low), high))
+        for value in candidates:
+            if fits(value):
+                return value
+        rank, info = wanted[0]
+        if knob.values is not None:
+            return rank if rank is not None else knob.values[-1]
+        return float(knob.high) if rank is None else rank / info.full_rank
 
     # -- suggestion -------------------------------------------------------------------------
     def suggest(self, trial: optuna.trial.BaseTrial) -> Policy:
