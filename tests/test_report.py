@@ -86,6 +86,23 @@ def test_layer_view_encodes_each_knob(sweep):
             else:
                 assert (row["rank"] is None) == (text == "full")
         assert view["params"][i] == row["params"]
+    # the page's script reads each trial's rows from the payload: the same as layer_view
+    from microsweep.report._page import page_payload
+
+    payload = page_payload(table)
+    for n, picks in table.choice.items():
+        rows = [payload["cells"][i][k] for i, k in enumerate(picks)]
+        want = layer_view(table, n)
+        assert [r[0] for r in rows] == want["z"] and [r[1] for r in rows] == want["text"]
+        assert [r[2] for r in rows] + [payload["other"][str(n)][0]] == want["params"]
+    # a rank is measured against the layer's full rank
+    i = table.layers.index("blocks.0.mlp.c_fc")
+    assert table.full_rank[i] == 32  # Linear(32, 128) in the tiny GPT
+    ranked = [n for n in table.choice if table.row(n, "blocks.0.mlp.c_fc")["rank"]]
+    if ranked:
+        rank = table.row(ranked[0], "blocks.0.mlp.c_fc")["rank"]
+        z = layer_view(table, ranked[0])["z"][i][table.knobs.index("rank")]
+        assert z == pytest.approx(1 - rank / 32)
     dense_view = layer_view(table, None)
     assert dense_view["params"][:-1] == [p for p, _ in table.dense]
     assert all(z in (0.0, None) for zr in dense_view["z"] for z in zr)
@@ -97,6 +114,7 @@ def _table(values: list[tuple[float, int]]) -> LayerTable:
         layers=["A", "B"],
         knobs=["sparsity", "bits"],
         allowed=[["sparsity", "bits"], ["sparsity", "bits"]],
+        full_rank=[None, None],
         dense=[(1.0, 1.0), (1.0, 1.0)],
         dense_other=(0.0, 0.0),
         options=[[], []],
@@ -132,6 +150,35 @@ def test_importances_credit_the_parameter_that_drives_the_score():
     assert imp.by_layer["B"]["perplexity"] == imp.params["B.bits"]["perplexity"]
     assert imp.by_layer["(hyperparameters)"]["score"] == imp.params["lr"]["score"]
     assert importances(table, {0: 1.0}, {0: 2.0}).params == {}  # too few trials: nothing
+
+
+def test_importances_are_not_buried_by_noise_and_count_tied_layers_once():
+    """48 layers, one that matters: chance correction keeps the noise near zero. Two layers
+    that always take the same value are one parameter."""
+    import random
+
+    rng = random.Random(1)
+    n_layers, n_trials = 48, 100
+    table = LayerTable(
+        layers=[f"L{i}" for i in range(n_layers)],
+        knobs=["sparsity"],
+        allowed=[["sparsity"]] * n_layers,
+        full_rank=[None] * n_layers,
+        dense=[(1.0, 1.0)] * n_layers,
+        dense_other=(0.0, 0.0),
+        options=[[(s, 32, 32, None, 1.0, 1.0) for s in (0.0, 0.3, 0.6, 0.9)]] * n_layers,
+    )
+    picks = {n: [rng.randrange(4) for _ in range(n_layers)] for n in range(n_trials)}
+    for n in picks:
+        picks[n][1] = picks[n][0]  # L1 is tied to L0
+    table.choice = picks
+    scores = {n: 0.5 * p[5] + rng.gauss(0, 1) for n, p in picks.items()}  # only L5 matters
+    ppl = {n: 10.0 for n in picks}
+    imp = importances(table, scores, ppl)
+    assert imp.params["L5.sparsity"]["score"] > 0.5
+    assert "L1.sparsity" not in imp.params  # folded into L0's parameter
+    assert imp.by_layer["L0"]["score"] == pytest.approx(imp.params["L0.sparsity"]["score"] / 2)
+    assert imp.by_layer["L1"]["score"] == imp.by_layer["L0"]["score"]
 
 
 def test_report_data_marks_every_kind_of_trial(sweep):

@@ -34,6 +34,8 @@ class LayerTable:
     knobs: list[str]
     allowed: list[list[str]]
     """The knobs each layer's rule searches (a heatmap cell outside them stays blank)."""
+    full_rank: list[int | None]
+    """min(out, in) of each layer (None for a sweep stored before shapes were)."""
     dense: list[tuple[float, float]]
     """(params, ops) of each layer in the dense model."""
     dense_other: tuple[float, float]
@@ -49,30 +51,29 @@ class LayerTable:
         values = self.options[i][self.choice[trial][i]]
         return dict(zip((*KNOBS, "params", "ops"), values, strict=True))
 
-    def to_json(self) -> dict[str, Any]:
-        """The compact form the page's script reads."""
-        return {
-            "layers": self.layers,
-            "knobs": self.knobs,
-            "allowed": self.allowed,
-            "dense": self.dense,
-            "dense_other": self.dense_other,
-            "options": self.options,
-            "choice": {str(k): v for k, v in self.choice.items()},
-            "other": {str(k): v for k, v in self.other.items()},
-        }
 
-
-def target_layers(space_json: dict[str, Any]) -> tuple[list[str], list[str], list[list[str]]]:
-    """The layers the space's rules name (in rule order), the knobs any rule searches, and the
-    knobs each layer's rule searches."""
+def target_layers(
+    space_json: dict[str, Any],
+) -> tuple[list[str], list[str], list[list[str]], list[int | None]]:
+    """The layers the space's rules name (in rule order), the knobs any rule searches, the
+    knobs each layer's rule searches, and each layer's full rank when the space stored it."""
     allowed: dict[str, list[str]] = {}
+    full: dict[str, int | None] = {}
     for rule in space_json.get("rules", []):
         settings = [k for k in KNOBS if k in rule.get("settings", {})]
-        for name in rule.get("layers", []):
-            allowed.setdefault(name, settings)  # the first rule naming a layer holds it
+        names = rule.get("layers", [])
+        shapes = rule.get("shapes") or [None] * len(names)
+        for name, shape in zip(names, shapes, strict=False):
+            if name not in allowed:  # the first rule naming a layer holds it
+                allowed[name] = settings
+                full[name] = min(shape) if shape else None
     knobs = {k for ks in allowed.values() for k in ks}
-    return list(allowed), [k for k in KNOBS if k in knobs], list(allowed.values())
+    return (
+        list(allowed),
+        [k for k in KNOBS if k in knobs],
+        list(allowed.values()),
+        [full[n] for n in allowed],
+    )
 
 
 def _owner(name: str, targets: dict[str, int]) -> int | None:
@@ -108,7 +109,7 @@ def layer_table(store: Store, name: str) -> LayerTable:
     from microsweep.storage._models import LayerRow, SweepRow, TrialRow
 
     sweep = store.get_sweep(name)
-    layers, knobs, allowed = target_layers(sweep.space_json or {})
+    layers, knobs, allowed, full_rank = target_layers(sweep.space_json or {})
     index = {n: i for i, n in enumerate(layers)}
     dense = [[0.0, 0.0] for _ in layers]
     dense_other = [0.0, 0.0]
@@ -156,6 +157,7 @@ def layer_table(store: Store, name: str) -> LayerTable:
         layers=layers,
         knobs=knobs,
         allowed=allowed,
+        full_rank=full_rank,
         dense=[(p, o) for p, o in dense],
         dense_other=(dense_other[0], dense_other[1]),
         options=[[] for _ in layers],
@@ -177,8 +179,9 @@ def layer_table(store: Store, name: str) -> LayerTable:
 
 @dataclass
 class Importances:
-    """How much of the spread in score and in log-perplexity each parameter explains alone,
-    as shares that sum to 1 per target, and the same summed by knob and by layer."""
+    """How much of the spread in score and in log-perplexity each parameter explains alone
+    (chance-corrected), as shares that sum to 1 per target, and the same summed by knob and by
+    layer."""
 
     trials: int
     params: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -199,22 +202,25 @@ def _bins(values: Sequence[Any], most: int = 8) -> list[Any]:
     return [sum(x > e for e in edges) for x in numeric]
 
 
-def _eta_squared(groups: Sequence[Any], target: Sequence[float]) -> float:
-    """The correlation ratio: between-group variance of `target` over its total variance."""
+def _omega_squared(groups: Sequence[Any], target: Sequence[float]) -> float:
+    """How much of `target`'s variance the grouping explains, corrected for chance: omega
+    squared, (SS_between - (k - 1) MS_within) / (SS_total + MS_within), at least 0. (The plain
+    correlation ratio credits every parameter with about (k - 1) / (n - 1) of noise, which over
+    dozens of layers would bury the one that matters.)"""
     n = len(target)
-    if n < 2:
-        return 0.0
-    mean = sum(target) / n
+    mean = sum(target) / n if n else 0.0
     total = sum((t - mean) ** 2 for t in target)
-    if total <= 0:
-        return 0.0
     sums: dict[Any, list[float]] = {}
     for g, t in zip(groups, target, strict=True):
         acc = sums.setdefault(g, [0.0, 0.0])
         acc[0] += t
         acc[1] += 1
+    k = len(sums)
+    if total <= 0 or n <= k:
+        return 0.0
     between = sum(c * (s / c - mean) ** 2 for s, c in sums.values())
-    return between / total
+    within = (total - between) / (n - k)
+    return max(0.0, (between - (k - 1) * within) / (total + within))
 
 
 def importances(
@@ -223,9 +229,10 @@ def importances(
     perplexities: dict[int, float],
     hyper: dict[int, dict[str, Any]] | None = None,
 ) -> Importances:
-    """The correlation ratio (eta squared) of each searched parameter, one layer knob or one
-    hyperparameter, against the score and against log-perplexity of the given trials, scaled
-    to shares that sum to 1; parameters that never vary get nothing."""
+    """How much each searched parameter, one layer knob or one hyperparameter, explains of the
+    score and of log-perplexity alone (omega squared, see `_omega_squared`), as shares that sum
+    to 1 per target. Layers that always take the same value (a tied rule) are one parameter,
+    its share split evenly among them by layer; parameters that never vary get nothing."""
     numbers = [n for n in scores if n in table.choice and n in perplexities]
     out = Importances(trials=len(numbers))
     if len(numbers) < 3:
@@ -235,32 +242,39 @@ def importances(
         "perplexity": [math.log(max(perplexities[n], 1e-300)) for n in numbers],
     }
     raw: dict[str, dict[str, float]] = {}
-    groups_of: dict[str, tuple[str, str]] = {}
+    groups_of: dict[str, tuple[str, list[str]]] = {}
+    seen: dict[tuple[str, tuple[Any, ...]], str] = {}  # (knob, values) -> parameter name
     for i, layer in enumerate(table.layers):
         for k, knob in enumerate(KNOBS):
             if knob not in table.allowed[i]:
                 continue
-            values = [table.options[i][table.choice[n][i]][k] for n in numbers]
+            values = tuple(table.options[i][table.choice[n][i]][k] for n in numbers)
             if len(set(values)) < 2:
                 continue
-            name = f"{layer}.{knob}"
+            tied = seen.get((knob, values))
+            if tied is not None:  # the same values as an earlier layer: one parameter
+                groups_of[tied][1].append(layer)
+                continue
+            name = seen[(knob, values)] = f"{layer}.{knob}"
             groups = _bins(values)
-            raw[name] = {t: _eta_squared(groups, v) for t, v in targets.items()}
-            groups_of[name] = (knob, layer)
+            raw[name] = {t: _omega_squared(groups, v) for t, v in targets.items()}
+            groups_of[name] = (knob, [layer])
     for key in sorted({k for h in (hyper or {}).values() for k in h}):
         values = [(hyper or {}).get(n, {}).get(key) for n in numbers]
         if len({repr(v) for v in values}) < 2:
             continue
         groups = _bins(values)
-        raw[key] = {t: _eta_squared(groups, v) for t, v in targets.items()}
-        groups_of[key] = (key, "(hyperparameters)")
+        raw[key] = {t: _omega_squared(groups, v) for t, v in targets.items()}
+        groups_of[key] = (key, ["(hyperparameters)"])
     for target in targets:
         total = sum(r[target] for r in raw.values())
         for name, r in raw.items():
             share = r[target] / total if total > 0 else 0.0
             out.params.setdefault(name, {})[target] = share
-            knob, layer = groups_of[name]
-            for bucket, key in ((out.by_knob, knob), (out.by_layer, layer)):
-                slot = bucket.setdefault(key, {"score": 0.0, "perplexity": 0.0})
-                slot[target] += share
+            knob, layers = groups_of[name]
+            slot = out.by_knob.setdefault(knob, {"score": 0.0, "perplexity": 0.0})
+            slot[target] += share
+            for layer in layers:
+                slot = out.by_layer.setdefault(layer, {"score": 0.0, "perplexity": 0.0})
+                slot[target] += share / len(layers)
     return out

@@ -28,7 +28,15 @@ if TYPE_CHECKING:
     from microsweep.report._sensitivity import SensitivityData
     from microsweep.storage import Store
 
-__all__ = ["ReportData", "figures", "layer_view", "report_data", "write_report"]
+__all__ = [
+    "ReportData",
+    "figures",
+    "heat_cells",
+    "layer_view",
+    "page_payload",
+    "report_data",
+    "write_report",
+]
 
 _KNOB_LABELS = {"sparsity": "sparsity", "bits": "bits", "act_bits": "act bits", "rank": "rank"}
 
@@ -109,38 +117,49 @@ def report_data(store: Store, name: str) -> ReportData:
     return ReportData(pareto, table, imp, sensitivity, front, selected)
 
 
+def _rank_scale(table: LayerTable, i: int) -> int:
+    """What a rank on layer `i` is measured against: its full rank, else (a sweep stored
+    without shapes) the largest rank tried on it."""
+    full = table.full_rank[i]
+    return full or max((o[3] or 0 for o in table.options[i]), default=0)
+
+
+def heat_cells(table: LayerTable, i: int, values: tuple[Any, ...]) -> tuple[list, list[str]]:
+    """One heatmap row for layer `i` at `values` (an option row): how hard each knob
+    compresses (0 none .. 1 most: the sparsity, 1 - bits/32, 1 - rank/full rank; None where
+    the knob is not searched on the layer) and the text shown in each cell."""
+    z: list[float | None] = []
+    text: list[str] = []
+    for knob in table.knobs:
+        v = values[KNOBS.index(knob)]
+        if knob not in table.allowed[i]:  # not searched on this layer: a blank cell
+            z.append(None)
+            text.append("")
+        elif knob == "sparsity":
+            z.append(float(v or 0.0))
+            text.append(f"{v or 0:.3g}")
+        elif knob in ("bits", "act_bits"):
+            bits = 32 if v is None else v
+            z.append(1.0 - bits / 32)
+            text.append(str(bits))
+        else:
+            scale = _rank_scale(table, i)
+            z.append(0.0 if v is None or not scale else 1.0 - v / scale)
+            text.append("full" if v is None else str(v))
+    return z, text
+
+
 def layer_view(table: LayerTable, number: int | None) -> dict[str, Any]:
-    """The per-layer view of trial `number` (None: the dense model): for the heatmap, each
-    layer's knob values and how hard each compresses (0 none .. 1 most: the sparsity, 1 -
-    bits/32, 1 - rank/largest rank tried on the layer); and params and ops per layer (plus
-    everything else as "other") beside the dense model's."""
-    names = [*table.layers, "other"]
-    rank_max = [max((o[3] or 0 for o in opts), default=0) for opts in table.options]
-    z: list[list[float | None]] = []
-    text: list[list[str]] = []
-    params, ops = [], []
+    """The per-layer view of trial `number` (None: the dense model): each layer's heatmap row
+    (`heat_cells`), and params and ops per layer (plus everything else as "other") beside the
+    dense model's."""
+    z, text, params, ops = [], [], [], []
     for i, _ in enumerate(table.layers):
         if number is None or number not in table.choice:
-            values: tuple[Any, ...] = (None, 32, 32, None, *table.dense[i])
+            values: tuple[Any, ...] = (0.0, 32, 32, None, *table.dense[i])
         else:
             values = table.options[i][table.choice[number][i]]
-        zr: list[float | None] = []
-        tr: list[str] = []
-        for knob in table.knobs:
-            v = values[KNOBS.index(knob)]
-            if knob not in table.allowed[i]:  # not searched on this layer: a blank cell
-                zr.append(None)
-                tr.append("")
-            elif knob == "sparsity":
-                zr.append(float(v or 0.0))
-                tr.append(f"{v or 0:.2f}")
-            elif knob in ("bits", "act_bits"):
-                bits = 32 if v is None else v
-                zr.append(1.0 - bits / 32)
-                tr.append(str(bits))
-            else:
-                zr.append(0.0 if v is None or not rank_max[i] else 1.0 - v / rank_max[i])
-                tr.append("full" if v is None else str(v))
+        zr, tr = heat_cells(table, i, values)
         z.append(zr)
         text.append(tr)
         params.append(values[4])
@@ -148,19 +167,30 @@ def layer_view(table: LayerTable, number: int | None) -> dict[str, Any]:
     other = (
         table.dense_other if number is None or number not in table.other else table.other[number]
     )
-    params.append(other[0])
-    ops.append(other[1])
     return {
         "trial": number,
-        "layers": names,
+        "layers": [*table.layers, "other"],
         "knobs": [_KNOB_LABELS[k] for k in table.knobs],
         "z": z,
         "text": text,
-        "params": params,
-        "ops": ops,
+        "params": [*params, other[0]],
+        "ops": [*ops, other[1]],
         "dense_params": [d[0] for d in table.dense] + [table.dense_other[0]],
         "dense_ops": [d[1] for d in table.dense] + [table.dense_other[1]],
-        "rank_max": rank_max,
+    }
+
+
+def page_payload(table: LayerTable) -> dict[str, Any]:
+    """What the page's script needs to redraw the per-layer view of any trial: per layer,
+    each distinct option's heatmap row, text and counts, and each trial's option indexes."""
+    cells = [
+        [[*heat_cells(table, i, opt), opt[4], opt[5]] for opt in opts]
+        for i, opts in enumerate(table.options)
+    ]
+    return {
+        "cells": cells,
+        "choice": {str(k): v for k, v in table.choice.items()},
+        "other": {str(k): v for k, v in table.other.items()},
     }
 
 
@@ -308,34 +338,17 @@ padding:3px 6px;vertical-align:top;text-align:left} #ms-front tr[data-trial]{cur
 _SCRIPT = """
 (function(){
 const D = JSON.parse(document.getElementById('ms-data').textContent);
-const T = D.table, K = ['sparsity','bits','act_bits','rank'];
-function view(n){
-  const rows = T.layers.map((_, i) => T.options[i][T.choice[String(n)][i]]);
-  const z = [], text = [];
-  rows.forEach((v, i) => {
-    const zr = [], tr = [];
-    T.knobs.forEach(k => {
-      const x = v[K.indexOf(k)];
-      if (T.allowed[i].indexOf(k) < 0) { zr.push(null); tr.push(''); }
-      else if (k === 'sparsity') { zr.push(x || 0); tr.push((x || 0).toFixed(2)); }
-      else if (k === 'rank') {
-        zr.push(x == null || !D.rank_max[i] ? 0 : 1 - x / D.rank_max[i]);
-        tr.push(x == null ? 'full' : String(x));
-      } else { const b = x == null ? 32 : x; zr.push(1 - b / 32); tr.push(String(b)); }
-    });
-    z.push(zr); text.push(tr);
-  });
-  const other = T.other[String(n)];
-  return {z: z, text: text, params: rows.map(v => v[4]).concat([other[0]]),
-          ops: rows.map(v => v[5]).concat([other[1]])};
-}
 function show(n){
-  if (n === null || n === undefined || T.choice[String(n)] === undefined) return;
-  const v = view(n), label = 'trial ' + n;
+  const picks = D.choice[String(n)];
+  if (n === null || n === undefined || picks === undefined) return;
+  const rows = picks.map((k, i) => D.cells[i][k]);  // [z row, text row, params, ops]
+  const other = D.other[String(n)], label = 'trial ' + n;
   const heat = document.getElementById('ms-layers'), counts = document.getElementById('ms-counts');
-  Plotly.restyle(heat, {z: [v.z], text: [v.text]}, [0]);
+  Plotly.restyle(heat, {z: [rows.map(r => r[0])], text: [rows.map(r => r[1])]}, [0]);
   Plotly.relayout(heat, {'title.text': label + ': policy per layer'});
-  Plotly.restyle(counts, {x: [v.params, v.ops], name: [label, label]}, [1, 3]);
+  Plotly.restyle(counts, {x: [rows.map(r => r[2]).concat([other[0]]),
+                              rows.map(r => r[3]).concat([other[1]])],
+                          name: [label, label]}, [1, 3]);
   Plotly.relayout(counts, {'title.text': label +
     ': parameters and operations per layer against dense'});
   document.getElementById('ms-selected').textContent = label;
@@ -374,10 +387,7 @@ def write_report(store: Store, name: str, path: str | Path) -> ReportData:
     counts = ", ".join(f"{k} {v}" for k, v in sorted(p.states.items())) or "no trials"
     feasible = sum(1 for x in p.points if x.feasible)
     ceiling = "none" if p.ceiling is None else f"{p.ceiling:.4f}"
-    payload = json.dumps(
-        {"table": data.layers.to_json(), "rank_max": layer_view(data.layers, None)["rank_max"]},
-        separators=(",", ":"),
-    ).replace("</", "<\\/")
+    payload = json.dumps(page_payload(data.layers), separators=(",", ":")).replace("</", "<\\/")
     sens = (
         f"<h2>Sensitivity: each layer alone at each level</h2>{html_of['sensitivity']}"
         if "sensitivity" in html_of

@@ -487,6 +487,7 @@ class Space:
                     "tied": r.tied,
                     "settings": {k: v.to_json() for k, v in r.settings.items()},
                     "layers": [i.name for i in self.layers_of(r)],
+                    "shapes": [[i.out_features, i.in_features] for i in self.layers_of(r)],
                 }
                 for r in self.rules
             ],
