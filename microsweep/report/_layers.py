@@ -7,10 +7,11 @@ Both read microsweep's tables with two plain SELECTs (no ORM objects, no unpickl
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:
     from microsweep.storage import Store
@@ -88,22 +89,33 @@ def _owner(name: str, targets: dict[str, int]) -> int | None:
         probe = probe.rsplit(".", 1)[0]
 
 
-def _settings(lp: dict[str, Any]) -> list[Any]:
-    """[sparsity, bits, act_bits, rank, params, ops] from a layer's policy JSON (counts to
-    be summed)."""
-    return [
+def _fetch(session: Any, query: Any) -> list[tuple[Any, ...]]:
+    """`query`'s rows as plain tuples straight from the driver: for 10^5 rows SQLAlchemy's
+    Row objects cost more than the query (the SQL is rendered with its literals bound)."""
+    connection = session.connection()
+    sql = str(query.compile(dialect=connection.dialect, compile_kwargs={"literal_binds": True}))
+    cursor = connection.connection.dbapi_connection.cursor()
+    try:
+        cursor.execute(sql)
+        return cursor.fetchall()
+    finally:
+        cursor.close()
+
+
+def _settings(lp: dict[str, Any]) -> tuple[Any, ...]:
+    """(sparsity, bits, act_bits, rank) from a layer's policy JSON."""
+    return (
         float(lp.get("sparsity", 0.0) or 0.0),
         int(lp.get("bits", 32)),
         int(lp.get("act_bits", 32)),
         lp.get("rank"),
-        0.0,
-        0.0,
-    ]
+    )
 
 
-def layer_table(store: Store, name: str) -> LayerTable:
+def layer_table(store: Store, name: str, records: list[Any] | None = None) -> LayerTable:
     """Every finished trial's settings and counts on the space's target layers (FAIL trials
-    without layer rows are left out)."""
+    without layer rows are left out); `records` are the sweep's trial records (number and
+    policy) when the caller has read them."""
     from sqlalchemy import select
 
     from microsweep.storage._models import LayerRow, SweepRow, TrialRow
@@ -118,41 +130,52 @@ def layer_table(store: Store, name: str) -> LayerTable:
         slot = dense_other if i is None else dense[i]
         slot[0] += d["params"]
         slot[1] += d["ops"]
+    # only the target layers' rows (a factorized layer's are its own and its two factors');
+    # everything else is the trial's total less them
+    wanted = [f"{n}{part}" for n in layers for part in ("", ".first", ".second")]
     query = (
         select(TrialRow.number, LayerRow.layer, LayerRow.params, LayerRow.ops)
         .join(TrialRow, LayerRow.trial_id == TrialRow.id)
         .join(SweepRow, TrialRow.sweep_id == SweepRow.id)
-        .where(SweepRow.name == name)
-        .order_by(TrialRow.number, LayerRow.id)
-    )
-    policies = (
-        select(TrialRow.number, TrialRow.policy)
+        .where(SweepRow.name == name, LayerRow.layer.in_(wanted))
+    )  # unordered: the sums below do not care, and sorting 10^5 rows costs
+    totals = (
+        select(TrialRow.number, TrialRow.policy, TrialRow.params, TrialRow.ops)
         .join(SweepRow, TrialRow.sweep_id == SweepRow.id)
         .where(SweepRow.name == name)
     )
     # per trial: each target layer's settings as its policy gives them (a factorized layer's
     # own row holds no bits: its factors do) and its counts summed over its rows
-    per: dict[int, list[list[Any]]] = {}
-    other: dict[int, list[float]] = {}
+    owner: dict[str, int] = {}  # layer row name -> column (few distinct names)
     with store.session() as s:
-        settings = {
-            number: (policy or {}).get("layers") or {} for number, policy in s.execute(policies)
-        }
-        for number, layer, params, ops in s.execute(query):
-            rows = per.get(number)
-            if rows is None:
-                given = settings.get(number, {})
-                rows = per[number] = [_settings(given.get(n) or {}) for n in layers]
-                other[number] = [0.0, 0.0]
-            i = _owner(layer, index)
-            if i is None:
-                slot = other[number]
-                slot[0] += params
-                slot[1] += ops
-                continue
-            row = rows[i]
-            row[4] += params
-            row[5] += ops
+        trials = (
+            [(r.number, r.policy, r.params, r.ops) for r in records]
+            if records is not None
+            else list(s.connection().execute(totals))
+        )
+        result = _fetch(s, query)
+    settings = {number: (policy or {}).get("layers") or {} for number, policy, _, _ in trials}
+    total = {number: (p or 0.0, o or 0.0) for number, _, p, o in trials}
+    numbers = np.fromiter((r[0] for r in result), dtype=np.int64, count=len(result))
+    for layer in {r[1] for r in result}:
+        found = _owner(layer, index)
+        owner[layer] = len(layers) if found is None else found
+    cols = np.fromiter((owner[r[1]] for r in result), dtype=np.int64, count=len(result))
+    counts = np.array([(r[2], r[3]) for r in result], dtype=float).reshape(len(result), 2)
+    trial_numbers, rows = np.unique(numbers, return_inverse=True)
+    n_trials = len(trial_numbers)
+    sums = np.zeros((2, n_trials, len(layers) + 1))
+    np.add.at(sums[0], (rows, cols), counts[:, 0])
+    np.add.at(sums[1], (rows, cols), counts[:, 1])
+    # each layer's settings per trial as numbers (an unset rank is -1), beside its counts
+    grid = np.zeros((len(layers), n_trials, 6))
+    for r, number in enumerate(trial_numbers.tolist()):
+        given = settings.get(number, {})
+        for i, name_i in enumerate(layers):
+            sp, bits, act, rank = _settings(given.get(name_i) or {})
+            grid[i, r, :4] = (sp, bits, act, -1 if rank is None else rank)
+    grid[:, :, 4] = sums[0, :, : len(layers)].T
+    grid[:, :, 5] = sums[1, :, : len(layers)].T
     table = LayerTable(
         layers=layers,
         knobs=knobs,
@@ -160,20 +183,25 @@ def layer_table(store: Store, name: str) -> LayerTable:
         full_rank=full_rank,
         dense=[(p, o) for p, o in dense],
         dense_other=(dense_other[0], dense_other[1]),
-        options=[[] for _ in layers],
+        options=[],
     )
-    seen: list[dict[tuple[Any, ...], int]] = [{} for _ in layers]
-    for number, rows in per.items():
-        picks = []
-        for i, row in enumerate(rows):
-            key = tuple(row)
-            k = seen[i].get(key)
-            if k is None:
-                k = seen[i][key] = len(table.options[i])
-                table.options[i].append(key)
-            picks.append(k)
-        table.choice[number] = picks
-        table.other[number] = (other[number][0], other[number][1])
+    picks = np.zeros((n_trials, len(layers)), dtype=np.int64)
+    for i in range(len(layers)):  # the distinct rows of each layer, and which each trial took
+        unique, inverse = np.unique(grid[i], axis=0, return_inverse=True)
+        table.options.append(
+            [
+                (sp, int(bits), int(act), None if rank < 0 else int(rank), p, o)
+                for sp, bits, act, rank, p, o in unique.tolist()
+            ]
+        )
+        picks[:, i] = inverse.reshape(-1)
+    table.choice = dict(zip(trial_numbers.tolist(), picks.tolist(), strict=True))
+    targets_p = sums[0, :, : len(layers)].sum(axis=1).tolist()
+    targets_o = sums[1, :, : len(layers)].sum(axis=1).tolist()
+    table.other = {
+        n: (total[n][0] - p, total[n][1] - o)
+        for n, p, o in zip(trial_numbers.tolist(), targets_p, targets_o, strict=True)
+    }
     return table
 
 
@@ -190,35 +218,35 @@ class Importances:
     by_layer: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _bins(values: Sequence[Any], most: int = 8) -> list[Any]:
-    """Group labels: the values themselves when few are distinct, else quantile bins (so a
-    continuous knob is not credited for fitting noise one trial per value)."""
-    distinct = sorted({v for v in values}, key=lambda v: (v is None, v if v is not None else 0))
-    if len(distinct) <= most:
-        return list(values)
-    numeric = [(-1.0 if v is None else float(v)) for v in values]
-    ordered = sorted(numeric)
-    edges = [ordered[min(len(ordered) - 1, (len(ordered) * k) // most)] for k in range(1, most)]
-    return [sum(x > e for e in edges) for x in numeric]
+def _bins(values: Sequence[Any], most: int = 8) -> np.ndarray:
+    """Group labels as numbers: the values themselves when few are distinct (a category per
+    distinct value when they are not numbers), else quantile bins (so a continuous knob is not
+    credited for fitting noise one trial per value)."""
+    if not all(v is None or isinstance(v, (int, float)) for v in values):
+        codes: dict[str, int] = {}
+        return np.array([codes.setdefault(repr(v), len(codes)) for v in values], dtype=float)
+    numeric = np.array([-1.0 if v is None else float(v) for v in values])
+    if len(np.unique(numeric)) <= most:
+        return numeric
+    ordered = np.sort(numeric)
+    edges = ordered[np.minimum(len(ordered) - 1, (len(ordered) * np.arange(1, most)) // most)]
+    return (numeric[:, None] > edges[None, :]).sum(axis=1).astype(float)
 
 
-def _omega_squared(groups: Sequence[Any], target: Sequence[float]) -> float:
+def _omega_squared(groups: np.ndarray, target: np.ndarray) -> float:
     """How much of `target`'s variance the grouping explains, corrected for chance: omega
     squared, (SS_between - (k - 1) MS_within) / (SS_total + MS_within), at least 0. (The plain
     correlation ratio credits every parameter with about (k - 1) / (n - 1) of noise, which over
     dozens of layers would bury the one that matters.)"""
     n = len(target)
-    mean = sum(target) / n if n else 0.0
-    total = sum((t - mean) ** 2 for t in target)
-    sums: dict[Any, list[float]] = {}
-    for g, t in zip(groups, target, strict=True):
-        acc = sums.setdefault(g, [0.0, 0.0])
-        acc[0] += t
-        acc[1] += 1
-    k = len(sums)
+    _, label = np.unique(groups, return_inverse=True)
+    k = int(label.max()) + 1 if n else 0
+    total = float(((target - target.mean()) ** 2).sum()) if n else 0.0
     if total <= 0 or n <= k:
         return 0.0
-    between = sum(c * (s / c - mean) ** 2 for s, c in sums.values())
+    count = np.bincount(label, minlength=k)
+    means = np.bincount(label, weights=target, minlength=k) / count
+    between = float((count * (means - target.mean()) ** 2).sum())
     within = (total - between) / (n - k)
     return max(0.0, (between - (k - 1) * within) / (total + within))
 
@@ -238,8 +266,8 @@ def importances(
     if len(numbers) < 3:
         return out
     targets = {
-        "score": [scores[n] for n in numbers],
-        "perplexity": [math.log(max(perplexities[n], 1e-300)) for n in numbers],
+        "score": np.array([scores[n] for n in numbers], dtype=float),
+        "perplexity": np.log(np.maximum([perplexities[n] for n in numbers], 1e-300)),
     }
     raw: dict[str, dict[str, float]] = {}
     groups_of: dict[str, tuple[str, list[str]]] = {}

@@ -22,7 +22,13 @@ from microsweep.report._layers import (
     importances,
     layer_table,
 )
-from microsweep.report._pareto import ParetoData, figure, history_figure, pareto_data
+from microsweep.report._pareto import (
+    ParetoData,
+    figure,
+    history_figure,
+    pareto_data,
+    trial_records,
+)
 
 if TYPE_CHECKING:
     from microsweep.report._sensitivity import SensitivityData
@@ -68,9 +74,9 @@ def report_data(store: Store, name: str) -> ReportData:
     the parameter importances over completed trials, and its sensitivity table if measured."""
     from microsweep.report._sensitivity import sensitivity_data
 
-    pareto = pareto_data(store, name)
-    table = layer_table(store, name)
-    rows = store.trials(name)
+    rows = trial_records(store, name)
+    pareto = pareto_data(store, name, rows)
+    table = layer_table(store, name, rows)
     complete = [r for r in rows if r.state == "COMPLETE" and r.score is not None]
     imp = importances(
         table,

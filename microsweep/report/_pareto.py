@@ -100,11 +100,43 @@ def _point(r: Any) -> Point:
     )  # fmt: skip
 
 
-def pareto_data(store: Store, name: str) -> ParetoData:
+def trial_records(store: Store, name: str) -> list[Any]:
+    """The sweep's finished trials in trial order as plain rows (attribute access, no ORM
+    objects): what the report reads, in one SELECT."""
+    from sqlalchemy import select
+
+    from microsweep.storage._models import SweepRow, TrialRow
+
+    t = TrialRow
+    query = (
+        select(
+            t.number,
+            t.state,
+            t.origin,
+            t.reason,
+            t.score,
+            t.perplexity,
+            t.params,
+            t.ops,
+            t.feasible,
+            t.summary,
+            t.policy,
+        )  # fmt: skip
+        .join(SweepRow, t.sweep_id == SweepRow.id)
+        .where(SweepRow.name == name)
+        .order_by(t.number)
+    )
+    with store.session() as s:
+        return list(s.connection().execute(query))  # Core rows: no ORM loading
+
+
+def pareto_data(store: Store, name: str, rows: list[Any] | None = None) -> ParetoData:
     """The sweep's trials as points: completed, stopped early and failed; the feasible front
-    with the dense model in it; the best uniform policy; the running best score."""
+    with the dense model in it; the best uniform policy; the running best score. `rows` are
+    the sweep's `trial_records` when the caller has read them already."""
     sweep = store.get_sweep(name)
-    rows = store.trials(name)
+    if rows is None:
+        rows = trial_records(store, name)
     measured = [r for r in rows if r.score is not None and r.perplexity is not None]
     points = [_point(r) for r in measured if r.state == "COMPLETE"]
     stopped = [_point(r) for r in measured if r.state == "PRUNED"]
@@ -144,22 +176,35 @@ def pareto_data(store: Store, name: str) -> ParetoData:
 
 
 _HOVER = (
-    "trial %{customdata[0]} (%{customdata[1]})<br>score %{y:.5g}<br>perplexity %{x:.4f}"
-    "<br>params %{customdata[2]:,.0f}  ops/token %{customdata[3]:,.0f}<extra>%{fullData.name}"
+    "trial %{customdata[0]} (%{text})<br>score %{y:.5g}<br>perplexity %{x:.4f}"
+    "<br>params %{customdata[1]:,.0f}  ops/token %{customdata[2]:,.0f}<extra>%{fullData.name}"
     "</extra>"
 )
 
 
+def _columns(points: list[Point], *fields: str) -> Any:
+    """The points' numeric `fields` as a float array, one column each (numpy arrays keep
+    plotly from copying and checking 10,000 Python lists)."""
+    import numpy as np
+
+    return np.array([[getattr(p, f) for f in fields] for p in points], dtype=float).reshape(
+        len(points), len(fields)
+    )
+
+
 def _scatter(points: list[Point], name: str, **style: Any) -> Any:
-    """One trace of `points`; hover shows the trial and its counts (the full policy is in the
-    per-layer view), so a 10,000-trial page stays small."""
+    """One trace of `points`; hover shows the trial, its origin and counts (the full policy is
+    in the per-layer view), so a 10,000-trial page stays small."""
+    import numpy as np
     import plotly.graph_objects as go
 
+    xy = _columns(points, "perplexity", "score")
     return go.Scatter(
-        x=[p.perplexity for p in points],
-        y=[p.score for p in points],
+        x=xy[:, 0],
+        y=xy[:, 1],
         name=name if name.startswith(("dense", "best uniform")) else f"{name} ({len(points)})",
-        customdata=[[p.number, p.origin or "-", p.params, p.ops] for p in points],
+        customdata=_columns(points, "number", "params", "ops"),
+        text=np.array([p.origin or "-" for p in points], dtype=object),
         hovertemplate=_HOVER,
         **style,
     )
@@ -295,15 +340,16 @@ def history_figure(data: ParetoData) -> Any:
         ("stopped early", data.stopped, dict(color="#ff7f0e", symbol="triangle-right-open")),
     )
     for label, pts, marker in groups:
+        xy = _columns(pts, "number", "score")
         fig.add_trace(
             go.Scatter(
-                x=[p.number for p in pts],
-                y=[p.score for p in pts],
+                x=xy[:, 0],
+                y=xy[:, 1],
                 name=f"{label} ({len(pts)})",
                 mode="markers",
                 marker=dict(size=5, opacity=0.6, **marker),
-                customdata=[[p.number, p.origin or "-", p.params, p.ops] for p in pts],
-                hovertemplate="trial %{x} (%{customdata[1]})<br>score %{y:.5g}<extra></extra>",
+                customdata=xy[:, :1],
+                hovertemplate="trial %{x}<br>score %{y:.5g}<extra></extra>",
             )
         )
     scores = [p.score for p in (*data.points, *data.stopped)]
@@ -320,6 +366,11 @@ def history_figure(data: ParetoData) -> Any:
         )
     )
     shown = [(n, s) for n, s in data.history if s is not None]
+    shown = [  # only where the best changes (and the last trial): the same step line
+        (n, s)
+        for k, (n, s) in enumerate(shown)
+        if k == 0 or k == len(shown) - 1 or s != shown[k - 1][1]
+    ]
     fig.add_trace(
         go.Scatter(
             x=[n for n, _ in shown],
