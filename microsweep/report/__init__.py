@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from microsweep.report._count import count_report
 from microsweep.report._layers import Importances, LayerTable, importances, layer_table
 from microsweep.report._page import ReportData, figures, layer_view, report_data, write_report
 from microsweep.report._pareto import ParetoData, Point, pareto_data, pareto_front
@@ -28,6 +27,13 @@ from microsweep.report._tables import (
 
 if TYPE_CHECKING:
     from microsweep.storage import Store
+
+
+def count_report(space_path: str, policy_path: str | None = None) -> str:
+    """The text of `microsweep count` (imported on use: it needs torch, the report does not)."""
+    from microsweep.report._count import count_report as report
+
+    return report(space_path, policy_path)
 
 
 def write_pareto_html(store: Store, name: str, path: str | Path) -> ParetoData:

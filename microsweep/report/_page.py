@@ -245,7 +245,7 @@ def _layer_figures(table: LayerTable, number: int | None) -> tuple[Any, Any]:
                     marker_color=colour,
                     legendgroup=who,
                     showlegend=col == 1,
-                    hovertemplate=f"%{{y}}<br>{who}: %{{x:,.0f}}<extra></extra>",
+                    hovertemplate="%{y}<br>%{fullData.name}: %{x:,.0f}<extra></extra>",
                 ),
                 row=1,
                 col=col,
@@ -361,8 +361,8 @@ function show(n){
   document.getElementById('ms-selected').dataset.trial = String(n);
 }
 function pick(ev){
-  const p = ev && ev.points && ev.points[0];
-  if (p && p.customdata) show(Array.isArray(p.customdata) ? p.customdata[0] : p.customdata);
+  const c = ev && ev.points && ev.points[0] && ev.points[0].customdata;
+  if (c != null) show(Array.isArray(c) || ArrayBuffer.isView(c) ? c[0] : c);  // typed arrays
 }
 ['ms-pareto', 'ms-history'].forEach(id => {
   const el = document.getElementById(id); if (el && el.on) el.on('plotly_click', pick);
@@ -401,6 +401,7 @@ def write_report(store: Store, name: str, path: str | Path) -> ReportData:
         "the auto and allocate samplers measure it themselves).</p>"
     )
     selected = "dense model" if data.selected is None else f"trial {data.selected}"
+    selected_attr = "" if data.selected is None else f' data-trial="{data.selected}"'
     title = f"microsweep report: {escape(name)}"
     html = f"""<!DOCTYPE html>
 <html lang="en">
@@ -412,7 +413,7 @@ def write_report(store: Store, name: str, path: str | Path) -> ReportData:
 Click a point (or a row of the front table) to see its policy per layer.
 Policy notation: {escape(Policy.NOTATION)}.</p>
 {html_of["pareto"]}
-<h2>Per-layer view: <span id="ms-selected">{selected}</span></h2>
+<h2>Per-layer view: <span id="ms-selected"{selected_attr}>{selected}</span></h2>
 <div class="row"><div>{html_of["layers"]}</div><div>{html_of["counts"]}</div></div>
 <h2>Pareto front</h2>
 {_front_table(data)}

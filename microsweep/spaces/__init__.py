@@ -1,8 +1,25 @@
 """Search spaces: knobs, layer rules and the plain `Policy` a suggestion produces."""
 
+from typing import TYPE_CHECKING, Any
+
 from microsweep.spaces._knobs import Bits, Choice, Float, Int, Knob, Rank, Sparsity
 from microsweep.spaces._policy import POLICY_VERSION, RANK_METHODS, LayerPolicy, Policy
-from microsweep.spaces._space import LayerInfo, Space, Unit
+
+if TYPE_CHECKING:
+    from microsweep.spaces._space import LayerInfo, Space, Unit
+
+
+def __getattr__(name: str) -> Any:
+    """`Space`, `LayerInfo` and `Unit` load on first use: they need torch, while policies and
+    knobs (what reports read) do not."""
+    if name in ("LayerInfo", "Space", "Unit"):
+        from microsweep.spaces import _space
+
+        value = getattr(_space, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'microsweep.spaces' has no attribute {name!r}")
+
 
 __all__ = [
     "POLICY_VERSION",
