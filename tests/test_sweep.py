@@ -267,7 +267,6 @@ def test_cli_run_plot_status(tmp_path, tiny_gpt):
     assert "[6/6]" in run.stderr  # progress lines
     # what it does before the first trial, in order, while Ray starts
     steps = [
-        "loading space file",
         "measuring the dense model",
         "dense model: perplexity",
         "starting 2 Ray worker(s) on a local Ray instance",

@@ -697,8 +697,7 @@ def run_sweep(
                 f"{', '.join(given)} given beside a space file; the file defines them (pass a "
                 "Space object to give them in Python)"
             )
-        _say(progress, f"loading space file {space}")
-        sf = load_space_file(space)
+        sf = load_space_file(space)  # silent: an error in the file is the only line
     warm = _warm_params(sf.space, warm_start)
     if sampler == "cmaes" and sf.objective.objectives != "score":
         raise UsageError("--sampler cmaes handles one objective; use tpe, nsga2 or auto")
