@@ -19,7 +19,7 @@ every measured point.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -178,7 +178,7 @@ def build_unit_options(
                 for i, value in enumerate(levels[kn]):
                     setting = layer_setting(info, dict(unit.knobs), {kn: value})
                     keys[(mi, kn, i)] = level_key(kn, setting)
-            builder = _LayerBuilder(linear, list(levels.get("sparsity", [])), proxy.stats())
+            builder = _LayerBuilder(linear, list(levels.get("sparsity", [])), proxy.stats)
             for k, row in enumerate(combos):
                 values = {kn: levels[kn][int(i)] for kn, i in zip(knobs, row, strict=True)}
                 setting = layer_setting(info, dict(unit.knobs), values)
@@ -199,17 +199,26 @@ class _LayerBuilder:
     """Builds compressed variants of one Linear, reusing factorizations and magnitude masks."""
 
     def __init__(
-        self, linear: nn.Linear, sparsities: list[float], stats: InputStats | None = None
+        self,
+        linear: nn.Linear,
+        sparsities: list[float],
+        stats: Callable[[], InputStats | None] | None = None,
     ) -> None:
         self.linear = linear
         self.sparsities = [s for s in sparsities if s > 0]
-        self.stats = stats  # the calibration inputs' moments, for data-aware ranks
+        self.stats = stats  # the calibration inputs' moments, asked only for a data-aware rank
         self._factors: dict[tuple[int, str], LowRankLinear] = {}
+        self._transforms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._masks: dict[tuple[int | None, float, tuple[int, int] | None], tuple] = {}
 
     def factors(self, rank: int, method: str = "plain") -> LowRankLinear:
         if (rank, method) not in self._factors:
-            transform = None if method == "plain" else rank_transform(method, self.stats)
+            transform = None
+            if method != "plain":
+                if method not in self._transforms:  # one per method, for every rank
+                    stats = self.stats() if self.stats else None
+                    self._transforms[method] = rank_transform(method, stats)
+                transform = self._transforms[method]
             self._factors[(rank, method)] = factorize(self.linear, rank, transform=transform)
         return self._factors[(rank, method)]
 

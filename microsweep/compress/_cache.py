@@ -213,7 +213,7 @@ class VariantCache:
                 f"layer {name!r} saw no input while calibrating; its data-aware rank needs "
                 "calib tokens whose forward pass runs through it"
             )
-        return self._input_stats.pop(name)  # the SVD entry keeps what is needed
+        return self._input_stats[name]  # dropped when the policy's model is built
 
     def _input_amax(self, name: str) -> torch.Tensor:
         """max |input| of layer `name` over one pass of the calibration tokens through the

@@ -86,8 +86,11 @@ def report_data(store: Store, name: str) -> ReportData:
     )
     sweep = store.get_sweep(name)
     sensitivity = None
-    if sweep.eval_key and store.sensitivity_rows(sweep.eval_key):
-        sensitivity = sensitivity_data(store, sweep.eval_key, ceiling=sweep.ceiling)
+    if sweep.eval_key:
+        try:  # one read: a key without rows is an error there
+            sensitivity = sensitivity_data(store, sweep.eval_key, ceiling=sweep.ceiling)
+        except UsageError:
+            pass
     points = {p.number: p for p in pareto.points}
     front = []
     for number in pareto.front:

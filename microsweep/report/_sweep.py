@@ -55,21 +55,16 @@ class Sweep:
     @property
     def info(self) -> dict[str, Any]:
         """The sweep's row as `microsweep ls` shows it: state, counts, best feasible."""
-        from microsweep.report._tables import sweep_rows
+        from microsweep.report._tables import sweep_row
 
-        return next(r for r in sweep_rows(self._store) if r["name"] == self.name)
+        return sweep_row(self._store, self.name)
 
     @property
     def dense(self) -> dict[str, float]:
         """The dense model's perplexity, params, ops per token and score, and the ceiling."""
-        row = self._row
-        return {
-            "perplexity": row.dense_perplexity,
-            "params": row.dense_params,
-            "ops": row.dense_ops,
-            "score": row.dense_score,
-            "ceiling": row.ceiling,
-        }
+        from microsweep.report._tables import dense_summary
+
+        return dense_summary(self._row)
 
     def trials(
         self,
@@ -81,7 +76,7 @@ class Sweep:
         """Finished trials indexed by trial number (filtered by state and by feasibility, as
         `microsweep trials`), with `layers=True` one column per target layer and knob (e.g.
         ``blocks.0.mlp.c_fc.sparsity``)."""
-        from microsweep.report._tables import trial_rows
+        from microsweep.report._tables import TRIAL_COLUMNS, trial_rows
 
         pd = _pandas()
         if state is not None and state not in ("COMPLETE", "PRUNED", "FAIL"):
@@ -89,20 +84,7 @@ class Sweep:
         rows = trial_rows(self._store, self.name, state=state, feasible=feasible)
         frame = pd.DataFrame(rows)
         if frame.empty:
-            frame = pd.DataFrame(
-                columns=[
-                    "trial",
-                    "state",
-                    "feasible",
-                    "score",
-                    "perplexity",
-                    "params",
-                    "ops",
-                    "origin",
-                    "policy",
-                    "reason",
-                ]  # fmt: skip
-            )
+            frame = pd.DataFrame(columns=list(TRIAL_COLUMNS))
         frame = frame.set_index("trial")
         if layers and not frame.empty:
             from microsweep.report._layers import KNOBS, layer_table

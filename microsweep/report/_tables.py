@@ -14,7 +14,10 @@ if TYPE_CHECKING:
     from microsweep.storage import Store
 
 __all__ = [
+    "TRIAL_COLUMNS",
+    "dense_summary",
     "format_rows",
+    "sweep_row",
     "sweep_rows",
     "sweep_state",
     "sweep_status",
@@ -30,30 +33,40 @@ def sweep_state(sweep: Any, finished: int) -> str:
     return "done" if finished >= sweep.target_trials else "stopped"
 
 
+def sweep_row(store: Store, name: str) -> dict[str, Any]:
+    """Sweep `name` as `ls` shows it: finished and target trials, feasible count, state
+    (`sweep_state`) and best feasible score."""
+    sweep = store.get_sweep(name)
+    rows = store.trials(name)
+    feasible = [r for r in rows if r.state == "COMPLETE" and r.feasible]
+    best = min(feasible, key=lambda r: r.score, default=None)
+    return {
+        "name": name,
+        "state": sweep_state(sweep, len(rows)),
+        "finished": len(rows),
+        "target": sweep.target_trials,
+        "feasible": len(feasible),
+        "best_score": None if best is None else best.score,
+        "best_trial": None if best is None else best.number,
+        "sampler": sweep.sampler,
+        "created": sweep.created_at.isoformat(timespec="seconds"),
+    }
+
+
 def sweep_rows(store: Store) -> list[dict[str, Any]]:
-    """One row per sweep: finished and target trials, feasible count, state (running while a
-    driver holds a live lease; done at the target; stopped otherwise) and best feasible score."""
-    out = []
-    for name in store.sweep_names():
-        sweep = store.get_sweep(name)
-        rows = store.trials(name)
-        feasible = [r for r in rows if r.state == "COMPLETE" and r.feasible]
-        state = sweep_state(sweep, len(rows))
-        best = min(feasible, key=lambda r: r.score, default=None)
-        out.append(
-            {
-                "name": name,
-                "state": state,
-                "finished": len(rows),
-                "target": sweep.target_trials,
-                "feasible": len(feasible),
-                "best_score": None if best is None else best.score,
-                "best_trial": None if best is None else best.number,
-                "sampler": sweep.sampler,
-                "created": sweep.created_at.isoformat(timespec="seconds"),
-            }
-        )
-    return out
+    """One `sweep_row` per sweep in the store."""
+    return [sweep_row(store, name) for name in store.sweep_names()]
+
+
+def dense_summary(sweep: Any) -> dict[str, Any]:
+    """The dense model's perplexity, params, ops per token and score, and the ceiling."""
+    return {
+        "perplexity": sweep.dense_perplexity,
+        "params": sweep.dense_params,
+        "ops": sweep.dense_ops,
+        "score": sweep.dense_score,
+        "ceiling": sweep.ceiling,
+    }
 
 
 def sweep_status(store: Store, name: str, top: int = 5) -> dict[str, Any]:
@@ -85,12 +98,7 @@ def sweep_status(store: Store, name: str, top: int = 5) -> dict[str, Any]:
         "state": sweep_state(sweep, len(rows)),
         "wall_seconds": wall,
         "trials_per_minute": len(rows) / wall * 60 if wall else None,
-        "dense": {
-            "perplexity": sweep.dense_perplexity,
-            "params": sweep.dense_params,
-            "ops": sweep.dense_ops,
-            "score": sweep.dense_score,
-        },
+        "dense": dense_summary(sweep),
         "baseline": {
             "name": sweep.baseline_name,
             "params": sweep.baseline_params,
@@ -102,6 +110,13 @@ def sweep_status(store: Store, name: str, top: int = 5) -> dict[str, Any]:
         "best_uniform": None if uniform is None else brief(uniform),
         "failures": [{"trial": r.number, "reason": r.reason} for r in rows if r.state == "FAIL"],
     }
+
+
+TRIAL_COLUMNS = (
+    "trial", "state", "feasible", "score", "perplexity", "params", "ops", "origin", "policy",
+    "reason",
+)  # fmt: skip
+"""The keys of each `trial_rows` row, in order."""
 
 
 def trial_rows(
@@ -116,20 +131,8 @@ def trial_rows(
             continue
         if feasible is not None and bool(r.feasible) != feasible:
             continue
-        out.append(
-            {
-                "trial": r.number,
-                "state": r.state,
-                "feasible": r.feasible,
-                "score": r.score,
-                "perplexity": r.perplexity,
-                "params": r.params,
-                "ops": r.ops,
-                "origin": r.origin,
-                "policy": r.summary,
-                "reason": r.reason,
-            }
-        )
+        values = (r.number, r.state, r.feasible, r.score, r.perplexity, r.params, r.ops)
+        out.append(dict(zip(TRIAL_COLUMNS, (*values, r.origin, r.summary, r.reason), strict=True)))
     return out
 
 

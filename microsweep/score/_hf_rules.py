@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from microsweep.score._registry import Cost, RuleContext, register_rule
+from microsweep.score._registry import Cost, Rule, RuleContext, register_rule
 from microsweep.score._rules import (
     _attention_ops,
     _elementwise,
@@ -71,10 +71,7 @@ def register_hf_rules() -> bool:
     ):
         if hasattr(act, name):
             register_rule(getattr(act, name))(rule)
-    _gpt2()
-    _llama()
-    _opt()
-    _gpt_neox()
+    _families()
     return True
 
 
@@ -106,19 +103,6 @@ def _plain_attention(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
     heads, size = int(module.num_heads), int(module.head_dim)
     _attention_ops(cost, ctx, heads=heads, head_size=size, c=ctx.context)
     return cost
-
-
-def _gpt2() -> None:
-    try:
-        from transformers.models.gpt2 import modeling_gpt2 as g
-    except ImportError:
-        return
-
-    register_rule(g.GPT2Attention)(_plain_attention)
-    register_rule(g.GPT2Block)(_residual_rule)
-    register_rule(g.GPT2Model)(_position_add_rule)
-
-    register_rule(g.GPT2LMHeadModel)(_causal_lm_rule)
 
 
 def _rotated(module: nn.Module, heads: int, kv_heads: int, head_dim: int) -> int:
@@ -173,53 +157,45 @@ def _gated_mlp(module: nn.Module, name: str, ctx: RuleContext) -> Cost:
     return cost
 
 
-def _llama() -> None:
-    """Llama and the families built the same way (Qwen2, Qwen3, Mistral): RMSNorm, rotary
-    attention with grouped key/value heads, a gated MLP, two residual adds per layer."""
+_FAMILIES: tuple[tuple[str, str, tuple[tuple[str, Rule], ...]], ...] = (
+    ("gpt2", "GPT2", (
+        ("Attention", _plain_attention), ("Block", _residual_rule),
+        ("Model", _position_add_rule), ("LMHeadModel", _causal_lm_rule),
+    )),
+    ("opt", "OPT", (
+        ("Attention", _plain_attention), ("DecoderLayer", _residual_rule),
+        ("Decoder", _position_add_rule), ("ForCausalLM", _causal_lm_rule),
+    )),
+    ("gpt_neox", "GPTNeoX", (
+        ("Attention", _rotary_attention), ("RotaryEmbedding", _rotary),
+        ("Layer", _residual_rule),  # parallel residual or not: two adds of d
+        ("ForCausalLM", _causal_lm_rule),
+    )),
+    *(
+        (family, prefix, (  # Llama and the families built the same way: RMSNorm, rotary
+            ("RMSNorm", _rms_norm),  # attention with grouped key/value heads, a gated MLP,
+            ("Attention", _rotary_attention),  # two residual adds per layer
+            ("RotaryEmbedding", _rotary), ("MLP", _gated_mlp),
+            ("DecoderLayer", _residual_rule), ("ForCausalLM", _causal_lm_rule),
+        ))
+        for family, prefix in (
+            ("llama", "Llama"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("mistral", "Mistral"),
+        )
+    ),
+)  # fmt: skip
+"""(transformers module family, class prefix, (class suffix, rule) pairs) for each family."""
+
+
+def _families() -> None:
+    """Register each family's rules on the classes this transformers version has."""
     import importlib
 
-    for family, prefix in (
-        ("llama", "Llama"),
-        ("qwen2", "Qwen2"),
-        ("qwen3", "Qwen3"),
-        ("mistral", "Mistral"),
-    ):
+    for family, prefix, rules in _FAMILIES:
         try:
             m = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
         except ImportError:
             continue
-        for suffix, rule in (
-            ("RMSNorm", _rms_norm),
-            ("Attention", _rotary_attention),
-            ("RotaryEmbedding", _rotary),
-            ("MLP", _gated_mlp),
-            ("DecoderLayer", _residual_rule),
-            ("ForCausalLM", _causal_lm_rule),
-        ):
+        for suffix, rule in rules:
             cls = getattr(m, prefix + suffix, None)
             if cls is not None:
                 register_rule(cls)(rule)
-
-
-def _opt() -> None:
-    try:
-        from transformers.models.opt import modeling_opt as m
-    except ImportError:
-        return
-
-    register_rule(m.OPTAttention)(_plain_attention)
-    register_rule(m.OPTDecoderLayer)(_residual_rule)
-    register_rule(m.OPTDecoder)(_position_add_rule)
-
-    register_rule(m.OPTForCausalLM)(_causal_lm_rule)
-
-
-def _gpt_neox() -> None:
-    try:
-        from transformers.models.gpt_neox import modeling_gpt_neox as m
-    except ImportError:
-        return
-    register_rule(m.GPTNeoXAttention)(_rotary_attention)
-    register_rule(m.GPTNeoXRotaryEmbedding)(_rotary)
-    register_rule(m.GPTNeoXLayer)(_residual_rule)  # parallel or not: two adds of d
-    register_rule(m.GPTNeoXForCausalLM)(_causal_lm_rule)

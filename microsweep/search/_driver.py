@@ -232,10 +232,14 @@ def _say(enabled: bool, line: str) -> None:
         sys.stderr.flush()
 
 
-def _origin(study: optuna.Study, number: int, default: str) -> str:
+def _origin(study: optuna.Study, trial: Any, default: str) -> str:
+    """Who proposed `trial`: the planned sampler's record, else the origin an enqueued trial
+    carries (a warm start), else the sampler's name."""
+    from microsweep.search._samplers import ORIGIN_ATTR
+
     origin = getattr(study.sampler, "origin", None)
-    found = origin(number) if callable(origin) else None
-    return found or default
+    found = origin(trial.number) if callable(origin) else None
+    return found or trial.user_attrs.get(ORIGIN_ATTR) or default
 
 
 class _SamplerClock:
@@ -305,7 +309,6 @@ class _Asked:
     row: tuple[int, int] | None = None
     driver_s: float = 0.0
     sampler_s: float = 0.0
-    origin: str | None = None
 
 
 def _drive(
@@ -381,10 +384,7 @@ def _drive(
         trial = mem.ask()
         policy = sf.space.suggest(trial)
         sampler_s = clock.seconds - s0
-        asked = _Asked(trial, policy, None, time.perf_counter() - t0 - sampler_s, sampler_s)
-        if warm:  # an enqueued warm start carries its origin (as planned trials do)
-            asked.origin = trial.user_attrs.get(ORIGIN_ATTR)
-        return asked
+        return _Asked(trial, policy, None, time.perf_counter() - t0 - sampler_s, sampler_s)
 
     def submit(item: _Asked) -> None:
         nonlocal asked
@@ -401,7 +401,7 @@ def _drive(
         """Score a worker's result and tell it to the in-memory study; returns the row to
         write (a FAIL with its reason when the worker or the scoring failed)."""
         trial, policy = item.trial, item.policy
-        origin = item.origin or _origin(mem, trial.number, default_origin)
+        origin = _origin(mem, trial, default_origin)
         ranks = {n: lp.rank for n, lp in policy.layers.items() if lp.rank is not None}
         if ranks:  # the ranks applied, as `status` shows them (a rank param may be a fraction)
             trial.set_user_attr("ranks", ranks)
@@ -576,7 +576,7 @@ def _drive(
                 reason = f"sweep stopped before the trial {what}"
                 item.trial.set_user_attr("fail_reason", reason)
                 mem.tell(item.trial, None, state=TrialState.FAIL)
-                base = {"origin": item.origin or _origin(mem, item.trial.number, default_origin)}
+                base = {"origin": _origin(mem, item.trial, default_origin)}
                 persist(
                     item,
                     base
