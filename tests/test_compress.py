@@ -479,6 +479,25 @@ def test_public_api() -> None:
         "magnitude_masks",
         "sparsity_of",
         "tensor_scale",
+        # embeddings, tensor-train, grouped ranks (shared basis, autoencoder), group lasso
+        "CompressedEmbedding",
+        "LowRankEmbedding",
+        "TTEmbedding",
+        "TTLinear",
+        "tensor_train",
+        "tt_shape",
+        "tt_svd",
+        "AutoDecoder",
+        "DecodedLinear",
+        "compress_linears",
+        "train_decoder",
+        "build_group",
+        "group_modules",
+        "shared_basis",
+        "block_norms",
+        "group_lasso_penalty",
+        "group_lasso_train_",
+        "reweight",
     }
     assert all(hasattr(mc, name) for name in mc.__all__)
     assert math.isclose(mc.fake_quantize_symmetric(torch.tensor(0.74), torch.tensor(0.5), 4), 0.5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from microsweep import data
 from microsweep.errors import DataError
@@ -47,3 +48,19 @@ def test_wikitext_folder_and_bad_arguments(tmp_path):
         data.word_corpus(shared / "ptb", train="train", val="test")  # no training split here
     with pytest.raises(DataError, match="no PTB folder"):
         data.ptb(tmp_path / "missing")
+
+
+def test_wikitext2_loader_reads_its_folder_and_wiki_token_file_names(tmp_path):
+    corpus = data.wikitext2(train="valid", val="test")
+    folder = Path(corpus.source.split(" (")[0])
+    assert corpus.name == "wikitext-2" and folder.name == "wikitext-2"
+    valid = (folder / "valid.txt").read_text().splitlines()
+    assert len(corpus.train) == sum(len(line.split()) + 1 for line in valid)
+    # the distributed names (wiki.valid.tokens ...) read the same as {split}.txt
+    for split in ("valid", "test"):
+        (tmp_path / f"wiki.{split}.tokens").write_text((folder / f"{split}.txt").read_text())
+    same = data.wikitext103(tmp_path, train="valid", val="test")
+    assert same.vocab == corpus.vocab and torch.equal(same.val, corpus.val)
+    assert same.name == "wikitext-103"
+    with pytest.raises(DataError, match="no WikiText-103 folder"):
+        data.wikitext103(tmp_path / "missing")

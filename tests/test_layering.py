@@ -12,8 +12,9 @@ ROOT = Path(microsweep.__file__).parent
 
 LAYERS: list[set[str]] = [
     {"_version", "errors"},
-    {"spaces", "data", "storage"},
+    {"data", "storage"},
     {"models"},
+    {"spaces"},
     {"compress"},
     {"score"},
     {"allocate", "workers"},

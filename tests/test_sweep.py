@@ -300,7 +300,7 @@ def _space_with(tmp_path: Path, old: str, new: str) -> str:
     [
         (
             ('"head": dict(bits=Bits(6, 8, 32), tied=True)', '"hed": dict(bits=Bits(8))'),
-            "rule 'hed' matches no Linear layer",
+            "rule 'hed' matches no Linear, Embedding or LSTM gate",
         ),
         (("bits=Bits(4, 8, 16, 32)", "bits=Bits(4, 8, 64)"), "Bits: 64 is not a width"),
         (("Sparsity(0.0, 0.9, step=0.1)", "Sparsity(0.0, 1.5)"), "Sparsity: 1.5 is outside [0, 1)"),

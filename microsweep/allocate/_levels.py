@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from microsweep.spaces import Bits, Knob, LayerInfo, LayerPolicy, Rank, Sparsity, Unit
+from microsweep.spaces import Bits, Knob, LayerInfo, LayerPolicy, Rank, Sparsity, Unit, layer_policy
 
 __all__ = [
     "KNOBS",
@@ -119,21 +119,12 @@ def plan_levels(
     return levels
 
 
-def layer_setting(info: LayerInfo, knobs: dict[str, Knob], values: dict[str, Any]) -> LayerPolicy:
-    """The `LayerPolicy` of one layer for knob values in Optuna units (others left alone)."""
-    sparsity = float(values.get("sparsity", 0.0))
-    knob = knobs.get("sparsity")
-    block = knob.block if isinstance(knob, Sparsity) and sparsity > 0 else None
-    rank = values.get("rank")
-    rank_knob = knobs.get("rank")
-    return LayerPolicy(
-        sparsity=sparsity,
-        block=block,
-        bits=int(values.get("bits", 32)),
-        act_bits=int(values.get("act_bits", 32)),
-        rank=None if rank is None else Rank.resolve(rank, info.out_features, info.in_features),
-        rank_method=rank_knob.method if isinstance(rank_knob, Rank) else "plain",
-    )
+def layer_setting(
+    info: LayerInfo, knobs: dict[str, Knob], values: dict[str, Any], group: str | None = None
+) -> LayerPolicy:
+    """The `LayerPolicy` of one layer for knob values in Optuna units (others left alone), as
+    the space's `suggest` makes it; `group` is the unit's key (the layer's name by default)."""
+    return layer_policy(info, knobs, values, group or info.name)
 
 
 def level_key(knob: str, setting: LayerPolicy) -> str | None:
@@ -172,7 +163,7 @@ def probes(units: list[Unit], levels: dict[str, dict[str, list[Any]]]) -> list[P
         for knob, values in levels[unit.key].items():
             for value in values:
                 for info in unit.layers:
-                    setting = layer_setting(info, dict(unit.knobs), {knob: value})
+                    setting = layer_setting(info, dict(unit.knobs), {knob: value}, unit.key)
                     key = level_key(knob, setting)
                     if key is None:
                         continue

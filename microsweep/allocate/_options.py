@@ -30,7 +30,10 @@ from torch import nn
 from microsweep.allocate._levels import KNOBS, identity_level, layer_setting, level_key
 from microsweep.compress import (
     InputStats,
+    LowRankEmbedding,
     LowRankLinear,
+    TTEmbedding,
+    TTLinear,
     compress_layer,
     factorize,
     fake_quantize_symmetric,
@@ -130,6 +133,12 @@ def _rank_like(value: Any, like: Any, full: int) -> Any:
 
 
 def _effective_weight(module: nn.Module) -> torch.Tensor:
+    if isinstance(module, TTLinear):
+        return module.weight_matrix().detach().to(torch.float64)
+    if isinstance(module, TTEmbedding):
+        return module.table().detach().to(torch.float64)
+    if isinstance(module, LowRankEmbedding):  # table (V, r) times projection (d, r)^T
+        return _effective_weight(module.first) @ _effective_weight(module.second).T
     if isinstance(module, LowRankLinear):
         return _effective_weight(module.second) @ _effective_weight(module.first)
     return module.weight.detach().to(torch.float64)
@@ -176,12 +185,12 @@ def build_unit_options(
             proxy = _Proxy(linear, layer_in)
             for kn in knobs:
                 for i, value in enumerate(levels[kn]):
-                    setting = layer_setting(info, dict(unit.knobs), {kn: value})
+                    setting = layer_setting(info, dict(unit.knobs), {kn: value}, unit.key)
                     keys[(mi, kn, i)] = level_key(kn, setting)
             builder = _LayerBuilder(linear, list(levels.get("sparsity", [])), proxy.stats)
             for k, row in enumerate(combos):
                 values = {kn: levels[kn][int(i)] for kn, i in zip(knobs, row, strict=True)}
-                setting = layer_setting(info, dict(unit.knobs), values)
+                setting = layer_setting(info, dict(unit.knobs), values, unit.key)
                 module = builder.build(setting, proxy.act_scale(setting.act_bits))
                 score_q, _ = _score(module, context, quantized, baseline)
                 cost[k, 0] += score_q - dense_q
@@ -223,6 +232,8 @@ class _LayerBuilder:
         return self._factors[(rank, method)]
 
     def build(self, setting: LayerPolicy, act_scale: torch.Tensor | None) -> nn.Module:
+        if setting.rank_method == "tt":
+            return compress_layer(self.linear, setting)
         factors = (
             self.factors(setting.rank, setting.rank_method) if setting.rank is not None else None
         )
@@ -252,6 +263,15 @@ class _Proxy:
         self._weight_err: dict[tuple[int | None, float, int], float] = {}
         self._act_err: dict[int, float] = {}
         self.rows, self.amax = layer_in if layer_in is not None else (None, None)
+        self.row_weight: torch.Tensor | None = None
+        if self.rows is not None and not self.rows.is_floating_point():
+            # an embedding: the output error of a lookup is its row's error, so rows weigh by
+            # how often the calibration tokens look them up
+            ids = self.rows.reshape(-1)
+            counts = torch.bincount(ids, minlength=self.weight.shape[0]).to(torch.float32)
+            self.row_weight = counts / max(float(counts.sum()), 1.0)
+            self.rows = None
+            self.ref = max(float((self.row_weight[:, None] * self.weight**2).sum()), 1e-30)
         if self.rows is not None:
             self.gram = (self.rows.double().T @ self.rows.double()).to(torch.float32)
             self.ref = max(float(((self.weight @ self.gram) * self.weight).sum()), 1e-30)
@@ -282,7 +302,11 @@ class _Proxy:
                 if module is None:
                     module = builder.build(replace(setting, act_bits=32), None)
                 diff = _effective_weight(module).to(torch.float32) - self.weight
-                self._weight_err[key] = float(((diff @ self.gram) * diff).sum()) / self.ref
+                if self.row_weight is not None:
+                    err = float((self.row_weight[:, None] * diff**2).sum())
+                else:
+                    err = float(((diff @ self.gram) * diff).sum())
+                self._weight_err[key] = err / self.ref
         return self._weight_err[key]
 
     def act_error(self, act_bits: int) -> float:

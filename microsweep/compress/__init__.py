@@ -10,17 +10,51 @@ a fine-tuning step.
 
 from __future__ import annotations
 
-from ._apply import compress, compress_, compress_layer, input_stats, layer_inputs, project_
+from ._apply import (
+    build_group,
+    compress,
+    compress_,
+    compress_layer,
+    input_stats,
+    layer_inputs,
+    project_,
+    tensor_train,
+)
+from ._autoencoder import AutoDecoder, DecodedLinear, compress_linears, train_decoder
 from ._cache import VariantCache
+from ._group_lasso import block_norms, group_lasso_penalty, group_lasso_train_, reweight
+from ._groups import group_modules, shared_basis
 from ._lowrank import InputStats, factorize, rank_transform
-from ._modules import CompressedLinear, LowRankLinear, fake_quantize_symmetric
+from ._modules import (
+    CompressedEmbedding,
+    CompressedLinear,
+    LowRankEmbedding,
+    LowRankLinear,
+    fake_quantize_symmetric,
+)
 from ._prune import magnitude_mask, magnitude_masks, sparsity_of
 from ._quantize import tensor_scale
+from ._tt import TTEmbedding, TTLinear, tt_shape, tt_svd
 
 __all__ = [
+    "AutoDecoder",
+    "DecodedLinear",
+    "block_norms",
+    "build_group",
+    "compress_linears",
+    "group_lasso_penalty",
+    "group_lasso_train_",
+    "group_modules",
+    "reweight",
+    "shared_basis",
+    "train_decoder",
+    "CompressedEmbedding",
     "CompressedLinear",
+    "LowRankEmbedding",
     "InputStats",
     "LowRankLinear",
+    "TTEmbedding",
+    "TTLinear",
     "VariantCache",
     "compress",
     "compress_",
@@ -35,4 +69,7 @@ __all__ = [
     "project_",
     "sparsity_of",
     "tensor_scale",
+    "tensor_train",
+    "tt_shape",
+    "tt_svd",
 ]

@@ -1,7 +1,8 @@
 """`compress_`, `compress` and `project_`: apply a `Policy` to a model's Linear layers.
 
 Every layer is checked before anything changes, so a bad policy raises `SpaceError` and leaves
-the model as it was. Per layer the steps run in this order: calibrate input scales on the
+the model's layers as they were (an `nn.LSTM` named by a gate may already run as the equivalent
+`LinearLSTM`). Per layer the steps run in this order: calibrate input scales on the
 unchanged model, factorize (rank), prune (sparsity, block), quantize weights (bits), and attach
 the input quantizer (act_bits).
 """
@@ -17,12 +18,20 @@ import torch
 from torch import nn
 
 from microsweep.errors import SpaceError
-from microsweep.spaces._policy import LayerPolicy, Policy
+from microsweep.spaces._policy import (
+    DATA_AWARE_METHODS,
+    GROUP_METHODS,
+    LayerPolicy,
+    Policy,
+    concrete_block,
+)
 
+from ._groups import group_modules, grouped
 from ._lowrank import InputStats, factorize, rank_transform
-from ._modules import CompressedLinear, LowRankLinear
+from ._modules import CompressedEmbedding, CompressedLinear, LowRankLinear
 from ._prune import check_block, magnitude_mask
 from ._quantize import quantize_rows, tensor_scale
+from ._tt import TTEmbedding, TTLinear
 
 __all__ = [
     "compress",
@@ -36,10 +45,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class _Step:
-    """One validated layer to compress: its name, the Linear found there and its settings."""
+    """One validated layer to compress: its name, the Linear (or Embedding) found there and
+    its settings."""
 
     name: str
-    linear: nn.Linear
+    linear: nn.Linear | nn.Embedding
     settings: LayerPolicy
 
 
@@ -58,10 +68,16 @@ def compress_(model: nn.Module, policy: Policy, *, calib: torch.Tensor | None = 
         )
     steps = _plan(model, policy, calib)
     act_scales = _calibrate(model, [s for s in steps if s.settings.act_bits < 32], calib)
-    aware = {s.name: s.linear for s in steps if s.settings.rank_method != "plain"}
+    aware = {s.name: s.linear for s in steps if s.settings.rank_method in DATA_AWARE_METHODS}
     stats = input_stats(model, aware, calib) if aware else {}
+    built: dict[str, nn.Module] = {}
+    for (method, _, rank), members in grouped(steps).items():
+        built.update(build_group(method, rank, {s.name: s.linear for s in members}))
     with torch.no_grad():
         for step in steps:
+            if step.name in built:
+                _set_submodule(model, step.name, built[step.name])
+                continue
             factors = None
             if step.name in aware:
                 if step.name not in stats:
@@ -91,11 +107,15 @@ def compress_layer(
     one per factor), so neither is computed again. `act_scale` is the input scale for
     ``settings.act_bits`` (calibrated by `compress_` on real inputs).
     """
+    if settings.rank is not None and settings.rank_method in GROUP_METHODS:
+        return build_group(settings.rank_method, settings.rank, {"": linear})[""]  # alone
     with torch.no_grad():
+        if settings.rank is not None and settings.rank_method == "tt":
+            return tensor_train(linear, settings.rank)  # built from the weight, not in place
         if settings.rank is not None and factors is not None:
             if factors.rank != settings.rank:
                 raise SpaceError(f"factors of rank {factors.rank} given for rank {settings.rank}")
-            pair = LowRankLinear(_clone(factors.first), _clone(factors.second))
+            pair = type(factors)(_clone(factors.first), _clone(factors.second))
             return _compress_layer(linear, settings, act_scale, pair.train(factors.training), masks)
         return _compress_layer(_clone(linear), settings, act_scale, None, masks)
 
@@ -141,7 +161,10 @@ def project_(model: nn.Module) -> nn.Module:
 
 
 def _plan(model: nn.Module, policy: Policy, calib: torch.Tensor | None) -> list[_Step]:
-    """Check every non-identity layer setting against the model; raise before changing anything."""
+    """Check every non-identity layer setting against the model; raise before changing any
+    layer. An `nn.LSTM` whose gate matrices the policy names is swapped for a `LinearLSTM`
+    first (the same parameters and outputs; kept even when a later check refuses the policy)."""
+    _gate_lstms_(model, [n for n, lp in policy.layers.items() if not lp.is_identity])
     module_names: dict[int, list[str]] = {}
     param_owners: dict[int, list[str]] = {}
     for mod_name, mod in model.named_modules(remove_duplicate=False):
@@ -159,6 +182,8 @@ def _plan(model: nn.Module, policy: Policy, calib: torch.Tensor | None) -> list[
         if settings.is_identity:
             continue
         linear = _find_linear(model, name)
+        if isinstance(linear, nn.Embedding):
+            _check_embedding(name, linear, settings)
         aliases = [n for n in module_names[id(linear)] if n != name]
         if aliases:
             raise SpaceError(
@@ -192,10 +217,15 @@ def _plan(model: nn.Module, policy: Policy, calib: torch.Tensor | None) -> list[
                 (f"layer {name!r} first factor", (r, in_f)),
                 (f"layer {name!r} second factor", (out_f, r)),
             ]
+            if isinstance(linear, nn.Embedding):  # a (V, r) table, then a (d, r) projection
+                shapes = [
+                    (f"embedding {name!r} table factor", (out_f, r)),
+                    (f"embedding {name!r} projection factor", (in_f, r)),
+                ]
         if settings.sparsity > 0 and settings.block is not None:
             for what, shape in shapes:
                 check_block(shape, settings.block, what)
-        if settings.rank is not None and settings.rank_method != "plain" and calib is None:
+        if settings.rank_method in DATA_AWARE_METHODS and calib is None:
             raise SpaceError(
                 f"layer {name!r} factorizes with {settings.rank_method!r} SVD, which reads the "
                 "layer's inputs; pass calib=token ids of shape (B, T)"
@@ -213,20 +243,60 @@ def _plan(model: nn.Module, policy: Policy, calib: torch.Tensor | None) -> list[
     return steps
 
 
-def _find_linear(model: nn.Module, name: str) -> nn.Linear:
-    """The `nn.Linear` at dotted `name`, or a `SpaceError` listing a few that exist."""
+def _gate_lstms_(model: nn.Module, names: list[str]) -> None:
+    """Run each `nn.LSTM` that owns one of `names` as a gate matrix as a `LinearLSTM`."""
+    from microsweep.models import gate_names, linear_gates_
+
+    owners = []
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        try:
+            module = model.get_submodule(parent)
+        except AttributeError:
+            continue
+        if type(module) is nn.LSTM:
+            if leaf not in gate_names(module.num_layers, module.bidirectional, module.proj_size):
+                continue  # not a gate matrix: _find_linear names the problem
+            owners.append(parent)
+    if owners:
+        linear_gates_(model, owners)
+
+
+def _check_embedding(name: str, emb: nn.Embedding, settings: LayerPolicy) -> None:
+    """Refuse what an embedding table cannot take: input quantization and data-aware rank (its
+    input is token ids), and torch's renormalizing lookups (they rewrite the table)."""
+    if settings.act_bits < 32:
+        raise SpaceError(
+            f"layer {name!r} is an embedding: its input is token ids, so act_bits does not "
+            "apply; drop act_bits from its rule"
+        )
+    if settings.rank_method in DATA_AWARE_METHODS:
+        raise SpaceError(
+            f"layer {name!r} is an embedding, which factorizes by plain SVD or as a "
+            "tensor-train only; use Rank(..., method='plain') or method='tt' for it"
+        )
+    if emb.max_norm is not None or emb.sparse:
+        raise SpaceError(
+            f"embedding {name!r} uses max_norm or sparse gradients, which compression does not "
+            "keep; build it without them"
+        )
+
+
+def _find_linear(model: nn.Module, name: str) -> nn.Linear | nn.Embedding:
+    """The `nn.Linear` (or `nn.Embedding`) at dotted `name`, or a `SpaceError` listing a few
+    that exist."""
     try:
         module = model.get_submodule(name) if name else None
     except AttributeError:
         module = None
-    if isinstance(module, nn.Linear):
+    if type(module) is nn.Embedding or isinstance(module, nn.Linear):
         return module
     found = "no such submodule" if module is None else f"found {type(module).__name__}"
     examples = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:3]
     hint = f"such as {', '.join(map(repr, examples))}" if examples else "(the model has none)"
     raise SpaceError(
-        f"layer {name!r} is not a Linear in this model ({found}); name an nn.Linear submodule "
-        f"{hint}"
+        f"layer {name!r} is not a Linear, Embedding or LSTM gate matrix in this model ({found}); "
+        f"name a compressible layer {hint}"
     )
 
 
@@ -264,12 +334,17 @@ def layer_inputs(
 ) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
     """What each of `modules` (name -> module of `model`) sees when `calib` runs through the
     model once: name -> (up to `max_rows` input rows as (n, in) float32, or None when
-    `max_rows` is 0; max |input| over every row)."""
+    `max_rows` is 0; max |input| over every row). An embedding's rows are its token ids,
+    (n, 1) int64."""
     seen: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
 
     def record(name: str, x: torch.Tensor) -> None:
+        if not x.is_floating_point():  # an embedding's token ids: kept as one (n, 1) column
+            x = x.reshape(-1, 1)
         amax = x.abs().amax()
-        rows = x.reshape(-1, x.shape[-1]).to(torch.float32) if max_rows else None
+        rows = x.reshape(-1, x.shape[-1]) if max_rows else None
+        if rows is not None and rows.is_floating_point():
+            rows = rows.to(torch.float32)
         if name in seen:
             old_rows, old_amax = seen[name]
             amax = torch.maximum(old_amax, amax)
@@ -334,12 +409,39 @@ def _compress_layer(
     """Factorize if asked (or take `factors`), then prune/quantize each weight matrix in place
     (optionally with precomputed `masks`); the module to put in place of `linear`."""
     masks = masks or (None, None)
+    if settings.rank is not None and settings.rank_method in GROUP_METHODS:
+        return build_group(settings.rank_method, settings.rank, {"": linear})[""]
+    if settings.rank is not None and settings.rank_method == "tt":
+        return tensor_train(linear, settings.rank)
     if settings.rank is None:
         return _compress_matrix(linear, settings, act_scale, masks[0])
     pair = factors if factors is not None else factorize(linear, settings.rank)
     first = _compress_matrix(pair.first, settings, act_scale, masks[0])
     second = _compress_matrix(pair.second, replace(settings, act_bits=32), None, masks[-1])
-    return LowRankLinear(first, second).train(linear.training)
+    return type(pair)(first, second).train(linear.training)
+
+
+def build_group(method: str, rank: int, linears: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """`group_modules` with gradients on (an autoencoder trains), built from copies. Small
+    decoders train on one thread: their matrices are too small to split, and a second thread
+    contending for a busy core made them many times slower."""
+    small = sum(m.weight.numel() for m in linears.values()) < 2**20
+    threads = torch.get_num_threads()
+    if method == "autoencoder" and small:
+        torch.set_num_threads(1)
+    try:
+        with torch.enable_grad():
+            return group_modules(method, rank, linears)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def tensor_train(layer: nn.Linear | nn.Embedding, rank: int) -> TTLinear | TTEmbedding:
+    """`layer` as a tensor-train of TT-rank `rank` (TT-SVD, reshaping factors from its shape),
+    built from copies of its tensors."""
+    if isinstance(layer, nn.Embedding):
+        return TTEmbedding.from_embedding(layer, rank).train(layer.training)
+    return TTLinear.from_linear(layer, rank).train(layer.training)
 
 
 def _compress_matrix(
@@ -367,17 +469,25 @@ def _compress_matrix(
         values, scale = quantize_rows(values, settings.bits, mask)
     weight.copy_(values)
     out_f, in_f = weight.shape
-    layer = CompressedLinear(
-        in_f,
-        out_f,
-        bias=linear.bias is not None,
-        bits=settings.bits,
-        act_bits=settings.act_bits,
-        sparse=sparse,
-        block=settings.block if sparse else None,
-    )
+    block = concrete_block(settings.block, weight.shape) if sparse and settings.block else None
+    if isinstance(linear, nn.Embedding):
+        layer: CompressedLinear = CompressedEmbedding(
+            out_f, in_f, bits=settings.bits, sparse=sparse, block=block,
+            padding_idx=linear.padding_idx,
+        )  # fmt: skip
+    else:
+        layer = CompressedLinear(
+            in_f,
+            out_f,
+            bias=linear.bias is not None,
+            bits=settings.bits,
+            act_bits=settings.act_bits,
+            sparse=sparse,
+            block=block,
+        )
     layer.weight = weight  # the same Parameter object: a tie with an embedding is kept
-    layer.bias = linear.bias
+    if not isinstance(linear, nn.Embedding):
+        layer.bias = linear.bias
     if scale is not None:
         layer.weight_scale = scale.to(weight.dtype)
     if mask is not None:

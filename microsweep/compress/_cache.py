@@ -18,9 +18,17 @@ import torch
 from torch import nn
 
 from microsweep.errors import SpaceError
-from microsweep.spaces._policy import LayerPolicy, Policy
+from microsweep.spaces._policy import DATA_AWARE_METHODS, LayerPolicy, Policy
 
-from ._apply import _plan, _set_submodule, compress_layer, input_stats, layer_inputs
+from ._apply import (
+    _plan,
+    _set_submodule,
+    build_group,
+    compress_layer,
+    input_stats,
+    layer_inputs,
+)
+from ._groups import grouped
 from ._lowrank import InputStats, factorize, rank_transform, times_transform
 from ._prune import magnitude_order, mask_from_order
 from ._quantize import tensor_scale
@@ -79,15 +87,18 @@ class VariantCache:
         self._pending = {
             s.name: s.linear
             for s in steps
-            if s.settings.rank_method != "plain"
+            if s.settings.rank_method in DATA_AWARE_METHODS
             and (s.name, s.settings) not in self._entries  # a cached variant needs no SVD
             and (s.name, ("svd", s.settings.rank_method)) not in self._entries
         }
         model = copy.deepcopy(self.base, dict(self._shared))
         retie: dict[int, nn.Parameter] = {}
         placed: set[int] = set()
+        built: dict[str, nn.Module] = {}
+        for (method, group, rank), members in grouped(steps).items():
+            built.update(self._group(method, group, rank, {s.name: s.linear for s in members}))
         for step in steps:
-            variant = self._variant(step.name, step.linear, step.settings)
+            variant = built.get(step.name) or self._variant(step.name, step.linear, step.settings)
             _set_submodule(model, step.name, variant)
             placed.update(id(m) for m in variant.modules())
             weight = getattr(variant, "weight", None)
@@ -138,7 +149,7 @@ class VariantCache:
         if settings.act_bits < 32:
             act_scale = tensor_scale(self._input_amax(name), settings.act_bits)
         factors, masks = None, None
-        if settings.rank is not None:
+        if settings.rank is not None and settings.rank_method != "tt":
             svd, transform = self._svd(name, linear, settings.rank_method)
             factors = factorize(linear, settings.rank, svd=svd, transform=transform)
         if settings.sparsity > 0:
@@ -165,6 +176,28 @@ class VariantCache:
         ]
         self._put(key, module, _nbytes(own))
         return module
+
+    def _group(
+        self, method: str, group: str, rank: int, linears: dict[str, nn.Module]
+    ) -> dict[str, nn.Module]:
+        """The modules of one group of a grouped rank method (a shared basis, or codes with one
+        decoder), built once per (group, method, rank, members)."""
+        key = (group, ("group", method, rank, tuple(linears)))
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[0]
+        self.misses += 1
+        modules = build_group(method, rank, linears)
+        own = [
+            t
+            for m in modules.values()
+            for t in [*m.parameters(), *m.buffers()]
+            if id(t) not in self._shared
+        ]
+        self._put(key, modules, _nbytes(own))
+        return modules
 
     def _order(
         self, matrix: str, weight: torch.Tensor, block: tuple[int, int] | None

@@ -18,7 +18,7 @@ from torch.nn.utils import skip_init
 
 from microsweep.spaces import RANK_METHODS
 
-from ._modules import LowRankLinear
+from ._modules import LowRankEmbedding, LowRankLinear
 
 __all__ = ["RANK_METHODS", "InputStats", "factorize", "rank_transform"]
 
@@ -59,7 +59,7 @@ def times_transform(matrix: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def factorize(
-    linear: nn.Linear,
+    linear: nn.Linear | nn.Embedding,
     rank: int,
     *,
     svd: tuple[torch.Tensor, ...] | None = None,
@@ -72,6 +72,10 @@ def factorize(
     original bias Parameter. Built with `skip_init` so the global RNG is not advanced. `svd` is
     the ``torch.linalg.svd((W T).double(), full_matrices=False)`` when already computed (one
     decomposition serves every rank).
+
+    An `nn.Embedding` table E (V, d) is factorized the same way, read as V rows of d: the
+    result is a `LowRankEmbedding` whose (V, rank) table holds U_r sqrt(S_r) and whose
+    rank -> d projection holds (sqrt(S_r) Vh_r)^T (plain SVD only).
     """
     w = linear.weight.detach()
     out_f, in_f = w.shape
@@ -86,6 +90,15 @@ def factorize(
     if transform is not None:
         first_w = times_transform(first_w, transform[1].to(first_w.device))
     kw = {"device": w.device, "dtype": w.dtype}
+    if isinstance(linear, nn.Embedding):
+        if transform is not None:
+            raise ValueError("an embedding factorizes by plain SVD only")
+        table = skip_init(nn.Embedding, out_f, rank, padding_idx=linear.padding_idx, **kw)
+        proj = skip_init(nn.Linear, rank, in_f, bias=False, **kw)
+        with torch.no_grad():
+            table.weight.copy_(u[:, :rank] * root[None, :])
+            proj.weight.copy_(first_w.T)
+        return LowRankEmbedding(table, proj).train(linear.training)
     first = skip_init(nn.Linear, in_f, rank, bias=False, **kw)
     second = skip_init(nn.Linear, rank, out_f, bias=linear.bias is not None, **kw)
     with torch.no_grad():

@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CompressedLinear", "LowRankLinear", "fake_quantize_symmetric"]
+__all__ = [
+    "CompressedEmbedding",
+    "CompressedLinear",
+    "LowRankEmbedding",
+    "LowRankLinear",
+    "fake_quantize_symmetric",
+]
 
 
 def fake_quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -100,3 +106,71 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
+
+
+class CompressedEmbedding(CompressedLinear):
+    """An embedding table pruned and/or quantized like a `CompressedLinear` weight; a drop-in
+    for ``nn.Embedding`` whose ``weight`` is (num_embeddings, embedding_dim).
+
+    Seen as a matrix it is ``out_features = num_embeddings`` rows of ``in_features =
+    embedding_dim`` (the orientation of a tied output head), so rows get one scale each. A
+    lookup is indexing: no input to quantize (``act_bits`` is 32) and no bias.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        bits: int = 32,
+        sparse: bool = False,
+        block: tuple[int, int] | None = None,
+        padding_idx: int | None = None,
+    ) -> None:
+        super().__init__(
+            embedding_dim, num_embeddings, bias=False, bits=bits, sparse=sparse, block=block
+        )
+        self.padding_idx = padding_idx
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.out_features
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.in_features
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.weight, self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, "
+            f"sparse={self.sparse}, block={self.block}"
+        )
+
+
+class LowRankEmbedding(LowRankLinear):
+    """``E ~= table.weight @ proj.weight.T``: a (num_embeddings, rank) table looked up, then
+    mapped to the embedding size by a bias-free rank -> dim Linear (rank x dim multiplies a
+    token). ``first`` is the table and ``second`` the projection, as `LowRankLinear` runs them."""
+
+    @property
+    def in_features(self) -> int:
+        return self.second.out_features  # the embedding dim, as CompressedEmbedding sees it
+
+    @property
+    def out_features(self) -> int:
+        return self.first.weight.shape[0]
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.first.weight.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.second.out_features
+
+    @property
+    def rank(self) -> int:
+        return self.second.in_features

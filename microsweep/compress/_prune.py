@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from microsweep.errors import SpaceError
+from microsweep.spaces._policy import concrete_block
 
 __all__ = [
     "check_block",
@@ -24,9 +25,10 @@ def sparsity_of(tensor: torch.Tensor) -> float:
 
 
 def check_block(shape: tuple[int, int], block: tuple[int, int], what: str) -> None:
-    """Raise `SpaceError` unless a (rows, cols) matrix splits evenly into `block`-shaped tiles."""
+    """Raise `SpaceError` unless a (rows, cols) matrix splits evenly into `block`-shaped tiles
+    (a 0 side spans the matrix)."""
     rows, cols = shape
-    br, bc = block
+    br, bc = concrete_block(block, shape)
     if rows % br or cols % bc:
         raise SpaceError(
             f"{what} has shape {rows}x{cols}, which does not split into {br}x{bc} blocks; "
@@ -59,7 +61,7 @@ def magnitude_order(weight: torch.Tensor, block: tuple[int, int] | None = None) 
     w = weight.detach()
     if block is None:
         return torch.argsort(w.abs().flatten(), stable=True)
-    br, bc = block
+    br, bc = concrete_block(block, w.shape)
     rows, cols = w.shape
     tiles = w.reshape(rows // br, br, cols // bc, bc)
     norms = torch.linalg.vector_norm(tiles.to(torch.float64), dim=(1, 3))  # (rows/br, cols/bc)
@@ -74,7 +76,7 @@ def mask_from_order(
 ) -> torch.Tensor:
     """The kept-entry mask of a `shape` weight at `sparsity`, from its `magnitude_order`."""
     rows, cols = shape
-    br, bc = block or (1, 1)
+    br, bc = concrete_block(block, shape) if block is not None else (1, 1)
     grid = (rows // br, cols // bc)
     keep = torch.ones(order.numel(), dtype=torch.bool, device=order.device)
     n_drop = round(sparsity * order.numel())

@@ -6,7 +6,18 @@ from microsweep.data._corpus import (
     ptb,
     text_file,
     tiny_shakespeare,
+    wikitext2,
+    wikitext103,
     word_corpus,
 )
 
-__all__ = ["Corpus", "cache_dir", "ptb", "text_file", "tiny_shakespeare", "word_corpus"]
+__all__ = [
+    "Corpus",
+    "cache_dir",
+    "ptb",
+    "text_file",
+    "tiny_shakespeare",
+    "wikitext103",
+    "wikitext2",
+    "word_corpus",
+]

@@ -16,7 +16,16 @@ import torch
 
 from microsweep.errors import DataError
 
-__all__ = ["Corpus", "cache_dir", "ptb", "text_file", "tiny_shakespeare", "word_corpus"]
+__all__ = [
+    "Corpus",
+    "cache_dir",
+    "ptb",
+    "text_file",
+    "tiny_shakespeare",
+    "wikitext103",
+    "wikitext2",
+    "word_corpus",
+]
 
 TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -156,6 +165,13 @@ def _words(text: str) -> list[str]:
     return out
 
 
+def _split_file(folder: Path, split: str) -> Path:
+    """``{split}.txt``, or WikiText's own ``wiki.{split}.tokens`` when only that exists."""
+    plain = folder / f"{split}.txt"
+    wiki = folder / f"wiki.{split}.tokens"
+    return wiki if not plain.is_file() and wiki.is_file() else plain
+
+
 def word_corpus(
     path: str | os.PathLike[str],
     *,
@@ -174,11 +190,11 @@ def word_corpus(
         raise DataError(f"corpus folder {folder} does not exist; pass a folder of split files")
     if train == val:
         raise DataError(f"train and val are both {train!r}; evaluate on a split not trained on")
-    texts = {split: _read(folder / f"{split}.txt") for split in (train, val)}
+    texts = {split: _read(_split_file(folder, split)) for split in (train, val)}
     train_words, val_words = _words(texts[train]), _words(texts[val])
     for split, words in ((train, train_words), (val, val_words)):
         if len(words) < 100:
-            raise DataError(f"{folder / (split + '.txt')} has only {len(words)} tokens")
+            raise DataError(f"{_split_file(folder, split)} has only {len(words)} tokens")
     vocab = sorted(set(train_words) | {UNK, EOS})
     index = {s: i for i, s in enumerate(vocab)}
     unk = index[UNK]
@@ -198,17 +214,47 @@ def word_corpus(
     )
 
 
+def _named_word_corpus(
+    name: str,
+    folder: str,
+    path: str | os.PathLike[str] | None,
+    train: str,
+    val: str,
+    title: str,
+) -> Corpus:
+    """A word-level corpus from `path`, else ``$MICROSWEEP_DATA/<folder>``, else the cache's
+    ``data/<folder>``."""
+    if path is None:
+        env = os.environ.get(DATA_ENV)
+        path = Path(env) / folder if env else cache_dir() / "data" / folder
+    if not Path(path).is_dir():
+        raise DataError(
+            f"no {title} folder at {path}; pass path= or set {DATA_ENV} to a folder holding "
+            f"{folder}/{{train,valid,test}}.txt"
+        )
+    return word_corpus(path, train=train, val=val, name=name)
+
+
 def ptb(
     path: str | os.PathLike[str] | None = None, *, train: str = "train", val: str = "valid"
 ) -> Corpus:
     """The Penn Treebank (Mikolov's word-level files ``train.txt``, ``valid.txt``,
     ``test.txt``) from `path`, else ``$MICROSWEEP_DATA/ptb``, else the cache's ``data/ptb``."""
-    if path is None:
-        env = os.environ.get(DATA_ENV)
-        path = Path(env) / "ptb" if env else cache_dir() / "data" / "ptb"
-    if not Path(path).is_dir():
-        raise DataError(
-            f"no PTB folder at {path}; pass path= or set {DATA_ENV} to a folder holding "
-            "ptb/{train,valid,test}.txt"
-        )
-    return word_corpus(path, train=train, val=val, name="ptb")
+    return _named_word_corpus("ptb", "ptb", path, train, val, "PTB")
+
+
+def wikitext2(
+    path: str | os.PathLike[str] | None = None, *, train: str = "train", val: str = "valid"
+) -> Corpus:
+    """WikiText-2 (word level, its own ``<unk>``) from `path`, else
+    ``$MICROSWEEP_DATA/wikitext-2``, else the cache's ``data/wikitext-2``; split files named
+    ``{split}.txt`` or, as distributed, ``wiki.{split}.tokens``."""
+    return _named_word_corpus("wikitext-2", "wikitext-2", path, train, val, "WikiText-2")
+
+
+def wikitext103(
+    path: str | os.PathLike[str] | None = None, *, train: str = "train", val: str = "valid"
+) -> Corpus:
+    """WikiText-103 (the MicroNet challenge's corpus), laid out as `wikitext2` reads it, from
+    `path`, else ``$MICROSWEEP_DATA/wikitext-103``, else the cache's ``data/wikitext-103``."""
+    return _named_word_corpus("wikitext-103", "wikitext-103", path, train, val, "WikiText-103")

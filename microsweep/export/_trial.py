@@ -82,7 +82,8 @@ def export_trial(
     try:
         with torch.random.fork_rng():
             runner._reset_torch_state(number)  # the worker's per-trial state: seed, grad mode
-            model = compress(runner.base, policy, calib=prepared.calib)
+            source = runner.group_lasso(policy) or runner.base  # as the worker trained it
+            model = compress(source, policy, calib=prepared.calib)
             runner.finetune(model, policy.hyper)  # as the worker did (none without steps)
             model.eval()
             round_to_storage(model, count(model, context=settings.context, config=config))

@@ -1,6 +1,7 @@
 """Built-in language models and helpers to pretrain, cache and rebuild them."""
 
-from microsweep.models._build import build, gpt, lm_batch_loss, logits_of, pretrain
+from microsweep.models._build import build, gpt, lm_batch_loss, logits_of, lstm, pretrain
+from microsweep.models._gates import LinearLSTM, gate_names, linear_gates_
 from microsweep.models.gpt import GPT, GPTConfig
 from microsweep.models.hf import hf
 from microsweep.models.lstm import LSTMLM, LSTMConfig
@@ -9,11 +10,15 @@ __all__ = [
     "GPT",
     "GPTConfig",
     "LSTMConfig",
+    "LinearLSTM",
     "LSTMLM",
     "build",
+    "gate_names",
     "gpt",
     "hf",
+    "linear_gates_",
     "lm_batch_loss",
     "logits_of",
+    "lstm",
     "pretrain",
 ]

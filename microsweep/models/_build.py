@@ -7,7 +7,7 @@ import json
 import math
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -15,8 +15,11 @@ from torch import nn
 from microsweep.data._corpus import Corpus, cache_dir
 from microsweep.errors import UsageError
 from microsweep.models.gpt import GPT, GPTConfig
+from microsweep.models.lstm import LSTMLM, LSTMConfig
 
-__all__ = ["build", "gpt", "lm_batch_loss", "logits_of", "pretrain"]
+__all__ = ["build", "gpt", "lm_batch_loss", "lstm", "logits_of", "pretrain"]
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def build(recipe: dict[str, Any]) -> nn.Module:
@@ -155,20 +158,70 @@ def gpt(
         n_head=n_head,
         n_embd=n_embd,
     )
-    key_data = {
-        "config": asdict(config),
-        "data": corpus.fingerprint,
-        "steps": pretrain_steps,
-        "batch": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "v": 1,
-    }
-    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:20]
-    path = cache_dir() / "models" / f"gpt-{key}.pt"
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = GPT(config)
+    train = dict(steps=pretrain_steps, batch_size=batch_size, lr=lr, seed=seed)
+    return _pretrained("gpt", model, asdict(config), corpus, train, cache, verbose)
+
+
+def lstm(
+    corpus: Corpus,
+    *,
+    n_embd: int = 200,
+    n_hidden: int = 200,
+    n_layer: int = 2,
+    tie_weights: bool = True,
+    block_size: int = 35,
+    pretrain_steps: int = 1000,
+    batch_size: int = 20,
+    lr: float = 3e-3,
+    seed: int = 0,
+    cache: bool = True,
+    verbose: bool = False,
+) -> LSTMLM:
+    """An LSTM LM pretrained on `corpus.train`, reusing cached weights for the same recipe.
+
+    The defaults are the small word-level setting of the RNN-compression work (2 layers of 200,
+    embedding = hidden, 35-token windows), tied; `n_hidden=650` or 1500 gives the larger ones.
+    """
+    config = LSTMConfig(
+        vocab_size=corpus.vocab_size,
+        n_embd=n_embd,
+        n_hidden=n_hidden,
+        n_layer=n_layer,
+        tie_weights=tie_weights,
+        block_size=block_size,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LSTMLM(config)
+    train = dict(steps=pretrain_steps, batch_size=batch_size, lr=lr, seed=seed)
+    return _pretrained("lstm", model, asdict(config), corpus, train, cache, verbose)
+
+
+def _pretrained(
+    kind: str,
+    model: M,
+    config: dict[str, Any],
+    corpus: Corpus,
+    train: dict[str, Any],
+    cache: bool,
+    verbose: bool,
+) -> M:
+    """`model` pretrained on `corpus.train` with `train` settings, or loaded from the cache
+    entry keyed by its shape, the corpus fingerprint and every training setting."""
+    key_data = {
+        "config": config,
+        "data": corpus.fingerprint,
+        "steps": train["steps"],
+        "batch": train["batch_size"],
+        "lr": train["lr"],
+        "seed": train["seed"],
+        "v": 1,
+    }
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_dir() / "models" / f"{kind}-{key}.pt"
     if cache and path.is_file():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         model.eval()
@@ -176,11 +229,11 @@ def gpt(
     pretrain(
         model,
         corpus.train,
-        steps=pretrain_steps,
-        block_size=block_size,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
+        steps=train["steps"],
+        block_size=config["block_size"],
+        batch_size=train["batch_size"],
+        lr=train["lr"],
+        seed=train["seed"],
         log_every=100 if verbose else 0,
     )
     if cache:

@@ -21,7 +21,7 @@ from torch import nn
 
 from microsweep.errors import MicrosweepError, SpaceWarning, UsageError
 from microsweep.prepare._objective import MicroNet
-from microsweep.spaces import Space
+from microsweep.spaces import DATA_AWARE_METHODS, Space
 
 __all__ = ["INLINE_PATH", "SpaceFile", "load_space_file", "load_space_source", "space_from_objects"]
 
@@ -153,7 +153,7 @@ def _collect(module: ModuleType, path: str, source: str, space: Space) -> SpaceF
     if corpus is None and calib is None:
         for rule in space.rules:
             method = getattr(rule.settings.get("rank"), "method", "plain")
-            if method != "plain":
+            if method in DATA_AWARE_METHODS:
                 raise UsageError(
                     f"{where}: rule {rule.key!r} factorizes with {method!r} SVD, which reads "
                     "the layers' inputs, but no calibration tokens are given; define `calib` "

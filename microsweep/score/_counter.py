@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 import microsweep.score._rules  # noqa: F401  (registers the built-in rules)
+import microsweep.score._rules_ae  # noqa: F401  (autoencoder-decoded layers)
+import microsweep.score._rules_tt  # noqa: F401  (tensor-train layers)
 from microsweep.errors import UsageError
 from microsweep.score._config import CountConfig
 from microsweep.score._formulas import block_pattern, mask_bits, op_weight, tensor_bits

@@ -29,7 +29,13 @@ import math
 import torch
 from torch import nn
 
-from microsweep.compress._modules import CompressedLinear, LowRankLinear
+from microsweep.compress._modules import (
+    CompressedEmbedding,
+    CompressedLinear,
+    LowRankEmbedding,
+    LowRankLinear,
+)
+from microsweep.models._gates import LinearLSTM
 from microsweep.models.gpt import GPT, Block, CausalSelfAttention
 from microsweep.models.lstm import LSTMLM
 from microsweep.score._formulas import block_pattern, linear_adds
@@ -106,6 +112,29 @@ def _compressed_linear(module: CompressedLinear, name: str, ctx: RuleContext) ->
 def _low_rank(module: LowRankLinear, name: str, ctx: RuleContext) -> Cost:
     """Nothing of its own: `first` and `second` are counted as linears; the row shows the rank."""
     return Cost("low_rank", rank=int(module.rank))
+
+
+@register_rule(CompressedEmbedding)
+def _compressed_embedding(module: CompressedEmbedding, name: str, ctx: RuleContext) -> Cost:
+    """The table at `bits` (sparse or block-sparse when `sparse`) with fp32 per-row scales; a
+    lookup is indexing (0 ops)."""
+    bits = int(module.bits)
+    cost = Cost("compressed_embedding", bits=bits, act_bits=FLOAT_BITS)
+    block = module.block if module.sparse else None
+    cost.store(module.weight, bits=bits, sparse=module.sparse, block=block, compressed=True)
+    if bits < FLOAT_BITS and module.weight_scale is not None:
+        cost.const(module.weight_scale.numel())
+    weight = module.weight.detach()
+    kept = block_pattern(weight, block) if block is not None else weight != 0
+    cost.sparsity = 1 - int(kept.sum()) / weight.numel() if weight.numel() else 0.0
+    return cost
+
+
+@register_rule(LowRankEmbedding)
+def _low_rank_embedding(module: LowRankEmbedding, name: str, ctx: RuleContext) -> Cost:
+    """Nothing of its own: the (V, r) table is counted as an embedding and the r -> d
+    projection as a linear (r x d multiplies a token); the row shows the rank."""
+    return Cost("low_rank_embedding", rank=int(module.rank))
 
 
 @register_rule(nn.Embedding)
@@ -276,6 +305,14 @@ def _lstm_cell(
             cost.store(tensor)
     _matvec(cost, w_ih, b_ih, ctx)
     _matvec(cost, w_hh, b_hh, ctx)
+    _lstm_gate_math(cost, h)
+    if w_hr is not None:
+        _matvec(cost, w_hr, None, ctx)
+
+
+def _lstm_gate_math(cost: Cost, h: int) -> None:
+    """An LSTM step's work besides its matrix products: 4h adds joining the two gate products,
+    3h sigmoids and 2h tanhs, then 3h mults and h adds for the cell and hidden state."""
     cost.add(4 * h)
     for n, (mults, adds, others) in ((3 * h, _SIGMOID), (2 * h, _TANH)):
         cost.mul(n * mults)
@@ -283,8 +320,6 @@ def _lstm_cell(
         cost.other(n * others)
     cost.mul(3 * h)
     cost.add(h)
-    if w_hr is not None:
-        _matvec(cost, w_hr, None, ctx)
 
 
 def _weight_sparsity(tensors: list[torch.Tensor]) -> float:
@@ -308,6 +343,18 @@ def _lstm(module: nn.LSTM, name: str, ctx: RuleContext) -> Cost:
             _lstm_cell(cost, ctx, w_ih, w_hh, b_ih, b_hh, w_hr)
             weights += [w for w in (w_ih, w_hh, w_hr) if w is not None]
     cost.sparsity = _weight_sparsity(weights)
+    return cost
+
+
+@register_rule(LinearLSTM)
+def _linear_lstm(module: LinearLSTM, name: str, ctx: RuleContext) -> Cost:
+    """Each layer and direction's gate math (`_lstm_gate_math`) once per token; the gate
+    matrices are child Linears counted by their own rules, so a dense `LinearLSTM` counts
+    exactly as the `nn.LSTM` it came from."""
+    cost = Cost("lstm")
+    directions = 2 if module.bidirectional else 1
+    for _ in range(int(module.num_layers) * directions):
+        _lstm_gate_math(cost, int(module.hidden_size))
     return cost
 
 

@@ -421,11 +421,16 @@ def _drive(
             reason = None
             if pruned:
                 seen, n = res["windows_seen"], res["windows"]
+                where = f"after {seen}/{n} windows"
+                if res.get("finetune_stopped_at") is not None:
+                    where = f"fine-tuning at step {res['finetune_stopped_at']} ({seen} windows)"
                 reason = (
-                    f"stopped after {seen}/{n} windows: perplexity heading for {ppl:.4g} "
+                    f"stopped {where}: perplexity heading for {ppl:.4g} "
                     f"(at best {res['optimistic_perplexity']:.4g}), ceiling {ceiling:.4g}"
                 )
                 timings["evaluate_saved"] = timings.get("evaluate", 0.0) * (n / seen - 1)
+            if res.get("finetune_curve"):  # [step, subset perplexity] during fine-tuning
+                trial.set_user_attr("finetune_curve", res["finetune_curve"])
             if not multi:
                 for step, value in enumerate(res.get("intermediate", ())):
                     trial.report(value, step)

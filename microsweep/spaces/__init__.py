@@ -3,16 +3,22 @@
 from typing import TYPE_CHECKING, Any
 
 from microsweep.spaces._knobs import Bits, Choice, Float, Int, Knob, Rank, Sparsity
-from microsweep.spaces._policy import POLICY_VERSION, RANK_METHODS, LayerPolicy, Policy
+from microsweep.spaces._policy import (
+    DATA_AWARE_METHODS,
+    POLICY_VERSION,
+    RANK_METHODS,
+    LayerPolicy,
+    Policy,
+)
 
 if TYPE_CHECKING:
-    from microsweep.spaces._space import LayerInfo, Space, Unit
+    from microsweep.spaces._space import LayerInfo, Space, Unit, layer_policy
 
 
 def __getattr__(name: str) -> Any:
     """`Space`, `LayerInfo` and `Unit` load on first use: they need torch, while policies and
     knobs (what reports read) do not."""
-    if name in ("LayerInfo", "Space", "Unit"):
+    if name in ("LayerInfo", "Space", "Unit", "layer_policy"):
         from microsweep.spaces import _space
 
         value = getattr(_space, name)
@@ -22,6 +28,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "DATA_AWARE_METHODS",
     "POLICY_VERSION",
     "RANK_METHODS",
     "Bits",
@@ -36,4 +43,5 @@ __all__ = [
     "Space",
     "Sparsity",
     "Unit",
+    "layer_policy",
 ]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from microsweep.errors import SpaceError
-from microsweep.spaces._policy import RANK_METHODS, VALID_BITS
+from microsweep.spaces._policy import RANK_METHODS, VALID_BITS, _valid_block
 
 if TYPE_CHECKING:
     import optuna
@@ -50,7 +50,10 @@ def _check_range(kind: str, low: float, high: float) -> None:
 class Sparsity(Knob):
     """Fraction of weights pruned by magnitude, in [low, high] with optional `step`.
 
-    `block=(rows, cols)` prunes whole blocks and stores one mask bit per block.
+    `block=(rows, cols)` prunes whole blocks and stores one mask bit per block; a side of 0
+    spans the matrix (``block="row"``, the same as ``(1, 0)``, prunes whole rows; ``(0, 1)``
+    whole columns). Shapes such as (1, 4), (4, 1), (4, 4), (8, 8) or (16, 1) suit kernels that
+    skip blocks; a factorized layer's rank is rounded to whole blocks.
     """
 
     low: float = 0.0
@@ -68,10 +71,11 @@ class Sparsity(Knob):
         if self.step is not None and not 0 < self.step < 1:
             raise SpaceError(f"Sparsity: step {self.step!r} must be in (0, 1)")
         if self.block is not None:
-            block = tuple(self.block)
-            if len(block) != 2 or any(not isinstance(b, int) or b < 1 for b in block):
+            block = (1, 0) if self.block == "row" else tuple(self.block)
+            if not _valid_block(block):
                 raise SpaceError(
-                    f"Sparsity: block {self.block!r} must be two positive ints like (4, 4)"
+                    f"Sparsity: block {self.block!r} must be two ints >= 0 like (4, 4), or "
+                    "'row' for whole rows (a 0 side spans the matrix)"
                 )
             object.__setattr__(self, "block", block)
 
@@ -145,7 +149,11 @@ class Rank(Knob):
     ``method`` chooses how the factors are found: ``"plain"`` truncated SVD of the weight,
     ``"activation"`` (columns scaled by the mean |input| on calibration tokens) or ``"whiten"``
     (whitened by the inputs' Gram matrix: the least output error at that rank). The data-aware
-    methods need calibration tokens (a corpus, or `calib` in the space file)."""
+    methods need calibration tokens (a corpus, or `calib` in the space file). ``"tt"`` makes
+    the layer a tensor-train (TT-SVD; reshaping factors chosen from its shape) whose every
+    inner TT-rank is the rank, capped where the unfolding is smaller; its cores stay dense fp32,
+    so a tensor-train rule takes no sparsity or bits. An embedding table takes ``"plain"`` or
+    ``"tt"`` (its input is token ids)."""
 
     low: float | None
     high: float | None

@@ -14,16 +14,55 @@ from typing import Any
 
 from microsweep.errors import SpaceError
 
-__all__ = ["LayerPolicy", "Policy", "POLICY_VERSION", "RANK_METHODS", "VALID_BITS"]
+__all__ = [
+    "DATA_AWARE_METHODS",
+    "DENSE_METHODS",
+    "GROUP_METHODS",
+    "concrete_block",
+    "LayerPolicy",
+    "Policy",
+    "POLICY_VERSION",
+    "RANK_METHODS",
+    "VALID_BITS",
+]
 
 POLICY_VERSION = 1
 _POLICY_TAG = "microsweep.Policy"
 VALID_BITS = frozenset([*range(2, 17), 32])
 """Weight and activation widths: 2..16 quantize, 32 means "not quantized" (fp32)."""
-RANK_METHODS = ("plain", "activation", "whiten")
-"""How a rank is reached: truncated SVD of the weight, or data-aware SVD on calibration inputs
-(columns scaled by the inputs' magnitude, or whitened by their Gram matrix); see
-`microsweep.compress.factorize`."""
+RANK_METHODS = ("plain", "activation", "whiten", "tt", "autoencoder", "shared")
+"""How a rank is reached: truncated SVD of the weight, data-aware SVD on calibration inputs
+(columns scaled by the inputs' magnitude, or whitened by their Gram matrix; see
+`microsweep.compress.factorize`), a tensor-train of that TT-rank (`microsweep.compress.TTLinear`,
+`TTEmbedding`), latent codes of that size with a learned decoder (`DecodedLinear`, one decoder
+per `group`), or a basis of that rank shared by the layers of a `group` (each keeps its own
+coefficients)."""
+DATA_AWARE_METHODS = ("activation", "whiten")
+"""The rank methods that read a layer's calibration inputs."""
+GROUP_METHODS = ("autoencoder", "shared")
+"""The rank methods that compress the layers of a `group` together (one decoder, one basis)."""
+DENSE_METHODS = ("tt", "autoencoder", "shared")
+"""The rank methods whose stored factors stay dense fp32 (no sparsity, bits or act_bits)."""
+
+
+_RANK_TAGS = {
+    "plain": "", "activation": "/act", "whiten": "/white", "tt": "/tt", "autoencoder": "/ae",
+    "shared": "/shared",
+}  # fmt: skip
+
+
+def _valid_block(block: tuple[int, ...]) -> bool:
+    """Two ints >= 0, not both 0 (a 0 side spans the whole matrix side)."""
+    return (
+        len(block) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in block)
+        and any(block)
+    )
+
+
+def concrete_block(block: tuple[int, int], shape: tuple[int, ...]) -> tuple[int, int]:
+    """`block` for a (rows, cols) matrix: a 0 side becomes the matrix's whole side."""
+    return (block[0] or int(shape[0]), block[1] or int(shape[1]))
 
 
 @dataclass(frozen=True)
@@ -41,16 +80,18 @@ class LayerPolicy:
     act_bits: int = 32
     rank: int | None = None
     rank_method: str = "plain"
+    group: str | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
             raise SpaceError(f"sparsity {self.sparsity!r} is outside [0, 1); use e.g. 0.5 for half")
         if isinstance(self.block, list):
             object.__setattr__(self, "block", tuple(self.block))
-        if self.block is not None and (
-            len(self.block) != 2 or any(not isinstance(b, int) or b < 1 for b in self.block)
-        ):
-            raise SpaceError(f"block {self.block!r} must be two positive ints such as (4, 4)")
+        if self.block is not None and not _valid_block(self.block):
+            raise SpaceError(
+                f"block {self.block!r} must be two ints >= 0 such as (4, 4); 0 spans the whole "
+                "side, so (1, 0) prunes whole rows"
+            )
         for name in ("bits", "act_bits"):
             value = getattr(self, name)
             if value not in VALID_BITS:
@@ -63,6 +104,17 @@ class LayerPolicy:
             )
         if self.rank is None and self.rank_method != "plain":  # no rank: nothing to factorize
             object.__setattr__(self, "rank_method", "plain")
+        if self.rank_method in DENSE_METHODS and (
+            self.sparsity or self.bits != 32 or self.act_bits != 32
+        ):
+            raise SpaceError(
+                f"rank_method={self.rank_method!r} keeps its factors dense at fp32; drop "
+                "sparsity, bits and act_bits from the layer"
+            )
+        if self.group is not None and not isinstance(self.group, str):
+            raise SpaceError(f"group {self.group!r} must be a string naming the layers' rule")
+        if self.rank_method not in GROUP_METHODS:
+            object.__setattr__(self, "group", None)
 
     @property
     def is_identity(self) -> bool:
@@ -86,11 +138,15 @@ class LayerPolicy:
             out["rank"] = self.rank
         if self.rank_method != "plain":
             out["rank_method"] = self.rank_method
+        if self.group is not None:
+            out["group"] = self.group
         return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LayerPolicy:
-        unknown = set(data) - {"sparsity", "block", "bits", "act_bits", "rank", "rank_method"}
+        unknown = set(data) - {
+            "sparsity", "block", "bits", "act_bits", "rank", "rank_method", "group"
+        }  # fmt: skip
         if unknown:
             raise SpaceError(f"unknown layer setting(s) {sorted(unknown)} in policy JSON")
         return cls(**data)
@@ -142,7 +198,8 @@ class Policy:
 
     NOTATION = (
         "s=0.50 sparsity (blk: in blocks), w4 weight bits, a8 activation bits, r=32 rank "
-        "(/act, /white: data-aware SVD); "
+        "(/act, /white: data-aware SVD; /tt: tensor-train of that TT-rank; /ae: latent codes "
+        "with a learned decoder; /shared: a basis shared across the rule's layers); "
         "layers not named are left dense"
     )
     """What `summary` writes, for the places that show it."""
@@ -161,7 +218,7 @@ class Policy:
             if lp.act_bits != 32:
                 bits.append(f"a{lp.act_bits}")
             if lp.rank is not None:
-                how = {"plain": "", "activation": "/act", "whiten": "/white"}[lp.rank_method]
+                how = _RANK_TAGS[lp.rank_method]
                 bits.append(f"r={lp.rank}{how}")
             parts.append(f"{name}: {' '.join(bits)}")
         shown = parts[:limit]

@@ -10,6 +10,7 @@ Everything is checked when the space is built, before any trial runs.
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 import warnings
 from collections.abc import Mapping
@@ -20,12 +21,19 @@ from torch import nn
 
 from microsweep.errors import SpaceError, SpaceWarning
 from microsweep.spaces._knobs import Bits, Knob, Rank, Sparsity
-from microsweep.spaces._policy import VALID_BITS, LayerPolicy, Policy
+from microsweep.spaces._policy import (
+    DENSE_METHODS,
+    GROUP_METHODS,
+    VALID_BITS,
+    LayerPolicy,
+    Policy,
+    concrete_block,
+)
 
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["LayerInfo", "Space", "Unit"]
+__all__ = ["LayerInfo", "Space", "Unit", "layer_policy"]
 
 LAYER_KNOBS = ("sparsity", "bits", "act_bits", "rank")
 _RULE_KEYS = frozenset([*LAYER_KNOBS, "tied"])
@@ -33,12 +41,15 @@ _RULE_KEYS = frozenset([*LAYER_KNOBS, "tied"])
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A compressible layer: its name, shape and the other modules that share its weight."""
+    """A compressible layer: its name, shape (an embedding table (V, d) is V "out" rows of d
+    "in" columns, as a tied output head sees it), the other modules that share its weight, and
+    its `kind`: ``"linear"``, ``"embedding"`` or ``"lstm_gate"`` (a gate matrix of an LSTM)."""
 
     name: str
     out_features: int
     in_features: int
     shared_with: tuple[str, ...] = ()
+    kind: str = "linear"
 
     @property
     def full_rank(self) -> int:
@@ -74,22 +85,64 @@ class _Rule:
         return fnmatch.fnmatchcase(name, self.selector)
 
 
-def _linear_layers(model: nn.Module) -> dict[str, tuple[nn.Linear, LayerInfo]]:
+def _linear_layers(model: nn.Module) -> dict[str, tuple[nn.Module, LayerInfo]]:
+    """Every compressible matrix by name: Linear layers, embedding tables and the gate
+    matrices of `nn.LSTM`s (matched by rules through their LSTM module), in model order."""
+    from microsweep.models import gate_names
+
     owners: dict[int, list[str]] = {}
     for mod_name, module in model.named_modules():
         for p_name, param in module.named_parameters(recurse=False):
             owners.setdefault(id(param), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
-    layers = {}
+
+    def shared(weight: nn.Parameter, own: str) -> tuple[str, ...]:
+        return tuple(o.rsplit(".", 1)[0] for o in owners[id(weight)] if o != own)
+
+    layers: dict[str, tuple[nn.Module, LayerInfo]] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            shared = tuple(
-                o.rsplit(".", 1)[0] for o in owners[id(module.weight)] if o != f"{name}.weight"
-            )
-            layers[name] = (
-                module,
-                LayerInfo(name, module.out_features, module.in_features, shared),
-            )
+            tied = shared(module.weight, f"{name}.weight")
+            info = LayerInfo(name, module.out_features, module.in_features, tied)
+            layers[name] = (module, info)
+        elif type(module) is nn.Embedding:
+            v, d = module.weight.shape
+            info = LayerInfo(name, v, d, shared(module.weight, f"{name}.weight"), "embedding")
+            layers[name] = (module, info)
+        elif type(module) is nn.LSTM:
+            for gate in gate_names(module.num_layers, module.bidirectional, module.proj_size):
+                out_f, in_f = getattr(module, gate).shape
+                full = f"{name}.{gate}" if name else gate
+                layers[full] = (module, LayerInfo(full, out_f, in_f, (), "lstm_gate"))
     return layers
+
+
+def layer_policy(
+    info: LayerInfo, knobs: Mapping[str, Knob], values: Mapping[str, Any], group: str
+) -> LayerPolicy:
+    """The `LayerPolicy` of one layer for knob values in Optuna units (rank fractions resolve to
+    the layer's rank; knobs not given stay at identity). `group` names the unit (the tied
+    rule's key, or the layer) that a grouped rank method compresses together. With block
+    sparsity a rank is rounded down to a whole number of blocks (at least one), so both factors
+    tile."""
+    sparsity = float(values.get("sparsity", 0.0))
+    knob = knobs.get("sparsity")
+    block = knob.block if isinstance(knob, Sparsity) and sparsity > 0 else None
+    rank_knob = knobs.get("rank")
+    method = rank_knob.method if isinstance(rank_knob, Rank) else "plain"
+    value = values.get("rank")
+    rank = None if value is None else Rank.resolve(value, info.out_features, info.in_features)
+    if rank is not None and block is not None:
+        step = math.lcm(block[0] or 1, block[1] or 1)
+        rank = max(step, rank // step * step)
+    return LayerPolicy(
+        sparsity=sparsity,
+        block=block,
+        bits=int(values.get("bits", 32)),
+        act_bits=int(values.get("act_bits", 32)),
+        rank=rank,
+        rank_method=method,
+        group=group if method in GROUP_METHODS else None,
+    )
 
 
 def _check_setting(rule: str, key: str, value: Any) -> Any:
@@ -121,7 +174,13 @@ def _bad(rule: str, key: str, value: Any) -> Any:
 
 
 class Space:
-    """A search space over a model's Linear layers plus plain hyperparameters.
+    """A search space over a model's Linear layers, embedding tables and LSTM gate matrices,
+    plus plain hyperparameters.
+
+    An `nn.LSTM` whose gate matrices a rule names (``"lstm.weight_hh_l0"``, as torch names the
+    parameter) is swapped in the model for a `microsweep.models.LinearLSTM` sharing its
+    parameters (the same numbers, one Linear per gate matrix), so those matrices compress like
+    Linear layers.
 
     ``Space(model, rules={"blocks.*.mlp.*": dict(sparsity=Sparsity(0, 0.9), bits=Bits(4, 8))},
     hyper={"finetune_lr": Float(1e-5, 1e-3, log=True)})``
@@ -140,7 +199,9 @@ class Space:
         self.model = model
         self._layers = _linear_layers(model)
         if not self._layers:
-            raise SpaceError("Space: the model has no nn.Linear layers to compress")
+            raise SpaceError(
+                "Space: the model has no nn.Linear, nn.Embedding or nn.LSTM layers to compress"
+            )
         self.rules = [self._parse_rule(sel, settings) for sel, settings in rules.items()]
         self.hyper: dict[str, Knob] = {}
         for key, knob in (hyper or {}).items():
@@ -152,6 +213,7 @@ class Space:
         self.assignment = self._assign()
         for rule in self.rules:
             self._validate(rule)
+        self._gate_lstms()
         self.notes = self._hygiene()
         for note in self.notes:
             warnings.warn(note, SpaceWarning, stacklevel=2)
@@ -206,13 +268,71 @@ class Space:
                     else ""
                 )
                 raise SpaceError(
-                    f"rule {rule.key!r} matches no Linear layer; layer names are like: "
-                    f"{names}{hint}"
+                    f"rule {rule.key!r} matches no Linear, Embedding or LSTM gate matrix; "
+                    f"layer names are like: {names}{hint}"
                 )
         return assignment
 
+    def _gate_lstms(self) -> None:
+        """Swap each `nn.LSTM` with an assigned gate matrix for a `LinearLSTM` (same
+        parameters), and point the gate entries at their Linears."""
+        from microsweep.models import linear_gates_
+
+        owners = {n.rpartition(".")[0] for n in self.assignment if self._layers[n][1].kind
+                  == "lstm_gate"}  # fmt: skip
+        if not owners:
+            return
+        linear_gates_(self.model, sorted(owners))
+        for name, (_, info) in list(self._layers.items()):
+            if info.kind == "lstm_gate" and name.rpartition(".")[0] in owners:
+                self._layers[name] = (self.model.get_submodule(name), info)
+
     def _validate(self, rule: _Rule) -> None:
+        rank_knob = rule.settings.get("rank")
+        method = rank_knob.method if isinstance(rank_knob, Rank) else "plain"
+        if method in DENSE_METHODS:
+            for key in ("sparsity", "bits", "act_bits"):
+                knob = rule.settings.get(key)
+                if knob is not None and not (knob.is_constant and knob.suggest(None, key) in (
+                    0.0, 32)):  # fmt: skip
+                    raise SpaceError(
+                        f"rule {rule.key!r}: Rank(..., method={method!r}) keeps its factors "
+                        f"dense at fp32; drop {key} from this rule"
+                    )
+        if method == "shared":
+            members = self.layers_of(rule)
+            if not rule.tied:
+                raise SpaceError(
+                    f"rule {rule.key!r}: Rank(..., method='shared') shares one basis across "
+                    "the rule's layers; add tied=True"
+                )
+            if len({i.in_features for i in members}) > 1:
+                raise SpaceError(
+                    f"rule {rule.key!r}: a shared basis needs layers with one input size; "
+                    f"{members[0].name!r} and others differ"
+                )
+        if method in GROUP_METHODS:
+            odd = [i.name for i in self.layers_of(rule) if i.kind == "embedding"]
+            if odd:
+                raise SpaceError(
+                    f"rule {rule.key!r}: embedding {odd[0]!r} cannot take "
+                    f"Rank(..., method={method!r}); use 'plain' or 'tt' for embeddings"
+                )
+            if method == "autoencoder" and rule.tied:
+                if len({i.in_features for i in self.layers_of(rule)}) > 1:
+                    raise SpaceError(
+                        f"rule {rule.key!r}: a joint decoder (tied=True) needs layers with one "
+                        "input size; split the rule or drop tied"
+                    )
         for info in self.layers_of(rule):
+            if info.kind == "embedding":
+                self._validate_embedding(rule, info)
+            both = [n for n in info.shared_with if n in self.assignment]
+            if both:
+                raise SpaceError(
+                    f"layers {info.name!r} and {both[0]!r} share one weight (tied); give "
+                    "compression settings to only one of them"
+                )
             rank = rule.settings.get("rank")
             if rank is not None and info.shared_with:
                 raise SpaceError(
@@ -228,17 +348,29 @@ class Space:
                     )
             sparsity = rule.settings.get("sparsity")
             if isinstance(sparsity, Sparsity) and sparsity.block is not None:
-                br, bc = sparsity.block
-                if info.out_features % br or info.in_features % bc:
+                shape = (info.out_features, info.in_features)
+                br, bc = concrete_block(sparsity.block, shape)
+                if shape[0] % br or shape[1] % bc:
                     raise SpaceError(
                         f"rule {rule.key!r}: block {sparsity.block} does not tile layer "
                         f"{info.name!r} of shape ({info.out_features}, {info.in_features})"
                     )
-                if rank is not None:
-                    raise SpaceError(
-                        f"rule {rule.key!r}: block sparsity with rank is not supported yet; "
-                        "use unstructured Sparsity with Rank"
-                    )
+
+    @staticmethod
+    def _validate_embedding(rule: _Rule, info: LayerInfo) -> None:
+        """An embedding's input is token ids: no act_bits, and only plain SVD for rank."""
+        act = rule.settings.get("act_bits")
+        if isinstance(act, Bits) and any(b < 32 for b in act.choices):
+            raise SpaceError(
+                f"rule {rule.key!r}: layer {info.name!r} is an embedding, whose input is token "
+                "ids, so act_bits does not apply; give it a rule of its own without act_bits"
+            )
+        rank = rule.settings.get("rank")
+        if isinstance(rank, Rank) and rank.method not in ("plain", "tt"):
+            raise SpaceError(
+                f"rule {rule.key!r}: embedding {info.name!r} factorizes by plain SVD or as a "
+                "tensor-train only; use Rank(..., method='plain') or method='tt' for it"
+            )
 
     def _hygiene(self) -> list[str]:
         """Levels the scoring rules make wasteful, one note per rule and knob."""
@@ -248,7 +380,9 @@ class Space:
             if isinstance(sparsity, Sparsity) and sparsity.high > 0:
                 per_value = 1.0
                 if sparsity.block is not None:
-                    per_value = 1.0 / (sparsity.block[0] * sparsity.block[1])
+                    first = self.layers_of(rule)[0]
+                    br, bc = concrete_block(sparsity.block, (first.out_features, first.in_features))
+                    per_value = 1.0 / (br * bc)
                 widths = sorted(bits.choices) if isinstance(bits, Bits) else [32]
                 # sparse storage is (1 - s) * b + (mask bits per value) against b for dense
                 even = [(b, per_value / b) for b in widths]
@@ -460,23 +594,7 @@ class Space:
 
     @staticmethod
     def _layer_policy(info: LayerInfo, rule: _Rule, values: Mapping[str, Any]) -> LayerPolicy:
-        sparsity_knob = rule.settings.get("sparsity")
-        block = sparsity_knob.block if isinstance(sparsity_knob, Sparsity) else None
-        sparsity = float(values.get("sparsity", 0.0))
-        rank = values.get("rank")
-        rank_knob = rule.settings.get("rank")
-        return LayerPolicy(
-            sparsity=sparsity,
-            block=block if sparsity > 0 else None,
-            bits=int(values.get("bits", 32)),
-            act_bits=int(values.get("act_bits", 32)),
-            rank=(
-                Rank.resolve(rank, info.out_features, info.in_features)
-                if rank is not None
-                else None
-            ),
-            rank_method=rank_knob.method if isinstance(rank_knob, Rank) else "plain",
-        )
+        return layer_policy(info, rule.settings, values, rule.key if rule.tied else info.name)
 
     def to_json(self) -> dict[str, Any]:
         """A description for the store: rules with their knobs, layers, hyperparameters."""

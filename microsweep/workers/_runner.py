@@ -3,7 +3,8 @@
 A runner holds the base model and the fixed evaluation windows for its whole life and runs trial
 after trial. A trial's model shares every tensor the policy leaves alone with the base, and its
 compressed layers come from a per-runner `VariantCache` keyed by (layer, settings), so repeated
-settings cost a lookup; only fine-tuning takes a full copy (it trains). Before each trial it puts
+settings cost a lookup; only training takes a full copy (recovery fine-tuning, and the group-lasso
+stage that trains the dense model before block pruning). Before each trial it puts
 torch's global state (seed, threads, grad mode, default dtype) back to what it was at start, so
 that trials on a reused worker cannot leak into each other. Every failure comes back as a result
 with ``status="error"`` and a reason.
@@ -25,8 +26,15 @@ from torch import nn
 
 if TYPE_CHECKING:
     from microsweep.score import StopRule
+    from microsweep.spaces import Policy
 
-__all__ = ["EvalSettings", "TrialRunner"]
+__all__ = ["EvalSettings", "FT_EVAL_WINDOWS", "TrialRunner"]
+
+FT_EVAL_WINDOWS = 32
+"""Evaluation windows in the fine-tuning curve's subset (`finetune_eval_every`): every m-th
+window, m = n // 32 (all of them when there are fewer), so it samples the whole split. A point
+costs 32 window forwards without gradients, about one training step of 8 windows (forward and
+backward), so k = 10 adds roughly a tenth to fine-tuning time."""
 
 
 @dataclass(frozen=True)
@@ -130,23 +138,33 @@ class TrialRunner:
     def _run(
         self, policy: Any, timings: dict[str, float], *, early_stop: bool, keep_nll: bool
     ) -> dict[str, Any]:
-        from microsweep.compress import compress
+        from microsweep.compress import compress, compress_
         from microsweep.score import CountConfig, count, round_to_storage
+
+        trained = None  # the dense base after the group-lasso stage, when the policy asks for it
+        if _whole(policy.hyper, "group_lasso_steps", 0) > 0:
+            t = time.perf_counter()
+            trained = self.group_lasso(policy)
+            if trained is not None:
+                timings["group_lasso"] = time.perf_counter() - t
 
         t = time.perf_counter()
         steps = int(policy.hyper.get("finetune_steps", 0) or 0)
-        shared = self._cache is not None
+        shared = self._cache is not None and trained is None  # cached layers are the base's
         if shared:
             model = self._cache.model(policy)
             if steps > 0:  # training needs tensors of its own
                 model, shared = copy.deepcopy(model), False
+        elif trained is not None:  # blocks are selected by magnitude on the trained weights
+            model = compress_(trained, policy, calib=self.calib)
         else:
             model = compress(self.base, policy, calib=self.calib)
         timings["compress"] = time.perf_counter() - t
 
+        tuned: dict[str, Any] = {}
         if steps > 0:
             t = time.perf_counter()
-            self.finetune(model, policy.hyper)
+            tuned = self.finetune(model, policy.hyper, early_stop=early_stop)
             timings["finetune"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -162,14 +180,19 @@ class TrialRunner:
             counts = count(model, context=self.settings.context, config=config)
         timings["count"] = time.perf_counter() - t
 
-        t = time.perf_counter()
         extra: dict[str, Any] = {}
-        if self.evaluate_fn is not None:
-            ppl = float(self.evaluate_fn(model))
+        cut = "finetune_stopped_at" in tuned  # fine-tuning could not recover: no evaluation
+        if cut:
+            ppl = tuned["perplexity_estimate"]
         else:
-            ppl, extra = self._evaluate(model, early_stop=early_stop, keep_nll=keep_nll)
-        timings["evaluate"] = time.perf_counter() - t
+            t = time.perf_counter()
+            if self.evaluate_fn is not None:
+                ppl = float(self.evaluate_fn(model))
+            else:
+                ppl, extra = self._evaluate(model, early_stop=early_stop, keep_nll=keep_nll)
+            timings["evaluate"] = time.perf_counter() - t
         del model
+        extra = {**tuned, **extra}
         layers = [lc.to_json() for lc in counts.layers]
         for row in layers:  # the policy's requested settings sit beside the counted values
             lp = policy.layers.get(row["name"])
@@ -183,7 +206,11 @@ class TrialRunner:
             "count_config": counts.config.to_json(),
         }
         if not math.isfinite(ppl):
-            return {"status": "error", "error": f"perplexity is {ppl} (not finite)", **counted}
+            error = f"perplexity is {ppl} (not finite)"
+            if cut:
+                error = f"fine-tuning diverged: {error} at step {tuned['finetune_stopped_at']}"
+            curve = {k: tuned[k] for k in ("finetune_curve", "finetune_stopped_at") if k in tuned}
+            return {"status": "error", "error": error, **curve, **counted}
         if extra.get("pruned"):
             return {"status": "pruned", **extra, **counted}
         return {"status": "ok", "perplexity": ppl, **extra, **counted}
@@ -228,21 +255,90 @@ class TrialRunner:
             extra["window_nll"] = nll.tolist()
         return nll_to_perplexity(float(nll.sum()), tokens), extra
 
-    def finetune(self, model: nn.Module, hyper: Mapping[str, Any]) -> None:
+    def group_lasso(self, policy: Policy) -> nn.Module | None:
+        """The dense base trained by the reweighted group-lasso stage the policy's hyperparameters
+        ask for (a deep copy; the base is untouched), or None when there is nothing to train:
+        `group_lasso_steps` 0 or no layer pruned in blocks.
+
+        `group_lasso_steps` AdamW steps at `group_lasso_lr` (default 1e-4, as `finetune_lr`) on
+        cross-entropy plus `group_lasso_penalty` (default 1e-4, the authors' factor) x the
+        reweighted group lasso, alphas re-estimated every `group_lasso_reweight_every` steps
+        (default 10). Penalised: each layer with sparsity > 0, a `block` and no rank, over tiles of
+        its block shape (a factorized layer's blocks live in its factors, which do not exist yet).
+        """
+        from microsweep.compress._group_lasso import group_lasso_train_
+
+        hyper = policy.hyper
+        steps = _whole(hyper, "group_lasso_steps", 0)
+        penalty = _number(hyper, "group_lasso_penalty", 1e-4)
+        lr = _number(hyper, "group_lasso_lr", 1e-4)
+        every = _whole(hyper, "group_lasso_reweight_every", 10)
+        if penalty < 0:
+            raise ValueError(f"group_lasso_penalty {penalty} must be >= 0")
+        if not lr > 0:
+            raise ValueError(f"group_lasso_lr {lr} must be above 0")
+        if every < 1:
+            raise ValueError(f"group_lasso_reweight_every {every} must be at least 1")
+        targets = {
+            name: lp.block
+            for name, lp in policy.layers.items()
+            if lp.block is not None and lp.sparsity > 0 and lp.rank is None
+        }
+        if steps <= 0 or not targets:
+            return None
+        if self.train_tokens is None:
+            raise RuntimeError("group_lasso_steps was given but the runner has no training tokens")
+        trained = copy.deepcopy(self.base)
+        group_lasso_train_(
+            trained,
+            targets,
+            self.train_tokens,
+            steps=steps,
+            lr=lr,
+            penalty=penalty,
+            reweight_every=every,
+            block_size=self.settings.finetune_block or self.windows.shape[1] - 1,
+            batch_size=8,
+            seed=self.settings.seed,
+        )
+        return trained.eval()
+
+    def finetune(
+        self, model: nn.Module, hyper: Mapping[str, Any], *, early_stop: bool = False
+    ) -> dict[str, Any]:
         """Recovery fine-tuning as the policy's hyperparameters ask: `finetune_steps` steps at
         `finetune_lr`, distilled from the dense model with weight `distill_alpha` (0: plain
-        cross-entropy) at temperature `distill_temperature`."""
+        cross-entropy) at temperature `distill_temperature`.
+
+        With `finetune_eval_every` = k > 0 the perplexity of a fixed subset of the windows
+        (`FT_EVAL_WINDOWS`) is measured before the first step, after every k-th and after the
+        last, returned as ``finetune_curve`` ([step, perplexity] pairs). With a stop rule in the
+        settings and `early_stop`, a fine-tune that cannot recover is cut short (`_Curve.add`
+        says when) and the result keys of a stopped trial come back, with ``finetune_stopped_at``.
+        Without k the training is exactly what it was before the curve existed.
+        """
         steps = int(hyper.get("finetune_steps", 0) or 0)
         if steps <= 0:
-            return
+            return {}
         alpha = float(hyper.get("distill_alpha", 0.0))
         temperature = float(hyper.get("distill_temperature", 2.0))
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"distill_alpha {alpha} must be in [0, 1]")
         if not temperature > 0:
             raise ValueError(f"distill_temperature {temperature} must be above 0")
+        every = _whole(hyper, "finetune_eval_every", 0)
+        if every < 0:
+            raise ValueError(f"finetune_eval_every {every} must be >= 0 (0: no curve)")
         lr = float(hyper.get("finetune_lr", 1e-4))
-        self._finetune(model, steps, lr, alpha=alpha, temperature=temperature)
+        curve = None
+        if every > 0:
+            rule = self.settings.stop
+            if rule is not None and rule.n_windows != self.windows.shape[0]:
+                rule = None  # a rule for other windows: _evaluate ignores it too
+            curve = _Curve(self.windows, self.settings.batch_size, rule, steps, early_stop)
+        self._finetune(model, steps, lr, alpha=alpha, temperature=temperature, curve=curve,
+                       every=every)  # fmt: skip
+        return {} if curve is None else curve.result()
 
     def _finetune(
         self,
@@ -252,10 +348,15 @@ class TrialRunner:
         *,
         alpha: float = 0.0,
         temperature: float = 2.0,
+        curve: _Curve | None = None,
+        every: int = 0,
     ) -> None:
         """Recovery fine-tuning: AdamW steps on training windows (distilled from the dense
         base when `alpha` > 0), projected back onto the compressed set (masks and quantization
-        grids) after every step."""
+        grids) after every step; with a `curve`, measured at step 0, every `every` steps and
+        at the end, ending early when the curve says so. Measuring draws no random numbers
+        and leaves the training flags as they were, so the steps taken are the same with or
+        without it."""
         from microsweep.compress import project_
         from microsweep.models import lm_batch_loss
 
@@ -269,7 +370,10 @@ class TrialRunner:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         model.train()
         with torch.enable_grad():
-            for _ in range(steps):
+            stop = curve is not None and curve.add(model, 0)
+            for step in range(steps):
+                if stop:
+                    break
                 loss = lm_batch_loss(
                     model, self.train_tokens, block_size=block, batch_size=8, gen=gen,
                     teacher=self.base if alpha > 0 else None, alpha=alpha,
@@ -279,9 +383,112 @@ class TrialRunner:
                 loss.backward()
                 opt.step()
                 project_(model)
+                done = step + 1
+                if curve is not None and (done % every == 0 or done == steps):
+                    stop = curve.add(model, done)
         for p in params:
             p.requires_grad_(False)
         model.eval()
+
+
+class _Curve:
+    """The fine-tuning curve: perplexity on a fixed subset of the evaluation windows at chosen
+    steps, and the decision to cut a fine-tune that cannot recover.
+
+    The cut reuses the stop rule's ceiling and its optimistic bound. At a point after at least
+    half the steps and with two earlier points, take the rule's optimistic estimate of the
+    full-split perplexity from the subset (z standard errors of luck on the unseen windows),
+    and lower it further by the recent rate of improvement (the drop in log perplexity per step
+    since two points back) carried over every remaining step. If even that stays above the
+    ceiling, the fine-tune is cut. Fine-tuning gains shrink as it goes, so carrying the recent
+    rate forward overstates what is left to gain: the rule errs towards letting a trial finish.
+    A non-finite subset perplexity (the training diverged) cuts at once, at any step.
+    """
+
+    def __init__(
+        self,
+        windows: torch.Tensor,
+        batch_size: int,
+        rule: StopRule | None,
+        steps: int,
+        early_stop: bool,
+    ) -> None:
+        n = windows.shape[0]
+        size = min(n, FT_EVAL_WINDOWS)
+        every = n // size
+        self.indices = list(range(0, every * size, every))
+        self.windows = windows[self.indices]
+        self.tokens = size * (windows.shape[1] - 1)
+        self.batch_size = batch_size
+        self.rule = rule
+        self.steps = steps
+        self.may_cut = early_stop and rule is not None
+        self.points: list[list[float]] = []  # [step, subset perplexity]
+        self.projected: list[float] = []  # the rule's full-split estimate at each point
+        self.stopped: dict[str, Any] | None = None
+
+    def add(self, model: nn.Module, step: int) -> bool:
+        """Measure the model at `step`; True when fine-tuning should end here."""
+        from microsweep.score import nll_to_perplexity, window_nll
+
+        nll = window_nll(model, self.windows, batch_size=self.batch_size)
+        ppl = nll_to_perplexity(float(nll.sum()), self.tokens)
+        self.points.append([step, ppl])
+        if self.rule is None:
+            return False
+        verdict = self.rule.verdict(self.indices, nll)
+        self.projected.append(verdict.projected)
+        if not self.may_cut or step >= self.steps:
+            return False
+        if not math.isfinite(ppl):  # diverged (NaN, or a mean NLL past float range): no way back
+            return self._cut(step, math.inf, math.inf)
+        if 2 * step < self.steps or len(self.points) < 3 or verdict.optimistic <= 0:
+            return False
+        back = self.points[-3][0]
+        rate = max(0.0, math.log(self.projected[-3] / verdict.projected) / (step - back))
+        best = math.log(verdict.optimistic) - rate * (self.steps - step)
+        if best <= math.log(self.rule.ceiling):
+            return False
+        return self._cut(step, verdict.projected, math.exp(best))
+
+    def _cut(self, step: int, projected: float, optimistic: float) -> bool:
+        self.stopped = {
+            "pruned": True,
+            "perplexity_estimate": projected,
+            "optimistic_perplexity": optimistic,
+            "windows_seen": len(self.indices),
+            "windows": self.rule.n_windows if self.rule is not None else len(self.indices),
+            "finetune_stopped_at": step,
+        }
+        return True
+
+    def result(self) -> dict[str, Any]:
+        """``finetune_curve``, and when cut the keys of a stopped trial."""
+        return {"finetune_curve": self.points, **(self.stopped or {})}
+
+
+def _whole(hyper: Mapping[str, Any], key: str, default: int) -> int:
+    """A whole-number hyperparameter (an int, or a float without a fraction), else a one-line
+    `ValueError`."""
+    value = hyper.get(key, default)
+    if value is None:
+        return default
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value != int(value)
+    ):
+        raise ValueError(f"{key} {value!r} must be a whole number")
+    return int(value)
+
+
+def _number(hyper: Mapping[str, Any], key: str, default: float) -> float:
+    """A finite numeric hyperparameter, else a one-line `ValueError`."""
+    value = hyper.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{key} {value!r} must be a finite number")
+    return float(value)
 
 
 def _assigned_device() -> torch.device | None:

@@ -1,0 +1,654 @@
+"""Tensor-train (TT) layers: a Linear or Embedding weight stored as a chain of small 4-D cores.
+
+A weight W of shape (out, in) is zero-padded to (M, N) with M = m_1·…·m_d and N = n_1·…·n_d,
+viewed as a d-way tensor with paired indices (i_k, j_k), and written as
+``W[(i_1..i_d), (j_1..j_d)] = G_1[:, i_1, j_1, :] @ … @ G_d[:, i_d, j_d, :]`` with cores G_k of
+shape (r_{k-1}, m_k, n_k, r_k), r_0 = r_d = 1. Multi-indices are row-major (i_1 most
+significant), as ``W.reshape(m_1, …, m_d, n_1, …, n_d)`` reads them. `tt_svd` finds the cores by
+sequential truncated SVDs (exact at full TT-ranks); `TTLinear` multiplies by W and `TTEmbedding`
+reads rows of a table without ever rebuilding W, so inference stores only Σ r_{k-1} m_k n_k r_k
+values (`tt_params`).
+
+Shape rules (`tt_dims`, `tt_shape`): a dimension n is padded to the N in [n, n + ceil(0.1·n)]
+whose most balanced d factors have the smallest sum (for a fixed product, the sum is smallest
+when the factors are equal; across N, a larger N raises it, so the rule trades padding against
+balance); ties go to the smaller N, then to the factors with the smaller largest one. Factors
+are returned in ascending order. The number of cores d is 2, 3 or 4: the largest with
+4^d <= min(out, in) (2 below that), so each factor of the smaller side is about 4 or more.
+
+Ops (MicroNet counting, dot product of length k = k mults + k-1 adds) are counted from the
+contraction order the forward passes implement (`tt_matvec_ops`, `tt_lookup_ops`), padding
+included: the padded rows and columns are computed, so they are paid for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from microsweep.errors import SpaceError
+
+__all__ = [
+    "TTEmbedding",
+    "TTLinear",
+    "tt_dims",
+    "tt_full",
+    "tt_lookup_ops",
+    "tt_matvec_ops",
+    "tt_max_ranks",
+    "tt_params",
+    "tt_shape",
+    "tt_svd",
+]
+
+PAD_MARGIN = 0.1
+"""Default most padding `tt_dims` may add, as a fraction of the dimension (rounded up)."""
+MAX_CORES = 4
+"""The most cores `tt_shape` picks on its own."""
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpaceError(f"{what} {value!r} must be a positive int")
+    return int(value)
+
+
+def _factors(values: Any, what: str) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise SpaceError(f"{what} {values!r} must be a non-empty sequence of positive ints")
+    return tuple(_positive_int(v, f"{what} entry") for v in values)
+
+
+def _check_shape(
+    out_features: int, in_features: int, out_factors: Any, in_factors: Any
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Validated factors: same length, products covering the (out, in) matrix."""
+    out_f = _factors(out_factors, "out_factors")
+    in_f = _factors(in_factors, "in_factors")
+    if len(out_f) != len(in_f):
+        raise SpaceError(
+            f"out_factors {out_f} and in_factors {in_f} must have the same length (one pair of "
+            "factors per core)"
+        )
+    if math.prod(out_f) < out_features:
+        raise SpaceError(f"out_factors {out_f} multiply to less than {out_features} rows")
+    if math.prod(in_f) < in_features:
+        raise SpaceError(f"in_factors {in_f} multiply to less than {in_features} columns")
+    return out_f, in_f
+
+
+def _resolve_ranks(
+    ranks: int | Sequence[int], out_factors: Sequence[int], in_factors: Sequence[int]
+) -> tuple[int, ...]:
+    """Inner ranks (r_1..r_{d-1}): a scalar r gives min(r, max rank) at every cut, a sequence
+    gives one rank per cut, each also capped at the cut's max rank."""
+    caps = tt_max_ranks(out_factors, in_factors)
+    if isinstance(ranks, int) and not isinstance(ranks, bool):
+        r = _positive_int(ranks, "TT rank")
+        return tuple(min(r, cap) for cap in caps)
+    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence):
+        raise SpaceError(f"TT ranks {ranks!r} must be a positive int or a sequence of them")
+    if len(ranks) != len(caps):
+        raise SpaceError(
+            f"TT ranks {tuple(ranks)} must give one rank per cut: {len(caps)} for "
+            f"{len(caps) + 1} cores"
+        )
+    return tuple(min(_positive_int(r, "TT rank"), cap) for r, cap in zip(ranks, caps, strict=True))
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def _tuples_with_sum(d: int, total: int, low: int, lo: int, hi: int) -> Iterator[tuple[int, ...]]:
+    """Non-decreasing d-tuples of ints >= `low` summing to `total` with product in [lo, hi].
+
+    With the first factor f fixed (f <= total/d), the product is at most f·((total-f)/(d-1))^(d-1)
+    (a balanced tail) and at least f^(d-1)·(total-(d-1)·f) (the tail as unbalanced as allowed);
+    both grow with f, so only a window of f is searched (integer arithmetic, exact)."""
+    if d == 1:
+        if total >= low and lo <= total <= hi:
+            yield (total,)
+        return
+    top = total // d
+
+    def can_reach_lo(f: int) -> bool:
+        return f * (total - f) ** (d - 1) >= lo * (d - 1) ** (d - 1)
+
+    if low > top or not can_reach_lo(top):
+        return
+    left, right = low, top  # smallest f in [low, top] whose largest product reaches lo
+    while left < right:
+        mid = (left + right) // 2
+        if can_reach_lo(mid):
+            right = mid
+        else:
+            left = mid + 1
+    for first in range(left, top + 1):
+        if first ** (d - 1) * (total - (d - 1) * first) > hi:
+            break
+        for tail in _tuples_with_sum(d - 1, total - first, first, -(-lo // first), hi // first):
+            yield (first, *tail)
+
+
+def _balanced_split(n: int, d: int, low: int = 1) -> tuple[int, ...] | None:
+    """The ascending d factors >= `low` of exactly `n` with the smallest sum (then the smallest
+    largest factor), or None; trial division, for one n at a time."""
+    if d == 1:
+        return (n,) if n >= low else None
+    best: tuple[int, ...] | None = None
+    first = low
+    while first**d <= n:
+        if n % first == 0:
+            tail = _balanced_split(n // first, d - 1, first)
+            if tail is not None:
+                cand = (first, *tail)
+                if best is None or (sum(cand), cand[-1]) < (sum(best), best[-1]):
+                    best = cand
+        first += 1
+    return best
+
+
+_DIRECT_RANGE = 32
+"""Up to this many candidate products, `tt_dims` factors each one directly."""
+
+
+def tt_dims(n: int, d: int, *, margin: float = PAD_MARGIN) -> tuple[int, ...]:
+    """Split dimension `n` into `d` ascending factors whose product N >= n (see the module
+    docstring): the N in [n, n + ceil(margin·n)] whose factors have the smallest sum."""
+    n = _positive_int(n, "dimension")
+    d = _positive_int(d, "number of TT cores")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
+        raise SpaceError(f"padding margin {margin!r} must be a number >= 0")
+    if d == 1:
+        return (n,)
+    hi = n + math.ceil(margin * n)
+    if hi - n < _DIRECT_RANGE:  # few candidates (small n or margin): factor each exactly
+        splits = [_balanced_split(big_n, d) for big_n in range(n, hi + 1)]
+        return min(
+            (t for t in splits if t is not None), key=lambda t: (sum(t), math.prod(t), t[-1])
+        )
+    # many candidates: raise the sum from its AM-GM floor d·n^(1/d) until some product fits
+    total = max(d, math.ceil(d * n ** (1 / d) - 1e-9))
+    while True:
+        found = list(_tuples_with_sum(d, total, 1, n, hi))
+        if found:
+            return min(found, key=lambda t: (math.prod(t), t[-1]))
+        total += 1
+
+
+def tt_shape(
+    out_features: int, in_features: int, d: int | None = None, *, margin: float = PAD_MARGIN
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(out_factors, in_factors) for a TT of an (out, in) matrix; `d` defaults to the largest
+    of 2, 3, 4 with 4^d <= min(out, in) (2 for small matrices)."""
+    out_features = _positive_int(out_features, "out_features")
+    in_features = _positive_int(in_features, "in_features")
+    if d is None:
+        small = min(out_features, in_features)
+        d = 2
+        while d < MAX_CORES and 4 ** (d + 1) <= small:
+            d += 1
+    d = _positive_int(d, "number of TT cores")
+    return tt_dims(out_features, d, margin=margin), tt_dims(in_features, d, margin=margin)
+
+
+def tt_max_ranks(out_factors: Sequence[int], in_factors: Sequence[int]) -> tuple[int, ...]:
+    """The largest useful rank at each of the d-1 cuts: min(Π_{j<=k} m_j n_j, Π_{j>k} m_j n_j),
+    the rank of the k-th unfolding of a generic tensor (full TT-rank: exact reconstruction)."""
+    out_f, in_f = _check_shape(0, 0, out_factors, in_factors)
+    sizes = [m * n for m, n in zip(out_f, in_f, strict=True)]
+    return tuple(
+        min(math.prod(sizes[: k + 1]), math.prod(sizes[k + 1 :])) for k in range(len(sizes) - 1)
+    )
+
+
+def tt_params(
+    out_factors: Sequence[int], in_factors: Sequence[int], ranks: int | Sequence[int]
+) -> int:
+    """Stored values of the cores, Σ_k r_{k-1} m_k n_k r_k (compare with out·in for the
+    break-even rank); `ranks` as in `tt_svd`."""
+    out_f, in_f = _check_shape(0, 0, out_factors, in_factors)
+    full = (1, *_resolve_ranks(ranks, out_f, in_f), 1)
+    return sum(full[k] * out_f[k] * in_f[k] * full[k + 1] for k in range(len(out_f)))
+
+
+# --------------------------------------------------------------------------- decomposition
+
+
+def tt_svd(
+    matrix: torch.Tensor,
+    out_factors: Sequence[int],
+    in_factors: Sequence[int],
+    ranks: int | Sequence[int],
+) -> list[torch.Tensor]:
+    """TT cores (float64, on the matrix's device) of `matrix` (M, N) zero-padded to the factors'
+    products: sequential truncated SVDs, left to right, of the (m1 n1, m2 n2, …) tensor.
+
+    A scalar rank r keeps min(r, max rank) at every cut (`tt_max_ranks`); a sequence gives one
+    rank per cut (also capped). At full ranks the reconstruction is exact to roundoff; truncated,
+    the Frobenius error is at most sqrt(Σ_k ε_k²), ε_k the error of the best rank-r_k
+    approximation of the k-th unfolding.
+    """
+    if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
+        raise SpaceError("tt_svd needs a 2-D (out, in) tensor")
+    if not matrix.is_floating_point():
+        raise SpaceError(f"tt_svd needs a floating-point matrix, got {matrix.dtype}")
+    rows, cols = matrix.shape
+    out_f, in_f = _check_shape(rows, cols, out_factors, in_factors)
+    inner = _resolve_ranks(ranks, out_f, in_f)
+    d = len(out_f)
+    big_m, big_n = math.prod(out_f), math.prod(in_f)
+    padded = matrix.detach().new_zeros((big_m, big_n), dtype=torch.float64)
+    padded[:rows, :cols] = matrix.detach().to(torch.float64)
+    # (m1..md, n1..nd) -> (m1, n1, m2, n2, ...): each core's pair of indices side by side
+    order = [axis for k in range(d) for axis in (k, d + k)]
+    rest = padded.reshape(*out_f, *in_f).permute(*order).contiguous()
+    cores = []
+    r_prev = 1
+    for k in range(d - 1):
+        unfolding = rest.reshape(r_prev * out_f[k] * in_f[k], -1)
+        u, s, vh = torch.linalg.svd(unfolding, full_matrices=False)
+        r = min(inner[k], s.numel())
+        cores.append(u[:, :r].reshape(r_prev, out_f[k], in_f[k], r))
+        rest = s[:r, None] * vh[:r]
+        r_prev = r
+    cores.append(rest.reshape(r_prev, out_f[-1], in_f[-1], 1))
+    return cores
+
+
+def tt_full(cores: Sequence[torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
+    """The (out, in) matrix the cores represent: contract the chain into the padded
+    (M, N) matrix, then crop the padding. Differentiable; in the cores' dtype."""
+    if not cores:
+        raise SpaceError("tt_full needs at least one core")
+    if any(c.dim() != 4 for c in cores) or cores[0].shape[0] != 1 or cores[-1].shape[-1] != 1:
+        raise SpaceError("TT cores must be 4-D (r_prev, m, n, r) with r_0 = r_d = 1")
+    full = cores[0][0]  # (m1, n1, r1)
+    for core in cores[1:]:
+        rows, cols, _ = full.shape
+        _, m, n, r = core.shape
+        full = torch.einsum("abr,rmns->ambns", full, core).reshape(rows * m, cols * n, r)
+    if full.shape[0] < out_features or full.shape[1] < in_features:
+        raise SpaceError(
+            f"cores describe a {tuple(full.shape[:2])} matrix, smaller than "
+            f"({out_features}, {in_features})"
+        )
+    return full[:out_features, :in_features, 0]
+
+
+# --------------------------------------------------------------------------- op counts
+
+
+def _matvec_steps(
+    out_factors: Sequence[int], in_factors: Sequence[int], ranks: Sequence[int]
+) -> Iterator[tuple[int, int, int, int]]:
+    """Per step k of `TTLinear.forward` (cores left to right): (P, inner, outer, Q) with
+    P = Π_{j<k} m_j, inner = r_{k-1} n_k, outer = m_k r_k, Q = Π_{j>k} n_j. The step is a
+    (outer × inner) by (inner × Q) product for each of P slices."""
+    full = (1, *ranks, 1)
+    for k in range(len(out_factors)):
+        p = math.prod(out_factors[:k])
+        q = math.prod(in_factors[k + 1 :])
+        yield p, full[k] * in_factors[k], out_factors[k] * full[k + 1], q
+
+
+def tt_matvec_ops(
+    out_factors: Sequence[int], in_factors: Sequence[int], ranks: int | Sequence[int]
+) -> tuple[int, int]:
+    """(multiplies, adds) per token of `TTLinear.forward` without the bias:
+    Σ_k P_k·(m_k r_k)·(r_{k-1} n_k)·Q_k multiplies and Σ_k P_k·(m_k r_k)·(r_{k-1} n_k - 1)·Q_k
+    adds, P_k = Π_{j<k} m_j and Q_k = Π_{j>k} n_j (padded rows and columns included)."""
+    out_f, in_f = _check_shape(0, 0, out_factors, in_factors)
+    mults = adds = 0
+    for p, inner, outer, q in _matvec_steps(out_f, in_f, _resolve_ranks(ranks, out_f, in_f)):
+        mults += p * outer * inner * q
+        adds += p * outer * (inner - 1) * q
+    return mults, adds
+
+
+def tt_lookup_ops(
+    row_factors: Sequence[int], col_factors: Sequence[int], ranks: int | Sequence[int]
+) -> tuple[int, int]:
+    """(multiplies, adds) per token of `TTEmbedding.forward`: the first slice is read as is,
+    then step k >= 2 multiplies the (B_{k-1} × r_{k-1}) partial row by the (r_{k-1} × b_k r_k)
+    slice, B_{k-1} = Π_{j<k} b_j: B_{k-1}·r_{k-1}·b_k·r_k multiplies, B_{k-1}·(r_{k-1}-1)·b_k·r_k
+    adds."""
+    row_f, col_factors = _check_shape(0, 0, row_factors, col_factors)
+    full = (1, *_resolve_ranks(ranks, row_f, col_factors), 1)
+    mults = adds = 0
+    for k in range(1, len(col_factors)):
+        lead = math.prod(col_factors[:k])
+        mults += lead * full[k] * col_factors[k] * full[k + 1]
+        adds += lead * (full[k] - 1) * col_factors[k] * full[k + 1]
+    return mults, adds
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def _empty_cores(
+    out_f: Sequence[int],
+    in_f: Sequence[int],
+    ranks: Sequence[int],
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> nn.ParameterList:
+    full = (1, *ranks, 1)
+    return nn.ParameterList(
+        nn.Parameter(torch.zeros(full[k], m, n, full[k + 1], device=device, dtype=dtype))
+        for k, (m, n) in enumerate(zip(out_f, in_f, strict=True))
+    )
+
+
+def _load_cores(module: nn.Module, cores: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for param, core in zip(module.cores, cores, strict=True):
+            param.copy_(core)
+
+
+def _spec_field(spec: Mapping[str, Any], key: str, kind: str) -> Any:
+    if key not in spec:
+        raise SpaceError(f"{kind} spec lacks {key!r}")
+    return spec[key]
+
+
+def _read_spec(spec: Any, kind: str) -> Mapping[str, Any]:
+    if not isinstance(spec, Mapping):
+        raise SpaceError(f"a {kind} spec must be a JSON object, got {type(spec).__name__}")
+    if spec.get("type") != kind:
+        raise SpaceError(f"not a {kind} spec: type {spec.get('type')!r}")
+    return spec
+
+
+def _spec_ranks(ranks: Any, d: int) -> tuple[int, ...]:
+    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence) or len(ranks) != d - 1:
+        raise SpaceError(f"TT ranks {ranks!r} must be a list of {d - 1} positive ints")
+    return tuple(_positive_int(r, "TT rank") for r in ranks)
+
+
+class TTLinear(nn.Module):
+    """A drop-in for ``nn.Linear(in, out)`` whose weight is a TT-matrix: `cores` (an
+    ``nn.ParameterList`` of (r_{k-1}, m_k, n_k, r_k) tensors) and an optional `bias`.
+
+    `forward` contracts the zero-padded input with one core at a time, never forming W; the
+    ops it costs are `matvec_ops()`. No buffers: `spec()` plus the parameters describe it.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        out_factors: Sequence[int],
+        in_factors: Sequence[int],
+        ranks: int | Sequence[int],
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = _positive_int(in_features, "in_features")
+        self.out_features = _positive_int(out_features, "out_features")
+        out_f, in_f = _check_shape(self.out_features, self.in_features, out_factors, in_factors)
+        self.out_factors = out_f
+        self.in_factors = in_f
+        self.ranks = _resolve_ranks(ranks, out_f, in_f)
+        self.cores = _empty_cores(out_f, in_f, self.ranks, device, dtype)
+        self.bias = (
+            nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype))
+            if bias
+            else None
+        )
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: int | Sequence[int],
+        out_factors: Sequence[int] | None = None,
+        in_factors: Sequence[int] | None = None,
+    ) -> TTLinear:
+        """TT-SVD of `linear`'s weight at `rank` (see `tt_svd`); factors default to `tt_shape`
+        (one side given: the other gets as many factors). The bias is copied."""
+        if not isinstance(linear, nn.Linear):
+            raise SpaceError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight
+        out_f, in_f = _pick_factors(weight.shape[0], weight.shape[1], out_factors, in_factors)
+        cores = tt_svd(weight, out_f, in_f, rank)
+        module = cls(
+            weight.shape[1],
+            weight.shape[0],
+            out_f,
+            in_f,
+            [c.shape[-1] for c in cores[:-1]],
+            bias=linear.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        _load_cores(module, cores)
+        if linear.bias is not None:
+            with torch.no_grad():
+                module.bias.copy_(linear.bias)
+        return module.train(linear.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T + b`` for x of shape (..., in), one core contraction per step."""
+        lead = x.shape[:-1]
+        if x.shape[-1] != self.in_features:
+            raise RuntimeError(
+                f"TTLinear expects inputs of size {self.in_features} in the last dim, "
+                f"got {tuple(x.shape)}"
+            )
+        big_n = math.prod(self.in_factors)
+        z = x.reshape(-1, self.in_features)
+        if big_n > self.in_features:
+            z = torch.nn.functional.pad(z, (0, big_n - self.in_features))
+        batch = z.shape[0]
+        steps = _matvec_steps(self.out_factors, self.in_factors, self.ranks)
+        for k, (p, inner, outer, q) in enumerate(steps):
+            core = self.cores[k]  # (r_prev, m, n, r)
+            # (r_prev, m, n, r) -> (m r, r_prev n): contract over (r_prev, n) of the state
+            mat = core.permute(1, 3, 0, 2).reshape(outer, inner)
+            # state (batch, P, r_prev n_k, Q) -> (batch, P, m_k r_k, Q) = (batch, P m_k, r_k, Q)
+            z = torch.matmul(mat, z.reshape(batch, p, inner, q))
+        y = z.reshape(batch, math.prod(self.out_factors))[:, : self.out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The dense (out, in) weight the cores represent (for error checks, not inference)."""
+        return tt_full(list(self.cores), self.out_features, self.in_features)
+
+    def matvec_ops(self) -> tuple[int, int]:
+        """(multiplies, adds) per token of `forward`: `tt_matvec_ops` plus `out` bias adds."""
+        mults, adds = tt_matvec_ops(self.out_factors, self.in_factors, self.ranks)
+        return mults, adds + (self.out_features if self.bias is not None else 0)
+
+    def spec(self) -> dict[str, Any]:
+        """A JSON dict of every shape (type "tt_linear"); `from_spec` rebuilds the module."""
+        return {
+            "type": "tt_linear",
+            "in": self.in_features,
+            "out": self.out_features,
+            "bias": self.bias is not None,
+            "out_factors": list(self.out_factors),
+            "in_factors": list(self.in_factors),
+            "ranks": list(self.ranks),
+        }
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> TTLinear:
+        """An uninitialised (zero) module of `spec`'s shapes; safe under a meta device."""
+        spec = _read_spec(spec, "tt_linear")
+        out_f = _factors(_spec_field(spec, "out_factors", "tt_linear"), "out_factors")
+        in_f = _factors(_spec_field(spec, "in_factors", "tt_linear"), "in_factors")
+        bias = _spec_field(spec, "bias", "tt_linear")
+        if not isinstance(bias, bool):
+            raise SpaceError(f"tt_linear spec: bias {bias!r} must be true or false")
+        return cls(
+            _spec_field(spec, "in", "tt_linear"),
+            _spec_field(spec, "out", "tt_linear"),
+            out_f,
+            in_f,
+            _spec_ranks(_spec_field(spec, "ranks", "tt_linear"), len(out_f)),
+            bias=bias,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"out_factors={self.out_factors}, in_factors={self.in_factors}, ranks={self.ranks}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+class TTEmbedding(nn.Module):
+    """A drop-in for ``nn.Embedding(V, d)`` whose (V, d) table is a TT-matrix with
+    V <= Π row_factors and d <= Π col_factors (padded); `cores` as in `TTLinear`.
+
+    `forward` rebuilds only the looked-up rows: id -> multi-index (i_1..i_d), then the slices
+    G_k[:, i_k] are multiplied left to right; the ops per token are `lookup_ops()`.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        row_factors: Sequence[int],
+        col_factors: Sequence[int],
+        ranks: int | Sequence[int],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings = _positive_int(num_embeddings, "num_embeddings")
+        self.embedding_dim = _positive_int(embedding_dim, "embedding_dim")
+        row_f, col_f = _check_shape(
+            self.num_embeddings, self.embedding_dim, row_factors, col_factors
+        )
+        self.row_factors = row_f
+        self.col_factors = col_f
+        self.ranks = _resolve_ranks(ranks, row_f, col_f)
+        self.cores = _empty_cores(row_f, col_f, self.ranks, device, dtype)
+
+    @classmethod
+    def from_embedding(
+        cls,
+        embedding: nn.Embedding,
+        rank: int | Sequence[int],
+        row_factors: Sequence[int] | None = None,
+        col_factors: Sequence[int] | None = None,
+    ) -> TTEmbedding:
+        """TT-SVD of `embedding`'s table at `rank`; factors default to `tt_shape` (V, d).
+        ``padding_idx`` only shapes gradients and is dropped; ``max_norm`` is refused."""
+        if not isinstance(embedding, nn.Embedding):
+            raise SpaceError(
+                f"from_embedding needs an nn.Embedding, got {type(embedding).__name__}"
+            )
+        if embedding.max_norm is not None:
+            raise SpaceError("a TT embedding cannot renormalize rows: drop max_norm first")
+        table = embedding.weight
+        row_f, col_f = _pick_factors(table.shape[0], table.shape[1], row_factors, col_factors)
+        cores = tt_svd(table, row_f, col_f, rank)
+        module = cls(
+            table.shape[0],
+            table.shape[1],
+            row_f,
+            col_f,
+            [c.shape[-1] for c in cores[:-1]],
+            device=table.device,
+            dtype=table.dtype,
+        )
+        _load_cores(module, cores)
+        return module.train(embedding.training)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``table[idx]`` for integer ids of any shape: (..., embedding_dim)."""
+        if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise RuntimeError(f"TTEmbedding expects integer ids, got {idx.dtype}")
+        flat = idx.reshape(-1).long()
+        if flat.numel() and (bool((flat < 0).any()) or bool((flat >= self.num_embeddings).any())):
+            raise IndexError(f"ids must lie in [0, {self.num_embeddings})")
+        batch = flat.shape[0]
+        row = None
+        stride = math.prod(self.row_factors)
+        width = 1  # Π_{j<k} b_j: columns built so far
+        for k, core in enumerate(self.cores):
+            stride //= self.row_factors[k]
+            digit = torch.div(flat, stride, rounding_mode="floor") % self.row_factors[k]
+            piece = core.permute(1, 0, 2, 3)[digit]  # (batch, r_prev, b_k, r_k)
+            r_prev, b, r = piece.shape[1:]
+            if row is None:  # r_0 = 1: the first slice is the partial row
+                row = piece.reshape(batch, b, r)
+            else:  # (batch, B, r_prev) @ (batch, r_prev, b r) -> (batch, B b, r)
+                row = torch.bmm(row, piece.reshape(batch, r_prev, b * r))
+                row = row.reshape(batch, width * b, r)
+            width *= b
+        out = row.reshape(batch, width)[:, : self.embedding_dim]
+        return out.reshape(*idx.shape, self.embedding_dim)
+
+    def table(self) -> torch.Tensor:
+        """The dense (V, d) table the cores represent (for error checks, not inference)."""
+        return tt_full(list(self.cores), self.num_embeddings, self.embedding_dim)
+
+    def lookup_ops(self) -> tuple[int, int]:
+        """(multiplies, adds) per looked-up token of `forward` (`tt_lookup_ops`)."""
+        return tt_lookup_ops(self.row_factors, self.col_factors, self.ranks)
+
+    def spec(self) -> dict[str, Any]:
+        """A JSON dict of every shape (type "tt_embedding"); `from_spec` rebuilds the module."""
+        return {
+            "type": "tt_embedding",
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "row_factors": list(self.row_factors),
+            "col_factors": list(self.col_factors),
+            "ranks": list(self.ranks),
+        }
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> TTEmbedding:
+        """An uninitialised (zero) module of `spec`'s shapes; safe under a meta device."""
+        spec = _read_spec(spec, "tt_embedding")
+        row_f = _factors(_spec_field(spec, "row_factors", "tt_embedding"), "row_factors")
+        col_f = _factors(_spec_field(spec, "col_factors", "tt_embedding"), "col_factors")
+        return cls(
+            _spec_field(spec, "num_embeddings", "tt_embedding"),
+            _spec_field(spec, "embedding_dim", "tt_embedding"),
+            row_f,
+            col_f,
+            _spec_ranks(_spec_field(spec, "ranks", "tt_embedding"), len(row_f)),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, row_factors={self.row_factors}, "
+            f"col_factors={self.col_factors}, ranks={self.ranks}"
+        )
+
+
+def _pick_factors(
+    rows: int,
+    cols: int,
+    row_factors: Sequence[int] | None,
+    col_factors: Sequence[int] | None,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Given factors where the caller passed them, `tt_shape` / `tt_dims` for the rest."""
+    if row_factors is None and col_factors is None:
+        return tt_shape(rows, cols)
+    if row_factors is None:
+        col_f = _factors(col_factors, "column factors")
+        return tt_dims(rows, len(col_f)), col_f
+    row_f = _factors(row_factors, "row factors")
+    if col_factors is None:
+        return row_f, tt_dims(cols, len(row_f))
+    return _check_shape(rows, cols, row_factors, col_factors)
