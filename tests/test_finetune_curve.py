@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from torch import nn
 
 from microsweep import LayerPolicy, Policy
 from microsweep.score import (
@@ -23,44 +22,21 @@ from microsweep.score import (
 )
 from microsweep.workers import EvalSettings, TrialRunner
 from microsweep.workers._runner import FT_EVAL_WINDOWS
+from tests._tiny import TinyLM, one_thread, pretrained
 
 WINDOW = 32
 PRUNED = {n: LayerPolicy(sparsity=0.9) for n in ("up", "down", "head")}
 
 
-class TinyLM(nn.Module):
-    """ids (B, T) -> logits (B, T, V) through a per-position MLP."""
-
-    def __init__(self, vocab: int, width: int = 32) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, width)
-        self.up = nn.Linear(width, 2 * width)
-        self.down = nn.Linear(2 * width, width)
-        self.head = nn.Linear(width, vocab)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.down(torch.relu(self.up(self.emb(ids)))))
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread() -> Iterator[None]:
-    """One torch thread: the model is tiny, and on a busy machine a second thread spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def lm(corpus) -> TinyLM:
-    """TinyLM pretrained for 200 steps (about 1.5 s on one thread)."""
-    from microsweep.models import pretrain
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = TinyLM(corpus.vocab_size)
-    pretrain(model, corpus.train, steps=200, block_size=WINDOW, batch_size=16, lr=1e-2)
-    return model.eval()
+    return pretrained(corpus)
 
 
 @pytest.fixture(scope="module")

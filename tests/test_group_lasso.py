@@ -24,47 +24,20 @@ from microsweep.compress._prune import magnitude_order
 from microsweep.errors import UsageError
 from microsweep.score import eval_windows, mean_context, perplexity
 from microsweep.workers import EvalSettings, TrialRunner
+from tests._tiny import TinyLM, one_thread, pretrained
 
 BLOCKS = {"up": (4, 4), "down": (4, 4)}
 
 
-class TinyLM(nn.Module):
-    """ids (B, T) -> logits (B, T, V) through a per-position MLP: the two Linears carry all of
-    the prediction, so the penalty cannot empty them without a cost in cross-entropy."""
-
-    def __init__(self, vocab: int, width: int = 32) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, width)
-        self.up = nn.Linear(width, 2 * width)
-        self.down = nn.Linear(2 * width, width)
-        self.head = nn.Linear(width, vocab)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.down(torch.relu(self.up(self.emb(ids)))))
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread() -> Iterator[None]:
-    """One torch thread: these models are tiny, and on a busy machine a second thread spins
-    (150 steps take 0.4 s on one thread and over 20 s on two beside another busy process)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def lm(corpus) -> TinyLM:
-    """TinyLM pretrained for 200 steps on the training split (about 1.5 s on one thread)."""
-    from microsweep.models import pretrain
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = TinyLM(corpus.vocab_size)
-    pretrain(model, corpus.train, steps=200, block_size=32, batch_size=16, lr=1e-2, seed=0)
-    for p in model.parameters():
-        p.requires_grad_(False)  # as a runner holds its base; training turns it on and back off
-    return model.eval()
+    return pretrained(corpus)
 
 
 @pytest.fixture(scope="module")

@@ -137,14 +137,21 @@ class VariantCache:
             memo[id(t)] = rounded
         return copy.deepcopy(model, memo)
 
+    def _cached(self, key: tuple[str, Any]) -> Any:
+        """A cached layer (or group) by key, counted as a hit or a miss; None when missing."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry[0]
+
     def _variant(self, name: str, linear: nn.Linear, settings: LayerPolicy) -> nn.Module:
         key = (name, settings)
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry[0]
-        self.misses += 1
+        found = self._cached(key)
+        if found is not None:
+            return found
         act_scale = None
         if settings.act_bits < 32:
             act_scale = tensor_scale(self._input_amax(name), settings.act_bits)
@@ -183,12 +190,9 @@ class VariantCache:
         """The modules of one group of a grouped rank method (a shared basis, or codes with one
         decoder), built once per (group, method, rank, members)."""
         key = (group, ("group", method, rank, tuple(linears)))
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry[0]
-        self.misses += 1
+        found = self._cached(key)
+        if found is not None:
+            return found
         modules = build_group(method, rank, linears)
         own = [
             t
