@@ -99,8 +99,8 @@ def test_bad_input_is_refused_in_one_line():
     model = TinyLM(10)
     tokens = torch.randint(0, 10, (500,))
     kw = dict(steps=2, lr=1e-3, penalty=1e-3, reweight_every=1, block_size=8)
-    with pytest.raises(UsageError, match="'emb' is not an nn.Linear"):
-        group_lasso_train_(model, {"emb": (1, 1)}, tokens, **kw)
+    with pytest.raises(UsageError, match="'act' is not a Linear, Embedding or LSTM gate"):
+        group_lasso_train_(model, {"act": (1, 1)}, tokens, **kw)
     with pytest.raises(UsageError, match="layer 'up' of shape 64x32 does not split into 5x5"):
         group_lasso_train_(model, {"up": (5, 5)}, tokens, **kw)
     with pytest.raises(UsageError, match="group lasso steps 0 must be a positive int"):
@@ -230,3 +230,19 @@ def test_group_lasso_needs_training_tokens(lm, windows):
     res = runner.run(0, Policy(layers=layers, hyper={"group_lasso_steps": 5}).to_json())
     assert res["status"] == "error" and "no training tokens" in res["error"]
     assert math.isfinite(runner.run(0, Policy(layers=layers).to_json())["perplexity"])
+
+
+def test_group_lasso_takes_embedding_tables_and_lstm_gate_matrices():
+    from microsweep.models import LSTMLM, LSTMConfig
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LSTMLM(LSTMConfig(vocab_size=12, n_embd=8, n_hidden=8))
+    tokens = torch.randint(0, 12, (400,), generator=torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    targets = {"wte": (1, 4), "lstm.weight_hh_l0": (4, 4)}
+    group_lasso_train_(model, targets, tokens, steps=3, lr=1e-2, penalty=1e-2,
+                       reweight_every=1, block_size=8)  # fmt: skip
+    assert type(model.lstm).__name__ == "LinearLSTM"  # its gates became Linears to penalise
+    assert not torch.equal(model.wte.weight, before["wte.weight"])
+    assert not torch.equal(model.lstm.weight_hh_l0.weight, before["lstm.weight_hh_l0"])

@@ -114,7 +114,8 @@ def group_lasso_train_(
     eps: float = DEFAULT_EPS,
 ) -> nn.Module:
     """Train the dense `model` in place for `steps` AdamW steps on cross-entropy plus `penalty`
-    x the reweighted group lasso of the `targets` (Linear name -> block shape) weights, with the
+    x the reweighted group lasso of the `targets` (layer name -> block shape: Linears, embedding
+    tables, LSTM gate matrices) weights, with the
     alphas re-estimated every `reweight_every` steps; returns `model`.
 
     Every parameter trains (the penalty falls on the targets only). Batches come from a generator
@@ -138,14 +139,20 @@ def group_lasso_train_(
         )
     if not targets:
         raise UsageError("group lasso needs at least one target layer (name -> block shape)")
+    from microsweep.compress._apply import _gate_lstms_
+
+    _gate_lstms_(model, list(targets))  # an nn.LSTM's gate matrices become Linears to penalise
     pairs: list[tuple[torch.Tensor, tuple[int, int]]] = []
     for name, block in targets.items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
             module = None
-        if not isinstance(module, nn.Linear):
-            raise UsageError(f"group lasso target {name!r} is not an nn.Linear of the model")
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            raise UsageError(
+                f"group lasso target {name!r} is not a Linear, Embedding or LSTM gate matrix "
+                "of the model"
+            )
         pairs.append((module.weight, _check(module.weight, block, f"layer {name!r}")))
 
     params = list(model.parameters())
