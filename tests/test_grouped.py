@@ -197,3 +197,87 @@ def test_a_sweep_over_tensor_trains_and_shared_bases(tmp_path, corpus, tiny_gpt)
     assert len(rows) == 4 and all(r.state == "COMPLETE" for r in rows)
     kinds = {lp.get("rank_method") for r in rows for lp in r.policy["layers"].values()}
     assert kinds == {"shared", "tt"}
+
+
+def test_the_planner_counts_a_shared_basis_once_as_the_trial_does():
+    """Exact costs hold for grouped methods too: the planned score of every choice equals the
+    count of the model compressed by its policy (the basis stored once)."""
+    from microsweep.allocate import Planner
+    from microsweep.score import Baseline, micronet_score
+
+    torch.manual_seed(3)
+    model = _Two()
+    space = Space(
+        model,
+        rules={
+            "[ab]": dict(rank=Rank(1, 2, 3, method="shared"), tied=True),
+            "out": dict(bits=Bits(4, 8, 32)),
+        },
+    )
+    dense = count(model, context=1.0)
+    baseline = Baseline(params=dense.params, ops=dense.ops)
+    planner = Planner(space, model, context=1.0, config=CountConfig(), baseline=baseline)
+    shared = next(o for o in planner.options if o.unit.key == "[ab]")
+    assert len(shared) == 3  # ranks 3, 2, 1
+    for k in range(len(shared)):
+        for j in range(len(planner.options[1])):
+            choice = (k, j) if planner.options[0] is shared else (j, k)
+            plan = planner.plan(choice)
+            counted = count(compress(model, planner.policy(choice)), context=1.0)
+            exact = micronet_score(counted.params, counted.ops, baseline)
+            assert plan.score == pytest.approx(exact, rel=1e-9, abs=1e-12)
+
+
+def test_grouped_methods_on_single_layers_plan_and_order_does_not_matter():
+    from microsweep.allocate import Planner
+    from microsweep.score import Baseline
+
+    torch.manual_seed(4)
+    model = _Two()
+    dense = count(model, context=1.0)
+    baseline = Baseline(params=dense.params, ops=dense.ops)
+    for rules in (
+        {"a": dict(rank=Rank(2, 3, method="autoencoder"))},  # untied: a decoder per layer
+        {"b": dict(rank=Rank(2, 3, method="shared"), tied=True)},  # a tied rule of one layer
+    ):
+        planner = Planner(Space(model, rules=rules), model, context=1.0, config=CountConfig(),
+                          baseline=baseline)  # fmt: skip
+        assert len(planner.options[0]) == 2
+    # one decoder trained on the group's rows in one order, whatever order the policy lists
+    layers = {n: LayerPolicy(rank=2, rank_method="autoencoder", group="g") for n in ("b", "a")}
+    x = torch.randn(3, 8)
+    one = compress(model, Policy(layers=layers))(x)
+    other = compress(model, Policy(layers=dict(reversed(list(layers.items())))))(x)
+    assert torch.equal(one, other)
+
+
+def test_block_rounded_ranks_stay_valid_and_warm_start():
+    import optuna
+
+    model = _Two()
+    space = Space(model, rules={"[ab]": dict(sparsity=Sparsity(0.5, 0.5, block=(2, 2)),
+                                             rank=Rank(1, 3))})  # fmt: skip
+    policy = space.policy_for({"a": {"rank": 3}, "b": {"rank": 1}})
+    params = space.params_from_policy(policy)  # ranks rounded to blocks still warm-start
+    assert space.suggest(optuna.trial.FixedTrial(params)) == policy
+    wide = Space(model, rules={"a": dict(sparsity=Sparsity(0.5, 0.5, block=(6, 8)),
+                                         rank=Rank(1, 2))})  # fmt: skip
+    # one 6x8 block is wider than the layer's full rank: the layer stays unfactorized
+    assert wide.policy_for({"a": {"rank": 2}}).layers["a"].rank is None
+
+
+def test_running_an_lstm_with_linear_gates_draws_no_random_numbers():
+    from microsweep.models import linear_gates_
+
+    class _Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(4, 5)
+
+    wrapped = _Wrap()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    linear_gates_(wrapped)
+    assert torch.equal(torch.rand(3), expected)
+    assert not any(p.is_meta for p in wrapped.parameters())

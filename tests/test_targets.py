@@ -27,7 +27,7 @@ from microsweep.compress import (
     factorize,
 )
 from microsweep.compress._tt import tt_lookup_ops, tt_matvec_ops, tt_params, tt_shape
-from microsweep.errors import SpaceError, UsageError
+from microsweep.errors import SpaceError, SpaceWarning, UsageError
 from microsweep.export import load, read_header, round_to_storage, save
 from microsweep.models import GPT, LSTMLM, GPTConfig, LinearLSTM, LSTMConfig, linear_gates_
 from microsweep.score import CountConfig, count
@@ -541,8 +541,10 @@ def test_tied_refusals():
         Space(model, rules={"wte": dict(rank=Rank(2))})
     with pytest.raises(SpaceError):
         Space(model, rules={"wte": dict(bits=Bits(4, 8)), "head": dict(bits=Bits(4, 8))})
-    with pytest.raises(SpaceError):
-        Space(model, rules={"re:wte|head": dict(sparsity=Sparsity(0.0, 0.5))})
+    # a pattern over both tied names leaves the table to the head, and says so
+    with pytest.warns(SpaceWarning, match="leaves embedding 'wte' alone: its weight is tied"):
+        space = Space(model, rules={"re:wte|head": dict(sparsity=Sparsity(0.0, 0.5))})
+    assert [i.name for i in space.layers] == ["head"]
     with pytest.raises(SpaceError):
         Space(model, rules={"wte": dict(act_bits=Bits(8, 16))})
     assert type(model.wte) is nn.Embedding and model.head.weight is model.wte.weight

@@ -34,6 +34,7 @@ from microsweep.compress import (
     LowRankLinear,
     TTEmbedding,
     TTLinear,
+    build_group,
     compress_layer,
     factorize,
     fake_quantize_symmetric,
@@ -42,7 +43,7 @@ from microsweep.compress import (
     tensor_scale,
 )
 from microsweep.score import Baseline, CountConfig, count
-from microsweep.spaces import LayerPolicy, Unit
+from microsweep.spaces import GROUP_METHODS, LayerPolicy, Unit
 
 __all__ = ["MODES", "UnitOptions", "build_unit_options"]
 
@@ -176,6 +177,15 @@ def build_unit_options(
     keys: dict[tuple[int, str, int], str | None] = {}
     quantized = replace(config, freebie=False)
     freebie_on = config.freebie
+    joint = _joint_groups(unit, model, levels, knobs, combos)
+    for k, modules in joint.items():  # a group's shared basis or decoder, counted once
+        score_q, _ = _score(nn.ModuleList(modules.values()), context, quantized, baseline)
+        cost[k, 0] += score_q
+        if freebie_on:
+            score_f, applied = _score(nn.ModuleList(modules.values()), context, config, baseline)
+            cost[k, 1] += score_f if applied else np.nan
+        else:
+            cost[k, 1] = np.nan
     with torch.no_grad():
         for mi, info in enumerate(unit.layers):
             linear = model.get_submodule(info.name)
@@ -191,6 +201,12 @@ def build_unit_options(
             for k, row in enumerate(combos):
                 values = {kn: levels[kn][int(i)] for kn, i in zip(knobs, row, strict=True)}
                 setting = layer_setting(info, dict(unit.knobs), values, unit.key)
+                if k in joint and info.name in joint[k]:
+                    cost[k, 0] -= dense_q
+                    cost[k, 1] -= dense_f
+                    if layer_in is not None:
+                        rho[k, mi] = proxy.ratio(setting, builder, joint[k][info.name])
+                    continue
                 module = builder.build(setting, proxy.act_scale(setting.act_bits))
                 score_q, _ = _score(module, context, quantized, baseline)
                 cost[k, 0] += score_q - dense_q
@@ -202,6 +218,36 @@ def build_unit_options(
                 if layer_in is not None:
                     rho[k, mi] = proxy.ratio(setting, builder, module)
     return UnitOptions(unit, knobs, levels, combos, cost, rho, keys)
+
+
+def _joint_groups(
+    unit: Unit,
+    model: nn.Module,
+    levels: dict[str, list[Any]],
+    knobs: tuple[str, ...],
+    combos: np.ndarray,
+) -> dict[int, dict[str, nn.Module]]:
+    """For a unit of several layers under a grouped rank method (one basis or one decoder for
+    the group), each combination's modules built together as a trial builds them, so their
+    count stores the shared tensors once: combination index -> layer name -> module."""
+    rank_knob = unit.knobs.get("rank")
+    method = getattr(rank_knob, "method", "plain")
+    if len(unit.layers) < 2 or method not in GROUP_METHODS:
+        return {}
+    out: dict[int, dict[str, nn.Module]] = {}
+    for k, row in enumerate(combos):
+        values = {kn: levels[kn][int(i)] for kn, i in zip(knobs, row, strict=True)}
+        by_rank: dict[int, dict[str, nn.Module]] = {}
+        for info in sorted(unit.layers, key=lambda i: i.name):  # as a trial groups them
+            st = layer_setting(info, dict(unit.knobs), values, unit.key)
+            if st.rank is not None:  # a member left dense is counted on its own (as zero)
+                by_rank.setdefault(int(st.rank), {})[info.name] = model.get_submodule(info.name)
+        modules: dict[str, nn.Module] = {}
+        for rank, members in by_rank.items():  # members whose ranks differ form groups apart
+            modules.update(build_group(method, rank, members))
+        if modules:
+            out[k] = modules
+    return out
 
 
 class _LayerBuilder:
@@ -232,8 +278,8 @@ class _LayerBuilder:
         return self._factors[(rank, method)]
 
     def build(self, setting: LayerPolicy, act_scale: torch.Tensor | None) -> nn.Module:
-        if setting.rank_method == "tt":
-            return compress_layer(self.linear, setting)
+        if setting.rank_method == "tt" or setting.rank_method in GROUP_METHODS:
+            return compress_layer(self.linear, setting)  # alone: a group of one
         factors = (
             self.factors(setting.rank, setting.rank_method) if setting.rank is not None else None
         )

@@ -82,7 +82,7 @@ def group_key(name: str, settings: Any) -> tuple[str, str, int]:
 def grouped(steps: Sequence[Any]) -> dict[tuple[str, str, int], list[Any]]:
     """The steps (name, linear, settings) of grouped rank methods, by `group_key`."""
     groups: dict[tuple[str, str, int], list[Any]] = {}
-    for step in steps:
+    for step in sorted(steps, key=lambda s: s.name):  # the policy's order must not matter
         if step.settings.rank is not None and step.settings.rank_method in GROUP_METHODS:
             groups.setdefault(group_key(step.name, step.settings), []).append(step)
     return groups

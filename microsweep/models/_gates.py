@@ -70,16 +70,17 @@ class LinearLSTM(nn.Module):
     @classmethod
     def from_lstm(cls, lstm: nn.LSTM) -> LinearLSTM:
         """The same LSTM with its parameters shared (not copied) by the gate Linears."""
-        new = cls(
-            lstm.input_size,
-            lstm.hidden_size,
-            lstm.num_layers,
-            bias=lstm.bias,
-            batch_first=lstm.batch_first,
-            dropout=lstm.dropout,
-            bidirectional=lstm.bidirectional,
-            proj_size=lstm.proj_size,
-        )
+        with torch.device("meta"):  # every tensor is replaced below: draw no random numbers
+            new = cls(
+                lstm.input_size,
+                lstm.hidden_size,
+                lstm.num_layers,
+                bias=lstm.bias,
+                batch_first=lstm.batch_first,
+                dropout=lstm.dropout,
+                bidirectional=lstm.bidirectional,
+                proj_size=lstm.proj_size,
+            )
         for name in gate_names(lstm.num_layers, lstm.bidirectional, lstm.proj_size):
             linear = getattr(new, name)
             linear.weight = getattr(lstm, name)

@@ -5,6 +5,8 @@ from typing import TYPE_CHECKING, Any
 from microsweep.spaces._knobs import Bits, Choice, Float, Int, Knob, Rank, Sparsity
 from microsweep.spaces._policy import (
     DATA_AWARE_METHODS,
+    DENSE_METHODS,
+    GROUP_METHODS,
     POLICY_VERSION,
     RANK_METHODS,
     LayerPolicy,
@@ -29,6 +31,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DATA_AWARE_METHODS",
+    "DENSE_METHODS",
+    "GROUP_METHODS",
     "POLICY_VERSION",
     "RANK_METHODS",
     "Bits",

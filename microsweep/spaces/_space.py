@@ -116,6 +116,35 @@ def _linear_layers(model: nn.Module) -> dict[str, tuple[nn.Module, LayerInfo]]:
     return layers
 
 
+def _resolve_rank(
+    value: float | int, info: LayerInfo, block: tuple[int, int] | None
+) -> int | None:
+    """`Rank.resolve` for a layer, rounded down to whole blocks (at least one) when the layer
+    is pruned in `block`s; None (dense) when that reaches the break-even or the full rank."""
+    rank = Rank.resolve(value, info.out_features, info.in_features)
+    if rank is None or block is None:
+        return rank
+    step = math.lcm(block[0] or 1, block[1] or 1)
+    rank = max(step, rank // step * step)
+    if rank > info.full_rank or rank >= Rank.break_even(info.out_features, info.in_features):
+        return None
+    return rank
+
+
+def _misfit(rule: _Rule, info: LayerInfo) -> str | None:
+    """Why a pattern rule's settings cannot apply to embedding table `info`, or None."""
+    act = rule.settings.get("act_bits")
+    if isinstance(act, Bits) and any(b < 32 for b in act.choices):
+        return "its input is token ids, so act_bits does not apply"
+    rank = rule.settings.get("rank")
+    if isinstance(rank, Rank):
+        if rank.method not in ("plain", "tt"):
+            return f"a table takes no Rank(..., method={rank.method!r})"
+        if info.shared_with:
+            return f"it is tied to {info.shared_with[0]!r} and rank would untie it"
+    return None
+
+
 def layer_policy(
     info: LayerInfo, knobs: Mapping[str, Knob], values: Mapping[str, Any], group: str
 ) -> LayerPolicy:
@@ -130,10 +159,7 @@ def layer_policy(
     rank_knob = knobs.get("rank")
     method = rank_knob.method if isinstance(rank_knob, Rank) else "plain"
     value = values.get("rank")
-    rank = None if value is None else Rank.resolve(value, info.out_features, info.in_features)
-    if rank is not None and block is not None:
-        step = math.lcm(block[0] or 1, block[1] or 1)
-        rank = max(step, rank // step * step)
+    rank = None if value is None else _resolve_rank(value, info, block)
     return LayerPolicy(
         sparsity=sparsity,
         block=block,
@@ -214,7 +240,7 @@ class Space:
         for rule in self.rules:
             self._validate(rule)
         self._gate_lstms()
-        self.notes = self._hygiene()
+        self.notes = self._taken + self._hygiene()
         for note in self.notes:
             warnings.warn(note, SpaceWarning, stacklevel=2)
 
@@ -246,11 +272,34 @@ class Space:
 
     def _assign(self) -> dict[str, _Rule]:
         assignment: dict[str, _Rule] = {}
-        for name, (module, _) in self._layers.items():
+        self._taken: list[str] = []  # notes on embedding tables that patterns took or left
+        for name, (module, info) in self._layers.items():
             exact = [r for r in self.rules if r.selector == name]
             matching = exact or [r for r in self.rules if r.matches(name, module)]
             if matching:
+                why = None if exact or info.kind != "embedding" else _misfit(matching[0], info)
+                if why:
+                    self._taken.append(
+                        f"rule {matching[0].key!r} leaves embedding {name!r} alone: {why}"
+                    )
+                    continue
                 assignment[name] = matching[0]
+        for name in list(assignment):  # a tied table a pattern took: its head keeps the weight
+            info, rule = self._layers[name][1], assignment[name]
+            if info.kind != "embedding" or rule.selector == name:
+                continue
+            partner = next((p for p in info.shared_with if p in assignment), None)
+            if partner is not None:
+                del assignment[name]
+                self._taken.append(
+                    f"rule {rule.key!r} leaves embedding {name!r} alone: its weight is tied to "
+                    f"{partner!r}, which the rules compress"
+                )
+            else:
+                self._taken.append(
+                    f"rule {rule.key!r} also takes embedding table {name!r}; name Linear "
+                    "layers only to leave it dense"
+                )
         for rule in self.rules:
             if not any(r is rule for r in assignment.values()):
                 matched_any = any(rule.matches(n, m) for n, (m, _) in self._layers.items())
@@ -354,6 +403,11 @@ class Space:
                     raise SpaceError(
                         f"rule {rule.key!r}: block {sparsity.block} does not tile layer "
                         f"{info.name!r} of shape ({info.out_features}, {info.in_features})"
+                    )
+                if rank is not None and info.kind == "embedding" and shape[1] % br:
+                    raise SpaceError(  # its projection factor is (d, rank)
+                        f"rule {rule.key!r}: block {sparsity.block} with rank needs its row "
+                        f"side to divide embedding {info.name!r}'s width {shape[1]}"
                     )
 
     @staticmethod
@@ -513,7 +567,7 @@ class Space:
                     wanted = [
                         (policy.layers.get(i.name, LayerPolicy()).rank, i) for i in unit.layers
                     ]
-                    params[pname] = self._rank_param(unit.knobs["rank"], wanted)
+                    params[pname] = self._rank_param(unit.knobs["rank"], wanted, lp.block)
                 else:
                     params[pname] = getattr(lp, knob)
         for key in self.hyper:
@@ -541,13 +595,17 @@ class Space:
         return params
 
     @staticmethod
-    def _rank_param(knob: Rank, wanted: list[tuple[int | None, LayerInfo]]) -> float | int:
+    def _rank_param(
+        knob: Rank,
+        wanted: list[tuple[int | None, LayerInfo]],
+        block: tuple[int, int] | None = None,
+    ) -> float | int:
         """The rank knob's value (a fraction or an explicit rank) that resolves to each
         layer's wanted rank (one value for all layers of a tied rule); the first layer's best
         guess when none does (the check that follows names the mismatch)."""
 
         def fits(value: float | int) -> bool:
-            return all(Rank.resolve(value, i.out_features, i.in_features) == r for r, i in wanted)
+            return all(_resolve_rank(value, i, block) == r for r, i in wanted)
 
         if knob.values is not None:
             candidates: list[float | int] = list(knob.values)
@@ -556,10 +614,11 @@ class Space:
             # the fractions that round to every layer's rank: the middle of the intervals'
             # intersection, then each layer's own fraction and the range's ends
             lo, hi = low, high
-            for rank, info in wanted:
+            step = math.lcm(block[0] or 1, block[1] or 1) if block else 1
+            for rank, info in wanted:  # every raw rank in [r, r + step) rounds to r
                 if rank is not None:
                     lo = max(lo, (rank - 0.5) / info.full_rank)
-                    hi = min(hi, (rank + 0.5) / info.full_rank)
+                    hi = min(hi, (rank + step - 0.5) / info.full_rank)
             candidates = [(lo + hi) / 2] if lo < hi else []
             candidates += [low, high]
             for rank, info in wanted:
