@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, TypeVar
 
@@ -158,11 +159,8 @@ def gpt(
         n_head=n_head,
         n_embd=n_embd,
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = GPT(config)
     train = dict(steps=pretrain_steps, batch_size=batch_size, lr=lr, seed=seed)
-    return _pretrained("gpt", model, asdict(config), corpus, train, cache, verbose)
+    return _pretrained("gpt", lambda: GPT(config), asdict(config), corpus, train, cache, verbose)
 
 
 def lstm(
@@ -193,24 +191,27 @@ def lstm(
         tie_weights=tie_weights,
         block_size=block_size,
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LSTMLM(config)
     train = dict(steps=pretrain_steps, batch_size=batch_size, lr=lr, seed=seed)
-    return _pretrained("lstm", model, asdict(config), corpus, train, cache, verbose)
+    return _pretrained(
+        "lstm", lambda: LSTMLM(config), asdict(config), corpus, train, cache, verbose
+    )
 
 
 def _pretrained(
     kind: str,
-    model: M,
+    make: Callable[[], M],
     config: dict[str, Any],
     corpus: Corpus,
     train: dict[str, Any],
     cache: bool,
     verbose: bool,
 ) -> M:
-    """`model` pretrained on `corpus.train` with `train` settings, or loaded from the cache
-    entry keyed by its shape, the corpus fingerprint and every training setting."""
+    """`make()` (initialised from `train`'s seed, the global RNG left as it was) pretrained on
+    `corpus.train` with `train` settings, or loaded from the cache entry keyed by its shape, the
+    corpus fingerprint and every training setting."""
+    with torch.random.fork_rng():
+        torch.manual_seed(train["seed"])
+        model = make()
     key_data = {
         "config": config,
         "data": corpus.fingerprint,
