@@ -20,6 +20,7 @@ from torch import nn
 from microsweep.errors import SpaceError
 from microsweep.spaces._policy import (
     DATA_AWARE_METHODS,
+    DENSE_METHODS,
     GROUP_METHODS,
     LayerPolicy,
     Policy,
@@ -107,11 +108,9 @@ def compress_layer(
     one per factor), so neither is computed again. `act_scale` is the input scale for
     ``settings.act_bits`` (calibrated by `compress_` on real inputs).
     """
-    if settings.rank is not None and settings.rank_method in GROUP_METHODS:
-        return build_group(settings.rank_method, settings.rank, {"": linear})[""]  # alone
+    if settings.rank is not None and settings.rank_method in DENSE_METHODS:
+        return _compress_layer(linear, settings, None)  # built from copies, never in place
     with torch.no_grad():
-        if settings.rank is not None and settings.rank_method == "tt":
-            return tensor_train(linear, settings.rank)  # built from the weight, not in place
         if settings.rank is not None and factors is not None:
             if factors.rank != settings.rank:
                 raise SpaceError(f"factors of rank {factors.rank} given for rank {settings.rank}")
@@ -439,9 +438,10 @@ def build_group(method: str, rank: int, linears: dict[str, nn.Module]) -> dict[s
 def tensor_train(layer: nn.Linear | nn.Embedding, rank: int) -> TTLinear | TTEmbedding:
     """`layer` as a tensor-train of TT-rank `rank` (TT-SVD, reshaping factors from its shape),
     built from copies of its tensors."""
-    if isinstance(layer, nn.Embedding):
-        return TTEmbedding.from_embedding(layer, rank).train(layer.training)
-    return TTLinear.from_linear(layer, rank).train(layer.training)
+    with torch.no_grad():
+        if isinstance(layer, nn.Embedding):
+            return TTEmbedding.from_embedding(layer, rank).train(layer.training)
+        return TTLinear.from_linear(layer, rank).train(layer.training)
 
 
 def _compress_matrix(

@@ -98,7 +98,9 @@ class VariantCache:
         for (method, group, rank), members in grouped(steps).items():
             built.update(self._group(method, group, rank, {s.name: s.linear for s in members}))
         for step in steps:
-            variant = built.get(step.name) or self._variant(step.name, step.linear, step.settings)
+            variant = built.get(step.name)
+            if variant is None:
+                variant = self._variant(step.name, step.linear, step.settings)
             _set_submodule(model, step.name, variant)
             placed.update(id(m) for m in variant.modules())
             weight = getattr(variant, "weight", None)

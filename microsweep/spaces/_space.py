@@ -116,9 +116,7 @@ def _linear_layers(model: nn.Module) -> dict[str, tuple[nn.Module, LayerInfo]]:
     return layers
 
 
-def _resolve_rank(
-    value: float | int, info: LayerInfo, block: tuple[int, int] | None
-) -> int | None:
+def _resolve_rank(value: float | int, info: LayerInfo, block: tuple[int, int] | None) -> int | None:
     """`Rank.resolve` for a layer, rounded down to whole blocks (at least one) when the layer
     is pruned in `block`s; None (dense) when that reaches the break-even or the full rank."""
     rank = Rank.resolve(value, info.out_features, info.in_features)
@@ -139,7 +137,7 @@ def _misfit(rule: _Rule, info: LayerInfo) -> str | None:
     rank = rule.settings.get("rank")
     if isinstance(rank, Rank):
         if rank.method not in ("plain", "tt"):
-            return f"a table takes no Rank(..., method={rank.method!r})"
+            return f"a table takes Rank(..., method='plain' or 'tt') only, not {rank.method!r}"
         if info.shared_with:
             return f"it is tied to {info.shared_with[0]!r} and rank would untie it"
     return None
@@ -361,12 +359,6 @@ class Space:
                     f"{members[0].name!r} and others differ"
                 )
         if method in GROUP_METHODS:
-            odd = [i.name for i in self.layers_of(rule) if i.kind == "embedding"]
-            if odd:
-                raise SpaceError(
-                    f"rule {rule.key!r}: embedding {odd[0]!r} cannot take "
-                    f"Rank(..., method={method!r}); use 'plain' or 'tt' for embeddings"
-                )
             if method == "autoencoder" and rule.tied:
                 if len({i.in_features for i in self.layers_of(rule)}) > 1:
                     raise SpaceError(
@@ -412,18 +404,12 @@ class Space:
 
     @staticmethod
     def _validate_embedding(rule: _Rule, info: LayerInfo) -> None:
-        """An embedding's input is token ids: no act_bits, and only plain SVD for rank."""
-        act = rule.settings.get("act_bits")
-        if isinstance(act, Bits) and any(b < 32 for b in act.choices):
+        """A rule that names a table (pattern rules skip it, see `_assign`) must fit it."""
+        why = _misfit(rule, info)
+        if why:
             raise SpaceError(
-                f"rule {rule.key!r}: layer {info.name!r} is an embedding, whose input is token "
-                "ids, so act_bits does not apply; give it a rule of its own without act_bits"
-            )
-        rank = rule.settings.get("rank")
-        if isinstance(rank, Rank) and rank.method not in ("plain", "tt"):
-            raise SpaceError(
-                f"rule {rule.key!r}: embedding {info.name!r} factorizes by plain SVD or as a "
-                "tensor-train only; use Rank(..., method='plain') or method='tt' for it"
+                f"rule {rule.key!r}: layer {info.name!r} is an embedding table and {why}; give "
+                "it a rule of its own without that setting"
             )
 
     def _hygiene(self) -> list[str]:
