@@ -236,3 +236,259 @@ def test_status_reads_a_sweep_on_a_read_only_medium(tmp_path, small_sweep):
         )
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+# --- a small custom LM (no corpus, no pretraining) for the cases below ---------------------------
+
+CUSTOM_LM = '''
+import types
+
+import torch
+from torch import nn
+
+from microsweep import Bits, MicroNet, Space
+
+
+class TinyLM(nn.Module):
+    """ids (B, T) -> logits (B, T, V)."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = types.SimpleNamespace(block_size=16)
+        self.emb = nn.Embedding(40, 16)
+        self.head = nn.Linear(16, 40)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
+{extra}
+
+torch.manual_seed(0)
+model = {model}
+space = Space(model, rules={{"head": dict(bits=Bits(4, 8, 32))}})
+{objective}
+
+def evaluate(model):
+    return {returns}
+'''
+
+OBJECTIVE = 'objective = MicroNet(perplexity_ceiling=None, baseline="dense")'
+
+
+def _custom(
+    tmp_path: Path,
+    name: str,
+    *,
+    extra: str = "",
+    model: str = "TinyLM()",
+    objective: str = OBJECTIVE,
+    returns: str = "10.0",
+) -> str:
+    path = tmp_path / name
+    path.write_text(
+        CUSTOM_LM.format(extra=extra, model=model, objective=objective, returns=returns)
+    )
+    return str(path)
+
+
+def _sweeps(url: str) -> list[str]:
+    """The sweeps stored at a SQLite URL; none when the file was never created."""
+    if not Path(url.split("///", 1)[1]).exists():
+        return []
+    store = Store(url, must_exist=True)
+    try:
+        return store.sweep_names()
+    finally:
+        store.dispose()
+
+
+def _run(space: str, url: str, tmp_path: Path, *more: str) -> subprocess.CompletedProcess:
+    return _cli(
+        "run", space, "--name", "s", "--trials", "2", "--in-process", "--sampler", "random",
+        "--storage", url, *more, cwd=tmp_path,
+    )  # fmt: skip
+
+
+# 1. policy files are read with a bound: a device, a FIFO or a huge file is refused at once
+
+
+def test_count_refuses_a_policy_file_that_is_a_device_fifo_or_huge(tmp_path):
+    import os
+
+    fifo = tmp_path / "policy.fifo"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as fh:  # sparse: 65 MiB of zeros that take no disk
+        fh.truncate(65 * 2**20)
+    for path, needle in (
+        ("/dev/zero", "not a regular file"),
+        (str(fifo), "not a regular file"),
+        (str(huge), "larger than 64 MiB"),
+        (str(tmp_path), "not a regular file"),
+    ):
+        started = time.perf_counter()
+        proc = _cli("count", str(TINY), "--policy", path, cwd=tmp_path)
+        _one_line_error(proc, f"policy file {path}", needle)
+        assert time.perf_counter() - started < 60  # no read without limit (7 GB before)
+
+
+def test_policy_read_bounds_and_one_line_errors(tmp_path):
+    from microsweep import Policy
+    from microsweep.errors import UsageError
+
+    good = tmp_path / "p.json"
+    good.write_text(Policy().dumps())
+    assert Policy.read(good) == Policy()
+    with pytest.raises(UsageError, match="larger than 10 bytes"):
+        Policy.read(good, limit=10)
+    for content, needle in (
+        (b"\xff\xfe", "not UTF-8"),
+        (b"[" * 100_000, "nested too deeply"),
+        (b'{"type": "microsweep.Policy", "version": 1, "hyper": 3}', "policy file"),
+    ):
+        good.write_bytes(content)
+        with pytest.raises(UsageError, match=needle) as err:
+            Policy.read(good)
+        assert "\n" not in str(err.value)
+
+
+def _warm_start_reads_with_a_bound() -> bool:
+    """The driver's `_warm_params` reads policy files through `Policy.read` (until it does,
+    `run --warm-start /dev/zero` reads without limit, so the test is not run)."""
+    import inspect
+
+    from microsweep.search import _driver
+
+    warm = getattr(_driver, "_warm_params", None)
+    return warm is not None and "Policy.read(" in inspect.getsource(warm)
+
+
+@pytest.mark.skipif(
+    not _warm_start_reads_with_a_bound(), reason="_warm_params does not call Policy.read yet"
+)
+def test_run_refuses_a_warm_start_that_is_a_device(tmp_path):
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    proc = _run(_custom(tmp_path, "ok.py"), url, tmp_path, "--warm-start", "/dev/zero")
+    _one_line_error(proc, "/dev/zero", "not a regular file")
+    assert _sweeps(url) == []
+
+
+# 2. a perplexity that is not a positive finite number
+
+
+def test_a_negative_dense_perplexity_is_refused_before_anything_is_stored(tmp_path):
+    url = f"sqlite:///{tmp_path / 'n.db'}"
+    for returns in ("-5.0", "0.0"):
+        proc = _run(_custom(tmp_path, "neg.py", returns=returns), url, tmp_path)
+        _one_line_error(proc, "evaluate(model) returned", "positive finite")
+        assert _sweeps(url) == []
+    # nothing was stored, so the same name runs once evaluate is fixed
+    proc = _run(_custom(tmp_path, "neg.py"), url, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert _sweeps(url) == ["s"]
+
+
+def test_a_trial_whose_evaluate_returns_no_perplexity_fails(tmp_path):
+    extra = '\n_calls = {"n": 0}\n\n\ndef _next():\n    _calls["n"] += 1\n' + (
+        '    return {1: 5.0, 2: -5.0, 3: 0.0, 4: "abc"}.get(_calls["n"], 5.0)\n'
+    )
+    space = _custom(tmp_path, "scripted.py", extra=extra, returns="_next()")
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    result = run_sweep(
+        space, name="f", trials=4, storage=url, seed=0, sampler="random", in_process=True,
+        progress=False,
+    )  # fmt: skip
+    assert result.states == {"COMPLETE": 1, "FAIL": 3}
+    reasons = sorted(r.reason for r in Store(url).trials("f") if r.state == "FAIL")
+    assert all(r.startswith("evaluate(model) returned") for r in reasons), reasons
+    assert any("returned -5" in r for r in reasons) and any("returned 0" in r for r in reasons)
+    assert any("returned str 'abc'" in r for r in reasons)
+
+
+# 3. an error in the user's forward: one line naming the module and the exception
+
+FLOAT_LM = '''
+
+class FloatLM(nn.Module):
+    """Takes float features, not token ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(1, 16)
+        self.head = nn.Linear(16, 40)
+
+    def forward(self, x):
+        return self.head(self.inp(x.unsqueeze(-1)))
+
+
+class Broken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        if x.shape[1] > LONGEST:
+            raise ValueError("the forward is broken")
+        return self.lin(x)
+
+
+class BrokenLM(TinyLM):
+    def __init__(self):
+        super().__init__()
+        self.inner = Broken()
+
+    def forward(self, ids):
+        return self.head(self.inner(self.emb(ids)))
+'''
+
+
+@pytest.mark.parametrize(
+    ("model", "longest", "needles"),
+    [
+        ("FloatLM()", 0, ("module 'inp' (Linear)", "RuntimeError: mat1 and mat2")),
+        ("BrokenLM()", 0, ("shape (1, 2)", "module 'inner' (Broken)", "ValueError: the forward")),
+        # passes the load-time check on 2 positions, fails in the counting trace
+        ("BrokenLM()", 2, ("shape (1, 8)", "module 'inner' (Broken)", "ValueError: the forward")),
+    ],
+)
+def test_an_error_in_the_users_forward_is_one_line(tmp_path, model, longest, needles):
+    extra = FLOAT_LM.replace("LONGEST", str(longest))
+    space = _custom(tmp_path, "fwd.py", extra=extra, model=model)
+    url = f"sqlite:///{tmp_path / 'fwd.db'}"
+    _one_line_error(_run(space, url, tmp_path), f"space file {space}", *needles)
+    assert _sweeps(url) == []
+    _one_line_error(_cli("count", space, cwd=tmp_path), f"space file {space}", *needles)
+
+
+# 4. storage URLs SQLAlchemy cannot parse
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("postgresql://postgres@127.0.0.1:notaport/postgres", "port 'notaport' is not a number"),
+        ("postgresql://postgres@[::1/postgres", "has no closing ']'"),
+        ("postgresql://bob:s3cret-pw@[::1/postgres", "postgresql://bob:***@[::1/postgres"),
+        ("postgresql://bob:s3cret-pw@host:x/db", "port 'x' is not a number"),
+    ],
+)
+def test_a_malformed_postgresql_url_is_one_line(tmp_path, url, needle):
+    proc = _cli("status", "--name", "x", "--storage", url, cwd=tmp_path)
+    _one_line_error(proc, "cannot be parsed", needle)
+    assert "s3cret-pw" not in proc.stderr + proc.stdout
+
+
+# 5 and 6. a file without `objective` says so once; --in-process follows --cpus-per-worker
+
+
+def test_run_without_objective_notes_it_and_in_process_threads_follow_cpus(tmp_path):
+    space = _custom(tmp_path, "noobj.py", objective="")
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    proc = _run(space, url, tmp_path, "--cpus-per-worker", "1")
+    assert proc.returncode == 0, proc.stderr
+    note = f"microsweep: note: {space}:1: no `objective` in this file: using MicroNet()"
+    assert proc.stderr.count(note) == 1, proc.stderr
+    assert "no perplexity ceiling, every trial is feasible" in proc.stderr
+    rows = Store(url).trials("s")
+    assert rows and all(r.worker.endswith(", threads 1") for r in rows), [r.worker for r in rows]
+    counted = _cli("count", space, cwd=tmp_path)
+    assert counted.returncode == 0 and "objective" not in counted.stderr, counted.stderr

@@ -218,3 +218,82 @@ def test_distillation_recovers_a_pruned_model(runner):
     bad = Policy(layers=pruned.layers, hyper={**hyper, "distill_alpha": 1.5}).to_json()
     res = runner.run(2, bad, early_stop=False)
     assert res["status"] == "error" and "distill_alpha 1.5" in res["error"]
+
+
+class _TinyLM(torch.nn.Module):
+    """ids (B, T) -> logits (B, T, V), small enough to build in a test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.head = torch.nn.Linear(8, 20)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(ids))
+
+
+def test_an_evaluate_that_returns_no_perplexity_fails_the_trial():
+    """Scores, ceilings and the planner take the log of a perplexity: evaluate must return a
+    positive finite number, and anything else is a FAIL naming evaluate."""
+    import math
+
+    windows = torch.zeros(0, 17, dtype=torch.long)
+    for value, needle in (
+        (-5.0, "evaluate(model) returned -5;"),
+        (0, "evaluate(model) returned 0;"),
+        ("abc", "evaluate(model) returned str 'abc'"),
+        (None, "evaluate(model) returned NoneType"),
+        (math.nan, "not finite"),
+        (math.inf, "not finite"),
+    ):
+        runner = TrialRunner(
+            _TinyLM(), windows, EvalSettings(context=8.5), evaluate=lambda m, v=value: v, threads=1
+        )
+        res = runner.run(0, Policy().to_json())
+        assert res["status"] == "error" and needle in res["error"], (value, res.get("error"))
+        assert "\n" not in res["error"]
+    ok = TrialRunner(_TinyLM(), windows, EvalSettings(context=8.5), evaluate=lambda m: 3)
+    assert ok.run(0, Policy().to_json())["perplexity"] == 3.0
+
+
+def test_in_process_threads_follow_cpus_per_worker_and_are_given_back():
+    """--in-process runs each trial on `worker_threads(cpus_per_worker)` torch threads, as a Ray
+    worker would (at least 1, at most the machine's cores), and puts the caller's back."""
+    import os
+
+    from microsweep.errors import UsageError
+    from microsweep.workers import make_pool
+
+    seen: list[int] = []
+
+    def evaluate(model: torch.nn.Module) -> float:
+        seen.append(torch.get_num_threads())
+        return 5.0
+
+    cores = os.cpu_count() or 1
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cores)
+        for cpus, threads in ((1, 1), (0.5, 1), (1.9, 1), (10_000, cores), (cores, cores)):
+            pool = make_pool(
+                1,
+                model=_TinyLM(),
+                windows=torch.zeros(0, 17, dtype=torch.long),
+                settings=EvalSettings(context=8.5),
+                evaluate=evaluate,
+                in_process=True,
+                cpus_per_worker=cpus,
+            )
+            pool.submit(0, Policy().to_json())
+            res = pool.wait()
+            assert res is not None and res["status"] == "ok", res
+            assert seen[-1] == threads and res["worker"].endswith(f"threads {threads}"), cpus
+            assert torch.get_num_threads() == cores  # given back after the trial
+        for bad in (0, -1, float("nan")):
+            with pytest.raises(UsageError, match="--cpus-per-worker"):
+                make_pool(
+                    1, model=_TinyLM(), windows=torch.zeros(0, 17, dtype=torch.long),
+                    settings=EvalSettings(context=8.5), in_process=True, cpus_per_worker=bad,
+                )  # fmt: skip
+    finally:
+        torch.set_num_threads(before)

@@ -196,7 +196,8 @@ def recipe_of(model: torch.nn.Module) -> dict[str, Any] | None:
 
 def measure_dense(sf: SpaceFile, prepared: Prepared) -> dict[str, Any]:
     """Perplexity and counts of the unmodified model, measured exactly as trials are (with the
-    NLL of each window, for the early-stop rule)."""
+    NLL of each window, for the early-stop rule). A perplexity that is not a positive finite
+    number (a user `evaluate` returning -5.0, say) is refused here, before anything is stored."""
     from microsweep.spaces import Policy
     from microsweep.workers import TrialRunner
 
@@ -206,9 +207,14 @@ def measure_dense(sf: SpaceFile, prepared: Prepared) -> dict[str, Any]:
     res = runner.run(-1, Policy().to_json(), early_stop=False, window_nll=True)
     if res["status"] != "ok":
         raise UsageError(f"the dense model cannot be evaluated: {res['error']}")
+    ppl = res["perplexity"]
+    if not (math.isfinite(ppl) and ppl > 0):  # the ceiling, scores and planner take its log
+        source = "evaluate(model) returned" if sf.evaluate is not None else "measured"
+        raise UsageError(
+            f"the dense model's perplexity is {ppl} ({source}); a perplexity is a positive "
+            "finite number"
+        )
     check_counted(sf, prepared, res["ops"])
-    if not math.isfinite(res["perplexity"]):
-        raise UsageError(f"the dense model's perplexity is {res['perplexity']}")
     return res
 
 
@@ -219,6 +225,7 @@ def check_counted(sf: SpaceFile, prepared: Prepared, counted_ops: float) -> None
 
     from microsweep.errors import SpaceWarning
     from microsweep.score import uncounted_work
+    from microsweep.score._trace import ForwardError
 
     window = prepared.windows.shape[1] - 1 if prepared.windows.numel() else 8
     source = prepared.calib if prepared.calib is not None else prepared.windows
@@ -230,7 +237,11 @@ def check_counted(sf: SpaceFile, prepared: Prepared, counted_ops: float) -> None
     param = next(iter(sf.model.parameters()), None)
     if param is not None:
         ids = ids.to(param.device)
-    work = uncounted_work(sf.model, ids)
+    try:
+        work = uncounted_work(sf.model, ids)
+    except ForwardError as exc:  # the user's forward raised: say which file's model it was
+        where = "the space given as objects" if sf.path == INLINE_PATH else f"space file {sf.path}"
+        raise UsageError(f"{where}: {exc}") from None
     if not work:
         return
     total = sum(w.total for w in work)

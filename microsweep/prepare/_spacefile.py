@@ -81,8 +81,18 @@ def space_from_objects(
     return _collect(module, INLINE_PATH, "", space)
 
 
-def load_space_file(path: str | Path) -> SpaceFile:
-    """Run the file at `path` and collect what it defines."""
+NO_OBJECTIVE_NOTE = (
+    "no `objective` in this file: using MicroNet() — no perplexity ceiling, every trial is "
+    "feasible; define objective = MicroNet(perplexity_ceiling=...) to set one"
+)
+"""The note `load_space_file` gives (as a `SpaceWarning` at the file's line 1) for a file
+without `objective`: optional, but its default accepts any perplexity."""
+
+
+def load_space_file(path: str | Path, *, note_objective: bool = True) -> SpaceFile:
+    """Run the file at `path` and collect what it defines. Without `objective` the file means
+    `MicroNet()`, which has no ceiling: with `note_objective` (a sweep) that is said once, as a
+    `SpaceWarning`; `count`, which uses no ceiling, turns it off."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"space file {path} does not exist; pass the path of a .py file")
@@ -90,7 +100,10 @@ def load_space_file(path: str | Path) -> SpaceFile:
         source = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read space file {path}: {exc}") from None
-    return load_space_source(source, str(path))
+    sf = load_space_source(source, str(path))
+    if note_objective and "objective" not in sf.module.__dict__:
+        warnings.warn_explicit(NO_OBJECTIVE_NOTE, SpaceWarning, str(path), 1)
+    return sf
 
 
 def load_space_source(source: str, path: str) -> SpaceFile:
@@ -171,8 +184,8 @@ def _collect(module: ModuleType, path: str, source: str, space: Space) -> SpaceF
             f"{where}: `finetune_steps` needs training tokens; define `train_tokens` "
             "(1-D token ids) or a `corpus`"
         )
-    if evaluate is None:
-        _check_forward(space.model, where)
+    # the counter traces a forward on token ids even when `evaluate` measures perplexity
+    _check_forward(space.model, where, logits=evaluate is None)
     return SpaceFile(path, source, module, space, objective, corpus, evaluate, calib, train)
 
 
@@ -196,10 +209,14 @@ def _ids(value: Any, dims: int, what: str, shape: str) -> torch.Tensor | None:
     return value.to(torch.long)
 
 
-def _check_forward(model: nn.Module, where: str) -> None:
-    """The built-in perplexity's contract: ids (B, T) in, logits (B, T, V) out (or an output
-    holding them); checked once on two positions so a wrong model fails before any trial."""
+def _check_forward(model: nn.Module, where: str, *, logits: bool = True) -> None:
+    """The contract's input side, always (the counter traces the model on token ids, with or
+    without `evaluate`): ids (B, T) in, checked once on two positions so that a wrong model
+    fails here, in one line naming the module that raised, before any trace or trial. With
+    `logits` (no `evaluate`: the built-in perplexity reads them), also the output side: logits
+    (B, T, V), or an output holding them."""
     from microsweep.models import logits_of
+    from microsweep.score._trace import forward_failure
 
     param = next(iter(model.parameters()), None)
     ids = torch.zeros(1, 2, dtype=torch.long, device=param.device if param is not None else None)
@@ -207,15 +224,19 @@ def _check_forward(model: nn.Module, where: str) -> None:
     try:
         model.eval()
         with torch.no_grad():
-            out = logits_of(model(ids))
+            out = model(ids)
     except Exception as exc:
         raise UsageError(
-            f"{where}: the model fails on token ids of shape (1, 2) "
-            f"({type(exc).__name__}: {exc}); it must take ids (B, T), or define `evaluate`"
+            f"{where}: the model fails on token ids of shape (1, 2): "
+            f"{forward_failure(model, exc)}; it must take ids (B, T), a LongTensor, since the "
+            "counter runs it on them (with or without `evaluate`)"
         ) from None
     finally:
         for m, flag in flags:
             m.train(flag)
+    if not logits:
+        return
+    out = logits_of(out)
     if not (isinstance(out, torch.Tensor) and out.dim() == 3 and tuple(out.shape[:2]) == (1, 2)):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UsageError(

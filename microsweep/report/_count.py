@@ -7,29 +7,10 @@ trial's parameters and ops come from.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
-
 from microsweep.errors import MicrosweepError, UsageError
 from microsweep.score import CHALLENGE_BASELINE, Baseline, CountConfig, count, micronet_score
 
-if TYPE_CHECKING:
-    from microsweep.spaces import Policy
-
 __all__ = ["count_report"]
-
-
-def _read_policy(path: str) -> Policy:
-    from microsweep.spaces import Policy
-
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read policy file {path}: {exc}") from None
-    try:
-        return Policy.loads(text)
-    except (MicrosweepError, TypeError, AttributeError, ValueError) as exc:
-        raise UsageError(f"policy file {path}: {str(exc).splitlines()[0]}") from None
 
 
 def count_report(space_path: str, policy_path: str | None = None) -> str:
@@ -43,17 +24,19 @@ def count_report(space_path: str, policy_path: str | None = None) -> str:
     model when the objective's baseline is ``"dense"``). A bad policy file raises `UsageError`.
     """
     from microsweep.prepare import check_counted, load_space_file, prepare
+    from microsweep.spaces import Policy
 
-    sf = load_space_file(space_path)
+    # the policy file first: a bad one is refused before the space file builds its model
+    policy = Policy.read(policy_path) if policy_path is not None else None
+    sf = load_space_file(space_path, note_objective=False)  # nothing here uses a ceiling
     prepared = prepare(sf, seed=0)
     settings = prepared.settings
     config = CountConfig(**settings.count)
     model = sf.model
     title = f"{space_path}: dense model"
-    if policy_path is not None:
+    if policy is not None:
         from microsweep.compress import compress
 
-        policy = _read_policy(policy_path)
         try:
             model = compress(model, policy, calib=prepared.calib)
         except MicrosweepError as exc:

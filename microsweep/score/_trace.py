@@ -5,6 +5,9 @@ without a rule and without parameters would count as zero, silently. Here one sh
 runs under a `TorchFunctionMode`. Each matmul, normalization, softmax or element-wise call is
 charged to the innermost module running at that moment. Whatever lands on a module that has no
 rule is reported, with a rough count per token, so `count` never returns a silent zero.
+
+The forward is the user's code: when it raises, `ForwardError` says in one line which module it
+raised in (`forward_failure`) and what it raised, instead of a traceback through the recorder.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode, resolve_name
 
+from microsweep.errors import UsageError
 from microsweep.score._registry import find_rule
 
-__all__ = ["UncountedWork", "uncounted_work"]
+__all__ = ["ForwardError", "UncountedWork", "forward_failure", "uncounted_work"]
 
 _MATMUL = {"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "bilinear"}
 _CONV = {"conv1d", "conv2d", "conv3d"}
@@ -116,10 +120,40 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
+class ForwardError(UsageError):
+    """The model's own forward raised while microsweep ran it (the message names the module it
+    raised in and the exception, on one line): the model breaks the custom-model contract."""
+
+
+def forward_failure(model: nn.Module, exc: BaseException) -> str:
+    """One line on an exception `model`'s forward raised: the innermost of the model's modules
+    whose code was running (read from the traceback, so a module that caught an error of its
+    own earlier is not blamed) and the exception's type and first line, e.g. ``module 'inp'
+    (Linear) raised RuntimeError: mat1 and mat2 must have the same dtype``."""
+    names: dict[int, str] = {}
+    for name, module in model.named_modules():
+        names.setdefault(id(module), name)
+    where: Any = None
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if owner is not None and id(owner) in names:
+            where = owner
+        tb = tb.tb_next
+    if where is None or where is model:
+        module = f"the model ({type(model).__name__})"
+    else:
+        module = f"module {names[id(where)]!r} ({type(where).__name__})"
+    text = str(exc).strip()
+    detail = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    return f"{module} raised {detail}"
+
+
 def uncounted_work(model: nn.Module, ids: torch.Tensor) -> list[UncountedWork]:
     """Run `model(ids)` once and return the math executed directly in the forward of modules
     that no counting rule covers (largest first), per token of `ids`. Modules with a rule are
-    trusted to count their own forward; containers that only call children report nothing."""
+    trusted to count their own forward; containers that only call children report nothing.
+    A forward that raises is a `ForwardError` naming the module it raised in."""
     names: dict[int, str] = {}
     for name, module in model.named_modules():
         names.setdefault(id(module), name)
@@ -140,6 +174,11 @@ def uncounted_work(model: nn.Module, ids: torch.Tensor) -> list[UncountedWork]:
         model.eval()
         with torch.no_grad(), recorder:
             model(ids)
+    except Exception as exc:  # the user's code: one line on where it failed, not a traceback
+        raise ForwardError(
+            f"the model's forward fails on token ids of shape {tuple(ids.shape)}: "
+            f"{forward_failure(model, exc)}; it must take token ids (B, T), a LongTensor"
+        ) from None
     finally:
         pre.remove()
         post.remove()

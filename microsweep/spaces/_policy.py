@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from microsweep.errors import SpaceError
+from microsweep.errors import SpaceError, UsageError
 
 __all__ = [
     "DATA_AWARE_METHODS",
@@ -21,12 +23,16 @@ __all__ = [
     "concrete_block",
     "LayerPolicy",
     "Policy",
+    "POLICY_MAX_BYTES",
     "POLICY_VERSION",
     "RANK_METHODS",
     "VALID_BITS",
 ]
 
 POLICY_VERSION = 1
+POLICY_MAX_BYTES = 64 * 2**20
+"""The largest policy file `Policy.read` takes: a policy names each layer once, so even a model
+of thousands of layers stays far below it, and a device or a huge file is refused at once."""
 _POLICY_TAG = "microsweep.Policy"
 VALID_BITS = frozenset([*range(2, 17), 32])
 """Weight and activation widths: 2..16 quantize, 32 means "not quantized" (fp32)."""
@@ -194,7 +200,59 @@ class Policy:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise SpaceError(f"policy is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except RecursionError:
+            raise SpaceError("policy JSON is nested too deeply to be a policy") from None
         return cls.from_json(data)
+
+    @classmethod
+    def read(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        label: str | None = None,
+        limit: int = POLICY_MAX_BYTES,
+    ) -> Policy:
+        """The policy in the JSON file at `path` (``count --policy``, ``run --warm-start``).
+
+        Every problem is a one-line `UsageError` naming the file as `label` (default ``policy
+        file PATH``): a path that is not a regular file (a device, FIFO or folder; opened
+        without blocking and checked on the open file), a file over `limit` bytes (read with
+        that limit, since /dev/zero and /proc files report no size), text that is not UTF-8, or
+        JSON that is not a policy.
+        """
+        name = os.fspath(path)
+        where = label or f"policy file {name}"
+        try:
+            fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except OSError as exc:
+            raise UsageError(f"cannot read {where}: {exc.strerror or exc}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UsageError(
+                    f"{where} is not a regular file; pass a policy JSON file (as 'microsweep "
+                    "show --json FILE' writes)"
+                )
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                data = fh.read(limit + 1)
+        except OSError as exc:
+            raise UsageError(f"cannot read {where}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+        if len(data) > limit:
+            size = f"{limit // 2**20} MiB" if limit >= 2**20 else f"{limit} bytes"
+            raise UsageError(
+                f"{where} is larger than {size}, far more than a policy needs; pass a policy "
+                "JSON file"
+            )
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{where} is not UTF-8 text (byte {exc.start})") from None
+        try:
+            return cls.loads(text)
+        except (SpaceError, TypeError, AttributeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"{where}: {first}") from None
 
     NOTATION = (
         "s=0.50 sparsity (blk: in blocks), w4 weight bits, a8 activation bits, r=32 rank "

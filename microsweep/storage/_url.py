@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from microsweep.errors import StorageError
@@ -29,6 +30,11 @@ def resolve_url(url: str | None = None) -> str:
         raise StorageError(
             "the storage URL is not a database URL; use sqlite:///FILE.db or "
             "postgresql://USER@HOST/DB"
+        ) from None
+    except ValueError:  # SQLAlchemy parsed the form but not a part of it: the port, an IPv6 host
+        raise StorageError(
+            f"storage URL {_mask_text(raw)} cannot be parsed: {_bad_part(raw)}; use "
+            "postgresql://USER[:PASSWORD]@HOST[:PORT]/DB, an IPv6 host in brackets ([::1])"
         ) from None
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
@@ -61,6 +67,26 @@ def masked(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
         return "<unparsable storage URL>"
+    except ValueError:  # the form parsed but a part did not (a port that is no number)
+        return _mask_text(url)
+
+
+def _mask_text(url: str) -> str:
+    """`url` with any password replaced by ***, read from the text alone (for a URL SQLAlchemy
+    cannot parse): everything from the user's ':' to the last '@' goes, which may hide more than
+    the password but never less."""
+    return re.sub(r"^([\w+.-]+://[^:/@?]*):.*@", r"\1:***@", url, count=1, flags=re.DOTALL)
+
+
+def _bad_part(url: str) -> str:
+    """What is wrong in a URL whose host or port SQLAlchemy could not read, in a few words."""
+    authority = re.split(r"[/?]", url.partition("://")[2].rpartition("@")[2], maxsplit=1)[0]
+    if authority.startswith("[") and "]" not in authority:
+        return f"the IPv6 host {authority!r} has no closing ']'"
+    _, colon, port = authority.rpartition("]")[2].rpartition(":")
+    if colon and not port.isdigit():
+        return f"port {port!r} is not a number"
+    return "its host or port is malformed"
 
 
 def sqlite_path(url: str) -> Path | None:

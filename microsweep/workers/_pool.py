@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from microsweep.errors import UsageError
-from microsweep.workers._runner import EvalSettings, TrialRunner
+from microsweep.workers._runner import EvalSettings, TrialRunner, worker_threads
 
 __all__ = ["InProcessPool", "RayPool", "WorkerPool", "make_pool"]
 
@@ -50,7 +50,9 @@ class WorkerPool:
 
 
 class InProcessPool(WorkerPool):
-    """Runs each trial at submit time in this process: no Ray, easy to debug."""
+    """Runs each trial at submit time in this process: no Ray, easy to debug. The runner's
+    thread count (`worker_threads` of ``--cpus-per-worker``, as a Ray worker's) holds during
+    each trial; the caller's is put back after it."""
 
     def __init__(self, runner: TrialRunner) -> None:
         self.size = 1
@@ -62,7 +64,11 @@ class InProcessPool(WorkerPool):
         return 0 if self._done else 1
 
     def submit(self, number: int, policy_json: Mapping[str, Any], **options: Any) -> None:
-        self._done.append(self.runner.run(number, policy_json, **options))
+        threads = torch.get_num_threads()  # the runner sets its own for the trial
+        try:
+            self._done.append(self.runner.run(number, policy_json, **options))
+        finally:
+            torch.set_num_threads(threads)
 
     def wait(self, timeout: float | None = None) -> dict[str, Any] | None:
         if timeout is not None and not self._done:
@@ -274,13 +280,26 @@ def make_pool(
     rules: Mapping[type, Any] | None = None,
 ) -> WorkerPool:
     """`workers` Ray actors, each reserving `cpus_per_worker` CPUs and `gpus_per_worker` GPUs
-    (or one in-process runner when `in_process`)."""
+    (or one in-process runner when `in_process`, whose torch threads follow `cpus_per_worker`
+    by the Ray workers' rule, `worker_threads`)."""
     if in_process:
-        return InProcessPool(
-            TrialRunner(
-                model, windows, settings, calib=calib, train_tokens=train_tokens, evaluate=evaluate
+        if isinstance(cpus_per_worker, bool) or not (
+            isinstance(cpus_per_worker, (int, float)) and 0 < cpus_per_worker < math.inf
+        ):
+            raise UsageError(
+                f"--cpus-per-worker {cpus_per_worker!r} must be a number above 0 (the in-process "
+                "runner's torch threads follow it)"
             )
+        runner = TrialRunner(
+            model,
+            windows,
+            settings,
+            calib=calib,
+            train_tokens=train_tokens,
+            evaluate=evaluate,
+            threads=worker_threads(cpus_per_worker),
         )
+        return InProcessPool(runner)
     args = {
         "model": model,
         "windows": windows,

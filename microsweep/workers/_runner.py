@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from microsweep.score import StopRule
     from microsweep.spaces import Policy
 
-__all__ = ["EvalSettings", "FT_EVAL_WINDOWS", "TrialRunner"]
+__all__ = ["EvalSettings", "FT_EVAL_WINDOWS", "TrialRunner", "worker_threads"]
 
 FT_EVAL_WINDOWS = 32
 """Evaluation windows in the fine-tuning curve's subset (`finetune_eval_every`): every m-th
@@ -181,13 +181,14 @@ class TrialRunner:
         timings["count"] = time.perf_counter() - t
 
         extra: dict[str, Any] = {}
+        refused: str | None = None  # why what the user's evaluate returned is no perplexity
         cut = "finetune_stopped_at" in tuned  # fine-tuning could not recover: no evaluation
         if cut:
             ppl = tuned["perplexity_estimate"]
         else:
             t = time.perf_counter()
             if self.evaluate_fn is not None:
-                ppl = float(self.evaluate_fn(model))
+                ppl, refused = _user_perplexity(self.evaluate_fn(model))
             else:
                 ppl, extra = self._evaluate(model, early_stop=early_stop, keep_nll=keep_nll)
             timings["evaluate"] = time.perf_counter() - t
@@ -205,6 +206,8 @@ class TrialRunner:
             "layers": layers,
             "count_config": counts.config.to_json(),
         }
+        if refused is not None:
+            return {"status": "error", "error": refused, **counted}
         if not math.isfinite(ppl):
             error = f"perplexity is {ppl} (not finite)"
             if cut:
@@ -467,6 +470,26 @@ class _Curve:
         return {"finetune_curve": self.points, **(self.stopped or {})}
 
 
+def _user_perplexity(value: Any) -> tuple[float, str | None]:
+    """What the space file's `evaluate` returned, as a perplexity, and why it is refused: a
+    value that is no number, or a number at or below zero (scores, ceilings and the planner
+    take its log). NaN and infinity pass, for the not-finite check every trial has."""
+    try:
+        ppl = float(value)
+    except (TypeError, ValueError):
+        shown = str(value).splitlines()[0][:60] if str(value) else ""
+        return math.nan, (
+            f"evaluate(model) returned {type(value).__name__} {shown!r}; it must return the "
+            "perplexity, a positive finite number"
+        )
+    if ppl <= 0:
+        return ppl, (
+            f"evaluate(model) returned {ppl:g}; a perplexity is a positive finite number "
+            "(exp of the mean NLL per token)"
+        )
+    return ppl, None
+
+
 def _whole(hyper: Mapping[str, Any], key: str, default: int) -> int:
     """A whole-number hyperparameter (an int, or a float without a fraction), else a one-line
     `ValueError`."""
@@ -505,9 +528,18 @@ def _assigned_device() -> torch.device | None:
     return None
 
 
+def worker_threads(cpus: float) -> int:
+    """Torch threads for a worker given `cpus` CPUs, one rule for Ray actors and the in-process
+    runner: the whole CPUs, at least 1 (a fraction still runs), at most this machine's cores
+    (more threads than cores only contend)."""
+    import os
+
+    return max(1, min(int(cpus), os.cpu_count() or 1))
+
+
 def _assigned_cpus() -> int | None:
-    """The CPUs Ray gave this actor (threads follow them, not the machine's core count); None
-    outside Ray."""
+    """Threads for the CPUs Ray gave this actor (`worker_threads`: they follow the reservation,
+    not the machine's core count); None outside Ray."""
     import sys
 
     ray = sys.modules.get("ray")
@@ -515,7 +547,7 @@ def _assigned_cpus() -> int | None:
         if ray is not None and ray.is_initialized():
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
             if cpus:
-                return max(1, int(cpus))
+                return worker_threads(cpus)
     except Exception:  # no runtime context: not a Ray worker
         pass
     return None
