@@ -23,6 +23,10 @@ demo: install
 		--seed 0 --storage sqlite:///$(DEMO_DB)
 	$(BIN)/microsweep status --name demo --storage sqlite:///$(DEMO_DB)
 	$(BIN)/microsweep report --name demo --storage sqlite:///$(DEMO_DB) -o demo-report.html
+	@echo ""
+	@echo "The commands above are $(BIN)/microsweep ('source $(VENV)/bin/activate' puts it on"
+	@echo "PATH); the corpus folder is remembered in the cache, so they need no MICROSWEEP_DATA."
+	@echo "Open demo-report.html in a browser."
 
 lint: install
 	$(BIN)/ruff check microsweep tests benchmarks examples

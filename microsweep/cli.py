@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
 
+from microsweep._text import digits_apart, distinct
 from microsweep.errors import MicrosweepError, UsageError
 
 __all__ = ["main"]
@@ -62,7 +64,13 @@ def _parser() -> argparse.ArgumentParser:
         "quantities mapped through budget allocation; allocate, uniform, or Optuna's per-layer "
         "tpe, nsga2, gp, cmaes, random",
     )
-    run.add_argument("--seed", type=int, default=None, help="sampler and trial seed")
+    run.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="sampler and trial seed; the same seed repeats a sweep with --in-process or one "
+        "worker, not with several (their results arrive in a different order each run)",
+    )
     run.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
     run.add_argument(
         "--in-process", action="store_true", help="no Ray: run trials here, one by one"
@@ -126,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--storage", help=storage_help)
     status.add_argument("--top", type=_positive, default=5)
     status.add_argument("--format", choices=("text", "json"), default="text")
+    status.add_argument(
+        "--legend", action="store_true", help="explain the policy notation of the table"
+    )
 
     sens = sub.add_parser(
         "sensitivity",
@@ -182,11 +193,37 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _next_steps(result: object, storage: str | None) -> None:
+    """The commands that read what a run or resume just stored, with its real store and best
+    trial, so they work as printed."""
+    import shlex
+
+    from microsweep.search import SweepResult
+
+    assert isinstance(result, SweepResult)
+    where = f" --name {shlex.quote(result.name)}"
+    if storage:
+        where += f" --storage {shlex.quote(storage)}"
+    print("next:")
+    print(f"  microsweep status{where}")
+    print(f"  microsweep report{where} -o {shlex.quote(result.name + '-report.html')}")
+    if result.best_number is not None:
+        print(f"  microsweep show{where} --trial {result.best_number}")
+        print(f"  microsweep export{where} --trial {result.best_number} -o best.msz")
+
+
 def _print_result(result: object) -> None:
     from microsweep.search import SweepResult
 
     assert isinstance(result, SweepResult)
     states = ", ".join(f"{k} {v}" for k, v in sorted(result.states.items()))
+    if result.already_done:
+        done = sum(result.states.values())
+        print(
+            f"sweep {result.name!r} already has its {done} finished trials ({states}); nothing "
+            "to do (--trials N asks for more)"
+        )
+        return
     print(f"sweep {result.name!r}: {states}")
     if result.best_number is not None:
         print(
@@ -225,7 +262,7 @@ def _print_result(result: object) -> None:
         )
 
 
-def _status(name: str, storage: str | None, top: int, fmt: str) -> None:
+def _status(name: str, storage: str | None, top: int, fmt: str, legend: bool = False) -> None:
     from microsweep.report import sweep_status
     from microsweep.spaces import Policy
     from microsweep.storage import Store
@@ -245,9 +282,12 @@ def _status(name: str, storage: str | None, top: int, fmt: str) -> None:
         "ceiling"
     )
     if st["wall_seconds"] is not None:
-        rate = st["trials_per_minute"]
-        rate_s = f", {rate:.1f} trials/min" if rate else ""
-        print(f"  state: {st['state']}; wall time {st['wall_seconds']:.1f}s{rate_s}")
+        rate, busy = st["trials_per_minute"], st["trial_seconds"]
+        rate_s = f", {rate:.1f} trials/min over {busy:.1f}s of trials" if rate else ""
+        print(
+            f"  state: {st['state']}; wall time {st['wall_seconds']:.1f}s since it was created "
+            f"(start-up included){rate_s}"
+        )
     else:
         print(f"  state: {st['state']}; no trial finished yet")
     d, b = st["dense"], st["baseline"]
@@ -256,18 +296,24 @@ def _status(name: str, storage: str | None, top: int, fmt: str) -> None:
         f", ops/token {d['ops']:,.0f}, score {d['score']:.6g}"
     )
     print(f"  baseline: {b['name']} ({b['params']:,.0f} params, {b['ops']:,.0f} ops)")
-    ceiling = "none" if st["ceiling"] is None else f"{st['ceiling']:.4f}"
-    print(f"  perplexity ceiling: {ceiling}; sampler {st['sampler']}")
+    ceiling = st["ceiling"]
+    digits = 4
+    for r in st["best"]:  # enough digits to tell every perplexity shown from the ceiling
+        if ceiling is not None:
+            digits = max(digits, digits_apart(r["perplexity"], ceiling))
+    ceiling_s = "none" if ceiling is None else f"{ceiling:.{digits}g}"
+    print(f"  perplexity ceiling: {ceiling_s}; sampler {st['sampler']}")
     if not st["best"]:
         print("  no feasible trial yet")
     else:
         head = f"{'trial':>5} {'score':>10} {'perplexity':>10}  {'origin':<14} policy"
-        print(f"  best feasible trials (policy: {Policy.NOTATION}; 'show' gives every layer):")
+        where = f"policy: {Policy.NOTATION}" if legend else "--legend explains the policy"
+        print(f"  best feasible trials ({where}; 'show' gives every layer):")
         print(f"    {head}")
         for r in st["best"]:
             origin = r["origin"] or "-"
             print(
-                f"    {r['trial']:>5} {r['score']:>10.5g} {r['perplexity']:>10.4f}  "
+                f"    {r['trial']:>5} {r['score']:>10.5g} {r['perplexity']:>10.{digits}g}  "
                 f"{origin:<14} {r['policy']}"
             )
         u = st["best_uniform"]
@@ -293,7 +339,10 @@ def _read_command(args: argparse.Namespace) -> None:
         return
     if args.command == "trials":
         feasible = True if args.feasible else False if args.infeasible else None
-        rows = trial_rows(store, args.name, state=args.state, feasible=feasible)
+        rows = trial_rows(
+            store, args.name, state=args.state, feasible=feasible,
+            full_policy=args.format != "table",
+        )  # fmt: skip
         cols = ["trial", "state", "feasible", "score", "perplexity", "origin", "policy"]
         print(format_rows(rows, args.format, cols))
         return
@@ -312,16 +361,68 @@ def _read_command(args: argparse.Namespace) -> None:
 
         print(json.dumps(detail, indent=2, default=str))
         return
-    head = {k: v for k, v in detail.items() if k not in ("policy", "layers")}
-    print("\n".join(f"{k}: {v}" for k, v in head.items()))
-    cols = ["layer", "kind", "sparsity", "bits", "act_bits", "rank", "params", "dense_params",
-            "ops", "dense_ops"]  # fmt: skip
-    print(format_rows(detail["layers"], args.format, cols))
+    if args.format == "csv":
+        cols = list(detail["layers"][0]) if detail["layers"] else []
+        print(format_rows(detail["layers"], "csv", cols))
+    else:
+        print(_show_text(detail))
     hyper = detail["policy"].get("hyper") or {}
     if hyper:
         print("hyper: " + ", ".join(f"{k}={v}" for k, v in sorted(hyper.items())))
     if args.policy_out:
         print(f"wrote the policy to {args.policy_out}")
+
+
+def _show_text(detail: dict) -> str:
+    """`show` as text: the trial's figures rounded as `status` rounds them, then one row per
+    layer with the pruned share apart from the zeros that quantization made."""
+    from microsweep.report import format_rows
+
+    ceiling = detail["ceiling"]
+    lines = []
+    for key, value in detail.items():
+        if key in ("policy", "layers", "perplexity", "ceiling"):
+            continue
+        if key == "score" and value is not None:
+            value = f"{value:.6g}"
+        elif key in ("params", "ops") and value is not None:
+            value = f"{value:,.1f}"
+        lines.append(f"{key}: {'-' if value is None else value}")
+    ppl = detail["perplexity"]
+    if ppl is not None and ceiling is not None:
+        ppl_s, ceiling_s = distinct(ppl, ceiling)
+        lines.append(f"perplexity: {ppl_s} (ceiling {ceiling_s})")
+    else:
+        lines.append(f"perplexity: {'-' if ppl is None else f'{ppl:.4f}'} (ceiling none)")
+
+    def share(x: float | None) -> str | None:
+        return None if x is None else f"{x:.3f}"
+
+    def count(x: float | None) -> str | None:
+        return None if x is None else f"{x:,.1f}"
+
+    rows = [
+        {
+            "layer": r["layer"],
+            "kind": r["kind"],
+            "pruned": share(r["pruned"]),
+            "quant zeros": share(r["quantized_zeros"]),
+            "bits": r["bits"],
+            "act_bits": r["act_bits"],
+            "rank": r["rank"],
+            "params": count(r["params"]),
+            "dense params": count(r["dense_params"]),
+            "ops": count(r["ops"]),
+            "dense ops": count(r["dense_ops"]),
+        }
+        for r in detail["layers"]
+    ]
+    lines.append(format_rows(rows, "table", list(rows[0]) if rows else ["layer"]))
+    lines.append(
+        "pruned: the policy's sparsity ('-': the policy leaves the layer alone); quant zeros: "
+        "weights that quantization rounded to zero on top of it"
+    )
+    return "\n".join(lines)
 
 
 def _positive_float(text: str) -> float:
@@ -363,43 +464,45 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "run":
         from microsweep.search import run_sweep
 
-        _print_result(
-            run_sweep(
-                args.space,
-                name=args.name,
-                trials=args.trials,
-                workers=args.workers,
-                storage=args.storage,
-                sampler=args.sampler,
-                seed=args.seed,
-                address=args.address,
-                in_process=args.in_process,
-                progress=not args.quiet,
-                storage_wait=args.storage_wait,
-                cpus_per_worker=args.cpus_per_worker,
-                gpus_per_worker=args.gpus_per_worker,
-                timeout=args.timeout,
-                warm_start=args.warm_start,
-            )
+        result = run_sweep(
+            args.space,
+            name=args.name,
+            trials=args.trials,
+            workers=args.workers,
+            storage=args.storage,
+            sampler=args.sampler,
+            seed=args.seed,
+            address=args.address,
+            in_process=args.in_process,
+            progress=not args.quiet,
+            storage_wait=args.storage_wait,
+            cpus_per_worker=args.cpus_per_worker,
+            gpus_per_worker=args.gpus_per_worker,
+            timeout=args.timeout,
+            warm_start=args.warm_start,
         )
+        _print_result(result)
+        if not args.quiet:
+            _next_steps(result, args.storage)
     elif args.command == "resume":
         from microsweep.search import resume_sweep
 
-        _print_result(
-            resume_sweep(
-                args.name,
-                trials=args.trials,
-                workers=args.workers,
-                storage=args.storage,
-                address=args.address,
-                in_process=args.in_process,
-                progress=not args.quiet,
-                storage_wait=args.storage_wait,
-                cpus_per_worker=args.cpus_per_worker,
-                gpus_per_worker=args.gpus_per_worker,
-                timeout=args.timeout,
-            )
+        result = resume_sweep(
+            args.name,
+            trials=args.trials,
+            workers=args.workers,
+            storage=args.storage,
+            address=args.address,
+            in_process=args.in_process,
+            progress=not args.quiet,
+            storage_wait=args.storage_wait,
+            cpus_per_worker=args.cpus_per_worker,
+            gpus_per_worker=args.gpus_per_worker,
+            timeout=args.timeout,
         )
+        _print_result(result)
+        if not args.quiet and not result.already_done:
+            _next_steps(result, args.storage)
     elif args.command in ("report", "plot"):
         from microsweep.report import write_report
         from microsweep.storage import Store
@@ -416,7 +519,7 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         serve_dashboard(args.storage, args.host, args.port)
     elif args.command == "status":
-        _status(args.name, args.storage, args.top, args.format)
+        _status(args.name, args.storage, args.top, args.format, args.legend)
     elif args.command == "sensitivity":
         from microsweep.report import sensitivity_data, write_sensitivity_html
         from microsweep.search import run_sensitivity
@@ -483,12 +586,33 @@ def _note(message, category, filename, lineno, file=None, line=None) -> None:  #
 
 _show_warning = warnings.showwarning
 
+DEFINES_SPACE = ("run", "sensitivity")
+"""Commands that define a search over a space file: its notes (wasteful levels, tables left
+alone) are said there, once, and not again by every command that reopens the space."""
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, stopped like Ctrl-C: the driver's clean-up runs and one line is printed."""
+
+
+_signals: list[int] = []  # what stopped the command (Ray may re-raise a plain KeyboardInterrupt)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    _signals.append(signum)
+    raise _Terminated
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     args = _parser().parse_args(argv)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     warnings.showwarning = _note
+    if args.command not in DEFINES_SPACE:
+        from microsweep.errors import SpaceWarning
+
+        warnings.filterwarnings("ignore", category=SpaceWarning)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         _dispatch(args)
     except MicrosweepError as exc:
@@ -502,11 +626,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"microsweep: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         resumable = args.command in ("run", "resume")
         hint = "; 'microsweep resume' continues the sweep" if resumable else ""
-        print(f"microsweep: interrupted{hint}", file=sys.stderr)
-        return 130
+        terminated = isinstance(exc, _Terminated) or signal.SIGTERM in _signals
+        print(f"microsweep: {'terminated' if terminated else 'interrupted'}{hint}", file=sys.stderr)
+        return 143 if terminated else 130
     return 0
 
 

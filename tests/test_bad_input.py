@@ -351,20 +351,6 @@ def test_policy_read_bounds_and_one_line_errors(tmp_path):
         assert "\n" not in str(err.value)
 
 
-def _warm_start_reads_with_a_bound() -> bool:
-    """The driver's `_warm_params` reads policy files through `Policy.read` (until it does,
-    `run --warm-start /dev/zero` reads without limit, so the test is not run)."""
-    import inspect
-
-    from microsweep.search import _driver
-
-    warm = getattr(_driver, "_warm_params", None)
-    return warm is not None and "Policy.read(" in inspect.getsource(warm)
-
-
-@pytest.mark.skipif(
-    not _warm_start_reads_with_a_bound(), reason="_warm_params does not call Policy.read yet"
-)
 def test_run_refuses_a_warm_start_that_is_a_device(tmp_path):
     url = f"sqlite:///{tmp_path / 'w.db'}"
     proc = _run(_custom(tmp_path, "ok.py"), url, tmp_path, "--warm-start", "/dev/zero")

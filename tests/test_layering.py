@@ -11,7 +11,7 @@ import microsweep
 ROOT = Path(microsweep.__file__).parent
 
 LAYERS: list[set[str]] = [
-    {"_version", "errors"},
+    {"_version", "errors", "_text"},
     {"data", "storage"},
     {"models"},
     {"spaces"},

@@ -32,6 +32,41 @@ TINY_SHAKESPEARE_URL = (
 )
 DATA_ENV = "MICROSWEEP_DATA"
 """A folder holding corpora laid out as ``tinyshakespeare/input.txt`` and so on."""
+DATA_LOCATION_FILE = "data-location"
+"""In the cache: the last ``$MICROSWEEP_DATA`` a corpus was read from, used when the variable
+is not set (so `count`, `export` and `resume` after a `make demo` find the same data)."""
+
+
+def data_root() -> Path | None:
+    """The folder corpora are looked up in: ``$MICROSWEEP_DATA``, else the folder it named the
+    last time a corpus was read through it (remembered in the cache), else None."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env)
+    try:
+        remembered = (cache_dir() / DATA_LOCATION_FILE).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return Path(remembered) if remembered and Path(remembered).is_dir() else None
+
+
+def _remember_root() -> None:
+    """Note ``$MICROSWEEP_DATA`` in the cache after a corpus was read through it (best effort:
+    a read-only cache only means the variable is needed next time)."""
+    env = os.environ.get(DATA_ENV)
+    if not env:
+        return
+    where = str(Path(env).resolve())
+    path = cache_dir() / DATA_LOCATION_FILE
+    try:
+        if path.is_file() and path.read_text(encoding="utf-8").strip() == where:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+        tmp.write_text(where + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except (OSError, UnicodeDecodeError):
+        pass
 
 
 def cache_dir() -> Path:
@@ -135,17 +170,22 @@ def _download(url: str, dest: Path) -> None:
 def tiny_shakespeare(path: str | os.PathLike[str] | None = None) -> Corpus:
     """Tiny Shakespeare at character level, split 90/10 into train and validation.
 
-    Looked up in order: `path`, ``$MICROSWEEP_DATA/tinyshakespeare/input.txt``, the cache, and
-    finally a download into the cache.
+    Looked up in order: `path`, ``$MICROSWEEP_DATA/tinyshakespeare/input.txt`` (or the folder
+    that variable last named, see `data_root`), the cache, and finally a download into the
+    cache.
     """
     if path is not None:
         return text_file(path, level="char", name="tinyshakespeare")
     env = os.environ.get(DATA_ENV)
-    if env:
-        candidate = Path(env) / "tinyshakespeare" / "input.txt"
-        if not candidate.is_file():
+    root = data_root()
+    if root is not None:
+        candidate = root / "tinyshakespeare" / "input.txt"
+        if env and not candidate.is_file():
             raise DataError(f"{DATA_ENV}={env} has no tinyshakespeare/input.txt")
-        return text_file(candidate, level="char", name="tinyshakespeare")
+        if candidate.is_file():
+            corpus = text_file(candidate, level="char", name="tinyshakespeare")
+            _remember_root()
+            return corpus
     cached = cache_dir() / "data" / "tinyshakespeare" / "input.txt"
     if not cached.is_file():
         _download(TINY_SHAKESPEARE_URL, cached)
@@ -222,17 +262,26 @@ def _named_word_corpus(
     val: str,
     title: str,
 ) -> Corpus:
-    """A word-level corpus from `path`, else ``$MICROSWEEP_DATA/<folder>``, else the cache's
-    ``data/<folder>``."""
+    """A word-level corpus from `path`, else ``$MICROSWEEP_DATA/<folder>`` (or the folder that
+    variable last named, see `data_root`), else the cache's ``data/<folder>``."""
+    through_env = False
     if path is None:
-        env = os.environ.get(DATA_ENV)
-        path = Path(env) / folder if env else cache_dir() / "data" / folder
+        root = data_root()
+        if root is not None and (root / folder).is_dir():
+            path, through_env = root / folder, True
+        elif os.environ.get(DATA_ENV):
+            path = Path(os.environ[DATA_ENV]) / folder
+        else:
+            path = cache_dir() / "data" / folder
     if not Path(path).is_dir():
         raise DataError(
             f"no {title} folder at {path}; pass path= or set {DATA_ENV} to a folder holding "
             f"{folder}/{{train,valid,test}}.txt"
         )
-    return word_corpus(path, train=train, val=val, name=name)
+    corpus = word_corpus(path, train=train, val=val, name=name)
+    if through_env:
+        _remember_root()
+    return corpus
 
 
 def ptb(

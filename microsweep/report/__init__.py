@@ -23,6 +23,7 @@ from microsweep.report._tables import (
     sweep_status,
     trial_detail,
     trial_rows,
+    trial_seconds,
 )
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ __all__ = [
     "sweep_status",
     "trial_detail",
     "trial_rows",
+    "trial_seconds",
     "write_pareto_html",
     "write_report",
     "write_sensitivity_html",

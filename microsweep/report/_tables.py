@@ -23,6 +23,7 @@ __all__ = [
     "sweep_status",
     "trial_detail",
     "trial_rows",
+    "trial_seconds",
 ]
 
 
@@ -69,6 +70,25 @@ def dense_summary(sweep: Any) -> dict[str, Any]:
     }
 
 
+def trial_seconds(rows: Sequence[Any]) -> float | None:
+    """Seconds during which at least one trial ran: the union of the trials' spans (each ends
+    at its stored finish and lasted its worker's total time), so start-up, sensitivity pass,
+    planning and the pauses between resumes are not counted as trial time."""
+    spans = []
+    for r in rows:
+        total = (r.timings or {}).get("total")
+        if r.finished_at is None or not isinstance(total, (int, float)) or not total >= 0:
+            continue
+        end = r.finished_at.timestamp()
+        spans.append((end - total, end))
+    covered, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return covered if spans else None
+
+
 def sweep_status(store: Store, name: str, top: int = 5) -> dict[str, Any]:
     """What `microsweep status` shows: counts by state, feasible and over the ceiling, state,
     wall time and throughput, the dense model and baseline, the best feasible trials, the best
@@ -81,6 +101,7 @@ def sweep_status(store: Store, name: str, top: int = 5) -> dict[str, Any]:
     complete = states.get("COMPLETE", 0)
     best = sorted((r for r in rows if r.state == "COMPLETE" and r.feasible), key=lambda r: r.score)
     wall = (max(r.finished_at for r in rows) - sweep.created_at).total_seconds() if rows else None
+    busy = trial_seconds(rows)
     uniform = next((r for r in best if r.origin == "uniform"), None)
 
     def brief(r: Any) -> dict[str, Any]:
@@ -96,8 +117,9 @@ def sweep_status(store: Store, name: str, top: int = 5) -> dict[str, Any]:
         "feasible": len(best),
         "over_ceiling": complete - len(best),
         "state": sweep_state(sweep, len(rows)),
-        "wall_seconds": wall,
-        "trials_per_minute": len(rows) / wall * 60 if wall else None,
+        "wall_seconds": None if wall is None else max(wall, 0.0),
+        "trial_seconds": busy,
+        "trials_per_minute": len(rows) / busy * 60 if busy else None,
         "dense": dense_summary(sweep),
         "baseline": {
             "name": sweep.baseline_name,
@@ -120,10 +142,17 @@ TRIAL_COLUMNS = (
 
 
 def trial_rows(
-    store: Store, name: str, *, state: str | None = None, feasible: bool | None = None
+    store: Store,
+    name: str,
+    *,
+    state: str | None = None,
+    feasible: bool | None = None,
+    full_policy: bool = False,
 ) -> list[dict[str, Any]]:
     """The finished trials of sweep `name`, filtered by state (COMPLETE, PRUNED, FAIL) and by
-    whether they met the ceiling."""
+    whether they met the ceiling. `policy` is the short notation that tables show, or with
+    `full_policy` the whole stored policy (every layer and hyperparameter, what scripts read)
+    with the notation under `summary`."""
     store.get_sweep(name)  # an unknown name is an error that lists the sweeps
     out = []
     for r in store.trials(name):
@@ -132,7 +161,11 @@ def trial_rows(
         if feasible is not None and bool(r.feasible) != feasible:
             continue
         values = (r.number, r.state, r.feasible, r.score, r.perplexity, r.params, r.ops)
-        out.append(dict(zip(TRIAL_COLUMNS, (*values, r.origin, r.summary, r.reason), strict=True)))
+        policy = (r.policy or {}) if full_policy else r.summary
+        row = dict(zip(TRIAL_COLUMNS, (*values, r.origin, policy, r.reason), strict=True))
+        if full_policy:
+            row["summary"] = r.summary
+        out.append(row)
     return out
 
 
@@ -142,14 +175,19 @@ def trial_detail(store: Store, name: str, number: int) -> dict[str, Any]:
     sweep = store.get_sweep(name)
     row = store.trial(name, number)
     dense = {d["name"]: d for d in sweep.dense_layers or []}
+    asked = (row.policy or {}).get("layers") or {}
     layers = []
     for layer in sorted(row.layers, key=lambda x: x.id):
         base = dense.get(layer.layer, {})
+        pruned = asked[layer.layer].get("sparsity", 0.0) if layer.layer in asked else None
+        zeros = layer.sparsity
         layers.append(
             {
                 "layer": layer.layer,
                 "kind": layer.kind,
-                "sparsity": layer.sparsity,
+                "sparsity": zeros,  # measured zeros: pruned, and rounded to zero by quantization
+                "pruned": pruned,
+                "quantized_zeros": None if zeros is None else max(0.0, zeros - (pruned or 0.0)),
                 "bits": layer.bits,
                 "act_bits": layer.act_bits,
                 "rank": layer.rank,
@@ -188,7 +226,8 @@ def _cell(value: Any) -> str:
 
 
 def format_rows(rows: Sequence[Mapping[str, Any]], fmt: str, columns: Sequence[str]) -> str:
-    """`rows` as an aligned text table, CSV or JSON (all columns for CSV and JSON)."""
+    """`rows` as an aligned text table, CSV or JSON (all columns for CSV and JSON; in CSV a
+    nested value such as a whole policy is one cell of compact JSON)."""
     if fmt == "json":
         return json.dumps(list(rows), indent=2, default=str)
     if fmt == "csv":
@@ -196,7 +235,15 @@ def format_rows(rows: Sequence[Mapping[str, Any]], fmt: str, columns: Sequence[s
         keys = list(rows[0]) if rows else list(columns)
         writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        for row in rows:
+            writer.writerow(
+                {
+                    k: json.dumps(v, separators=(",", ":"), sort_keys=True)
+                    if isinstance(v, (dict, list))
+                    else v
+                    for k, v in row.items()
+                }
+            )
         return buf.getvalue().rstrip("\n")
     table = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(t[i]) for t in table]) for i, c in enumerate(columns)]

@@ -10,12 +10,15 @@ from __future__ import annotations
 import copy
 import math
 import os
+import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from microsweep._text import distinct
 from microsweep.errors import MicrosweepError, SpaceError, StorageError, UsageError
 from microsweep.prepare import (
     INLINE_PATH,
@@ -63,6 +66,7 @@ class SweepResult:
     sensitivity: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     timed_out: bool = False  # the time budget ended the run before its target
+    already_done: bool = False  # a resume that found the target reached: nothing ran
 
     def consider(self, number: int, state: str, origin: str | None, score: Any, row: Any) -> None:
         """Fold one finished trial into the best feasible (and best uniform) figures."""
@@ -77,9 +81,18 @@ class SweepResult:
             self.best_uniform_number, self.best_uniform_score = number, score
 
 
+def _tally_best(result: SweepResult, rows: Sequence[Any]) -> None:
+    """Fold stored trial rows into `result`'s best feasible and best uniform figures."""
+    for row in rows:
+        row_d = {"feasible": row.feasible, "perplexity": row.perplexity}
+        result.consider(row.number, row.state, row.origin, row.score, row_d)
+
+
 class _Progress:
-    """One line per finished trial (or a rewritten line on a terminal), with the time spent
-    and an estimate of the time left from this run's pace."""
+    """One line per finished trial (or a rewritten line on a terminal), with the time spent on
+    trials and an estimate of the time left from their pace. The clock starts when the first
+    trial is dispatched (`start`), so the start-up (dense model, workers, sensitivity pass,
+    planning) is reported on its own line and never counted as trial time."""
 
     def __init__(
         self, total: int, stream: Any = None, enabled: bool = True, first: int = 0
@@ -90,16 +103,27 @@ class _Progress:
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.first = first  # trials finished before this run (a resume)
         self.started = time.perf_counter()
+        self._begun = False
+
+    def start(self, startup: float) -> None:
+        """Trials begin now; `startup` seconds went before them (said on one line)."""
+        if self._begun:
+            return
+        self._begun = True
+        self.started = time.perf_counter()
+        if self.enabled:
+            self.stream.write(
+                f"start-up took {_clock(startup)} (space, dense model, workers, planning); "
+                f"{self.total - self.first} trials to run, timed from here\n"
+            )
+            self.stream.flush()
 
     def update(self, done: int, states: dict[str, int], best: float | None, last: str) -> None:
         if not self.enabled:
             return
         parts = " ".join(f"{k}={v}" for k, v in sorted(states.items()))
         best_s = f"{best:.5g}" if best is not None else "-"
-        elapsed = time.perf_counter() - self.started
-        ran = done - self.first
-        eta = elapsed / ran * (self.total - done) if ran > 0 else None
-        clock = f"{_clock(elapsed)} elapsed" + (f", ETA {_clock(eta)}" if eta is not None else "")
+        clock = _trial_clock(self.started, done - self.first, self.total - done)
         line = f"[{done}/{self.total}] {clock} | {parts} | best feasible score {best_s} | {last}"
         if self.tty:
             self.stream.write("\r\033[K" + line)
@@ -110,9 +134,17 @@ class _Progress:
         self.stream.flush()
 
 
+def _trial_clock(started: float, ran: int, left: int) -> str:
+    """The time since the first trial was dispatched ("m:ss elapsed") and the time left at the
+    pace of the `ran` trials finished since then (", ETA m:ss")."""
+    elapsed = max(0.0, time.perf_counter() - started)
+    eta = elapsed / ran * max(left, 0) if ran > 0 else None
+    return f"{_clock(elapsed)} elapsed" + (f", ETA {_clock(eta)}" if eta is not None else "")
+
+
 def _clock(seconds: float) -> str:
-    """h:mm:ss or m:ss."""
-    s = int(round(seconds))
+    """h:mm:ss or m:ss (never negative)."""
+    s = max(0, int(round(seconds)))
     h, rest = divmod(s, 3600)
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
@@ -207,6 +239,9 @@ def _make_pool(
     """The workers of a sweep (or a sensitivity pass): the space's model and evaluation."""
     from microsweep.score import rules_defined_in
     from microsweep.workers import make_pool
+
+    if not in_process and address is None:  # token auth, Ray's own default for a local start,
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # chosen here so Ray need not warn
 
     return make_pool(
         workers,
@@ -327,6 +362,7 @@ def _drive(
     storage_wait: float = 60.0,
     timeout: float | None = None,
     warm: Sequence[dict[str, Any]] = (),
+    began: float | None = None,
 ) -> SweepResult:
     """Run trials until `study` has `total` finished ones, or until `timeout` seconds have
     passed (no new trial starts after it; those running finish and are kept).
@@ -337,7 +373,8 @@ def _drive(
     rows in one transaction, which also reserves the row of the trial asked ahead. With Ray, the
     next policy is asked before a worker frees, and a freed worker gets it before the finished
     trial's bookkeeping starts. Writes are retried while the database is away, for up to
-    `storage_wait` seconds; past that the sweep stops and spools what finished.
+    `storage_wait` seconds; past that the sweep stops and spools what finished. `began` is
+    when the command started (perf_counter), so the start-up is reported apart from trial time.
     """
     from optuna.trial import TrialState
 
@@ -360,12 +397,11 @@ def _drive(
     result = SweepResult(name=sweep.name)
     for t in mem.get_trials(deepcopy=False):
         result.states[t.state.name] = result.states.get(t.state.name, 0) + 1
-    for row in store.trials(sweep.name):
-        row_d = {"feasible": row.feasible, "perplexity": row.perplexity}
-        result.consider(row.number, row.state, row.origin, row.score, row_d)
+    _tally_best(result, store.trials(sweep.name))
     if done >= total:
         return result
     bar = _Progress(total, enabled=progress, first=done)
+    began = time.perf_counter() if began is None else began
     started = time.perf_counter()
     driver_time = sampler_time = 0.0
     guard = StorageGuard(storage_wait, lambda line: _say(progress, line))
@@ -424,9 +460,10 @@ def _drive(
                 where = f"after {seen}/{n} windows"
                 if res.get("finetune_stopped_at") is not None:
                     where = f"fine-tuning at step {res['finetune_stopped_at']} ({seen} windows)"
+                best_s, ceiling_s = distinct(res["optimistic_perplexity"], ceiling)
                 reason = (
-                    f"stopped {where}: perplexity heading for {ppl:.4g} "
-                    f"(at best {res['optimistic_perplexity']:.4g}), ceiling {ceiling:.4g}"
+                    f"stopped {where}: perplexity heading for {distinct(ppl, ceiling)[0]} "
+                    f"(at best {best_s}), ceiling {ceiling_s}"
                 )
                 timings["evaluate_saved"] = timings.get("evaluate", 0.0) * (n / seen - 1)
             if res.get("finetune_curve"):  # [step, subset perplexity] during fine-tuning
@@ -526,6 +563,7 @@ def _drive(
             fresh=fresh, queued=min(len(warm), total) if fresh else 0,
         )  # fmt: skip
         clock = _SamplerClock(mem.sampler)
+        bar.start(time.perf_counter() - began)
         while done < total:
             while pool.free and asked < total and (ready or not expired()):
                 submit(ready.pop(0) if ready else ask())  # an asked-ahead trial still runs
@@ -542,26 +580,33 @@ def _drive(
             item = in_flight.pop(res["number"])
             result.eval_seconds += res.get("timings", {}).get("evaluate", 0.0)
             record = conclude(item, res)
+            # this trial's own spans: its ask and dispatch, then its telling and writing (the
+            # next trial's ask in between is that trial's); sampler time inside them apart
+            item.sampler_s += clock.seconds - s0
+            item.driver_s += max(0.0, time.perf_counter() - t0 - (clock.seconds - s0))
             refill()  # asked after this result is told, reserved in its transaction
             timings = record["timings"]
             result.eval_seconds_saved += timings.get("evaluate_saved", 0.0)
-            sampler_s = item.sampler_s + clock.seconds - s0
-            timings["sampler"] = sampler_s
-            timings["driver"] = item.driver_s + time.perf_counter() - t0 - sampler_s
+            timings["sampler"] = item.sampler_s
+            timings["driver"] = item.driver_s  # the write's own time is added below
+            t1 = time.perf_counter()
             number = persist(item, record)
-            timings["driver"] = item.driver_s + time.perf_counter() - t0 - sampler_s
+            timings["driver"] = item.driver_s + (time.perf_counter() - t1)
             driver_time += timings["driver"]
-            sampler_time += sampler_s
+            sampler_time += item.sampler_s
             done += 1
             state, origin = record["state"], record["origin"]
             result.states[state] = result.states.get(state, 0) + 1
             result.consider(number, state, origin, record.get("score"), record)
             if state == "COMPLETE":
-                mark = ", meets the ceiling" if record["feasible"] else ", OVER the ceiling"
-                last = (
-                    f"trial {number} ({origin}) score {record['score']:.4g} "
-                    f"ppl {record['perplexity']:.4g}{mark}"
-                )
+                ppl = record["perplexity"]
+                if ceiling is None:
+                    ppl_s = f"ppl {ppl:.4g}"
+                else:
+                    ppl_s, ceiling_s = distinct(ppl, ceiling)
+                    over = "meets the ceiling" if record["feasible"] else "OVER the ceiling"
+                    ppl_s = f"ppl {ppl_s}, {over} {ceiling_s}"
+                last = f"trial {number} ({origin}) score {record['score']:.4g} {ppl_s}"
             elif state == "PRUNED":
                 last = f"trial {number} ({origin}) stopped early: {record['reason']}"
             else:
@@ -617,13 +662,7 @@ def _warm_params(
             policy = item
         else:
             where = f"warm start {os.fspath(item)}"
-            try:
-                with open(item, encoding="utf-8") as fh:
-                    policy = Policy.loads(fh.read())
-            except OSError as exc:
-                raise UsageError(f"{where}: cannot read it ({exc.strerror or exc})") from None
-            except SpaceError as exc:
-                raise UsageError(f"{where}: {exc}") from None
+            policy = Policy.read(item, label=where)  # bounded: a device or FIFO is refused
         try:
             out.append(space.params_from_policy(policy))
         except SpaceError as exc:
@@ -668,6 +707,7 @@ def run_sweep(
     (its torch threads) and `gpus_per_worker` GPUs (a worker given a GPU evaluates on it)."""
     import optuna
 
+    began = time.perf_counter()
     check_counts(trials, workers)
     _check_timeout(timeout)
     if seed is not None and not 0 <= seed < 2**32:
@@ -676,8 +716,7 @@ def run_sweep(
 
     if sampler not in SAMPLERS:
         raise UsageError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
-    if not name or len(name) > 200:
-        raise UsageError("sweep name must be 1..200 characters")
+    _check_name(name)
     store = Store(storage)
     if name in store.sweep_names():
         raise StorageError(
@@ -767,8 +806,10 @@ def run_sweep(
                 ),
                 directions=sf.objective.directions,
             )
-            # what optuna-dashboard labels its axes with, instead of "Objective 0"
-            study.set_metric_names(["score", "perplexity"] if multi else ["score"])
+            with warnings.catch_warnings():  # experimental in Optuna 5, and used on purpose
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                # what optuna-dashboard labels its axes with, instead of "Objective 0"
+                study.set_metric_names(["score", "perplexity"] if multi else ["score"])
         except optuna.exceptions.DuplicatedStudyError:
             store.delete_sweep(name)
             raise StorageError(
@@ -793,12 +834,24 @@ def run_sweep(
             storage_wait=storage_wait,
             timeout=timeout,
             warm=warm,
+            began=began,
         )
     finally:
         if lease is not None:
             lease.release()
         pool.close()
         store.dispose()
+
+
+def _check_name(name: str) -> None:
+    """A sweep name is 1..200 printable characters (it is a table cell and a file name)."""
+    if not isinstance(name, str) or not name or len(name) > 200:
+        raise UsageError("sweep name must be 1..200 characters")
+    if not name.isprintable() or name != name.strip():
+        raise UsageError(
+            f"sweep name {name!r} has a control character or leading/trailing space; use "
+            "letters, digits and punctuation"
+        )
 
 
 def _check_timeout(timeout: float | None) -> None:
@@ -826,6 +879,7 @@ def _start_pool(
         )
     cpus, gpus = resources
     t0 = time.perf_counter()
+    handler = signal.getsignal(signal.SIGTERM)
     pool = _make_pool(
         sf,
         prepared,
@@ -835,9 +889,19 @@ def _start_pool(
         cpus_per_worker=cpus,
         gpus_per_worker=gpus,
     )
+    _keep_handler(signal.SIGTERM, handler)
     if not in_process:
         _say(progress, f"workers ready after {time.perf_counter() - t0:.1f}s")
     return pool
+
+
+def _keep_handler(signum: int, handler: Any) -> None:
+    """Put back a Python signal handler that starting Ray replaced with its own (Ray's prints a
+    native stack dump on SIGTERM; the command line turns SIGTERM into a clean stop)."""
+    import threading
+
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signum, handler)
 
 
 def resume_sweep(
@@ -868,11 +932,16 @@ def resume_sweep(
     import optuna
     from optuna.trial import TrialState
 
+    began = time.perf_counter()
     objects = dict(corpus=corpus, evaluate=evaluate, calib=calib, train_tokens=train_tokens)
     if space is None and (objective is not None or any(v is not None for v in objects.values())):
         raise UsageError("objective, corpus, evaluate, calib and train_tokens need space= too")
     store = Store(storage, must_exist=True, upgrade=True)
     sweep = store.get_sweep(name)
+    done = _finished_already(store, sweep, trials)
+    if done is not None:
+        store.dispose()
+        return done
     given = None
     if space is not None:
         stored = MicroNet.from_json(sweep.objective_json)
@@ -956,12 +1025,40 @@ def resume_sweep(
             lease=lease,
             storage_wait=storage_wait,
             timeout=timeout,
+            began=began,
         )
     finally:
         lease.release()
         if pool is not None:
             pool.close()
         store.dispose()
+
+
+def _finished_already(store: Store, sweep: Any, trials: int | None) -> SweepResult | None:
+    """The result of a sweep that already has its target of finished trials and nothing
+    spooled or running (so resume has nothing to do and loads no model), else None."""
+    from microsweep.search._guard import spool_path
+
+    rows = store.trials(sweep.name)
+    target = trials if trials is not None else sweep.target_trials
+    if len(rows) < target or spool_path(store.display, sweep.name).exists():
+        return None
+    if trials is not None and trials < len(rows):
+        return None  # refused below, with the count
+    from optuna.trial import TrialState
+
+    storage_ = store.optuna_storage()
+    try:
+        study_id = storage_.get_study_id_from_name(sweep.study_name)
+    except KeyError:
+        return None
+    if storage_.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+        return None  # a stopped driver's trials: resume ends them
+    result = SweepResult(name=sweep.name, already_done=True)
+    for row in rows:
+        result.states[row.state] = result.states.get(row.state, 0) + 1
+    _tally_best(result, rows)
+    return result
 
 
 def _replay_spool(store: Store, sweep: Any, *, progress: bool) -> None:

@@ -140,10 +140,41 @@ LEASE_TTL_ENV = "MICROSWEEP_LEASE_TTL"
 """Seconds a driver's lease on a sweep lasts without a heartbeat (default 30)."""
 
 
+def _exited(owner: str) -> bool:
+    """Whether lease holder `owner` ("host:pid:tag") is a driver on this machine whose process
+    has ended (a driver stopped by an outage or killed cannot release its lease, and waiting
+    out the TTL would then keep the sweep locked for nothing)."""
+    import socket
+
+    host, _, rest = owner.rpartition(":")[0].rpartition(":")
+    if host != socket.gethostname() or not rest.isdigit():
+        return False
+    pid = int(rest)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A process that has exited but not yet been reaped by its parent (Linux's /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class Lease:
     """This driver's ownership of a sweep: taken before anything is written, renewed by a
     heartbeat thread every `ttl`/4 seconds, released at the end. A second driver is refused
-    while the lease is live; one whose holder died takes it over once `ttl` has passed."""
+    while the lease is live; one whose holder died takes it over once `ttl` has passed, or at
+    once when the holder was a driver on this machine whose process has ended."""
 
     def __init__(self, store: Any, name: str, ttl: float | None = None) -> None:
         import socket
@@ -163,6 +194,8 @@ class Lease:
         import threading
 
         holder = self.store.acquire_lease(self.name, self.owner, self.ttl)
+        if holder is not None and _exited(holder[0]):  # its driver ended without releasing
+            holder = self.store.acquire_lease(self.name, self.owner, self.ttl, dead=holder[0])
         if holder is not None:
             who, ago = holder
             raise StorageError(

@@ -335,10 +335,13 @@ class Store:
             s.execute(update(SweepRow).where(SweepRow.name == name).values(**fields))
 
     # -- ownership --------------------------------------------------------------------------
-    def acquire_lease(self, name: str, owner: str, ttl: float) -> tuple[str, float] | None:
+    def acquire_lease(
+        self, name: str, owner: str, ttl: float, *, dead: str | None = None
+    ) -> tuple[str, float] | None:
         """Make `owner` the driver of sweep `name` for `ttl` seconds if no live driver holds
-        it (free, expired, or already `owner`); returns None on success, else the holder and
-        the seconds since its lease was last renewed."""
+        it (free, expired, already `owner`, or held by `dead`, a holder known to have exited);
+        returns None on success, else the holder and the seconds since its lease was last
+        renewed."""
         import time
 
         from sqlalchemy import or_, select, update
@@ -355,6 +358,7 @@ class Store:
                         SweepRow.owner.is_(None),
                         SweepRow.lease_until < now,
                         SweepRow.owner == owner,
+                        SweepRow.owner == (dead if dead is not None else owner),
                     ),
                 )
                 .values(owner=owner, lease_until=now + ttl)
