@@ -2,6 +2,7 @@
 
     python benchmarks/report.py                       # both cases on SQLite
     python benchmarks/report.py --cases tiny --postgres --profile
+    python benchmarks/report.py --screenshot          # only benchmarks/results/report.png
 
 The store is real and filled fast: a real tiny sweep (examples/tiny.py, 3 trials, random
 sampler, in-process) gives a sweep row, the dense model's per-layer counts and the shape of real
@@ -30,6 +31,11 @@ builds one), its parts (reading: `report_data` and inside it `store.trials`, `pa
 `layer_table`, the sensitivity table; drawing: `figures`; rendering: `to_html` of every
 figure), and once the `microsweep report` command itself in a fresh process (imports
 included). Writes benchmarks/results/report.json.
+
+`--screenshot` instead runs the browser test (tests/test_report_browser.py: a real tiny sweep's
+page in headless Chromium, showing a clicked trial) with MICROSWEEP_REPORT_SCREENSHOT set, so
+its screenshot lands in benchmarks/results/report.png; the test alone writes only under its
+tmp_path.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = ROOT / "benchmarks" / "results" / "report.png"
 TARGET_SECONDS = 3.0
 POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -675,6 +682,24 @@ def machine() -> dict[str, Any]:
     }
 
 
+def screenshot(path: Path) -> None:
+    """Refresh the page's screenshot at `path` through the browser test, which writes it only
+    when MICROSWEEP_REPORT_SCREENSHOT names a file (so `make test` leaves the tracked one)."""
+    env = {
+        **os.environ,
+        "MICROSWEEP_REPORT_SCREENSHOT": str(path.resolve()),
+        "MICROSWEEP_REQUIRE_BROWSER": "1",
+    }
+    test = ROOT / "tests" / "test_report_browser.py"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test)],
+        cwd=ROOT, env=env, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(f"the browser test failed (exit {proc.returncode}); {path} unchanged")
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=10_000)
@@ -685,8 +710,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "report.json"))
     parser.add_argument("--keep", help="a folder to keep the SQLite store and pages in")
+    parser.add_argument(
+        "--screenshot",
+        nargs="?",
+        const=str(SCREENSHOT),
+        help=f"only write the report page's screenshot (default {SCREENSHOT.relative_to(ROOT)})",
+    )
     args = parser.parse_args()
     os.environ.setdefault("MICROSWEEP_DATA", str(ROOT.parent / "shared" / "data"))
+    if args.screenshot:
+        screenshot(Path(args.screenshot))
+        return
 
     from microsweep.models import build
     from microsweep.report._layers import target_layers

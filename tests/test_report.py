@@ -278,3 +278,124 @@ def test_open_sweep_gives_frames_policies_the_study_and_figures(tmp_path, sweep)
         open_sweep("nope", sweep)
     with pytest.raises(UsageError, match="does not exist"):
         write_report(store, "a", tmp_path / "missing" / "r.html")
+
+
+def test_pareto_marks_the_best_feasible_trial_and_labels_counts_as_the_header(tmp_path, sweep):
+    """One trace holds exactly the best feasible trial; the legend's counts are the stored
+    ones (the front out of all feasible trials, as the header says); the per-layer view names
+    the best trial; no label for the dense model sits in the plot."""
+    import re
+
+    store = Store(sweep, must_exist=True)
+    data = report_data(store, "a")
+    rows = store.trials("a")
+    feasible = [r for r in rows if r.state == "COMPLETE" and r.feasible]
+    best = min(feasible, key=lambda r: r.score)
+    p = data.pareto
+    assert p.best_feasible == best.number == data.selected
+    figs = figures(data)
+    traces = {t.name: t for t in figs["pareto"].data if t.showlegend is not False}  # legend
+    marked = [t for name, t in traces.items() if name.startswith("best feasible")]
+    assert len(marked) == 1 and marked[0].name == f"best feasible (trial {best.number})"
+    assert [int(c[0]) for c in marked[0].customdata] == [best.number]
+    assert (list(marked[0].x), list(marked[0].y)) == ([best.perplexity], [best.score])
+
+    on_front = [n for n in p.front if n >= 0]
+    infeasible = [r for r in rows if r.state == "COMPLETE" and not r.feasible]
+    pruned = [r for r in rows if r.state == "PRUNED"]
+
+    def count(prefix: str) -> tuple[int, ...]:
+        (name,) = [n for n in traces if n.startswith(prefix)]
+        return tuple(int(x) for x in re.findall(r"\d+", name.removeprefix(prefix)))
+
+    assert count("feasible, off the front") == (len(feasible) - len(on_front),)
+    assert count("over the ceiling") == (len(infeasible),)
+    assert count("stopped early") == (len(pruned),)
+    assert count("Pareto front") == (len(on_front), len(feasible))
+    (front,) = [t for n, t in traces.items() if n.startswith("Pareto front")]
+    assert sorted(int(c[0]) for c in front.customdata) == sorted(p.front)
+    assert ("dense model" in front.name) == (-1 in p.front)
+    assert f"; {len(feasible)} feasible)" in figs["pareto"].layout.title.text
+    # no text label inside the plot for the dense model: the legend says where it is
+    assert not [a for a in figs["pareto"].layout.annotations if "dense" in (a.text or "")]
+    top = figs["pareto"].layout.yaxis.range[1]
+    (dense,) = [t for n, t in traces.items() if n.startswith("dense model")]
+    assert ("above the plot" in dense.name) == (p.dense_score > top)
+
+    title = f"trial {best.number} — best feasible"
+    assert figs["layers"].layout.title.text == f"{title}: policy per layer"
+    assert figs["counts"].layout.title.text.startswith(f"{title}: ")
+    other = next(n for n in data.layers.choice if n != best.number)
+    assert figures(data, trial=other)["layers"].layout.title.text == (
+        f"trial {other}: policy per layer"
+    )
+    page = write_report(store, "a", tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    assert page.selected == best.number
+    assert f"{len(feasible)} feasible, {len(on_front)} of them on the Pareto front" in html
+    assert f'data-trial="{best.number}">trial {best.number}</span>' in html
+    assert "— best feasible (the view opens on it)</span>" in html
+
+
+def test_pareto_without_a_feasible_trial_marks_none():
+    from microsweep.report._pareto import ParetoData, Point, figure, legend_names
+
+    points = [Point(n, 0.5 + n / 10, 20.0 + n, False, 1.0, 1.0, "x") for n in range(3)]
+    data = ParetoData("z", points, [-1], 15.0, 10.0, 2.0, "dense", states={"COMPLETE": 3})
+    assert data.best_feasible is None and data.front_trials == 0 and data.feasible == 0
+    names = [t.name for t in figure(data).data]
+    assert not [n for n in names if n.startswith("best feasible")]
+    assert (
+        legend_names(data)["front"] == "Pareto front (0 of 0 feasible trials and the dense model)"
+    )
+    assert "over the ceiling (3)" in names
+
+
+def test_other_bar_hover_explains_the_lost_16_bit_allowance(sweep):
+    """A trial counted without the 16-bit allowance whose "other" exceeds dense says why in
+    that bar's hover (and on the page, from the payload); no other bar carries a note."""
+    from microsweep.report._page import ALLOWANCE_NOTE, page_payload
+
+    store = Store(sweep, must_exist=True)
+    table = layer_table(store, "a")
+    rows = {r.number: r for r in store.trials("a")}
+    dense = table.dense_other
+    lost = {
+        n
+        for n, (p, o) in table.other.items()
+        if rows[n].freebie is False and (p > dense[0] * 1.001 or o > dense[1] * 1.001)
+    }
+    assert lost, "the tiny sweep quantizes below 16 bits in some trial"
+    assert table.lost_allowance == lost
+    assert "16-bit allowance" in ALLOWANCE_NOTE and "32 bits" in ALLOWANCE_NOTE
+    for n in table.choice:
+        hover = layer_view(table, n)["hover"]
+        assert hover == [""] * len(table.layers) + [ALLOWANCE_NOTE if n in lost else ""]
+        if rows[n].freebie:  # counted with the allowance: "other" is dense's
+            assert n not in lost
+    assert layer_view(table, None)["hover"][-1] == ""
+    data = report_data(store, "a")
+    one = min(lost)
+    counts = figures(data, trial=one)["counts"]
+    for trace in counts.data:
+        assert "%{hovertext}" in trace.hovertemplate
+        assert list(trace.hovertext)[-1] == ("" if trace.name == "dense" else ALLOWANCE_NOTE)
+    payload = page_payload(table, data.pareto.best_feasible)
+    assert payload["lost"] == sorted(lost) and payload["allowance_note"] == ALLOWANCE_NOTE
+    assert payload["best"] == data.pareto.best_feasible
+
+
+def test_sensitivity_legend_lists_every_layer_once_below_the_panels(sweep):
+    """Each layer is one legend entry (also one only in a later panel, like the head), in rows
+    below the plot that the figure grows for, not a side box that scrolls."""
+    from microsweep.report._sensitivity import figure
+
+    data = report_data(Store(sweep, must_exist=True), "a").sensitivity
+    assert data is not None
+    fig = figure(data)
+    layers = {layer for curves in data.curves.values() for layer in curves}
+    listed = [t.name for t in fig.data if t.showlegend is not False and t.name in layers]
+    assert sorted(listed) == sorted(layers)
+    assert "head" in layers and "head" not in data.curves["sparsity"]
+    assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0
+    assert fig.layout.height >= 420 + 24 * (len(layers) // 4)

@@ -1,6 +1,11 @@
 """The report page in a real browser: headless Chromium opens the file `microsweep report`
 wrote, every figure renders without a script error, and a real mouse click on a Pareto point
-(and on a front-table row) redraws the per-layer view for that trial.
+(and on a front-table row) redraws the per-layer view for that trial; a row click scrolls the
+view into sight; the best feasible trial is marked and named.
+
+The screenshot goes under the test's tmp_path; with MICROSWEEP_REPORT_SCREENSHOT=PATH it is also
+copied to PATH (how benchmarks/report.py --screenshot refreshes benchmarks/results/report.png),
+so a test run leaves tracked files alone.
 
 Playwright drives the system's Chromium (no browser download). Without one the test skips, unless
 MICROSWEEP_REQUIRE_BROWSER=1 (CI), where a missing browser is a failure.
@@ -22,7 +27,8 @@ from microsweep.storage import Store
 from tests.conftest import ROOT, cli
 
 FIGURES = ("pareto", "layers", "counts", "history", "importances", "sensitivity")
-SCREENSHOT = ROOT / "benchmarks" / "results" / "report.png"
+SCREENSHOT_ENV = "MICROSWEEP_REPORT_SCREENSHOT"
+"""Where to copy the screenshot besides tmp_path (unset: nowhere)."""
 
 _RENDERED = """ids => ids.every(id => {
   const el = document.getElementById(id);
@@ -48,6 +54,19 @@ _POINTS = """() => {
   });
   return out;
 }"""
+
+
+_VIEW_BOX = """() => {
+  // where the per-layer view's heading and heatmap are against the viewport
+  const h = document.getElementById('ms-view').getBoundingClientRect();
+  const f = document.getElementById('ms-layers').getBoundingClientRect();
+  return {top: h.top, bottom: h.bottom, figureTop: f.top, height: window.innerHeight};
+}"""
+
+_VIEW_SHOWN = f"""() => {{
+  const b = ({_VIEW_BOX})();
+  return b.top >= -1 && b.bottom <= b.height && b.figureTop < b.height;
+}}"""
 
 
 def _need(reason: str) -> NoReturn:
@@ -116,6 +135,7 @@ def test_report_renders_and_a_click_on_a_point_shows_its_policy(
         seed=5, in_process=True, progress=False,
     )  # fmt: skip
     page_path = tmp_path / "report.html"
+    screenshot = tmp_path / "report.png"
     proc = cli("report", "--name", "b", "--storage", url, "-o", str(page_path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     data = report_data(Store(url, must_exist=True), "b")
@@ -160,6 +180,14 @@ def test_report_renders_and_a_click_on_a_point_shows_its_policy(
                 assert selected.get_attribute("data-trial") == str(data.selected)
             heat_z = "() => document.getElementById('ms-layers').data[0].z"
             assert _same(page.evaluate(heat_z), views[data.selected]["z"])
+            # ... and says so: the heading, both titles, and a mark on the Pareto plot
+            best = f"trial {data.selected} — best feasible"
+            title_js = "id => document.getElementById(id).layout.title.text"
+            assert page.evaluate(title_js, "ms-layers") == f"{best}: policy per layer"
+            assert page.evaluate(title_js, "ms-counts").startswith(f"{best}: ")
+            assert "best feasible" in page.locator("#ms-selected-note").text_content()
+            marks = [p for p in page.evaluate(_POINTS) if p["trace"].startswith("best feasible")]
+            assert [(m["trial"], m["inside"]) for m in marks] == [(data.selected, True)], marks
 
             # a real mouse click on another trial's point: plotly_click, then show(K)
             page.evaluate(
@@ -182,19 +210,34 @@ def test_report_renders_and_a_click_on_a_point_shows_its_policy(
             assert title == f"trial {trial}: policy per layer"
             bars = page.evaluate("() => document.getElementById('ms-counts').data[1].x")
             assert _same(bars, views[trial]["params"])
+            hover = page.evaluate("() => document.getElementById('ms-counts').data[1].hovertext")
+            assert hover == views[trial]["hover"]  # the "other" bar's note on the lost allowance
+            assert page.locator("#ms-selected-note").text_content() == ""
 
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT), full_page=True)  # showing the clicked trial
+            page.screenshot(path=str(screenshot), full_page=True)  # showing the clicked trial
 
-            # a front-table row does the same
+            # a front-table row does the same, and brings the view (above the table) into sight
             rows = page.locator("#ms-front tr[data-trial]")
             row_trials = [int(t) for t in rows.evaluate_all("rs => rs.map(r => r.dataset.trial)")]
+            assert row_trials, "the front table lists no trial"
             back = next((n for n in row_trials if n != trial), None)
+            clicked_row = row_trials[0] if back is None else back
+            row = page.locator(f'#ms-front tr[data-trial="{clicked_row}"]')
+            row.evaluate("r => r.scrollIntoView({block: 'start'})")  # the view out of sight
+            page.wait_for_function(f"() => ({_VIEW_BOX})().bottom < 0")
+            row.click()
+            page.wait_for_function(_VIEW_SHOWN, timeout=15_000)
+            assert page.evaluate(_VIEW_BOX)["top"] >= -1
             if back is not None:
-                page.locator(f'#ms-front tr[data-trial="{back}"]').click()
                 assert selected.text_content() == f"trial {back}"
                 assert _same(page.evaluate(heat_z), views[back]["z"])
+                named = f"trial {back}{' — best feasible' if back == data.selected else ''}"
+                assert page.evaluate(title_js, "ms-layers") == f"{named}: policy per layer"
         finally:
             browser.close()
     assert not errors, errors
-    assert SCREENSHOT.stat().st_size > 10_000
+    assert screenshot.stat().st_size > 10_000
+    if os.environ.get(SCREENSHOT_ENV):  # only on request (benchmarks/report.py --screenshot)
+        target = Path(os.environ[SCREENSHOT_ENV])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(screenshot, target)

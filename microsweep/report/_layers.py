@@ -45,6 +45,9 @@ class LayerTable:
     choice: dict[int, list[int]] = field(default_factory=dict)
     other: dict[int, tuple[float, float]] = field(default_factory=dict)
     """(params, ops) outside the target layers, per trial."""
+    lost_allowance: set[int] = field(default_factory=set)
+    """Trials counted without the 16-bit allowance (something below 16 bits) whose "other" count
+    exceeds dense's: the parts they leave alone count at 32 bits where dense's counted at 16."""
 
     def row(self, trial: int, layer: str) -> dict[str, Any]:
         """One layer of one trial as a dict (the knobs, params and ops)."""
@@ -140,7 +143,7 @@ def layer_table(store: Store, name: str, records: list[Any] | None = None) -> La
         .where(SweepRow.name == name, LayerRow.layer.in_(wanted))
     )  # unordered: the sums below do not care, and sorting 10^5 rows costs
     totals = (
-        select(TrialRow.number, TrialRow.policy, TrialRow.params, TrialRow.ops)
+        select(TrialRow.number, TrialRow.policy, TrialRow.params, TrialRow.ops, TrialRow.freebie)
         .join(SweepRow, TrialRow.sweep_id == SweepRow.id)
         .where(SweepRow.name == name)
     )
@@ -149,13 +152,14 @@ def layer_table(store: Store, name: str, records: list[Any] | None = None) -> La
     owner: dict[str, int] = {}  # layer row name -> column (few distinct names)
     with store.session() as s:
         trials = (
-            [(r.number, r.policy, r.params, r.ops) for r in records]
+            [(r.number, r.policy, r.params, r.ops, getattr(r, "freebie", None)) for r in records]
             if records is not None
             else list(s.connection().execute(totals))
         )
         result = _fetch(s, query)
-    settings = {number: (policy or {}).get("layers") or {} for number, policy, _, _ in trials}
-    total = {number: (p or 0.0, o or 0.0) for number, _, p, o in trials}
+    settings = {number: (policy or {}).get("layers") or {} for number, policy, *_ in trials}
+    total = {number: (p or 0.0, o or 0.0) for number, _, p, o, _ in trials}
+    no_allowance = {number for number, *_, freebie in trials if freebie is False}
     numbers = np.fromiter((r[0] for r in result), dtype=np.int64, count=len(result))
     for layer in {r[1] for r in result}:
         found = _owner(layer, index)
@@ -201,6 +205,10 @@ def layer_table(store: Store, name: str, records: list[Any] | None = None) -> La
     table.other = {
         n: (total[n][0] - p, total[n][1] - o)
         for n, p, o in zip(trial_numbers.tolist(), targets_p, targets_o, strict=True)
+    }
+    grew = (1 + 1e-9) * dense_other[0] + 1e-9, (1 + 1e-9) * dense_other[1] + 1e-9  # not noise
+    table.lost_allowance = {
+        n for n, (p, o) in table.other.items() if n in no_allowance and (p > grew[0] or o > grew[1])
     }
     return table
 

@@ -45,6 +45,23 @@ __all__ = [
 ]
 
 _KNOB_LABELS = {"sparsity": "sparsity", "bits": "bits", "act_bits": "act bits", "rank": "rank"}
+BEST_NOTE = " — best feasible"
+"""What the per-layer view's titles add after the best feasible trial's name."""
+ALLOWANCE_NOTE = (
+    "<br>counted at 32 bits, hence above dense: this trial quantizes"
+    "<br>something below 16 bits, so the 16-bit allowance (values and"
+    "<br>multiplies counted as 16-bit while nothing is narrower) no longer"
+    "<br>applies to the parts it leaves alone"
+)
+"""The hover text of a trial's "other" bar when it lost the 16-bit allowance."""
+
+
+def view_label(number: int | None, best: int | None = None) -> str:
+    """How the per-layer view names trial `number` (None: the dense model); the best feasible
+    trial says so."""
+    if number is None:
+        return "dense model"
+    return f"trial {number}{BEST_NOTE if number == best else ''}"
 
 
 @dataclass
@@ -118,10 +135,8 @@ def report_data(store: Store, name: str) -> ReportData:
                 "export": export_command(name, number, store.display),
             }
         )
-    feasible = [p for p in pareto.points if p.feasible]
-    if feasible:
-        selected: int | None = min(feasible, key=lambda p: p.score).number
-    else:
+    selected = pareto.best_feasible
+    if selected is None:
         selected = next(iter(table.choice), None)
     return ReportData(pareto, table, imp, sensitivity, front, selected)
 
@@ -161,7 +176,7 @@ def heat_cells(table: LayerTable, i: int, values: tuple[Any, ...]) -> tuple[list
 def layer_view(table: LayerTable, number: int | None) -> dict[str, Any]:
     """The per-layer view of trial `number` (None: the dense model): each layer's heatmap row
     (`heat_cells`), and params and ops per layer (plus everything else as "other") beside the
-    dense model's."""
+    dense model's; `hover` adds to each bar's hover text (why "other" exceeds dense)."""
     z, text, params, ops = [], [], [], []
     for i, _ in enumerate(table.layers):
         if number is None or number not in table.choice:
@@ -176,6 +191,7 @@ def layer_view(table: LayerTable, number: int | None) -> dict[str, Any]:
     other = (
         table.dense_other if number is None or number not in table.other else table.other[number]
     )
+    lost = number is not None and number in table.lost_allowance
     return {
         "trial": number,
         "layers": [*table.layers, "other"],
@@ -186,12 +202,15 @@ def layer_view(table: LayerTable, number: int | None) -> dict[str, Any]:
         "ops": [*ops, other[1]],
         "dense_params": [d[0] for d in table.dense] + [table.dense_other[0]],
         "dense_ops": [d[1] for d in table.dense] + [table.dense_other[1]],
+        "hover": [""] * len(table.layers) + [ALLOWANCE_NOTE if lost else ""],
     }
 
 
-def page_payload(table: LayerTable) -> dict[str, Any]:
+def page_payload(table: LayerTable, best: int | None = None) -> dict[str, Any]:
     """What the page's script needs to redraw the per-layer view of any trial: per layer,
-    each distinct option's heatmap row, text and counts, and each trial's option indexes."""
+    each distinct option's heatmap row, text and counts, each trial's option indexes, the
+    best feasible trial (its titles say so) and the trials whose "other" bar lost the 16-bit
+    allowance (its hover says why)."""
     cells = [
         [[*heat_cells(table, i, opt), opt[4], opt[5]] for opt in opts]
         for i, opts in enumerate(table.options)
@@ -200,15 +219,24 @@ def page_payload(table: LayerTable) -> dict[str, Any]:
         "cells": cells,
         "choice": {str(k): v for k, v in table.choice.items()},
         "other": {str(k): v for k, v in table.other.items()},
+        "best": best,
+        "best_note": BEST_NOTE,
+        "lost": sorted(table.lost_allowance),
+        "allowance_note": ALLOWANCE_NOTE,
     }
 
 
-def _layer_figures(table: LayerTable, number: int | None) -> tuple[Any, Any]:
+def _layer_figures(
+    table: LayerTable, number: int | None, best: int | None = None
+) -> tuple[Any, Any]:
+    """The per-layer heatmap and the counts against dense of trial `number`, titled by
+    `view_label` (so the best feasible trial is named as such)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     view = layer_view(table, number)
-    label = "dense model" if number is None else f"trial {number}"
+    title = view_label(number, best)
+    label = view_label(number)
     heat = go.Figure(
         go.Heatmap(
             z=view["z"],
@@ -225,7 +253,7 @@ def _layer_figures(table: LayerTable, number: int | None) -> tuple[Any, Any]:
     )
     rows = len(view["layers"])
     heat.update_layout(
-        title=f"{label}: policy per layer",
+        title=f"{title}: policy per layer",
         yaxis=dict(autorange="reversed", automargin=True),
         template="plotly_white",
         height=max(320, 90 + 22 * rows),
@@ -235,9 +263,9 @@ def _layer_figures(table: LayerTable, number: int | None) -> tuple[Any, Any]:
         rows=1, cols=2, shared_yaxes=True, subplot_titles=("parameters", "operations per token")
     )
     for col, key in ((1, "params"), (2, "ops")):
-        for who, values, colour in (
-            ("dense", view[f"dense_{key}"], "#bbbbbb"),
-            (label, view[key], "#d62728"),
+        for who, values, colour, hover in (
+            ("dense", view[f"dense_{key}"], "#bbbbbb", [""] * len(view["layers"])),
+            (label, view[key], "#d62728", view["hover"]),
         ):
             counts.add_trace(
                 go.Bar(
@@ -248,14 +276,15 @@ def _layer_figures(table: LayerTable, number: int | None) -> tuple[Any, Any]:
                     marker_color=colour,
                     legendgroup=who,
                     showlegend=col == 1,
-                    hovertemplate="%{y}<br>%{fullData.name}: %{x:,.0f}<extra></extra>",
+                    hovertext=hover,
+                    hovertemplate="%{y}<br>%{fullData.name}: %{x:,.0f}%{hovertext}<extra></extra>",
                 ),
                 row=1,
                 col=col,
             )
     counts.update_yaxes(autorange="reversed", automargin=True)
     counts.update_layout(
-        title=f"{label}: parameters and operations per layer against dense",
+        title=f"{title}: parameters and operations per layer against dense",
         barmode="group",
         template="plotly_white",
         height=max(320, 90 + 22 * rows),
@@ -308,7 +337,7 @@ def figures(data: ReportData, trial: int | None = None) -> dict[str, Any]:
             f"trial {number} of sweep {data.pareto.name!r} has no per-layer rows (failed before "
             "it was counted, or not finished); pick one from 'microsweep trials'"
         )
-    heat, counts = _layer_figures(data.layers, number)
+    heat, counts = _layer_figures(data.layers, number, data.pareto.best_feasible)
     out = {
         "pareto": figure(data.pareto),
         "layers": heat,
@@ -342,26 +371,33 @@ h1{font-size:20px} h2{font-size:16px;margin-top:28px}
 #ms-front{border-collapse:collapse;font-size:12px} #ms-front td,#ms-front th{border:1px solid #ddd;
 padding:3px 6px;vertical-align:top;text-align:left} #ms-front tr[data-trial]{cursor:pointer}
 #ms-front tr[data-trial]:hover{background:#f3f3f3} code{font-size:11px}
+#ms-view{scroll-margin-top:8px}
 """
 
 _SCRIPT = """
 (function(){
 const D = JSON.parse(document.getElementById('ms-data').textContent);
+const lost = new Set(D.lost);
 function show(n){
   const picks = D.choice[String(n)];
-  if (n === null || n === undefined || picks === undefined) return;
+  if (n === null || n === undefined || picks === undefined) return false;
   const rows = picks.map((k, i) => D.cells[i][k]);  // [z row, text row, params, ops]
   const other = D.other[String(n)], label = 'trial ' + n;
+  const title = label + (n === D.best ? D.best_note : '');
+  const hover = rows.map(() => '').concat([lost.has(n) ? D.allowance_note : '']);
   const heat = document.getElementById('ms-layers'), counts = document.getElementById('ms-counts');
   Plotly.restyle(heat, {z: [rows.map(r => r[0])], text: [rows.map(r => r[1])]}, [0]);
-  Plotly.relayout(heat, {'title.text': label + ': policy per layer'});
+  Plotly.relayout(heat, {'title.text': title + ': policy per layer'});
   Plotly.restyle(counts, {x: [rows.map(r => r[2]).concat([other[0]]),
                               rows.map(r => r[3]).concat([other[1]])],
-                          name: [label, label]}, [1, 3]);
-  Plotly.relayout(counts, {'title.text': label +
+                          name: [label, label], hovertext: [hover, hover]}, [1, 3]);
+  Plotly.relayout(counts, {'title.text': title +
     ': parameters and operations per layer against dense'});
   document.getElementById('ms-selected').textContent = label;
   document.getElementById('ms-selected').dataset.trial = String(n);
+  document.getElementById('ms-selected-note').textContent =
+    n === D.best ? D.best_note + ' (the view opens on it)' : '';
+  return true;
 }
 function pick(ev){
   const c = ev && ev.points && ev.points[0] && ev.points[0].customdata;
@@ -370,8 +406,12 @@ function pick(ev){
 ['ms-pareto', 'ms-history'].forEach(id => {
   const el = document.getElementById(id); if (el && el.on) el.on('plotly_click', pick);
 });
+// the table sits below the view: bring the redrawn view into sight
 document.querySelectorAll('#ms-front tr[data-trial]').forEach(tr =>
-  tr.addEventListener('click', () => show(Number(tr.dataset.trial))));
+  tr.addEventListener('click', () => {
+    if (show(Number(tr.dataset.trial)))
+      document.getElementById('ms-view').scrollIntoView({behavior: 'smooth', block: 'start'});
+  }));
 })();
 """
 
@@ -394,16 +434,19 @@ def write_report(store: Store, name: str, path: str | Path) -> ReportData:
         first = False
     p = data.pareto
     counts = ", ".join(f"{k} {v}" for k, v in sorted(p.states.items())) or "no trials"
-    feasible = sum(1 for x in p.points if x.feasible)
     ceiling = "none" if p.ceiling is None else f"{p.ceiling:.4f}"
-    payload = json.dumps(page_payload(data.layers), separators=(",", ":")).replace("</", "<\\/")
+    payload = json.dumps(page_payload(data.layers, p.best_feasible), separators=(",", ":"))
+    payload = payload.replace("</", "<\\/")
     sens = (
         f"<h2>Sensitivity: each layer alone at each level</h2>{html_of['sensitivity']}"
         if "sensitivity" in html_of
         else "<p>No sensitivity table for this sweep ('microsweep sensitivity' measures one; "
         "the auto and allocate samplers measure it themselves).</p>"
     )
-    selected = "dense model" if data.selected is None else f"trial {data.selected}"
+    selected = view_label(data.selected)
+    note = ""
+    if data.selected is not None and data.selected == p.best_feasible:
+        note = f"{BEST_NOTE} (the view opens on it)"
     selected_attr = "" if data.selected is None else f' data-trial="{data.selected}"'
     title = f"microsweep report: {escape(name)}"
     html = f"""<!DOCTYPE html>
@@ -411,12 +454,14 @@ def write_report(store: Store, name: str, path: str | Path) -> ReportData:
 <head><meta charset="utf-8"><title>{title}</title><style>{_STYLE}</style></head>
 <body>
 <h1>{title}</h1>
-<p>{counts}; {feasible} feasible. Dense model: perplexity {p.dense_perplexity:.4f}, score
-{p.dense_score:.5g} ({escape(p.baseline)} baseline); perplexity ceiling {ceiling}.
+<p>{counts}; {p.feasible} feasible, {p.front_trials} of them on the Pareto front. Dense model:
+perplexity {p.dense_perplexity:.4f}, score {p.dense_score:.5g} ({escape(p.baseline)} baseline);
+perplexity ceiling {ceiling}.
 Click a point (or a row of the front table) to see its policy per layer.
 Policy notation: {escape(Policy.NOTATION)}.</p>
 {html_of["pareto"]}
-<h2>Per-layer view: <span id="ms-selected"{selected_attr}>{selected}</span></h2>
+<h2 id="ms-view">Per-layer view: <span id="ms-selected"{selected_attr}>{selected}</span><span
+id="ms-selected-note">{note}</span></h2>
 <div class="row"><div>{html_of["layers"]}</div><div>{html_of["counts"]}</div></div>
 <h2>Pareto front</h2>
 {_front_table(data)}

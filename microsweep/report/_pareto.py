@@ -18,6 +18,7 @@ __all__ = [
     "figure",
     "history_figure",
     "is_uniform",
+    "legend_names",
     "pareto_data",
     "pareto_front",
 ]
@@ -59,6 +60,19 @@ class ParetoData:
     """(trial number, reason) of the FAIL trials: they have no perplexity to plot."""
     best_uniform: int | None = None
     """The best feasible trial with one setting for every layer, if any."""
+    best_feasible: int | None = None
+    """The feasible trial with the lowest score (the first on a tie): the one the report marks
+    and opens its per-layer view on."""
+
+    @property
+    def feasible(self) -> int:
+        """How many completed trials met the ceiling (what the page's header counts)."""
+        return sum(1 for p in self.points if p.feasible)
+
+    @property
+    def front_trials(self) -> int:
+        """How many trials are on the front (the dense model, number -1, is not a trial)."""
+        return sum(1 for n in self.front if n >= 0)
 
 
 def pareto_front(points: list[Point]) -> list[int]:
@@ -121,6 +135,7 @@ def trial_records(store: Store, name: str) -> list[Any]:
             t.feasible,
             t.summary,
             t.policy,
+            t.freebie,
         )  # fmt: skip
         .join(SweepRow, t.sweep_id == SweepRow.id)
         .where(SweepRow.name == name)
@@ -147,6 +162,7 @@ def pareto_data(store: Store, name: str, rows: list[Any] | None = None) -> Paret
         if p.feasible and (r.origin == "uniform" or is_uniform(r.policy or {}))
     ]
     states = dict(Counter(r.state for r in rows))
+    feasible = [p for p in points if p.feasible]
     dense_score = sweep.dense_score
     history: list[tuple[int, float | None]] = []
     best: float | None = None
@@ -172,6 +188,7 @@ def pareto_data(store: Store, name: str, rows: list[Any] | None = None) -> Paret
         stopped=stopped,
         failures=failures,
         best_uniform=min(uniform, key=lambda p: p.score).number if uniform else None,
+        best_feasible=min(feasible, key=lambda p: p.score).number if feasible else None,
     )
 
 
@@ -193,8 +210,9 @@ def _columns(points: list[Point], *fields: str) -> Any:
 
 
 def _scatter(points: list[Point], name: str, **style: Any) -> Any:
-    """One trace of `points`; hover shows the trial, its origin and counts (the full policy is
-    in the per-layer view), so a 10,000-trial page stays small."""
+    """One trace of `points` named `name` as the legend shows it; hover shows the trial, its
+    origin and counts (the full policy is in the per-layer view), so a 10,000-trial page stays
+    small."""
     import numpy as np
     import plotly.graph_objects as go
 
@@ -202,7 +220,7 @@ def _scatter(points: list[Point], name: str, **style: Any) -> Any:
     return go.Scatter(
         x=xy[:, 0],
         y=xy[:, 1],
-        name=name if name.startswith(("dense", "best uniform")) else f"{name} ({len(points)})",
+        name=name,
         customdata=_columns(points, "number", "params", "ops"),
         text=np.array([p.origin or "-" for p in points], dtype=object),
         hovertemplate=_HOVER,
@@ -210,49 +228,81 @@ def _scatter(points: list[Point], name: str, **style: Any) -> Any:
     )
 
 
+def legend_names(data: ParetoData) -> dict[str, str]:
+    """The Pareto legend's labels by trace role, each with the count the page's header uses:
+    the front counts its trials out of all feasible ones, the rest count their own points."""
+    front = set(data.front)
+    off_front = sum(1 for p in data.points if p.feasible and p.number not in front)
+    over = sum(1 for p in data.points if not p.feasible)
+    on = f"{data.front_trials} of {data.feasible} feasible trials"
+    if -1 in front:
+        on += " and the dense model"
+    return {
+        "feasible": f"feasible, off the front ({off_front})",
+        "over": f"over the ceiling ({over})",
+        "stopped": f"stopped early ({len(data.stopped)})",
+        "failed": f"failed ({len(data.failures)}): no perplexity, see history",
+        "front": f"Pareto front ({on})",
+        "best": f"best feasible (trial {data.best_feasible})",
+        "uniform": f"best uniform policy (trial {data.best_uniform})",
+    }
+
+
 def figure(data: ParetoData) -> Any:
     """Score against perplexity: feasible, over-the-ceiling, stopped-early and failed trials,
-    the front (the dense model on it when nothing beats it), the best uniform policy, the
-    ceiling and the infeasible region; the y axis fits the trials."""
+    the front (the dense model on it when nothing beats it), the best feasible trial, the best
+    uniform policy, the ceiling and the infeasible region; the y axis fits the trials (a dense
+    model above them is noted in the legend and marked at the top edge, no label to collide
+    with the front)."""
     import plotly.graph_objects as go
 
     front = set(data.front)
+    names = legend_names(data)
     dense = Point(
         -1, data.dense_score, data.dense_perplexity, True, float("nan"), float("nan"),
         "dense", "dense",
     )  # fmt: skip
     by_number = {p.number: p for p in data.points}
     by_number[-1] = dense
+    measured = [*data.points, *data.stopped]
+    scores = [p.score for p in measured]
+    top: float | None = None  # the y axis' upper end when it fits the trials
+    if scores:
+        low, high = min(scores), max(scores)
+        pad = 0.08 * (high - low or abs(high) or 1.0)
+        top = high + pad
+    above = top is not None and data.dense_score > top
+    thin = dict(line=dict(color="white", width=0.5))  # overlapping markers stay apart
     fig = go.Figure()
     fig.add_trace(
         _scatter(
             [p for p in data.points if p.feasible and p.number not in front],
-            "feasible",
+            names["feasible"],
             mode="markers",
-            marker=dict(color="#1f77b4", size=7, opacity=0.75),
+            marker=dict(color="#1f77b4", size=6, opacity=0.6, **thin),
         )
     )
     fig.add_trace(
         _scatter(
             [p for p in data.points if not p.feasible],
-            "over the ceiling",
+            names["over"],
             mode="markers",
-            marker=dict(color="#999999", size=7, symbol="x", opacity=0.7),
+            marker=dict(color="#999999", size=6, symbol="x", opacity=0.55),
         )
     )
     fig.add_trace(
         _scatter(
             data.stopped,
-            "stopped early",
+            names["stopped"],
             mode="markers",
-            marker=dict(color="#ff7f0e", size=7, symbol="triangle-right-open", opacity=0.8),
+            marker=dict(color="#ff7f0e", size=6, symbol="triangle-right-open", opacity=0.7),
         )
     )
     fig.add_trace(  # a FAIL trial has no perplexity: listed here, drawn in the history
         go.Scatter(
             x=[None],
             y=[None],
-            name=f"failed ({len(data.failures)}): no perplexity, see history",
+            name=names["failed"],
             mode="markers",
             marker=dict(color="#8c564b", size=8, symbol="x-thin-open"),
         )
@@ -260,31 +310,57 @@ def figure(data: ParetoData) -> Any:
     fig.add_trace(
         _scatter(
             sorted((by_number[n] for n in front), key=lambda p: p.score),
-            "Pareto front",
+            names["front"],
             mode="lines+markers",
             line=dict(color="#d62728", width=2),
-            marker=dict(color="#d62728", size=10, symbol="diamond"),
+            marker=dict(color="#d62728", size=9, symbol="diamond", **thin),
         )
     )
+    note = f" (score {data.dense_score:.3g}: above the plot, ▲ at the top edge)"
     fig.add_trace(
         _scatter(
             [dense],
-            "dense model",
+            "dense model" + (note if above else ""),
             mode="markers",
             marker=dict(color="black", size=13, symbol="star"),
+            legendgroup="dense",
         )
     )
+    if above and top is not None:  # where the dense model is, on the edge it is beyond
+        fig.add_trace(
+            go.Scatter(
+                x=[data.dense_perplexity],
+                y=[top],
+                mode="markers",
+                marker=dict(color="black", size=11, symbol="triangle-up"),
+                cliponaxis=False,
+                legendgroup="dense",
+                showlegend=False,
+                name="dense model",
+                hovertemplate=f"dense model: score {data.dense_score:.5g}, above the plot"
+                "<br>perplexity %{x:.4f}<extra></extra>",
+            )
+        )
     if data.best_uniform is not None:
-        u = by_number[data.best_uniform]
         fig.add_trace(
             _scatter(
-                [u],
-                f"best uniform policy (trial {u.number})",
+                [by_number[data.best_uniform]],
+                names["uniform"],
                 mode="markers",
                 marker=dict(size=18, symbol="circle-open", color="#2ca02c", line=dict(width=3)),
             )
         )
-    measured = [*data.points, *data.stopped]
+    if data.best_feasible is not None:  # drawn last: around its front marker
+        fig.add_trace(
+            _scatter(
+                [by_number[data.best_feasible]],
+                names["best"],
+                mode="markers",
+                marker=dict(  # a ring: the front's diamond and close neighbours show through
+                    size=21, symbol="diamond-open", color="#e6a100", line=dict(width=3)
+                ),
+            )
+        )
     if data.ceiling is not None:
         fig.add_vrect(  # everything right of the ceiling is infeasible
             x0=data.ceiling,
@@ -302,22 +378,11 @@ def figure(data: ParetoData) -> Any:
             annotation_position="top",
         )
     counts = ", ".join(f"{k} {v}" for k, v in sorted(data.states.items()))
-    scores = [p.score for p in measured]
-    if scores:  # fit the trials; the dense star may sit above, marked at the top edge
-        low, high = min(scores), max(scores)
-        pad = 0.08 * (high - low or abs(high) or 1.0)
-        fig.update_yaxes(range=[low - pad, high + pad])
-        if data.dense_score > high + pad:
-            fig.add_annotation(
-                x=data.dense_perplexity,
-                y=high + pad,
-                text=f"dense model: score {data.dense_score:.3g} (above)",
-                showarrow=True,
-                arrowhead=2,
-                ay=20,
-            )
+    if scores and top is not None:  # fit the trials; the dense star may sit above
+        fig.update_yaxes(range=[min(scores) - (top - max(scores)), top])
     fig.update_layout(
-        title=f"microsweep '{data.name}': MicroNet score vs perplexity ({counts})",
+        title=f"microsweep '{data.name}': MicroNet score vs perplexity ({counts}; "
+        f"{data.feasible} feasible)",
         xaxis_title="validation perplexity",
         yaxis_title=f"MicroNet score ({data.baseline} baseline)",
         template="plotly_white",

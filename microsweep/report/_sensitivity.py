@@ -17,6 +17,15 @@ from microsweep.storage import Store
 
 __all__ = ["SensitivityData", "sensitivity_data", "write_sensitivity_html"]
 
+_HEIGHT = 420
+"""Height of the sensitivity figure without its legend (px)."""
+_ROW_HEIGHT = 24
+"""Height of one row of legend entries (px)."""
+_ENTRY_WIDTH = 230
+"""Width of one legend entry (px): room for a name like blocks.11.attn.c_proj."""
+_PER_ROW = 4
+"""Legend entries per row at the page's usual width (about 1,300 px)."""
+
 _KNOB_TITLES = {
     "sparsity": "sparsity (fraction pruned)",
     "bits": "weight bits",
@@ -61,7 +70,8 @@ def sensitivity_data(
 
 
 def figure(data: SensitivityData) -> Any:
-    """One panel per knob; each layer's perplexity against the knob's level."""
+    """One panel per knob; each layer's perplexity against the knob's level; every layer once in
+    a legend laid out in rows below the panels, so dozens of layers stay readable."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -80,6 +90,7 @@ def figure(data: SensitivityData) -> Any:
     finite = [
         p for k in knobs for pts in data.curves[k].values() for _, p in pts if math.isfinite(p)
     ]
+    listed: set[str] = set()  # each layer once in the legend, from the first panel it is in
     for col, knob in enumerate(knobs, start=1):
         for layer, points in data.curves[knob].items():
             xs = [v for v, _ in points]
@@ -91,7 +102,7 @@ def figure(data: SensitivityData) -> Any:
                     mode="lines+markers",
                     name=layer,
                     legendgroup=layer,
-                    showlegend=col == 1 or layer not in data.curves[knobs[0]],
+                    showlegend=layer not in listed,
                     line=dict(color=colour[layer]),
                     hovertemplate=(
                         f"{layer}<br>{knob} %{{x}}<br>perplexity %{{y:.4f}}<extra></extra>"
@@ -100,12 +111,17 @@ def figure(data: SensitivityData) -> Any:
                 row=1,
                 col=col,
             )
+            listed.add(layer)
         for value, name, dash in (
             (data.dense_perplexity, "dense", "dot"),
             (data.ceiling, "ceiling", "dash"),
         ):
-            if value is not None:
-                label = {"annotation_text": name} if col == 1 else {}
+            if value is not None:  # named right of the last panel, clear of every curve
+                label = (
+                    {"annotation_text": name, "annotation_position": "right"}
+                    if col == len(knobs)
+                    else {}
+                )
                 fig.add_hline(y=value, line_dash=dash, line_color="#444", row=1, col=col, **label)
         if knob in ("bits", "act_bits", "rank"):
             fig.update_xaxes(autorange="reversed", row=1, col=col)  # more compression rightward
@@ -115,12 +131,24 @@ def figure(data: SensitivityData) -> Any:
             top = min(top, data.ceiling + 2 * (data.ceiling - (data.dense_perplexity or 0)))
         low = min(finite + ([data.dense_perplexity] if data.dense_perplexity else []))
         fig.update_yaxes(range=[low - 0.02 * (top - low + 1e-9), top], row=1, col=1)
+    # every layer in a grid below the panels (a legend at the side scrolls past ~9 layers); the
+    # figure grows by a row of entries per `_PER_ROW` layers so the panels keep their height
+    rows = math.ceil(len(layers) / _PER_ROW)
     fig.update_layout(
         title=f"microsweep sensitivity '{data.label}': each layer alone at each level "
         f"({data.probes} measurements)",
         yaxis_title="validation perplexity",
         template="plotly_white",
-        legend=dict(orientation="v"),
+        height=_HEIGHT + _ROW_HEIGHT * rows,
+        legend=dict(
+            orientation="h",
+            x=0,
+            xanchor="left",
+            y=-_ROW_HEIGHT / (_HEIGHT - 100),  # just below the tick labels
+            yanchor="top",
+            entrywidth=_ENTRY_WIDTH,
+            title_text="layer",
+        ),
     )
     return fig
 
