@@ -310,3 +310,54 @@ def test_the_corpus_folder_is_remembered_for_later_commands(tmp_path, monkeypatc
     monkeypatch.setenv("MICROSWEEP_DATA", str(tmp_path))
     with pytest.raises(Exception, match="has no tinyshakespeare"):
         data.tiny_shakespeare()
+
+
+def test_workers_beyond_the_machine_are_refused_before_the_model_runs(tmp_path):
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    proc = _cli(
+        "run", str(TINY), "--name", "w", "--trials", "1", "--workers", "100000", "--storage",
+        url, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"microsweep: error: --workers 100000 x --cpus-per-worker 1 is more than this "
+        f"machine's {os.cpu_count()} CPUs; use fewer, or a Ray cluster with --address"
+    ]
+    assert not (tmp_path / "w.db").exists() or not Store(url).sweep_names()
+
+
+def test_ray_processes_of_a_killed_driver_are_stopped_by_the_next_run(tmp_path, tiny_gpt):
+    """SIGKILL leaves Ray's agents running for minutes: the next local start stops exactly
+    the processes the killed driver recorded, and says so."""
+    from microsweep.workers._orphans import _stat
+
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    space = _space(tmp_path, "    return 5.0\n")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "microsweep.cli", "run", space, "--name", "k", "--trials",
+         "100000", "--workers", "1", "--sampler", "random", "--storage", url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    record = Path(os.environ["MICROSWEEP_CACHE"]) / "ray-drivers" / f"{first.pid}.json"
+    try:
+        _wait_for(lambda: len(Store(url, must_exist=True).trials("k")) >= 1, "a first trial")
+        assert record.is_file()  # written once the workers were up
+    finally:
+        first.kill()
+        first.communicate()
+    recorded = json.loads(record.read_text())["processes"]
+    assert recorded and all(name for _, _, name in recorded)
+    alive = [(pid, t) for pid, t, _ in recorded if (_stat(pid) or (0, None))[1] == t]
+    second = _cli(
+        "run", space, "--name", "k2", "--trials", "1", "--workers", "1", "--sampler",
+        "random", "--storage", url, cwd=tmp_path,
+    )  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    if alive:  # what the kill left running was stopped, with one note
+        assert f"left by an earlier driver (pid {first.pid})" in second.stderr, second.stderr
+    assert not record.exists()
+
+    def gone() -> bool:
+        return all((_stat(pid) or (0, None))[1] != t for pid, t in alive)
+
+    _wait_for(gone, "the killed driver's Ray processes to end", timeout=120)

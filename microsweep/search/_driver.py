@@ -717,6 +717,7 @@ def run_sweep(
     if sampler not in SAMPLERS:
         raise UsageError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
     _check_name(name)
+    _check_resources(workers, address, in_process, cpus_per_worker, gpus_per_worker)
     store = Store(storage)
     if name in store.sweep_names():
         raise StorageError(
@@ -854,6 +855,18 @@ def _check_name(name: str) -> None:
         )
 
 
+def _check_resources(
+    workers: int, address: str | None, in_process: bool, cpus: float, gpus: float
+) -> None:
+    """What no pool could place, refused before the space loads or the dense model runs."""
+    from microsweep.workers import check_resources
+
+    check_resources(
+        workers, address=address, in_process=in_process, cpus_per_worker=cpus,
+        gpus_per_worker=gpus,
+    )  # fmt: skip
+
+
 def _check_timeout(timeout: float | None) -> None:
     if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
         raise UsageError(f"--timeout {timeout!r} must be a number of seconds above 0")
@@ -949,6 +962,7 @@ def resume_sweep(
     total = trials if trials is not None else sweep.target_trials
     check_counts(total, workers)
     _check_timeout(timeout)
+    _check_resources(workers, address, in_process, cpus_per_worker, gpus_per_worker)
     lease = Lease(store, name)
     lease.acquire()  # before anything is touched: a live driver's trials stay its own
     pool = None

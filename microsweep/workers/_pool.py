@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,9 +19,14 @@ import torch
 from torch import nn
 
 from microsweep.errors import UsageError
+from microsweep.workers._orphans import (
+    forget_ray_processes,
+    reap_ray_processes,
+    record_ray_processes,
+)
 from microsweep.workers._runner import EvalSettings, TrialRunner, worker_threads
 
-__all__ = ["InProcessPool", "RayPool", "WorkerPool", "make_pool"]
+__all__ = ["InProcessPool", "RayPool", "WorkerPool", "check_resources", "make_pool"]
 
 
 class WorkerPool:
@@ -92,24 +98,19 @@ class RayPool(WorkerPool):
     ) -> None:
         import ray
 
-        if not cpus_per_worker > 0 or not gpus_per_worker >= 0:
-            raise UsageError(
-                f"--cpus-per-worker {cpus_per_worker:g} / --gpus-per-worker {gpus_per_worker:g}: "
-                "CPUs must be above 0 and GPUs at least 0"
-            )
+        check_resources(
+            workers, address=address, cpus_per_worker=cpus_per_worker,
+            gpus_per_worker=gpus_per_worker,
+        )  # fmt: skip
         cpus_needed = workers * cpus_per_worker
 
         self._ray = ray
         self._started_ray = False
+        self._local = not address
         if not ray.is_initialized():
-            if address:
-                _probe(address)
-            elif cpus_needed > (os.cpu_count() or 1):
-                raise UsageError(
-                    f"--workers {workers} x --cpus-per-worker {cpus_per_worker:g} is more than "
-                    f"this machine's {os.cpu_count()} CPUs; use fewer, or a Ray cluster with "
-                    "--address"
-                )
+            if self._local:
+                for line in reap_ray_processes():  # a killed driver's leftovers
+                    sys.stderr.write(f"microsweep: note: {line}\n")
             try:
                 if address:
                     ray.init(address=address, logging_level="WARNING", log_to_driver=False)
@@ -166,6 +167,8 @@ class RayPool(WorkerPool):
                 f"Ray placed {len(ready)} of {len(pings)} workers within {timeout:.0f}s; "
                 "lower --workers or add CPUs to the cluster"
             )
+        if self._started_ray and self._local:  # so a later start can stop them if we are killed
+            record_ray_processes()
 
     def _new_actor(self) -> Any:
         refs = self._refs
@@ -230,6 +233,39 @@ class RayPool(WorkerPool):
         self._running.clear()
         if self._started_ray:
             ray.shutdown()
+            if self._local:
+                forget_ray_processes()
+
+
+def check_resources(
+    workers: int,
+    *,
+    address: str | None = None,
+    in_process: bool = False,
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
+) -> None:
+    """Refuse, in one line and before any model is measured, what no pool could place: CPUs
+    or GPUs per worker out of range, more CPUs than this machine has for a local Ray start,
+    or a cluster address where nothing answers (a cluster's own capacity is checked once
+    joined)."""
+    if in_process:
+        return
+    if not cpus_per_worker > 0 or not gpus_per_worker >= 0:
+        raise UsageError(
+            f"--cpus-per-worker {cpus_per_worker:g} / --gpus-per-worker {gpus_per_worker:g}: "
+            "CPUs must be above 0 and GPUs at least 0"
+        )
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():  # a Ray this process already joined
+        return
+    if address:
+        _probe(address)
+    elif workers * cpus_per_worker > (os.cpu_count() or 1):
+        raise UsageError(
+            f"--workers {workers} x --cpus-per-worker {cpus_per_worker:g} is more than "
+            f"this machine's {os.cpu_count()} CPUs; use fewer, or a Ray cluster with --address"
+        )
 
 
 def _probe(address: str, timeout: float = 10.0) -> None:
