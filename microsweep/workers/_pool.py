@@ -82,6 +82,12 @@ class InProcessPool(WorkerPool):
         return self._done.popleft()
 
 
+START_TIMEOUT_ENV = "MICROSWEEP_WORKER_START_TIMEOUT"
+"""Seconds the workers have to start and load the model before the sweep stops (default 600:
+generous, since a busy machine can take minutes; a cluster that cannot place them still ends
+in one line instead of waiting for ever)."""
+
+
 class RayPool(WorkerPool):
     """K Ray actors, each a `TrialRunner`; local Ray unless `address` names a cluster."""
 
@@ -92,7 +98,7 @@ class RayPool(WorkerPool):
         *,
         address: str | None = None,
         register_by_value: tuple[Any, ...] = (),
-        start_timeout: float = 120.0,
+        start_timeout: float | None = None,
         cpus_per_worker: float = 1.0,
         gpus_per_worker: float = 0.0,
     ) -> None:
@@ -148,6 +154,8 @@ class RayPool(WorkerPool):
         self.size = workers
         self._idle = [self._new_actor() for _ in range(workers)]
         self._running: dict[Any, tuple[Any, int]] = {}
+        if start_timeout is None:
+            start_timeout = float(os.environ.get(START_TIMEOUT_ENV) or 600.0)
         self._check_started(start_timeout)
 
     def _check_started(self, timeout: float) -> None:
