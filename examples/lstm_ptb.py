@@ -11,7 +11,15 @@ factorized. The tied table holds most of the parameters and feeds the head's ope
 from microsweep import Bits, MicroNet, Rank, Space, Sparsity, data, models
 
 corpus = data.ptb(train="valid", val="test")
-model = models.lstm(corpus, n_embd=200, n_hidden=200, n_layer=2, pretrain_steps=1500, lr=3e-3)
+model = models.lstm(
+    corpus,
+    n_embd=200,
+    n_hidden=200,
+    n_layer=2,
+    pretrain_steps=1500,
+    lr=3e-3,
+    verbose=True,  # what is pretrained, where it is cached, and progress with an ETA
+)
 
 space = Space(
     model,

@@ -10,7 +10,14 @@ from microsweep import Bits, MicroNet, Rank, Space, Sparsity, data, models
 
 corpus = data.ptb(train="valid", val="test")
 model = models.gpt(
-    corpus, n_layer=2, n_head=4, n_embd=128, block_size=64, pretrain_steps=800, lr=2e-3
+    corpus,
+    n_layer=2,
+    n_head=4,
+    n_embd=128,
+    block_size=64,
+    pretrain_steps=800,
+    lr=2e-3,
+    verbose=True,  # what is pretrained, where it is cached, and progress with an ETA
 )
 
 space = Space(

@@ -1,6 +1,16 @@
 """Built-in language models and helpers to pretrain, cache and rebuild them."""
 
-from microsweep.models._build import build, gpt, lm_batch_loss, logits_of, lstm, pretrain
+from microsweep.models._build import (
+    build,
+    gpt,
+    lm_batch_loss,
+    logits_of,
+    lstm,
+    owned_cores,
+    pretrain,
+    pretrain_threads,
+    thread_count,
+)
 from microsweep.models._gates import LinearLSTM, gate_names, linear_gates_
 from microsweep.models.gpt import GPT, GPTConfig
 from microsweep.models.hf import hf
@@ -20,5 +30,8 @@ __all__ = [
     "lm_batch_loss",
     "logits_of",
     "lstm",
+    "owned_cores",
     "pretrain",
+    "pretrain_threads",
+    "thread_count",
 ]
