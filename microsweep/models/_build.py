@@ -480,7 +480,7 @@ def _pretrained(
     )
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".part")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.part")  # two processes never clash
         torch.save(model.state_dict(), tmp)
         tmp.replace(path)
     return model
