@@ -242,8 +242,8 @@ def _make_pool(
 
     if not in_process and address is None:  # token auth, Ray's own default for a local start,
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # chosen here so Ray need not warn
-
-    return make_pool(
+    handler = signal.getsignal(signal.SIGTERM)
+    pool = make_pool(
         workers,
         model=sf.model,
         windows=prepared.windows,
@@ -259,6 +259,8 @@ def _make_pool(
         cpus_per_worker=cpus_per_worker,
         gpus_per_worker=gpus_per_worker,
     )
+    _keep_handler(signal.SIGTERM, handler)
+    return pool
 
 
 def _say(enabled: bool, line: str) -> None:
@@ -892,7 +894,6 @@ def _start_pool(
         )
     cpus, gpus = resources
     t0 = time.perf_counter()
-    handler = signal.getsignal(signal.SIGTERM)
     pool = _make_pool(
         sf,
         prepared,
@@ -902,7 +903,6 @@ def _start_pool(
         cpus_per_worker=cpus,
         gpus_per_worker=gpus,
     )
-    _keep_handler(signal.SIGTERM, handler)
     if not in_process:
         _say(progress, f"workers ready after {time.perf_counter() - t0:.1f}s")
     return pool
