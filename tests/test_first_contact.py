@@ -143,9 +143,11 @@ def test_sigterm_stops_a_sweep_like_ctrl_c(tmp_path, tiny_gpt):
          "--workers", "1", "--sampler", "random", "--storage", url],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )  # fmt: skip
+    record = Path(os.environ["MICROSWEEP_CACHE"]) / "ray-drivers" / f"{proc.pid}.json"
     try:
         _wait_for(lambda: len(Store(url, must_exist=True).trials("t")) >= 1, "a first trial")
         gate.unlink()  # the trials now block: the driver is waiting on a worker
+        started = json.loads(record.read_text())["processes"]  # what its Ray start made
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=300)
@@ -161,6 +163,15 @@ def test_sigterm_stops_a_sweep_like_ctrl_c(tmp_path, tiny_gpt):
     assert sweep.owner is None  # released on the way out
     rows = Store(url, must_exist=True).trials("t")
     assert rows and all(r.state in ("COMPLETE", "PRUNED", "FAIL") for r in rows)
+    # nothing of its Ray outlives it (after an interrupt, Ray's agents were seen to stay)
+    from microsweep.workers._orphans import _stat
+
+    assert started and not record.exists()
+    _wait_for(
+        lambda: all((_stat(pid) or (0, None))[1] != t for pid, t, _ in started),
+        "the stopped driver's Ray processes to end",
+        timeout=120,
+    )
 
 
 def test_a_driver_that_exited_leaves_its_sweep_to_the_next_one(tmp_path, tiny_gpt):

@@ -240,8 +240,12 @@ def _make_pool(
     from microsweep.score import rules_defined_in
     from microsweep.workers import make_pool
 
-    if not in_process and address is None:  # token auth, Ray's own default for a local start,
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # chosen here so Ray need not warn
+    if not in_process and address is None:
+        # token auth, Ray's own default for a local start, chosen here so Ray need not warn
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # Ray runs workers at nice 15: beside any busy process they get a sliver of a core
+        # (the demo's sensitivity probes ran 40x slower beside two), while here they are the work
+        os.environ.setdefault("RAY_worker_niceness", "0")
     handler = signal.getsignal(signal.SIGTERM)
     pool = make_pool(
         workers,

@@ -74,10 +74,31 @@ def record_ray_processes() -> None:
         pass
 
 
-def forget_ray_processes() -> None:
-    """This driver shut its Ray down itself: drop its record."""
+def forget_ray_processes(grace: float = 1.0) -> None:
+    """This driver shut its Ray down: stop what of it outlives the shutdown (after an
+    interrupt its agents were seen to stay), giving each `grace` seconds to end by itself,
+    then drop the record."""
+    import time
+
+    path = _folder() / f"{os.getpid()}.json"
     try:
-        (_folder() / f"{os.getpid()}.json").unlink(missing_ok=True)
+        procs = [tuple(p) for p in json.loads(path.read_text(encoding="utf-8"))["processes"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        procs = []
+    deadline = time.monotonic() + grace
+    left = procs
+    while left:
+        left = [p for p in left if (_stat(int(p[0])) or (0, None))[1] == p[1]]
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    for pid, _, _ in left:
+        try:
+            os.kill(int(pid), signal.SIGTERM)
+        except OSError:
+            pass
+    try:
+        path.unlink(missing_ok=True)
     except OSError:
         pass
 
