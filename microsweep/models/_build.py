@@ -381,14 +381,7 @@ def gpt(
         n_head=n_head,
         n_embd=n_embd,
     )
-    train: dict[str, Any] = dict(
-        steps=pretrain_steps,
-        batch_size=batch_size,
-        lr=lr,
-        schedule=schedule,
-        warmup=warmup,
-        seed=seed,
-    )
+    train = _train_settings(pretrain_steps, batch_size, lr, schedule, warmup, seed)
     label = f"gpt {n_layer}x{n_embd}"
     return _pretrained(
         "gpt", label, lambda: GPT(config), asdict(config), corpus, train, cache, verbose
@@ -426,17 +419,19 @@ def lstm(
         tie_weights=tie_weights,
         block_size=block_size,
     )
-    train: dict[str, Any] = dict(
-        steps=pretrain_steps,
-        batch_size=batch_size,
-        lr=lr,
-        schedule=schedule,
-        warmup=warmup,
-        seed=seed,
-    )
+    train = _train_settings(pretrain_steps, batch_size, lr, schedule, warmup, seed)
     label = f"lstm {n_layer}x{n_hidden}"
     return _pretrained(
         "lstm", label, lambda: LSTMLM(config), asdict(config), corpus, train, cache, verbose
+    )
+
+
+def _train_settings(
+    steps: int, batch_size: int, lr: float, schedule: str, warmup: int, seed: int
+) -> dict[str, Any]:
+    """The training settings `pretrain` takes and the cache key hashes, by their names there."""
+    return dict(
+        steps=steps, batch_size=batch_size, lr=lr, schedule=schedule, warmup=warmup, seed=seed
     )
 
 
