@@ -1,0 +1,48 @@
+"""`TrialRecord`: one finished trial as the store writes it (its columns and its layer rows).
+
+The driver builds it in one place from a worker's result; `Store.record_trial` writes it and the
+spool keeps it as JSON while the database is away, so its fields are the table's columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+__all__ = ["TrialRecord"]
+
+
+@dataclass
+class TrialRecord:
+    """The columns of one `microsweep_trials` row (less its ids and finish time) and its
+    per-layer rows (`layers`: the counter's rows, one `microsweep_layers` row each)."""
+
+    state: str  # COMPLETE, PRUNED or FAIL
+    policy: dict[str, Any]
+    summary: str = ""
+    origin: str | None = None
+    reason: str | None = None
+    worker: str | None = None
+    score: float | None = None
+    perplexity: float | None = None  # the projection, for a PRUNED trial
+    params: float | None = None
+    ops: float | None = None
+    feasible: bool | None = None
+    freebie: bool | None = None
+    count_config: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+    def columns(self) -> dict[str, Any]:
+        """The trial row's columns (everything but `layers`)."""
+        out = asdict(self)
+        del out["layers"]
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrialRecord:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,53 @@
+"""`TrialResult`: what a worker returns for one trial, typed, built only by the runner.
+
+The pool hands it to the driver unchanged (Ray pickles it), and the driver turns it into the
+`TrialRecord` the store writes. A trial's own failure is a result with ``status="error"``, never
+an exception, so one bad policy cannot stop a sweep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["TrialResult"]
+
+Status = Literal["ok", "pruned", "error"]
+
+
+@dataclass
+class TrialResult:
+    """One evaluated policy: status, perplexity (or, stopped early, its projection), counts,
+    per-layer rows and timings. Fields that do not apply to the status stay None or empty."""
+
+    number: int
+    status: Status
+    error: str | None = None  # why, for status "error"
+    perplexity: float | None = None  # status "ok"
+    # status "pruned": the projection the stop rule acted on, the best it could still reach,
+    # and how far evaluation got
+    perplexity_estimate: float | None = None
+    optimistic_perplexity: float | None = None
+    windows_seen: int | None = None
+    windows: int | None = None
+    intermediate: list[float] = field(default_factory=list)  # chunk projections, in order
+    finetune_curve: list[list[float]] | None = None  # [step, subset perplexity]
+    finetune_stopped_at: int | None = None  # fine-tuning ended early at this step
+    params: float | None = None  # counted, when the model got as far as counting
+    ops: float | None = None
+    freebie: bool | None = None
+    count_config: dict[str, Any] | None = None
+    layers: list[dict[str, Any]] = field(default_factory=list)  # LayerCount.to_json() rows
+    window_nll: list[float] | None = None  # per-window NLL sums, when the caller asked
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, >= 0
+    worker: str | None = None  # node, process and threads
+
+    @property
+    def ok(self) -> bool:
+        """Evaluated in full (not stopped early, not failed)."""
+        return self.status == "ok"
+
+    @property
+    def measured_perplexity(self) -> float | None:
+        """The perplexity a trial is judged by: measured, or projected when stopped early."""
+        return self.perplexity_estimate if self.status == "pruned" else self.perplexity
