@@ -1,7 +1,7 @@
 """Sweep preparation shared by search, export, reports and `count`: loading a space file, the
 `MicroNet` objective, evaluation tensors, the dense measurement, fingerprints and recipes."""
 
-from microsweep.prepare._objective import MicroNet
+from microsweep.prepare._objective import PLANNING_FACTOR_WITHOUT_CEILING, Ceiling, MicroNet
 from microsweep.prepare._prepared import (
     Prepared,
     check_counted,
@@ -26,6 +26,8 @@ from microsweep.prepare._spacefile import (
 
 __all__ = [
     "INLINE_PATH",
+    "PLANNING_FACTOR_WITHOUT_CEILING",
+    "Ceiling",
     "MicroNet",
     "Prepared",
     "SpaceFile",

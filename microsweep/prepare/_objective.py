@@ -8,7 +8,48 @@ from typing import Any, Literal
 
 from microsweep.errors import SpaceError
 
-__all__ = ["MicroNet"]
+__all__ = ["Ceiling", "MicroNet", "PLANNING_FACTOR_WITHOUT_CEILING"]
+
+PLANNING_FACTOR_WITHOUT_CEILING = 1.05
+"""Without a perplexity ceiling every trial is feasible, but a planned sampler still needs a loss
+budget to allocate: it plans for at most this factor over the dense model's perplexity (and says
+so when the sweep starts)."""
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """A sweep's perplexity ceiling resolved against its dense model: every form the search needs
+    (Optuna's constraint value, feasibility, the early-stop ceiling, the planner's NLL budget) is
+    derived here and nowhere else. `value` None: no ceiling, every trial feasible."""
+
+    value: float | None
+    dense_perplexity: float
+
+    def constraint(self, perplexity: float) -> float:
+        """Optuna's constraint value for a trial of `perplexity`: feasible when <= 0."""
+        return 0.0 if self.value is None else perplexity - self.value
+
+    def feasible(self, perplexity: float) -> bool:
+        """Whether a fully evaluated trial of `perplexity` meets the ceiling."""
+        return self.value is None or perplexity <= self.value
+
+    @property
+    def planning_ceiling(self) -> float:
+        """The perplexity a planned sampler allocates against (see
+        `PLANNING_FACTOR_WITHOUT_CEILING` when there is no ceiling)."""
+        if self.value is not None:
+            return self.value
+        return PLANNING_FACTOR_WITHOUT_CEILING * self.dense_perplexity
+
+    @property
+    def dense_nll(self) -> float:
+        """The dense model's mean NLL per token (log of its perplexity)."""
+        return math.log(self.dense_perplexity)
+
+    def nll_budget(self) -> float:
+        """The mean NLL per token a policy may add to the dense model's and still plan under
+        the ceiling: log(ceiling) - log(dense perplexity); <= 0 when no compression fits."""
+        return math.log(self.planning_ceiling) - self.dense_nll
 
 
 @dataclass(frozen=True)
@@ -79,6 +120,24 @@ class MicroNet:
         except TypeError as exc:
             raise SpaceError(f"MicroNet: count options are wrong ({exc})") from None
 
+    @property
+    def multi(self) -> bool:
+        """Two objectives (score and perplexity) rather than the score alone."""
+        return self.objectives == "score+perplexity"
+
+    def bound(self, dense_perplexity: float) -> Ceiling:
+        """The sweep's `Ceiling` for a dense model of `dense_perplexity`."""
+        return Ceiling(self.ceiling(dense_perplexity), float(dense_perplexity))
+
+    def baseline_for(self, dense_params: float, dense_ops: float) -> tuple[str, float, float]:
+        """(name, parameters, operations) the score normalizes by: the challenge's fixed
+        baseline, or the dense model's own counts."""
+        if self.baseline == "dense":
+            return "dense", float(dense_params), float(dense_ops)
+        from microsweep.score import CHALLENGE_BASELINE as base
+
+        return base.name, float(base.params), float(base.ops)
+
     def ceiling(self, dense_perplexity: float) -> float | None:
         """The absolute perplexity ceiling for a dense model of `dense_perplexity`."""
         if self.perplexity_ceiling is None:
@@ -89,7 +148,7 @@ class MicroNet:
 
     @property
     def directions(self) -> list[str]:
-        return ["minimize"] if self.objectives == "score" else ["minimize", "minimize"]
+        return ["minimize", "minimize"] if self.multi else ["minimize"]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
