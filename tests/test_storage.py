@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 
 from microsweep.errors import StorageError
-from microsweep.storage import Store, resolve_url
+from microsweep.storage import Store, TrialRecord, resolve_url
 from microsweep.storage._models import SCHEMA_VERSION
 from tests.conftest import POSTGRES_URL, postgres_available
 
@@ -84,9 +84,7 @@ def _layers(n: int) -> list[dict]:
 
 def test_sweep_trial_and_layer_rows_round_trip(store, unique_name):
     sweep = store.create_sweep(**_sweep_fields(unique_name))
-    store.record_trial(
-        sweep.id,
-        0,
+    record = TrialRecord(
         state="COMPLETE",
         policy={"layers": {}},
         layers=_layers(3),
@@ -98,7 +96,8 @@ def test_sweep_trial_and_layer_rows_round_trip(store, unique_name):
         summary="x",
         timings={"compress": 0.1},
     )
-    store.record_trial(sweep.id, 1, state="FAIL", reason="boom", policy={})
+    store.record_trial(sweep.id, record, number=0)
+    store.record_trial(sweep.id, TrialRecord(state="FAIL", reason="boom", policy={}), number=1)
     got = store.get_sweep(unique_name)
     assert got.dense_perplexity == 4.5 and got.space_json == {"rules": []}
     trials = store.trials(unique_name, with_layers=True)
@@ -123,9 +122,9 @@ def test_duplicate_sweep_and_unknown_names_are_clear_errors(store, unique_name):
 
 def test_a_failed_trial_write_leaves_nothing_half_written(store, unique_name):
     sweep = store.create_sweep(**_sweep_fields(unique_name))
-    store.record_trial(sweep.id, 0, state="COMPLETE", policy={}, layers=_layers(2))
+    store.record_trial(sweep.id, TrialRecord("COMPLETE", {}, layers=_layers(2)), number=0)
     with pytest.raises(StorageError):  # same trial number again: unique constraint
-        store.record_trial(sweep.id, 0, state="COMPLETE", policy={}, layers=_layers(5))
+        store.record_trial(sweep.id, TrialRecord("COMPLETE", {}, layers=_layers(5)), number=0)
     trials = store.trials(unique_name, with_layers=True)
     assert len(trials) == 1 and len(trials[0].layers) == 2
 

@@ -37,7 +37,6 @@ __all__ = [
     "finish_trial",
     "insert_rows",
     "reserve_trials",
-    "study_id_for",
 ]
 
 
@@ -126,24 +125,16 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.astimezone(UTC).replace(tzinfo=None)
 
 
-def study_id_for(session: Session, study_name: str) -> int | None:
-    """The Optuna study id of `study_name`, or None when there is no such study."""
-    from optuna.storages._rdb import models
-    from sqlalchemy import select
-
-    return session.scalar(
-        select(models.StudyModel.study_id).where(models.StudyModel.study_name == study_name)
-    )
-
-
 def reserve_trials(session: Session, study_id: int, count: int) -> list[tuple[int, int]]:
     """Add `count` RUNNING trials to study `study_id` as Optuna's `create_new_trial` does
     (number = the study's trial count, study row locked on PostgreSQL); returns their
     (trial id, number)."""
-    from optuna.storages._rdb import models
     from optuna.trial import TrialState
     from sqlalchemy import func, insert, select
 
+    from microsweep._optuna import rdb_models
+
+    models = rdb_models()
     session.execute(
         select(models.StudyModel.study_id)
         .where(models.StudyModel.study_id == study_id)
@@ -171,10 +162,12 @@ def finish_trial(session: Session, trial_id: int, trial: FrozenTrial) -> None:
     the reserved RUNNING trial `trial_id` and set its final state (with the module's three
     changes to Optuna's rows). Refuses (StaleTrialError) when the row is no longer RUNNING:
     someone else ended it, and its result must not be overwritten."""
-    from optuna.storages._rdb import models
     from optuna.trial import TrialState
     from sqlalchemy import update
 
+    from microsweep._optuna import rdb_models
+
+    models = rdb_models()
     if not trial.state.is_finished():
         raise ValueError(f"trial {trial.number} is {trial.state.name}, not finished")
     table = models.TrialModel.__table__

@@ -34,15 +34,16 @@ class TrialRecord:
     layers: list[dict[str, Any]] = field(default_factory=list)
 
     def columns(self) -> dict[str, Any]:
-        """The trial row's columns (everything but `layers`)."""
-        out = asdict(self)
-        del out["layers"]
-        return out
+        """The trial row's columns (everything but `layers`), by reference: no copy of the
+        policy or timings on the driver's path."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layers"}
 
     def to_json(self) -> dict[str, Any]:
+        """Every field as plain JSON values (a copy), for the spool file."""
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrialRecord:
+        """A record from `to_json`'s output; keys it does not know are ignored."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from microsweep.storage._models import SweepRow, TrialRow
+    from microsweep.storage._records import TrialRecord
 
 __all__ = ["Store"]
 
@@ -405,16 +406,14 @@ class Store:
     def record_trial(
         self,
         sweep_id: int,
-        number: int | None = None,
+        record: TrialRecord,
         *,
-        state: str,
-        policy: Mapping[str, Any],
-        layers: Sequence[Mapping[str, Any]] = (),
+        number: int | None = None,
         optuna_trial: tuple[int, tuple[int, int] | None, optuna.trial.FrozenTrial] | None = None,
         reserve: int = 0,
-        **fields: Any,
     ) -> list[tuple[int, int]]:
-        """Write one finished trial and its per-layer rows in a single transaction.
+        """Write one finished trial (`record`: its columns and per-layer rows) in a single
+        transaction.
 
         With `optuna_trial` (study id, the trial's reserved Optuna row as (trial id, number) or
         None to reserve it now, the finished in-memory trial), Optuna's rows are written in the
@@ -423,67 +422,31 @@ class Store:
         Returns the trial's (Optuna trial id, number) (or (-1, number) without Optuna) followed
         by the reserved rows.
         """
-        from sqlalchemy import insert, select
+        from sqlalchemy import insert
 
         from microsweep.storage._models import LayerRow, TrialRow
-        from microsweep.storage._optuna_rows import (
-            StaleTrialError,
-            finish_trial,
-            insert_rows,
-            reserve_trials,
-        )
+        from microsweep.storage._optuna_rows import reserve_trials
 
         with self.session() as s:
             out: list[tuple[int, int]] = [(-1, number if number is not None else -1)]
             if optuna_trial is not None:
-                study_id, row, frozen = optuna_trial
-                if row is None:
-                    row = reserve_trials(s, study_id, 1)[0]
-                try:
-                    finish_trial(s, row[0], frozen)
-                except StaleTrialError:
-                    if s.scalar(
-                        select(TrialRow.id).where(
-                            TrialRow.sweep_id == sweep_id, TrialRow.number == row[1]
-                        )
-                    ):  # written already (a retried commit that had gone through)
-                        return [row]
-                    raise StorageError(
-                        f"trial {row[1]} was ended by another driver of this sweep; its result "
-                        "is not stored"
-                    ) from None
+                row, written = _finish_optuna_trial(s, sweep_id, optuna_trial)
+                if written:  # a retried commit that had gone through
+                    return [row]
                 out = [row]
                 number = row[1]
                 if reserve:
-                    out += reserve_trials(s, study_id, reserve)
+                    out += reserve_trials(s, optuna_trial[0], reserve)
             if number is None:
                 raise ValueError("record_trial needs a number or an Optuna trial")
             # Core inserts, not ORM objects: a trial's rows cost a few statements, not a flush
-            table = TrialRow.__table__
+            columns = {**record.columns(), "policy": dict(record.policy)}
             trial_id = s.execute(
-                insert(table).values(
-                    sweep_id=sweep_id,
-                    number=number,
-                    state=state,
-                    policy=dict(policy),
-                    finished_at=_now(),
-                    **fields,
+                insert(TrialRow.__table__).values(
+                    sweep_id=sweep_id, number=number, finished_at=_now(), **columns
                 )
             ).inserted_primary_key[0]
-            if layers:
-                rows = [
-                    {
-                        "trial_id": trial_id,
-                        "layer": lc["name"],
-                        "kind": lc["kind"],
-                        "params": lc["params"],
-                        "ops": lc["ops"],
-                        **{k: lc.get(k) for k in _KNOB_FIELDS},
-                        **{k: lc.get(k) or 0.0 for k in _COUNT_FIELDS},
-                    }
-                    for lc in layers
-                ]
-                insert_rows(s, LayerRow.__table__, rows)
+            _insert_layer_rows(s, LayerRow.__table__, trial_id, record.layers)
         return out
 
     def reserve_trials(self, study_id: int, count: int) -> list[tuple[int, int]]:
@@ -525,6 +488,66 @@ class Store:
             if row is None:
                 raise StorageError(f"sweep {name!r} has no finished trial {number}")
             return row
+
+    # -- reads for reports ------------------------------------------------------------------
+    def trial_rows_for_report(self, name: str) -> list[Any]:
+        """The sweep's finished trials in trial order as plain rows (attribute access, no ORM
+        objects): number, state, origin, reason, score, perplexity, params, ops, feasible,
+        summary, policy and freebie, in one SELECT."""
+        from sqlalchemy import select
+
+        from microsweep.storage._models import SweepRow, TrialRow
+
+        t = TrialRow
+        query = (
+            select(
+                t.number,
+                t.state,
+                t.origin,
+                t.reason,
+                t.score,
+                t.perplexity,
+                t.params,
+                t.ops,
+                t.feasible,
+                t.summary,
+                t.policy,
+                t.freebie,
+            )  # fmt: skip
+            .join(SweepRow, t.sweep_id == SweepRow.id)
+            .where(SweepRow.name == name)
+            .order_by(t.number)
+        )
+        with self.session() as s:
+            return list(s.connection().execute(query))  # Core rows: no ORM loading
+
+    def layer_counts_for_report(
+        self, name: str, layers: Sequence[str], *, with_totals: bool = True
+    ) -> tuple[list[tuple[Any, ...]] | None, list[tuple[Any, ...]]]:
+        """Read in one transaction: (number, policy, params, ops, freebie) of every finished
+        trial of a sweep (None without `with_totals`), and (trial number, layer, params, ops) of
+        each stored layer row named in `layers`; both unordered (sorting 10^5 rows costs, and
+        the report's sums do not care)."""
+        from sqlalchemy import select
+
+        from microsweep.storage._models import LayerRow, SweepRow, TrialRow
+
+        query = (
+            select(TrialRow.number, LayerRow.layer, LayerRow.params, LayerRow.ops)
+            .join(TrialRow, LayerRow.trial_id == TrialRow.id)
+            .join(SweepRow, TrialRow.sweep_id == SweepRow.id)
+            .where(SweepRow.name == name, LayerRow.layer.in_(list(layers)))
+        )
+        totals = (
+            select(
+                TrialRow.number, TrialRow.policy, TrialRow.params, TrialRow.ops, TrialRow.freebie
+            )
+            .join(SweepRow, TrialRow.sweep_id == SweepRow.id)
+            .where(SweepRow.name == name)
+        )
+        with self.session() as s:
+            trials = [tuple(r) for r in s.connection().execute(totals)] if with_totals else None
+            return trials, _fetch_tuples(s, query)
 
     # -- sensitivity ------------------------------------------------------------------------
     def sensitivity(self, eval_key: str) -> dict[tuple[str, str, str], float]:
@@ -575,6 +598,70 @@ class Store:
             self._engine.dispose()
         if self._optuna is not None:
             self._optuna.engine.dispose()
+
+
+def _finish_optuna_trial(
+    s: Session,
+    sweep_id: int,
+    optuna_trial: tuple[int, tuple[int, int] | None, optuna.trial.FrozenTrial],
+) -> tuple[tuple[int, int], bool]:
+    """Write a finished Optuna trial onto its reserved row (reserved now when None), in the
+    caller's transaction; returns the row and whether this trial was stored already (a retried
+    commit that had gone through). A row another driver ended is a `StorageError`."""
+    from sqlalchemy import select
+
+    from microsweep.storage._models import TrialRow
+    from microsweep.storage._optuna_rows import StaleTrialError, finish_trial, reserve_trials
+
+    study_id, row, frozen = optuna_trial
+    if row is None:
+        row = reserve_trials(s, study_id, 1)[0]
+    try:
+        finish_trial(s, row[0], frozen)
+    except StaleTrialError:
+        if s.scalar(
+            select(TrialRow.id).where(TrialRow.sweep_id == sweep_id, TrialRow.number == row[1])
+        ):
+            return row, True
+        raise StorageError(
+            f"trial {row[1]} was ended by another driver of this sweep; its result is not stored"
+        ) from None
+    return row, False
+
+
+def _insert_layer_rows(
+    s: Session, table: Any, trial_id: int, layers: Sequence[Mapping[str, Any]]
+) -> None:
+    """One `microsweep_layers` row per counted layer of trial `trial_id` (the counter's rows:
+    name, kind, params, ops, the knobs it reports and its raw counts)."""
+    from microsweep.storage._optuna_rows import insert_rows
+
+    rows = [
+        {
+            "trial_id": trial_id,
+            "layer": lc["name"],
+            "kind": lc["kind"],
+            "params": lc["params"],
+            "ops": lc["ops"],
+            **{k: lc.get(k) for k in _KNOB_FIELDS},
+            **{k: lc.get(k) or 0.0 for k in _COUNT_FIELDS},
+        }
+        for lc in layers
+    ]
+    insert_rows(s, table, rows)
+
+
+def _fetch_tuples(s: Session, query: Any) -> list[tuple[Any, ...]]:
+    """`query`'s rows as plain tuples straight from the driver: for 10^5 rows SQLAlchemy's
+    Row objects cost more than the query (the SQL is rendered with its literals bound)."""
+    connection = s.connection()
+    sql = str(query.compile(dialect=connection.dialect, compile_kwargs={"literal_binds": True}))
+    cursor = connection.connection.dbapi_connection.cursor()
+    try:
+        cursor.execute(sql)
+        return cursor.fetchall()
+    finally:
+        cursor.close()
 
 
 def _one_line(exc: BaseException) -> str:
