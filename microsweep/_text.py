@@ -1,8 +1,8 @@
-"""Number formatting shared by the progress lines, `status` and `show`."""
+"""Number and time formatting shared by the progress lines, `status` and `show`."""
 
 from __future__ import annotations
 
-__all__ = ["digits_apart", "distinct"]
+__all__ = ["clock", "digits_apart", "distinct"]
 
 
 def digits_apart(value: float, ref: float, digits: int = 4) -> int:
@@ -21,3 +21,10 @@ def distinct(value: float, ref: float, digits: int = 4) -> tuple[str, str]:
     n = digits_apart(value, ref, digits)
     form = f"#.{n}g" if n > digits else f".{n}g"  # extra digits kept, trailing zeros too
     return format(value, form), format(ref, form)
+
+
+def clock(seconds: float) -> str:
+    """Seconds as m:ss, or h:mm:ss from an hour on (never negative)."""
+    s = max(0, round(seconds))
+    h, rest = divmod(s, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"

@@ -48,12 +48,12 @@ def _wait_for(check, what: str, timeout: float = 600.0) -> None:
 # -- figures ---------------------------------------------------------------------------------
 def test_progress_clock_starts_at_the_first_trial(monkeypatch):
     """The start-up is said once on its own line; elapsed and ETA count trial time only."""
-    import microsweep.search._driver as driver
+    import microsweep.search._progress as driver
 
     now = [1000.0]
     monkeypatch.setattr(driver.time, "perf_counter", lambda: now[0])
     out = io.StringIO()
-    bar = driver._Progress(10, stream=out)
+    bar = driver.Progress(10, stream=out)
     now[0] += 363.0  # sensitivity pass and planning
     bar.start(363.0)
     bar.start(999.0)  # only the first call counts
@@ -71,7 +71,7 @@ def test_progress_clock_starts_at_the_first_trial(monkeypatch):
 
 def test_clock_and_digits_are_never_misleading():
     from microsweep._text import digits_apart, distinct
-    from microsweep.search._driver import _clock
+    from microsweep._text import clock as _clock
 
     assert _clock(-3.0) == "0:00"
     ppl, ceiling = distinct(5.463199, 5.463181)

@@ -446,7 +446,8 @@ def test_interrupted_sweep_leaves_no_trial_unrecorded(tmp_path, sqlite_url, tiny
 def test_progress_lines_show_elapsed_and_an_estimate_from_this_runs_pace():
     import io
 
-    from microsweep.search._driver import _clock, _Progress
+    from microsweep._text import clock as _clock
+    from microsweep.search._progress import Progress as _Progress
 
     assert (_clock(5), _clock(75), _clock(3725)) == ("0:05", "1:15", "1:02:05")
     out = io.StringIO()

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from microsweep._text import clock as _clock
 from microsweep.data._corpus import Corpus, cache_dir
 from microsweep.errors import UsageError
 from microsweep.models.gpt import GPT, GPTConfig
@@ -225,13 +226,6 @@ class _ThreadGuard:
         self.adapt = False
         self.set_threads(1)
         return f"steps on {self.threads} threads ran {why} (other work on the cores)"
-
-
-def _clock(seconds: float) -> str:
-    """Seconds as m:ss, or h:mm:ss from an hour on."""
-    s = max(0, round(seconds))
-    h, rem = divmod(s, 3600)
-    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"
 
 
 class _Progress:

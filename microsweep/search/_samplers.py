@@ -26,6 +26,7 @@ import numpy as np
 import optuna
 from optuna.samplers import BaseSampler
 
+from microsweep._optuna import cached_trials, study_storage, trial_id
 from microsweep.errors import UsageError
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from microsweep.allocate import Plan, Planner
     from microsweep.spaces import Space
 
-__all__ = ["PLANNED", "SAMPLERS", "make_sampler"]
+__all__ = ["PLANNED", "SAMPLERS", "PlannedSampler", "make_sampler"]
 
 SAMPLERS = ("auto", "allocate", "tpe", "nsga2", "gp", "cmaes", "random", "uniform")
 """Sampler names `run` accepts; ``auto`` is the default."""
@@ -77,14 +78,15 @@ class _ConstrainedCmaEs(optuna.samplers.CmaEsSampler):
     independently) that sees the perplexity constraint: a trial over the ceiling, or stopped
     early, ranks behind every feasible one, by how far over it is."""
 
-    def _get_trials(self, study: optuna.Study) -> list[FrozenTrial]:
+    def _get_trials(self, study: optuna.Study) -> list[FrozenTrial]:  # see CMAES_TRIALS_HOOK
+        """The finished trials CMA-ES learns from, the infeasible ones penalized."""
         import copy
 
         from optuna.trial import TrialState
 
         done = [
             t
-            for t in study._get_trials(deepcopy=False, use_cache=True)
+            for t in cached_trials(study)
             if t.state == TrialState.COMPLETE
             or (t.state == TrialState.PRUNED and "score" in t.user_attrs)
         ]
@@ -125,12 +127,21 @@ class _Record:
     point: dict[str, Any] | None
 
 
-class _PlanSampler(BaseSampler):
-    """Base of the planned samplers: proposes a whole policy in `before_trial` and answers each
-    `suggest` from it; anything it does not plan (hyperparameters, a trial before `attach`)
-    goes to an independent random sampler."""
+class PlannedSampler(BaseSampler):
+    """The contract of a sampler that plans whole policies (`uniform`, `allocate`, `auto`; a
+    new planned sampler subclasses this and implements `_propose`).
 
-    needs_sensitivity = False
+    The driver calls, in this order: `attach` once the pool has started (with the `Planner`,
+    whose option costs are exact, and the NLL budget the ceiling allows; the sensitivity
+    table is set on the planner first when `needs_sensitivity`), then `warm_starts` on a new
+    study (each enqueued once, after the user's own), then Optuna's hooks for every trial, and
+    `origin` when it records a finished trial. `before_trial` asks `_propose` for the whole
+    policy and answers each per-layer `suggest` from it, so a trial's parameters stay the full
+    per-layer policy; what it does not plan (plain hyperparameters, a trial before `attach`,
+    a proposal of None) goes to an independent random sampler."""
+
+    needs_sensitivity: bool = False
+    """Whether the planner must hold measured single-layer losses before `attach`."""
     name = "planned"
 
     def __init__(self, space: Space, *, seed: int | None) -> None:
@@ -154,6 +165,7 @@ class _PlanSampler(BaseSampler):
         return []
 
     def origin(self, number: int) -> str | None:
+        """Who proposed trial `number` ("uniform", "local", "refit", ...; None if unknown)."""
         return self.origins.get(number)
 
     # -- Optuna's sampler interface -------------------------------------------------------------
@@ -177,10 +189,10 @@ class _PlanSampler(BaseSampler):
         params, origin, point = proposal
         self._planned[trial.number] = params
         self.origins[trial.number] = origin
-        storage = study._storage
-        storage.set_trial_user_attr(trial._trial_id, ORIGIN_ATTR, origin)
+        storage = study_storage(study)
+        storage.set_trial_user_attr(trial_id(trial), ORIGIN_ATTR, origin)
         if point:
-            storage.set_trial_user_attr(trial._trial_id, POINT_ATTR, point)
+            storage.set_trial_user_attr(trial_id(trial), POINT_ATTR, point)
 
     def sample_independent(
         self,
@@ -211,6 +223,8 @@ class _PlanSampler(BaseSampler):
     def _propose(
         self, study: optuna.Study, trial: FrozenTrial
     ) -> tuple[dict[str, Any], str, dict[str, Any] | None] | None:
+        """The whole policy for `trial` as Optuna parameters, with its origin and the
+        low-dimensional point it came from (or None), or None to leave the trial random."""
         raise NotImplementedError
 
     def _records(self, study: optuna.Study) -> tuple[list[_Record], set[tuple[int, ...]]]:
@@ -355,7 +369,7 @@ class _PlanSampler(BaseSampler):
         return None, temperature
 
 
-class UniformSampler(_PlanSampler):
+class UniformSampler(PlannedSampler):
     """One setting for every layer, found by bisection over the exact score order: each trial
     takes the middle of the settings still open. One over the ceiling closes every setting that
     compresses at least as much in every knob; a feasible one (single objective) closes every
@@ -391,7 +405,7 @@ class UniformSampler(_PlanSampler):
         return planner.params(open_[len(open_) // 2].choice), "uniform", None
 
 
-class AllocateSampler(_PlanSampler):
+class AllocateSampler(PlannedSampler):
     """Allocation alone: the knapsack at the perplexity budget with a predictor refit on every
     measured trial, in turn with moves near the best feasible trial; budgets vary around the
     ceiling and repeats raise the temperature."""
@@ -428,7 +442,7 @@ class AllocateSampler(_PlanSampler):
         return self._require_planner().params(plan.choice), "allocation", point
 
 
-class AutoSampler(_PlanSampler):
+class AutoSampler(PlannedSampler):
     """Warm starts, then moves near the best feasible trial and refit allocations in turn, with
     one trial in six from TPE over a few global quantities mapped to policies by the planner."""
 
@@ -578,10 +592,7 @@ class AutoSampler(_PlanSampler):
             inner = self._inner_study().ask(self._distributions())
             self._suggest_hyper(inner)
             point = dict(inner.params)
-            weights = correction * _weights_of(point)[None, :]
-            plan, temperature, used = self._allocate_new(
-                seen, point["budget"] * self.budget, weights, point["temperature"], seed
-            )
+            plan, temperature, used = self._map_point(point, correction, seen, seed)
             origin = "tpe-allocation"
             budget = used / self.budget
             if temperature != point["temperature"] or budget != point["budget"]:
@@ -605,18 +616,26 @@ class AutoSampler(_PlanSampler):
         correction: np.ndarray | None = None,
         seed: int = 0,
     ) -> Plan | None:
-        """The policy a point of the low-dimensional space maps to: the allocation at
-        ``budget`` x the NLL budget, with the per-knob weights ``w_*`` on top of the
-        (per-unit) `correction`, each unit's loss jittered by ``temperature``."""
-        planner = self._require_planner()
+        """The policy a point of the low-dimensional space maps to, as the TPE proposals map
+        it (`_map_point`, with no plan seen before)."""
+        return self._map_point(point, correction, set(), seed)[0]
+
+    def _map_point(
+        self,
+        point: dict[str, float],
+        correction: np.ndarray | None,
+        seen: set[tuple[int, ...]],
+        seed: int,
+    ) -> tuple[Plan | None, float, float]:
+        """The allocation at ``budget`` x the NLL budget, with the per-knob weights ``w_*`` on
+        top of the per-unit `correction`, each unit's loss jittered by ``temperature``; a plan
+        in `seen` raises the temperature. Returns the plan, the temperature and the budget it
+        took (see `_allocate_new`)."""
         weights = _weights_of(point)
         if correction is not None:
             weights = correction * weights[None, :]
-        return planner.allocate(
-            point["budget"] * self.budget,
-            weights=weights,
-            temperature=point.get("temperature", 0.0),
-            rng=np.random.default_rng(seed),
+        return self._allocate_new(
+            seen, point["budget"] * self.budget, weights, point.get("temperature", 0.0), seed
         )
 
     def _suggest_hyper(self, inner: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from microsweep.allocate import Probe, SensitivityTable
     from microsweep.storage import Store
-    from microsweep.workers import WorkerPool
+    from microsweep.workers import TrialResult, WorkerPool
 
 __all__ = ["SensitivityRun", "measure_sensitivity", "run_sensitivity"]
 
@@ -40,9 +40,7 @@ def measure_sensitivity(
     """Measure the probes not stored yet under `key`, store them, and return the whole table
     with a summary (probes measured now, reused, seconds)."""
     from microsweep.allocate import SensitivityTable
-    from microsweep.spaces import Policy
 
-    started = time.perf_counter()
     common = {
         "eval_key": key,
         "model_fingerprint": model_fingerprint,
@@ -52,84 +50,103 @@ def measure_sensitivity(
     stored = store.sensitivity(key)
     if DENSE not in stored:
         nll = math.log(dense_perplexity)
-        store.record_sensitivity(
-            [
-                {
-                    **common,
-                    "layer": "",
-                    "knob": "dense",
-                    "level": "",
-                    "value": 0.0,
-                    "nll": nll,
-                    "perplexity": dense_perplexity,
-                }
-            ]
-        )
+        dense_row = {"layer": "", "knob": "dense", "level": "", "value": 0.0, "nll": nll}
+        store.record_sensitivity([{**common, **dense_row, "perplexity": dense_perplexity}])
         stored[DENSE] = nll
     missing = [p for p in probes if (p.layer, p.knob, p.key) not in stored]
-    by_number = {-2 - i: p for i, p in enumerate(missing)}
-    queue = list(by_number)
-    pending: list[dict[str, Any]] = []
-    done = failures = 0
-    out = sys.stderr
-    last_shown = 0.0
-    while queue or pool.busy:
-        while queue and pool.free:
-            number = queue.pop(0)
-            probe = by_number[number]
-            policy = Policy(layers={probe.layer: probe.setting})
-            pool.submit(number, policy.to_json(), early_stop=False)
-        res = pool.wait()
-        probe = by_number[res["number"]]
-        ppl = res.get("perplexity") if res.get("status") == "ok" else None
-        ok = isinstance(ppl, float) and math.isfinite(ppl) and ppl > 0
-        nll = math.log(ppl) if ok else math.inf
-        stored[(probe.layer, probe.knob, probe.key)] = nll  # this sweep avoids the level
-        # a model that breaks (non-finite perplexity) is a measurement worth keeping; a worker
-        # that failed (died, raised) is not: a later pass measures the probe again
-        if not ok and not str(res.get("error", "")).startswith("perplexity is"):
-            done += 1
-            failures += 1
-            continue
-        pending.append(
-            {
-                **common,
-                "layer": probe.layer,
-                "knob": probe.knob,
-                "level": probe.key,
-                "value": probe.value,
-                "nll": nll,
-                "perplexity": ppl if ok else math.inf,
-                "params": res.get("params"),
-                "ops": res.get("ops"),
-                "seconds": float(res.get("timings", {}).get("total", 0.0)),
-            }
-        )
-        done += 1
-        if len(pending) >= 16 or not (queue or pool.busy):
-            store.record_sensitivity(pending)
-            pending = []
-        now = time.perf_counter()
-        if progress and (now - last_shown > 2.0 or done == len(missing)):
-            last_shown = now
-            out.write(
-                f"sensitivity: {done}/{len(missing)} probes measured "
-                f"({len(probes) - len(missing)} reused), {now - started:.0f}s\n"
-            )
-            out.flush()
-    store.record_sensitivity(pending)
+    probing = _Probing(store, pool, missing, common, stored, progress)
+    probing.run(reused=len(probes) - len(missing))
     table = SensitivityTable(
         dense_nll=stored[DENSE],
         entries={k: v for k, v in stored.items() if k != DENSE},
     )
     summary = {
         "probes": len(probes),
-        "measured": len(missing) - failures,
-        "failed": failures,
+        "measured": len(missing) - probing.failures,
+        "failed": probing.failures,
         "reused": len(probes) - len(missing),
-        "seconds": time.perf_counter() - started,
+        "seconds": time.perf_counter() - probing.started,
     }
     return table, summary
+
+
+class _Probing:
+    """Runs the missing probes on the pool, each layer alone at one level, and stores their
+    rows in batches; `stored` gains every outcome (a failure as inf, so the sweep avoids it)."""
+
+    def __init__(
+        self,
+        store: Store,
+        pool: WorkerPool,
+        missing: list[Probe],
+        common: dict[str, Any],
+        stored: dict[tuple[str, str, str], float],
+        progress: bool,
+    ) -> None:
+        self.store, self.pool, self.common, self.stored = store, pool, common, stored
+        self.by_number = {-2 - i: p for i, p in enumerate(missing)}
+        self.progress = progress
+        self.done = self.failures = 0
+        self.pending: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+        self.last_shown = 0.0
+
+    def run(self, *, reused: int) -> None:
+        """Submit every probe as workers free, record each result as it comes."""
+        from microsweep.spaces import Policy
+
+        queue = list(self.by_number)
+        while queue or self.pool.busy:
+            while queue and self.pool.free:
+                number = queue.pop(0)
+                probe = self.by_number[number]
+                policy = Policy(layers={probe.layer: probe.setting})
+                self.pool.submit(number, policy.to_json(), early_stop=False)
+            self._record(self.pool.wait())
+            if len(self.pending) >= 16 or not (queue or self.pool.busy):
+                self.store.record_sensitivity(self.pending)
+                self.pending = []
+            self._show(reused)
+        self.store.record_sensitivity(self.pending)
+
+    def _record(self, res: TrialResult) -> None:
+        """One probe's outcome: a model that breaks (non-finite perplexity) is a measurement
+        worth keeping; a worker that failed (died, raised) is not: a later pass measures the
+        probe again."""
+        probe = self.by_number[res.number]
+        ppl = res.perplexity if res.ok else None
+        ok = isinstance(ppl, float) and math.isfinite(ppl) and ppl > 0
+        nll = math.log(ppl) if ok else math.inf
+        self.stored[(probe.layer, probe.knob, probe.key)] = nll  # this sweep avoids the level
+        self.done += 1
+        if not ok and not (res.error or "").startswith("perplexity is"):
+            self.failures += 1
+            return
+        self.pending.append(
+            {
+                **self.common,
+                "layer": probe.layer,
+                "knob": probe.knob,
+                "level": probe.key,
+                "value": probe.value,
+                "nll": nll,
+                "perplexity": ppl if ok else math.inf,
+                "params": res.params,
+                "ops": res.ops,
+                "seconds": float(res.timings.get("total", 0.0)),
+            }
+        )
+
+    def _show(self, reused: int) -> None:
+        """A progress line at most every 2 s, and at the end."""
+        now, total = time.perf_counter(), len(self.by_number)
+        if self.progress and (now - self.last_shown > 2.0 or self.done == total):
+            self.last_shown = now
+            sys.stderr.write(
+                f"sensitivity: {self.done}/{total} probes measured ({reused} reused), "
+                f"{now - self.started:.0f}s\n"
+            )
+            sys.stderr.flush()
 
 
 @dataclass
@@ -168,9 +185,10 @@ def run_sensitivity(
         prepare,
         sweep_eval_key,
     )
-    from microsweep.search._driver import _make_pool
+    from microsweep.search._workers import WorkerOptions, make_pool
     from microsweep.storage import Store
 
+    options = WorkerOptions(workers, address, in_process, cpus_per_worker, gpus_per_worker)
     check_counts(1, workers)
     if not name or len(name) > 200:
         raise UsageError("--name must be 1..200 characters")
@@ -183,15 +201,7 @@ def run_sensitivity(
         key = sweep_eval_key(sf, prepared, model_fp)
         units = sf.space.units()
         wanted = probes(units, {u.key: plan_levels(u) for u in units})
-        pool = _make_pool(
-            sf,
-            prepared,
-            workers=workers,
-            address=address,
-            in_process=in_process,
-            cpus_per_worker=cpus_per_worker,
-            gpus_per_worker=gpus_per_worker,
-        )
+        pool = make_pool(sf, prepared, options)
         try:
             _, summary = measure_sensitivity(
                 store,
@@ -206,7 +216,7 @@ def run_sensitivity(
             )
         finally:
             pool.close()
-        ceiling = sf.objective.ceiling(dense["perplexity"])
-        return SensitivityRun(key, name, summary, dense["perplexity"], ceiling)
+        bound = sf.objective.bound(dense["perplexity"])
+        return SensitivityRun(key, name, summary, bound.dense_perplexity, bound.value)
     finally:
         store.dispose()

@@ -1,0 +1,117 @@
+"""Before the first trial of a planned sampler: count every option exactly, measure what the
+sensitivity table lacks, give the sampler its planner and budget, and enqueue its warm starts."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from microsweep.errors import UsageError
+from microsweep.prepare import PLANNING_FACTOR_WITHOUT_CEILING
+from microsweep.search._progress import say
+from microsweep.search._samplers import PlannedSampler
+
+if TYPE_CHECKING:
+    import optuna
+
+    from microsweep.allocate import Planner
+    from microsweep.prepare import Ceiling, Prepared, SpaceFile
+    from microsweep.search._driver import SweepResult
+    from microsweep.storage import Store
+    from microsweep.workers import WorkerPool
+
+__all__ = ["plan_sampler"]
+
+
+def plan_sampler(
+    store: Store,
+    sweep: Any,
+    sf: SpaceFile,
+    prepared: Prepared,
+    study: optuna.Study,
+    pool: WorkerPool,
+    result: SweepResult,
+    *,
+    ceiling: Ceiling,
+    warm_slots: int | None,
+    progress: bool,
+) -> None:
+    """Give a planned sampler its planner (and sensitivity table) and, on a new study
+    (`warm_slots` not None), enqueue up to `warm_slots` of its warm starts; note what the
+    planner drops. Other samplers need nothing."""
+    sampler = study.sampler
+    if not isinstance(sampler, PlannedSampler):
+        return
+    planner = _planner(sweep, sf, prepared, progress)
+    budget = ceiling.nll_budget()
+    if ceiling.value is None:
+        say(
+            progress,
+            f"note: no perplexity ceiling; the {sweep.sampler} sampler plans for at most "
+            f"{PLANNING_FACTOR_WITHOUT_CEILING:g}x the dense perplexity",
+        )
+    elif budget <= 0 and sampler.needs_sensitivity:
+        raise UsageError(
+            f"the perplexity ceiling {ceiling.value:.6g} is not above the dense model's "
+            f"{ceiling.dense_perplexity:.6g}: no compression can meet it, so there is nothing to "
+            "allocate; raise perplexity_ceiling or use --sampler uniform or tpe"
+        )
+    if sampler.needs_sensitivity:
+        _measure(store, sweep, pool, planner, result, progress)
+    sampler.attach(planner, budget=budget, dense_nll=ceiling.dense_nll)
+    if warm_slots is not None:  # after the user's own warm starts, within the sweep's trials
+        for params, attrs in sampler.warm_starts()[: max(0, warm_slots)]:
+            study.enqueue_trial(params, user_attrs=attrs)
+    for note in result.notes:
+        say(progress, f"note: {note}")
+
+
+def _planner(sweep: Any, sf: SpaceFile, prepared: Prepared, progress: bool) -> Planner:
+    """Every level combination of every unit, compressed and counted alone, in both counting
+    modes, against the sweep's own baseline."""
+    from microsweep.allocate import Planner
+    from microsweep.score import Baseline, CountConfig
+
+    started = time.perf_counter()
+    planner = Planner(
+        sf.space,
+        sf.model,
+        context=prepared.settings.context,
+        config=CountConfig(**prepared.settings.count),
+        baseline=Baseline(sweep.baseline_params, sweep.baseline_ops, sweep.baseline_name),
+        calib=prepared.calib,
+    )
+    n_options = sum(len(o) for o in planner.options)
+    say(
+        progress,
+        f"planning: {n_options:,} options over {len(planner.units)} units counted exactly "
+        f"in {time.perf_counter() - started:.1f}s",
+    )
+    return planner
+
+
+def _measure(
+    store: Store,
+    sweep: Any,
+    pool: WorkerPool,
+    planner: Planner,
+    result: SweepResult,
+    progress: bool,
+) -> None:
+    """The sensitivity pass on the sweep's pool (only probes not stored under its key)."""
+    from microsweep.search._sensitivity import measure_sensitivity
+
+    table, summary = measure_sensitivity(
+        store,
+        pool,
+        planner.probes(),
+        key=sweep.eval_key or "",
+        label=sweep.name,
+        model_fingerprint=sweep.model_fingerprint,
+        data_fingerprint=sweep.data_fingerprint,
+        dense_perplexity=sweep.dense_perplexity,
+        progress=progress,
+    )
+    planner.set_sensitivity(table)
+    result.sensitivity = summary
+    result.notes.extend(planner.notes())

@@ -1,0 +1,113 @@
+"""Starting the workers of a sweep or a sensitivity pass: one pool factory shared by `run`,
+`resume` and `sensitivity`, with the checks that need no Ray done before anything loads."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from microsweep.errors import UsageError
+from microsweep.search._progress import say
+
+if TYPE_CHECKING:
+    from microsweep.prepare import Prepared, SpaceFile
+    from microsweep.workers import WorkerPool
+
+__all__ = ["WorkerOptions", "check_timeout", "make_pool", "start_pool"]
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """Where and how a sweep's trials run, as `run`, `resume` and `sensitivity` take it."""
+
+    workers: int = 1
+    address: str | None = None
+    in_process: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+    def check(self, trials: int) -> None:
+        """Refuse counts and resources no pool could place, before the space loads or the
+        dense model runs."""
+        from microsweep.prepare import check_counts
+        from microsweep.workers import check_resources
+
+        check_counts(trials, self.workers)
+        check_resources(
+            self.workers,
+            address=self.address,
+            in_process=self.in_process,
+            cpus_per_worker=self.cpus_per_worker,
+            gpus_per_worker=self.gpus_per_worker,
+        )
+
+
+def check_timeout(timeout: float | None) -> None:
+    """A time budget is a number of seconds above 0 (or None)."""
+    if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
+        raise UsageError(f"--timeout {timeout!r} must be a number of seconds above 0")
+
+
+def make_pool(sf: SpaceFile, prepared: Prepared, options: WorkerOptions) -> WorkerPool:
+    """The workers of a sweep (or a sensitivity pass): the space's model and evaluation."""
+    from microsweep.prepare import INLINE_PATH
+    from microsweep.score import rules_defined_in
+    from microsweep.workers import make_pool as pool_of
+
+    if not options.in_process and options.address is None:
+        # token auth, Ray's own default for a local start, chosen here so Ray need not warn
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # Ray runs workers at nice 15: beside any busy process they get a sliver of a core
+        # (the demo's sensitivity probes ran 40x slower beside two), while here they are the work
+        os.environ.setdefault("RAY_worker_niceness", "0")
+    handler = signal.getsignal(signal.SIGTERM)
+    pool = pool_of(
+        options.workers,
+        model=sf.model,
+        windows=prepared.windows,
+        settings=prepared.settings,
+        calib=prepared.calib,
+        train_tokens=prepared.train_tokens,
+        evaluate=sf.evaluate,
+        address=options.address,
+        in_process=options.in_process,
+        register_by_value=(sf.module,),
+        # the file's own counting rules (a script's or notebook's, for objects), on every worker
+        rules=rules_defined_in("__main__" if sf.path == INLINE_PATH else sf.module.__name__),
+        cpus_per_worker=options.cpus_per_worker,
+        gpus_per_worker=options.gpus_per_worker,
+    )
+    _keep_handler(signal.SIGTERM, handler)
+    return pool
+
+
+def start_pool(
+    sf: SpaceFile, prepared: Prepared, options: WorkerOptions, *, progress: bool
+) -> WorkerPool:
+    """`make_pool`, saying what starts where and how long the workers took."""
+    if options.in_process:
+        say(progress, "starting 1 in-process worker")
+    else:
+        address = options.address
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        say(
+            progress,
+            f"starting {options.workers} Ray worker(s) on {where} (each loads the model; a "
+            "local start takes 10-30 s)",
+        )
+    t0 = time.perf_counter()
+    pool = make_pool(sf, prepared, options)
+    if not options.in_process:
+        say(progress, f"workers ready after {time.perf_counter() - t0:.1f}s")
+    return pool
+
+
+def _keep_handler(signum: int, handler: Any) -> None:
+    """Put back a Python signal handler that starting Ray replaced with its own (Ray's prints a
+    native stack dump on SIGTERM; the command line turns SIGTERM into a clean stop)."""
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signum, handler)
