@@ -123,10 +123,10 @@ def test_chunked_evaluation_equals_the_full_one_and_reports_projections(tiny_gpt
     runner = _runner(tiny_gpt, setup, 10.0)  # a ceiling nothing here reaches
     policy = Policy(layers={"blocks.0.mlp.c_fc": LayerPolicy(sparsity=0.5, bits=6)})
     res = runner.run(0, policy.to_json())
-    assert res["status"] == "ok"
+    assert res.status == "ok"
     full = perplexity(compress(tiny_gpt, policy, calib=calib), windows)
-    assert res["perplexity"] == pytest.approx(full, rel=1e-12)
-    inter = res["intermediate"]
+    assert res.perplexity == pytest.approx(full, rel=1e-12)
+    inter = res.intermediate
     assert len(inter) == 8 and inter[-1] == pytest.approx(full, rel=1e-12)
 
 
@@ -137,12 +137,12 @@ def test_hopeless_trial_stops_early_with_its_estimate(tiny_gpt, setup):
         layers={f"blocks.{b}.mlp.c_fc": LayerPolicy(sparsity=0.9, bits=3) for b in range(2)}
     )
     res = runner.run(1, policy.to_json())
-    assert res["status"] == "pruned"
-    assert res["windows_seen"] < res["windows"] == len(windows)
+    assert res.status == "pruned"
+    assert res.windows_seen < res.windows == len(windows)
     full = perplexity(compress(tiny_gpt, policy, calib=calib), windows)
     # the estimate is close to the real perplexity, and well over the ceiling
-    assert res["perplexity_estimate"] == pytest.approx(full, rel=0.05)
-    assert res["optimistic_perplexity"] <= res["perplexity_estimate"]
-    assert res["params"] > 0 and res["layers"]
+    assert res.perplexity_estimate == pytest.approx(full, rel=0.05)
+    assert res.optimistic_perplexity <= res.perplexity_estimate
+    assert res.params > 0 and res.layers
     # early_stop=False reads everything, as the sensitivity pass does
-    assert runner.run(1, policy.to_json(), early_stop=False)["status"] == "ok"
+    assert runner.run(1, policy.to_json(), early_stop=False).status == "ok"

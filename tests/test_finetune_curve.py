@@ -21,7 +21,7 @@ from microsweep.score import (
     window_nll,
 )
 from microsweep.workers import EvalSettings, TrialRunner
-from microsweep.workers._runner import FT_EVAL_WINDOWS
+from microsweep.score._early_stop import FT_EVAL_WINDOWS
 from tests._tiny import TinyLM, one_thread, pretrained
 
 WINDOW = 32
@@ -69,20 +69,20 @@ def test_the_curve_has_its_steps_and_falls(lm, windows, corpus):
     assert FT_EVAL_WINDOWS == 32
     runner = _runner(lm, windows, corpus)
     res = runner.run(0, _trial(finetune_eval_every=5))
-    assert res["status"] == "ok", res.get("error")
-    curve = res["finetune_curve"]
+    assert res.status == "ok", res.error
+    curve = res.finetune_curve
     assert [step for step, _ in curve] == list(range(0, 41, 5))
     values = [ppl for _, ppl in curve]
     assert all(b < a for a, b in zip(values, values[1:], strict=False))
     assert values[-1] < 0.7 * values[0]
-    assert "finetune_stopped_at" not in res
+    assert res.finetune_stopped_at is None
     # the last step is always a point, even off the k grid
     odd = runner.run(0, _trial(finetune_eval_every=15))
-    assert [step for step, _ in odd["finetune_curve"]] == [0, 15, 30, 40]
+    assert [step for step, _ in odd.finetune_curve] == [0, 15, 30, 40]
     # measuring changes nothing in the training: the same model, value for value
     plain = runner.run(0, _trial())
-    assert "finetune_curve" not in plain
-    assert plain["perplexity"] == res["perplexity"] == odd["perplexity"]
+    assert plain.finetune_curve is None
+    assert plain.perplexity == res.perplexity == odd.perplexity
 
 
 def test_without_a_curve_the_training_is_the_old_loop(lm, windows, corpus):
@@ -109,7 +109,7 @@ def test_without_a_curve_the_training_is_the_old_loop(lm, windows, corpus):
             project_(model)
     model.eval()
     round_to_storage(model, count(model, context=mean_context(WINDOW), config=CountConfig()))
-    assert res["perplexity"] == perplexity(model, windows)
+    assert res.perplexity == perplexity(model, windows)
 
 
 def test_a_hopeless_finetune_is_cut_short(lm, windows, corpus, dense_nll):
@@ -120,29 +120,29 @@ def test_a_hopeless_finetune_is_cut_short(lm, windows, corpus, dense_nll):
     tight = _runner(lm, windows, corpus, dense_nll, ceiling_factor=1.5)
     ceiling = tight.settings.stop.ceiling
     res = tight.run(0, _trial(finetune_eval_every=5))
-    assert res["status"] == "pruned", res.get("error")
-    assert res["finetune_stopped_at"] == 20 < 40
-    assert [step for step, _ in res["finetune_curve"]] == [0, 5, 10, 15, 20]
-    assert res["optimistic_perplexity"] > ceiling and res["perplexity_estimate"] > ceiling
-    assert (res["windows_seen"], res["windows"]) == (32, 64)
-    assert "evaluate" not in res["timings"] and res["params"] > 0  # counted, not evaluated
+    assert res.status == "pruned", res.error
+    assert res.finetune_stopped_at == 20 < 40
+    assert [step for step, _ in res.finetune_curve] == [0, 5, 10, 15, 20]
+    assert res.optimistic_perplexity > ceiling and res.perplexity_estimate > ceiling
+    assert (res.windows_seen, res.windows) == (32, 64)
+    assert "evaluate" not in res.timings and res.params > 0  # counted, not evaluated
 
     full = tight.run(0, _trial(finetune_eval_every=5), early_stop=False)
-    assert full["status"] == "ok" and "finetune_stopped_at" not in full
-    assert full["finetune_curve"][:5] == res["finetune_curve"]
-    assert full["perplexity"] > ceiling
+    assert full.status == "ok" and full.finetune_stopped_at is None
+    assert full.finetune_curve[:5] == res.finetune_curve
+    assert full.perplexity > ceiling
 
     lenient = _runner(lm, windows, corpus, dense_nll, ceiling_factor=3.0)
     kept = lenient.run(0, _trial(finetune_eval_every=5))
-    assert kept["status"] == "ok" and "finetune_stopped_at" not in kept
-    assert kept["perplexity"] == full["perplexity"] < lenient.settings.stop.ceiling
+    assert kept.status == "ok" and kept.finetune_stopped_at is None
+    assert kept.perplexity == full.perplexity < lenient.settings.stop.ceiling
 
 
 def test_a_diverging_finetune_stops_at_the_first_point(lm, windows, corpus, dense_nll):
     runner = _runner(lm, windows, corpus, dense_nll, ceiling_factor=3.0)
     res = runner.run(0, _trial(finetune_eval_every=5, finetune_lr=1e3))
-    assert res["status"] == "error" and "fine-tuning diverged" in res["error"]
-    assert res["finetune_stopped_at"] == 5
+    assert res.status == "error" and "fine-tuning diverged" in res.error
+    assert res.finetune_stopped_at == 5
 
 
 @pytest.mark.parametrize(
@@ -154,4 +154,4 @@ def test_a_diverging_finetune_stops_at_the_first_point(lm, windows, corpus, dens
 )
 def test_bad_eval_every_fails_the_trial(lm, windows, corpus, every, message):
     res = _runner(lm, windows, corpus).run(0, _trial(finetune_eval_every=every))
-    assert res["status"] == "error" and message in res["error"]
+    assert res.status == "error" and message in res.error

@@ -178,8 +178,8 @@ def test_runner_trains_then_prunes_blocks_on_the_trained_weights(lm, corpus, win
     }
     hyper = {"group_lasso_steps": 40, "group_lasso_penalty": 3e-3, "group_lasso_lr": 3e-3}
     res = runner.run(0, Policy(layers=layers, hyper=hyper).to_json())
-    assert res["status"] == "ok", res.get("error")
-    assert res["timings"]["group_lasso"] > 0 and "compress" in res["timings"]
+    assert res.status == "ok", res.error
+    assert res.timings["group_lasso"] > 0 and "compress" in res.timings
     model = seen[-1]
     trained = runner.group_lasso(Policy(layers=layers, hyper=hyper))
     assert trained is not None
@@ -195,14 +195,14 @@ def test_runner_trains_then_prunes_blocks_on_the_trained_weights(lm, corpus, win
     for k, v in base.state_dict().items():
         assert torch.equal(v, before[k]), k
     again = runner.run(0, Policy(layers=layers, hyper=hyper).to_json())
-    assert again["perplexity"] == res["perplexity"]  # repeatable, not served from a cache
+    assert again.perplexity == res.perplexity  # repeatable, not served from a cache
 
     plain = runner.run(0, Policy(layers=layers).to_json())
-    assert "group_lasso" not in plain["timings"] and plain["perplexity"] != res["perplexity"]
+    assert "group_lasso" not in plain.timings and plain.perplexity != res.perplexity
     # no layer pruned in blocks: nothing to penalise, the stage is skipped
     unstructured = Policy(layers={"up": LayerPolicy(sparsity=0.5)}, hyper=hyper).to_json()
     skipped = runner.run(0, unstructured)
-    assert skipped["status"] == "ok" and "group_lasso" not in skipped["timings"]
+    assert skipped.status == "ok" and "group_lasso" not in skipped.timings
 
 
 @pytest.mark.parametrize(
@@ -220,16 +220,16 @@ def test_bad_group_lasso_hyperparameters_fail_the_trial(lm, windows, hyper, mess
                          train_tokens=torch.zeros(100, dtype=torch.long))  # fmt: skip
     layers = {"up": LayerPolicy(sparsity=0.5, block=(4, 4))}
     res = runner.run(0, Policy(layers=layers, hyper={"group_lasso_steps": 5, **hyper}).to_json())
-    assert res["status"] == "error" and message in res["error"]
-    assert "\n" not in res["error"]
+    assert res.status == "error" and message in res.error
+    assert "\n" not in res.error
 
 
 def test_group_lasso_needs_training_tokens(lm, windows):
     runner = TrialRunner(lm, windows, EvalSettings(context=mean_context(32)), threads=1)
     layers = {"up": LayerPolicy(sparsity=0.5, block=(4, 4))}
     res = runner.run(0, Policy(layers=layers, hyper={"group_lasso_steps": 5}).to_json())
-    assert res["status"] == "error" and "no training tokens" in res["error"]
-    assert math.isfinite(runner.run(0, Policy(layers=layers).to_json())["perplexity"])
+    assert res.status == "error" and "no training tokens" in res.error
+    assert math.isfinite(runner.run(0, Policy(layers=layers).to_json()).perplexity)
 
 
 def test_group_lasso_takes_embedding_tables_and_lstm_gate_matrices():

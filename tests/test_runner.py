@@ -35,15 +35,15 @@ def test_dense_policy_is_the_base_model_at_its_16_bit_storage(runner, tiny_gpt):
     from microsweep.score import perplexity
 
     res = runner.run(0, Policy().to_json())
-    assert res["status"] == "ok"
-    assert res["freebie"] is True
+    assert res.status == "ok"
+    assert res.freebie is True
     rounded = copy.deepcopy(tiny_gpt)
     with torch.no_grad():
         for p in rounded.parameters():
             p.copy_(p.half().float())
-    assert res["perplexity"] == pytest.approx(perplexity(rounded, runner.windows), rel=1e-9)
+    assert res.perplexity == pytest.approx(perplexity(rounded, runner.windows), rel=1e-9)
     fp32 = perplexity(tiny_gpt, runner.windows)
-    assert res["perplexity"] != fp32 and res["perplexity"] == pytest.approx(fp32, rel=1e-3)
+    assert res.perplexity != fp32 and res.perplexity == pytest.approx(fp32, rel=1e-3)
 
 
 def test_compression_changes_the_model_and_the_counts(runner):
@@ -51,13 +51,13 @@ def test_compression_changes_the_model_and_the_counts(runner):
     small = runner.run(
         1, _policy(blocks__0__mlp__c_fc=LayerPolicy(sparsity=0.9, bits=4, act_bits=8))
     )
-    assert small["status"] == "ok"
-    assert small["perplexity"] != dense["perplexity"]
-    row = next(r for r in small["layers"] if r["name"] == "blocks.0.mlp.c_fc")
+    assert small.status == "ok", small.error
+    assert small.perplexity != dense.perplexity
+    row = next(r for r in small.layers if r["name"] == "blocks.0.mlp.c_fc")
     assert row["bits"] == 4 and row["act_bits"] == 8
-    dense_row = next(r for r in dense["layers"] if r["name"] == "blocks.0.mlp.c_fc")
+    dense_row = next(r for r in dense.layers if r["name"] == "blocks.0.mlp.c_fc")
     assert row["params"] < dense_row["params"] / 4  # 10% of values at 4 bits plus mask, scales
-    assert small["freebie"] is False  # quantized below 16 bits: no 16-bit allowance
+    assert small.freebie is False  # quantized below 16 bits: no 16-bit allowance
 
 
 def test_base_model_is_never_modified(runner, tiny_gpt):
@@ -97,9 +97,9 @@ def test_torch_state_does_not_leak_between_trials(tiny_gpt, runner):
             assert not torch.is_grad_enabled()  # the caller's grad mode is given back
     finally:
         torch.set_default_dtype(torch.float32)
-    assert second["status"] == "ok", second.get("error")
-    assert second["perplexity"] == first["perplexity"] != other["perplexity"]
-    assert second["params"] == first["params"] and second["ops"] == first["ops"]
+    assert second.status == "ok", second.error
+    assert second.perplexity == first.perplexity != other.perplexity
+    assert second.params == first.params and second.ops == first.ops
     assert torch.is_grad_enabled() and torch.get_num_threads() == 1
 
 
@@ -108,17 +108,17 @@ def test_finetune_hyperparameters_run_projected_steps(runner):
     tuned = dict(base, hyper={"finetune_steps": 3, "finetune_lr": 1e-3})
     a = runner.run(7, base)
     b = runner.run(7, tuned)
-    assert b["status"] == "ok" and "finetune" in b["timings"]
-    assert b["perplexity"] != a["perplexity"]
+    assert b.status == "ok" and "finetune" in b.timings
+    assert b.perplexity != a.perplexity
     # projection keeps the compressed structure: the count is unchanged by fine-tuning
-    assert b["params"] == pytest.approx(a["params"], rel=1e-3)
+    assert b.params == pytest.approx(a.params, rel=1e-3)
 
 
 def test_errors_come_back_as_results(runner):
     res = runner.run(9, _policy(no__such__layer=LayerPolicy(bits=8)))
-    assert res["status"] == "error" and "no.such.layer" in res["error"]
+    assert res.status == "error" and "no.such.layer" in res.error
     res = runner.run(10, {"type": "bogus"})
-    assert res["status"] == "error" and "not a microsweep policy" in res["error"]
+    assert res.status == "error" and "not a microsweep policy" in res.error
 
 
 def test_cached_variants_give_exactly_the_copied_models_results(runner, tiny_gpt):
@@ -153,9 +153,9 @@ def test_cached_variants_give_exactly_the_copied_models_results(runner, tiny_gpt
     ]
     for i, policy in enumerate(policies * 2):  # the second round hits the cache
         a, b = copying.run(i, policy), cached.run(i, policy)
-        assert a["status"] == b["status"] == "ok", (a.get("error"), b.get("error"))
-        assert b["perplexity"] == a["perplexity"], i
-        assert (b["params"], b["ops"], b["freebie"]) == (a["params"], a["ops"], a["freebie"])
+        assert a.status == b.status == "ok", (a.error, b.error)
+        assert b.perplexity == a.perplexity, i
+        assert (b.params, b.ops, b.freebie) == (a.params, a.ops, a.freebie)
     cache = cached._cache
     assert isinstance(cache, VariantCache) and cache.hits >= 5 and cache.misses >= 5
     for k, v in tiny_gpt.state_dict().items():  # nothing shared was written to
@@ -212,12 +212,12 @@ def test_distillation_recovers_a_pruned_model(runner):
     before = runner.run(0, pruned.to_json(), early_stop=False)
     hyper = {"finetune_steps": 40, "finetune_lr": 3e-3, "distill_alpha": 0.7}
     tuned = runner.run(1, Policy(layers=pruned.layers, hyper=hyper).to_json(), early_stop=False)
-    assert before["status"] == tuned["status"] == "ok", tuned.get("error")
-    assert tuned["perplexity"] < 0.97 * before["perplexity"]
-    assert (tuned["params"], tuned["ops"]) == (before["params"], before["ops"])
+    assert before.status == tuned.status == "ok", tuned.error
+    assert tuned.perplexity < 0.97 * before.perplexity
+    assert (tuned.params, tuned.ops) == (before.params, before.ops)
     bad = Policy(layers=pruned.layers, hyper={**hyper, "distill_alpha": 1.5}).to_json()
     res = runner.run(2, bad, early_stop=False)
-    assert res["status"] == "error" and "distill_alpha 1.5" in res["error"]
+    assert res.status == "error" and "distill_alpha 1.5" in res.error
 
 
 class _TinyLM(torch.nn.Module):
@@ -250,10 +250,10 @@ def test_an_evaluate_that_returns_no_perplexity_fails_the_trial():
             _TinyLM(), windows, EvalSettings(context=8.5), evaluate=lambda m, v=value: v, threads=1
         )
         res = runner.run(0, Policy().to_json())
-        assert res["status"] == "error" and needle in res["error"], (value, res.get("error"))
-        assert "\n" not in res["error"]
+        assert res.status == "error" and needle in res.error, (value, res.error)
+        assert "\n" not in res.error
     ok = TrialRunner(_TinyLM(), windows, EvalSettings(context=8.5), evaluate=lambda m: 3)
-    assert ok.run(0, Policy().to_json())["perplexity"] == 3.0
+    assert ok.run(0, Policy().to_json()).perplexity == 3.0
 
 
 def test_in_process_threads_follow_cpus_per_worker_and_are_given_back():
@@ -286,8 +286,8 @@ def test_in_process_threads_follow_cpus_per_worker_and_are_given_back():
             )
             pool.submit(0, Policy().to_json())
             res = pool.wait()
-            assert res is not None and res["status"] == "ok", res
-            assert seen[-1] == threads and res["worker"].endswith(f"threads {threads}"), cpus
+            assert res is not None and res.status == "ok", res
+            assert seen[-1] == threads and res.worker.endswith(f"threads {threads}"), cpus
             assert torch.get_num_threads() == cores  # given back after the trial
         for bad in (0, -1, float("nan")):
             with pytest.raises(UsageError, match="--cpus-per-worker"):

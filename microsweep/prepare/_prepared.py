@@ -14,13 +14,16 @@ import math
 import sys
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from microsweep.errors import StorageError, UsageError
 from microsweep.prepare._objective import MicroNet
 from microsweep.prepare._spacefile import INLINE_PATH, SpaceFile, load_space_source
+
+if TYPE_CHECKING:
+    from microsweep.workers import TrialResult
 
 __all__ = [
     "Prepared",
@@ -194,9 +197,9 @@ def recipe_of(model: torch.nn.Module) -> dict[str, Any] | None:
     return recipe() if callable(recipe) else None
 
 
-def measure_dense(sf: SpaceFile, prepared: Prepared) -> dict[str, Any]:
-    """Perplexity and counts of the unmodified model, measured exactly as trials are (with the
-    NLL of each window, for the early-stop rule). A perplexity that is not a positive finite
+def measure_dense(sf: SpaceFile, prepared: Prepared) -> TrialResult:
+    """The dense run's `TrialResult`: perplexity and counts of the unmodified model, measured
+    exactly as trials are (with the NLL of each window, for the early-stop rule). A perplexity that is not a positive finite
     number (a user `evaluate` returning -5.0, say) is refused here, before anything is stored."""
     from microsweep.spaces import Policy
     from microsweep.workers import TrialRunner
@@ -205,16 +208,16 @@ def measure_dense(sf: SpaceFile, prepared: Prepared) -> dict[str, Any]:
         sf.model, prepared.windows, prepared.settings, calib=prepared.calib, evaluate=sf.evaluate
     )
     res = runner.run(-1, Policy().to_json(), early_stop=False, window_nll=True)
-    if res["status"] != "ok":
-        raise UsageError(f"the dense model cannot be evaluated: {res['error']}")
-    ppl = res["perplexity"]
+    if res.status != "ok":
+        raise UsageError(f"the dense model cannot be evaluated: {res.error}")
+    ppl = res.perplexity
     if not (math.isfinite(ppl) and ppl > 0):  # the ceiling, scores and planner take its log
         source = "evaluate(model) returned" if sf.evaluate is not None else "measured"
         raise UsageError(
             f"the dense model's perplexity is {ppl} ({source}); a perplexity is a positive "
             "finite number"
         )
-    check_counted(sf, prepared, res["ops"])
+    check_counted(sf, prepared, res.ops)
     return res
 
 
@@ -264,7 +267,7 @@ def check_counted(sf: SpaceFile, prepared: Prepared, counted_ops: float) -> None
 
 
 def with_stop_rule(
-    sf: SpaceFile, prepared: Prepared, dense: dict[str, Any], ceiling: float | None
+    sf: SpaceFile, prepared: Prepared, dense: TrialResult, ceiling: float | None
 ) -> Prepared:
     """`prepared` whose settings read windows in chunks against `ceiling`, when the objective
     asks for early stopping and the built-in perplexity is used."""
@@ -272,7 +275,7 @@ def with_stop_rule(
 
     from microsweep.score import StopRule
 
-    nll = dense.get("window_nll")
+    nll = dense.window_nll
     if not sf.objective.early_stop or ceiling is None or sf.evaluate is not None or not nll:
         return prepared
     rule = StopRule(

@@ -11,6 +11,10 @@ E the total excess the ceiling allows, a trial stops after a chunk when
 that is, when even a z-standard-error optimistic guess for the unseen windows cannot bring it
 under the ceiling. z = 4 keeps false stops of trials that end feasible out of reach in practice;
 `tests/test_early_stop.py` replays the rule on recorded trials to check it.
+
+`FineTuneCurve` applies the same ceiling, through `StopRule.log_ceiling`, to recovery
+fine-tuning: it measures a fixed subset of the windows at chosen steps and cuts a fine-tune that
+cannot recover.
 """
 
 from __future__ import annotations
@@ -20,10 +24,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from microsweep.errors import UsageError
+from microsweep.score._perplexity import nll_to_perplexity, window_nll
 
-__all__ = ["MIN_WINDOWS", "ChunkVerdict", "StopRule"]
+__all__ = [
+    "FT_EVAL_WINDOWS",
+    "MIN_WINDOWS",
+    "ChunkVerdict",
+    "EarlyStop",
+    "FineTuneCurve",
+    "StopRule",
+]
 
 MIN_WINDOWS = 16
 """Windows read before any stop: the spread of the excess needs a sample to rest on."""
@@ -74,7 +87,14 @@ class StopRule:
 
     @property
     def n_windows(self) -> int:
+        """Evaluation windows the rule was measured on."""
         return len(self.dense_nll)
+
+    @property
+    def log_ceiling(self) -> float:
+        """log(ceiling): the mean NLL per token a trial must not exceed. The rule and the
+        fine-tuning curve both compare against it."""
+        return math.log(self.ceiling)
 
     def chunk_indices(self) -> list[list[int]]:
         """Window indices of each chunk: chunk c holds windows c, c + k, c + 2k, ..."""
@@ -84,7 +104,7 @@ class StopRule:
     def allowed_excess(self) -> float:
         """The total NLL above the dense model's that still meets the ceiling."""
         tokens = self.n_windows * self.tokens_per_window
-        return tokens * math.log(self.ceiling) - math.fsum(self.dense_nll)
+        return tokens * self.log_ceiling - math.fsum(self.dense_nll)
 
     def verdict(self, indices: Sequence[int], nll: Sequence[float] | torch.Tensor) -> ChunkVerdict:
         """Read the windows seen so far (`indices` with their summed `nll`) and decide."""
@@ -112,3 +132,88 @@ class StopRule:
         enough = seen >= max(self.min_fraction * n, MIN_WINDOWS)
         stop = enough and bound > self.allowed_excess()
         return ChunkVerdict(seen, projected, optimistic, stop)
+
+
+FT_EVAL_WINDOWS = 32
+"""Evaluation windows in the fine-tuning curve's subset (`finetune_eval_every`): every m-th
+window, m = n // 32 (all of them when there are fewer), so it samples the whole split. A point
+costs 32 window forwards without gradients, about one training step of 8 windows (forward and
+backward), so k = 10 adds roughly a tenth to fine-tuning time."""
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """Where a trial's reading ended early: the projected final perplexity, the optimistic
+    bound the decision rested on, the windows read of all, and the fine-tuning step when it was
+    the fine-tune that was cut (None when evaluation stopped)."""
+
+    projected: float
+    optimistic: float
+    windows_seen: int
+    windows: int
+    step: int | None = None
+
+
+class FineTuneCurve:
+    """The fine-tuning curve: perplexity on a fixed subset of the evaluation windows at chosen
+    steps, and the decision to cut a fine-tune that cannot recover.
+
+    The cut reuses the stop rule's ceiling and its optimistic bound. At a point after at least
+    half the steps and with two earlier points, take the rule's optimistic estimate of the
+    full-split perplexity from the subset (z standard errors of luck on the unseen windows),
+    and lower it further by the recent rate of improvement (the drop in log perplexity per step
+    since two points back) carried over every remaining step. If even that stays above the
+    ceiling, the fine-tune is cut. Fine-tuning gains shrink as it goes, so carrying the recent
+    rate forward overstates what is left to gain: the rule errs towards letting a trial finish.
+    A non-finite subset perplexity (the training diverged) cuts at once, at any step.
+    """
+
+    def __init__(
+        self,
+        windows: torch.Tensor,
+        batch_size: int,
+        rule: StopRule | None,
+        steps: int,
+        early_stop: bool,
+    ) -> None:
+        n = windows.shape[0]
+        size = min(n, FT_EVAL_WINDOWS)
+        every = n // size
+        self.indices = list(range(0, every * size, every))
+        self.windows = windows[self.indices]
+        self.tokens = size * (windows.shape[1] - 1)
+        self.batch_size = batch_size
+        self.rule = rule
+        self.steps = steps
+        self.may_cut = early_stop and rule is not None
+        self.points: list[list[float]] = []  # [step, subset perplexity]
+        self.projected: list[float] = []  # the rule's full-split estimate at each point
+        self.stopped: EarlyStop | None = None
+
+    def add(self, model: nn.Module, step: int) -> bool:
+        """Measure the model at `step`; True when fine-tuning should end here."""
+        nll = window_nll(model, self.windows, batch_size=self.batch_size)
+        ppl = nll_to_perplexity(float(nll.sum()), self.tokens)
+        self.points.append([step, ppl])
+        if self.rule is None:
+            return False
+        verdict = self.rule.verdict(self.indices, nll)
+        self.projected.append(verdict.projected)
+        if not self.may_cut or step >= self.steps:
+            return False
+        if not math.isfinite(ppl):  # diverged (NaN, or a mean NLL past float range): no way back
+            return self._cut(step, math.inf, math.inf)
+        if 2 * step < self.steps or len(self.points) < 3 or verdict.optimistic <= 0:
+            return False
+        back = self.points[-3][0]
+        rate = max(0.0, math.log(self.projected[-3] / verdict.projected) / (step - back))
+        best = math.log(verdict.optimistic) - rate * (self.steps - step)
+        if best <= self.rule.log_ceiling:
+            return False
+        return self._cut(step, verdict.projected, math.exp(best))
+
+    def _cut(self, step: int, projected: float, optimistic: float) -> bool:
+        """Record the cut at `step` and say so."""
+        windows = self.rule.n_windows if self.rule is not None else len(self.indices)
+        self.stopped = EarlyStop(projected, optimistic, len(self.indices), windows, step)
+        return True

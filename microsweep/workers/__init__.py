@@ -1,4 +1,5 @@
-"""Trial execution: a `TrialRunner` per worker, pooled as Ray actors or run in-process."""
+"""Trial execution: a `TrialRunner` per worker, pooled as Ray actors or run in-process; each
+trial comes back as a `TrialResult`."""
 
 from microsweep.workers._pool import (
     InProcessPool,
@@ -7,12 +8,14 @@ from microsweep.workers._pool import (
     check_resources,
     make_pool,
 )
+from microsweep.workers._result import TrialResult
 from microsweep.workers._runner import EvalSettings, TrialRunner
 
 __all__ = [
     "EvalSettings",
     "InProcessPool",
     "RayPool",
+    "TrialResult",
     "TrialRunner",
     "WorkerPool",
     "check_resources",

@@ -1,9 +1,10 @@
 """Worker pools: K long-lived Ray actors, or one in-process runner for debugging.
 
-Both take `submit(number, policy_json)` and hand back finished results from `wait()`. The Ray
-pool puts the model and the token tensors into the object store once; every actor receives them
-by reference at start and keeps them for all its trials. An actor that dies fails only the trial
-it was running; the pool starts a replacement.
+Both take `submit(number, policy_json)` and hand back each finished trial's `TrialResult` from
+`wait()`. The Ray pool puts the model and the token tensors into the object store once; every
+actor receives them by reference at start and keeps them for all its trials. An actor that dies
+fails only the trial it was running (a result with ``status="error"``); the pool starts a
+replacement.
 """
 
 from __future__ import annotations
@@ -19,40 +20,43 @@ import torch
 from torch import nn
 
 from microsweep.errors import UsageError
-from microsweep.workers._orphans import (
-    forget_ray_processes,
-    reap_ray_processes,
-    record_ray_processes,
-)
-from microsweep.workers._runner import EvalSettings, TrialRunner, worker_threads
+from microsweep.workers._orphans import forget_ray_processes, record_ray_processes
+from microsweep.workers._ray import check_capacity, first_line, join_ray, worker_threads
+from microsweep.workers._result import TrialResult
+from microsweep.workers._runner import EvalSettings, TrialRunner
 
 __all__ = ["InProcessPool", "RayPool", "WorkerPool", "check_resources", "make_pool"]
 
 
 class WorkerPool:
-    """Interface: `free` slots, `submit`, `wait` for one finished result, `close`."""
+    """Interface: `free` slots, `submit`, `wait` for one finished trial's `TrialResult`, `close`.
+
+    A trial that fails, or whose worker dies, is still a `TrialResult` (``status="error"`` with
+    its reason), never an exception from `wait`."""
 
     size: int
 
     @property
     def free(self) -> int:
+        """Workers ready for `submit` now."""
         raise NotImplementedError
 
     @property
     def busy(self) -> int:
+        """Workers running a trial."""
         return self.size - self.free
 
     def submit(self, number: int, policy_json: Mapping[str, Any], **options: Any) -> None:
         """Start one policy on a free worker; `options` go to `TrialRunner.run`."""
         raise NotImplementedError
 
-    def wait(self, timeout: float | None = None) -> dict[str, Any] | None:
-        """The next finished result; with `timeout`, None when none finishes in time (or
-        nothing is running)."""
+    def wait(self, timeout: float | None = None) -> TrialResult | None:
+        """The next finished trial's result; with `timeout`, None when none finishes in time
+        (or nothing is running)."""
         raise NotImplementedError
 
     def close(self) -> None:
-        pass
+        """Stop the workers (and a Ray this pool started)."""
 
 
 class InProcessPool(WorkerPool):
@@ -63,20 +67,23 @@ class InProcessPool(WorkerPool):
     def __init__(self, runner: TrialRunner) -> None:
         self.size = 1
         self.runner = runner
-        self._done: deque[dict[str, Any]] = deque()
+        self._done: deque[TrialResult] = deque()
 
     @property
     def free(self) -> int:
+        """1 until the finished trial's result is taken by `wait`."""
         return 0 if self._done else 1
 
     def submit(self, number: int, policy_json: Mapping[str, Any], **options: Any) -> None:
+        """Run the trial now, in this process; its result waits for `wait`."""
         threads = torch.get_num_threads()  # the runner sets its own for the trial
         try:
             self._done.append(self.runner.run(number, policy_json, **options))
         finally:
             torch.set_num_threads(threads)
 
-    def wait(self, timeout: float | None = None) -> dict[str, Any] | None:
+    def wait(self, timeout: float | None = None) -> TrialResult | None:
+        """The result of the trial run at `submit`."""
         if timeout is not None and not self._done:
             return None
         return self._done.popleft()
@@ -108,42 +115,10 @@ class RayPool(WorkerPool):
             workers, address=address, cpus_per_worker=cpus_per_worker,
             gpus_per_worker=gpus_per_worker,
         )  # fmt: skip
-        cpus_needed = workers * cpus_per_worker
-
         self._ray = ray
-        self._started_ray = False
         self._local = not address
-        if not ray.is_initialized():
-            if self._local:
-                for line in reap_ray_processes():  # a killed driver's leftovers
-                    sys.stderr.write(f"microsweep: note: {line}\n")
-            try:
-                if address:
-                    ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-                else:  # a local instance reachable from this machine only
-                    ray.init(
-                        num_cpus=max(math.ceil(cpus_needed), 1),
-                        include_dashboard=False,
-                        logging_level="WARNING",
-                        log_to_driver=False,
-                        _node_ip_address="127.0.0.1",
-                    )
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-                raise UsageError(f"cannot start or join {where}: {_first_line(exc)}") from None
-            self._started_ray = True
-        have = ray.cluster_resources()
-        for what, need, flag in (
-            ("CPU", cpus_needed, "cpus"),
-            ("GPU", workers * gpus_per_worker, "gpus"),
-        ):
-            if need > have.get(what, 0):
-                if self._started_ray:
-                    ray.shutdown()
-                raise UsageError(
-                    f"--workers {workers} x --{flag}-per-worker needs {need:g} {what}s; the Ray "
-                    f"cluster has {have.get(what, 0):g}: lower them or add nodes"
-                )
+        self._started_ray = join_ray(ray, address, workers * cpus_per_worker)
+        check_capacity(ray, workers, cpus_per_worker, gpus_per_worker, started=self._started_ray)
         for module in register_by_value:  # classes from the user's space file travel by value
             ray.cloudpickle.register_pickle_by_value(module)
         self._refs = {k: ray.put(v) for k, v in runner_args.items()}
@@ -168,7 +143,7 @@ class RayPool(WorkerPool):
                 ray.get(ref)
         except ray.exceptions.RayError as exc:
             self.close()
-            raise UsageError(f"a worker failed to start: {_first_line(exc)}") from None
+            raise UsageError(f"a worker failed to start: {first_line(exc)}") from None
         if pending:
             self.close()
             raise UsageError(
@@ -179,6 +154,7 @@ class RayPool(WorkerPool):
             record_ray_processes()
 
     def _new_actor(self) -> Any:
+        """A new actor holding the shared model and tensors by reference."""
         refs = self._refs
         return self._actor_cls.remote(
             refs["model"],
@@ -192,14 +168,18 @@ class RayPool(WorkerPool):
 
     @property
     def free(self) -> int:
+        """Idle actors."""
         return len(self._idle)
 
     def submit(self, number: int, policy_json: Mapping[str, Any], **options: Any) -> None:
+        """Start the trial on an idle actor."""
         actor = self._idle.pop()
         ref = actor.run.remote(number, dict(policy_json), **options)
         self._running[ref] = (actor, number)
 
-    def wait(self, timeout: float | None = None) -> dict[str, Any] | None:
+    def wait(self, timeout: float | None = None) -> TrialResult | None:
+        """The next finished trial's result; a call that raised, or an actor, node or worker
+        lost, is an error result for that trial (a lost actor is replaced)."""
         ray = self._ray
         if timeout is not None and not self._running:
             return None
@@ -212,20 +192,11 @@ class RayPool(WorkerPool):
             result = ray.get(ref)
             self._idle.append(actor)
         except ray.exceptions.RayTaskError as exc:  # the call raised; the actor lives on
-            result = {
-                "status": "error",
-                "number": number,
-                "timings": {},
-                "error": f"worker error: {_first_line(exc)}",
-            }
+            result = TrialResult(number, "error", error=f"worker error: {first_line(exc)}")
             self._idle.append(actor)
         except ray.exceptions.RayError as exc:  # actor, node or worker lost: replace the actor
-            result = {
-                "status": "error",
-                "number": number,
-                "timings": {},
-                "error": f"worker died ({type(exc).__name__}): {_first_line(exc)}",
-            }
+            why = f"worker died ({type(exc).__name__}): {first_line(exc)}"
+            result = TrialResult(number, "error", error=why)
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:
@@ -234,6 +205,7 @@ class RayPool(WorkerPool):
         return result
 
     def close(self) -> None:
+        """Kill every actor, and shut down a Ray this pool started."""
         ray = self._ray
         for actor in self._idle + [a for a, _ in self._running.values()]:
             ray.kill(actor, no_restart=True)
@@ -294,17 +266,6 @@ def _probe(address: str, timeout: float = 10.0) -> None:
             f"no Ray cluster answers at {address} ({exc.strerror or exc}); start one with "
             "'ray start --head' or check the address"
         ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    """One line for a Ray error: its first, plus the underlying error's own last line when the
-    first only says that an actor or task died."""
-    text = str(exc).strip()
-    if not text:
-        return type(exc).__name__
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    first, last = lines[0], lines[-1]
-    return f"{first} ({last})" if last != first and "died" in first else first
 
 
 def make_pool(

@@ -4,10 +4,11 @@ A runner holds the base model and the fixed evaluation windows for its whole lif
 after trial. A trial's model shares every tensor the policy leaves alone with the base, and its
 compressed layers come from a per-runner `VariantCache` keyed by (layer, settings), so repeated
 settings cost a lookup; only training takes a full copy (recovery fine-tuning, and the group-lasso
-stage that trains the dense model before block pruning). Before each trial it puts
-torch's global state (seed, threads, grad mode, default dtype) back to what it was at start, so
-that trials on a reused worker cannot leak into each other. Every failure comes back as a result
-with ``status="error"`` and a reason.
+stage that trains the dense model before block pruning; both recipes live in `_recipes.py`).
+Before each trial it puts torch's global state (seed, threads, grad mode, default dtype) back to
+what it was at start, so that trials on a reused worker cannot leak into each other. Every
+failure comes back as a `TrialResult` with ``status="error"`` and a reason; `_result` is the one
+place a result is built.
 """
 
 from __future__ import annotations
@@ -24,17 +25,23 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from microsweep.score._early_stop import FT_EVAL_WINDOWS, EarlyStop, FineTuneCurve
+from microsweep.workers._ray import assigned_cpus, assigned_device, worker_name, worker_threads
+from microsweep.workers._recipes import (
+    FineTuneRecipe,
+    GroupLassoRecipe,
+    block_targets,
+    finetune_,
+    finetune_steps,
+    group_lasso_model,
+)
+from microsweep.workers._result import TrialResult
+
 if TYPE_CHECKING:
-    from microsweep.score import StopRule
+    from microsweep.score import Counts, StopRule
     from microsweep.spaces import Policy
 
 __all__ = ["EvalSettings", "FT_EVAL_WINDOWS", "TrialRunner", "worker_threads"]
-
-FT_EVAL_WINDOWS = 32
-"""Evaluation windows in the fine-tuning curve's subset (`finetune_eval_every`): every m-th
-window, m = n // 32 (all of them when there are fewer), so it samples the whole split. A point
-costs 32 window forwards without gradients, about one training step of 8 windows (forward and
-backward), so k = 10 adds roughly a tenth to fine-tuning time."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,56 @@ class EvalSettings:
     seed: int = 0
     stop: StopRule | None = None  # chunked evaluation that may end a hopeless trial early
     cache_mb: int = 512  # compressed layer variants kept per worker; 0 copies the model per trial
+
+
+@dataclass
+class _Evaluation:
+    """The built-in perplexity of a trial: measured, or projected when the stop rule ended the
+    reading (`stopped`), with the chunk projections and, when asked, the per-window NLL sums."""
+
+    perplexity: float
+    intermediate: list[float] = field(default_factory=list)
+    window_nll: list[float] | None = None
+    stopped: EarlyStop | None = None
+
+
+@dataclass
+class _Outcome:
+    """What one trial's stages produced, for `_result`: the reason it failed (or None), the
+    perplexity, the counts and layer rows, the fine-tuning curve and the evaluation."""
+
+    error: str | None = None
+    perplexity: float | None = None
+    counts: Counts | None = None
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    curve: FineTuneCurve | None = None
+    evaluation: _Evaluation | None = None
+
+
+def _result(number: int, outcome: _Outcome, timings: dict[str, float], worker: str) -> TrialResult:
+    """The one place a `TrialResult` is built: "error" when the outcome has a reason, "pruned"
+    when the stop rule ended the fine-tune or the evaluation, else "ok"."""
+    counts, curve, ev = outcome.counts, outcome.curve, outcome.evaluation
+    stopped = (curve.stopped if curve is not None else None) or (ev.stopped if ev else None)
+    status = "error" if outcome.error is not None else "pruned" if stopped else "ok"
+    result = TrialResult(number, status, error=outcome.error, timings=timings, worker=worker)
+    if counts is not None:
+        result.params, result.ops, result.freebie = counts.params, counts.ops, counts.freebie
+        result.count_config, result.layers = counts.config.to_json(), outcome.layers
+    if curve is not None:
+        result.finetune_curve = curve.points
+        result.finetune_stopped_at = curve.stopped.step if curve.stopped is not None else None
+    if status == "error":
+        return result
+    if ev is not None:
+        result.intermediate, result.window_nll = ev.intermediate, ev.window_nll
+    if stopped is not None:
+        result.perplexity_estimate = stopped.projected
+        result.optimistic_perplexity = stopped.optimistic
+        result.windows_seen, result.windows = stopped.windows_seen, stopped.windows
+    else:
+        result.perplexity = outcome.perplexity
+    return result
 
 
 class TrialRunner:
@@ -69,7 +126,7 @@ class TrialRunner:
             from microsweep.score import register_rules
 
             register_rules(dict(rules))
-        self.device = _assigned_device()
+        self.device = assigned_device()
         if self.device is not None:  # a Ray worker given a GPU evaluates on it
             model = model.to(self.device)
             windows = windows.to(self.device)
@@ -82,7 +139,7 @@ class TrialRunner:
         self.train_tokens = train_tokens
         self.settings = settings
         self.evaluate_fn = evaluate
-        self.threads = threads or _assigned_cpus() or torch.get_num_threads()
+        self.threads = threads or assigned_cpus() or torch.get_num_threads()
         self._dtype = torch.get_default_dtype()
         self._cache = None
         if settings.cache_mb > 0:
@@ -91,13 +148,20 @@ class TrialRunner:
             self._cache = VariantCache(model, calib=calib, max_bytes=settings.cache_mb * 2**20)
 
     def ping(self) -> bool:
+        """True: the pool's check that an actor started and loaded its model."""
         return True
 
     def _reset_torch_state(self, number: int) -> None:
+        """Threads, default dtype, grad mode and seed (from the trial number) as at start."""
         torch.set_num_threads(self.threads)
         torch.set_default_dtype(self._dtype)
         torch.set_grad_enabled(False)
         torch.manual_seed(self.settings.seed * 1_000_003 + number)
+
+    @property
+    def _block(self) -> int:
+        """Training window length: the settings', else the evaluation windows'."""
+        return self.settings.finetune_block or self.windows.shape[1] - 1
 
     def run(
         self,
@@ -106,12 +170,13 @@ class TrialRunner:
         *,
         early_stop: bool = True,
         window_nll: bool = False,
-    ) -> dict[str, Any]:
+    ) -> TrialResult:
         """Evaluate one policy; never raises for a trial's own failure.
 
         With a stop rule in the settings and `early_stop`, the windows are read in chunks and a
         trial that cannot meet the ceiling ends with ``status="pruned"``; `window_nll` adds the
-        per-window NLL sums to the result (the dense run records them for the rule).
+        per-window NLL sums to the result (the dense run records them for the rule). Timings are
+        `perf_counter` spans, so never negative.
         """
         from microsweep.spaces import Policy
 
@@ -121,108 +186,96 @@ class TrialRunner:
         try:
             self._reset_torch_state(number)
             policy = Policy.from_json(policy_json)
-            result = self._run(policy, timings, early_stop=early_stop, keep_nll=window_nll)
+            outcome = self._run(policy, timings, early_stop=early_stop, keep_nll=window_nll)
         except Exception as exc:  # a worker exception is a FAIL with its reason, not a crash
             tb = traceback.extract_tb(exc.__traceback__)
             where = f" at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else ""
-            result = {"status": "error", "error": f"{type(exc).__name__}: {exc}{where}"}
+            outcome = _Outcome(error=f"{type(exc).__name__}: {exc}{where}")
         finally:
             torch.set_grad_enabled(grad_mode)  # the caller's, not ours
             gc.collect(0)  # young objects only: a full collection costs ~90 ms a trial
         timings["total"] = time.perf_counter() - started
-        result["timings"] = timings
-        result["number"] = number
-        result["worker"] = f"{_worker_name()}, threads {self.threads}"
-        return result
+        return _result(number, outcome, timings, f"{worker_name()}, threads {self.threads}")
 
     def _run(
-        self, policy: Any, timings: dict[str, float], *, early_stop: bool, keep_nll: bool
-    ) -> dict[str, Any]:
+        self, policy: Policy, timings: dict[str, float], *, early_stop: bool, keep_nll: bool
+    ) -> _Outcome:
+        """The trial's stages in order: group lasso, compress, fine-tune, count, evaluate."""
+        model, shared = self._trial_model(policy, timings)
+        curve = None
+        if finetune_steps(policy.hyper) > 0:
+            t = time.perf_counter()
+            curve = self.finetune(model, policy.hyper, early_stop=early_stop)
+            timings["finetune"] = time.perf_counter() - t
+        t = time.perf_counter()
+        model, counts = self._count(model, shared)
+        timings["count"] = time.perf_counter() - t
+        outcome = _Outcome(counts=counts, layers=_layer_rows(counts, policy), curve=curve)
+        if curve is not None and curve.stopped is not None:  # could not recover: no evaluation
+            outcome.perplexity = curve.stopped.projected
+        else:
+            t = time.perf_counter()
+            if self.evaluate_fn is not None:
+                outcome.perplexity, outcome.error = _user_perplexity(self.evaluate_fn(model))
+                if outcome.error is not None:
+                    outcome.curve = None  # a refused value: the reason alone, with the counts
+            else:
+                outcome.evaluation = self._evaluate(model, early_stop=early_stop, keep_nll=keep_nll)
+                outcome.perplexity = outcome.evaluation.perplexity
+            timings["evaluate"] = time.perf_counter() - t
+        del model
+        ppl = outcome.perplexity
+        if outcome.error is None and not math.isfinite(ppl):
+            outcome.error = f"perplexity is {ppl} (not finite)"
+            if curve is not None and curve.stopped is not None:
+                step = curve.stopped.step
+                outcome.error = f"fine-tuning diverged: {outcome.error} at step {step}"
+        return outcome
+
+    def _trial_model(self, policy: Policy, timings: dict[str, float]) -> tuple[nn.Module, bool]:
+        """The policy's compressed model, after the group-lasso stage when asked, and whether
+        it shares tensors with the variant cache (then it must not be trained or rounded in
+        place)."""
         from microsweep.compress import compress, compress_
-        from microsweep.score import CountConfig, count, round_to_storage
 
         trained = None  # the dense base after the group-lasso stage, when the policy asks for it
-        if _whole(policy.hyper, "group_lasso_steps", 0) > 0:
+        if GroupLassoRecipe.steps_of(policy.hyper) > 0:
             t = time.perf_counter()
             trained = self.group_lasso(policy)
             if trained is not None:
                 timings["group_lasso"] = time.perf_counter() - t
-
         t = time.perf_counter()
-        steps = int(policy.hyper.get("finetune_steps", 0) or 0)
         shared = self._cache is not None and trained is None  # cached layers are the base's
         if shared:
             model = self._cache.model(policy)
-            if steps > 0:  # training needs tensors of its own
+            if finetune_steps(policy.hyper) > 0:  # training needs tensors of its own
                 model, shared = copy.deepcopy(model), False
         elif trained is not None:  # blocks are selected by magnitude on the trained weights
             model = compress_(trained, policy, calib=self.calib)
         else:
             model = compress(self.base, policy, calib=self.calib)
         timings["compress"] = time.perf_counter() - t
+        return model, shared
 
-        tuned: dict[str, Any] = {}
-        if steps > 0:
-            t = time.perf_counter()
-            tuned = self.finetune(model, policy.hyper, early_stop=early_stop)
-            timings["finetune"] = time.perf_counter() - t
+    def _count(self, model: nn.Module, shared: bool) -> tuple[nn.Module, Counts]:
+        """Count the model; with the 16-bit allowance round it to the fp16 values the artifact
+        stores (a rounded copy when it `shared` the cache's tensors) and count that."""
+        from microsweep.score import CountConfig, count, round_to_storage
 
-        t = time.perf_counter()
         model.eval()
         config = CountConfig(**self.settings.count)
         counts = count(model, context=self.settings.context, config=config)
-        # with the 16-bit allowance the artifact stores fp16: evaluate exactly those values
         if counts.freebie:
             if shared:
                 model = self._cache.rounded(model)
             else:
                 round_to_storage(model, counts)
             counts = count(model, context=self.settings.context, config=config)
-        timings["count"] = time.perf_counter() - t
+        return model, counts
 
-        extra: dict[str, Any] = {}
-        refused: str | None = None  # why what the user's evaluate returned is no perplexity
-        cut = "finetune_stopped_at" in tuned  # fine-tuning could not recover: no evaluation
-        if cut:
-            ppl = tuned["perplexity_estimate"]
-        else:
-            t = time.perf_counter()
-            if self.evaluate_fn is not None:
-                ppl, refused = _user_perplexity(self.evaluate_fn(model))
-            else:
-                ppl, extra = self._evaluate(model, early_stop=early_stop, keep_nll=keep_nll)
-            timings["evaluate"] = time.perf_counter() - t
-        del model
-        extra = {**tuned, **extra}
-        layers = [lc.to_json() for lc in counts.layers]
-        for row in layers:  # the policy's requested settings sit beside the counted values
-            lp = policy.layers.get(row["name"])
-            if lp is not None and row.get("sparsity") is None:
-                row["sparsity"] = lp.sparsity
-        counted = {
-            "params": counts.params,
-            "ops": counts.ops,
-            "freebie": counts.freebie,
-            "layers": layers,
-            "count_config": counts.config.to_json(),
-        }
-        if refused is not None:
-            return {"status": "error", "error": refused, **counted}
-        if not math.isfinite(ppl):
-            error = f"perplexity is {ppl} (not finite)"
-            if cut:
-                error = f"fine-tuning diverged: {error} at step {tuned['finetune_stopped_at']}"
-            curve = {k: tuned[k] for k in ("finetune_curve", "finetune_stopped_at") if k in tuned}
-            return {"status": "error", "error": error, **curve, **counted}
-        if extra.get("pruned"):
-            return {"status": "pruned", **extra, **counted}
-        return {"status": "ok", "perplexity": ppl, **extra, **counted}
-
-    def _evaluate(
-        self, model: nn.Module, *, early_stop: bool, keep_nll: bool
-    ) -> tuple[float, dict[str, Any]]:
-        """Perplexity on the windows, chunk by chunk when a stop rule is set; the extra keys
-        are the intermediate projections, and for a stopped trial its estimate and reach."""
+    def _evaluate(self, model: nn.Module, *, early_stop: bool, keep_nll: bool) -> _Evaluation:
+        """Perplexity on the windows, chunk by chunk when a stop rule is set (with the chunk
+        projections, and for a stopped trial its estimate and reach)."""
         from microsweep.score import nll_to_perplexity, window_nll
 
         windows, batch = self.windows, self.settings.batch_size
@@ -230,8 +283,8 @@ class TrialRunner:
         tokens = windows.shape[0] * (windows.shape[1] - 1)
         if rule is None or rule.n_windows != windows.shape[0]:
             nll = window_nll(model, windows, batch_size=batch)
-            extra = {"window_nll": nll.tolist()} if keep_nll else {}
-            return nll_to_perplexity(float(nll.sum()), tokens), extra
+            kept = nll.tolist() if keep_nll else None
+            return _Evaluation(nll_to_perplexity(float(nll.sum()), tokens), window_nll=kept)
         seen: list[int] = []
         values: list[torch.Tensor] = []
         intermediate: list[float] = []
@@ -242,232 +295,71 @@ class TrialRunner:
             intermediate.append(verdict.projected)
             if early_stop and verdict.stop and len(seen) < rule.n_windows:
                 if not math.isfinite(verdict.projected):
-                    return math.inf, {}
-                return verdict.projected, {
-                    "pruned": True,
-                    "perplexity_estimate": verdict.projected,
-                    "optimistic_perplexity": verdict.optimistic,
-                    "windows_seen": len(seen),
-                    "windows": rule.n_windows,
-                    "intermediate": intermediate,
-                }
+                    return _Evaluation(math.inf)
+                stop = EarlyStop(verdict.projected, verdict.optimistic, len(seen), rule.n_windows)
+                return _Evaluation(verdict.projected, intermediate, stopped=stop)
         nll = torch.empty(rule.n_windows, dtype=torch.float64)
         nll[torch.tensor(seen)] = torch.cat(values)
-        extra: dict[str, Any] = {"intermediate": intermediate}
-        if keep_nll:
-            extra["window_nll"] = nll.tolist()
-        return nll_to_perplexity(float(nll.sum()), tokens), extra
+        kept = nll.tolist() if keep_nll else None
+        return _Evaluation(nll_to_perplexity(float(nll.sum()), tokens), intermediate, kept)
 
     def group_lasso(self, policy: Policy) -> nn.Module | None:
-        """The dense base trained by the reweighted group-lasso stage the policy's hyperparameters
-        ask for (a deep copy; the base is untouched), or None when there is nothing to train:
-        `group_lasso_steps` 0 or no layer pruned in blocks.
-
-        `group_lasso_steps` AdamW steps at `group_lasso_lr` (default 1e-4, as `finetune_lr`) on
-        cross-entropy plus `group_lasso_penalty` (default 1e-4, the authors' factor) x the
-        reweighted group lasso, alphas re-estimated every `group_lasso_reweight_every` steps
-        (default 10). Penalised: each layer with sparsity > 0, a `block` and no rank, over tiles of
-        its block shape (a factorized layer's blocks live in its factors, which do not exist yet).
+        """The dense base trained by the group-lasso stage the policy's hyperparameters ask
+        for (`GroupLassoRecipe`; a deep copy, the base is untouched), or None when there is
+        nothing to train: `group_lasso_steps` 0 or no layer pruned in blocks (`block_targets`).
         """
-        from microsweep.compress._group_lasso import group_lasso_train_
-
-        hyper = policy.hyper
-        steps = _whole(hyper, "group_lasso_steps", 0)
-        penalty = _number(hyper, "group_lasso_penalty", 1e-4)
-        lr = _number(hyper, "group_lasso_lr", 1e-4)
-        every = _whole(hyper, "group_lasso_reweight_every", 10)
-        if penalty < 0:
-            raise ValueError(f"group_lasso_penalty {penalty} must be >= 0")
-        if not lr > 0:
-            raise ValueError(f"group_lasso_lr {lr} must be above 0")
-        if every < 1:
-            raise ValueError(f"group_lasso_reweight_every {every} must be at least 1")
-        targets = {
-            name: lp.block
-            for name, lp in policy.layers.items()
-            if lp.block is not None and lp.sparsity > 0 and lp.rank is None
-        }
-        if steps <= 0 or not targets:
+        recipe = GroupLassoRecipe.from_hyper(policy.hyper)
+        targets = block_targets(policy)
+        if recipe.steps <= 0 or not targets:
             return None
         if self.train_tokens is None:
             raise RuntimeError("group_lasso_steps was given but the runner has no training tokens")
-        trained = copy.deepcopy(self.base)
-        group_lasso_train_(
-            trained,
-            targets,
-            self.train_tokens,
-            steps=steps,
-            lr=lr,
-            penalty=penalty,
-            reweight_every=every,
-            block_size=self.settings.finetune_block or self.windows.shape[1] - 1,
-            batch_size=8,
+        return group_lasso_model(
+            self.base, recipe, targets, self.train_tokens, block_size=self._block,
             seed=self.settings.seed,
-        )
-        return trained.eval()
+        )  # fmt: skip
 
     def finetune(
         self, model: nn.Module, hyper: Mapping[str, Any], *, early_stop: bool = False
-    ) -> dict[str, Any]:
-        """Recovery fine-tuning as the policy's hyperparameters ask: `finetune_steps` steps at
-        `finetune_lr`, distilled from the dense model with weight `distill_alpha` (0: plain
-        cross-entropy) at temperature `distill_temperature`.
+    ) -> FineTuneCurve | None:
+        """Recovery fine-tuning of `model` in place as `hyper` asks (`FineTuneRecipe`); returns
+        the fine-tuning curve when `finetune_eval_every` > 0, else None.
 
-        With `finetune_eval_every` = k > 0 the perplexity of a fixed subset of the windows
-        (`FT_EVAL_WINDOWS`) is measured before the first step, after every k-th and after the
-        last, returned as ``finetune_curve`` ([step, perplexity] pairs). With a stop rule in the
-        settings and `early_stop`, a fine-tune that cannot recover is cut short (`_Curve.add`
-        says when) and the result keys of a stopped trial come back, with ``finetune_stopped_at``.
-        Without k the training is exactly what it was before the curve existed.
+        The curve measures a fixed subset of the windows (`FT_EVAL_WINDOWS`) before the first
+        step, after every k-th and after the last. With a stop rule in the settings and
+        `early_stop`, a fine-tune that cannot recover is cut short (`FineTuneCurve.add` says
+        when; the curve's `stopped` then holds where). Without k the training is exactly what
+        it was before the curve existed.
         """
-        steps = int(hyper.get("finetune_steps", 0) or 0)
-        if steps <= 0:
-            return {}
-        alpha = float(hyper.get("distill_alpha", 0.0))
-        temperature = float(hyper.get("distill_temperature", 2.0))
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"distill_alpha {alpha} must be in [0, 1]")
-        if not temperature > 0:
-            raise ValueError(f"distill_temperature {temperature} must be above 0")
-        every = _whole(hyper, "finetune_eval_every", 0)
-        if every < 0:
-            raise ValueError(f"finetune_eval_every {every} must be >= 0 (0: no curve)")
-        lr = float(hyper.get("finetune_lr", 1e-4))
+        recipe = FineTuneRecipe.from_hyper(hyper)
+        if recipe.steps <= 0:
+            return None
+        if self.train_tokens is None:
+            raise RuntimeError("finetune_steps was given but the runner has no training tokens")
         curve = None
-        if every > 0:
+        if recipe.eval_every > 0:
             rule = self.settings.stop
             if rule is not None and rule.n_windows != self.windows.shape[0]:
                 rule = None  # a rule for other windows: _evaluate ignores it too
-            curve = _Curve(self.windows, self.settings.batch_size, rule, steps, early_stop)
-        self._finetune(model, steps, lr, alpha=alpha, temperature=temperature, curve=curve,
-                       every=every)  # fmt: skip
-        return {} if curve is None else curve.result()
-
-    def _finetune(
-        self,
-        model: nn.Module,
-        steps: int,
-        lr: float,
-        *,
-        alpha: float = 0.0,
-        temperature: float = 2.0,
-        curve: _Curve | None = None,
-        every: int = 0,
-    ) -> None:
-        """Recovery fine-tuning: AdamW steps on training windows (distilled from the dense
-        base when `alpha` > 0), projected back onto the compressed set (masks and quantization
-        grids) after every step; with a `curve`, measured at step 0, every `every` steps and
-        at the end, ending early when the curve says so. Measuring draws no random numbers
-        and leaves the training flags as they were, so the steps taken are the same with or
-        without it."""
-        from microsweep.compress import project_
-        from microsweep.models import lm_batch_loss
-
-        if self.train_tokens is None:
-            raise RuntimeError("finetune_steps was given but the runner has no training tokens")
-        block = self.settings.finetune_block or self.windows.shape[1] - 1
-        gen = torch.Generator().manual_seed(self.settings.seed)
-        params = [p for p in model.parameters()]
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        model.train()
-        with torch.enable_grad():
-            stop = curve is not None and curve.add(model, 0)
-            for step in range(steps):
-                if stop:
-                    break
-                loss = lm_batch_loss(
-                    model, self.train_tokens, block_size=block, batch_size=8, gen=gen,
-                    teacher=self.base if alpha > 0 else None, alpha=alpha,
-                    temperature=temperature,
-                )  # fmt: skip
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                project_(model)
-                done = step + 1
-                if curve is not None and (done % every == 0 or done == steps):
-                    stop = curve.add(model, done)
-        for p in params:
-            p.requires_grad_(False)
-        model.eval()
+            curve = FineTuneCurve(
+                self.windows, self.settings.batch_size, rule, recipe.steps, early_stop
+            )
+        finetune_(
+            model, recipe, self.train_tokens, teacher=self.base, block_size=self._block,
+            seed=self.settings.seed, curve=curve,
+        )  # fmt: skip
+        return curve
 
 
-class _Curve:
-    """The fine-tuning curve: perplexity on a fixed subset of the evaluation windows at chosen
-    steps, and the decision to cut a fine-tune that cannot recover.
-
-    The cut reuses the stop rule's ceiling and its optimistic bound. At a point after at least
-    half the steps and with two earlier points, take the rule's optimistic estimate of the
-    full-split perplexity from the subset (z standard errors of luck on the unseen windows),
-    and lower it further by the recent rate of improvement (the drop in log perplexity per step
-    since two points back) carried over every remaining step. If even that stays above the
-    ceiling, the fine-tune is cut. Fine-tuning gains shrink as it goes, so carrying the recent
-    rate forward overstates what is left to gain: the rule errs towards letting a trial finish.
-    A non-finite subset perplexity (the training diverged) cuts at once, at any step.
-    """
-
-    def __init__(
-        self,
-        windows: torch.Tensor,
-        batch_size: int,
-        rule: StopRule | None,
-        steps: int,
-        early_stop: bool,
-    ) -> None:
-        n = windows.shape[0]
-        size = min(n, FT_EVAL_WINDOWS)
-        every = n // size
-        self.indices = list(range(0, every * size, every))
-        self.windows = windows[self.indices]
-        self.tokens = size * (windows.shape[1] - 1)
-        self.batch_size = batch_size
-        self.rule = rule
-        self.steps = steps
-        self.may_cut = early_stop and rule is not None
-        self.points: list[list[float]] = []  # [step, subset perplexity]
-        self.projected: list[float] = []  # the rule's full-split estimate at each point
-        self.stopped: dict[str, Any] | None = None
-
-    def add(self, model: nn.Module, step: int) -> bool:
-        """Measure the model at `step`; True when fine-tuning should end here."""
-        from microsweep.score import nll_to_perplexity, window_nll
-
-        nll = window_nll(model, self.windows, batch_size=self.batch_size)
-        ppl = nll_to_perplexity(float(nll.sum()), self.tokens)
-        self.points.append([step, ppl])
-        if self.rule is None:
-            return False
-        verdict = self.rule.verdict(self.indices, nll)
-        self.projected.append(verdict.projected)
-        if not self.may_cut or step >= self.steps:
-            return False
-        if not math.isfinite(ppl):  # diverged (NaN, or a mean NLL past float range): no way back
-            return self._cut(step, math.inf, math.inf)
-        if 2 * step < self.steps or len(self.points) < 3 or verdict.optimistic <= 0:
-            return False
-        back = self.points[-3][0]
-        rate = max(0.0, math.log(self.projected[-3] / verdict.projected) / (step - back))
-        best = math.log(verdict.optimistic) - rate * (self.steps - step)
-        if best <= math.log(self.rule.ceiling):
-            return False
-        return self._cut(step, verdict.projected, math.exp(best))
-
-    def _cut(self, step: int, projected: float, optimistic: float) -> bool:
-        self.stopped = {
-            "pruned": True,
-            "perplexity_estimate": projected,
-            "optimistic_perplexity": optimistic,
-            "windows_seen": len(self.indices),
-            "windows": self.rule.n_windows if self.rule is not None else len(self.indices),
-            "finetune_stopped_at": step,
-        }
-        return True
-
-    def result(self) -> dict[str, Any]:
-        """``finetune_curve``, and when cut the keys of a stopped trial."""
-        return {"finetune_curve": self.points, **(self.stopped or {})}
+def _layer_rows(counts: Counts, policy: Policy) -> list[dict[str, Any]]:
+    """The counter's per-layer rows, with the policy's requested sparsity beside the counted
+    values where the counter reports none."""
+    layers = [lc.to_json() for lc in counts.layers]
+    for row in layers:
+        lp = policy.layers.get(row["name"])
+        if lp is not None and row.get("sparsity") is None:
+            row["sparsity"] = lp.sparsity
+    return layers
 
 
 def _user_perplexity(value: Any) -> tuple[float, str | None]:
@@ -488,83 +380,3 @@ def _user_perplexity(value: Any) -> tuple[float, str | None]:
             "(exp of the mean NLL per token)"
         )
     return ppl, None
-
-
-def _whole(hyper: Mapping[str, Any], key: str, default: int) -> int:
-    """A whole-number hyperparameter (an int, or a float without a fraction), else a one-line
-    `ValueError`."""
-    value = hyper.get(key, default)
-    if value is None:
-        return default
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value != int(value)
-    ):
-        raise ValueError(f"{key} {value!r} must be a whole number")
-    return int(value)
-
-
-def _number(hyper: Mapping[str, Any], key: str, default: float) -> float:
-    """A finite numeric hyperparameter, else a one-line `ValueError`."""
-    value = hyper.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{key} {value!r} must be a finite number")
-    return float(value)
-
-
-def _assigned_device() -> torch.device | None:
-    """The GPU Ray gave this actor (Ray limits CUDA_VISIBLE_DEVICES to it), or None: CPU."""
-    import sys
-
-    ray = sys.modules.get("ray")
-    try:
-        if ray is not None and ray.is_initialized() and ray.get_gpu_ids():
-            if torch.cuda.is_available():
-                return torch.device("cuda")
-    except Exception:  # no runtime context: not a Ray worker
-        pass
-    return None
-
-
-def worker_threads(cpus: float) -> int:
-    """Torch threads for a worker given `cpus` CPUs, one rule for Ray actors and the in-process
-    runner: the whole CPUs, at least 1 (a fraction still runs), at most this machine's cores
-    (more threads than cores only contend)."""
-    import os
-
-    return max(1, min(int(cpus), os.cpu_count() or 1))
-
-
-def _assigned_cpus() -> int | None:
-    """Threads for the CPUs Ray gave this actor (`worker_threads`: they follow the reservation,
-    not the machine's core count); None outside Ray."""
-    import sys
-
-    ray = sys.modules.get("ray")
-    try:
-        if ray is not None and ray.is_initialized():
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-            if cpus:
-                return worker_threads(cpus)
-    except Exception:  # no runtime context: not a Ray worker
-        pass
-    return None
-
-
-def _worker_name() -> str:
-    """Where a trial ran: the Ray node (first 12 hex digits of its id) and process, or the
-    host and process outside Ray."""
-    import os
-    import socket
-    import sys
-
-    ray = sys.modules.get("ray")  # a Ray worker has it; in-process it is not imported for this
-    try:
-        if ray is not None and ray.is_initialized():
-            node = ray.get_runtime_context().get_node_id()
-            return f"node {node[:12]} pid {os.getpid()}"
-    except Exception:  # Ray missing or no runtime context: the host will do
-        pass
-    return f"{socket.gethostname()} pid {os.getpid()}"
