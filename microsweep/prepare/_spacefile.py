@@ -23,7 +23,14 @@ from microsweep.errors import MicrosweepError, SpaceWarning, UsageError
 from microsweep.prepare._objective import MicroNet
 from microsweep.spaces import DATA_AWARE_METHODS, Space
 
-__all__ = ["INLINE_PATH", "SpaceFile", "load_space_file", "load_space_source", "space_from_objects"]
+__all__ = [
+    "INLINE_PATH",
+    "SpaceFile",
+    "load_space_file",
+    "load_space_source",
+    "prepare_model",
+    "space_from_objects",
+]
 
 
 @dataclass
@@ -145,8 +152,22 @@ def load_space_source(source: str, path: str) -> SpaceFile:
     return _collect(module, path, source, space)
 
 
+def prepare_model(space: Space) -> nn.Module:
+    """Make `space.model` ready to compress, in place, and return it: each `nn.LSTM` with a
+    gate matrix some rule controls runs as a `LinearLSTM` sharing its parameters, so planning,
+    counting, workers and fingerprints all see one Linear per gate matrix. An LSTM no rule
+    touches stays an `nn.LSTM`; a model already prepared is left as it is."""
+    from microsweep.models import linear_gates_
+
+    owners = {i.name.rpartition(".")[0] for i in space.layers if i.kind == "lstm_gate"}
+    if owners:
+        linear_gates_(space.model, sorted(owners))
+    return space.model
+
+
 def _collect(module: ModuleType, path: str, source: str, space: Space) -> SpaceFile:
-    """The objective, corpus and evaluate a loaded space file defines, checked."""
+    """The objective, corpus and evaluate a loaded space file defines, checked, with the
+    space's model prepared for compression (`prepare_model`) once the file is accepted."""
     where = "the space given as objects" if path == INLINE_PATH else f"space file {path}"
     objective = module.__dict__.get("objective", MicroNet())
     if not isinstance(objective, MicroNet):
@@ -184,6 +205,7 @@ def _collect(module: ModuleType, path: str, source: str, space: Space) -> SpaceF
             f"{where}: `finetune_steps` needs training tokens; define `train_tokens` "
             "(1-D token ids) or a `corpus`"
         )
+    prepare_model(space)
     # the counter traces a forward on token ids even when `evaluate` measures perplexity
     _check_forward(space.model, where, logits=evaluate is None)
     return SpaceFile(path, source, module, space, objective, corpus, evaluate, calib, train)
