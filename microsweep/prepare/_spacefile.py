@@ -49,6 +49,7 @@ class SpaceFile:
 
     @property
     def model(self) -> nn.Module:
+        """The space's model, prepared for compression by loading (`prepare_model`)."""
         return self.space.model
 
 

@@ -63,6 +63,7 @@ def find_layers(model: nn.Module) -> dict[str, tuple[nn.Module, LayerInfo]]:
     owners = _owners(model)
 
     def shared(weight: nn.Parameter, own: str) -> tuple[str, ...]:
+        """The other modules holding `weight`."""
         return tuple(o.rsplit(".", 1)[0] for o in owners[id(weight)] if o != own)
 
     layers: dict[str, tuple[nn.Module, LayerInfo]] = {}

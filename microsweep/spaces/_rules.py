@@ -66,6 +66,7 @@ class TableChoice:
 
 
 def _bad(rule: str, key: str, value: Any) -> Any:
+    """Refuse a constant that is not valid for setting `key`."""
     raise SpaceError(f"rule {rule!r}: {key}={value!r} is not valid; use a knob such as Bits(4, 8)")
 
 

@@ -55,6 +55,8 @@ class Space:
         rules: Mapping[str | type, Mapping[str, Any]],
         hyper: Mapping[str, Knob] | None = None,
     ) -> None:
+        """Find the model's layers, parse and assign the rules, check them and give the notes
+        (as `SpaceWarning`s and in `notes`); the model itself is left as it is."""
         if not isinstance(model, nn.Module):
             raise SpaceError(f"Space: model must be a torch.nn.Module, got {type(model).__name__}")
         if not rules:
@@ -159,5 +161,6 @@ class Space:
         }
 
     def __repr__(self) -> str:
+        """How many layers, rules and hyperparameters the space has."""
         n_layers, n_rules, n_hyper = len(self.assignment), len(self.rules), len(self.hyper)
         return f"Space({n_layers} layers, {n_rules} rules, {n_hyper} hyper)"
