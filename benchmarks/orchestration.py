@@ -8,7 +8,10 @@ Parts:
   stores' rows, tell; the sampler's own compute apart) on SQLite and PostgreSQL at 50 and 200
   per-layer parameters, an `evaluate` that costs nothing, random sampler, in-process; against
   Optuna driving the same RDB storage its usual way (`study.optimize` with the same suggest
-  calls) and Optuna's in-memory storage as the floor.
+  calls) and Optuna's in-memory storage as the floor. Measured twice: the per-trial `driver`
+  and `sampler` seconds the driver stores (medians; any negative one is counted), and from
+  outside, the wall-clock overhead per trial (the span of finish times less the workers' own
+  time in it), which includes whatever the stored figures might miss.
 - ``growth``: the same driver on SQLite at 51 parameters for a long sweep (10,000 trials by
   default): median bookkeeping over trials 50-150 against the last 100, and the sampler's.
 
@@ -125,6 +128,12 @@ def _driver(space_path: str, url: str, trials: int, name: str) -> dict:
     from microsweep.search import run_sweep
 
     rows: list[dict] = []
+    stamps: list[float] = []
+
+    def finished(row: dict) -> None:
+        stamps.append(time.perf_counter())
+        rows.append(row)
+
     res = run_sweep(
         space_path,
         name=name,
@@ -134,11 +143,21 @@ def _driver(space_path: str, url: str, trials: int, name: str) -> dict:
         sampler="random",
         in_process=True,
         progress=False,
-        on_trial=rows.append,
+        on_trial=finished,
     )
     driver = [r["timings"]["driver"] for r in rows]
     sampler = [r["timings"].get("sampler", 0.0) for r in rows]
-    return {"driver": driver, "sampler": sampler, "wall": res.wall}
+    worker = [r["timings"].get("total", 0.0) for r in rows]
+    return {"driver": driver, "sampler": sampler, "worker": worker, "stamps": stamps,
+            "wall": res.wall}  # fmt: skip
+
+
+def _wall_overhead_ms(drv: dict, skip: int = 5) -> float:
+    """The driver's wall-clock cost per trial, from outside: the span between finish times
+    less the workers' own time in it, over the trials in the span (the first `skip` apart)."""
+    stamps, worker = drv["stamps"][skip:], drv["worker"][skip:]
+    span = stamps[-1] - stamps[0]
+    return 1000 * (span - sum(worker[1:])) / (len(stamps) - 1)
 
 
 def _median_ms(values: list[float], skip: int = 5) -> float:
@@ -179,6 +198,9 @@ def part_driver(args: argparse.Namespace, tmp: Path) -> dict:
         "optuna_rdb_ms_per_trial": {},
         "optuna_memory_floor_ms_per_trial": {},
         "driver_over_floor": {},
+        "wall_overhead_ms_per_trial": {},
+        "wall_overhead_over_floor": {},
+        "negative_driver_or_sampler_seconds": {},
         "trials": args.trials,
     }
     try:
@@ -200,9 +222,15 @@ def part_driver(args: argparse.Namespace, tmp: Path) -> dict:
                 out["optuna_rdb_ms_per_trial"].setdefault(backend, {})[key] = _median_ms(rdb)
                 out["optuna_memory_floor_ms_per_trial"].setdefault(backend, {})[key] = f_ms
                 out["driver_over_floor"].setdefault(backend, {})[key] = (d_ms + s_ms) / f_ms
+                w_ms = _wall_overhead_ms(drv)
+                out["wall_overhead_ms_per_trial"].setdefault(backend, {})[key] = w_ms
+                out["wall_overhead_over_floor"].setdefault(backend, {})[key] = w_ms / f_ms
+                negative = sum(v < 0 for v in drv["driver"] + drv["sampler"])
+                out["negative_driver_or_sampler_seconds"].setdefault(backend, {})[key] = negative
                 print(
-                    f"{backend} {key}: driver {d_ms:.1f} ms + sampler {s_ms:.1f} ms, "
-                    f"floor {f_ms:.1f} ms, Optuna RDB {_median_ms(rdb):.1f} ms",
+                    f"{backend} {key}: driver {d_ms:.1f} ms + sampler {s_ms:.1f} ms, wall-clock "
+                    f"overhead {w_ms:.1f} ms, floor {f_ms:.1f} ms, Optuna RDB "
+                    f"{_median_ms(rdb):.1f} ms, {negative} negative figures",
                     flush=True,
                 )
     finally:

@@ -42,7 +42,7 @@ from microsweep.storage._records import TrialRecord
 if TYPE_CHECKING:
     import optuna
 
-    from microsweep.workers import WorkerPool
+    from microsweep.workers import TrialResult, WorkerPool
 
 __all__ = ["SweepResult", "resume_sweep", "run_sweep", "tally_best"]
 
@@ -245,17 +245,17 @@ def _space_file(space: Any, objects: dict[str, Any]) -> SpaceFile:
 
 def _measure_dense(
     sf: SpaceFile, prepared: Prepared, progress: bool
-) -> tuple[dict[str, Any], Ceiling]:
+) -> tuple[TrialResult, Ceiling]:
     """The dense model measured like a trial, and the sweep's ceiling resolved against it."""
     t0 = time.perf_counter()
     where = "with the space's evaluate()" if sf.evaluate else f"on {len(prepared.windows)} windows"
     say(progress, f"measuring the dense model {where}")
     dense = measure_dense(sf, prepared)
-    ceiling = sf.objective.bound(dense["perplexity"])
+    ceiling = sf.objective.bound(dense.perplexity)
     value = "none" if ceiling.value is None else f"{ceiling.value:.4f}"
     say(
         progress,
-        f"dense model: perplexity {dense['perplexity']:.4f}, ceiling {value} "
+        f"dense model: perplexity {dense.perplexity:.4f}, ceiling {value} "
         f"({time.perf_counter() - t0:.1f}s)",
     )
     return dense, ceiling
@@ -267,7 +267,7 @@ def _new_sweep(
     space: Any,
     sf: SpaceFile,
     prepared: Prepared,
-    dense: dict[str, Any],
+    dense: TrialResult,
     ceiling: Ceiling,
     sampler: str,
     seed: int | None,
@@ -275,7 +275,7 @@ def _new_sweep(
 ) -> Any:
     """The sweep's row: its space, objective, fingerprints, dense figures and baseline."""
     model_fp = model_fingerprint(sf.model)
-    b_name, b_params, b_ops = sf.objective.baseline_for(dense["params"], dense["ops"])
+    b_name, b_params, b_ops = sf.objective.baseline_for(dense.params, dense.ops)
     return store.create_sweep(
         name=name,
         study_name=name,
@@ -287,10 +287,10 @@ def _new_sweep(
         data_fingerprint=prepared.data_fingerprint,
         eval_key=sweep_eval_key(sf, prepared, model_fp),
         model_recipe=recipe_of(sf.model),
-        dense_perplexity=dense["perplexity"],
-        dense_params=dense["params"],
-        dense_ops=dense["ops"],
-        dense_layers=dense["layers"],
+        dense_perplexity=dense.perplexity,
+        dense_params=dense.params,
+        dense_ops=dense.ops,
+        dense_layers=dense.layers,
         baseline_name=b_name,
         baseline_params=b_params,
         baseline_ops=b_ops,

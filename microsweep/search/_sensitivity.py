@@ -211,12 +211,12 @@ def run_sensitivity(
                 label=name,
                 model_fingerprint=model_fp,
                 data_fingerprint=prepared.data_fingerprint,
-                dense_perplexity=dense["perplexity"],
+                dense_perplexity=dense.perplexity,
                 progress=progress,
             )
         finally:
             pool.close()
-        bound = sf.objective.bound(dense["perplexity"])
+        bound = sf.objective.bound(dense.perplexity)
         return SensitivityRun(key, name, summary, bound.dense_perplexity, bound.value)
     finally:
         store.dispose()
