@@ -11,7 +11,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from microsweep.errors import SpaceError, StorageError, UsageError
@@ -34,6 +34,7 @@ from microsweep.prepare import (
 from microsweep.search._guard import Lease
 from microsweep.search._loop import LoopSettings, SweepLoop
 from microsweep.search._progress import say
+from microsweep.search._result import SweepResult, tally_best
 from microsweep.search._workers import WorkerOptions, check_timeout, start_pool
 from microsweep.spaces import Policy, Space
 from microsweep.storage import Store
@@ -44,48 +45,7 @@ if TYPE_CHECKING:
 
     from microsweep.workers import TrialResult, WorkerPool
 
-__all__ = ["SweepResult", "resume_sweep", "run_sweep", "tally_best"]
-
-
-@dataclass
-class SweepResult:
-    """What a run or resume did: trial counts by state and the best feasible trial."""
-
-    name: str
-    states: dict[str, int] = field(default_factory=dict)
-    best_number: int | None = None
-    best_score: float | None = None
-    best_perplexity: float | None = None
-    wall: float = 0.0
-    driver_ms_per_trial: float = 0.0
-    sampler_ms_per_trial: float = 0.0
-    best_uniform_number: int | None = None
-    best_uniform_score: float | None = None
-    eval_seconds: float = 0.0
-    eval_seconds_saved: float = 0.0
-    sensitivity: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    timed_out: bool = False  # the time budget ended the run before its target
-    already_done: bool = False  # a resume that found the target reached: nothing ran
-
-    def consider(self, number: int, state: str, origin: str | None, score: Any, row: Any) -> None:
-        """Fold one finished trial into the best feasible (and best uniform) figures; `row` is
-        a `TrialRecord` or a stored trial row (both have `feasible` and `perplexity`)."""
-        if state != "COMPLETE" or not row.feasible:
-            return
-        if self.best_score is None or score < self.best_score:
-            self.best_number, self.best_score = number, score
-            self.best_perplexity = row.perplexity
-        if origin == "uniform" and (
-            self.best_uniform_score is None or score < self.best_uniform_score
-        ):
-            self.best_uniform_number, self.best_uniform_score = number, score
-
-
-def tally_best(result: SweepResult, rows: Sequence[Any]) -> None:
-    """Fold stored trial rows into `result`'s best feasible and best uniform figures."""
-    for row in rows:
-        result.consider(row.number, row.state, row.origin, row.score, row)
+__all__ = ["SweepResult", "resume_sweep", "run_sweep"]
 
 
 @dataclass

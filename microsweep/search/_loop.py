@@ -18,6 +18,7 @@ from microsweep._text import distinct
 from microsweep.errors import MicrosweepError, StorageError
 from microsweep.search._planning import plan_sampler
 from microsweep.search._progress import Progress, say
+from microsweep.search._result import SweepResult, tally_best
 from microsweep.search._samplers import ORIGIN_ATTR
 from microsweep.search._study import SamplerClock, memory_study, origin_of
 from microsweep.storage._records import TrialRecord
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
     from microsweep.prepare import Ceiling, Prepared, SpaceFile
-    from microsweep.search._driver import SweepResult
     from microsweep.search._guard import Lease, StorageOutage
     from microsweep.spaces import Policy
     from microsweep.storage import Store
@@ -95,8 +95,8 @@ class SweepLoop:
         settings: LoopSettings,
         lease: Lease | None = None,
     ) -> None:
-        from microsweep.search._driver import SweepResult
         from microsweep.search._guard import StorageGuard
+        from microsweep.search._result import SweepResult
 
         self.store, self.sweep, self.sf, self.prepared = store, sweep, sf, prepared
         self.study, self.study_id, self.pool, self.lease = study, study_id, pool, lease
@@ -120,7 +120,6 @@ class SweepLoop:
     def run(self, warm: Sequence[dict[str, Any]] = ()) -> SweepResult:
         """Run the trials still to do (after `warm` starts on a new study); the tally of what
         ran and the best feasible trial."""
-        from microsweep.search._driver import tally_best
         from microsweep.search._guard import StorageOutage
 
         for t in self.mem.get_trials(deepcopy=False):

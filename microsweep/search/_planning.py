@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from microsweep.allocate import Planner
     from microsweep.prepare import Ceiling, Prepared, SpaceFile
-    from microsweep.search._driver import SweepResult
+    from microsweep.search._result import SweepResult
     from microsweep.storage import Store
     from microsweep.workers import WorkerPool
 

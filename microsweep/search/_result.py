@@ -1,0 +1,51 @@
+"""`SweepResult`: what a run or resume did, and the fold of finished trials into its best
+feasible and best uniform figures."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["SweepResult", "tally_best"]
+
+
+@dataclass
+class SweepResult:
+    """What a run or resume did: trial counts by state and the best feasible trial."""
+
+    name: str
+    states: dict[str, int] = field(default_factory=dict)
+    best_number: int | None = None
+    best_score: float | None = None
+    best_perplexity: float | None = None
+    wall: float = 0.0
+    driver_ms_per_trial: float = 0.0
+    sampler_ms_per_trial: float = 0.0
+    best_uniform_number: int | None = None
+    best_uniform_score: float | None = None
+    eval_seconds: float = 0.0
+    eval_seconds_saved: float = 0.0
+    sensitivity: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    timed_out: bool = False  # the time budget ended the run before its target
+    already_done: bool = False  # a resume that found the target reached: nothing ran
+
+    def consider(self, number: int, state: str, origin: str | None, score: Any, row: Any) -> None:
+        """Fold one finished trial into the best feasible (and best uniform) figures; `row` is
+        a `TrialRecord` or a stored trial row (both have `feasible` and `perplexity`)."""
+        if state != "COMPLETE" or not row.feasible:
+            return
+        if self.best_score is None or score < self.best_score:
+            self.best_number, self.best_score = number, score
+            self.best_perplexity = row.perplexity
+        if origin == "uniform" and (
+            self.best_uniform_score is None or score < self.best_uniform_score
+        ):
+            self.best_uniform_number, self.best_uniform_score = number, score
+
+
+def tally_best(result: SweepResult, rows: Sequence[Any]) -> None:
+    """Fold stored trial rows into `result`'s best feasible and best uniform figures."""
+    for row in rows:
+        result.consider(row.number, row.state, row.origin, row.score, row)
