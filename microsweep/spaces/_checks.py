@@ -3,32 +3,15 @@ before any trial runs. They read plain layer descriptions (`LayerInfo`), never t
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection, Sequence
 
 from microsweep.errors import SpaceError, UsageError
-from microsweep.spaces._knobs import Bits, Rank, Sparsity
+from microsweep.spaces._knobs import Rank, Sparsity
 from microsweep.spaces._layers import LayerInfo
 from microsweep.spaces._policy import DENSE_METHODS, concrete_block
+from microsweep.spaces._rules import Rule, misfit
 
-if TYPE_CHECKING:
-    from microsweep.spaces._rules import Rule
-
-__all__ = ["check_gate_owners", "check_rule", "misfit"]
-
-
-def misfit(settings: Mapping[str, Any], info: LayerInfo) -> str | None:
-    """Why rule `settings` cannot apply to embedding table `info`, or None."""
-    act = settings.get("act_bits")
-    if isinstance(act, Bits) and any(b < 32 for b in act.choices):
-        return "its input is token ids, so act_bits does not apply"
-    rank = settings.get("rank")
-    if isinstance(rank, Rank):
-        if rank.method not in ("plain", "tt"):
-            return f"a table takes Rank(..., method='plain' or 'tt') only, not {rank.method!r}"
-        if info.shared_with:
-            return f"it is tied to {info.shared_with[0]!r} and rank would untie it"
-    return None
+__all__ = ["check_gate_owners", "check_rule"]
 
 
 def _check_method(rule: Rule, members: Sequence[LayerInfo]) -> None:

@@ -8,20 +8,41 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from microsweep.errors import SpaceError
 from microsweep.spaces._knobs import Knob, Rank, Sparsity
-from microsweep.spaces._layers import LayerInfo
+from microsweep.spaces._layers import LayerInfo, Unit
 from microsweep.spaces._policy import GROUP_METHODS, LayerPolicy, Policy
+from microsweep.spaces._rules import Rule
 
 if TYPE_CHECKING:
     import optuna
 
-    from microsweep.spaces._rules import Rule
-    from microsweep.spaces._space import Space
+__all__ = [
+    "SpaceView",
+    "layer_policy",
+    "params_for",
+    "params_from_policy",
+    "policy_for",
+    "suggest",
+]
 
-__all__ = ["layer_policy", "params_for", "params_from_policy", "policy_for", "suggest"]
+
+class SpaceView(Protocol):
+    """What the mapping reads of a `Space`: each controlled layer's rule in model order, the
+    plain hyperparameters, layer descriptions and the allocation units."""
+
+    assignment: dict[str, Rule]
+    hyper: dict[str, Knob]
+
+    def info(self, name: str) -> LayerInfo:
+        """The description of compressible layer `name`."""
+        ...
+
+    def units(self) -> list[Unit]:
+        """The allocation units in model order."""
+        ...
 
 
 def resolve_rank(value: float | int, info: LayerInfo, block: tuple[int, int] | None) -> int | None:
@@ -68,7 +89,7 @@ def _rule_layer_policy(info: LayerInfo, rule: Rule, values: Mapping[str, Any]) -
     return layer_policy(info, rule.settings, values, rule.key if rule.tied else info.name)
 
 
-def suggest(space: Space, trial: optuna.trial.BaseTrial) -> Policy:
+def suggest(space: SpaceView, trial: optuna.trial.BaseTrial) -> Policy:
     """Ask `trial` for every knob (one parameter per layer and knob, or per tied rule and knob)
     and return the plain `Policy` it describes."""
     tied_values: dict[tuple[str, str], Any] = {}
@@ -88,7 +109,7 @@ def suggest(space: Space, trial: optuna.trial.BaseTrial) -> Policy:
 
 
 def policy_for(
-    space: Space, choices: Mapping[str, Mapping[str, Any]], hyper: Mapping[str, Any] | None
+    space: SpaceView, choices: Mapping[str, Mapping[str, Any]], hyper: Mapping[str, Any] | None
 ) -> Policy:
     """The policy that gives each unit (by key) its knob values, in the units Optuna sees
     (fractions for fractional ranks); knobs not given take their constant value."""
@@ -113,7 +134,7 @@ def policy_for(
 
 
 def params_for(
-    space: Space, choices: Mapping[str, Mapping[str, Any]], hyper: Mapping[str, Any] | None
+    space: SpaceView, choices: Mapping[str, Mapping[str, Any]], hyper: Mapping[str, Any] | None
 ) -> dict[str, Any]:
     """Optuna parameter values that make `suggest` return `policy_for(choices, hyper)`
     (for `study.enqueue_trial`)."""
@@ -166,7 +187,7 @@ def rank_param(
     return float(knob.high) if rank is None else rank / info.full_rank
 
 
-def _layer_params(space: Space, policy: Policy) -> dict[str, Any]:
+def _layer_params(space: SpaceView, policy: Policy) -> dict[str, Any]:
     """Each searched layer knob's parameter value read off `policy` (ranks inverted)."""
     params: dict[str, Any] = {}
     for unit in space.units():
@@ -180,7 +201,7 @@ def _layer_params(space: Space, policy: Policy) -> dict[str, Any]:
     return params
 
 
-def _replay(space: Space, params: Mapping[str, Any]) -> Policy:
+def _replay(space: SpaceView, params: Mapping[str, Any]) -> Policy:
     """The policy `suggest` makes from `params`, hyperparameters it lacks filled with any
     valid value (only the layers are compared); a value out of range is refused."""
     import optuna
@@ -198,7 +219,7 @@ def _replay(space: Space, params: Mapping[str, Any]) -> Policy:
             raise SpaceError(f"the policy does not fit this space: {exc}") from None
 
 
-def params_from_policy(space: Space, policy: Policy) -> dict[str, Any]:
+def params_from_policy(space: SpaceView, policy: Policy) -> dict[str, Any]:
     """Optuna parameter values that make `suggest` return `policy` (a warm start). A layer the
     policy leaves out is taken as uncompressed; a policy this space cannot produce is refused,
     naming the first layer or knob that differs. Hyperparameters the policy lacks are left to

@@ -17,12 +17,19 @@ from typing import Any
 from torch import nn
 
 from microsweep.errors import SpaceError
-from microsweep.spaces._checks import misfit
 from microsweep.spaces._knobs import Bits, Knob, Rank, Sparsity
 from microsweep.spaces._layers import LayerInfo
 from microsweep.spaces._policy import VALID_BITS
 
-__all__ = ["LAYER_KNOBS", "Rule", "TableChoice", "assign", "parse_hyper", "parse_rule"]
+__all__ = [
+    "LAYER_KNOBS",
+    "Rule",
+    "TableChoice",
+    "assign",
+    "misfit",
+    "parse_hyper",
+    "parse_rule",
+]
 
 LAYER_KNOBS = ("sparsity", "bits", "act_bits", "rank")
 _RULE_KEYS = frozenset([*LAYER_KNOBS, "tied"])
@@ -63,6 +70,20 @@ class TableChoice:
     table: str
     misfit: str | None = None
     partner: str | None = None
+
+
+def misfit(settings: Mapping[str, Any], info: LayerInfo) -> str | None:
+    """Why rule `settings` cannot apply to embedding table `info`, or None."""
+    act = settings.get("act_bits")
+    if isinstance(act, Bits) and any(b < 32 for b in act.choices):
+        return "its input is token ids, so act_bits does not apply"
+    rank = settings.get("rank")
+    if isinstance(rank, Rank):
+        if rank.method not in ("plain", "tt"):
+            return f"a table takes Rank(..., method='plain' or 'tt') only, not {rank.method!r}"
+        if info.shared_with:
+            return f"it is tied to {info.shared_with[0]!r} and rank would untie it"
+    return None
 
 
 def _bad(rule: str, key: str, value: Any) -> Any:
