@@ -13,6 +13,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from microsweep._text import digits_apart, distinct
 from microsweep.errors import MicrosweepError, UsageError
@@ -460,6 +461,21 @@ def _resource_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _sweep_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What `run` and `resume` take alike: where the workers run, the storage, reporting."""
+    return dict(
+        workers=args.workers,
+        storage=args.storage,
+        address=args.address,
+        in_process=args.in_process,
+        progress=not args.quiet,
+        storage_wait=args.storage_wait,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        timeout=args.timeout,
+    )
+
+
 def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "run":
         from microsweep.search import run_sweep
@@ -468,18 +484,10 @@ def _dispatch(args: argparse.Namespace) -> None:
             args.space,
             name=args.name,
             trials=args.trials,
-            workers=args.workers,
-            storage=args.storage,
             sampler=args.sampler,
             seed=args.seed,
-            address=args.address,
-            in_process=args.in_process,
-            progress=not args.quiet,
-            storage_wait=args.storage_wait,
-            cpus_per_worker=args.cpus_per_worker,
-            gpus_per_worker=args.gpus_per_worker,
-            timeout=args.timeout,
             warm_start=args.warm_start,
+            **_sweep_options(args),
         )
         _print_result(result)
         if not args.quiet:
@@ -487,19 +495,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "resume":
         from microsweep.search import resume_sweep
 
-        result = resume_sweep(
-            args.name,
-            trials=args.trials,
-            workers=args.workers,
-            storage=args.storage,
-            address=args.address,
-            in_process=args.in_process,
-            progress=not args.quiet,
-            storage_wait=args.storage_wait,
-            cpus_per_worker=args.cpus_per_worker,
-            gpus_per_worker=args.gpus_per_worker,
-            timeout=args.timeout,
-        )
+        result = resume_sweep(args.name, trials=args.trials, **_sweep_options(args))
         _print_result(result)
         if not args.quiet and not result.already_done:
             _next_steps(result, args.storage)
