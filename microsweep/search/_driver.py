@@ -152,7 +152,7 @@ def run_sweep(
             )
         sf = _space_file(space, objects)
         warm = _warm_params(sf.space, warm_start)
-        if sampler == "cmaes" and sf.objective.objectives != "score":
+        if sampler == "cmaes" and sf.objective.multi:
             raise UsageError("--sampler cmaes handles one objective; use tpe, nsga2 or auto")
         prepared = prepare(sf, seed or 0)
         dense, ceiling = _measure_dense(sf, prepared, progress)
