@@ -20,8 +20,8 @@ from microsweep.score import (
     round_to_storage,
     window_nll,
 )
-from microsweep.workers import EvalSettings, TrialRunner
 from microsweep.score._early_stop import FT_EVAL_WINDOWS
+from microsweep.workers import EvalSettings, TrialRunner
 from tests._tiny import TinyLM, one_thread, pretrained
 
 WINDOW = 32

@@ -212,7 +212,7 @@ def test_optuna_rows_carry_what_optuna_dashboard_reads(tmp_path, tiny_gpt):
     import optuna
 
     from microsweep.search import run_sweep
-    from microsweep.search._driver import _memory_study
+    from microsweep.search._study import memory_study
     from tests.conftest import ROOT
 
     url = f"sqlite:///{tmp_path / 'dash.db'}"
@@ -233,7 +233,7 @@ def test_optuna_rows_carry_what_optuna_dashboard_reads(tmp_path, tiny_gpt):
         expected = row.perplexity - sweep.ceiling
         assert t.system_attrs["constraints"][0] == pytest.approx(expected)
         assert (t.system_attrs["constraints"][0] <= 0) == bool(row.feasible)
-    mem = _memory_study(study)
+    mem = memory_study(study)
     assert all(list(t.constraints) == ["perplexity"] for t in mem.trials if t.constraints)
 
 

@@ -199,8 +199,9 @@ def recipe_of(model: torch.nn.Module) -> dict[str, Any] | None:
 
 def measure_dense(sf: SpaceFile, prepared: Prepared) -> TrialResult:
     """The dense run's `TrialResult`: perplexity and counts of the unmodified model, measured
-    exactly as trials are (with the NLL of each window, for the early-stop rule). A perplexity that is not a positive finite
-    number (a user `evaluate` returning -5.0, say) is refused here, before anything is stored."""
+    exactly as trials are (with the NLL of each window, for the early-stop rule). A perplexity
+    that is not a positive finite number (a user `evaluate` returning -5.0, say) is refused
+    here, before anything is stored."""
     from microsweep.spaces import Policy
     from microsweep.workers import TrialRunner
 

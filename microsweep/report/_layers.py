@@ -92,19 +92,6 @@ def _owner(name: str, targets: dict[str, int]) -> int | None:
         probe = probe.rsplit(".", 1)[0]
 
 
-def _fetch(session: Any, query: Any) -> list[tuple[Any, ...]]:
-    """`query`'s rows as plain tuples straight from the driver: for 10^5 rows SQLAlchemy's
-    Row objects cost more than the query (the SQL is rendered with its literals bound)."""
-    connection = session.connection()
-    sql = str(query.compile(dialect=connection.dialect, compile_kwargs={"literal_binds": True}))
-    cursor = connection.connection.dbapi_connection.cursor()
-    try:
-        cursor.execute(sql)
-        return cursor.fetchall()
-    finally:
-        cursor.close()
-
-
 def _settings(lp: dict[str, Any]) -> tuple[Any, ...]:
     """(sparsity, bits, act_bits, rank) from a layer's policy JSON."""
     return (
@@ -119,10 +106,6 @@ def layer_table(store: Store, name: str, records: list[Any] | None = None) -> La
     """Every finished trial's settings and counts on the space's target layers (FAIL trials
     without layer rows are left out); `records` are the sweep's trial records (number and
     policy) when the caller has read them."""
-    from sqlalchemy import select
-
-    from microsweep.storage._models import LayerRow, SweepRow, TrialRow
-
     sweep = store.get_sweep(name)
     layers, knobs, allowed, full_rank = target_layers(sweep.space_json or {})
     index = {n: i for i, n in enumerate(layers)}
@@ -136,27 +119,15 @@ def layer_table(store: Store, name: str, records: list[Any] | None = None) -> La
     # only the target layers' rows (a factorized layer's are its own and its two factors');
     # everything else is the trial's total less them
     wanted = [f"{n}{part}" for n in layers for part in ("", ".first", ".second")]
-    query = (
-        select(TrialRow.number, LayerRow.layer, LayerRow.params, LayerRow.ops)
-        .join(TrialRow, LayerRow.trial_id == TrialRow.id)
-        .join(SweepRow, TrialRow.sweep_id == SweepRow.id)
-        .where(SweepRow.name == name, LayerRow.layer.in_(wanted))
-    )  # unordered: the sums below do not care, and sorting 10^5 rows costs
-    totals = (
-        select(TrialRow.number, TrialRow.policy, TrialRow.params, TrialRow.ops, TrialRow.freebie)
-        .join(SweepRow, TrialRow.sweep_id == SweepRow.id)
-        .where(SweepRow.name == name)
-    )
     # per trial: each target layer's settings as its policy gives them (a factorized layer's
     # own row holds no bits: its factors do) and its counts summed over its rows
     owner: dict[str, int] = {}  # layer row name -> column (few distinct names)
-    with store.session() as s:
-        trials = (
-            [(r.number, r.policy, r.params, r.ops, getattr(r, "freebie", None)) for r in records]
-            if records is not None
-            else list(s.connection().execute(totals))
-        )
-        result = _fetch(s, query)
+    stored, result = store.layer_counts_for_report(name, wanted, with_totals=records is None)
+    trials = (
+        [(r.number, r.policy, r.params, r.ops, getattr(r, "freebie", None)) for r in records]
+        if records is not None
+        else stored or []
+    )
     settings = {number: (policy or {}).get("layers") or {} for number, policy, *_ in trials}
     total = {number: (p or 0.0, o or 0.0) for number, _, p, o, _ in trials}
     no_allowance = {number for number, *_, freebie in trials if freebie is False}

@@ -117,32 +117,7 @@ def _point(r: Any) -> Point:
 def trial_records(store: Store, name: str) -> list[Any]:
     """The sweep's finished trials in trial order as plain rows (attribute access, no ORM
     objects): what the report reads, in one SELECT."""
-    from sqlalchemy import select
-
-    from microsweep.storage._models import SweepRow, TrialRow
-
-    t = TrialRow
-    query = (
-        select(
-            t.number,
-            t.state,
-            t.origin,
-            t.reason,
-            t.score,
-            t.perplexity,
-            t.params,
-            t.ops,
-            t.feasible,
-            t.summary,
-            t.policy,
-            t.freebie,
-        )  # fmt: skip
-        .join(SweepRow, t.sweep_id == SweepRow.id)
-        .where(SweepRow.name == name)
-        .order_by(t.number)
-    )
-    with store.session() as s:
-        return list(s.connection().execute(query))  # Core rows: no ORM loading
+    return store.trial_rows_for_report(name)
 
 
 def pareto_data(store: Store, name: str, rows: list[Any] | None = None) -> ParetoData:
