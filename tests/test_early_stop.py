@@ -109,6 +109,19 @@ def test_rule_edges():
         StopRule((1.0,), 10, -1.0)
 
 
+def test_the_ceilings_log_is_derived_once_for_the_rule_and_the_curve():
+    """`log_ceiling` is what the rule's allowance and the fine-tuning curve's cut compare with."""
+    from microsweep.score._early_stop import FineTuneCurve
+
+    rule = StopRule((10.0,) * 64, tokens_per_window=10, ceiling=7.5, chunks=4)
+    assert rule.log_ceiling == math.log(7.5)
+    assert rule.allowed_excess() == pytest.approx(640 * rule.log_ceiling - 640.0)
+    windows = torch.zeros(64, 11, dtype=torch.long)
+    curve = FineTuneCurve(windows, batch_size=8, rule=rule, steps=10, early_stop=True)
+    assert curve.indices == list(range(0, 64, 2)) and curve.rule is rule and curve.may_cut
+    assert curve.stopped is None and curve.points == []
+
+
 def _runner(tiny_gpt, setup, ceiling_factor: float) -> TrialRunner:
     windows, calib, dense = setup
     tokens = windows.shape[1] - 1

@@ -297,3 +297,46 @@ def test_in_process_threads_follow_cpus_per_worker_and_are_given_back():
                 )  # fmt: skip
     finally:
         torch.set_num_threads(before)
+
+
+def test_every_result_is_a_trial_result_with_timings_never_negative(runner):
+    """ok, error and exception paths all come back as one `TrialResult` with perf_counter
+    timings (>= 0, a total covering the stages) and the worker that ran it."""
+    from microsweep.workers import TrialResult
+
+    results = [
+        runner.run(3, Policy().to_json()),
+        runner.run(4, _policy(no__such__layer=LayerPolicy(bits=8))),
+        runner.run(5, {"type": "bogus"}),
+    ]
+    assert [r.status for r in results] == ["ok", "error", "error"]
+    for number, res in zip((3, 4, 5), results, strict=True):
+        assert isinstance(res, TrialResult) and res.number == number
+        assert res.timings and all(v >= 0 for v in res.timings.values()), res.timings
+        stages = sum(v for k, v in res.timings.items() if k != "total")
+        assert res.timings["total"] >= stages
+        assert res.worker and res.worker.endswith("threads 1")
+    assert results[0].measured_perplexity == results[0].perplexity
+    assert results[1].perplexity is None and results[1].layers == []
+
+
+def test_training_hyperparameters_are_declared_once_with_their_defaults():
+    """The recipes read every training hyperparameter by the name `HYPERPARAMETERS` lists."""
+    from microsweep.workers._recipes import HYPERPARAMETERS, FineTuneRecipe, GroupLassoRecipe
+
+    assert HYPERPARAMETERS == {
+        "finetune_steps": 0,
+        "distill_alpha": 0.0,
+        "distill_temperature": 2.0,
+        "finetune_eval_every": 0,
+        "finetune_lr": 1e-4,
+        "group_lasso_steps": 0,
+        "group_lasso_penalty": 1e-4,
+        "group_lasso_lr": 1e-4,
+        "group_lasso_reweight_every": 10,
+    }
+    assert FineTuneRecipe.from_hyper({"distill_alpha": 7}) == FineTuneRecipe()  # no steps
+    tuned = FineTuneRecipe.from_hyper({"finetune_steps": 5, "finetune_lr": 3e-3})
+    assert (tuned.steps, tuned.lr, tuned.distill_temperature) == (5, 3e-3, 2.0)
+    with pytest.raises(ValueError, match="group_lasso_reweight_every 0 must be at least 1"):
+        GroupLassoRecipe.from_hyper({"group_lasso_steps": 5, "group_lasso_reweight_every": 0})
