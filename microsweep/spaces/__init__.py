@@ -2,8 +2,7 @@
 
 from typing import TYPE_CHECKING, Any
 
-from microsweep.spaces._knobs import Bits, Choice, Float, Int, Knob, Rank, Sparsity
-from microsweep.spaces._policy import (
+from microsweep.policy import (
     DATA_AWARE_METHODS,
     DENSE_METHODS,
     GROUP_METHODS,
@@ -12,6 +11,7 @@ from microsweep.spaces._policy import (
     LayerPolicy,
     Policy,
 )
+from microsweep.spaces._knobs import Bits, Choice, Float, Int, Knob, Rank, Sparsity
 
 if TYPE_CHECKING:
     from microsweep.spaces._space import LayerInfo, Space, Unit, layer_policy

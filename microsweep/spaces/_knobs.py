@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from microsweep.errors import SpaceError
-from microsweep.spaces._policy import RANK_METHODS, VALID_BITS, _valid_block
+from microsweep.policy import RANK_METHODS, VALID_BITS
+from microsweep.policy import valid_block as _valid_block
 
 if TYPE_CHECKING:
     import optuna

@@ -12,6 +12,7 @@ import os
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from microsweep.errors import SpaceError, UsageError
@@ -20,6 +21,8 @@ __all__ = [
     "DATA_AWARE_METHODS",
     "DENSE_METHODS",
     "GROUP_METHODS",
+    "METHODS",
+    "RankMethod",
     "concrete_block",
     "LayerPolicy",
     "Policy",
@@ -27,6 +30,7 @@ __all__ = [
     "POLICY_VERSION",
     "RANK_METHODS",
     "VALID_BITS",
+    "valid_block",
 ]
 
 POLICY_VERSION = 1
@@ -36,28 +40,49 @@ of thousands of layers stays far below it, and a device or a huge file is refuse
 _POLICY_TAG = "microsweep.Policy"
 VALID_BITS = frozenset([*range(2, 17), 32])
 """Weight and activation widths: 2..16 quantize, 32 means "not quantized" (fp32)."""
-RANK_METHODS = ("plain", "activation", "whiten", "tt", "autoencoder", "shared")
-"""How a rank is reached: truncated SVD of the weight, data-aware SVD on calibration inputs
-(columns scaled by the inputs' magnitude, or whitened by their Gram matrix; see
-`microsweep.compress.factorize`), a tensor-train of that TT-rank (`microsweep.compress.TTLinear`,
-`TTEmbedding`), latent codes of that size with a learned decoder (`DecodedLinear`, one decoder
-per `group`), or a basis of that rank shared by the layers of a `group` (each keeps its own
-coefficients)."""
-DATA_AWARE_METHODS = ("activation", "whiten")
-"""The rank methods that read a layer's calibration inputs."""
-GROUP_METHODS = ("autoencoder", "shared")
+
+
+@dataclass(frozen=True)
+class RankMethod:
+    """What the rest of microsweep needs to know about one way of reaching a rank: its tag in
+    `Policy.summary`, whether it reads a layer's calibration inputs, whether it compresses the
+    layers of a `group` together, and whether its stored factors stay dense fp32."""
+
+    tag: str
+    reads_inputs: bool = False
+    grouped: bool = False
+    dense_only: bool = False
+
+
+METHODS: Mapping[str, RankMethod] = MappingProxyType(
+    {
+        "plain": RankMethod(""),
+        "activation": RankMethod("/act", reads_inputs=True),
+        "whiten": RankMethod("/white", reads_inputs=True),
+        "tt": RankMethod("/tt", dense_only=True),
+        "autoencoder": RankMethod("/ae", grouped=True, dense_only=True),
+        "shared": RankMethod("/shared", grouped=True, dense_only=True),
+    }
+)
+"""The rank-method vocabulary, name -> traits. How a rank is reached: truncated SVD of the weight
+(``plain``), data-aware SVD on calibration inputs (columns scaled by the inputs' magnitude, or
+whitened by their Gram matrix; see `microsweep.compress.factorize`), a tensor-train of that
+TT-rank (``tt``: `microsweep.compress.TTLinear`, `TTEmbedding`), latent codes of that size with
+a learned decoder (``autoencoder``: `DecodedLinear`, one decoder per `group`), or a basis of that
+rank shared by the layers of a `group` (``shared``: each keeps its own coefficients). The
+techniques that build each form live in `microsweep.compress`."""
+
+RANK_METHODS = tuple(METHODS)
+"""Every rank method's name (a view of `METHODS`)."""
+DATA_AWARE_METHODS = tuple(n for n, m in METHODS.items() if m.reads_inputs)
+"""The rank methods that read a layer's calibration inputs (a view of `METHODS`)."""
+GROUP_METHODS = tuple(n for n, m in METHODS.items() if m.grouped)
 """The rank methods that compress the layers of a `group` together (one decoder, one basis)."""
-DENSE_METHODS = ("tt", "autoencoder", "shared")
+DENSE_METHODS = tuple(n for n, m in METHODS.items() if m.dense_only)
 """The rank methods whose stored factors stay dense fp32 (no sparsity, bits or act_bits)."""
 
 
-_RANK_TAGS = {
-    "plain": "", "activation": "/act", "whiten": "/white", "tt": "/tt", "autoencoder": "/ae",
-    "shared": "/shared",
-}  # fmt: skip
-
-
-def _valid_block(block: tuple[int, ...]) -> bool:
+def valid_block(block: tuple[int, ...]) -> bool:
     """Two ints >= 0, not both 0 (a 0 side spans the whole matrix side)."""
     return (
         len(block) == 2
@@ -93,7 +118,7 @@ class LayerPolicy:
             raise SpaceError(f"sparsity {self.sparsity!r} is outside [0, 1); use e.g. 0.5 for half")
         if isinstance(self.block, list):
             object.__setattr__(self, "block", tuple(self.block))
-        if self.block is not None and not _valid_block(self.block):
+        if self.block is not None and not valid_block(self.block):
             raise SpaceError(
                 f"block {self.block!r} must be two ints >= 0 such as (4, 4); 0 spans the whole "
                 "side, so (1, 0) prunes whole rows"
@@ -276,7 +301,7 @@ class Policy:
             if lp.act_bits != 32:
                 bits.append(f"a{lp.act_bits}")
             if lp.rank is not None:
-                how = _RANK_TAGS[lp.rank_method]
+                how = METHODS[lp.rank_method].tag
                 bits.append(f"r={lp.rank}{how}")
             parts.append(f"{name}: {' '.join(bits)}")
         shown = parts[:limit]
