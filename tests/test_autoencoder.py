@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import microsweep.score._rules_ae  # noqa: F401  (registers the auto-decoder rules)
+import microsweep.compress  # noqa: F401  (registers the auto-decoder rules)
 from microsweep.compress._autoencoder import (
     COSINE_WEIGHT,
     L2_WEIGHT,

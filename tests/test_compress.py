@@ -498,6 +498,21 @@ def test_public_api() -> None:
         "group_lasso_penalty",
         "group_lasso_train_",
         "reweight",
+        # the technique registry, its forms, and the checks a Space asks of it
+        "Technique",
+        "MatrixTechnique",
+        "RankTechnique",
+        "Form",
+        "SpecContext",
+        "RebuildContext",
+        "register_technique",
+        "technique",
+        "techniques",
+        "form_for",
+        "form_of_spec",
+        "check_rule",
+        "check_shared_weight",
+        "embedding_misfit",
     }
     assert all(hasattr(mc, name) for name in mc.__all__)
     assert math.isclose(mc.fake_quantize_symmetric(torch.tensor(0.74), torch.tensor(0.5), 4), 0.5)

@@ -267,13 +267,13 @@ def test_runner_evaluates_exactly_what_is_exported(tiny_gpt, corpus, tmp_path):
     ]
     for policy, freebie in policies:
         res = runner.run(0, policy.to_json())
-        assert res["status"] == "ok" and res["freebie"] is freebie
+        assert res.status == "ok" and res.freebie is freebie
         model = compress(tiny_gpt, policy, calib=calib)
         round_to_storage(model, count(model, context=mean_context(32)))
         info = save(model, tmp_path / "m.msz", policy=policy, recipe=tiny_gpt.recipe())
-        assert info.exact and info.counted_params == res["params"]
+        assert info.exact and info.counted_params == res.params
         loaded = load(tmp_path / "m.msz")
-        assert perplexity(loaded, windows) == pytest.approx(res["perplexity"], rel=1e-9)
+        assert perplexity(loaded, windows) == pytest.approx(res.perplexity, rel=1e-9)
 
 
 # -- refusing bad input -------------------------------------------------------------------------
@@ -411,7 +411,7 @@ def test_save_refuses_models_it_cannot_write_faithfully(gpt, calib, tmp_path):
 def test_exported_trials_reproduce_their_stored_perplexity(sqlite_url, tmp_path, tiny_gpt):
     from microsweep.score import eval_windows, perplexity
     from microsweep.search import run_sweep
-    from microsweep.storage import Store
+    from microsweep.storage import Store, TrialRecord
 
     run_sweep(
         TINY, name="ex", trials=3, storage=sqlite_url, seed=2, in_process=True, progress=False
@@ -437,7 +437,9 @@ def test_exported_trials_reproduce_their_stored_perplexity(sqlite_url, tmp_path,
         export_trial("ex", 99, tmp_path / "x.msz", storage=sqlite_url)
     store = Store(sqlite_url)
     sweep_id = store.get_sweep("ex").id
-    store.record_trial(sweep_id, 50, state="FAIL", reason="boom", policy={}, summary="")
+    store.record_trial(
+        sweep_id, TrialRecord(state="FAIL", reason="boom", policy={}, summary=""), number=50
+    )
     store.dispose()
     with pytest.raises(ExportError, match="trial 50 of sweep 'ex' is FAIL \\(boom\\)"):
         export_trial("ex", 50, tmp_path / "x.msz", storage=sqlite_url)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-import microsweep.score._rules_tt  # noqa: F401  (registers the TT counting rules)
+import microsweep.compress  # noqa: F401  (registers the TT counting rules)
 from microsweep.compress._tt import (
     TTEmbedding,
     TTLinear,

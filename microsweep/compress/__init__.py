@@ -6,6 +6,10 @@ resulting weight by magnitude to `sparsity` (unstructured or in `block`s), round
 `bits` with per-output-channel scales keeping pruned zeros, and quantize inputs to `act_bits`
 with a static scale calibrated on the unchanged model. `project_` restores mask and grid after
 a fine-tuning step.
+
+Each technique (pruning, quantization, each way of reaching a rank) is a `Technique` in a
+registry (`technique(name)`, `techniques()`, `register_technique`): its checks, how it builds a
+layer, and the counting rules and export specs of the modules it produces.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from ._apply import (
     compress,
     compress_,
     compress_layer,
+    group_modules,
     input_stats,
     layer_inputs,
     project_,
@@ -22,8 +27,9 @@ from ._apply import (
 )
 from ._autoencoder import AutoDecoder, DecodedLinear, compress_linears, train_decoder
 from ._cache import VariantCache
+from ._checks import check_rule, check_shared_weight, embedding_misfit
 from ._group_lasso import block_norms, group_lasso_penalty, group_lasso_train_, reweight
-from ._groups import group_modules, shared_basis
+from ._groups import shared_basis
 from ._lowrank import InputStats, factorize, rank_transform
 from ._modules import (
     CompressedEmbedding,
@@ -34,9 +40,36 @@ from ._modules import (
 )
 from ._prune import magnitude_mask, magnitude_masks, sparsity_of
 from ._quantize import tensor_scale
+from ._techniques import (
+    Form,
+    MatrixTechnique,
+    RankTechnique,
+    RebuildContext,
+    SpecContext,
+    Technique,
+    form_for,
+    form_of_spec,
+    register_technique,
+    technique,
+    techniques,
+)
 from ._tt import TTEmbedding, TTLinear, tt_shape, tt_svd
 
 __all__ = [
+    "Form",
+    "MatrixTechnique",
+    "RankTechnique",
+    "RebuildContext",
+    "SpecContext",
+    "Technique",
+    "form_for",
+    "form_of_spec",
+    "check_rule",
+    "check_shared_weight",
+    "embedding_misfit",
+    "register_technique",
+    "technique",
+    "techniques",
     "AutoDecoder",
     "DecodedLinear",
     "block_norms",

@@ -11,36 +11,38 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from microsweep.errors import SpaceError
-from microsweep.spaces._policy import (
-    DATA_AWARE_METHODS,
-    DENSE_METHODS,
-    GROUP_METHODS,
-    LayerPolicy,
-    Policy,
-    concrete_block,
-)
+from microsweep.policy import GROUP_METHODS, METHODS, LayerPolicy, Policy
 
-from ._groups import group_modules, grouped
-from ._lowrank import InputStats, factorize, rank_transform
-from ._modules import CompressedEmbedding, CompressedLinear, LowRankLinear
-from ._prune import check_block, magnitude_mask
+from ._checks import check_shared_weight
+from ._groups import grouped
+from ._lowrank import InputStats, factorize
+from ._modules import CompressedLinear, LowRankLinear
 from ._quantize import quantize_rows, tensor_scale
-from ._tt import TTEmbedding, TTLinear
+from ._techniques import (
+    LayerCheck,
+    RankTechnique,
+    compress_matrix,
+    technique,
+    techniques,
+    tensor_train,
+)
 
 __all__ = [
     "compress",
     "compress_",
     "compress_layer",
+    "group_modules",
     "input_stats",
     "layer_inputs",
     "project_",
+    "tensor_train",
 ]
 
 
@@ -69,7 +71,7 @@ def compress_(model: nn.Module, policy: Policy, *, calib: torch.Tensor | None = 
         )
     steps = _plan(model, policy, calib)
     act_scales = _calibrate(model, [s for s in steps if s.settings.act_bits < 32], calib)
-    aware = {s.name: s.linear for s in steps if s.settings.rank_method in DATA_AWARE_METHODS}
+    aware = {s.name: s.linear for s in steps if METHODS[s.settings.rank_method].reads_inputs}
     stats = input_stats(model, aware, calib) if aware else {}
     built: dict[str, nn.Module] = {}
     for (method, _, rank), members in grouped(steps).items():
@@ -86,7 +88,7 @@ def compress_(model: nn.Module, policy: Policy, *, calib: torch.Tensor | None = 
                         f"layer {step.name!r} saw no input while calibrating; its data-aware "
                         "rank needs calib tokens whose forward pass runs through it"
                     )
-                transform = rank_transform(step.settings.rank_method, stats[step.name])
+                transform = _rank_technique(step.settings).transform(stats[step.name])
                 factors = factorize(step.linear, step.settings.rank, transform=transform)
             module = _compress_layer(step.linear, step.settings, act_scales.get(step.name), factors)
             _set_submodule(model, step.name, module)
@@ -108,7 +110,7 @@ def compress_layer(
     one per factor), so neither is computed again. `act_scale` is the input scale for
     ``settings.act_bits`` (calibrated by `compress_` on real inputs).
     """
-    if settings.rank is not None and settings.rank_method in DENSE_METHODS:
+    if settings.rank is not None and METHODS[settings.rank_method].dense_only:
         return _compress_layer(linear, settings, None)  # built from copies, never in place
     with torch.no_grad():
         if settings.rank is not None and factors is not None:
@@ -162,7 +164,8 @@ def project_(model: nn.Module) -> nn.Module:
 def _plan(model: nn.Module, policy: Policy, calib: torch.Tensor | None) -> list[_Step]:
     """Check every non-identity layer setting against the model; raise before changing any
     layer. An `nn.LSTM` whose gate matrices the policy names is swapped for a `LinearLSTM`
-    first (the same parameters and outputs; kept even when a later check refuses the policy)."""
+    first (the same parameters and outputs; kept even when a later check refuses the policy).
+    Each technique the settings ask for checks the layer too (`Technique.check_layer`)."""
     _gate_lstms_(model, [n for n, lp in policy.layers.items() if not lp.is_identity])
     module_names: dict[int, list[str]] = {}
     param_owners: dict[int, list[str]] = {}
@@ -181,8 +184,6 @@ def _plan(model: nn.Module, policy: Policy, calib: torch.Tensor | None) -> list[
         if settings.is_identity:
             continue
         linear = _find_linear(model, name)
-        if isinstance(linear, nn.Embedding):
-            _check_embedding(name, linear, settings)
         aliases = [n for n in module_names[id(linear)] if n != name]
         if aliases:
             raise SpaceError(
@@ -190,56 +191,45 @@ def _plan(model: nn.Module, policy: Policy, calib: torch.Tensor | None) -> list[
                 "would leave the other uncompressed, so give each use its own Linear"
             )
         wid = id(linear.weight)
-        if wid in weight_users:
-            raise SpaceError(
-                f"layers {weight_users[wid]!r} and {name!r} share one weight; "
-                "give compression settings to only one of them"
-            )
+        check_shared_weight(weight_users.get(wid, name), [name] if wid in weight_users else [])
         weight_users[wid] = name
-        out_f, in_f = linear.weight.shape
-        shapes = [(f"layer {name!r}", (out_f, in_f))]
-        if settings.rank is not None:
-            limit = min(out_f, in_f)
-            if settings.rank > limit:
-                raise SpaceError(
-                    f"rank {settings.rank} for layer {name!r} is above min(out, in) = {limit} "
-                    f"of its {out_f}x{in_f} weight; use a rank in 1..{limit}"
-                )
-            others = [n for n in param_owners[wid] if n != name]
-            if others:
-                raise SpaceError(
-                    f"layer {name!r} shares its weight with {others[0]!r}; low-rank "
-                    "factorization would untie it, so drop rank for this layer"
-                )
-            r = settings.rank
-            shapes = [
-                (f"layer {name!r} first factor", (r, in_f)),
-                (f"layer {name!r} second factor", (out_f, r)),
-            ]
-            if isinstance(linear, nn.Embedding):  # a (V, r) table, then a (d, r) projection
-                shapes = [
-                    (f"embedding {name!r} table factor", (out_f, r)),
-                    (f"embedding {name!r} projection factor", (in_f, r)),
-                ]
-        if settings.sparsity > 0 and settings.block is not None:
-            for what, shape in shapes:
-                check_block(shape, settings.block, what)
-        if settings.rank_method in DATA_AWARE_METHODS and calib is None:
-            raise SpaceError(
-                f"layer {name!r} factorizes with {settings.rank_method!r} SVD, which reads the "
-                "layer's inputs; pass calib=token ids of shape (B, T)"
-            )
-        if settings.act_bits < 32 and calib is None:
-            raise SpaceError(
-                f"layer {name!r} quantizes its inputs (act_bits={settings.act_bits}); "
-                "pass calib=token ids of shape (B, T) to calibrate the input scale"
-            )
+        _check_rank(name, linear, settings, [n for n in param_owners[wid] if n != name])
+        layer = LayerCheck(name, linear, settings, calib is not None)
+        for tech in techniques():
+            if tech.applies(settings):
+                tech.check_layer(layer)
         steps.append(_Step(name, linear, settings))
     if calib is not None and not isinstance(calib, torch.Tensor):
         raise SpaceError(
             f"calib is a {type(calib).__name__}; pass a LongTensor of token ids of shape (B, T)"
         )
     return steps
+
+
+def _check_rank(
+    name: str, linear: nn.Linear | nn.Embedding, settings: LayerPolicy, others: list[str]
+) -> None:
+    """What every rank method needs of a layer: a rank it has, and a weight no other module
+    holds (factorizing would untie it); a table must also keep torch's plain lookups."""
+    if isinstance(linear, nn.Embedding) and (linear.max_norm is not None or linear.sparse):
+        raise SpaceError(
+            f"embedding {name!r} uses max_norm or sparse gradients, which compression does not "
+            "keep; build it without them"
+        )
+    if settings.rank is None:
+        return
+    out_f, in_f = linear.weight.shape
+    limit = min(out_f, in_f)
+    if settings.rank > limit:
+        raise SpaceError(
+            f"rank {settings.rank} for layer {name!r} is above min(out, in) = {limit} "
+            f"of its {out_f}x{in_f} weight; use a rank in 1..{limit}"
+        )
+    if others:
+        raise SpaceError(
+            f"layer {name!r} shares its weight with {others[0]!r}; low-rank "
+            "factorization would untie it, so drop rank for this layer"
+        )
 
 
 def _gate_lstms_(model: nn.Module, names: list[str]) -> None:
@@ -259,26 +249,6 @@ def _gate_lstms_(model: nn.Module, names: list[str]) -> None:
             owners.append(parent)
     if owners:
         linear_gates_(model, owners)
-
-
-def _check_embedding(name: str, emb: nn.Embedding, settings: LayerPolicy) -> None:
-    """Refuse what an embedding table cannot take: input quantization and data-aware rank (its
-    input is token ids), and torch's renormalizing lookups (they rewrite the table)."""
-    if settings.act_bits < 32:
-        raise SpaceError(
-            f"layer {name!r} is an embedding: its input is token ids, so act_bits does not "
-            "apply; drop act_bits from its rule"
-        )
-    if settings.rank_method in DATA_AWARE_METHODS:
-        raise SpaceError(
-            f"layer {name!r} is an embedding, which factorizes by plain SVD or as a "
-            "tensor-train only; use Rank(..., method='plain') or method='tt' for it"
-        )
-    if emb.max_norm is not None or emb.sparse:
-        raise SpaceError(
-            f"embedding {name!r} uses max_norm or sparse gradients, which compression does not "
-            "keep; build it without them"
-        )
 
 
 def _find_linear(model: nn.Module, name: str) -> nn.Linear | nn.Embedding:
@@ -398,6 +368,14 @@ def _calibrate(
     return scales
 
 
+def _rank_technique(settings: LayerPolicy) -> RankTechnique:
+    """The registered technique of ``settings.rank_method``."""
+    tech = technique(settings.rank_method)
+    if not isinstance(tech, RankTechnique):
+        raise SpaceError(f"{settings.rank_method!r} is not a rank method")
+    return tech
+
+
 def _compress_layer(
     linear: nn.Linear,
     settings: LayerPolicy,
@@ -405,96 +383,38 @@ def _compress_layer(
     factors: LowRankLinear | None = None,
     masks: tuple[torch.Tensor | None, ...] | None = None,
 ) -> nn.Module:
-    """Factorize if asked (or take `factors`), then prune/quantize each weight matrix in place
-    (optionally with precomputed `masks`); the module to put in place of `linear`."""
+    """The module `linear` becomes: the rank technique of its settings builds it (taking
+    `factors` where given), or the matrix techniques prune and quantize its weight in place
+    (optionally with precomputed `masks`)."""
     masks = masks or (None, None)
-    if settings.rank is not None and settings.rank_method in GROUP_METHODS:
-        return build_group(settings.rank_method, settings.rank, {"": linear})[""]
-    if settings.rank is not None and settings.rank_method == "tt":
-        return tensor_train(linear, settings.rank)
     if settings.rank is None:
-        return _compress_matrix(linear, settings, act_scale, masks[0])
-    pair = factors if factors is not None else factorize(linear, settings.rank)
-    first = _compress_matrix(pair.first, settings, act_scale, masks[0])
-    second = _compress_matrix(pair.second, replace(settings, act_bits=32), None, masks[-1])
-    return type(pair)(first, second).train(linear.training)
+        return compress_matrix(linear, settings, act_scale, masks[0])
+    return _rank_technique(settings).build(
+        linear, settings, act_scale=act_scale, factors=factors, masks=masks
+    )
+
+
+def group_modules(
+    method: str, rank: int, linears: dict[str, nn.Module], *, seed: int = 0
+) -> dict[str, nn.Module]:
+    """The modules a group's layers become under a grouped rank `method` (see GROUP_METHODS)."""
+    for name, lin in linears.items():
+        if not isinstance(lin, nn.Linear):
+            raise SpaceError(
+                f"layer {name!r} is a {type(lin).__name__}; rank method {method!r} takes Linear "
+                "layers (and LSTM gate matrices) only"
+            )
+    if method not in GROUP_METHODS:
+        raise SpaceError(f"rank method {method!r} is not one of {', '.join(GROUP_METHODS)}")
+    tech = technique(method)
+    if not isinstance(tech, RankTechnique):
+        raise SpaceError(f"{method!r} is not a rank method")
+    return tech.build_group(rank, linears, seed=seed)
 
 
 def build_group(method: str, rank: int, linears: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """`group_modules` with gradients on (an autoencoder trains), built from copies. Small
-    decoders train on one thread: their matrices are too small to split, and a second thread
-    contending for a busy core made them many times slower."""
-    small = sum(m.weight.numel() for m in linears.values()) < 2**20
-    threads = torch.get_num_threads()
-    if method == "autoencoder" and small:
-        torch.set_num_threads(1)
-    try:
-        with torch.enable_grad():
-            return group_modules(method, rank, linears)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def tensor_train(layer: nn.Linear | nn.Embedding, rank: int) -> TTLinear | TTEmbedding:
-    """`layer` as a tensor-train of TT-rank `rank` (TT-SVD, reshaping factors from its shape),
-    built from copies of its tensors."""
-    with torch.no_grad():
-        if isinstance(layer, nn.Embedding):
-            return TTEmbedding.from_embedding(layer, rank).train(layer.training)
-        return TTLinear.from_linear(layer, rank).train(layer.training)
-
-
-def _compress_matrix(
-    linear: nn.Linear,
-    settings: LayerPolicy,
-    act_scale: torch.Tensor | None,
-    mask: torch.Tensor | None = None,
-) -> nn.Module:
-    """Prune, then quantize one Linear's weight in place (ties hold); wrap it as CompressedLinear.
-
-    `mask`, when given, is the magnitude mask for ``settings.sparsity`` (computed ahead).
-    Returns `linear` itself when nothing but rank applies to it.
-    """
-    sparse = settings.sparsity > 0
-    if not sparse and settings.bits == 32 and settings.act_bits == 32:
-        return linear
-    weight = linear.weight
-    if sparse and mask is None:
-        mask = magnitude_mask(weight, settings.sparsity, settings.block)
-    if not sparse:
-        mask = None
-    values = weight.detach() if mask is None else weight.detach() * mask
-    scale = None
-    if settings.bits < 32:
-        values, scale = quantize_rows(values, settings.bits, mask)
-    weight.copy_(values)
-    out_f, in_f = weight.shape
-    block = concrete_block(settings.block, weight.shape) if sparse and settings.block else None
-    if isinstance(linear, nn.Embedding):
-        layer: CompressedLinear = CompressedEmbedding(
-            out_f, in_f, bits=settings.bits, sparse=sparse, block=block,
-            padding_idx=linear.padding_idx,
-        )  # fmt: skip
-    else:
-        layer = CompressedLinear(
-            in_f,
-            out_f,
-            bias=linear.bias is not None,
-            bits=settings.bits,
-            act_bits=settings.act_bits,
-            sparse=sparse,
-            block=block,
-        )
-    layer.weight = weight  # the same Parameter object: a tie with an embedding is kept
-    if not isinstance(linear, nn.Embedding):
-        layer.bias = linear.bias
-    if scale is not None:
-        layer.weight_scale = scale.to(weight.dtype)
-    if mask is not None:
-        layer.mask = mask
-    if act_scale is not None:
-        layer.act_scale = act_scale.to(weight.device)
-    return layer.train(linear.training)
+    """`group_modules`, built from copies (the technique turns gradients on where it trains)."""
+    return group_modules(method, rank, linears)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from microsweep.errors import SpaceError
-from microsweep.spaces._policy import DATA_AWARE_METHODS, LayerPolicy, Policy
+from microsweep.policy import METHODS, LayerPolicy, Policy
 
 from ._apply import (
     _plan,
@@ -29,9 +29,10 @@ from ._apply import (
     layer_inputs,
 )
 from ._groups import grouped
-from ._lowrank import InputStats, factorize, rank_transform, times_transform
+from ._lowrank import InputStats, factorize, times_transform
 from ._prune import magnitude_order, mask_from_order
 from ._quantize import tensor_scale
+from ._techniques import RankTechnique, technique
 
 __all__ = ["VariantCache"]
 
@@ -74,11 +75,6 @@ class VariantCache:
         self.hits = 0
         self.misses = 0
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes the cached layers and decompositions hold now."""
-        return self._bytes
-
     def model(self, policy: Policy) -> nn.Module:
         """`policy` applied to the base: the base's modules copied, its tensors shared, and each
         changed layer a cached variant (built on first use). Raises `SpaceError` as `compress`."""
@@ -87,7 +83,7 @@ class VariantCache:
         self._pending = {
             s.name: s.linear
             for s in steps
-            if s.settings.rank_method in DATA_AWARE_METHODS
+            if METHODS[s.settings.rank_method].reads_inputs
             and (s.name, s.settings) not in self._entries  # a cached variant needs no SVD
             and (s.name, ("svd", s.settings.rank_method)) not in self._entries
         }
@@ -158,7 +154,8 @@ class VariantCache:
         if settings.act_bits < 32:
             act_scale = tensor_scale(self._input_amax(name), settings.act_bits)
         factors, masks = None, None
-        if settings.rank is not None and settings.rank_method != "tt":
+        rank_tech = technique(settings.rank_method) if settings.rank is not None else None
+        if isinstance(rank_tech, RankTechnique) and rank_tech.factorizes:
             svd, transform = self._svd(name, linear, settings.rank_method)
             factors = factorize(linear, settings.rank, svd=svd, transform=transform)
         if settings.sparsity > 0:
@@ -232,7 +229,12 @@ class VariantCache:
         w = linear.weight.detach().to(torch.float64)
         transform = None
         if method != "plain":
-            transform = rank_transform(method, self._stats(name))
+            tech = technique(method)
+            transform = (
+                tech.transform(self._stats(name)) if isinstance(tech, RankTechnique) else None
+            )
+            if transform is None:
+                raise SpaceError(f"rank method {method!r} does not factorize on calibration inputs")
             w = times_transform(w, transform[0])
         svd = tuple(torch.linalg.svd(w, full_matrices=False))
         self._put(key, (svd, transform), _nbytes([*svd, *(transform or ())]))

@@ -20,12 +20,11 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from microsweep.errors import SpaceError
-from microsweep.spaces._policy import GROUP_METHODS
+from microsweep.policy import GROUP_METHODS
 
-from ._autoencoder import compress_linears
 from ._modules import LowRankLinear
 
-__all__ = ["group_key", "group_modules", "shared_basis"]
+__all__ = ["group_key", "grouped", "shared_basis"]
 
 
 def shared_basis(linears: Mapping[str, nn.Linear], rank: int) -> dict[str, LowRankLinear]:
@@ -55,23 +54,6 @@ def shared_basis(linears: Mapping[str, nn.Linear], rank: int) -> dict[str, LowRa
             second.bias = lin.bias
         out[name] = LowRankLinear(first, second).train(lin.training)
     return out
-
-
-def group_modules(
-    method: str, rank: int, linears: Mapping[str, nn.Linear], *, seed: int = 0
-) -> dict[str, nn.Module]:
-    """The modules a group's layers become under a grouped rank `method` (see GROUP_METHODS)."""
-    for name, lin in linears.items():
-        if not isinstance(lin, nn.Linear):
-            raise SpaceError(
-                f"layer {name!r} is a {type(lin).__name__}; rank method {method!r} takes Linear "
-                "layers (and LSTM gate matrices) only"
-            )
-    if method == "shared":
-        return dict(shared_basis(linears, rank))
-    if method == "autoencoder":
-        return dict(compress_linears(dict(linears), code_dim=rank, joint=True, seed=seed))
-    raise SpaceError(f"rank method {method!r} is not one of {', '.join(GROUP_METHODS)}")
 
 
 def group_key(name: str, settings: Any) -> tuple[str, str, int]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
-from microsweep.spaces import RANK_METHODS
+from microsweep.policy import RANK_METHODS
 
 from ._modules import LowRankEmbedding, LowRankLinear
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from microsweep.errors import SpaceError
-from microsweep.spaces._policy import concrete_block
+from microsweep.policy import concrete_block
 
 __all__ = [
     "check_block",

@@ -9,6 +9,8 @@ block, padding_idx}``, ``{"type": "embedding", in, out, padding_idx}`` and
 gates, which follow as layers of their own), the tensor-train layers' own specs
 (``"tt_linear"``, ``"tt_embedding"``), and ``{"type": "decoded", ..., "decoder": spec}`` for a
 layer stored as codes (``"decoder_at"``: the path of the layer whose decoder it shares).
+The compressed forms' specs are written and read by the `Form` of the technique that produced the
+module (`microsweep.compress.form_for`, `form_of_spec`); plain layers and `LinearLSTM` here.
 The skeleton is the recipe's model with those layers swapped in, built on the meta device so
 that no memory is filled and no random numbers are drawn.
 """
@@ -22,15 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from microsweep.compress import (
-    CompressedEmbedding,
-    CompressedLinear,
-    LowRankEmbedding,
-    LowRankLinear,
-    TTEmbedding,
-    TTLinear,
-)
-from microsweep.compress._autoencoder import AutoDecoder, DecodedLinear
+from microsweep.compress import RebuildContext, SpecContext, form_for, form_of_spec
 from microsweep.errors import MicrosweepError
 from microsweep.models import LinearLSTM
 
@@ -44,17 +38,12 @@ def canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _spec(module: nn.Module) -> dict[str, Any]:
-    if isinstance(module, CompressedEmbedding):
-        return {
-            "type": "compressed_embedding",
-            "in": int(module.embedding_dim),
-            "out": int(module.num_embeddings),
-            "bits": int(module.bits),
-            "sparse": bool(module.sparse),
-            "block": list(module.block) if module.block is not None else None,
-            "padding_idx": module.padding_idx,
-        }
+def _spec(module: nn.Module, ctx: SpecContext | None = None) -> dict[str, Any]:
+    """The spec of `module`: its technique's form writes it (`microsweep.compress.form_for`);
+    plain Linear and Embedding layers and `LinearLSTM` are written here."""
+    form = form_for(type(module))
+    if form is not None:
+        return form.spec(module, ctx or SpecContext(_spec, ""))
     if type(module) is nn.Embedding:
         return {
             "type": "embedding",
@@ -62,31 +51,8 @@ def _spec(module: nn.Module) -> dict[str, Any]:
             "out": int(module.num_embeddings),
             "padding_idx": module.padding_idx,
         }
-    if isinstance(module, LowRankEmbedding):
-        return {
-            "type": "low_rank_embedding",
-            "first": _spec(module.first),
-            "second": _spec(module.second),
-        }
     if isinstance(module, LinearLSTM):
         return {"type": "linear_lstm", **_lstm_shape(module)}
-    if isinstance(module, (TTLinear, TTEmbedding)):
-        return module.spec()
-    if isinstance(module, DecodedLinear):
-        return {**module.spec(), "decoder": module.decoder.spec()}
-    if isinstance(module, CompressedLinear):
-        return {
-            "type": "compressed",
-            "in": int(module.in_features),
-            "out": int(module.out_features),
-            "bias": module.bias is not None,
-            "bits": int(module.bits),
-            "act_bits": int(module.act_bits),
-            "sparse": bool(module.sparse),
-            "block": list(module.block) if module.block is not None else None,
-        }
-    if isinstance(module, LowRankLinear):
-        return {"type": "low_rank", "first": _spec(module.first), "second": _spec(module.second)}
     if type(module) is nn.Linear:
         return {
             "type": "linear",
@@ -115,11 +81,11 @@ def _lstm_shape(module: nn.Module) -> dict[str, Any]:
 
 
 def layer_specs(model: nn.Module) -> list[list[Any]]:
-    """[path, spec] for every compressed or low-rank layer, outermost only, in module order;
+    """[path, spec] for every layer a technique produced, outermost only, in module order;
     a `LinearLSTM` comes before its gate matrices."""
     out: list[list[Any]] = []
     inside: list[str] = []
-    decoders: dict[int, str] = {}
+    first: dict[int, str] = {}  # shared parts (a group's decoder): the first path that wrote it
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in inside):
             continue
@@ -127,67 +93,30 @@ def layer_specs(model: nn.Module) -> list[list[Any]]:
             if not name:
                 raise ExportError("the model itself is an LSTM; export a whole model")
             out.append([name, _spec(module)])
-        elif isinstance(module, DecodedLinear):
-            spec = _spec(module)
-            first = decoders.setdefault(id(module.decoder), name)
-            if first != name:  # one decoder for the group: rebuilt once, then shared
-                spec["decoder_at"] = first
-            out.append([name, spec])
-            inside.append(name)
-        elif isinstance(module, (CompressedLinear, LowRankLinear, TTLinear, TTEmbedding)):
+        elif form_for(type(module)) is not None:
             if not name:
                 raise ExportError("the model itself is a compressed layer; export a whole model")
-            out.append([name, _spec(module)])
+            out.append([name, _spec(module, SpecContext(_spec, name, first))])
             inside.append(name)
     return out
 
 
-def _make(spec: Mapping[str, Any], decoder: AutoDecoder | None = None) -> nn.Module:
+def _make(spec: Mapping[str, Any], find: Any = None) -> nn.Module:
+    """An empty module of `spec` (a technique's form, or a plain layer or `LinearLSTM`);
+    `find(path)` returns a module already placed (a shared part)."""
     kind = spec["type"]
-    if kind == "tt_linear":
-        return TTLinear.from_spec(spec)
-    if kind == "tt_embedding":
-        return TTEmbedding.from_spec(spec)
-    if kind == "decoded":
-        if decoder is None:
-            decoder = AutoDecoder.from_spec(spec["decoder"])
-        return DecodedLinear.from_spec(spec, decoder)
-    if kind == "low_rank":
-        return LowRankLinear(_make(spec["first"]), _make(spec["second"]))
-    if kind == "low_rank_embedding":
-        return LowRankEmbedding(_make(spec["first"]), _make(spec["second"]))
+    form = form_of_spec(kind)
+    if form is not None:
+        return form.rebuild(spec, RebuildContext(lambda s: _make(s, find), find))
     if kind == "linear_lstm":
         shape = {k: spec[k] for k in _LSTM_KEYS}
         return LinearLSTM(int(shape.pop("input_size")), int(shape.pop("hidden_size")), **shape)
-    if kind in ("embedding", "compressed_embedding"):
+    if kind == "embedding":
         pad = spec["padding_idx"]
         pad = None if pad is None else int(pad)
-        num, dim = int(spec["out"]), int(spec["in"])
-        if kind == "embedding":
-            return nn.Embedding(num, dim, padding_idx=pad)
-        block = spec["block"]
-        return CompressedEmbedding(
-            num,
-            dim,
-            bits=int(spec["bits"]),
-            sparse=bool(spec["sparse"]),
-            block=(int(block[0]), int(block[1])) if block is not None else None,
-            padding_idx=pad,
-        )
-    in_f, out_f, bias = int(spec["in"]), int(spec["out"]), bool(spec["bias"])
+        return nn.Embedding(int(spec["out"]), int(spec["in"]), padding_idx=pad)
     if kind == "linear":
-        return nn.Linear(in_f, out_f, bias=bias)
-    if kind == "compressed":
-        block = spec["block"]
-        return CompressedLinear(
-            in_f,
-            out_f,
-            bias=bias,
-            bits=int(spec["bits"]),
-            act_bits=int(spec["act_bits"]),
-            sparse=bool(spec["sparse"]),
-            block=(int(block[0]), int(block[1])) if block is not None else None,
-        )
+        return nn.Linear(int(spec["in"]), int(spec["out"]), bias=bool(spec["bias"]))
     raise ValueError(f"unknown layer type {kind!r}")
 
 
@@ -198,12 +127,9 @@ _LSTM_KEYS = (
 
 
 def _sides(spec: Mapping[str, Any]) -> tuple[int, int]:
-    if spec["type"] == "low_rank":
-        return int(spec["first"]["in"]), int(spec["second"]["out"])
-    if spec["type"] == "low_rank_embedding":
-        return int(spec["second"]["out"]), int(spec["first"]["out"])
-    if spec["type"] == "tt_embedding":
-        return int(spec["embedding_dim"]), int(spec["num_embeddings"])
+    form = form_of_spec(spec["type"])
+    if form is not None:
+        return form.sides(spec)
     return int(spec["in"]), int(spec["out"])
 
 
@@ -215,7 +141,8 @@ def _replaceable(old: nn.Module | None, spec: Mapping[str, Any]) -> tuple[str, t
         if type(old) is nn.LSTM or isinstance(old, LinearLSTM):
             return "LSTM", tuple(_lstm_shape(old).items())
         return "", ()
-    if kind in ("embedding", "compressed_embedding", "low_rank_embedding", "tt_embedding"):
+    form = form_of_spec(str(kind))
+    if kind == "embedding" or (form is not None and form.replaces_table(spec)):
         if type(old) is nn.Embedding:
             return "Embedding", (old.embedding_dim, old.num_embeddings)
         return "", ()
@@ -275,10 +202,7 @@ def skeleton(
                     "in the recipe's model"
                 )
             try:
-                shared = None
-                if spec.get("decoder_at") is not None:
-                    shared = model.get_submodule(str(spec["decoder_at"])).decoder
-                new = _make(spec, shared)
+                new = _make(spec, model.get_submodule)
                 sides = tuple(_lstm_shape(new).items()) if what == "LSTM" else _sides(spec)
             except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
                 raise ExportError(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from microsweep.compress import CompressedLinear
+from microsweep.compress import form_for
 from microsweep.errors import MicrosweepError
 
 from ._bits import packed_len, unpack_mask, unpack_signed
@@ -155,9 +155,9 @@ def _fill(
             if keep is not None and field == "weight":
                 masks[mpath] = keep
     for name, module in model.named_modules():
-        if isinstance(module, CompressedLinear) and module.sparse:
-            keep = masks.get(name)
-            module.mask = keep.clone() if keep is not None else module.weight.detach() != 0
+        form = form_for(type(module))
+        if form is not None:
+            form.restore(module, masks.get(name))
     empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if empty:
         raise ExportError(f"{where} is for another model: it has no values for {empty[0]!r}")

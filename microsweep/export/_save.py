@@ -16,12 +16,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from microsweep.compress import CompressedLinear
-from microsweep.score import CountConfig, RuleContext, count, find_rule
-from microsweep.score._counter import FREEBIE_BITS, _key, _priority
-from microsweep.score._formulas import block_grid
-from microsweep.score._registry import Stored
-from microsweep.spaces import Policy
+from microsweep.compress import form_for
+from microsweep.policy import Policy
+from microsweep.score import (
+    FREEBIE_BITS,
+    CountConfig,
+    RuleContext,
+    Stored,
+    block_grid,
+    count,
+    find_rule,
+    storage_key,
+    store_priority,
+)
 
 from ._bits import pack_mask, pack_signed
 from ._format import FORMAT_VERSION, ExportError, write_container
@@ -76,7 +83,7 @@ def _tensor_refs(model: nn.Module) -> dict[tuple[Any, ...], list[str]]:
             if t is None:
                 continue
             name = f"{mname}.{field}" if mname else field
-            names = refs.setdefault(_key(t), [])
+            names = refs.setdefault(storage_key(t), [])
             if name not in names:
                 names.append(name)
     return refs
@@ -93,9 +100,9 @@ def _plan(model: nn.Module, config: CountConfig, freebie: bool) -> list[_Entry]:
     owners: dict[tuple[Any, ...], tuple[int, Stored]] = {}
     for i, (_, _, cost) in enumerate(costs):
         for stored in cost.stores:
-            key = _key(stored.tensor)
+            key = storage_key(stored.tensor)
             held = owners.get(key)
-            if held is None or _priority(stored) > _priority(held[1]):
+            if held is None or store_priority(stored) > store_priority(held[1]):
                 owners[key] = (i, stored)
     refs = _tensor_refs(model)
 
@@ -130,39 +137,36 @@ def _plan(model: nn.Module, config: CountConfig, freebie: bool) -> list[_Entry]:
             entries.append(entry)
             continue
         bits = width(stored.bits)
-        is_weight = isinstance(module, CompressedLinear) and stored.tensor is module.weight
+        form = form_for(type(module))
+        grid = form.int_grid(module, stored.tensor) if form is not None else None
         if bits < 32 and not freebie:
-            if not (is_weight and module.weight_scale is not None):
+            if grid is None:
                 raise ExportError(
                     f"{what} is counted at {bits} bits but is not a CompressedLinear weight; "
                     "only those have integer grids to store"
                 )
             entry.values, entry.bits = "int", bits
-            entry.scale_key = _key(module.weight_scale)
+            entry.scale_key = storage_key(grid)
         else:
             entry.values, entry.bits = raw(bits, what), bits
         if stored.sparse or config.mask == "always":
             entry.block = stored.block if stored.sparse else None
             entry.mask = "block" if entry.block is not None else "element"
-            if is_weight and module.mask is not None:
-                entry.keep = module.mask.detach()
+            if form is not None:
+                entry.keep = form.keep_mask(module, stored.tensor)
         entries.append(entry)
 
     stored_keys = {e.key for e in entries}
     for name, module, cost in costs:
-        expected: list[torch.Tensor] = []
-        if isinstance(module, CompressedLinear):
-            if module.bits < 32 and module.weight_scale is not None:
-                expected.append(module.weight_scale)
-            if module.act_bits < 32 and module.act_scale is not None:
-                expected.append(module.act_scale)
+        form = form_for(type(module))
+        expected: list[torch.Tensor] = form.constants(module) if form is not None else []
         if sorted(cost.consts) != sorted((t.numel(), 32) for t in expected):
             raise ExportError(
                 f"{name or '<model>'!r} ({type(module).__name__}) declares constants the exporter "
                 "does not know how to store; register an exporter-aware layer or drop them"
             )
         for t in expected:
-            key = _key(t)
+            key = storage_key(t)
             where = names(key, f"a constant of {name!r}")
             if t.dtype != torch.float32:
                 raise ExportError(f"{where[0]} is {t.dtype}; the exporter stores float32 only")
@@ -171,8 +175,9 @@ def _plan(model: nn.Module, config: CountConfig, freebie: bool) -> list[_Entry]:
             stored_keys.add(key)
     for mname, module in model.named_modules():
         for field, buf in module._buffers.items():
-            derived = isinstance(module, CompressedLinear) and field == "mask"
-            if buf is not None and not derived and _key(buf) not in stored_keys:
+            form = form_for(type(module))
+            derived = form is not None and field in form.derived_buffers()
+            if buf is not None and not derived and storage_key(buf) not in stored_keys:
                 raise ExportError(
                     f"buffer {mname}.{field} is neither counted nor known to the exporter; "
                     "remove it or register a counting rule that stores it"

@@ -1,14 +1,31 @@
 """MicroNet scoring: parameter and op counts by per-module rules, the score, and perplexity.
 
 ``count(model, context=...)`` walks the model with the registered rules (`register_rule` adds
-one for a new layer type); `micronet_score` normalizes by a `Baseline`; `perplexity` measures a
-model on the fixed windows of `eval_windows`.
+one for a new layer type; microsweep's compressed layers register theirs from
+`microsweep.compress`, and the helpers such rules share are public here); `micronet_score`
+normalizes by a `Baseline`; `perplexity` measures a model on the fixed windows of
+`eval_windows`.
 """
 
 from microsweep.score._config import CountConfig
-from microsweep.score._counter import Counts, LayerCount, count
+from microsweep.score._counter import (
+    FREEBIE_BITS,
+    Counts,
+    LayerCount,
+    count,
+    storage_key,
+    store_priority,
+)
 from microsweep.score._early_stop import ChunkVerdict, StopRule
-from microsweep.score._formulas import linear_adds, mask_bits, mult_weight, op_weight, tensor_bits
+from microsweep.score._formulas import (
+    block_grid,
+    block_pattern,
+    linear_adds,
+    mask_bits,
+    mult_weight,
+    op_weight,
+    tensor_bits,
+)
 from microsweep.score._perplexity import (
     eval_windows,
     mean_context,
@@ -17,19 +34,33 @@ from microsweep.score._perplexity import (
     window_nll,
 )
 from microsweep.score._registry import (
+    FLOAT_BITS,
     Cost,
+    Rule,
     RuleContext,
+    Stored,
     find_rule,
     register_rule,
     register_rules,
     rules_defined_in,
 )
 from microsweep.score._rounding import round_to_storage
+from microsweep.score._rules import linear_ops, matvec
 from microsweep.score._score import CHALLENGE_BASELINE, Baseline, micronet_score
 from microsweep.score._trace import UncountedWork, uncounted_work
 
 __all__ = [
     "CHALLENGE_BASELINE",
+    "FLOAT_BITS",
+    "FREEBIE_BITS",
+    "Rule",
+    "Stored",
+    "block_grid",
+    "block_pattern",
+    "linear_ops",
+    "matvec",
+    "storage_key",
+    "store_priority",
     "Baseline",
     "ChunkVerdict",
     "Cost",

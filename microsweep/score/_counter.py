@@ -17,18 +17,26 @@ import torch
 from torch import nn
 
 import microsweep.score._rules  # noqa: F401  (registers the built-in rules)
-import microsweep.score._rules_ae  # noqa: F401  (autoencoder-decoded layers)
-import microsweep.score._rules_tt  # noqa: F401  (tensor-train layers)
 from microsweep.errors import UsageError
 from microsweep.score._config import CountConfig
 from microsweep.score._formulas import block_pattern, mask_bits, op_weight, tensor_bits
-from microsweep.score._registry import Cost, RuleContext, Stored, find_rule
+from microsweep.score._registry import Cost, RuleContext, Stored, find_rule, rules_on_need
 
-__all__ = ["Counts", "LayerCount", "count"]
+__all__ = ["FREEBIE_BITS", "Counts", "LayerCount", "count", "storage_key", "store_priority"]
 
 FREEBIE_BITS = 16
 _CONTAINERS = (nn.ParameterList, nn.ParameterDict)
 """Parameter holders counted by their parent module's rule, never on their own."""
+
+
+def _hf_rules() -> bool:
+    """Register the rules for transformers' GPT-2 and Llama modules (on first need)."""
+    from microsweep.score._hf_rules import register_hf_rules
+
+    return register_hf_rules()
+
+
+rules_on_need("transformers.", _hf_rules)
 
 
 @dataclass(frozen=True)
@@ -163,7 +171,7 @@ class Counts:
         return "\n".join([line(head), rule, *map(line, rows[1:]), rule, line(total), footer])
 
 
-def _key(tensor: torch.Tensor) -> tuple[Any, ...]:
+def storage_key(tensor: torch.Tensor) -> tuple[Any, ...]:
     """Identity of the stored data: views of the same memory with the same layout are one."""
     if tensor.device.type != "meta" and tensor.numel() > 0:
         return (
@@ -178,7 +186,9 @@ def _key(tensor: torch.Tensor) -> tuple[Any, ...]:
     return ("id", id(tensor))
 
 
-def _priority(stored: Stored) -> tuple[bool, bool]:
+def store_priority(stored: Stored) -> tuple[bool, bool]:
+    """Which of several claims on one tensor decides how it is stored: a compressed module's
+    spec beats a plain one, and a stored claim beats a folded one (larger wins)."""
     return (stored.compressed, not stored.folded)
 
 
@@ -228,12 +238,12 @@ def count(
     owners: dict[tuple[Any, ...], tuple[int, Stored]] = {}
     for i, (_, cost) in enumerate(costs):
         for stored in cost.stores:
-            key = _key(stored.tensor)
+            key = storage_key(stored.tensor)
             held = owners.get(key)
-            if held is None or _priority(stored) > _priority(held[1]):
+            if held is None or store_priority(stored) > store_priority(held[1]):
                 owners[key] = (i, stored)
     for pname, param in model.named_parameters():
-        if _key(param) not in owners:
+        if storage_key(param) not in owners:
             mname = pname.rpartition(".")[0]
             mtype = type(model.get_submodule(mname)).__name__
             raise UsageError(

@@ -20,7 +20,7 @@ from torch import nn
 from microsweep.errors import UsageError
 from microsweep.score._config import CountConfig
 
-__all__ = ["Cost", "Rule", "RuleContext", "Stored", "find_rule", "register_rule"]
+__all__ = ["Cost", "Rule", "RuleContext", "Stored", "find_rule", "register_rule", "rules_on_need"]
 
 FLOAT_BITS = 32
 """Width of an unquantized value (fp32) before the freebie is applied."""
@@ -214,20 +214,29 @@ def register_rule(module_type: type[nn.Module]) -> Callable[[R], R]:
 
 
 def find_rule(module_type: type) -> Rule | None:
-    """The rule for the nearest class in `module_type`'s MRO that has one, or None. The rules
-    for transformers' modules register on first need, in whichever process counts."""
+    """The rule for the nearest class in `module_type`'s MRO that has one, or None. Rules for a
+    library's modules (transformers') register on first need (`rules_on_need`), in whichever
+    process counts."""
     for cls in module_type.__mro__:
         rule = _RULES.get(cls)
         if rule is not None:
             return rule
-    if str(getattr(module_type, "__module__", "")).startswith("transformers."):
-        from microsweep.score._hf_rules import register_hf_rules
-
-        if register_hf_rules():
+    home = str(getattr(module_type, "__module__", ""))
+    for prefix, load in _ON_NEED.items():
+        if home.startswith(prefix) and load():
             for cls in module_type.__mro__:
                 if cls in _RULES:
                     return _RULES[cls]
     return None
+
+
+_ON_NEED: dict[str, Callable[[], bool]] = {}
+
+
+def rules_on_need(prefix: str, load: Callable[[], bool]) -> None:
+    """Call `load` (which registers rules and says whether it did) the first time `find_rule`
+    meets a type from a module under `prefix` with no rule, such as ``"transformers."``."""
+    _ON_NEED[prefix] = load
 
 
 def rules_defined_in(module_name: str) -> dict[type, Rule]:

@@ -1,4 +1,5 @@
-"""Built-in counting rules: torch layers, microsweep's compressed layers and the built-in models.
+"""Built-in counting rules: torch layers and the built-in models (the rules of microsweep's
+compressed layers live with their techniques in `microsweep.compress`).
 
 Each rule counts one module per token, online, batch size 1 (scoring reference §3), and leaves
 its children to their own rules. Conventions, where the rules leave a choice:
@@ -29,22 +30,16 @@ import math
 import torch
 from torch import nn
 
-from microsweep.compress._modules import (
-    CompressedEmbedding,
-    CompressedLinear,
-    LowRankEmbedding,
-    LowRankLinear,
-)
 from microsweep.models._gates import LinearLSTM
 from microsweep.models.gpt import GPT, Block, CausalSelfAttention
 from microsweep.models.lstm import LSTMLM
 from microsweep.score._formulas import block_pattern, linear_adds
 from microsweep.score._registry import FLOAT_BITS, Cost, Rule, RuleContext, register_rule
 
-__all__: list[str] = []
+__all__ = ["linear_ops", "matvec"]
 
 
-def _matvec(
+def matvec(
     cost: Cost,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -70,12 +65,12 @@ def _matvec(
     return nnz
 
 
-def _linear_ops(
+def linear_ops(
     cost: Cost, module: nn.Module, ctx: RuleContext, *, bits: int, act_bits: int
 ) -> tuple[int, int]:
     """Count a linear module's ``W x + b``; returns (nnz, numel) of its weight."""
     block = getattr(module, "block", None) if getattr(module, "sparse", False) else None
-    nnz = _matvec(cost, module.weight, module.bias, ctx, bits=bits, act_bits=act_bits, block=block)
+    nnz = matvec(cost, module.weight, module.bias, ctx, bits=bits, act_bits=act_bits, block=block)
     return nnz, module.weight.numel()
 
 
@@ -85,56 +80,9 @@ def _linear(module: nn.Linear, name: str, ctx: RuleContext) -> Cost:
     cost.store(module.weight)
     if module.bias is not None:
         cost.store(module.bias)
-    nnz, numel = _linear_ops(cost, module, ctx, bits=FLOAT_BITS, act_bits=FLOAT_BITS)
+    nnz, numel = linear_ops(cost, module, ctx, bits=FLOAT_BITS, act_bits=FLOAT_BITS)
     cost.sparsity = 1 - nnz / numel if numel else 0.0
     return cost
-
-
-@register_rule(CompressedLinear)
-def _compressed_linear(module: CompressedLinear, name: str, ctx: RuleContext) -> Cost:
-    """Weight at `bits` (sparse or block-sparse when `sparse`), fp32 bias, fp32 scales."""
-    bits, act_bits = int(module.bits), int(module.act_bits)
-    cost = Cost("compressed_linear", bits=bits, act_bits=act_bits)
-    block = module.block if module.sparse else None
-    cost.store(module.weight, bits=bits, sparse=module.sparse, block=block, compressed=True)
-    if module.bias is not None:
-        cost.store(module.bias, compressed=True)
-    if bits < FLOAT_BITS and module.weight_scale is not None:
-        cost.const(module.weight_scale.numel())
-    if act_bits < FLOAT_BITS and module.act_scale is not None:
-        cost.const(module.act_scale.numel())
-    nnz, numel = _linear_ops(cost, module, ctx, bits=bits, act_bits=act_bits)
-    cost.sparsity = 1 - nnz / numel if numel else 0.0
-    return cost
-
-
-@register_rule(LowRankLinear)
-def _low_rank(module: LowRankLinear, name: str, ctx: RuleContext) -> Cost:
-    """Nothing of its own: `first` and `second` are counted as linears; the row shows the rank."""
-    return Cost("low_rank", rank=int(module.rank))
-
-
-@register_rule(CompressedEmbedding)
-def _compressed_embedding(module: CompressedEmbedding, name: str, ctx: RuleContext) -> Cost:
-    """The table at `bits` (sparse or block-sparse when `sparse`) with fp32 per-row scales; a
-    lookup is indexing (0 ops)."""
-    bits = int(module.bits)
-    cost = Cost("compressed_embedding", bits=bits, act_bits=FLOAT_BITS)
-    block = module.block if module.sparse else None
-    cost.store(module.weight, bits=bits, sparse=module.sparse, block=block, compressed=True)
-    if bits < FLOAT_BITS and module.weight_scale is not None:
-        cost.const(module.weight_scale.numel())
-    weight = module.weight.detach()
-    kept = block_pattern(weight, block) if block is not None else weight != 0
-    cost.sparsity = 1 - int(kept.sum()) / weight.numel() if weight.numel() else 0.0
-    return cost
-
-
-@register_rule(LowRankEmbedding)
-def _low_rank_embedding(module: LowRankEmbedding, name: str, ctx: RuleContext) -> Cost:
-    """Nothing of its own: the (V, r) table is counted as an embedding and the r -> d
-    projection as a linear (r x d multiplies a token); the row shows the rank."""
-    return Cost("low_rank_embedding", rank=int(module.rank))
 
 
 @register_rule(nn.Embedding)
@@ -271,7 +219,7 @@ def _multihead_attention(module: nn.MultiheadAttention, name: str, ctx: RuleCont
         biases = [None if bias is None else bias[i * e : (i + 1) * e] for i in range(3)]
     for weight, b in zip(weights, biases, strict=True):
         cost.store(weight)
-        _matvec(cost, weight, b, ctx)
+        matvec(cost, weight, b, ctx)
     for extra in (bias, module.bias_k, module.bias_v):
         if extra is not None:
             cost.store(extra)
@@ -303,11 +251,11 @@ def _lstm_cell(
     for tensor in (w_ih, w_hh, b_ih, b_hh, w_hr):
         if tensor is not None:
             cost.store(tensor)
-    _matvec(cost, w_ih, b_ih, ctx)
-    _matvec(cost, w_hh, b_hh, ctx)
+    matvec(cost, w_ih, b_ih, ctx)
+    matvec(cost, w_hh, b_hh, ctx)
     _lstm_gate_math(cost, h)
     if w_hr is not None:
-        _matvec(cost, w_hr, None, ctx)
+        matvec(cost, w_hr, None, ctx)
 
 
 def _lstm_gate_math(cost: Cost, h: int) -> None:
