@@ -198,30 +198,9 @@ def finish_trial(session: Session, trial_id: int, trial: FrozenTrial) -> None:
             for name, value in trial.params.items()
         ],
     )
-    values = trial.values or []
-    score = trial.user_attrs.get("score")
-    if trial.state == TrialState.PRUNED and len(values) == 1 and isinstance(score, (int, float)):
-        values = [float(score)]  # not Optuna's last intermediate value: a perplexity here
-    value_rows = []
-    for objective, value in enumerate(values):
-        stored, kind = models.TrialValueModel.value_to_stored_repr(value)
-        value_rows.append(
-            {"trial_id": trial_id, "objective": objective, "value": stored, "value_type": kind}
-        )
+    value_rows, inter_rows = _value_rows(models, trial_id, trial)
     bulk(models.TrialValueModel, value_rows)
-    inter = models.TrialIntermediateValueModel
-    inter_rows = []
-    for step, value in trial.intermediate_values.items():
-        stored, kind = inter.intermediate_value_to_stored_repr(value)
-        inter_rows.append(
-            {
-                "trial_id": trial_id,
-                "step": step,
-                "intermediate_value": stored,
-                "intermediate_value_type": kind,
-            }
-        )
-    bulk(inter, inter_rows)
+    bulk(models.TrialIntermediateValueModel, inter_rows)
     system = dict(trial.system_attrs)
     named = [v for k, v in system.items() if k.startswith("constraints:")]
     if named and "constraints" not in system:
@@ -238,3 +217,35 @@ def finish_trial(session: Session, trial_id: int, trial: FrozenTrial) -> None:
                 for k, v in attrs.items()
             ],
         )
+
+
+def _value_rows(
+    models: Any, trial_id: int, trial: FrozenTrial
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The trial's objective values (a PRUNED trial's value is its score) and its intermediate
+    values, as rows of Optuna's two value tables in Optuna's stored representation."""
+    from optuna.trial import TrialState
+
+    values = trial.values or []
+    score = trial.user_attrs.get("score")
+    if trial.state == TrialState.PRUNED and len(values) == 1 and isinstance(score, (int, float)):
+        values = [float(score)]  # not Optuna's last intermediate value: a perplexity here
+    value_rows = []
+    for objective, value in enumerate(values):
+        stored, kind = models.TrialValueModel.value_to_stored_repr(value)
+        value_rows.append(
+            {"trial_id": trial_id, "objective": objective, "value": stored, "value_type": kind}
+        )
+    inter = models.TrialIntermediateValueModel
+    inter_rows = []
+    for step, value in trial.intermediate_values.items():
+        stored, kind = inter.intermediate_value_to_stored_repr(value)
+        inter_rows.append(
+            {
+                "trial_id": trial_id,
+                "step": step,
+                "intermediate_value": stored,
+                "intermediate_value_type": kind,
+            }
+        )
+    return value_rows, inter_rows
