@@ -332,7 +332,7 @@ def part_trial(args: argparse.Namespace, tmp: Path) -> dict:
         calib=prepared.calib,
         train_tokens=prepared.train_tokens,
     )
-    dense = [runner.run(-1, Policy({}).to_json())["timings"]["evaluate"] for _ in range(5)]
+    dense = [runner.run(-1, Policy({}).to_json()).timings["evaluate"] for _ in range(5)]
     dense_s = statistics.median(dense)
     out = {"dense_evaluate_s": dense_s, "trial_over_dense_eval": {}}
     for mode in ("in_process", "ray"):

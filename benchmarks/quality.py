@@ -169,8 +169,8 @@ def _uniform_grid(space_path: str, rank_levels: int) -> dict:
     sf = load_space_file(space_path)
     prepared = prepare(sf, 0)
     dense = measure_dense(sf, prepared)
-    ceiling = sf.objective.ceiling(dense["perplexity"])
-    baseline = Baseline(dense["params"], dense["ops"])
+    ceiling = sf.objective.bound(dense.perplexity).value
+    baseline = Baseline(dense.params, dense.ops)
     prepared = with_stop_rule(sf, prepared, dense, ceiling)
     planner = Planner(
         sf.space,
@@ -196,13 +196,13 @@ def _uniform_grid(space_path: str, rank_levels: int) -> dict:
             break  # sorted by exact score: nothing later can beat the best feasible one
         res = runner.run(evaluated, planner.policy(plan.choice).to_json())
         evaluated += 1
-        if res["status"] != "ok":
+        if not res.ok:
             continue
-        score = micronet_score(res["params"], res["ops"], baseline)
-        if res["perplexity"] <= ceiling:
+        score = micronet_score(res.params, res.ops, baseline)
+        if res.perplexity <= ceiling:
             best = {
                 "score": score,
-                "perplexity": res["perplexity"],
+                "perplexity": res.perplexity,
                 "policy": planner.choices(plan.choice),
             }
     return {
@@ -211,7 +211,7 @@ def _uniform_grid(space_path: str, rank_levels: int) -> dict:
         "evaluated": evaluated,
         "best": best,
         "seconds": time.perf_counter() - started,
-        "dense_perplexity": dense["perplexity"],
+        "dense_perplexity": dense.perplexity,
         "ceiling": ceiling,
     }
 
