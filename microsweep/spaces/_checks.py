@@ -1,67 +1,27 @@
 """Definition-time checks: what a rule may ask of the layers it takes, refused with one line
-before any trial runs. They read plain layer descriptions (`LayerInfo`), never the model."""
+before any trial runs. What a technique allows is asked of the technique (`microsweep.compress`);
+what a layer's shape allows is checked here. Both read plain layer descriptions (`LayerInfo`),
+never the model."""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
+from microsweep.compress import check_rule as check_techniques
+from microsweep.compress import check_shared_weight
 from microsweep.errors import SpaceError, UsageError
+from microsweep.policy import concrete_block
 from microsweep.spaces._knobs import Rank, Sparsity
 from microsweep.spaces._layers import LayerInfo
-from microsweep.spaces._policy import DENSE_METHODS, concrete_block
-from microsweep.spaces._rules import Rule, misfit
+from microsweep.spaces._rules import Rule
 
 __all__ = ["check_gate_owners", "check_rule"]
 
 
-def _check_method(rule: Rule, members: Sequence[LayerInfo]) -> None:
-    """What the rule's rank method asks of the whole rule: dense-only methods take no other
-    knob, a shared basis needs tied=True and one input size, a joint decoder one input size."""
-    rank_knob = rule.settings.get("rank")
-    method = rank_knob.method if isinstance(rank_knob, Rank) else "plain"
-    if method in DENSE_METHODS:
-        for key in ("sparsity", "bits", "act_bits"):
-            knob = rule.settings.get(key)
-            if knob is not None and not (knob.is_constant and knob.suggest(None, key) in (
-                0.0, 32)):  # fmt: skip
-                raise SpaceError(
-                    f"rule {rule.key!r}: Rank(..., method={method!r}) keeps its factors "
-                    f"dense at fp32; drop {key} from this rule"
-                )
-    if method == "shared":
-        if not rule.tied:
-            raise SpaceError(
-                f"rule {rule.key!r}: Rank(..., method='shared') shares one basis across "
-                "the rule's layers; add tied=True"
-            )
-        if len({i.in_features for i in members}) > 1:
-            raise SpaceError(
-                f"rule {rule.key!r}: a shared basis needs layers with one input size; "
-                f"{members[0].name!r} and others differ"
-            )
-    if method == "autoencoder" and rule.tied and len({i.in_features for i in members}) > 1:
-        raise SpaceError(
-            f"rule {rule.key!r}: a joint decoder (tied=True) needs layers with one "
-            "input size; split the rule or drop tied"
-        )
-
-
 def _check_weight(rule: Rule, info: LayerInfo, assigned: Collection[str]) -> None:
-    """What a layer's weight allows: a named table must fit the rule, a tied weight takes
-    settings from one side only and no rank (factors would untie it)."""
-    if info.kind == "embedding":
-        why = misfit(rule.settings, info)
-        if why:
-            raise SpaceError(
-                f"rule {rule.key!r}: layer {info.name!r} is an embedding table and {why}; give "
-                "it a rule of its own without that setting"
-            )
-    both = [n for n in info.shared_with if n in assigned]
-    if both:
-        raise SpaceError(
-            f"layers {info.name!r} and {both[0]!r} share one weight (tied); give "
-            "compression settings to only one of them"
-        )
+    """What a layer's weight allows: a tied weight takes settings from one side only and no
+    rank (factors would untie it)."""
+    check_shared_weight(info.name, [n for n in info.shared_with if n in assigned])
     if rule.settings.get("rank") is not None and info.shared_with:
         raise SpaceError(
             f"layer {info.name!r} shares its weight with {info.shared_with[0]!r}; "
@@ -97,9 +57,14 @@ def _check_shape(rule: Rule, info: LayerInfo) -> None:
 
 
 def check_rule(rule: Rule, members: Sequence[LayerInfo], assigned: Collection[str]) -> None:
-    """Everything the rule's techniques ask of its layers `members` (`assigned`: every layer
-    some rule controls, for tied weights); the first misfit is refused with one line."""
-    _check_method(rule, members)
+    """Everything the rule asks of its layers `members` (`assigned`: every layer some rule
+    controls, for tied weights): first what its techniques allow, then each layer's weight and
+    shape; the first misfit is refused with one line."""
+    rank = rule.settings.get("rank")
+    method = rank.method if isinstance(rank, Rank) else "plain"
+    check_techniques(
+        method, rule_key=rule.key, settings=rule.settings, members=members, tied=rule.tied
+    )
     for info in members:
         _check_weight(rule, info, assigned)
         _check_shape(rule, info)

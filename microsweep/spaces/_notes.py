@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from microsweep.policy import concrete_block
 from microsweep.spaces._knobs import Bits, Rank, Sparsity
 from microsweep.spaces._layers import LayerInfo
-from microsweep.spaces._policy import concrete_block
 from microsweep.spaces._rules import Rule, TableChoice
 
 __all__ = ["hygiene", "table_notes"]

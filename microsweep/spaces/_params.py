@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from microsweep.errors import SpaceError
+from microsweep.policy import GROUP_METHODS, LayerPolicy, Policy
 from microsweep.spaces._knobs import Knob, Rank, Sparsity
 from microsweep.spaces._layers import LayerInfo, Unit
-from microsweep.spaces._policy import GROUP_METHODS, LayerPolicy, Policy
 from microsweep.spaces._rules import Rule
 
 if TYPE_CHECKING:

@@ -16,10 +16,11 @@ from typing import Any
 
 from torch import nn
 
+from microsweep.compress import embedding_misfit
 from microsweep.errors import SpaceError
+from microsweep.policy import VALID_BITS
 from microsweep.spaces._knobs import Bits, Knob, Rank, Sparsity
 from microsweep.spaces._layers import LayerInfo
-from microsweep.spaces._policy import VALID_BITS
 
 __all__ = [
     "LAYER_KNOBS",
@@ -73,17 +74,9 @@ class TableChoice:
 
 
 def misfit(settings: Mapping[str, Any], info: LayerInfo) -> str | None:
-    """Why rule `settings` cannot apply to embedding table `info`, or None."""
-    act = settings.get("act_bits")
-    if isinstance(act, Bits) and any(b < 32 for b in act.choices):
-        return "its input is token ids, so act_bits does not apply"
-    rank = settings.get("rank")
-    if isinstance(rank, Rank):
-        if rank.method not in ("plain", "tt"):
-            return f"a table takes Rank(..., method='plain' or 'tt') only, not {rank.method!r}"
-        if info.shared_with:
-            return f"it is tied to {info.shared_with[0]!r} and rank would untie it"
-    return None
+    """Why rule `settings` cannot apply to embedding table `info`, or None: the techniques
+    decide, and a pattern rule leaves such a table alone."""
+    return embedding_misfit(settings, info.shared_with)
 
 
 def _bad(rule: str, key: str, value: Any) -> Any:

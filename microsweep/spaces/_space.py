@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from microsweep.errors import SpaceError, SpaceWarning
+from microsweep.policy import Policy
 from microsweep.spaces import _params
 from microsweep.spaces._checks import check_gate_owners, check_rule
 from microsweep.spaces._knobs import Knob
 from microsweep.spaces._layers import LayerInfo, Unit, find_layers
 from microsweep.spaces._notes import hygiene, table_notes
 from microsweep.spaces._params import layer_policy
-from microsweep.spaces._policy import Policy
 from microsweep.spaces._rules import Rule, assign, parse_hyper, parse_rule
 
 if TYPE_CHECKING:
