@@ -294,7 +294,9 @@ def test_gate_of_reverse_direction_and_unknown_gate():
         compress(model, Policy(layers={"rnn.weight_hh_l1": LayerPolicy(bits=8)}))
 
 
-def test_space_over_lstm_gates_converts_the_model_first():
+def test_space_over_lstm_gates_leaves_the_model_and_prepare_converts_it():
+    from microsweep.prepare import prepare_model
+
     model = _lstmlm()
     ids = _ids()
     with torch.no_grad():
@@ -305,6 +307,8 @@ def test_space_over_lstm_gates_converts_the_model_first():
         space = Space(
             model, rules={"lstm.weight_*": dict(sparsity=Sparsity(0.0, 0.5), bits=Bits(4, 8))}
         )
+    assert type(model.lstm) is torch.nn.LSTM  # building a space changes nothing
+    assert prepare_model(space) is model  # the sweep prepares the model in place
     assert isinstance(model.lstm, LinearLSTM)
     assert model.lstm.weight_hh_l0.weight is weight  # shared, not copied
     with torch.no_grad():

@@ -21,6 +21,7 @@ from microsweep.prepare._spacefile import (
     SpaceFile,
     load_space_file,
     load_space_source,
+    prepare_model,
     space_from_objects,
 )
 
@@ -39,6 +40,7 @@ __all__ = [
     "measure_dense",
     "model_fingerprint",
     "prepare",
+    "prepare_model",
     "recipe_of",
     "reopen_space",
     "space_from_objects",
