@@ -4,7 +4,7 @@ The small setting of the RNN-compression work: 2 LSTM layers of 200, embedding =
 embedding and softmax. Only PTB's validation and test splits are at hand here, so the model
 trains on `valid.txt` and is evaluated on `test.txt` (set MICROSWEEP_DATA to a folder holding
 ptb/, or pass path=). The rules name the gate matrices as torch names the LSTM's parameters;
-the space runs the LSTM with one Linear per gate matrix so each can be pruned, quantized or
+the sweep runs the LSTM with one Linear per gate matrix so each can be pruned, quantized or
 factorized. The tied table holds most of the parameters and feeds the head's operations.
 """
 
