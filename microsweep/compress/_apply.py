@@ -26,6 +26,7 @@ from ._lowrank import InputStats, factorize
 from ._modules import CompressedLinear, LowRankLinear
 from ._quantize import quantize_rows, tensor_scale
 from ._techniques import (
+    Given,
     LayerCheck,
     RankTechnique,
     compress_matrix,
@@ -389,9 +390,7 @@ def _compress_layer(
     masks = masks or (None, None)
     if settings.rank is None:
         return compress_matrix(linear, settings, act_scale, masks[0])
-    return _rank_technique(settings).build(
-        linear, settings, act_scale=act_scale, factors=factors, masks=masks
-    )
+    return _rank_technique(settings).build(linear, settings, Given(act_scale, factors, masks))
 
 
 def group_modules(

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -373,13 +373,79 @@ def _spec_ranks(ranks: Any, d: int) -> tuple[int, ...]:
     return tuple(_positive_int(r, "TT rank") for r in ranks)
 
 
-class TTLinear(nn.Module):
+class _TTMatrix(nn.Module):
+    """What `TTLinear` and `TTEmbedding` share: a (rows, cols) matrix held as TT cores of
+    (r_{k-1}, row_k, col_k, r_k), built by TT-SVD and described by a spec; `kind` is the spec's
+    type and `factor_keys` the spec's names for the row and column factors."""
+
+    kind: ClassVar[str]
+    factor_keys: ClassVar[tuple[str, str]]
+    cols_first: ClassVar[bool]
+    """Whether the constructor takes the column side first (``nn.Linear(in, out)``)."""
+
+    def _init_cores(
+        self,
+        shape: tuple[int, int],
+        row_factors: Sequence[int],
+        col_factors: Sequence[int],
+        ranks: int | Sequence[int],
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Check the factors against `shape`, resolve the ranks and make zero cores."""
+        row_f, col_f = _check_shape(shape[0], shape[1], row_factors, col_factors)
+        self.ranks = _resolve_ranks(ranks, row_f, col_f)
+        self.cores = _empty_cores(row_f, col_f, self.ranks, device, dtype)
+        return row_f, col_f
+
+    @classmethod
+    def _from_matrix(
+        cls,
+        matrix: torch.Tensor,
+        rank: int | Sequence[int],
+        row_factors: Sequence[int] | None,
+        col_factors: Sequence[int] | None,
+        **kw: Any,
+    ) -> Any:
+        """TT-SVD of `matrix` at `rank`; factors default to `tt_shape` (one side given: the
+        other gets as many factors)."""
+        shape = (int(matrix.shape[0]), int(matrix.shape[1]))
+        row_f, col_f = _pick_factors(shape[0], shape[1], row_factors, col_factors)
+        cores = tt_svd(matrix, row_f, col_f, rank)
+        ranks = [c.shape[-1] for c in cores[:-1]]
+        sides = shape[::-1] if cls.cols_first else shape
+        module = cls(*sides, row_f, col_f, ranks, device=matrix.device, dtype=matrix.dtype, **kw)
+        _load_cores(module, cores)
+        return module
+
+    def _factor_spec(self, row_f: Sequence[int], col_f: Sequence[int]) -> dict[str, Any]:
+        """The spec's factor and rank fields."""
+        row_key, col_key = self.factor_keys
+        return {row_key: list(row_f), col_key: list(col_f), "ranks": list(self.ranks)}
+
+    @classmethod
+    def _read(
+        cls, spec: Any
+    ) -> tuple[Mapping[str, Any], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """A spec of this kind checked: (spec, row factors, column factors, ranks)."""
+        spec = _read_spec(spec, cls.kind)
+        row_key, col_key = cls.factor_keys
+        row_f = _factors(_spec_field(spec, row_key, cls.kind), row_key)
+        col_f = _factors(_spec_field(spec, col_key, cls.kind), col_key)
+        return spec, row_f, col_f, _spec_ranks(_spec_field(spec, "ranks", cls.kind), len(row_f))
+
+
+class TTLinear(_TTMatrix):
     """A drop-in for ``nn.Linear(in, out)`` whose weight is a TT-matrix: `cores` (an
     ``nn.ParameterList`` of (r_{k-1}, m_k, n_k, r_k) tensors) and an optional `bias`.
 
     `forward` contracts the zero-padded input with one core at a time, never forming W; the
     ops it costs are `matvec_ops()`. No buffers: `spec()` plus the parameters describe it.
     """
+
+    kind = "tt_linear"
+    factor_keys = ("out_factors", "in_factors")
+    cols_first = True
 
     def __init__(
         self,
@@ -396,11 +462,10 @@ class TTLinear(nn.Module):
         super().__init__()
         self.in_features = _positive_int(in_features, "in_features")
         self.out_features = _positive_int(out_features, "out_features")
-        out_f, in_f = _check_shape(self.out_features, self.in_features, out_factors, in_factors)
-        self.out_factors = out_f
-        self.in_factors = in_f
-        self.ranks = _resolve_ranks(ranks, out_f, in_f)
-        self.cores = _empty_cores(out_f, in_f, self.ranks, device, dtype)
+        shape = (self.out_features, self.in_features)
+        self.out_factors, self.in_factors = self._init_cores(
+            shape, out_factors, in_factors, ranks, device, dtype
+        )
         self.bias = (
             nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype))
             if bias
@@ -419,20 +484,9 @@ class TTLinear(nn.Module):
         (one side given: the other gets as many factors). The bias is copied."""
         if not isinstance(linear, nn.Linear):
             raise SpaceError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
-        weight = linear.weight
-        out_f, in_f = _pick_factors(weight.shape[0], weight.shape[1], out_factors, in_factors)
-        cores = tt_svd(weight, out_f, in_f, rank)
-        module = cls(
-            weight.shape[1],
-            weight.shape[0],
-            out_f,
-            in_f,
-            [c.shape[-1] for c in cores[:-1]],
-            bias=linear.bias is not None,
-            device=weight.device,
-            dtype=weight.dtype,
+        module = cls._from_matrix(
+            linear.weight, rank, out_factors, in_factors, bias=linear.bias is not None
         )
-        _load_cores(module, cores)
         if linear.bias is not None:
             with torch.no_grad():
                 module.bias.copy_(linear.bias)
@@ -475,32 +529,22 @@ class TTLinear(nn.Module):
     def spec(self) -> dict[str, Any]:
         """A JSON dict of every shape (type "tt_linear"); `from_spec` rebuilds the module."""
         return {
-            "type": "tt_linear",
+            "type": self.kind,
             "in": self.in_features,
             "out": self.out_features,
             "bias": self.bias is not None,
-            "out_factors": list(self.out_factors),
-            "in_factors": list(self.in_factors),
-            "ranks": list(self.ranks),
+            **self._factor_spec(self.out_factors, self.in_factors),
         }
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> TTLinear:
         """An uninitialised (zero) module of `spec`'s shapes; safe under a meta device."""
-        spec = _read_spec(spec, "tt_linear")
-        out_f = _factors(_spec_field(spec, "out_factors", "tt_linear"), "out_factors")
-        in_f = _factors(_spec_field(spec, "in_factors", "tt_linear"), "in_factors")
-        bias = _spec_field(spec, "bias", "tt_linear")
+        spec, out_f, in_f, ranks = cls._read(spec)
+        bias = _spec_field(spec, "bias", cls.kind)
         if not isinstance(bias, bool):
             raise SpaceError(f"tt_linear spec: bias {bias!r} must be true or false")
-        return cls(
-            _spec_field(spec, "in", "tt_linear"),
-            _spec_field(spec, "out", "tt_linear"),
-            out_f,
-            in_f,
-            _spec_ranks(_spec_field(spec, "ranks", "tt_linear"), len(out_f)),
-            bias=bias,
-        )
+        in_features = _spec_field(spec, "in", cls.kind)
+        return cls(in_features, _spec_field(spec, "out", cls.kind), out_f, in_f, ranks, bias=bias)
 
     def extra_repr(self) -> str:
         return (
@@ -510,13 +554,17 @@ class TTLinear(nn.Module):
         )
 
 
-class TTEmbedding(nn.Module):
+class TTEmbedding(_TTMatrix):
     """A drop-in for ``nn.Embedding(V, d)`` whose (V, d) table is a TT-matrix with
     V <= Π row_factors and d <= Π col_factors (padded); `cores` as in `TTLinear`.
 
     `forward` rebuilds only the looked-up rows: id -> multi-index (i_1..i_d), then the slices
     G_k[:, i_k] are multiplied left to right; the ops per token are `lookup_ops()`.
     """
+
+    kind = "tt_embedding"
+    factor_keys = ("row_factors", "col_factors")
+    cols_first = False
 
     def __init__(
         self,
@@ -532,13 +580,10 @@ class TTEmbedding(nn.Module):
         super().__init__()
         self.num_embeddings = _positive_int(num_embeddings, "num_embeddings")
         self.embedding_dim = _positive_int(embedding_dim, "embedding_dim")
-        row_f, col_f = _check_shape(
-            self.num_embeddings, self.embedding_dim, row_factors, col_factors
+        shape = (self.num_embeddings, self.embedding_dim)
+        self.row_factors, self.col_factors = self._init_cores(
+            shape, row_factors, col_factors, ranks, device, dtype
         )
-        self.row_factors = row_f
-        self.col_factors = col_f
-        self.ranks = _resolve_ranks(ranks, row_f, col_f)
-        self.cores = _empty_cores(row_f, col_f, self.ranks, device, dtype)
 
     @classmethod
     def from_embedding(
@@ -556,19 +601,7 @@ class TTEmbedding(nn.Module):
             )
         if embedding.max_norm is not None:
             raise SpaceError("a TT embedding cannot renormalize rows: drop max_norm first")
-        table = embedding.weight
-        row_f, col_f = _pick_factors(table.shape[0], table.shape[1], row_factors, col_factors)
-        cores = tt_svd(table, row_f, col_f, rank)
-        module = cls(
-            table.shape[0],
-            table.shape[1],
-            row_f,
-            col_f,
-            [c.shape[-1] for c in cores[:-1]],
-            device=table.device,
-            dtype=table.dtype,
-        )
-        _load_cores(module, cores)
+        module = cls._from_matrix(embedding.weight, rank, row_factors, col_factors)
         return module.train(embedding.training)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -607,27 +640,18 @@ class TTEmbedding(nn.Module):
     def spec(self) -> dict[str, Any]:
         """A JSON dict of every shape (type "tt_embedding"); `from_spec` rebuilds the module."""
         return {
-            "type": "tt_embedding",
+            "type": self.kind,
             "num_embeddings": self.num_embeddings,
             "embedding_dim": self.embedding_dim,
-            "row_factors": list(self.row_factors),
-            "col_factors": list(self.col_factors),
-            "ranks": list(self.ranks),
+            **self._factor_spec(self.row_factors, self.col_factors),
         }
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> TTEmbedding:
         """An uninitialised (zero) module of `spec`'s shapes; safe under a meta device."""
-        spec = _read_spec(spec, "tt_embedding")
-        row_f = _factors(_spec_field(spec, "row_factors", "tt_embedding"), "row_factors")
-        col_f = _factors(_spec_field(spec, "col_factors", "tt_embedding"), "col_factors")
-        return cls(
-            _spec_field(spec, "num_embeddings", "tt_embedding"),
-            _spec_field(spec, "embedding_dim", "tt_embedding"),
-            row_f,
-            col_f,
-            _spec_ranks(_spec_field(spec, "ranks", "tt_embedding"), len(row_f)),
-        )
+        spec, row_f, col_f, ranks = cls._read(spec)
+        rows = _spec_field(spec, "num_embeddings", cls.kind)
+        return cls(rows, _spec_field(spec, "embedding_dim", cls.kind), row_f, col_f, ranks)
 
     def extra_repr(self) -> str:
         return (

@@ -18,6 +18,8 @@ from ._act_quant import InputQuantization
 from ._autoencoder import Autoencoder
 from ._base import (
     Form,
+    Given,
+    GroupTechnique,
     LayerCheck,
     LayerShape,
     Matrix,
@@ -55,6 +57,8 @@ register_technique(SharedBasis())
 
 __all__ = [
     "Form",
+    "Given",
+    "GroupTechnique",
     "LayerCheck",
     "LayerShape",
     "Matrix",

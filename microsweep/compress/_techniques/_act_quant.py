@@ -3,10 +3,9 @@ scale, max|x| / (2^(b-1) - 1) calibrated on the unchanged model."""
 
 from __future__ import annotations
 
-from microsweep.errors import SpaceError
 from microsweep.policy import LayerPolicy
 
-from ._base import LayerCheck, Matrix, MatrixTechnique, RuleCheck
+from ._base import LayerCheck, Matrix, MatrixTechnique, RuleCheck, check_inputs
 from ._matrix import COMPRESSED
 
 __all__ = ["InputQuantization"]
@@ -34,18 +33,13 @@ class InputQuantization(MatrixTechnique):
 
     def check_layer(self, layer: LayerCheck) -> None:
         """Tables have no input to quantize; the scale needs calibration tokens."""
-        from torch import nn
-
-        if isinstance(layer.layer, nn.Embedding):
-            raise SpaceError(
-                f"layer {layer.name!r} is an embedding: its input is token ids, so act_bits does "
-                "not apply; drop act_bits from its rule"
-            )
-        if not layer.calibrated:
-            raise SpaceError(
-                f"layer {layer.name!r} quantizes its inputs (act_bits={layer.settings.act_bits}); "
-                "pass calib=token ids of shape (B, T) to calibrate the input scale"
-            )
+        check_inputs(
+            layer,
+            f"layer {layer.name!r} is an embedding: its input is token ids, so act_bits does "
+            "not apply; drop act_bits from its rule",
+            f"layer {layer.name!r} quantizes its inputs (act_bits={layer.settings.act_bits}); "
+            "pass calib=token ids of shape (B, T) to calibrate the input scale",
+        )
 
     def apply(self, matrix: Matrix) -> None:
         """The input scale was calibrated on the unchanged model and travels in `matrix`."""

@@ -20,11 +20,10 @@ import torch
 from torch import nn
 
 from microsweep.errors import SpaceError
-from microsweep.policy import LayerPolicy
 from microsweep.score import FLOAT_BITS, Cost, RuleContext, matvec, register_rule
 
 from .._autoencoder import AutoDecoder, DecodedLinear, compress_linears
-from ._base import Form, RankTechnique, RebuildContext, RuleCheck, SpecContext
+from ._base import Form, GroupTechnique, RebuildContext, RuleCheck, SpecContext
 
 __all__ = ["DECODED", "Autoencoder"]
 
@@ -87,14 +86,12 @@ def _one_input_size(rule: RuleCheck) -> bool:
     return len({i.in_features for i in rule.members}) <= 1
 
 
-class Autoencoder(RankTechnique):
+class Autoencoder(GroupTechnique):
     """Codes of length ``rank`` per weight row and one decoder per group (the tied rule's
     layers, or a layer alone); stored dense at fp32."""
 
     name = "autoencoder"
-    reads = ("rank", "rank_method", "group")
     forms = (DECODED,)
-    takes_tables = False
 
     def check_rule(self, rule: RuleCheck) -> None:
         """Dense-only, and a joint decoder (tied) decodes rows of one size."""
@@ -104,18 +101,6 @@ class Autoencoder(RankTechnique):
                 f"rule {rule.rule_key!r}: a joint decoder (tied=True) needs layers with one "
                 "input size; split the rule or drop tied"
             )
-
-    def build(
-        self,
-        layer: nn.Module,
-        settings: LayerPolicy,
-        *,
-        act_scale: torch.Tensor | None = None,
-        factors: nn.Module | None = None,
-        masks: tuple[torch.Tensor | None, ...] = (None, None),
-    ) -> nn.Module:
-        """A group of one."""
-        return self.build_group(settings.rank, {"": layer})[""]
 
     def build_group(
         self, rank: int, layers: Mapping[str, nn.Module], *, seed: int = 0

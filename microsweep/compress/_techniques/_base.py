@@ -22,6 +22,8 @@ from microsweep.policy import METHODS, LayerPolicy, RankMethod
 
 __all__ = [
     "Form",
+    "Given",
+    "GroupTechnique",
     "LayerCheck",
     "LayerShape",
     "Matrix",
@@ -31,6 +33,7 @@ __all__ = [
     "RuleCheck",
     "SpecContext",
     "Technique",
+    "check_inputs",
     "form_for",
     "form_of_spec",
     "forms",
@@ -89,6 +92,16 @@ class Matrix:
     weight_scale: torch.Tensor | None = None
     act_scale: torch.Tensor | None = None
     given_mask: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Given:
+    """What a caller may already hold for building one layer: its input scale (calibrated on
+    the unchanged model), the layer factorized at the rank, and magnitude masks per matrix."""
+
+    act_scale: torch.Tensor | None = None
+    factors: nn.Module | None = None
+    masks: tuple[torch.Tensor | None, ...] = (None, None)
 
 
 @dataclass
@@ -223,18 +236,9 @@ class RankTechnique(Technique):
         return settings.rank is not None and settings.rank_method == self.name
 
     @abc.abstractmethod
-    def build(
-        self,
-        layer: nn.Module,
-        settings: LayerPolicy,
-        *,
-        act_scale: torch.Tensor | None = None,
-        factors: nn.Module | None = None,
-        masks: tuple[torch.Tensor | None, ...] = (None, None),
-    ) -> nn.Module:
+    def build(self, layer: nn.Module, settings: LayerPolicy, given: Given) -> nn.Module:
         """The module `layer` becomes at ``settings.rank`` (in place where it may reuse the
-        layer's tensors: callers pass copies). `factors` are the layer already factorized at
-        that rank, `masks` precomputed magnitude masks per matrix, `act_scale` the input scale."""
+        layer's tensors: callers pass copies), using what the caller already holds (`given`)."""
 
     def check_rule(self, rule: RuleCheck) -> None:
         """A method whose factors stay dense fp32 refuses a rule that may prune or quantize."""
@@ -267,6 +271,27 @@ class RankTechnique(Technique):
         """(T, T^-1) that a data-aware factorization truncates the SVD of W T with; None for
         methods that do not read calibration inputs."""
         return None
+
+
+class GroupTechnique(RankTechnique):
+    """A rank method that compresses the layers of a group together (`build_group`); a layer
+    alone is a group of one."""
+
+    reads: ClassVar[tuple[str, ...]] = ("rank", "rank_method", "group")
+    takes_tables = False
+
+    def build(self, layer: nn.Module, settings: LayerPolicy, given: Given) -> nn.Module:
+        """A group of one."""
+        return self.build_group(settings.rank, {"": layer})[""]
+
+
+def check_inputs(layer: LayerCheck, on_table: str, uncalibrated: str) -> None:
+    """The checks of a technique that reads a layer's inputs: a table's input is token ids
+    (`on_table`), and the inputs come from calibration tokens (`uncalibrated`)."""
+    if isinstance(layer.layer, nn.Embedding):
+        raise SpaceError(on_table)
+    if not layer.calibrated:
+        raise SpaceError(uncalibrated)
 
 
 _TECHNIQUES: dict[str, Technique] = {}

@@ -9,23 +9,20 @@ import torch
 from torch import nn
 
 from microsweep.errors import SpaceError
-from microsweep.policy import LayerPolicy
 
 from .._groups import shared_basis
-from ._base import RankTechnique, RuleCheck
+from ._base import GroupTechnique, RuleCheck
 from ._svd import LOW_RANK
 
 __all__ = ["SharedBasis"]
 
 
-class SharedBasis(RankTechnique):
+class SharedBasis(GroupTechnique):
     """W_l ~= C_l B for every layer l of the group, B the top right singular vectors of the
     layers' stacked rows; stored dense at fp32."""
 
     name = "shared"
-    reads = ("rank", "rank_method", "group")
     forms = (LOW_RANK,)
-    takes_tables = False
 
     def check_rule(self, rule: RuleCheck) -> None:
         """Dense-only; one basis is shared by a tied rule's layers of one input size."""
@@ -40,18 +37,6 @@ class SharedBasis(RankTechnique):
                 f"rule {rule.rule_key!r}: a shared basis needs layers with one input size; "
                 f"{rule.members[0].name!r} and others differ"
             )
-
-    def build(
-        self,
-        layer: nn.Module,
-        settings: LayerPolicy,
-        *,
-        act_scale: torch.Tensor | None = None,
-        factors: nn.Module | None = None,
-        masks: tuple[torch.Tensor | None, ...] = (None, None),
-    ) -> nn.Module:
-        """A group of one."""
-        return self.build_group(settings.rank, {"": layer})[""]
 
     def build_group(
         self, rank: int, layers: Mapping[str, nn.Module], *, seed: int = 0

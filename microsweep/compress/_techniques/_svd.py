@@ -19,7 +19,15 @@ from microsweep.score import Cost, RuleContext, register_rule
 
 from .._lowrank import InputStats, factorize, rank_transform
 from .._modules import LowRankEmbedding, LowRankLinear
-from ._base import Form, LayerCheck, RankTechnique, RebuildContext, SpecContext
+from ._base import (
+    Form,
+    Given,
+    LayerCheck,
+    RankTechnique,
+    RebuildContext,
+    SpecContext,
+    check_inputs,
+)
 from ._matrix import compress_matrix
 
 __all__ = ["LOW_RANK", "ActivationSVD", "PlainSVD", "WhitenSVD", "compress_pair"]
@@ -94,18 +102,10 @@ class PlainSVD(RankTechnique):
     forms = (LOW_RANK,)
     factorizes = True
 
-    def build(
-        self,
-        layer: nn.Module,
-        settings: LayerPolicy,
-        *,
-        act_scale: torch.Tensor | None = None,
-        factors: nn.Module | None = None,
-        masks: tuple[torch.Tensor | None, ...] = (None, None),
-    ) -> nn.Module:
-        """Factorize (or take `factors`), then prune and quantize each factor."""
-        pair = factors if factors is not None else factorize(layer, settings.rank)
-        return compress_pair(pair, settings, act_scale, masks, layer.training)
+    def build(self, layer: nn.Module, settings: LayerPolicy, given: Given) -> nn.Module:
+        """Factorize (or take the given factors), then prune and quantize each factor."""
+        pair = given.factors if given.factors is not None else factorize(layer, settings.rank)
+        return compress_pair(pair, settings, given.act_scale, given.masks, layer.training)
 
 
 class _DataAwareSVD(PlainSVD):
@@ -115,16 +115,13 @@ class _DataAwareSVD(PlainSVD):
 
     def check_layer(self, layer: LayerCheck) -> None:
         """A table's input is token ids; the inputs come from calibration tokens."""
-        if isinstance(layer.layer, nn.Embedding):
-            raise SpaceError(
-                f"layer {layer.name!r} is an embedding, which factorizes by plain SVD or as a "
-                "tensor-train only; use Rank(..., method='plain') or method='tt' for it"
-            )
-        if not layer.calibrated:
-            raise SpaceError(
-                f"layer {layer.name!r} factorizes with {self.name!r} SVD, which reads the "
-                "layer's inputs; pass calib=token ids of shape (B, T)"
-            )
+        check_inputs(
+            layer,
+            f"layer {layer.name!r} is an embedding, which factorizes by plain SVD or as a "
+            "tensor-train only; use Rank(..., method='plain') or method='tt' for it",
+            f"layer {layer.name!r} factorizes with {self.name!r} SVD, which reads the "
+            "layer's inputs; pass calib=token ids of shape (B, T)",
+        )
 
     def transform(self, stats: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(T, T^-1) from the inputs' statistics (`InputStats`)."""

@@ -19,7 +19,7 @@ from microsweep.policy import LayerPolicy
 from microsweep.score import FLOAT_BITS, Cost, RuleContext, register_rule
 
 from .._tt import TTEmbedding, TTLinear
-from ._base import Form, RankTechnique, RebuildContext, SpecContext
+from ._base import Form, Given, RankTechnique, RebuildContext, SpecContext
 
 __all__ = ["TT", "TensorTrain", "tensor_train"]
 
@@ -96,14 +96,6 @@ class TensorTrain(RankTechnique):
     name = "tt"
     forms = (TT,)
 
-    def build(
-        self,
-        layer: nn.Module,
-        settings: LayerPolicy,
-        *,
-        act_scale: torch.Tensor | None = None,
-        factors: nn.Module | None = None,
-        masks: tuple[torch.Tensor | None, ...] = (None, None),
-    ) -> nn.Module:
+    def build(self, layer: nn.Module, settings: LayerPolicy, given: Given) -> nn.Module:
         """TT-SVD of the layer's weight (copies: the layer is left as it is)."""
         return tensor_train(layer, settings.rank)
