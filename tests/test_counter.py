@@ -803,3 +803,68 @@ def test_count_report_bad_policy(tmp_path: Path, content: str | None, message: s
     with pytest.raises(UsageError, match=message) as err:
         count_report(str(space), str(path))
     assert "\n" not in str(err.value)
+
+
+class _HandAttention(nn.Module):
+    """Attention by hand: no parameters and no counting rule, so its math would count as 0."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        att = torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1)
+        return att @ v
+
+
+class _HandLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(30, 16)
+        self.qkv = nn.Linear(16, 48)
+        self.attn = _HandAttention()
+        self.head = nn.Linear(16, 30)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.emb(ids)).split(16, dim=-1)
+        return self.head(self.attn(q, k, v))
+
+
+def test_count_refuses_math_no_rule_counts_as_the_cli_does() -> None:
+    """With example ids (or a tolerance) `count` runs the forward once and refuses uncounted
+    work past the tolerance, naming the module; within it, and when not asked, it warns."""
+    from microsweep.score import UncountedWarning
+
+    torch.manual_seed(0)
+    model = _HandLM()
+    ids = torch.zeros(1, 16, dtype=torch.long)
+    with pytest.warns(UncountedWarning, match=r"'attn'.*pass example="):
+        plain = count(model, context=8.0)
+    with pytest.raises(UsageError, match=r"module 'attn' \(_HandAttention\) executes .*matmul"):
+        count(model, context=8.0, example=ids)
+    with pytest.raises(UsageError, match="uncounted_tolerance"):
+        count(model, context=8.0, uncounted_tolerance=0.0)
+    with pytest.warns(UncountedWarning, match="within uncounted_tolerance"):
+        within = count(model, context=8.0, example=ids, uncounted_tolerance=0.9)
+    assert within.ops == plain.ops and within.params == plain.params
+    with pytest.raises(UsageError, match="fraction"):
+        count(model, context=8.0, example=ids, uncounted_tolerance=1.5)
+
+
+def test_count_runs_no_forward_when_every_module_has_a_rule() -> None:
+    """A model whose every module is counted by a rule (or passes through) is not run, and a
+    model that does not take token ids is not checked unless asked."""
+    import warnings
+
+    net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        count(net, context=1.0)
+
+        class Floats(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.a = nn.Linear(4, 3)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.a(x) * 2.0
+
+        count(Floats(), context=1.0)  # takes floats: the automatic check cannot run it
+    with pytest.raises(UsageError, match="forward fails"):
+        count(Floats(), context=1.0, example=torch.zeros(1, 4, dtype=torch.long))

@@ -47,7 +47,13 @@ from microsweep.score._registry import (
 from microsweep.score._rounding import round_to_storage
 from microsweep.score._rules import linear_ops, matvec
 from microsweep.score._score import CHALLENGE_BASELINE, Baseline, micronet_score
-from microsweep.score._trace import UncountedWork, uncounted_work
+from microsweep.score._trace import (
+    UncountedWarning,
+    UncountedWork,
+    may_hide_work,
+    uncounted_line,
+    uncounted_work,
+)
 
 __all__ = [
     "CHALLENGE_BASELINE",
@@ -68,7 +74,10 @@ __all__ = [
     "Counts",
     "LayerCount",
     "RuleContext",
+    "UncountedWarning",
     "UncountedWork",
+    "may_hide_work",
+    "uncounted_line",
     "count",
     "eval_windows",
     "find_rule",

@@ -21,6 +21,7 @@ from microsweep.errors import UsageError
 from microsweep.score._config import CountConfig
 from microsweep.score._formulas import block_pattern, mask_bits, op_weight, tensor_bits
 from microsweep.score._registry import Cost, RuleContext, Stored, find_rule, rules_on_need
+from microsweep.score._trace import check_uncounted
 
 __all__ = ["FREEBIE_BITS", "Counts", "LayerCount", "count", "storage_key", "store_priority"]
 
@@ -197,6 +198,8 @@ def count(
     *,
     context: float,
     config: CountConfig = CountConfig(),  # noqa: B008
+    example: torch.Tensor | None = None,
+    uncounted_tolerance: float | None = None,
 ) -> Counts:
     """Count `model` by the MicroNet rules: parameters in 32-bit equivalents and ops per token,
     as if inference ran online at batch size 1.
@@ -204,7 +207,50 @@ def count(
     `context` is the mean number of positions each token attends to (for non-overlapping
     windows of T tokens, (T+1)/2: see `mean_context`). Raises `UsageError` for a module with
     its own parameters and no rule, or a parameter that no rule stores.
+
+    Math the forward pass runs in a module no rule covers (a hand-written attention) would
+    count as zero. Given `example` token ids (B, T), or an `uncounted_tolerance`, the forward
+    runs once (8 zero ids without `example`) and such work past that fraction of the counted
+    ops (default 0) is refused with a `UsageError` naming the module, as ``microsweep count``
+    and ``run`` refuse it; within it, an `UncountedWarning`. Without either, a model with
+    modules that could hide math (no rule, a forward of their own) is run on 8 zero ids the
+    first time its structure is counted in a process, and uncounted work is reported with an
+    `UncountedWarning`.
     """
+    context = _checked(model, config, context)
+    ctx = RuleContext(model, config, context)
+    costs = _costs(model, ctx)
+    owners = _owners(model, costs)
+    widths = [s.bits for _, s in owners.values() if not s.folded]
+    for _, cost in costs:
+        widths += [b for _, b in cost.consts]
+        widths += [b for m in cost.mults for b in (m.a_bits, m.b_bits)]
+    freebie = config.freebie and all(w >= FREEBIE_BITS for w in widths)
+    owned: dict[int, list[Stored]] = {}
+    for i, stored in owners.values():
+        if not stored.folded:
+            owned.setdefault(i, []).append(stored)
+    layers = [
+        _layer_count(name, cost, owned.get(i, []), config, freebie)
+        for i, (name, cost) in enumerate(costs)
+    ]
+    counts = Counts(
+        layers=layers,
+        params=sum(lc.value_bits + lc.mask_bits + lc.const_bits for lc in layers) / 32,
+        ops=sum(lc.ops for lc in layers),
+        mults=sum(lc.mults for lc in layers),
+        adds=sum(lc.adds for lc in layers),
+        others=sum(lc.others for lc in layers),
+        freebie=freebie,
+        config=config,
+        context=context,
+    )
+    check_uncounted(model, counts.ops, example=example, tolerance=uncounted_tolerance)
+    return counts
+
+
+def _checked(model: nn.Module, config: CountConfig, context: float) -> float:
+    """`count`'s arguments checked; the context as a float."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"count() needs an nn.Module, got {type(model).__name__}")
     if not isinstance(config, CountConfig):
@@ -214,8 +260,12 @@ def count(
     context = float(context)
     if not math.isfinite(context) or context < 1:
         raise UsageError(f"context {context!r} must be a finite number of positions >= 1")
+    return context
 
-    ctx = RuleContext(model, config, context)
+
+def _costs(model: nn.Module, ctx: RuleContext) -> list[tuple[str, Cost]]:
+    """Each module's `Cost` by its rule, in module order; a module with parameters of its own
+    and no rule is an error."""
     costs: list[tuple[str, Cost]] = []
     for name, module in model.named_modules():
         rule = find_rule(type(module))
@@ -234,7 +284,14 @@ def count(
                 f"the rule for {type(module).__name__} returned {type(cost).__name__}, not a Cost"
             )
         costs.append((name, cost))
+    return costs
 
+
+def _owners(
+    model: nn.Module, costs: list[tuple[str, Cost]]
+) -> dict[tuple[Any, ...], tuple[int, Stored]]:
+    """Per stored tensor, the claim that decides how it is stored (and by which cost); every
+    parameter of the model must be claimed."""
     owners: dict[tuple[Any, ...], tuple[int, Stored]] = {}
     for i, (_, cost) in enumerate(costs):
         for stored in cost.stores:
@@ -250,68 +307,47 @@ def count(
                 f"parameter {pname!r} of {mname or '<model>'!r} ({mtype}) is stored by no rule; "
                 "make re-parametrizations permanent or register a rule for its module"
             )
+    return owners
 
-    widths = [s.bits for _, s in owners.values() if not s.folded]
-    for _, cost in costs:
-        widths += [b for _, b in cost.consts]
-        widths += [b for m in cost.mults for b in (m.a_bits, m.b_bits)]
-    freebie = config.freebie and all(w >= FREEBIE_BITS for w in widths)
+
+def _layer_count(
+    name: str, cost: Cost, owned: list[Stored], config: CountConfig, freebie: bool
+) -> LayerCount:
+    """One module's row: the bits of the tensors it owns, its constants and weighted ops."""
 
     def width(bits: int) -> int:
         return FREEBIE_BITS if freebie else bits
 
-    owned: dict[int, list[Stored]] = {}
-    for i, stored in owners.values():
-        if not stored.folded:
-            owned.setdefault(i, []).append(stored)
-
-    layers = []
-    for i, (name, cost) in enumerate(costs):
-        value = mask = 0
-        for stored in owned.get(i, []):
-            t = stored.tensor.detach()
-            as_sparse = stored.sparse or config.mask == "always"
-            if stored.sparse and stored.block is not None:
-                nz = int(block_pattern(t, stored.block).sum())  # kept blocks, whole
-            else:
-                nz = int(torch.count_nonzero(t)) if as_sparse else t.numel()
-            value += tensor_bits(t.numel(), nz, width(stored.bits))
-            if as_sparse:
-                mask += mask_bits(t.shape, stored.block if stored.sparse else None)
-        const = sum(n * width(b) for n, b in cost.consts)
-        mults = sum(m.n for m in cost.mults)
-        mults_w = sum(
-            m.n * (FREEBIE_BITS / 32 if freebie else op_weight(m.a_bits, m.b_bits))
-            for m in cost.mults
-        )
-        layers.append(
-            LayerCount(
-                name=name,
-                kind=cost.kind,
-                params=(value + mask + const) / 32,
-                value_bits=value,
-                mask_bits=mask,
-                const_bits=const,
-                mults=float(mults),
-                adds=cost.adds,
-                others=cost.others,
-                mults_w=float(mults_w),
-                adds_w=cost.adds,
-                others_w=cost.others,
-                sparsity=cost.sparsity,
-                bits=cost.bits,
-                act_bits=cost.act_bits,
-                rank=cost.rank,
-            )
-        )
-    return Counts(
-        layers=layers,
-        params=sum(lc.value_bits + lc.mask_bits + lc.const_bits for lc in layers) / 32,
-        ops=sum(lc.ops for lc in layers),
-        mults=sum(lc.mults for lc in layers),
-        adds=sum(lc.adds for lc in layers),
-        others=sum(lc.others for lc in layers),
-        freebie=freebie,
-        config=config,
-        context=context,
+    value = mask = 0
+    for stored in owned:
+        t = stored.tensor.detach()
+        as_sparse = stored.sparse or config.mask == "always"
+        if stored.sparse and stored.block is not None:
+            nz = int(block_pattern(t, stored.block).sum())  # kept blocks, whole
+        else:
+            nz = int(torch.count_nonzero(t)) if as_sparse else t.numel()
+        value += tensor_bits(t.numel(), nz, width(stored.bits))
+        if as_sparse:
+            mask += mask_bits(t.shape, stored.block if stored.sparse else None)
+    const = sum(n * width(b) for n, b in cost.consts)
+    mults_w = sum(
+        m.n * (FREEBIE_BITS / 32 if freebie else op_weight(m.a_bits, m.b_bits)) for m in cost.mults
+    )
+    return LayerCount(
+        name=name,
+        kind=cost.kind,
+        params=(value + mask + const) / 32,
+        value_bits=value,
+        mask_bits=mask,
+        const_bits=const,
+        mults=float(sum(m.n for m in cost.mults)),
+        adds=cost.adds,
+        others=cost.others,
+        mults_w=float(mults_w),
+        adds_w=cost.adds,
+        others_w=cost.others,
+        sparsity=cost.sparsity,
+        bits=cost.bits,
+        act_bits=cost.act_bits,
+        rank=cost.rank,
     )

@@ -13,6 +13,7 @@ raised in (`forward_failure`) and what it raised, instead of a traceback through
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,16 @@ from torch.overrides import TorchFunctionMode, resolve_name
 from microsweep.errors import UsageError
 from microsweep.score._registry import find_rule
 
-__all__ = ["ForwardError", "UncountedWork", "forward_failure", "uncounted_work"]
+__all__ = [
+    "ForwardError",
+    "UncountedWarning",
+    "UncountedWork",
+    "check_uncounted",
+    "forward_failure",
+    "may_hide_work",
+    "uncounted_line",
+    "uncounted_work",
+]
 
 _MATMUL = {"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "bilinear"}
 _CONV = {"conv1d", "conv2d", "conv3d"}
@@ -196,3 +206,88 @@ def uncounted_work(model: nn.Module, ids: torch.Tensor) -> list[UncountedWork]:
             UncountedWork(names.get(key, "?") or "<model>", type(module).__name__, per_token)
         )
     return sorted(out, key=lambda w: -w.total)
+
+
+class UncountedWarning(UserWarning):
+    """Math a forward pass runs in modules no counting rule covers, reported by `count`."""
+
+
+_PASS_THROUGH = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Identity)
+
+
+def may_hide_work(model: nn.Module) -> list[tuple[str, type]]:
+    """The modules of `model` (name, type) that could run math no rule counts: no rule, and a
+    `forward` of their own (pass-through containers excepted). Empty: nothing can hide."""
+    return [
+        (name or "<model>", type(module))
+        for name, module in model.named_modules()
+        if find_rule(type(module)) is None
+        and not isinstance(module, _PASS_THROUGH)
+        and type(module).forward is not nn.Module.forward
+    ]
+
+
+_SEEN: set[tuple[Any, ...]] = set()
+"""The structures (rule-less modules by name and type) an unasked check already ran on: the
+compressed variants of one model share them, so the forward runs and warns once per process."""
+
+
+def uncounted_line(work: list[UncountedWork], counted_ops: float) -> tuple[str, float]:
+    """One line naming the largest uncounted module, its top ops and how much the uncounted
+    work is beside the counted operations; and that fraction."""
+    total = sum(w.total for w in work)
+    top = work[0]
+    ops = ", ".join(
+        f"{op} ~{value:,.0f}" for op, value in sorted(top.ops.items(), key=lambda kv: -kv[1])[:4]
+    )
+    fraction = total / max(counted_ops, 1e-9)
+    more = f" (and {len(work) - 1} more modules)" if len(work) > 1 else ""
+    line = (
+        f"module {top.name!r} ({top.kind}) executes {ops} ops per token that no MicroNet rule "
+        f"counts{more}: about {fraction:.1%} of the counted operations"
+    )
+    return line, fraction
+
+
+def check_uncounted(
+    model: nn.Module,
+    counted_ops: float,
+    *,
+    example: torch.Tensor | None,
+    tolerance: float | None,
+) -> None:
+    """What `count` does about uncounted work. Asked (an `example` or a `tolerance` given):
+    run `example` (default: 8 zero token ids), raise `UsageError` past `tolerance` (default 0)
+    of the counted ops and warn within it. Not asked: when some module could hide math, run 8
+    zero token ids and warn (`UncountedWarning`), once per model structure and process; a
+    model that does not take token ids is not checked."""
+    asked = example is not None or tolerance is not None
+    if not asked:
+        hiding = may_hide_work(model)
+        key = (type(model), *hiding)
+        if not hiding or key in _SEEN:
+            return
+        _SEEN.add(key)
+    if tolerance is not None and not (0.0 <= float(tolerance) < 1.0):
+        raise UsageError(f"uncounted_tolerance {tolerance!r} must be a fraction in [0, 1)")
+    ids = example
+    if ids is None:
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+        ids = torch.zeros((1, 8), dtype=torch.long, device=device)
+    try:
+        work = uncounted_work(model, ids)
+    except ForwardError:
+        if asked:
+            raise
+        return
+    if not work:
+        return
+    line, fraction = uncounted_line(work, counted_ops)
+    if asked and fraction > (tolerance or 0.0):
+        raise UsageError(
+            f"{line}; register a rule for {work[0].kind} with microsweep.score.register_rule, "
+            "or accept it with count(..., uncounted_tolerance=...)"
+        )
+    where = "within uncounted_tolerance" if asked else "pass example= to refuse it"
+    warnings.warn(f"{line} ({where})", UncountedWarning, stacklevel=3)
