@@ -154,7 +154,7 @@ def test_a_sweep_over_lstm_gates_and_the_tied_table(tmp_path, corpus):
             "wte": dict(sparsity=Sparsity(0.0, 0.5, step=0.5), bits=Bits(6, 32)),
         },
     )  # fmt: skip
-    assert type(model.lstm).__name__ == "LinearLSTM"
+    assert type(model.lstm).__name__ == "LSTM"  # a Space describes gates; the sweep swaps
     url = f"sqlite:///{tmp_path / 'lstm.db'}"
     objective = MicroNet(perplexity_ceiling=1.5, relative_to="dense", baseline="dense",
                          eval_tokens=1024)  # fmt: skip
