@@ -365,20 +365,7 @@ def train_decoder(
     weights = _check_weights(weights, "weights")
     in_f = weights[0].shape[1]
     grams = _check_grams(gram, len(weights), in_f)
-    rows = sum(w.shape[0] for w in weights)
-    _check_int(code_dim, "code_dim", 1)
-    if code_dim > min(rows, in_f):
-        raise SpaceError(
-            f"code_dim={code_dim} exceeds min(rows, in)={min(rows, in_f)} of the stacked weights"
-        )
-    hidden = 2 * code_dim if hidden is None else hidden
-    _check_int(hidden, "hidden", code_dim)
-    _check_int(steps, "steps", 0)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
-        raise SpaceError(f"lr={lr!r} must be a positive number")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise SpaceError(f"seed={seed!r} must be an int")
-
+    hidden = _check_training(weights, code_dim, hidden, steps, lr, seed)
     device, dtype = weights[0].device, weights[0].dtype
     targets = [w.detach().to(device=device, dtype=torch.float32) for w in weights]
     if not all(bool(torch.isfinite(t).all()) for t in targets):
@@ -403,6 +390,48 @@ def train_decoder(
         decoded = torch.split(decoder(codes), sizes)
         return reconstruction_loss(targets, list(decoded), g32)
 
+    best_state = _fit(params, loss_now, steps, lr)
+    if not best_state:
+        raise SpaceError("the reconstruction loss is not finite at the SVD start; check weights")
+    with torch.no_grad():
+        for p, saved in zip(params, best_state, strict=True):
+            p.copy_(saved)
+        decoder.out_weight.mul_(scale)
+        decoder.out_bias.mul_(scale)
+    decoder = decoder.to(dtype=dtype)
+    out_codes = [c.detach().to(dtype=dtype).clone() for c in torch.split(codes.detach(), sizes)]
+    return out_codes, decoder.requires_grad_(True)
+
+
+def _check_training(
+    weights: list[torch.Tensor],
+    code_dim: int,
+    hidden: int | None,
+    steps: int,
+    lr: float,
+    seed: int,
+) -> int:
+    """One-line `SpaceError`s for `train_decoder`'s settings; the hidden width to use."""
+    in_f = weights[0].shape[1]
+    rows = sum(w.shape[0] for w in weights)
+    _check_int(code_dim, "code_dim", 1)
+    if code_dim > min(rows, in_f):
+        raise SpaceError(
+            f"code_dim={code_dim} exceeds min(rows, in)={min(rows, in_f)} of the stacked weights"
+        )
+    hidden = 2 * code_dim if hidden is None else hidden
+    _check_int(hidden, "hidden", code_dim)
+    _check_int(steps, "steps", 0)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise SpaceError(f"lr={lr!r} must be a positive number")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise SpaceError(f"seed={seed!r} must be an int")
+    return hidden
+
+
+def _fit(params: list[nn.Parameter], loss_now: Any, steps: int, lr: float) -> list[torch.Tensor]:
+    """`steps` full-batch Adam steps at `lr` on `loss_now()`; the parameters' values at the
+    lowest loss met (the start included), or [] when no loss was finite."""
     best = math.inf
     best_state: list[torch.Tensor] = []
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -418,17 +447,7 @@ def train_decoder(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-
-    if not best_state:
-        raise SpaceError("the reconstruction loss is not finite at the SVD start; check weights")
-    with torch.no_grad():
-        for p, saved in zip(params, best_state, strict=True):
-            p.copy_(saved)
-        decoder.out_weight.mul_(scale)
-        decoder.out_bias.mul_(scale)
-    decoder = decoder.to(dtype=dtype)
-    out_codes = [c.detach().to(dtype=dtype).clone() for c in torch.split(codes.detach(), sizes)]
-    return out_codes, decoder.requires_grad_(True)
+    return best_state
 
 
 def compress_linears(

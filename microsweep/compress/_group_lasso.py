@@ -122,8 +122,62 @@ def group_lasso_train_(
     seeded with `seed` and the global RNG is forked and seeded too, so the same call gives the
     same weights whatever ran before; training flags and requires_grad are restored afterwards.
     """
+    _check_settings(steps, lr, penalty, reweight_every, block_size, batch_size)
+    if not isinstance(train_tokens, torch.Tensor) or train_tokens.dim() != 1:
+        raise UsageError("group lasso train_tokens must be a 1-D tensor of token ids")
+    if len(train_tokens) <= block_size + 1:
+        raise UsageError(
+            f"{len(train_tokens)} training tokens are too few for block_size {block_size}"
+        )
+    pairs = _target_weights(model, targets)
+    params = list(model.parameters())
+    grads = [p.requires_grad for p in params]
+    flags = [(m, m.training) for m in model.modules()]
+    on_gpu = any(p.device.type == "cuda" for p in params)
+    devices = list(range(torch.cuda.device_count())) if on_gpu else []  # manual_seed sets all
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            torch.manual_seed(seed)  # dropout, if the model has any, repeats too
+            for p in params:
+                p.requires_grad_(True)
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            model.train()
+            for step in range(steps):
+                if step % reweight_every == 0:
+                    alphas = [reweight(w, b, eps) for w, b in pairs]
+                loss = _loss(model, train_tokens, block_size, batch_size, gen)
+                if penalty > 0:
+                    loss = loss + penalty * group_lasso_penalty(pairs, alphas)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        for p, g in zip(params, grads, strict=True):
+            p.requires_grad_(g)
+            p.grad = None
+        for module, training in flags:
+            module.training = training
+    return model
+
+
+def _loss(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    block_size: int,
+    batch_size: int,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """The language-model loss of one batch drawn with `gen`."""
     from microsweep.models import lm_batch_loss
 
+    return lm_batch_loss(model, tokens, block_size=block_size, batch_size=batch_size, gen=gen)
+
+
+def _check_settings(
+    steps: int, lr: float, penalty: float, reweight_every: int, block_size: int, batch_size: int
+) -> None:
+    """One-line `UsageError`s for the training settings `group_lasso_train_` takes."""
     for name, value in (("steps", steps), ("reweight_every", reweight_every),
                         ("block_size", block_size), ("batch_size", batch_size)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -131,12 +185,13 @@ def group_lasso_train_(
     for name, value in (("lr", lr), ("penalty", penalty)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise UsageError(f"group lasso {name} {value!r} must be a finite number >= 0")
-    if not isinstance(train_tokens, torch.Tensor) or train_tokens.dim() != 1:
-        raise UsageError("group lasso train_tokens must be a 1-D tensor of token ids")
-    if len(train_tokens) <= block_size + 1:
-        raise UsageError(
-            f"{len(train_tokens)} training tokens are too few for block_size {block_size}"
-        )
+
+
+def _target_weights(
+    model: nn.Module, targets: Mapping[str, tuple[int, int]]
+) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+    """(weight, checked block) of each target layer; an `nn.LSTM` named by a gate matrix runs
+    as a `LinearLSTM` first, so its gates are Linears to penalise."""
     if not targets:
         raise UsageError("group lasso needs at least one target layer (name -> block shape)")
     from microsweep.compress._apply import _gate_lstms_
@@ -154,36 +209,4 @@ def group_lasso_train_(
                 "of the model"
             )
         pairs.append((module.weight, _check(module.weight, block, f"layer {name!r}")))
-
-    params = list(model.parameters())
-    grads = [p.requires_grad for p in params]
-    flags = [(m, m.training) for m in model.modules()]
-    on_gpu = any(p.device.type == "cuda" for p in params)
-    devices = list(range(torch.cuda.device_count())) if on_gpu else []  # manual_seed sets all
-    gen = torch.Generator().manual_seed(seed)
-    try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            torch.manual_seed(seed)  # dropout, if the model has any, repeats too
-            for p in params:
-                p.requires_grad_(True)
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-            model.train()
-            alphas: list[torch.Tensor] = []
-            for step in range(steps):
-                if step % reweight_every == 0:
-                    alphas = [reweight(w, b, eps) for w, b in pairs]
-                loss = lm_batch_loss(
-                    model, train_tokens, block_size=block_size, batch_size=batch_size, gen=gen
-                )
-                if penalty > 0:
-                    loss = loss + penalty * group_lasso_penalty(pairs, alphas)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-    finally:
-        for p, g in zip(params, grads, strict=True):
-            p.requires_grad_(g)
-            p.grad = None
-        for module, training in flags:
-            module.training = training
-    return model
+    return pairs
