@@ -26,7 +26,7 @@ truncated SVD at the same k by the loss above.
 
 The decoder runs once at load time: a `DecodedLinear` caches its decoded weight for evaluation,
 and the counter charges per-token ops of the dense decoded matrix while storing only codes,
-decoder and bias (`microsweep.score._rules_ae`).
+decoder and bias (the rules in `microsweep.compress._techniques._autoencoder`).
 """
 
 from __future__ import annotations
