@@ -89,10 +89,14 @@ def _tensor_refs(model: nn.Module) -> dict[tuple[Any, ...], list[str]]:
     return refs
 
 
+_Cost = tuple[str, nn.Module, Any]
+"""(module name, module, the `Cost` its rule reports)."""
+
+
 def _plan(model: nn.Module, config: CountConfig, freebie: bool) -> list[_Entry]:
     """The tensors to store, resolved exactly as `count` resolves them."""
     ctx = RuleContext(model, config, 1.0)
-    costs = []
+    costs: list[_Cost] = []
     for name, module in model.named_modules():
         rule = find_rule(type(module))
         if rule is not None:
@@ -105,58 +109,80 @@ def _plan(model: nn.Module, config: CountConfig, freebie: bool) -> list[_Entry]:
             if held is None or store_priority(stored) > store_priority(held[1]):
                 owners[key] = (i, stored)
     refs = _tensor_refs(model)
+    entries = [
+        _entry(key, costs[i], stored, refs, config, freebie) for key, (i, stored) in owners.items()
+    ]
+    entries += _constants(costs, refs, freebie)
+    _check_buffers(model, {e.key for e in entries})
+    return entries
 
-    def width(bits: int) -> int:
-        return FREEBIE_BITS if freebie else bits
 
-    def raw(bits: int, what: str) -> str:
-        if bits == 32:
-            return "f32"
-        if bits == 16 and freebie:
-            return "f16"
-        raise ExportError(f"{what} is counted at {bits} bits, which the exporter cannot store")
+def _raw(bits: int, what: str, freebie: bool) -> str:
+    """The raw float format of a value counted at `bits`."""
+    if bits == 32:
+        return "f32"
+    if bits == 16 and freebie:
+        return "f16"
+    raise ExportError(f"{what} is counted at {bits} bits, which the exporter cannot store")
 
-    def names(key: tuple[Any, ...], what: str) -> list[str]:
-        found = refs.get(key)
-        if not found:
-            raise ExportError(f"{what} is not a parameter or buffer of any module; cannot export")
-        return found
 
-    entries: list[_Entry] = []
-    for key, (i, stored) in owners.items():
-        name, module, _ = costs[i]
-        where = names(key, f"a tensor stored by {name or '<model>'!r}")
-        what = where[0]
-        t = stored.tensor.detach()
-        if t.dtype != torch.float32:
-            raise ExportError(f"{what} is {t.dtype}; the exporter stores float32 models only")
-        entry = _Entry(key, t, where, "f32", 32)
-        if stored.folded:
-            entry.counted = False
-            entry.values, entry.bits = ("f16", 16) if freebie else ("f32", 32)
-            entries.append(entry)
-            continue
-        bits = width(stored.bits)
-        form = form_for(type(module))
-        grid = form.int_grid(module, stored.tensor) if form is not None else None
-        if bits < 32 and not freebie:
-            if grid is None:
-                raise ExportError(
-                    f"{what} is counted at {bits} bits but is not a CompressedLinear weight; "
-                    "only those have integer grids to store"
-                )
-            entry.values, entry.bits = "int", bits
-            entry.scale_key = storage_key(grid)
-        else:
-            entry.values, entry.bits = raw(bits, what), bits
-        if stored.sparse or config.mask == "always":
-            entry.block = stored.block if stored.sparse else None
-            entry.mask = "block" if entry.block is not None else "element"
-            if form is not None:
-                entry.keep = form.keep_mask(module, stored.tensor)
-        entries.append(entry)
+def _names(refs: dict[tuple[Any, ...], list[str]], key: tuple[Any, ...], what: str) -> list[str]:
+    """Every name the model holds the tensor `key` under."""
+    found = refs.get(key)
+    if not found:
+        raise ExportError(f"{what} is not a parameter or buffer of any module; cannot export")
+    return found
 
-    stored_keys = {e.key for e in entries}
+
+def _entry(
+    key: tuple[Any, ...],
+    owner: _Cost,
+    stored: Stored,
+    refs: dict[tuple[Any, ...], list[str]],
+    config: CountConfig,
+    freebie: bool,
+) -> _Entry:
+    """How one stored tensor is written: its values (raw, or an integer grid the module's form
+    holds) and its mask, as its owning rule declared it."""
+    name, module, _ = owner
+    where = _names(refs, key, f"a tensor stored by {name or '<model>'!r}")
+    what = where[0]
+    t = stored.tensor.detach()
+    if t.dtype != torch.float32:
+        raise ExportError(f"{what} is {t.dtype}; the exporter stores float32 models only")
+    entry = _Entry(key, t, where, "f32", 32)
+    if stored.folded:
+        entry.counted = False
+        entry.values, entry.bits = ("f16", 16) if freebie else ("f32", 32)
+        return entry
+    bits = FREEBIE_BITS if freebie else stored.bits
+    form = form_for(type(module))
+    grid = form.int_grid(module, stored.tensor) if form is not None else None
+    if bits < 32 and not freebie:
+        if grid is None:
+            raise ExportError(
+                f"{what} is counted at {bits} bits but is not a CompressedLinear weight; "
+                "only those have integer grids to store"
+            )
+        entry.values, entry.bits = "int", bits
+        entry.scale_key = storage_key(grid)
+    else:
+        entry.values, entry.bits = _raw(bits, what, freebie), bits
+    if stored.sparse or config.mask == "always":
+        entry.block = stored.block if stored.sparse else None
+        entry.mask = "block" if entry.block is not None else "element"
+        if form is not None:
+            entry.keep = form.keep_mask(module, stored.tensor)
+    return entry
+
+
+def _constants(
+    costs: list[_Cost], refs: dict[tuple[Any, ...], list[str]], freebie: bool
+) -> list[_Entry]:
+    """The constants (quantizer scales) each module's form says inference needs, checked
+    against what its rule declared."""
+    width = FREEBIE_BITS if freebie else 32
+    entries = []
     for name, module, cost in costs:
         form = form_for(type(module))
         expected: list[torch.Tensor] = form.constants(module) if form is not None else []
@@ -167,12 +193,15 @@ def _plan(model: nn.Module, config: CountConfig, freebie: bool) -> list[_Entry]:
             )
         for t in expected:
             key = storage_key(t)
-            where = names(key, f"a constant of {name!r}")
+            where = _names(refs, key, f"a constant of {name!r}")
             if t.dtype != torch.float32:
                 raise ExportError(f"{where[0]} is {t.dtype}; the exporter stores float32 only")
-            fmt = raw(width(32), where[0])
-            entries.append(_Entry(key, t.detach(), where, fmt, width(32)))
-            stored_keys.add(key)
+            entries.append(_Entry(key, t.detach(), where, _raw(width, where[0], freebie), width))
+    return entries
+
+
+def _check_buffers(model: nn.Module, stored_keys: set[tuple[Any, ...]]) -> None:
+    """Every buffer is stored or derived from what is stored (a form's `derived_buffers`)."""
     for mname, module in model.named_modules():
         for field, buf in module._buffers.items():
             form = form_for(type(module))
@@ -182,7 +211,6 @@ def _plan(model: nn.Module, config: CountConfig, freebie: bool) -> list[_Entry]:
                     f"buffer {mname}.{field} is neither counted nor known to the exporter; "
                     "remove it or register a counting rule that stores it"
                 )
-    return entries
 
 
 def _block_keep(entry: _Entry) -> torch.Tensor:
