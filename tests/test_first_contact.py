@@ -70,8 +70,8 @@ def test_progress_clock_starts_at_the_first_trial(monkeypatch):
 
 
 def test_clock_and_digits_are_never_misleading():
-    from microsweep._text import digits_apart, distinct
     from microsweep._text import clock as _clock
+    from microsweep._text import digits_apart, distinct
 
     assert _clock(-3.0) == "0:00"
     ppl, ceiling = distinct(5.463199, 5.463181)
