@@ -19,7 +19,7 @@ from microsweep.compress import (
 )
 from microsweep.errors import SpaceError
 from microsweep.models.gpt import GPT, GPTConfig
-from microsweep.spaces._policy import LayerPolicy, Policy
+from microsweep.policy import LayerPolicy, Policy
 
 BITS = [2, 3, 4, 6, 8, 12, 16]
 

@@ -228,7 +228,7 @@ def check_counted(sf: SpaceFile, prepared: Prepared, counted_ops: float) -> None
     import warnings
 
     from microsweep.errors import SpaceWarning
-    from microsweep.score import uncounted_work
+    from microsweep.score import uncounted_line, uncounted_work
     from microsweep.score._trace import ForwardError
 
     window = prepared.windows.shape[1] - 1 if prepared.windows.numel() else 8
@@ -248,20 +248,10 @@ def check_counted(sf: SpaceFile, prepared: Prepared, counted_ops: float) -> None
         raise UsageError(f"{where}: {exc}") from None
     if not work:
         return
-    total = sum(w.total for w in work)
-    top = work[0]
-    ops = ", ".join(
-        f"{op} ~{value:,.0f}" for op, value in sorted(top.ops.items(), key=lambda kv: -kv[1])[:4]
-    )
-    fraction = total / max(counted_ops, 1e-9)
-    more = f" (and {len(work) - 1} more modules)" if len(work) > 1 else ""
-    line = (
-        f"module {top.name!r} ({top.kind}) executes {ops} ops per token that no MicroNet rule "
-        f"counts{more}: about {fraction:.1%} of the counted operations"
-    )
+    line, fraction = uncounted_line(work, counted_ops)
     if fraction > sf.objective.uncounted_tolerance:
         raise UsageError(
-            f"{line}; register a rule for {top.kind} with microsweep.score.register_rule, or "
+            f"{line}; register a rule for {work[0].kind} with microsweep.score.register_rule, or "
             "accept it with MicroNet(uncounted_tolerance=...)"
         )
     warnings.warn(f"{line} (within uncounted_tolerance)", SpaceWarning, stacklevel=2)
