@@ -183,7 +183,7 @@ class SweepLoop:
             self.done, self.result.states, self.result.best_score, self._line(number, record)
         )
         if self.settings.on_trial is not None:
-            self.settings.on_trial({"number": number, **record.to_json()})
+            self.settings.on_trial({"number": number, **record.columns(), "layers": record.layers})
         return True
 
     def _expired(self) -> bool:
