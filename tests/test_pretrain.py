@@ -102,6 +102,7 @@ def test_owned_cores_from_affinity_capped_by_cgroup_quota(monkeypatch, tmp_path:
 
 
 def test_pretrain_threads_reads_affinity_cores_and_load(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(_build.PRETRAIN_THREADS_ENV, raising=False)
     monkeypatch.setattr(_build, "CGROUP_CPU_MAX", tmp_path / "absent")
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
@@ -115,6 +116,21 @@ def test_pretrain_threads_reads_affinity_cores_and_load(monkeypatch, tmp_path: P
 
     monkeypatch.setattr(os, "getloadavg", no_load)
     assert models.pretrain_threads() == 2
+
+
+def test_a_fixed_pretrain_thread_count_beats_the_rule(corpus, monkeypatch, threads_set_to_3):
+    """$MICROSWEEP_PRETRAIN_THREADS fixes the count (weights then do not depend on the load):
+    the rule and the probe are skipped; a value that is no positive int is refused."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.9, 1.9))  # the rule would say 1
+    monkeypatch.setenv(_build.PRETRAIN_THREADS_ENV, "2")
+    assert models.pretrain_threads() == 2
+    model = ThreadSpy(corpus.vocab_size)
+    models.pretrain(model, corpus.train, steps=3, block_size=16, batch_size=4)
+    assert model.seen == [2, 2, 2]  # no one-thread probe first
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(_build.PRETRAIN_THREADS_ENV, bad)
+        with pytest.raises(UsageError, match="MICROSWEEP_PRETRAIN_THREADS"):
+            models.pretrain_threads()
 
 
 # --- threads set during training and restored after --------------------------------------
@@ -252,6 +268,7 @@ def test_guard_only_sets_a_given_or_single_thread_count() -> None:
 def test_pretrain_probes_one_thread_then_the_rule(corpus, monkeypatch, threads_set_to_3):
     """The rule's 2 threads: the warm-up step and a window of 20 on 1, then 2 until (as the
     machine's load decides; no timing is asserted) perhaps 1 for good."""
+    monkeypatch.delenv(_build.PRETRAIN_THREADS_ENV, raising=False)
     monkeypatch.setattr(_build, "pretrain_threads", lambda: 2)
     model = ThreadSpy(corpus.vocab_size)
     models.pretrain(model, corpus.train, steps=50, block_size=16, batch_size=4)

@@ -159,8 +159,19 @@ def thread_count(owned: int, cores: int, load: float | None) -> int:
     return threads
 
 
+PRETRAIN_THREADS_ENV = "MICROSWEEP_PRETRAIN_THREADS"
+"""Set to a positive int to pretrain on exactly that many threads: the weights then do not
+depend on the machine's load (float sums split across threads round differently)."""
+
+
 def pretrain_threads() -> int:
-    """`thread_count` for this process and machine now (see there for the rule)."""
+    """`thread_count` for this process and machine now (see there for the rule), or the count
+    `$MICROSWEEP_PRETRAIN_THREADS` fixes."""
+    fixed = os.environ.get(PRETRAIN_THREADS_ENV, "").strip()
+    if fixed:
+        if not fixed.isdigit() or int(fixed) < 1:
+            raise UsageError(f"${PRETRAIN_THREADS_ENV}={fixed!r} must be a positive int")
+        return int(fixed)
     try:
         load: float | None = os.getloadavg()[0]
     except (AttributeError, OSError):  # no load average on Windows
@@ -318,7 +329,8 @@ def pretrain(
     meter = _Progress(label, steps, log_every) if progress else None
     before = torch.get_num_threads()
     try:
-        guard = _ThreadGuard(pretrain_threads() if threads is None else threads, threads is None)
+        fixed = threads is not None or bool(os.environ.get(PRETRAIN_THREADS_ENV, "").strip())
+        guard = _ThreadGuard(pretrain_threads() if threads is None else threads, not fixed)
         if meter is not None:
             on = f"{guard.threads} thread{'s' if guard.threads > 1 else ''}"
             if guard.adapt:
