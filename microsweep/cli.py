@@ -461,19 +461,22 @@ def _resource_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _sweep_options(args: argparse.Namespace) -> dict[str, Any]:
-    """What `run` and `resume` take alike: where the workers run, the storage, reporting."""
+def _worker_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Where the workers of `run`, `resume` and `sensitivity` run, the storage, reporting."""
     return dict(
         workers=args.workers,
         storage=args.storage,
         address=args.address,
         in_process=args.in_process,
         progress=not args.quiet,
-        storage_wait=args.storage_wait,
         cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker,
-        timeout=args.timeout,
     )
+
+
+def _sweep_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What `run` and `resume` take alike: the worker options, storage patience, time budget."""
+    return _worker_options(args) | dict(storage_wait=args.storage_wait, timeout=args.timeout)
 
 
 def _dispatch(args: argparse.Namespace) -> None:
@@ -525,17 +528,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             folder = os.path.dirname(out)
             raise UsageError(f"folder {folder} for the plot does not exist; create it first")
-        run = run_sensitivity(
-            args.space,
-            name=args.name,
-            storage=args.storage,
-            workers=args.workers,
-            address=args.address,
-            in_process=args.in_process,
-            progress=not args.quiet,
-            cpus_per_worker=args.cpus_per_worker,
-            gpus_per_worker=args.gpus_per_worker,
-        )
+        run = run_sensitivity(args.space, name=args.name, **_worker_options(args))
         store = Store(args.storage, must_exist=True)
         data = sensitivity_data(store, run.eval_key, ceiling=run.ceiling)
         write_sensitivity_html(data, out)
