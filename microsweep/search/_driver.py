@@ -438,7 +438,7 @@ def _end_unfinished(store: Store, sweep: Any, study: optuna.Study) -> int:
             why = reason
             if t.state == TrialState.FAIL:
                 why = t.user_attrs.get("fail_reason", reason)
-            record = TrialRecord(state="FAIL", policy={}, summary="", reason=why)
+            record = TrialRecord.failed(why)
             store.record_trial(sweep.id, record, number=t.number)
     return sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
 

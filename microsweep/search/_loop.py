@@ -252,13 +252,13 @@ class SweepLoop:
         ranks = {n: lp.rank for n, lp in policy.layers.items() if lp.rank is not None}
         if ranks:  # the ranks applied, as `status` shows them (a rank param may be a fraction)
             trial.set_user_attr("ranks", ranks)
-        record = TrialRecord(
-            state="FAIL",
+        record = TrialRecord.failed(
+            None,
             policy=policy.to_json(),
             summary=policy.summary(),
             origin=origin_of(self.mem.sampler, trial, self.sweep.sampler),
             worker=res.worker,
-            timings=dict(res.timings),
+            timings=res.timings,
         )
         try:
             if res.status not in ("ok", "pruned"):
@@ -403,12 +403,11 @@ class SweepLoop:
                 reason = f"sweep stopped before the trial {what}"
                 item.trial.set_user_attr("fail_reason", reason)
                 item.frozen = self._tell_state(item.trial, "FAIL")
-                record = TrialRecord(
-                    state="FAIL",
+                record = TrialRecord.failed(
+                    reason,
                     policy=item.policy.to_json(),
                     summary=item.policy.summary(),
                     origin=origin_of(self.mem.sampler, item.trial, self.sweep.sampler),
-                    reason=reason,
                 )
                 self._persist(item, record, wait=False)
             except Exception:

@@ -33,6 +33,29 @@ class TrialRecord:
     timings: dict[str, float] = field(default_factory=dict)
     layers: list[dict[str, Any]] = field(default_factory=list)
 
+    @classmethod
+    def failed(
+        cls,
+        reason: str | None,
+        *,
+        policy: dict[str, Any] | None = None,
+        summary: str = "",
+        origin: str | None = None,
+        worker: str | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> TrialRecord:
+        """A FAIL with its reason: every record starts here (a measured trial is then judged
+        into COMPLETE or PRUNED by the driver), so one constructor makes them all."""
+        return cls(
+            state="FAIL",
+            policy=policy if policy is not None else {},
+            summary=summary,
+            origin=origin,
+            reason=reason,
+            worker=worker,
+            timings=dict(timings or {}),
+        )
+
     def columns(self) -> dict[str, Any]:
         """The trial row's columns (everything but `layers`), by reference: no copy of the
         policy or timings on the driver's path."""
