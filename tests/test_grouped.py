@@ -170,6 +170,7 @@ def test_a_sweep_over_lstm_gates_and_the_tied_table(tmp_path, corpus):
         in_process=True,
         progress=False,
     )
+    assert type(model.lstm).__name__ == "LinearLSTM"  # the sweep prepared the model in place
     store = Store(url, must_exist=True)
     rows = store.trials("lstm")
     assert sum(result.states.values()) == 6 and all(r.state != "FAIL" for r in rows)
