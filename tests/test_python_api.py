@@ -165,3 +165,22 @@ def test_warm_starts_of_a_tied_rank_over_layers_of_different_shapes():
     for _ in range(200):
         policy = space.suggest(study.ask())
         assert space.suggest(optuna.trial.FixedTrial(space.params_from_policy(policy))) == policy
+
+
+def test_sweep_options_are_one_typed_set_and_a_misspelt_one_is_refused(tmp_path):
+    """`run_sweep` and `resume_sweep` take the same `SweepOptions`; a name that is none of them
+    fails at once, as Python refuses an unexpected keyword, and stores nothing."""
+    from typing import get_type_hints
+
+    from microsweep.search import SweepOptions
+
+    url = f"sqlite:///{tmp_path / 'opts.db'}"
+    with pytest.raises(TypeError, match="run_sweep.*'workerz'.*workers"):
+        run_sweep(str(ROOT / "examples" / "tiny.py"), name="o", trials=2, storage=url, workerz=2)
+    with pytest.raises(TypeError, match="resume_sweep.*'trails'"):
+        resume_sweep("o", storage=url, trails=4)
+    assert not (tmp_path / "opts.db").exists()
+    assert set(get_type_hints(SweepOptions)) == {
+        "workers", "storage", "address", "in_process", "progress", "storage_wait",
+        "cpus_per_worker", "gpus_per_worker", "timeout",
+    }  # fmt: skip

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from microsweep.prepare import MicroNet, SpaceFile, eval_key, load_space_file
 from microsweep.search._driver import SweepResult, resume_sweep, run_sweep
+from microsweep.search._options import SweepOptions
 from microsweep.search._sensitivity import SensitivityRun, run_sensitivity
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ __all__ = [
     "MicroNet",
     "SensitivityRun",
     "SpaceFile",
+    "SweepOptions",
     "SweepResult",
     "UniformSampler",
     "eval_key",

@@ -12,7 +12,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 from microsweep.errors import SpaceError, StorageError, UsageError
 from microsweep.prepare import (
@@ -33,6 +33,7 @@ from microsweep.prepare import (
 )
 from microsweep.search._guard import Lease
 from microsweep.search._loop import LoopSettings, SweepLoop
+from microsweep.search._options import SweepOptions, resolve_options
 from microsweep.search._progress import say
 from microsweep.search._result import SweepResult, tally_best
 from microsweep.search._workers import WorkerOptions, check_timeout, start_pool
@@ -110,41 +111,32 @@ def run_sweep(
     *,
     name: str,
     trials: int,
-    workers: int = 1,
-    storage: str | None = None,
     sampler: str = "auto",
     seed: int | None = None,
-    address: str | None = None,
-    in_process: bool = False,
-    progress: bool = True,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
-    storage_wait: float = 60.0,
-    cpus_per_worker: float = 1.0,
-    gpus_per_worker: float = 0.0,
-    timeout: float | None = None,
     objective: MicroNet | None = None,
     corpus: Any | None = None,
     evaluate: Callable[[Any], float] | None = None,
     calib: Any | None = None,
     train_tokens: Any | None = None,
     warm_start: Sequence[Policy | str | os.PathLike[str]] = (),
+    **options: Unpack[SweepOptions],
 ) -> SweepResult:
     """Start a new sweep named `name` over `space`: the path of a space file, or a `Space`
     built in Python with `objective`, `corpus` (or `evaluate`), `calib` and `train_tokens` as a
     file would define them. `warm_start` policies (or policy files, as 'microsweep show
-    --json' writes) run first. `storage_wait` is how long the driver keeps retrying while the
-    database is unreachable before it stops; `timeout` is a time budget in seconds after which
-    no new trial starts (resume continues); each Ray worker reserves `cpus_per_worker` CPUs
-    (its torch threads) and `gpus_per_worker` GPUs (a worker given a GPU evaluates on it)."""
-    settings = LoopSettings(trials, in_process, progress, storage_wait, timeout, on_trial=on_trial)
-    options = WorkerOptions(workers, address, in_process, cpus_per_worker, gpus_per_worker)
-    _check_run(trials, options, timeout, seed, sampler, name)
+    --json' writes) run first; `on_trial` is called with each finished trial's record. Where
+    and how the trials run (`workers`, `storage`, `address`, `in_process`, `progress`,
+    `storage_wait`, `cpus_per_worker`, `gpus_per_worker`, `timeout`): see `SweepOptions`."""
+    opts = resolve_options(options, "run_sweep")
+    settings = opts.loop(trials, on_trial=on_trial)
+    _check_run(trials, opts.workers, opts.timeout, seed, sampler, name)
     objects = dict(
         objective=objective, corpus=corpus, evaluate=evaluate, calib=calib,
         train_tokens=train_tokens,
     )  # fmt: skip
-    store = Store(storage)
-    with _Session(store, options, progress) as session:
+    store = Store(opts.storage)
+    with _Session(store, opts.workers, opts.progress) as session:
         if name in store.sweep_names():
             raise StorageError(
                 f"a sweep named {name!r} already exists in {store.display}; "
@@ -155,7 +147,7 @@ def run_sweep(
         if sampler == "cmaes" and sf.objective.multi:
             raise UsageError("--sampler cmaes handles one objective; use tpe, nsga2 or auto")
         prepared = prepare(sf, seed or 0)
-        dense, ceiling = _measure_dense(sf, prepared, progress)
+        dense, ceiling = _measure_dense(sf, prepared, opts.progress)
         prepared = with_stop_rule(sf, prepared, dense, ceiling.value)
         session.start_pool(sf, prepared)  # a cluster that cannot place them leaves nothing
         sweep = _new_sweep(store, name, space, sf, prepared, dense, ceiling, sampler, seed, trials)
@@ -331,34 +323,27 @@ def resume_sweep(
     name: str,
     *,
     trials: int | None = None,
-    workers: int = 1,
-    storage: str | None = None,
-    address: str | None = None,
-    in_process: bool = False,
-    progress: bool = True,
-    storage_wait: float = 60.0,
-    cpus_per_worker: float = 1.0,
-    gpus_per_worker: float = 0.0,
-    timeout: float | None = None,
     space: Space | None = None,
     objective: MicroNet | None = None,
     corpus: Any | None = None,
     evaluate: Callable[[Any], float] | None = None,
     calib: Any | None = None,
     train_tokens: Any | None = None,
+    **options: Unpack[SweepOptions],
 ) -> SweepResult:
     """Continue sweep `name` until it has `trials` finished trials in total (default: its
     original target). Refused while another driver runs the sweep. Trials an earlier driver
     spooled during a database outage are written first; trials it left RUNNING are then
     marked FAIL. A sweep started from Python objects needs the same `space` (and `corpus` or
-    `evaluate`, `calib`, `train_tokens`) again; its objective defaults to the stored one."""
+    `evaluate`, `calib`, `train_tokens`) again; its objective defaults to the stored one. Where
+    and how the trials run: see `SweepOptions` (as for `run_sweep`)."""
     began = time.perf_counter()
+    opts = resolve_options(options, "resume_sweep")
     objects = dict(corpus=corpus, evaluate=evaluate, calib=calib, train_tokens=train_tokens)
     if space is None and (objective is not None or any(v is not None for v in objects.values())):
         raise UsageError("objective, corpus, evaluate, calib and train_tokens need space= too")
-    options = WorkerOptions(workers, address, in_process, cpus_per_worker, gpus_per_worker)
-    store = Store(storage, must_exist=True, upgrade=True)
-    with _Session(store, options, progress) as session:
+    store = Store(opts.storage, must_exist=True, upgrade=True)
+    with _Session(store, opts.workers, opts.progress) as session:
         sweep = store.get_sweep(name)
         done = _finished_already(store, sweep, trials)
         if done is not None:
@@ -368,8 +353,8 @@ def resume_sweep(
             stored = MicroNet.from_json(sweep.objective_json)
             given = space_from_objects(space, objective=objective or stored, **objects)
         total = trials if trials is not None else sweep.target_trials
-        options.check(total)
-        check_timeout(timeout)
+        opts.workers.check(total)
+        check_timeout(opts.timeout)
         session.take_lease(name)  # before anything is touched: a live driver's trials stay
         sf, prepared = reopen_space(sweep, given)
         study = _reopen_study(session, sweep, sf)
@@ -384,8 +369,7 @@ def resume_sweep(
         _retarget(store, sweep, trials, finished)
         if finished < total:
             session.start_pool(sf, prepared)
-        settings = LoopSettings(total, in_process, progress, storage_wait, timeout, began)
-        return session.drive(sweep, sf, prepared, study, ceiling, settings)
+        return session.drive(sweep, sf, prepared, study, ceiling, opts.loop(total, began=began))
 
 
 def _reopen_study(session: _Session, sweep: Any, sf: SpaceFile) -> optuna.Study:

@@ -19,7 +19,6 @@ from microsweep.errors import MicrosweepError, StorageError
 from microsweep.search._planning import plan_sampler
 from microsweep.search._progress import Progress, say
 from microsweep.search._result import SweepResult, tally_best
-from microsweep.search._samplers import ORIGIN_ATTR
 from microsweep.search._study import SamplerClock, memory_study, origin_of
 from microsweep.storage._records import TrialRecord
 
@@ -147,6 +146,8 @@ class SweepLoop:
     def _set_up(self, warm: Sequence[dict[str, Any]]) -> None:
         """The user's warm starts on a new study, then the planned sampler's set-up; the
         sampler clock starts after it (planning is start-up, not a trial's)."""
+        from microsweep.search._samplers import ORIGIN_ATTR
+
         total = self.settings.total
         fresh = not self.mem.get_trials(deepcopy=False)
         if fresh:

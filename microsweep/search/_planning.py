@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 from microsweep.errors import UsageError
 from microsweep.prepare import PLANNING_FACTOR_WITHOUT_CEILING
 from microsweep.search._progress import say
-from microsweep.search._samplers import PlannedSampler
 
 if TYPE_CHECKING:
     import optuna
@@ -39,6 +38,8 @@ def plan_sampler(
     """Give a planned sampler its planner (and sensitivity table) and, on a new study
     (`warm_slots` not None), enqueue up to `warm_slots` of its warm starts; note what the
     planner drops. Other samplers need nothing."""
+    from microsweep.search._samplers import PlannedSampler
+
     sampler = study.sampler
     if not isinstance(sampler, PlannedSampler):
         return

@@ -8,8 +8,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from microsweep.search._samplers import ORIGIN_ATTR, PlannedSampler
-
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
@@ -45,6 +43,8 @@ def memory_study(study: optuna.Study) -> optuna.Study:
 def origin_of(sampler: Any, trial: optuna.Trial | FrozenTrial, default: str) -> str:
     """Who proposed `trial`: a planned sampler's record, else the origin an enqueued trial
     carries (a warm start), else the sampler's name."""
+    from microsweep.search._samplers import ORIGIN_ATTR, PlannedSampler
+
     found = sampler.origin(trial.number) if isinstance(sampler, PlannedSampler) else None
     return found or trial.user_attrs.get(ORIGIN_ATTR) or default
 
