@@ -383,20 +383,26 @@ class _TTMatrix(nn.Module):
     cols_first: ClassVar[bool]
     """Whether the constructor takes the column side first (``nn.Linear(in, out)``)."""
 
+    side_keys: ClassVar[tuple[str, str]]
+    """The attributes holding the (rows, cols) sides, named as torch's module names them."""
+
     def _init_cores(
         self,
         shape: tuple[int, int],
-        row_factors: Sequence[int],
-        col_factors: Sequence[int],
+        factors: tuple[Sequence[int], Sequence[int]],
         ranks: int | Sequence[int],
         device: torch.device | str | None,
         dtype: torch.dtype | None,
-    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Check the factors against `shape`, resolve the ranks and make zero cores."""
-        row_f, col_f = _check_shape(shape[0], shape[1], row_factors, col_factors)
+    ) -> None:
+        """Check the (rows, cols) `shape` and its `factors`, set the sides and factors under
+        their names, resolve the ranks and make zero cores."""
+        rows, cols = (_positive_int(n, key) for n, key in zip(shape, self.side_keys, strict=True))
+        row_f, col_f = _check_shape(rows, cols, *factors)
+        named = zip(self.side_keys + self.factor_keys, (rows, cols, row_f, col_f), strict=True)
+        for key, value in named:
+            setattr(self, key, value)
         self.ranks = _resolve_ranks(ranks, row_f, col_f)
         self.cores = _empty_cores(row_f, col_f, self.ranks, device, dtype)
-        return row_f, col_f
 
     @classmethod
     def _from_matrix(
@@ -445,6 +451,7 @@ class TTLinear(_TTMatrix):
 
     kind = "tt_linear"
     factor_keys = ("out_factors", "in_factors")
+    side_keys = ("out_features", "in_features")
     cols_first = True
 
     def __init__(
@@ -460,12 +467,8 @@ class TTLinear(_TTMatrix):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = _positive_int(in_features, "in_features")
-        self.out_features = _positive_int(out_features, "out_features")
-        shape = (self.out_features, self.in_features)
-        self.out_factors, self.in_factors = self._init_cores(
-            shape, out_factors, in_factors, ranks, device, dtype
-        )
+        shape = (out_features, in_features)
+        self._init_cores(shape, (out_factors, in_factors), ranks, device, dtype)
         self.bias = (
             nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype))
             if bias
@@ -564,6 +567,7 @@ class TTEmbedding(_TTMatrix):
 
     kind = "tt_embedding"
     factor_keys = ("row_factors", "col_factors")
+    side_keys = ("num_embeddings", "embedding_dim")
     cols_first = False
 
     def __init__(
@@ -578,12 +582,8 @@ class TTEmbedding(_TTMatrix):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.num_embeddings = _positive_int(num_embeddings, "num_embeddings")
-        self.embedding_dim = _positive_int(embedding_dim, "embedding_dim")
-        shape = (self.num_embeddings, self.embedding_dim)
-        self.row_factors, self.col_factors = self._init_cores(
-            shape, row_factors, col_factors, ranks, device, dtype
-        )
+        shape = (num_embeddings, embedding_dim)
+        self._init_cores(shape, (row_factors, col_factors), ranks, device, dtype)
 
     @classmethod
     def from_embedding(
