@@ -7,7 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from microsweep.compress._obs import gptq, output_error, sparsegpt, wanda_mask
+from microsweep.compress._obs import (
+    block_mask,
+    gptq,
+    output_error,
+    quantize_groups,
+    sparsegpt,
+    wanda_mask,
+)
 from microsweep.compress._prune import magnitude_mask
 from microsweep.compress._quantize import quantize_rows
 
@@ -111,3 +118,45 @@ def test_dead_inputs_and_bad_arguments() -> None:
         gptq(w, torch.eye(16), 32)
     with pytest.raises(ValueError, match="sparsity"):
         sparsegpt(w, torch.eye(16), 1.0)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_group_wise_scales_hand_counted_and_gptq_with_an_identity_hessian(bits: int) -> None:
+    """One scale per row and run of `group` inputs, max|w| / (2^(b-1) - 1) of that run; GPTQ
+    with an identity Hessian gives exactly that rounding, and on correlated inputs less error."""
+    w = torch.tensor([[1.0, -3.0, 0.5, 0.25], [0.0, 0.0, -2.0, 1.0]])
+    q, scales = quantize_groups(w, 3, 2)
+    assert scales.shape == (2, 2)
+    assert torch.equal(scales, torch.tensor([[1.0, 0.1666666716], [1.0, 2.0 / 3.0]]).float())
+    assert torch.equal(q[0, :2], torch.tensor([1.0, -3.0])) and q[1, 0] == 0.0
+    w = _weight(16, 64, seed=9)
+    rtn, rtn_scales = quantize_groups(w, bits, 16)
+    q, scales = gptq(w, torch.eye(64), bits, group=16, block=32)
+    assert torch.equal(q, rtn) and torch.equal(scales, rtn_scales) and scales.shape == (16, 4)
+    gram = _correlated_gram(64, seed=6)
+    grouped = output_error(w, gptq(w, gram, bits, group=16)[0], gram)
+    assert grouped < 0.9 * output_error(w, rtn, gram)
+    assert output_error(w, rtn, gram) < output_error(w, quantize_rows(w, bits)[0], gram)
+    with pytest.raises(ValueError, match="group"):
+        gptq(w, gram, bits, group=24)
+    with pytest.raises(ValueError, match="act_order"):
+        gptq(w, gram, bits, group=16, act_order=True)
+
+
+def test_block_selection_by_saliency() -> None:
+    """With an identity Hessian the OBS block saliency (sum of w^2) removes the blocks magnitude
+    block pruning removes; on correlated inputs both saliencies lose less output than norms
+    alone; exactly round(s * n_blocks) blocks go."""
+    w = _weight(32, 64, seed=13)
+    for s in (0.25, 0.5, 0.75):
+        want = magnitude_mask(w, s, (4, 4))
+        assert torch.equal(block_mask(w, torch.eye(64), s, (4, 4)), want)
+        assert int((~want).sum()) == 16 * round(s * 128)
+    gram = _correlated_gram(64, seed=8)
+    norms = output_error(w, w * magnitude_mask(w, 0.5, (4, 4)), gram)
+    for method in ("obs", "wanda"):
+        keep = block_mask(w, gram, 0.5, (4, 4), method=method)
+        assert int((~keep).sum()) == 16 * 64
+        assert output_error(w, w * keep, gram) < norms, method
+    with pytest.raises(ValueError, match="tile"):
+        block_mask(w, gram, 0.5, (5, 4))

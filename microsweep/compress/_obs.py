@@ -18,9 +18,11 @@ from ._quantize import row_scales
 
 __all__ = [
     "DAMP",
+    "block_mask",
     "gptq",
     "inverse_hessian_factor",
     "output_error",
+    "quantize_groups",
     "sparsegpt",
     "wanda_mask",
 ]
@@ -72,19 +74,24 @@ def gptq(
     damp: float = DAMP,
     act_order: bool = False,
     block: int = BLOCK,
+    group: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ: `weight` (out, in) rounded column by column to `bits` with per-row scales, each
     column's rounding error compensated on the columns after it. `mask` (kept entries) keeps
     pruned weights at zero; `act_order` takes the columns with the largest input energy first.
-    Returns the rounded weight (the input's dtype) and the (out,) scales."""
+    With `group`, each run of `group` input columns has its own per-row scale, taken from the
+    weights as updated when the run starts. Returns the rounded weight (the input's dtype) and
+    the scales: (out,), or (out, in / group) with groups."""
     _checked(weight, gram)
     if not 2 <= bits <= 16:
         raise ValueError(f"gptq bits {bits} must be in 2..16")
+    _check_group(group, weight.shape[1], act_order)
     w = weight.detach().to(torch.float64).clone()
     keep = None if mask is None else mask.to(torch.bool)
     if keep is not None:
         w[~keep] = 0.0
     scale = row_scales(w.to(torch.float32), bits)[:, None]
+    group_scales = []
     upper, dead = inverse_hessian_factor(gram, damp)
     w[:, dead] = 0.0
     order = _order(gram, act_order)
@@ -95,6 +102,9 @@ def gptq(
         i2 = min(i1 + block, w.shape[1])
         err = torch.zeros(w.shape[0], i2 - i1, dtype=w.dtype)
         for i in range(i1, i2):
+            if group is not None and i % group == 0:  # a new group: its scales from now
+                scale = row_scales(w[:, i : i + group].to(torch.float32), bits)[:, None]
+                group_scales.append(scale[:, 0])
             col = _quantize_column(w[:, i], scale[:, 0], bits)
             if keep is not None:
                 col = col * keep[:, i]
@@ -105,7 +115,38 @@ def gptq(
         w[:, i2:] -= err @ upper[i1:i2, i2:]
     if order is not None:
         q = q[:, torch.argsort(order)]
-    return q.to(weight.dtype), scale[:, 0].to(weight.dtype)
+    scales = torch.stack(group_scales, dim=1) if group is not None else scale[:, 0]
+    return q.to(weight.dtype), scales.to(weight.dtype)
+
+
+def _check_group(group: int | None, cols: int, act_order: bool) -> None:
+    """A group divides the input columns; act-order would scatter a group's columns."""
+    if group is None:
+        return
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1 or cols % group:
+        raise ValueError(f"group {group!r} must be a positive int dividing the {cols} inputs")
+    if act_order:
+        raise ValueError("act_order with group-wise scales is not supported; drop one")
+
+
+def quantize_groups(
+    weight: torch.Tensor, bits: int, group: int, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest with one scale per row and run of `group` input columns: the weight
+    on its grids (mask re-applied) and the (out, in / group) scales."""
+    _check_group(group, weight.shape[1], False)
+    rows, cols = weight.shape
+    w = weight.detach()
+    if mask is not None:
+        w = w * mask
+    tiles = w.reshape(rows, cols // group, group)
+    amax = tiles.abs().amax(dim=2)
+    qmax = 2 ** (bits - 1) - 1
+    scales = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    q = fake_quantize_symmetric(tiles, scales[:, :, None], bits).reshape(rows, cols)
+    if mask is not None:
+        q = q * mask
+    return q, scales
 
 
 def _order(gram: torch.Tensor, act_order: bool) -> torch.Tensor | None:
@@ -194,6 +235,42 @@ def wanda_mask(weight: torch.Tensor, gram: torch.Tensor, sparsity: float) -> tor
         k = round(total * (r + 1) / rows) - round(total * r / rows)
         keep[r, order[r, :k]] = False
     return keep
+
+
+def block_mask(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    sparsity: float,
+    block: tuple[int, int],
+    *,
+    method: str = "obs",
+    damp: float = DAMP,
+) -> torch.Tensor:
+    """The kept-entry mask removing exactly round(s * n_blocks) `block`-shaped blocks (sides
+    already concrete, dividing the weight), those of least saliency summed over the block:
+    the OBS saliency w^2 / [H^-1]_jj^2 (``"obs"``; with an identity Hessian, the blocks of least
+    L2 norm, as magnitude block pruning) or Wanda's |w| * ||x_j|| (``"wanda"``)."""
+    _checked(weight, gram)
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity {sparsity} must be in [0, 1)")
+    rows, cols = weight.shape
+    br, bc = block
+    if br < 1 or bc < 1 or rows % br or cols % bc:
+        raise ValueError(f"block {block} does not tile a {rows}x{cols} weight")
+    w = weight.detach().to(torch.float64)
+    if method == "obs":
+        upper, _ = inverse_hessian_factor(gram, damp)
+        saliency = w**2 / torch.diagonal(upper)[None, :] ** 2
+    elif method == "wanda":
+        saliency = w.abs() * torch.diagonal(gram).to(torch.float64).clamp_min(0).sqrt()[None, :]
+    else:
+        raise ValueError(f"block saliency method {method!r} is not 'obs' or 'wanda'")
+    sums = saliency.reshape(rows // br, br, cols // bc, bc).sum(dim=(1, 3))
+    order = torch.argsort(sums.flatten(), stable=True)
+    keep = torch.ones(order.numel(), dtype=torch.bool)
+    keep[order[: round(sparsity * order.numel())]] = False
+    grid = keep.view(rows // br, cols // bc)
+    return grid.repeat_interleave(br, dim=0).repeat_interleave(bc, dim=1)
 
 
 def output_error(weight: torch.Tensor, changed: torch.Tensor, gram: torch.Tensor) -> float:
