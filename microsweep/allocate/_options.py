@@ -266,13 +266,18 @@ class _LayerBuilder:
         self._transforms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._masks: dict[tuple[int | None, float, tuple[int, int] | None], tuple] = {}
 
+    def _input_stats(self) -> InputStats | None:
+        """The calibration inputs' moments, computed on first need and kept."""
+        if not hasattr(self, "_stats_value"):
+            self._stats_value = self.stats() if self.stats else None
+        return self._stats_value
+
     def factors(self, rank: int, method: str = "plain") -> LowRankLinear:
         if (rank, method) not in self._factors:
             transform = None
             if method != "plain":
                 if method not in self._transforms:  # one per method, for every rank
-                    stats = self.stats() if self.stats else None
-                    self._transforms[method] = rank_transform(method, stats)
+                    self._transforms[method] = rank_transform(method, self._input_stats())
                 transform = self._transforms[method]
             self._factors[(rank, method)] = factorize(self.linear, rank, transform=transform)
         return self._factors[(rank, method)]
@@ -284,7 +289,7 @@ class _LayerBuilder:
             self.factors(setting.rank, setting.rank_method) if setting.rank is not None else None
         )
         masks = None
-        if setting.sparsity > 0:
+        if setting.sparsity > 0 and setting.prune_method == "magnitude":
             key = (setting.rank, setting.sparsity, setting.block)
             if key not in self._masks:
                 mats = [self.linear] if factors is None else [factors.first, factors.second]
@@ -294,8 +299,9 @@ class _LayerBuilder:
                 for i, s in enumerate(self.sparsities):
                     self._masks[(setting.rank, s, setting.block)] = tuple(m[i] for m in per_matrix)
             masks = self._masks[key]
+        stats = self._input_stats() if setting.data_aware else None
         return compress_layer(
-            self.linear, setting, act_scale=act_scale, factors=factors, masks=masks
+            self.linear, setting, act_scale=act_scale, factors=factors, masks=masks, stats=stats
         )
 
 

@@ -73,7 +73,8 @@ def compress_(model: nn.Module, policy: Policy, *, calib: torch.Tensor | None = 
     steps = _plan(model, policy, calib)
     act_scales = _calibrate(model, [s for s in steps if s.settings.act_bits < 32], calib)
     aware = {s.name: s.linear for s in steps if METHODS[s.settings.rank_method].reads_inputs}
-    stats = input_stats(model, aware, calib) if aware else {}
+    reads = {s.name: s.linear for s in steps if s.settings.data_aware} | aware
+    stats = input_stats(model, reads, calib) if reads else {}
     built: dict[str, nn.Module] = {}
     for (method, _, rank), members in grouped(steps).items():
         built.update(build_group(method, rank, {s.name: s.linear for s in members}))
@@ -91,7 +92,10 @@ def compress_(model: nn.Module, policy: Policy, *, calib: torch.Tensor | None = 
                     )
                 transform = _rank_technique(step.settings).transform(stats[step.name])
                 factors = factorize(step.linear, step.settings.rank, transform=transform)
-            module = _compress_layer(step.linear, step.settings, act_scales.get(step.name), factors)
+            gram = _gram(step, stats)
+            module = _compress_layer(
+                step.linear, step.settings, act_scales.get(step.name), factors, gram=gram
+            )
             _set_submodule(model, step.name, module)
     return model
 
@@ -103,23 +107,32 @@ def compress_layer(
     act_scale: torch.Tensor | None = None,
     factors: LowRankLinear | None = None,
     masks: tuple[torch.Tensor | None, ...] | None = None,
+    stats: InputStats | None = None,
 ) -> nn.Module:
     """The module `linear` becomes under `settings`, built from copies (nothing is modified).
 
     For evaluating many settings of one layer: `factors` is `linear` already factorized at
     ``settings.rank`` (see `factorize`) and `masks` the magnitude masks of each matrix (one, or
     one per factor), so neither is computed again. `act_scale` is the input scale for
-    ``settings.act_bits`` (calibrated by `compress_` on real inputs).
+    ``settings.act_bits`` (calibrated by `compress_` on real inputs); `stats` the layer's input
+    statistics, which data-aware pruning and quantization read (see `input_stats`).
     """
     if settings.rank is not None and METHODS[settings.rank_method].dense_only:
         return _compress_layer(linear, settings, None)  # built from copies, never in place
+    gram = stats.gram if stats is not None and settings.data_aware else None
+    if settings.data_aware and gram is None:
+        raise SpaceError(
+            "data-aware pruning or quantization reads the layer's inputs; pass stats= (see "
+            "input_stats)"
+        )
     with torch.no_grad():
         if settings.rank is not None and factors is not None:
             if factors.rank != settings.rank:
                 raise SpaceError(f"factors of rank {factors.rank} given for rank {settings.rank}")
             pair = type(factors)(_clone(factors.first), _clone(factors.second))
-            return _compress_layer(linear, settings, act_scale, pair.train(factors.training), masks)
-        return _compress_layer(_clone(linear), settings, act_scale, None, masks)
+            pair = pair.train(factors.training)
+            return _compress_layer(linear, settings, act_scale, pair, masks, gram=gram)
+        return _compress_layer(_clone(linear), settings, act_scale, None, masks, gram=gram)
 
 
 def _clone(linear: nn.Module) -> nn.Module:
@@ -383,14 +396,29 @@ def _compress_layer(
     act_scale: torch.Tensor | None,
     factors: LowRankLinear | None = None,
     masks: tuple[torch.Tensor | None, ...] | None = None,
+    *,
+    gram: torch.Tensor | None = None,
 ) -> nn.Module:
     """The module `linear` becomes: the rank technique of its settings builds it (taking
     `factors` where given), or the matrix techniques prune and quantize its weight in place
-    (optionally with precomputed `masks`)."""
+    (optionally with precomputed `masks`, and the input `gram` for data-aware methods)."""
     masks = masks or (None, None)
     if settings.rank is None:
-        return compress_matrix(linear, settings, act_scale, masks[0])
-    return _rank_technique(settings).build(linear, settings, Given(act_scale, factors, masks))
+        return compress_matrix(linear, settings, act_scale, masks[0], gram)
+    given = Given(act_scale, factors, masks, gram)
+    return _rank_technique(settings).build(linear, settings, given)
+
+
+def _gram(step: _Step, stats: dict[str, InputStats]) -> torch.Tensor | None:
+    """The Gram matrix of a data-aware step's inputs, refused when calibration missed it."""
+    if not step.settings.data_aware:
+        return None
+    if step.name not in stats:
+        raise SpaceError(
+            f"layer {step.name!r} saw no input while calibrating; data-aware pruning or "
+            "quantization needs calib tokens whose forward pass runs through it"
+        )
+    return stats[step.name].gram
 
 
 def group_modules(

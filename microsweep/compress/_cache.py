@@ -83,9 +83,14 @@ class VariantCache:
         self._pending = {
             s.name: s.linear
             for s in steps
-            if METHODS[s.settings.rank_method].reads_inputs
-            and (s.name, s.settings) not in self._entries  # a cached variant needs no SVD
-            and (s.name, ("svd", s.settings.rank_method)) not in self._entries
+            if (s.name, s.settings) not in self._entries  # a cached variant needs no inputs
+            and (
+                s.settings.data_aware
+                or (
+                    METHODS[s.settings.rank_method].reads_inputs
+                    and (s.name, ("svd", s.settings.rank_method)) not in self._entries
+                )
+            )
         }
         model = copy.deepcopy(self.base, dict(self._shared))
         retie: dict[int, nn.Parameter] = {}
@@ -158,7 +163,7 @@ class VariantCache:
         if isinstance(rank_tech, RankTechnique) and rank_tech.factorizes:
             svd, transform = self._svd(name, linear, settings.rank_method)
             factors = factorize(linear, settings.rank, svd=svd, transform=transform)
-        if settings.sparsity > 0:
+        if settings.sparsity > 0 and settings.prune_method == "magnitude":
             if factors is None:
                 matrices = {name: linear.weight}
             else:
@@ -174,7 +179,10 @@ class VariantCache:
                 )
                 for key, weight in matrices.items()
             )
-        module = compress_layer(linear, settings, act_scale=act_scale, factors=factors, masks=masks)
+        stats = self._stats(name) if settings.data_aware else None
+        module = compress_layer(
+            linear, settings, act_scale=act_scale, factors=factors, masks=masks, stats=stats
+        )
         own = [
             t
             for t in [*module.parameters(), *module.buffers()]
@@ -244,14 +252,14 @@ class VariantCache:
         """Layer `name`'s input statistics, from one calibration pass through the unchanged
         base for every data-aware layer the current policy still needs."""
         if name not in self._input_stats:
-            if self.calib is None:  # _plan refuses data-aware ranks without calib first
-                raise SpaceError("a data-aware rank needs calib token ids")
+            if self.calib is None:  # _plan refuses data-aware methods without calib first
+                raise SpaceError("a data-aware method needs calib token ids")
             wanted = dict(self._pending)
             wanted[name] = self.base.get_submodule(name)
             self._input_stats.update(input_stats(self.base, wanted, self.calib))
         if name not in self._input_stats:
             raise SpaceError(
-                f"layer {name!r} saw no input while calibrating; its data-aware rank needs "
+                f"layer {name!r} saw no input while calibrating; its data-aware method needs "
                 "calib tokens whose forward pass runs through it"
             )
         return self._input_stats[name]  # dropped when the policy's model is built

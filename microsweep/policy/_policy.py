@@ -22,6 +22,8 @@ __all__ = [
     "DENSE_METHODS",
     "GROUP_METHODS",
     "METHODS",
+    "PRUNE_METHODS",
+    "QUANT_METHODS",
     "RankMethod",
     "concrete_block",
     "LayerPolicy",
@@ -82,6 +84,18 @@ DENSE_METHODS = tuple(n for n, m in METHODS.items() if m.dense_only)
 """The rank methods whose stored factors stay dense fp32 (no sparsity, bits or act_bits)."""
 
 
+PRUNE_METHODS: Mapping[str, str] = MappingProxyType(
+    {"magnitude": "", "wanda": "/wanda", "sparsegpt": "/sgpt"}
+)
+"""How a sparsity is reached, name -> summary tag: the smallest |w| (``magnitude``), the
+smallest |w| times the input's norm per output row (``wanda``), or the OBS saliency on
+calibration inputs with the error of each removed weight moved onto the columns not yet done
+(``sparsegpt``; given bits with ``gptq``, pruning and quantization in one pass)."""
+QUANT_METHODS: Mapping[str, str] = MappingProxyType({"rtn": "", "gptq": "/gptq"})
+"""How weights reach their bit grid, name -> summary tag: round-to-nearest (``rtn``) or GPTQ on
+calibration inputs (``gptq``; columns in order, or by input energy with ``act_order``)."""
+
+
 def valid_block(block: tuple[int, ...]) -> bool:
     """Two ints >= 0, not both 0 (a 0 side spans the whole matrix side)."""
     return (
@@ -112,6 +126,9 @@ class LayerPolicy:
     rank: int | None = None
     rank_method: str = "plain"
     group: str | None = None
+    prune_method: str = "magnitude"
+    quant_method: str = "rtn"
+    act_order: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
@@ -146,6 +163,33 @@ class LayerPolicy:
             raise SpaceError(f"group {self.group!r} must be a string naming the layers' rule")
         if self.rank_method not in GROUP_METHODS:
             object.__setattr__(self, "group", None)
+        self._check_data_aware()
+
+    def _check_data_aware(self) -> None:
+        """The pruning and quantization methods are known names; one that has nothing to act
+        on (no sparsity, no bits) falls back to the default, so equal layers compare equal."""
+        if self.prune_method not in PRUNE_METHODS:
+            raise SpaceError(
+                f"prune method {self.prune_method!r} is not one of {', '.join(PRUNE_METHODS)}"
+            )
+        if self.quant_method not in QUANT_METHODS:
+            raise SpaceError(
+                f"quantization method {self.quant_method!r} is not one of "
+                f"{', '.join(QUANT_METHODS)}"
+            )
+        if not isinstance(self.act_order, bool):
+            raise SpaceError(f"act_order {self.act_order!r} must be True or False")
+        if not self.sparsity:
+            object.__setattr__(self, "prune_method", "magnitude")
+        if self.bits == 32:
+            object.__setattr__(self, "quant_method", "rtn")
+        if self.quant_method != "gptq":
+            object.__setattr__(self, "act_order", False)
+
+    @property
+    def data_aware(self) -> bool:
+        """Whether pruning or weight quantization reads the layer's calibration inputs."""
+        return self.prune_method != "magnitude" or self.quant_method != "rtn"
 
     @property
     def is_identity(self) -> bool:
@@ -171,12 +215,19 @@ class LayerPolicy:
             out["rank_method"] = self.rank_method
         if self.group is not None:
             out["group"] = self.group
+        if self.prune_method != "magnitude":
+            out["prune_method"] = self.prune_method
+        if self.quant_method != "rtn":
+            out["quant_method"] = self.quant_method
+        if self.act_order:
+            out["act_order"] = True
         return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LayerPolicy:
         unknown = set(data) - {
-            "sparsity", "block", "bits", "act_bits", "rank", "rank_method", "group"
+            "sparsity", "block", "bits", "act_bits", "rank", "rank_method", "group",
+            "prune_method", "quant_method", "act_order",
         }  # fmt: skip
         if unknown:
             raise SpaceError(f"unknown layer setting(s) {sorted(unknown)} in policy JSON")
@@ -295,9 +346,11 @@ class Policy:
                 continue
             bits = []
             if lp.sparsity:
-                bits.append(f"s={lp.sparsity:.2f}" + ("" if lp.block is None else "blk"))
+                block = "" if lp.block is None else "blk"
+                bits.append(f"s={lp.sparsity:.2f}{block}{PRUNE_METHODS[lp.prune_method]}")
             if lp.bits != 32:
-                bits.append(f"w{lp.bits}")
+                order = "+ao" if lp.act_order else ""
+                bits.append(f"w{lp.bits}{QUANT_METHODS[lp.quant_method]}{order}")
             if lp.act_bits != 32:
                 bits.append(f"a{lp.act_bits}")
             if lp.rank is not None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from microsweep.errors import SpaceError
-from microsweep.policy import RANK_METHODS, VALID_BITS
+from microsweep.policy import PRUNE_METHODS, QUANT_METHODS, RANK_METHODS, VALID_BITS
 from microsweep.policy import valid_block as _valid_block
 
 if TYPE_CHECKING:
@@ -55,14 +55,25 @@ class Sparsity(Knob):
     spans the matrix (``block="row"``, the same as ``(1, 0)``, prunes whole rows; ``(0, 1)``
     whole columns). Shapes such as (1, 4), (4, 1), (4, 4), (8, 8) or (16, 1) suit kernels that
     skip blocks; a factorized layer's rank is rounded to whole blocks.
+
+    `method` chooses which weights go: ``"magnitude"`` (the smallest |w|), ``"wanda"`` (|w|
+    times the input's norm, per output row) or ``"sparsegpt"`` (the OBS saliency, with each
+    removed weight's error moved onto the weights not yet done; with ``Bits(method="gptq")`` one
+    joint pass). The data-aware methods read the layer's inputs on calibration tokens; blocks
+    go by their summed saliency.
     """
 
     low: float = 0.0
     high: float = 0.9
     step: float | None = None
     block: tuple[int, int] | None = None
+    method: str = "magnitude"
 
     def __post_init__(self) -> None:
+        if self.method not in PRUNE_METHODS:
+            raise SpaceError(
+                f"Sparsity: method {self.method!r} is not one of {', '.join(PRUNE_METHODS)}"
+            )
         for value in (self.low, self.high):
             if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
                 raise SpaceError(
@@ -104,28 +115,44 @@ class Sparsity(Knob):
         return sorted({round(v, 10) for v in values})
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "knob": "Sparsity",
             "low": self.low,
             "high": self.high,
             "step": self.step,
             "block": list(self.block) if self.block else None,
         }
+        if self.method != "magnitude":
+            out["method"] = self.method
+        return out
 
 
 @dataclass(frozen=True, init=False)
 class Bits(Knob):
-    """A choice of bit-widths in 2..16, or 32 for "leave at fp32": ``Bits(4, 8, 16)``."""
+    """A choice of bit-widths in 2..16, or 32 for "leave at fp32": ``Bits(4, 8, 16)``.
+
+    `method` chooses how weights reach their grid: ``"rtn"`` (round to nearest) or ``"gptq"``
+    (column by column on calibration inputs, each rounding error moved onto the columns not
+    yet done; `act_order` takes the columns of most input energy first). As input widths
+    (`act_bits`) the method does not apply."""
 
     choices: tuple[int, ...]
+    method: str
+    act_order: bool
 
-    def __init__(self, *choices: int) -> None:
+    def __init__(self, *choices: int, method: str = "rtn", act_order: bool = False) -> None:
         if not choices:
             raise SpaceError("Bits: give at least one width, e.g. Bits(4, 8)")
         for c in choices:
             if isinstance(c, bool) or c not in VALID_BITS:
                 raise SpaceError(f"Bits: {c!r} is not a width in 2..16 or 32 (32 means off)")
+        if method not in QUANT_METHODS:
+            raise SpaceError(f"Bits: method {method!r} is not one of {', '.join(QUANT_METHODS)}")
+        if not isinstance(act_order, bool) or (act_order and method != "gptq"):
+            raise SpaceError("Bits: act_order=True goes with method='gptq'")
         object.__setattr__(self, "choices", tuple(int(c) for c in choices))
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "act_order", act_order)
 
     @property
     def is_constant(self) -> bool:
@@ -137,7 +164,12 @@ class Bits(Knob):
         return int(trial.suggest_categorical(name, self.choices))
 
     def to_json(self) -> dict[str, Any]:
-        return {"knob": "Bits", "choices": list(self.choices)}
+        out: dict[str, Any] = {"knob": "Bits", "choices": list(self.choices)}
+        if self.method != "rtn":
+            out["method"] = self.method
+        if self.act_order:
+            out["act_order"] = True
+        return out
 
 
 @dataclass(frozen=True, init=False)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from microsweep.errors import SpaceError
 from microsweep.policy import GROUP_METHODS, LayerPolicy, Policy
-from microsweep.spaces._knobs import Knob, Rank, Sparsity
+from microsweep.spaces._knobs import Bits, Knob, Rank, Sparsity
 from microsweep.spaces._layers import LayerInfo, Unit
 from microsweep.spaces._rules import Rule
 
@@ -73,6 +73,7 @@ def layer_policy(
     method = rank_knob.method if isinstance(rank_knob, Rank) else "plain"
     value = values.get("rank")
     rank = None if value is None else resolve_rank(value, info, block)
+    bits_knob = knobs.get("bits")
     return LayerPolicy(
         sparsity=sparsity,
         block=block,
@@ -81,6 +82,9 @@ def layer_policy(
         rank=rank,
         rank_method=method,
         group=group if method in GROUP_METHODS else None,
+        prune_method=knob.method if isinstance(knob, Sparsity) else "magnitude",
+        quant_method=bits_knob.method if isinstance(bits_knob, Bits) else "rtn",
+        act_order=bits_knob.act_order if isinstance(bits_knob, Bits) else False,
     )
 
 

@@ -90,6 +90,10 @@ def _check_setting(rule: str, key: str, value: Any) -> Knob:
         expected = _KNOB_TYPES[key]
         if not isinstance(value, expected):
             raise SpaceError(f"rule {rule!r}: {key} takes {expected.__name__}(...), not {value!r}")
+        if key == "act_bits" and value.method != "rtn":
+            raise SpaceError(
+                f"rule {rule!r}: act_bits rounds inputs to nearest; drop method= from its Bits"
+            )
         return value
     if key == "sparsity":
         if isinstance(value, (int, float)):

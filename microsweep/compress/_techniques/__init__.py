@@ -37,6 +37,7 @@ from ._base import (
     techniques,
 )
 from ._block import BlockPruning
+from ._data_aware import GPTQ, SparseGPT, Wanda
 from ._magnitude import MagnitudePruning
 from ._matrix import compress_matrix
 from ._shared import SharedBasis
@@ -48,6 +49,9 @@ register_technique(MagnitudePruning())
 register_technique(BlockPruning())
 register_technique(RoundToNearest())
 register_technique(InputQuantization())
+register_technique(Wanda())
+register_technique(SparseGPT())
+register_technique(GPTQ())
 register_technique(PlainSVD())
 register_technique(ActivationSVD())
 register_technique(WhitenSVD())

@@ -92,16 +92,22 @@ class Matrix:
     weight_scale: torch.Tensor | None = None
     act_scale: torch.Tensor | None = None
     given_mask: torch.Tensor | None = None
+    gram: torch.Tensor | None = None
+    """The Gram matrix of this matrix's inputs on calibration tokens (data-aware methods)."""
+    quantized: bool = False
+    """Set by a pass that already put the values on their bit grid (SparseGPT with GPTQ)."""
 
 
 @dataclass(frozen=True)
 class Given:
     """What a caller may already hold for building one layer: its input scale (calibrated on
-    the unchanged model), the layer factorized at the rank, and magnitude masks per matrix."""
+    the unchanged model), the layer factorized at the rank, magnitude masks per matrix, and
+    the Gram matrix of its inputs (for data-aware pruning and quantization)."""
 
     act_scale: torch.Tensor | None = None
     factors: nn.Module | None = None
     masks: tuple[torch.Tensor | None, ...] = (None, None)
+    gram: torch.Tensor | None = None
 
 
 @dataclass

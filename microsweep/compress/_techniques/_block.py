@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from microsweep.policy import LayerPolicy
+from microsweep.policy import LayerPolicy, concrete_block
 
+from .._obs import block_mask
 from .._prune import check_block, magnitude_mask
-from ._base import LayerCheck, Matrix, MatrixTechnique
+from ._base import LayerCheck, Matrix, MatrixTechnique, check_inputs
+from ._data_aware import gram_of
 from ._matrix import COMPRESSED
 
 __all__ = ["BlockPruning"]
@@ -25,15 +27,33 @@ class BlockPruning(MatrixTechnique):
         return settings.sparsity > 0 and settings.block is not None
 
     def check_layer(self, layer: LayerCheck) -> None:
-        """Every matrix the layer becomes (the weight, or each factor at a rank) must tile."""
+        """Every matrix the layer becomes (the weight, or each factor at a rank) must tile;
+        blocks chosen by a data-aware saliency need the layer's calibration inputs."""
         for what, shape in matrices_of(layer):
             check_block(shape, layer.settings.block, what)
+        method = layer.settings.prune_method
+        if method != "magnitude":
+            check_inputs(
+                layer,
+                f"layer {layer.name!r} is an embedding: its input is token ids, so {method} "
+                "does not apply; keep sparsity's method at 'magnitude' for it",
+                f"layer {layer.name!r} chooses blocks by {method}, which reads the layer's "
+                "inputs; pass calib=token ids of shape (B, T)",
+            )
 
     def apply(self, matrix: Matrix) -> None:
-        """Keep the largest-norm blocks (or the precomputed mask) and zero the rest."""
-        mask = matrix.given_mask
-        if mask is None:
-            mask = magnitude_mask(matrix.values, matrix.settings.sparsity, matrix.settings.block)
+        """Keep the largest-norm blocks (or the precomputed mask), or the blocks of most summed
+        saliency (OBS for ``sparsegpt``, Wanda's for ``wanda``), and zero the rest."""
+        s = matrix.settings
+        if s.prune_method != "magnitude":
+            method = "obs" if s.prune_method == "sparsegpt" else "wanda"
+            block = concrete_block(s.block, matrix.values.shape)
+            gram = gram_of(matrix, s.prune_method)
+            mask = block_mask(matrix.values, gram, s.sparsity, block, method=method)
+        else:
+            mask = matrix.given_mask
+            if mask is None:
+                mask = magnitude_mask(matrix.values, s.sparsity, s.block)
         matrix.mask = mask
         matrix.values = matrix.values * mask
 

@@ -20,8 +20,9 @@ class MagnitudePruning(MatrixTechnique):
     order = 0
 
     def applies(self, settings: LayerPolicy) -> bool:
-        """Sparsity without a block."""
-        return settings.sparsity > 0 and settings.block is None
+        """Sparsity without a block, by magnitude."""
+        s = settings
+        return s.sparsity > 0 and s.block is None and s.prune_method == "magnitude"
 
     def apply(self, matrix: Matrix) -> None:
         """Keep the largest entries (or the precomputed mask) and zero the rest."""

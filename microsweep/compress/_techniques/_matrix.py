@@ -158,11 +158,13 @@ def compress_matrix(
     settings: LayerPolicy,
     act_scale: torch.Tensor | None,
     mask: torch.Tensor | None = None,
+    gram: torch.Tensor | None = None,
 ) -> nn.Module:
     """Run the matrix techniques `settings` ask for on one Linear's (or table's) weight in
     place (ties hold) and wrap it as a `CompressedLinear`; `linear` itself when none apply.
 
-    `mask`, when given, is the magnitude mask for ``settings.sparsity`` (computed ahead).
+    `mask`, when given, is the magnitude mask for ``settings.sparsity`` (computed ahead);
+    `gram` is the Gram matrix of the matrix's inputs, which data-aware methods read.
     """
     steps = sorted(
         (t for t in techniques() if isinstance(t, MatrixTechnique) and t.applies(settings)),
@@ -171,7 +173,7 @@ def compress_matrix(
     if not steps:
         return linear
     weight = linear.weight
-    matrix = Matrix(weight.detach(), settings, act_scale=act_scale, given_mask=mask)
+    matrix = Matrix(weight.detach(), settings, act_scale=act_scale, given_mask=mask, gram=gram)
     for step in steps:
         step.apply(matrix)
     weight.copy_(matrix.values)

@@ -87,11 +87,18 @@ def compress_pair(
     act_scale: torch.Tensor | None,
     masks: tuple[torch.Tensor | None, ...],
     training: bool,
+    gram: torch.Tensor | None = None,
 ) -> nn.Module:
     """Prune and quantize each factor of `pair` in place (inputs are quantized at the first
-    factor only) and return the pair of results."""
-    first = compress_matrix(pair.first, settings, act_scale, masks[0])
-    second = compress_matrix(pair.second, replace(settings, act_bits=32), None, masks[-1])
+    factor only) and return the pair of results. With the layer's input `gram` G, the first
+    factor A reads G and the second reads A G A^T (its input is A x)."""
+    second_gram = None
+    if gram is not None and settings.data_aware:
+        a = pair.first.weight.detach().to(torch.float64)
+        second_gram = a @ gram.to(torch.float64) @ a.T
+    first = compress_matrix(pair.first, settings, act_scale, masks[0], gram)
+    second_settings = replace(settings, act_bits=32)
+    second = compress_matrix(pair.second, second_settings, None, masks[-1], second_gram)
     return type(pair)(first, second).train(training)
 
 
@@ -105,7 +112,9 @@ class PlainSVD(RankTechnique):
     def build(self, layer: nn.Module, settings: LayerPolicy, given: Given) -> nn.Module:
         """Factorize (or take the given factors), then prune and quantize each factor."""
         pair = given.factors if given.factors is not None else factorize(layer, settings.rank)
-        return compress_pair(pair, settings, given.act_scale, given.masks, layer.training)
+        return compress_pair(
+            pair, settings, given.act_scale, given.masks, layer.training, given.gram
+        )
 
 
 class _DataAwareSVD(PlainSVD):

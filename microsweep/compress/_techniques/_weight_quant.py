@@ -21,8 +21,8 @@ class RoundToNearest(MatrixTechnique):
     order = 1
 
     def applies(self, settings: LayerPolicy) -> bool:
-        """Weight widths below 32 bits."""
-        return settings.bits < 32
+        """Weight widths below 32 bits, rounded to nearest."""
+        return settings.bits < 32 and settings.quant_method == "rtn"
 
     def apply(self, matrix: Matrix) -> None:
         """Round the (pruned) values to their row grids and keep the scales."""

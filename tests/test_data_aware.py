@@ -1,0 +1,162 @@
+"""Data-aware methods under the existing knobs: `Sparsity(method="wanda" | "sparsegpt")` and
+`Bits(method="gptq")` on a real model, through `compress`, the per-worker variant cache and the
+planner; formats, counts and policies as before, less perplexity lost."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+
+from microsweep.compress import VariantCache, compress
+from microsweep.errors import SpaceError
+from microsweep.policy import LayerPolicy, Policy
+from microsweep.score import eval_windows, perplexity
+from microsweep.spaces import Bits, Space, Sparsity
+
+MLP = [f"blocks.{b}.mlp.{n}" for b in range(2) for n in ("c_fc", "c_proj")]
+
+
+def _policy(**settings) -> Policy:
+    return Policy(layers={name: LayerPolicy(**settings) for name in MLP})
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_gpt, corpus):
+    windows = eval_windows(corpus.val, window=32, max_tokens=2048)
+    calib = corpus.train[: 32 * 32].view(32, 32)
+    return tiny_gpt, windows, calib
+
+
+def test_sparsegpt_and_gptq_lose_less_than_magnitude_and_rtn(setup) -> None:
+    model, windows, calib = setup
+    ppl = {}
+    for label, settings in {
+        "magnitude": dict(sparsity=0.7),
+        "sparsegpt": dict(sparsity=0.7, prune_method="sparsegpt"),
+        "wanda": dict(sparsity=0.7, prune_method="wanda"),
+        "rtn": dict(bits=3),
+        "gptq": dict(bits=3, quant_method="gptq"),
+        "joint": dict(sparsity=0.5, bits=4, prune_method="sparsegpt", quant_method="gptq"),
+        "plain": dict(sparsity=0.5, bits=4),
+    }.items():
+        ppl[label] = perplexity(compress(model, _policy(**settings), calib=calib), windows)
+    dense = perplexity(model, windows)
+    assert ppl["sparsegpt"] - dense < 0.7 * (ppl["magnitude"] - dense), ppl
+    assert ppl["gptq"] < ppl["rtn"], ppl  # (Wanda's edge needs outlier features: not asserted)
+    assert ppl["joint"] < ppl["plain"], ppl
+
+
+def test_formats_are_those_of_the_plain_methods(setup) -> None:
+    """Exactly round(s * numel) zeros per matrix and every value on its row's grid, at a rank
+    too (each factor pruned with the statistics that reach it)."""
+    model, _, calib = setup
+    for settings in (
+        dict(sparsity=0.5, bits=4, prune_method="sparsegpt", quant_method="gptq"),
+        dict(sparsity=0.3, bits=3, prune_method="wanda", quant_method="gptq", act_order=True),
+        dict(sparsity=0.5, bits=4, rank=16, prune_method="sparsegpt", quant_method="gptq"),
+    ):
+        out = compress(model, _policy(**settings), calib=calib)
+        for name in MLP:
+            layer = out.get_submodule(name)
+            mats = [layer] if not hasattr(layer, "first") else [layer.first, layer.second]
+            for m in mats:
+                w = m.weight.detach()
+                assert int((w == 0).sum()) >= round(settings["sparsity"] * w.numel())
+                assert int((~m.mask).sum()) == round(settings["sparsity"] * w.numel())
+                steps = w / m.weight_scale[:, None]
+                assert torch.allclose(steps, steps.round(), atol=1e-3)
+                assert int(steps.round().abs().max()) <= 2 ** (settings["bits"] - 1) - 1
+
+
+def test_the_variant_cache_builds_what_compress_builds(setup) -> None:
+    model, _, calib = setup
+    policy = _policy(sparsity=0.6, bits=4, prune_method="sparsegpt", quant_method="gptq")
+    cache = VariantCache(model, calib=calib)
+    cached = cache.model(policy)
+    direct = compress(model, policy, calib=calib)
+    for name in MLP:
+        assert torch.equal(cached.get_submodule(name).weight, direct.get_submodule(name).weight)
+    again = cache.model(policy)
+    assert cache.hits >= len(MLP) and again.get_submodule(MLP[0]) is cached.get_submodule(MLP[0])
+
+
+def test_policies_space_and_bad_input(tiny_gpt) -> None:
+    """Methods travel in the policy JSON only when not the default (old policies read as
+    before), show in the summary, come from the knobs, and are refused where they cannot act."""
+    lp = LayerPolicy(sparsity=0.5, bits=4, prune_method="sparsegpt", quant_method="gptq")
+    assert LayerPolicy.from_json(lp.to_json()) == lp
+    assert LayerPolicy.from_json({"sparsity": 0.5, "bits": 4}).prune_method == "magnitude"
+    assert "s=0.50/sgpt w4/gptq" in Policy(layers={"x": lp}).summary()
+    assert LayerPolicy(bits=32, quant_method="gptq", act_order=True).quant_method == "rtn"
+    space = Space(
+        tiny_gpt,
+        rules={
+            "blocks.*.mlp.*": dict(
+                sparsity=Sparsity(0.5, 0.5, method="wanda"), bits=Bits(4, method="gptq")
+            )
+        },
+    )
+    policy = space.suggest(optuna.trial.FixedTrial({}))
+    assert {(p.prune_method, p.quant_method) for p in policy.layers.values()} == {("wanda", "gptq")}
+    with pytest.raises(SpaceError, match="method 'bogus'"):
+        Sparsity(0.1, 0.5, method="bogus")
+    with pytest.raises(SpaceError, match="act_order"):
+        Bits(4, act_order=True)
+    with pytest.raises(SpaceError, match="act_bits rounds inputs to nearest"):
+        Space(tiny_gpt, rules={"blocks.*.mlp.*": dict(act_bits=Bits(8, method="gptq"))})
+    with pytest.raises(SpaceError, match="calib"):
+        compress(tiny_gpt, _policy(sparsity=0.5, prune_method="sparsegpt"))
+    with pytest.raises(SpaceError, match="embedding"):
+        compress(
+            tiny_gpt,
+            Policy(layers={"wte": LayerPolicy(sparsity=0.5, prune_method="wanda")}),
+            calib=torch.zeros(2, 8, dtype=torch.long),
+        )
+
+
+def test_a_planned_sweep_with_data_aware_methods_exports_what_it_measured(
+    tmp_path, tiny_gpt, corpus
+) -> None:
+    """`auto` plans over data-aware levels (sensitivity probes and options built with them),
+    every trial runs, and an exported trial reloads with its stored perplexity and a payload
+    equal to its count."""
+    from microsweep import MicroNet, run_sweep
+    from microsweep.export import export_trial, load
+    from microsweep.storage import Store
+
+    space = Space(
+        tiny_gpt,
+        rules={
+            "blocks.*.mlp.*": dict(
+                sparsity=Sparsity(0.0, 0.6, step=0.3, method="sparsegpt"),
+                bits=Bits(4, 8, method="gptq"),
+            )
+        },
+    )
+    objective = MicroNet(
+        perplexity_ceiling=1.2, relative_to="dense", baseline="dense", eval_tokens=2048
+    )
+    url = f"sqlite:///{tmp_path / 'da.db'}"
+    result = run_sweep(
+        space, objective=objective, corpus=corpus, name="da", trials=4, storage=url,
+        sampler="auto", seed=0, in_process=True, progress=False,
+    )  # fmt: skip
+    assert sum(result.states.values()) == 4 and "FAIL" not in result.states
+    store = Store(url, must_exist=True)
+    rows = store.trials("da")
+    store.dispose()
+    assert all(
+        lp.get("prune_method", "sparsegpt") == "sparsegpt" and lp.get("quant_method") == "gptq"
+        for r in rows
+        for lp in r.policy["layers"].values()
+        if lp.get("bits", 32) < 32
+    )
+    windows = eval_windows(corpus.val, window=32, max_tokens=2048)
+    done = [r for r in rows if r.state == "COMPLETE"]
+    assert done
+    for row in done[:2]:
+        path = tmp_path / f"t{row.number}.msz"
+        info = export_trial("da", row.number, path, storage=url, space=space, corpus=corpus)
+        assert abs(info.ratio - 1.0) <= 0.02 and info.exact
+        assert perplexity(load(path), windows) == pytest.approx(row.perplexity, rel=1e-4)
