@@ -160,3 +160,44 @@ def test_a_planned_sweep_with_data_aware_methods_exports_what_it_measured(
         info = export_trial("da", row.number, path, storage=url, space=space, corpus=corpus)
         assert abs(info.ratio - 1.0) <= 0.02 and info.exact
         assert perplexity(load(path), windows) == pytest.approx(row.perplexity, rel=1e-4)
+
+
+def test_group_wise_scales_counted_by_hand_projected_and_exported(tmp_path, tiny_gpt, corpus):
+    """`Bits(4, group=g)`: one fp32 scale per row and run of g input columns, each counted;
+    fine-tuning's projection keeps the group grid; an export stores exactly the count and
+    reloads the same model."""
+    from torch import nn
+
+    from microsweep.compress import project_
+    from microsweep.export import load, save
+    from microsweep.score import count
+
+    layer = nn.Sequential(nn.Linear(8, 4, bias=False))
+    small = compress(layer, Policy(layers={"0": LayerPolicy(bits=4, quant_group=2)}))
+    assert small[0].weight_scale.shape == (4, 4)
+    # 32 values at 4 bits = 4 params, plus 16 scales at 32 bits = 16 params
+    assert count(small, context=1.0).params == pytest.approx(4 + 16)
+    with pytest.raises(SpaceError, match="group=3 does not divide"):
+        compress(layer, Policy(layers={"0": LayerPolicy(bits=4, quant_group=3)}))
+
+    calib = corpus.train[: 32 * 32].view(32, 32)
+    policy = _policy(bits=4, quant_group=16, quant_method="gptq")
+    model = compress(tiny_gpt, policy, calib=calib)
+    fc = model.get_submodule(MLP[0])
+    assert fc.group == 16 and fc.weight_scale.shape == (fc.out_features, fc.in_features // 16)
+    with torch.no_grad():
+        fc.weight.add_(1e-3)
+    project_(model)
+    steps = fc.weight / fc.weight_scale.repeat_interleave(16, dim=1)
+    assert torch.allclose(steps, steps.round(), atol=1e-4)
+    info = save(model, tmp_path / "g.msz", policy=policy, recipe=tiny_gpt.recipe())
+    assert abs(info.ratio - 1.0) <= 0.02 and info.exact
+    assert info.counted_params == pytest.approx(count(model, context=16.5).params, rel=1e-12)
+    back = load(tmp_path / "g.msz")
+    ids = corpus.val[:64].view(2, 32)
+    with torch.no_grad():
+        assert torch.equal(back(ids), model(ids))
+    assert "w4/gptq/g16" in policy.summary()
+    space = Space(tiny_gpt, rules={"blocks.*.mlp.*": dict(bits=Bits(4, group=16))})
+    chosen = space.suggest(optuna.trial.FixedTrial({}))
+    assert {lp.quant_group for lp in chosen.layers.values()} == {16}

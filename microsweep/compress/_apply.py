@@ -24,6 +24,7 @@ from ._checks import check_shared_weight
 from ._groups import grouped
 from ._lowrank import InputStats, factorize
 from ._modules import CompressedLinear, LowRankLinear
+from ._obs import quantize_groups
 from ._quantize import quantize_rows, tensor_scale
 from ._techniques import (
     Given,
@@ -157,8 +158,8 @@ def compress(model: nn.Module, policy: Policy, *, calib: torch.Tensor | None = N
 def project_(model: nn.Module) -> nn.Module:
     """Put every `CompressedLinear` back on its mask and grid, e.g. after a fine-tuning step.
 
-    Pruned entries return to zero and weights are re-rounded to their `bits` with per-row scales
-    recomputed from the current values; `weight_scale` is updated to match.
+    Pruned entries return to zero and weights are re-rounded to their `bits` with per-row (or
+    per-row-and-group) scales recomputed from the current values; `weight_scale` is updated.
     """
     with torch.no_grad():
         for module in model.modules():
@@ -169,7 +170,11 @@ def project_(model: nn.Module) -> nn.Module:
             if mask is not None:
                 weight.mul_(mask)
             if module.bits < 32:
-                q, scale = quantize_rows(weight, module.bits, mask)
+                group = getattr(module, "group", None)
+                if group is None:
+                    q, scale = quantize_rows(weight, module.bits, mask)
+                else:
+                    q, scale = quantize_groups(weight, module.bits, group, mask)
                 weight.copy_(q)
                 module.weight_scale = scale.to(weight.dtype)
     return model

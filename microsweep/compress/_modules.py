@@ -37,7 +37,8 @@ class CompressedLinear(nn.Module):
     Attributes the counter and the exporter rely on:
     - ``weight`` (out, in) float32 holding the dequantized values, exact zeros where pruned;
     - ``bias`` float32 or None (stored unquantized);
-    - ``bits``: weight width (32 = fp32, no scales); ``weight_scale`` (out,) fp32 when bits < 32;
+    - ``bits``: weight width (32 = fp32, no scales); ``weight_scale`` (out,) fp32 when bits < 32,
+      or (out, in / group) with ``group``: one scale per row and run of `group` input columns;
     - ``act_bits``: input width (32 = not quantized); ``act_scale`` () fp32 when act_bits < 32;
     - ``sparse``: stored as non-zeros plus a bitmask; ``block``: mask granularity (rows, cols) or
       None for one bit per element; ``mask`` (out, in) bool of the kept entries when sparse.
@@ -53,6 +54,7 @@ class CompressedLinear(nn.Module):
         act_bits: int = 32,
         sparse: bool = False,
         block: tuple[int, int] | None = None,
+        group: int | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -61,10 +63,13 @@ class CompressedLinear(nn.Module):
         self.act_bits = act_bits
         self.sparse = sparse
         self.block = tuple(block) if block is not None else None
+        self.group = group if bits < 32 else None
         self.weight = nn.Parameter(torch.zeros(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        scale_shape = (out_features,) if self.group is None else (
+            out_features, in_features // self.group)  # fmt: skip
         self.register_buffer(
-            "weight_scale", torch.ones(out_features) if bits < 32 else None, persistent=True
+            "weight_scale", torch.ones(scale_shape) if bits < 32 else None, persistent=True
         )
         self.register_buffer("act_scale", torch.ones(()) if act_bits < 32 else None)
         self.register_buffer(
@@ -80,6 +85,7 @@ class CompressedLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bits={self.bits}, act_bits={self.act_bits}, sparse={self.sparse}, block={self.block}"
+            + ("" if self.group is None else f", group={self.group}")
         )
 
 
@@ -126,10 +132,12 @@ class CompressedEmbedding(CompressedLinear):
         sparse: bool = False,
         block: tuple[int, int] | None = None,
         padding_idx: int | None = None,
+        group: int | None = None,
     ) -> None:
         super().__init__(
-            embedding_dim, num_embeddings, bias=False, bits=bits, sparse=sparse, block=block
-        )
+            embedding_dim, num_embeddings, bias=False, bits=bits, sparse=sparse, block=block,
+            group=group,
+        )  # fmt: skip
         self.padding_idx = padding_idx
 
     @property

@@ -24,6 +24,7 @@ from ._bits import packed_len, unpack_mask, unpack_signed
 from ._format import ExportError, read_container
 from ._layers import canonical, skeleton
 from ._save import expand_blocks
+from ._scales import expand_scale, scale_fits
 
 __all__ = ["load", "read_header"]
 
@@ -85,9 +86,9 @@ def _decode(
     full = full.view(shape)
     if kind == "int":
         scale = scales[int(row["scale"])]
-        if scale is None or scale.dim() != 1 or not shape or scale.numel() != shape[0]:
-            raise ValueError("an integer tensor without a matching per-row scale")
-        full = full * scale.reshape(-1, *([1] * (len(shape) - 1)))
+        if scale is None or not shape or not scale_fits(scale, shape):
+            raise ValueError("an integer tensor without a matching per-row (or group) scale")
+        full = full * expand_scale(scale, shape)
     return full.contiguous(), None if keep is None else keep.view(shape)
 
 

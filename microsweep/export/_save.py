@@ -33,6 +33,7 @@ from microsweep.score import (
 from ._bits import pack_mask, pack_signed
 from ._format import FORMAT_VERSION, ExportError, write_container
 from ._layers import canonical, layer_specs, skeleton
+from ._scales import expand_scale
 
 __all__ = ["ExportInfo", "save"]
 
@@ -230,9 +231,10 @@ def expand_blocks(
 
 
 def _grid(entry: _Entry, scale: torch.Tensor) -> torch.Tensor:
-    """The integers q with weight == q * scale (per row), checked exactly."""
+    """The integers q with weight == q * scale (per row, or per row and group of columns),
+    checked exactly."""
     t = entry.tensor
-    s = scale.reshape(-1, *([1] * (t.dim() - 1)))
+    s = expand_scale(scale, t.shape)
     q = torch.round(t / s)
     qmax = 2 ** (entry.bits - 1) - 1
     if bool((q.abs() > qmax).any()) or not torch.equal(q * s, t):

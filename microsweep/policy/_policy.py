@@ -129,6 +129,7 @@ class LayerPolicy:
     prune_method: str = "magnitude"
     quant_method: str = "rtn"
     act_order: bool = False
+    quant_group: int | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
@@ -179,10 +180,16 @@ class LayerPolicy:
             )
         if not isinstance(self.act_order, bool):
             raise SpaceError(f"act_order {self.act_order!r} must be True or False")
+        g = self.quant_group
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+            raise SpaceError(f"quant_group {g!r} must be a positive int (input columns a scale)")
+        if g is not None and self.act_order:
+            raise SpaceError("act_order with group-wise scales is not supported; drop one")
         if not self.sparsity:
             object.__setattr__(self, "prune_method", "magnitude")
         if self.bits == 32:
             object.__setattr__(self, "quant_method", "rtn")
+            object.__setattr__(self, "quant_group", None)
         if self.quant_method != "gptq":
             object.__setattr__(self, "act_order", False)
 
@@ -221,13 +228,15 @@ class LayerPolicy:
             out["quant_method"] = self.quant_method
         if self.act_order:
             out["act_order"] = True
+        if self.quant_group is not None:
+            out["quant_group"] = self.quant_group
         return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LayerPolicy:
         unknown = set(data) - {
             "sparsity", "block", "bits", "act_bits", "rank", "rank_method", "group",
-            "prune_method", "quant_method", "act_order",
+            "prune_method", "quant_method", "act_order", "quant_group",
         }  # fmt: skip
         if unknown:
             raise SpaceError(f"unknown layer setting(s) {sorted(unknown)} in policy JSON")
@@ -350,7 +359,8 @@ class Policy:
                 bits.append(f"s={lp.sparsity:.2f}{block}{PRUNE_METHODS[lp.prune_method]}")
             if lp.bits != 32:
                 order = "+ao" if lp.act_order else ""
-                bits.append(f"w{lp.bits}{QUANT_METHODS[lp.quant_method]}{order}")
+                group = "" if lp.quant_group is None else f"/g{lp.quant_group}"
+                bits.append(f"w{lp.bits}{QUANT_METHODS[lp.quant_method]}{order}{group}")
             if lp.act_bits != 32:
                 bits.append(f"a{lp.act_bits}")
             if lp.rank is not None:

@@ -133,14 +133,22 @@ class Bits(Knob):
 
     `method` chooses how weights reach their grid: ``"rtn"`` (round to nearest) or ``"gptq"``
     (column by column on calibration inputs, each rounding error moved onto the columns not
-    yet done; `act_order` takes the columns of most input energy first). As input widths
-    (`act_bits`) the method does not apply."""
+    yet done; `act_order` takes the columns of most input energy first). `group=128` gives
+    every run of 128 input columns of a row its own scale (each counted and stored at fp32)
+    instead of one per row. As input widths (`act_bits`) neither applies."""
 
     choices: tuple[int, ...]
     method: str
     act_order: bool
+    group: int | None
 
-    def __init__(self, *choices: int, method: str = "rtn", act_order: bool = False) -> None:
+    def __init__(
+        self,
+        *choices: int,
+        method: str = "rtn",
+        act_order: bool = False,
+        group: int | None = None,
+    ) -> None:
         if not choices:
             raise SpaceError("Bits: give at least one width, e.g. Bits(4, 8)")
         for c in choices:
@@ -150,9 +158,14 @@ class Bits(Knob):
             raise SpaceError(f"Bits: method {method!r} is not one of {', '.join(QUANT_METHODS)}")
         if not isinstance(act_order, bool) or (act_order and method != "gptq"):
             raise SpaceError("Bits: act_order=True goes with method='gptq'")
+        if group is not None and (isinstance(group, bool) or not isinstance(group, int)):
+            raise SpaceError(f"Bits: group {group!r} must be a positive int such as 128")
+        if group is not None and (group < 1 or act_order):
+            raise SpaceError("Bits: group must be >= 1, and act_order does not go with group")
         object.__setattr__(self, "choices", tuple(int(c) for c in choices))
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "act_order", act_order)
+        object.__setattr__(self, "group", group)
 
     @property
     def is_constant(self) -> bool:
@@ -169,6 +182,8 @@ class Bits(Knob):
             out["method"] = self.method
         if self.act_order:
             out["act_order"] = True
+        if self.group is not None:
+            out["group"] = self.group
         return out
 
 

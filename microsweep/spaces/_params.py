@@ -85,6 +85,7 @@ def layer_policy(
         prune_method=knob.method if isinstance(knob, Sparsity) else "magnitude",
         quant_method=bits_knob.method if isinstance(bits_knob, Bits) else "rtn",
         act_order=bits_knob.act_order if isinstance(bits_knob, Bits) else False,
+        quant_group=bits_knob.group if isinstance(bits_knob, Bits) else None,
     )
 
 

@@ -90,9 +90,10 @@ def _check_setting(rule: str, key: str, value: Any) -> Knob:
         expected = _KNOB_TYPES[key]
         if not isinstance(value, expected):
             raise SpaceError(f"rule {rule!r}: {key} takes {expected.__name__}(...), not {value!r}")
-        if key == "act_bits" and value.method != "rtn":
+        if key == "act_bits" and (value.method != "rtn" or value.group is not None):
             raise SpaceError(
-                f"rule {rule!r}: act_bits rounds inputs to nearest; drop method= from its Bits"
+                f"rule {rule!r}: act_bits rounds inputs to nearest with one scale; drop "
+                "method= and group= from its Bits"
             )
         return value
     if key == "sparsity":

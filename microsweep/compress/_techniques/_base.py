@@ -354,3 +354,36 @@ def form_for(module_type: type) -> Form | None:
 def form_of_spec(spec_type: str) -> Form | None:
     """The form that writes specs of ``"type"`` `spec_type`, or None."""
     return _SPECS.get(spec_type)
+
+
+def matrices_of(layer: LayerCheck) -> list[tuple[str, tuple[int, int]]]:
+    """The weight matrices a layer is stored as under its settings, named for messages: the
+    weight itself, or both factors of a rank (a table's (V, r) table and (d, r) projection)."""
+    name, settings = layer.name, layer.settings
+    out_f, in_f = layer.layer.weight.shape
+    if settings.rank is None:
+        return [(f"layer {name!r}", (out_f, in_f))]
+    r = settings.rank
+    if isinstance(layer.layer, nn.Embedding):
+        return [
+            (f"embedding {name!r} table factor", (out_f, r)),
+            (f"embedding {name!r} projection factor", (in_f, r)),
+        ]
+    return [
+        (f"layer {name!r} first factor", (r, in_f)),
+        (f"layer {name!r} second factor", (out_f, r)),
+    ]
+
+
+def check_groups(layer: LayerCheck) -> None:
+    """Refuse a scale group that does not divide the input columns of a matrix the layer is
+    stored as (the weight, or each factor at a rank)."""
+    group = layer.settings.quant_group
+    if group is None:
+        return
+    for what, (_, cols) in matrices_of(layer):
+        if cols % group:
+            raise SpaceError(
+                f"{what} has {cols} input columns, which group={group} does not divide; use "
+                "a group that divides them"
+            )

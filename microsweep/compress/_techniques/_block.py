@@ -6,7 +6,7 @@ from microsweep.policy import LayerPolicy, concrete_block
 
 from .._obs import block_mask
 from .._prune import check_block, magnitude_mask
-from ._base import LayerCheck, Matrix, MatrixTechnique, check_inputs
+from ._base import LayerCheck, Matrix, MatrixTechnique, check_inputs, matrices_of
 from ._data_aware import gram_of
 from ._matrix import COMPRESSED
 
@@ -56,24 +56,3 @@ class BlockPruning(MatrixTechnique):
                 mask = magnitude_mask(matrix.values, s.sparsity, s.block)
         matrix.mask = mask
         matrix.values = matrix.values * mask
-
-
-def matrices_of(layer: LayerCheck) -> list[tuple[str, tuple[int, int]]]:
-    """The weight matrices a layer is stored as under its settings, named for messages: the
-    weight itself, or both factors of a rank (a table's (V, r) table and (d, r) projection)."""
-    import torch.nn as nn
-
-    name, settings = layer.name, layer.settings
-    out_f, in_f = layer.layer.weight.shape
-    if settings.rank is None:
-        return [(f"layer {name!r}", (out_f, in_f))]
-    r = settings.rank
-    if isinstance(layer.layer, nn.Embedding):
-        return [
-            (f"embedding {name!r} table factor", (out_f, r)),
-            (f"embedding {name!r} projection factor", (in_f, r)),
-        ]
-    return [
-        (f"layer {name!r} first factor", (r, in_f)),
-        (f"layer {name!r} second factor", (out_f, r)),
-    ]

@@ -15,7 +15,7 @@ from microsweep.errors import SpaceError
 from microsweep.policy import LayerPolicy
 
 from .._obs import gptq, sparsegpt, wanda_mask
-from ._base import LayerCheck, Matrix, MatrixTechnique, RuleCheck, check_inputs
+from ._base import LayerCheck, Matrix, MatrixTechnique, RuleCheck, check_groups, check_inputs
 from ._matrix import COMPRESSED
 
 __all__ = ["GPTQ", "SparseGPT", "Wanda", "gram_of"]
@@ -92,7 +92,7 @@ class SparseGPT(_DataAware):
     def apply(self, matrix: Matrix) -> None:
         """Prune (and, with GPTQ bits, round) column by column with compensation."""
         s = matrix.settings
-        joint = s.quant_method == "gptq" and s.bits < 32
+        joint = s.quant_method == "gptq" and s.bits < 32 and s.quant_group is None
         values, keep, scales = sparsegpt(
             matrix.values, gram_of(matrix, self.name), s.sparsity, bits=s.bits if joint else 32
         )
@@ -127,4 +127,10 @@ class GPTQ(_DataAware):
             s.bits,
             mask=matrix.mask,
             act_order=s.act_order,
+            group=s.quant_group,
         )
+
+    def check_layer(self, layer: LayerCheck) -> None:
+        """Calibration inputs, no tables, and scale groups that divide the input columns."""
+        super().check_layer(layer)
+        check_groups(layer)

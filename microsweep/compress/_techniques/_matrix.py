@@ -65,6 +65,17 @@ def _compressed_embedding(module: CompressedEmbedding, name: str, ctx: RuleConte
     return cost
 
 
+def _group_spec(module: nn.Module) -> dict[str, Any]:
+    """The scale group in a spec, written only when set (older artifacts read unchanged)."""
+    group = getattr(module, "group", None)
+    return {} if group is None else {"group": int(group)}
+
+
+def _group(spec: Mapping[str, Any]) -> int | None:
+    group = spec.get("group")
+    return None if group is None else int(group)
+
+
 def _block(spec: Mapping[str, Any]) -> tuple[int, int] | None:
     block = spec["block"]
     return (int(block[0]), int(block[1])) if block is not None else None
@@ -89,6 +100,7 @@ class CompressedForm(Form):
                 "sparse": bool(module.sparse),
                 "block": block,
                 "padding_idx": module.padding_idx,
+                **_group_spec(module),
             }
         return {
             "type": "compressed",
@@ -99,6 +111,7 @@ class CompressedForm(Form):
             "act_bits": int(module.act_bits),
             "sparse": bool(module.sparse),
             "block": block,
+            **_group_spec(module),
         }
 
     def rebuild(self, spec: Mapping[str, Any], ctx: RebuildContext) -> nn.Module:
@@ -108,11 +121,12 @@ class CompressedForm(Form):
             pad = spec["padding_idx"]
             return CompressedEmbedding(
                 int(spec["out"]), int(spec["in"]), bits=bits, sparse=sparse, block=_block(spec),
-                padding_idx=None if pad is None else int(pad),
+                padding_idx=None if pad is None else int(pad), group=_group(spec),
             )  # fmt: skip
         return CompressedLinear(
             int(spec["in"]), int(spec["out"]), bias=bool(spec["bias"]), bits=bits,
             act_bits=int(spec["act_bits"]), sparse=sparse, block=_block(spec),
+            group=_group(spec),
         )  # fmt: skip
 
     def sides(self, spec: Mapping[str, Any]) -> tuple[int, int]:
@@ -124,7 +138,7 @@ class CompressedForm(Form):
         return spec.get("type") == "compressed_embedding"
 
     def int_grid(self, module: nn.Module, tensor: torch.Tensor) -> torch.Tensor | None:
-        """The weight's per-row scales when it is quantized."""
+        """The weight's scales when it is quantized: (out,), or (out, in / group)."""
         return module.weight_scale if tensor is module.weight else None
 
     def constants(self, module: nn.Module) -> list[torch.Tensor]:
@@ -187,15 +201,16 @@ def _wrap(linear: nn.Module, matrix: Matrix) -> CompressedLinear:
     sparse = matrix.mask is not None
     out_f, in_f = weight.shape
     block = concrete_block(settings.block, weight.shape) if sparse and settings.block else None
+    group = settings.quant_group
     if isinstance(linear, nn.Embedding):
         layer: CompressedLinear = CompressedEmbedding(
             out_f, in_f, bits=settings.bits, sparse=sparse, block=block,
-            padding_idx=linear.padding_idx,
+            padding_idx=linear.padding_idx, group=group,
         )  # fmt: skip
     else:
         layer = CompressedLinear(
             in_f, out_f, bias=linear.bias is not None, bits=settings.bits,
-            act_bits=settings.act_bits, sparse=sparse, block=block,
+            act_bits=settings.act_bits, sparse=sparse, block=block, group=group,
         )  # fmt: skip
         layer.bias = linear.bias
     layer.weight = weight

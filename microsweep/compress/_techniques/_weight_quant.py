@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from microsweep.policy import LayerPolicy
 
+from .._obs import quantize_groups
 from .._quantize import quantize_rows
-from ._base import Matrix, MatrixTechnique
+from ._base import LayerCheck, Matrix, MatrixTechnique, check_groups
 from ._matrix import COMPRESSED
 
 __all__ = ["RoundToNearest"]
@@ -24,8 +25,16 @@ class RoundToNearest(MatrixTechnique):
         """Weight widths below 32 bits, rounded to nearest."""
         return settings.bits < 32 and settings.quant_method == "rtn"
 
+    def check_layer(self, layer: LayerCheck) -> None:
+        """Group-wise scales need groups that divide every matrix's input columns."""
+        check_groups(layer)
+
     def apply(self, matrix: Matrix) -> None:
-        """Round the (pruned) values to their row grids and keep the scales."""
-        matrix.values, matrix.weight_scale = quantize_rows(
-            matrix.values, matrix.settings.bits, matrix.mask
-        )
+        """Round the (pruned) values to their row (or row-and-group) grids, keep the scales."""
+        s = matrix.settings
+        if s.quant_group is not None:
+            matrix.values, matrix.weight_scale = quantize_groups(
+                matrix.values, s.bits, s.quant_group, matrix.mask
+            )
+            return
+        matrix.values, matrix.weight_scale = quantize_rows(matrix.values, s.bits, matrix.mask)
