@@ -201,3 +201,22 @@ def test_group_wise_scales_counted_by_hand_projected_and_exported(tmp_path, tiny
     space = Space(tiny_gpt, rules={"blocks.*.mlp.*": dict(bits=Bits(4, group=16))})
     chosen = space.suggest(optuna.trial.FixedTrial({}))
     assert {lp.quant_group for lp in chosen.layers.values()} == {16}
+
+
+def test_lstm_gate_matrices_take_the_data_aware_methods(corpus) -> None:
+    """A gate's inputs (the layer input, the previous hidden state) reach its statistics when
+    the LSTM runs as LinearLSTM, so SparseGPT and GPTQ apply there as on a Linear."""
+    from microsweep import models
+
+    model = models.lstm(corpus, n_embd=32, n_hidden=32, n_layer=1, pretrain_steps=200)
+    gates = ["lstm.weight_ih_l0", "lstm.weight_hh_l0"]
+    calib = corpus.train[: 32 * 32].view(32, 32)
+    windows = eval_windows(corpus.val, window=32, max_tokens=2048)
+    dense = perplexity(model, windows)
+
+    def loss(**settings) -> float:
+        policy = Policy(layers={g: LayerPolicy(**settings) for g in gates})
+        return perplexity(compress(model, policy, calib=calib), windows) - dense
+
+    assert loss(sparsity=0.6, prune_method="sparsegpt") < 0.5 * loss(sparsity=0.6)
+    assert loss(bits=3, quant_method="gptq") < loss(bits=3)
