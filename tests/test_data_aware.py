@@ -220,3 +220,21 @@ def test_lstm_gate_matrices_take_the_data_aware_methods(corpus) -> None:
 
     assert loss(sparsity=0.6, prune_method="sparsegpt") < 0.5 * loss(sparsity=0.6)
     assert loss(bits=3, quant_method="gptq") < loss(bits=3)
+
+
+def test_sensitivity_levels_are_named_by_method() -> None:
+    """A data-aware level is another measurement: its sensitivity key names the method, so a
+    sweep never reuses a magnitude or round-to-nearest probe for it (stored keys of the plain
+    methods are unchanged)."""
+    from microsweep.allocate import level_key
+
+    assert level_key("sparsity", LayerPolicy(sparsity=0.5)) == "0.5"
+    assert level_key("sparsity", LayerPolicy(sparsity=0.5, block=(4, 4))) == "0.5@4x4"
+    sgpt = LayerPolicy(sparsity=0.5, prune_method="sparsegpt")
+    assert level_key("sparsity", sgpt) == "0.5/sparsegpt"
+    assert level_key("bits", LayerPolicy(bits=4)) == "4"
+    assert level_key("bits", LayerPolicy(bits=4, quant_method="gptq", act_order=True)) == (
+        "4/gptq+ao"
+    )
+    assert level_key("bits", LayerPolicy(bits=4, quant_group=32)) == "4/g32"
+    assert level_key("act_bits", LayerPolicy(act_bits=8, bits=4, quant_method="gptq")) == "8"

@@ -133,10 +133,17 @@ def level_key(knob: str, setting: LayerPolicy) -> str | None:
         if setting.sparsity == 0:
             return None
         block = "" if setting.block is None else f"@{setting.block[0]}x{setting.block[1]}"
-        return f"{setting.sparsity:.6g}{block}"
-    if knob in ("bits", "act_bits"):
-        value = getattr(setting, knob)
-        return None if value == 32 else str(value)
+        method = "" if setting.prune_method == "magnitude" else f"/{setting.prune_method}"
+        return f"{setting.sparsity:.6g}{block}{method}"  # another method: another measurement
+    if knob == "bits":
+        if setting.bits == 32:
+            return None
+        method = "" if setting.quant_method == "rtn" else f"/{setting.quant_method}"
+        order = "+ao" if setting.act_order else ""
+        group = "" if setting.quant_group is None else f"/g{setting.quant_group}"
+        return f"{setting.bits}{method}{order}{group}"
+    if knob == "act_bits":
+        return None if setting.act_bits == 32 else str(setting.act_bits)
     if knob == "rank":
         if setting.rank is None:
             return None
