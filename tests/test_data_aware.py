@@ -238,3 +238,24 @@ def test_sensitivity_levels_are_named_by_method() -> None:
     )
     assert level_key("bits", LayerPolicy(bits=4, quant_group=32)) == "4/g32"
     assert level_key("act_bits", LayerPolicy(act_bits=8, bits=4, quant_method="gptq")) == "8"
+
+
+def test_the_variant_cache_computes_each_layers_statistics_once(setup, monkeypatch) -> None:
+    """Statistics depend only on the base and the calibration tokens: new data-aware levels
+    of the same layers in later trials reuse them instead of running calibration again."""
+    import microsweep.compress._cache as cache_module
+
+    model, _, calib = setup
+    passes: list[list[str]] = []
+    real = cache_module.input_stats
+
+    def counted(base, modules, tokens):  # noqa: ANN001, ANN202
+        passes.append(sorted(modules))
+        return real(base, modules, tokens)
+
+    monkeypatch.setattr(cache_module, "input_stats", counted)
+    cache = VariantCache(model, calib=calib)
+    cache.model(_policy(sparsity=0.5, prune_method="sparsegpt"))
+    cache.model(_policy(sparsity=0.7, prune_method="wanda"))
+    cache.model(_policy(bits=3, quant_method="gptq"))
+    assert passes == [sorted(MLP)]

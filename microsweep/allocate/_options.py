@@ -265,11 +265,14 @@ class _LayerBuilder:
         self._factors: dict[tuple[int, str], LowRankLinear] = {}
         self._transforms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._masks: dict[tuple[int | None, float, tuple[int, int] | None], tuple] = {}
+        self._stats_value: InputStats | None = None
+        self._stats_done = False
 
     def _input_stats(self) -> InputStats | None:
         """The calibration inputs' moments, computed on first need and kept."""
-        if not hasattr(self, "_stats_value"):
+        if not self._stats_done:
             self._stats_value = self.stats() if self.stats else None
+            self._stats_done = True
         return self._stats_value
 
     def factors(self, rank: int, method: str = "plain") -> LowRankLinear:

@@ -69,7 +69,6 @@ class VariantCache:
         self._entries: OrderedDict[tuple[str, Any], tuple[Any, int]] = OrderedDict()
         self._bytes = 0
         self._amax: dict[str, torch.Tensor] | None = None
-        self._input_stats: dict[str, InputStats] = {}
         self._pending: dict[str, nn.Module] = {}
         self._rounded_base: dict[int, torch.Tensor] = {}  # base tensor id -> its fp16 copy
         self.hits = 0
@@ -107,7 +106,6 @@ class VariantCache:
             weight = getattr(variant, "weight", None)
             if isinstance(weight, nn.Parameter) and weight is not step.linear.weight:
                 retie[id(step.linear.weight)] = weight  # a tie (head = embedding) follows it
-        self._input_stats.clear()  # what this policy's SVDs needed is in them now
         self._pending = {}
         if retie:
             for module in model.modules():
@@ -249,20 +247,27 @@ class VariantCache:
         return svd, transform
 
     def _stats(self, name: str) -> InputStats:
-        """Layer `name`'s input statistics, from one calibration pass through the unchanged
-        base for every data-aware layer the current policy still needs."""
-        if name not in self._input_stats:
-            if self.calib is None:  # _plan refuses data-aware methods without calib first
-                raise SpaceError("a data-aware method needs calib token ids")
-            wanted = dict(self._pending)
-            wanted[name] = self.base.get_submodule(name)
-            self._input_stats.update(input_stats(self.base, wanted, self.calib))
-        if name not in self._input_stats:
+        """Layer `name`'s input statistics on the unchanged base, kept in the cache (they
+        depend on nothing but the base and the calibration tokens): one calibration pass for
+        every data-aware layer of the current policy that lacks them."""
+        key = (name, ("stats",))
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry[0]
+        if self.calib is None:  # _plan refuses data-aware methods without calib first
+            raise SpaceError("a data-aware method needs calib token ids")
+        wanted = {n: m for n, m in self._pending.items() if (n, ("stats",)) not in self._entries}
+        wanted[name] = self.base.get_submodule(name)
+        found = input_stats(self.base, wanted, self.calib)
+        for layer, stats in found.items():
+            self._put((layer, ("stats",)), stats, _nbytes([stats.gram, stats.abs_mean]))
+        if name not in found:
             raise SpaceError(
                 f"layer {name!r} saw no input while calibrating; its data-aware method needs "
                 "calib tokens whose forward pass runs through it"
             )
-        return self._input_stats[name]  # dropped when the policy's model is built
+        return found[name]
 
     def _input_amax(self, name: str) -> torch.Tensor:
         """max |input| of layer `name` over one pass of the calibration tokens through the
