@@ -36,6 +36,33 @@ SETTINGS = {
 }
 
 
+def _layer_errors(model, calib) -> dict:  # noqa: ANN001
+    """||(W - W')X||^2 / ||WX||^2 of every Linear alone on the calibration inputs: 3-bit
+    round-to-nearest against GPTQ, 70% magnitude against SparseGPT."""
+    import torch
+
+    from microsweep.compress import input_stats
+    from microsweep.compress._obs import gptq, output_error, sparsegpt
+    from microsweep.compress._prune import magnitude_mask
+    from microsweep.compress._quantize import quantize_rows
+
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    stats = input_stats(model, linears, calib)
+    out = {}
+    for name, layer in linears.items():
+        w, g = layer.weight.detach(), stats[name].gram
+        out[name] = {
+            "rtn_3bit": output_error(w, quantize_rows(w, 3)[0], g),
+            "gptq_3bit": output_error(w, gptq(w, g, 3)[0], g),
+            "magnitude_70": output_error(w, w * magnitude_mask(w, 0.7), g),
+            "sparsegpt_70": output_error(w, sparsegpt(w, g, 0.7)[0], g),
+        }
+    better = sum(e["gptq_3bit"] < e["rtn_3bit"] for e in out.values())
+    pruned = sum(e["sparsegpt_70"] < e["magnitude_70"] for e in out.values())
+    print(f"output error: GPTQ lower on {better}/{len(out)} layers, SparseGPT on {pruned}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", default=str(ROOT / "examples" / "shakespeare.py"))
@@ -68,6 +95,7 @@ def main() -> None:
         ppl = perplexity(out, prepared.windows)
         rows[label] = {"perplexity": ppl, "increase": ppl - dense, "build_s": build_s}
         print(f"{label:28s} ppl {ppl:.4f} (+{ppl - dense:.4f}) build {build_s:.2f}s", flush=True)
+    errors = _layer_errors(model, prepared.calib)
     result = {
         "space": os.path.relpath(args.space, ROOT),
         "dense_perplexity": dense,
@@ -76,6 +104,7 @@ def main() -> None:
         "layers": len(names),
         "evaluation_s": eval_s,
         "rows": rows,
+        "layer_output_error": errors,
     }
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -223,6 +223,8 @@ def part_driver(args: argparse.Namespace, tmp: Path) -> dict:
                 out["optuna_memory_floor_ms_per_trial"].setdefault(backend, {})[key] = f_ms
                 out["driver_over_floor"].setdefault(backend, {})[key] = (d_ms + s_ms) / f_ms
                 w_ms = _wall_overhead_ms(drv)
+                if not w_ms >= 0:  # sequential trials: the span holds every worker's time
+                    raise RuntimeError(f"wall-clock overhead {w_ms} ms is negative: mismeasured")
                 out["wall_overhead_ms_per_trial"].setdefault(backend, {})[key] = w_ms
                 out["wall_overhead_over_floor"].setdefault(backend, {})[key] = w_ms / f_ms
                 negative = sum(v < 0 for v in drv["driver"] + drv["sampler"])
