@@ -7,6 +7,11 @@ round(s * numel) pruned entries, zeros that stay zero. GPTQ and SparseGPT go thr
 columns in order and, after rounding or pruning a column, move its error onto the columns not
 yet done along the inverse Hessian (Frantar and Alistarh); with an identity Hessian there is
 nothing to move, so GPTQ is round-to-nearest and SparseGPT is magnitude pruning.
+
+A Gram matrix may also come as its diagonal, a vector: an embedding table is a Linear on one-hot
+inputs, whose Gram matrix is diagonal (how often calibration looks each token up). Nothing then
+moves between columns, so the saliencies alone choose: w^2 * g_j (OBS) or |w| * sqrt(g_j)
+(Wanda), ties (an input never seen has g_j = 0) broken by magnitude.
 """
 
 from __future__ import annotations
@@ -14,12 +19,13 @@ from __future__ import annotations
 import torch
 
 from ._modules import fake_quantize_symmetric
-from ._quantize import row_scales
+from ._quantize import quantize_rows, row_scales
 
 __all__ = [
     "DAMP",
     "block_mask",
     "gptq",
+    "group_scales",
     "inverse_hessian_factor",
     "output_error",
     "quantize_groups",
@@ -57,12 +63,27 @@ def _quantize_column(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.T
     return fake_quantize_symmetric(w.to(torch.float32), scale, bits).to(torch.float64)
 
 
-def _checked(weight: torch.Tensor, gram: torch.Tensor) -> None:
+def _checked(weight: torch.Tensor, gram: torch.Tensor, *, diagonal: bool = True) -> None:
+    """`weight` is (out, in) and `gram` (in, in), or (in,) as a diagonal where `diagonal`."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be a matrix, got shape {tuple(weight.shape)}")
     n = weight.shape[1]
-    if gram.shape != (n, n):
+    if gram.shape != (n, n) and not (diagonal and gram.shape == (n,)):
         raise ValueError(f"gram of shape {tuple(gram.shape)} does not match {n} inputs")
+
+
+def _energy(gram: torch.Tensor) -> torch.Tensor:
+    """Each input's mean square (the Gram diagonal, or the vector given for it), float64."""
+    diag = gram if gram.dim() == 1 else torch.diagonal(gram)
+    return diag.detach().to(torch.float64).clamp_min(0)
+
+
+def _ascending(saliency: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """Indices along the last dimension from the least `saliency` up, equal saliencies from
+    the least `magnitude` up, then by index: a deterministic order where saliencies tie."""
+    by_magnitude = torch.argsort(magnitude, dim=-1, stable=True)
+    by_saliency = torch.argsort(saliency.gather(-1, by_magnitude), dim=-1, stable=True)
+    return by_magnitude.gather(-1, by_saliency)
 
 
 def gptq(
@@ -79,32 +100,41 @@ def gptq(
     """GPTQ: `weight` (out, in) rounded column by column to `bits` with per-row scales, each
     column's rounding error compensated on the columns after it. `mask` (kept entries) keeps
     pruned weights at zero; `act_order` takes the columns with the largest input energy first.
-    With `group`, each run of `group` input columns has its own per-row scale, taken from the
-    weights as updated when the run starts. Returns the rounded weight (the input's dtype) and
-    the scales: (out,), or (out, in / group) with groups."""
-    _checked(weight, gram)
+    With `group`, each run of `group` input columns has its own per-row scale: taken from the
+    weights as updated when the run starts, or with `act_order` (static groups) from the
+    weight before any update, so each group stays a contiguous run of the original columns
+    whichever order rounds them. Returns the rounded weight (the input's dtype) and the
+    scales: (out,), or (out, in / group) with groups."""
+    _checked(weight, gram, diagonal=False)
     if not 2 <= bits <= 16:
         raise ValueError(f"gptq bits {bits} must be in 2..16")
-    _check_group(group, weight.shape[1], act_order)
+    _check_group(group, weight.shape[1])
     w = weight.detach().to(torch.float64).clone()
     keep = None if mask is None else mask.to(torch.bool)
     if keep is not None:
         w[~keep] = 0.0
     scale = row_scales(w.to(torch.float32), bits)[:, None]
-    group_scales = []
+    static = None
+    if group is not None and act_order:
+        static = group_scales(w.to(torch.float32), bits, group)
     upper, dead = inverse_hessian_factor(gram, damp)
     w[:, dead] = 0.0
+    columns = torch.arange(w.shape[1])  # each processed column's place in the original order
     order = _order(gram, act_order)
     if order is not None:
         w, upper, keep = _permuted(w, gram, damp, order, keep)
+        columns = order
+    group_scales_seen = []
     q = torch.zeros_like(w)
     for i1 in range(0, w.shape[1], block):
         i2 = min(i1 + block, w.shape[1])
         err = torch.zeros(w.shape[0], i2 - i1, dtype=w.dtype)
         for i in range(i1, i2):
-            if group is not None and i % group == 0:  # a new group: its scales from now
+            if static is not None:  # the column's own contiguous group, fixed up front
+                scale = static[:, int(columns[i]) // group, None]
+            elif group is not None and i % group == 0:  # a new group: its scales from now
                 scale = row_scales(w[:, i : i + group].to(torch.float32), bits)[:, None]
-                group_scales.append(scale[:, 0])
+                group_scales_seen.append(scale[:, 0])
             col = _quantize_column(w[:, i], scale[:, 0], bits)
             if keep is not None:
                 col = col * keep[:, i]
@@ -115,18 +145,31 @@ def gptq(
         w[:, i2:] -= err @ upper[i1:i2, i2:]
     if order is not None:
         q = q[:, torch.argsort(order)]
-    scales = torch.stack(group_scales, dim=1) if group is not None else scale[:, 0]
+    if static is not None:
+        scales = static
+    elif group is not None:
+        scales = torch.stack(group_scales_seen, dim=1)
+    else:
+        scales = scale[:, 0]
     return q.to(weight.dtype), scales.to(weight.dtype)
 
 
-def _check_group(group: int | None, cols: int, act_order: bool) -> None:
-    """A group divides the input columns; act-order would scatter a group's columns."""
+def _check_group(group: int | None, cols: int) -> None:
+    """A group is a positive int dividing the input columns."""
     if group is None:
         return
     if isinstance(group, bool) or not isinstance(group, int) or group < 1 or cols % group:
         raise ValueError(f"group {group!r} must be a positive int dividing the {cols} inputs")
-    if act_order:
-        raise ValueError("act_order with group-wise scales is not supported; drop one")
+
+
+def group_scales(weight: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """The (out, in / group) scales max|w| / (2^(b-1) - 1) of each row's runs of `group`
+    input columns, in the weight's dtype (1.0 for an all-zero run)."""
+    rows, cols = weight.shape
+    tiles = weight.detach().reshape(rows, cols // group, group)
+    amax = tiles.abs().amax(dim=2)
+    qmax = 2 ** (bits - 1) - 1
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
 
 
 def quantize_groups(
@@ -134,15 +177,13 @@ def quantize_groups(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest with one scale per row and run of `group` input columns: the weight
     on its grids (mask re-applied) and the (out, in / group) scales."""
-    _check_group(group, weight.shape[1], False)
+    _check_group(group, weight.shape[1])
     rows, cols = weight.shape
     w = weight.detach()
     if mask is not None:
         w = w * mask
+    scales = group_scales(w, bits, group)
     tiles = w.reshape(rows, cols // group, group)
-    amax = tiles.abs().amax(dim=2)
-    qmax = 2 ** (bits - 1) - 1
-    scales = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     q = fake_quantize_symmetric(tiles, scales[:, :, None], bits).reshape(rows, cols)
     if mask is not None:
         q = q * mask
@@ -182,10 +223,13 @@ def sparsegpt(
     each block's mask by the OBS saliency w^2 / [H^-1]_jj^2 on the weights updated so far and
     compensating every removed (and, with `bits` < 32, rounded) entry on the later columns: the
     joint pass of pruning and quantization. Returns the weight, the kept-entry mask and the
-    per-row scales (None at 32 bits)."""
+    per-row scales (None at 32 bits). A diagonal `gram` (a vector) moves nothing: each block's
+    mask is chosen by w^2 * g_j alone and kept values are rounded to nearest after pruning."""
     _checked(weight, gram)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity {sparsity} must be in [0, 1)")
+    if gram.dim() == 1:
+        return _diagonal_sparsegpt(weight, _energy(gram), sparsity, bits, block)
     w = weight.detach().to(torch.float64).clone()
     quantized = bits < 32
     scale = row_scales(w.to(torch.float32), bits) if quantized else None
@@ -218,17 +262,46 @@ def sparsegpt(
     return out.to(weight.dtype), keep, scales
 
 
+def _diagonal_sparsegpt(
+    weight: torch.Tensor, energy: torch.Tensor, sparsity: float, bits: int, block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """SparseGPT on a diagonal Hessian: per block of `block` input columns, the cumulative
+    share of round(s * numel) entries of least w^2 * g_j (ties by |w|) go; no compensation."""
+    w = weight.detach().to(torch.float64)
+    rows, cols = w.shape
+    total = round(sparsity * rows * cols)
+    keep = torch.ones(rows, cols, dtype=torch.bool)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        k = round(total * i2 / cols) - round(total * i1 / cols)
+        part = w[:, i1:i2]
+        saliency = part**2 * energy[None, i1:i2]
+        pruned = _ascending(saliency.flatten(), part.abs().flatten())[:k]
+        block_keep = torch.ones(part.numel(), dtype=torch.bool)
+        block_keep[pruned] = False
+        keep[:, i1:i2] = block_keep.view(rows, i2 - i1)
+    out = weight.detach() * keep
+    if bits >= 32:
+        return out, keep, None
+    q, scale = quantize_rows(out, bits, keep)
+    return q, keep, scale.to(weight.dtype)
+
+
 def wanda_mask(weight: torch.Tensor, gram: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Wanda: the kept-entry mask that removes, in each output row, the entries of least
     |w_ij| * ||x_j|| (||x_j|| from the Gram diagonal); rows lose floor or ceil of s * in
-    entries so that exactly round(s * numel) go in all. No weight is updated."""
+    entries so that exactly round(s * numel) go in all. No weight is updated. With a diagonal
+    `gram` (a vector), equal saliencies (inputs never seen) go by |w|."""
     _checked(weight, gram)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity {sparsity} must be in [0, 1)")
     rows, cols = weight.shape
-    norms = torch.diagonal(gram).to(torch.float64).clamp_min(0).sqrt()
-    saliency = weight.detach().to(torch.float64).abs() * norms[None, :]
-    order = torch.argsort(saliency, dim=1, stable=True)
+    magnitude = weight.detach().to(torch.float64).abs()
+    saliency = magnitude * _energy(gram).sqrt()[None, :]
+    if gram.dim() == 1:
+        order = _ascending(saliency, magnitude)
+    else:
+        order = torch.argsort(saliency, dim=1, stable=True)
     total = round(sparsity * rows * cols)
     keep = torch.ones(rows, cols, dtype=torch.bool)
     for r in range(rows):
@@ -249,7 +322,9 @@ def block_mask(
     """The kept-entry mask removing exactly round(s * n_blocks) `block`-shaped blocks (sides
     already concrete, dividing the weight), those of least saliency summed over the block:
     the OBS saliency w^2 / [H^-1]_jj^2 (``"obs"``; with an identity Hessian, the blocks of least
-    L2 norm, as magnitude block pruning) or Wanda's |w| * ||x_j|| (``"wanda"``)."""
+    L2 norm, as magnitude block pruning) or Wanda's |w| * ||x_j|| (``"wanda"``). With a
+    diagonal `gram` (a vector) the OBS saliency is w^2 * g_j, and equal sums (blocks of inputs
+    never seen) go by the blocks' L2 norms."""
     _checked(weight, gram)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity {sparsity} must be in [0, 1)")
@@ -258,15 +333,24 @@ def block_mask(
     if br < 1 or bc < 1 or rows % br or cols % bc:
         raise ValueError(f"block {block} does not tile a {rows}x{cols} weight")
     w = weight.detach().to(torch.float64)
-    if method == "obs":
+    diagonal = gram.dim() == 1
+    if method == "obs" and diagonal:
+        saliency = w**2 * _energy(gram)[None, :]
+    elif method == "obs":
         upper, _ = inverse_hessian_factor(gram, damp)
         saliency = w**2 / torch.diagonal(upper)[None, :] ** 2
     elif method == "wanda":
-        saliency = w.abs() * torch.diagonal(gram).to(torch.float64).clamp_min(0).sqrt()[None, :]
+        saliency = w.abs() * _energy(gram).sqrt()[None, :]
     else:
         raise ValueError(f"block saliency method {method!r} is not 'obs' or 'wanda'")
-    sums = saliency.reshape(rows // br, br, cols // bc, bc).sum(dim=(1, 3))
-    order = torch.argsort(sums.flatten(), stable=True)
+
+    def block_sums(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(rows // br, br, cols // bc, bc).sum(dim=(1, 3)).flatten()
+
+    if diagonal:
+        order = _ascending(block_sums(saliency), block_sums(w**2))
+    else:
+        order = torch.argsort(block_sums(saliency), stable=True)
     keep = torch.ones(order.numel(), dtype=torch.bool)
     keep[order[: round(sparsity * order.numel())]] = False
     grid = keep.view(rows // br, cols // bc)
@@ -274,7 +358,10 @@ def block_mask(
 
 
 def output_error(weight: torch.Tensor, changed: torch.Tensor, gram: torch.Tensor) -> float:
-    """||(W - W') X||^2 / ||W X||^2 over the calibration inputs whose Gram matrix is `gram`."""
+    """||(W - W') X||^2 / ||W X||^2 over the calibration inputs whose Gram matrix is `gram`
+    (or its diagonal, a vector)."""
     g = gram.to(torch.float64)
     w, d = weight.to(torch.float64), (weight - changed).to(torch.float64)
+    if g.dim() == 1:
+        return float(((d**2) @ g).sum() / ((w**2) @ g).sum())
     return float(torch.einsum("ij,jk,ik->", d, g, d) / torch.einsum("ij,jk,ik->", w, g, w))

@@ -93,7 +93,8 @@ calibration inputs with the error of each removed weight moved onto the columns 
 (``sparsegpt``; given bits with ``gptq``, pruning and quantization in one pass)."""
 QUANT_METHODS: Mapping[str, str] = MappingProxyType({"rtn": "", "gptq": "/gptq"})
 """How weights reach their bit grid, name -> summary tag: round-to-nearest (``rtn``) or GPTQ on
-calibration inputs (``gptq``; columns in order, or by input energy with ``act_order``)."""
+calibration inputs (``gptq``; columns in order, or by input energy with ``act_order``, which
+with a `quant_group` takes each group's scales from the weight before any update)."""
 
 
 def valid_block(block: tuple[int, ...]) -> bool:
@@ -183,8 +184,6 @@ class LayerPolicy:
         g = self.quant_group
         if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
             raise SpaceError(f"quant_group {g!r} must be a positive int (input columns a scale)")
-        if g is not None and self.act_order:
-            raise SpaceError("act_order with group-wise scales is not supported; drop one")
         if not self.sparsity:
             object.__setattr__(self, "prune_method", "magnitude")
         if self.bits == 32:
