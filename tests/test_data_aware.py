@@ -1,6 +1,7 @@
 """Data-aware methods under the existing knobs: `Sparsity(method="wanda" | "sparsegpt")` and
 `Bits(method="gptq")` on a real model, through `compress`, the per-worker variant cache and the
-planner; formats, counts and policies as before, less perplexity lost."""
+planner; formats, counts and policies as before, less perplexity lost. Embedding tables take
+them through their token frequencies (the diagonal of their one-hot inputs' Gram matrix)."""
 
 from __future__ import annotations
 
@@ -107,12 +108,18 @@ def test_policies_space_and_bad_input(tiny_gpt) -> None:
         Space(tiny_gpt, rules={"blocks.*.mlp.*": dict(act_bits=Bits(8, method="gptq"))})
     with pytest.raises(SpaceError, match="calib"):
         compress(tiny_gpt, _policy(sparsity=0.5, prune_method="sparsegpt"))
-    with pytest.raises(SpaceError, match="embedding"):
-        compress(
-            tiny_gpt,
-            Policy(layers={"wte": LayerPolicy(sparsity=0.5, prune_method="wanda")}),
-            calib=torch.zeros(2, 8, dtype=torch.long),
-        )
+    with pytest.raises(SpaceError, match="calib"):
+        compress(tiny_gpt, Policy(layers={"wte": LayerPolicy(bits=4, quant_method="gptq")}))
+    table = Space(
+        tiny_gpt,
+        rules={
+            "wte": dict(
+                sparsity=Sparsity(0.5, 0.5, method="sparsegpt"), bits=Bits(4, method="gptq")
+            )
+        },
+    )
+    chosen = table.suggest(optuna.trial.FixedTrial({})).layers["wte"]
+    assert (chosen.prune_method, chosen.quant_method) == ("sparsegpt", "gptq")
 
 
 def test_a_planned_sweep_with_data_aware_methods_exports_what_it_measured(
@@ -259,3 +266,113 @@ def test_the_variant_cache_computes_each_layers_statistics_once(setup, monkeypat
     cache.model(_policy(sparsity=0.7, prune_method="wanda"))
     cache.model(_policy(bits=3, quant_method="gptq"))
     assert passes == [sorted(MLP)]
+
+
+def _table(model, calib: torch.Tensor, **settings) -> torch.nn.Module:
+    """The tied GPT's token table after compressing it alone with `settings`."""
+    out = compress(model, Policy(layers={"wte": LayerPolicy(**settings)}), calib=calib)
+    assert out.head.weight is out.wte.weight  # the tied head follows the table
+    return out.wte
+
+
+def test_a_tables_statistics_are_its_token_frequencies(setup) -> None:
+    """A table's input statistics are a (V,) vector of lookup frequencies (no V x V matrix);
+    GPTQ has nothing to compensate there, so it is round-to-nearest exactly (groups and
+    act-order too)."""
+    from microsweep.compress import input_stats
+
+    model, _, calib = setup
+    stats = input_stats(model, {"wte": model.wte}, calib)["wte"]
+    counts = torch.bincount(calib.flatten(), minlength=65).double()
+    assert stats.diagonal and stats.rows == calib.numel()
+    assert torch.equal(stats.gram, counts / calib.numel()) and int((counts == 0).sum()) > 0
+    for extra in ({}, {"quant_group": 8}, {"quant_group": 8, "act_order": True}):
+        rtn = _table(model, calib, bits=3, **extra)
+        gptq = _table(model, calib, bits=3, quant_method="gptq", **extra)
+        assert torch.equal(gptq.weight, rtn.weight) and torch.equal(
+            gptq.weight_scale, rtn.weight_scale
+        )
+    pruned = _table(model, calib, sparsity=0.5, bits=4, prune_method="sparsegpt")
+    joint = _table(
+        model, calib, sparsity=0.5, bits=4, prune_method="sparsegpt", quant_method="gptq"
+    )
+    assert torch.equal(joint.weight, pruned.weight) and torch.equal(joint.mask, pruned.mask)
+
+
+def test_a_table_is_pruned_by_frequency_weighted_saliency(setup) -> None:
+    """Uniform frequencies give magnitude pruning exactly; skewed ones (the corpus's) lose
+    less frequency-weighted error sum_t f_t ||row_t - row_t'||^2 at exactly round(s * numel)
+    zeros, tokens never looked up going first; blocks as well."""
+    from microsweep.compress._prune import magnitude_mask
+
+    model, _, calib = setup
+    table = model.wte.weight.detach()
+    uniform = torch.arange(65).repeat(32).view(65, 32)  # every token 32 times
+    for s in (0.3, 0.7):
+        assert torch.equal(
+            _table(model, uniform, sparsity=s, prune_method="sparsegpt").mask,
+            magnitude_mask(table, s),
+        )
+    freq = torch.bincount(calib.flatten(), minlength=65).double() / calib.numel()
+
+    def error(pruned: torch.Tensor) -> float:
+        return float((freq[:, None] * (table - pruned.detach()).double() ** 2).sum())
+
+    for s in (0.3, 0.7):
+        magnitude = error(_table(model, calib, sparsity=s).weight)
+        for method in ("sparsegpt", "wanda"):
+            out = _table(model, calib, sparsity=s, prune_method=method)
+            assert int((~out.mask).sum()) == round(s * table.numel())
+            assert error(out.weight) < 0.5 * magnitude, (method, s)
+    out = _table(model, calib, sparsity=0.4, prune_method="sparsegpt")
+    assert not out.mask[freq == 0].any()  # 19 unseen of 65 tokens: all their entries go
+    blocks = _table(model, calib, sparsity=0.5, block=(1, 8), prune_method="sparsegpt")
+    assert int((~blocks.mask).sum()) == 8 * round(0.5 * table.numel() / 8)
+    assert error(blocks.weight) < error(_table(model, calib, sparsity=0.5, block=(1, 8)).weight)
+    cached = VariantCache(model, calib=calib).model(
+        Policy(layers={"wte": LayerPolicy(sparsity=0.5, prune_method="wanda")})
+    )
+    assert torch.equal(
+        cached.wte.weight, _table(model, calib, sparsity=0.5, prune_method="wanda").weight
+    )
+
+
+def test_a_tied_table_by_sparsegpt_and_gptq_exports_what_it_counts(setup, tmp_path) -> None:
+    """The table keeps its format: an export stores exactly the count and reloads the same
+    model, the head tied to the table."""
+    from microsweep.export import load, round_to_storage, save
+    from microsweep.score import count
+
+    model, windows, calib = setup
+    settings = dict(sparsity=0.5, bits=4, prune_method="sparsegpt", quant_method="gptq")
+    policy = Policy(layers={"wte": LayerPolicy(**settings), **_policy(**settings).layers})
+    out = compress(model, policy, calib=calib)
+    round_to_storage(out, count(out, context=16.5))
+    info = save(out, tmp_path / "t.msz", policy=policy, recipe=model.recipe())
+    assert abs(info.ratio - 1.0) <= 0.02 and info.exact and info.uncounted_bytes == 0
+    back = load(tmp_path / "t.msz")
+    assert back.head.weight is back.wte.weight
+    assert count(back, context=16.5).params == count(out, context=16.5).params
+    assert perplexity(back, windows) == pytest.approx(perplexity(out, windows), rel=1e-6)
+
+
+def test_a_factorized_table_prunes_both_factors_on_its_statistics(corpus) -> None:
+    """At a rank, the (V, r) table reads the token frequencies and the r -> d projection the
+    looked-up rows' Gram matrix T^T diag(f) T: exact counts on both factors, and less
+    frequency-weighted error than magnitude pruning of the same factors."""
+    from tests._tiny import pretrained
+
+    model = pretrained(corpus)
+    calib = corpus.train[: 32 * 32].view(32, 32)
+    table = model.emb.weight.detach().double()
+    freq = torch.bincount(calib.flatten(), minlength=table.shape[0]).double() / calib.numel()
+
+    def error(**settings) -> float:
+        out = compress(model, Policy(layers={"emb": LayerPolicy(rank=16, **settings)}), calib=calib)
+        pair = out.emb
+        for factor in (pair.first, pair.second):
+            assert int((~factor.mask).sum()) == round(0.5 * factor.weight.numel())
+        rebuilt = pair(torch.arange(table.shape[0])).detach().double()
+        return float((freq[:, None] * (table - rebuilt) ** 2).sum())
+
+    assert error(sparsity=0.5, prune_method="sparsegpt") < error(sparsity=0.5)

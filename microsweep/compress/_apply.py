@@ -348,10 +348,20 @@ def input_stats(
     model: nn.Module, modules: dict[str, nn.Module], calib: torch.Tensor
 ) -> dict[str, InputStats]:
     """The Gram matrix and mean |x| of each of `modules`' inputs over one pass of `calib`
-    (float64), for data-aware factorization."""
+    (float64), for data-aware factorization, pruning and quantization. An embedding's inputs
+    are one-hot tokens: its statistics are the (V,) frequencies of its token ids, the diagonal
+    of their Gram matrix (see `InputStats`)."""
     acc: dict[str, list[Any]] = {}
 
     def record(name: str, x: torch.Tensor) -> None:
+        if not x.is_floating_point():  # token ids: count them, the one-hot Gram's diagonal
+            ids = x.reshape(-1)
+            table = modules[name].weight.shape[0]
+            counts = torch.bincount(ids, minlength=table).to(torch.float64)
+            entry = acc.setdefault(name, [torch.zeros(table, dtype=torch.float64), None, 0])
+            entry[0] += counts
+            entry[2] += ids.numel()
+            return
         rows = x.reshape(-1, x.shape[-1]).to(torch.float64)
         if name not in acc:
             n = rows.shape[1]
@@ -363,10 +373,11 @@ def input_stats(
         entry[2] += rows.shape[0]
 
     _observe(model, modules, calib, record)
-    return {
-        name: InputStats(gram / max(n, 1), abs_sum / max(n, 1), n)
-        for name, (gram, abs_sum, n) in acc.items()
-    }
+    stats = {}
+    for name, (gram, abs_sum, n) in acc.items():
+        gram = gram / max(n, 1)
+        stats[name] = InputStats(gram, gram if abs_sum is None else abs_sum / max(n, 1), n)
+    return stats
 
 
 def _calibrate(

@@ -26,11 +26,20 @@ __all__ = ["RANK_METHODS", "InputStats", "factorize", "rank_transform"]
 @dataclass
 class InputStats:
     """What a layer's inputs look like on calibration tokens (float64): the Gram matrix
-    X^T X / n and the mean |x| per input feature, over n rows."""
+    X^T X / n and the mean |x| per input feature, over n rows.
+
+    An embedding's input is a one-hot token, whose Gram matrix is diagonal: `gram` is then its
+    diagonal, the (V,) vector of how often each token is looked up (a V x V matrix would be
+    mostly zeros), and `abs_mean` the same frequencies."""
 
     gram: torch.Tensor
     abs_mean: torch.Tensor
     rows: int
+
+    @property
+    def diagonal(self) -> bool:
+        """Whether `gram` is given as its diagonal (an embedding's token frequencies)."""
+        return self.gram.dim() == 1
 
 
 def rank_transform(method: str, stats: InputStats | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +55,11 @@ def rank_transform(method: str, stats: InputStats | None) -> tuple[torch.Tensor,
         gram = stats.gram
         n = gram.shape[0]
         # a small ridge keeps the factor invertible when some inputs never vary
-        ridge = max(float(gram.diagonal().mean()) * 1e-6, 1e-12)
+        diag = gram if stats.diagonal else gram.diagonal()
+        ridge = max(float(diag.mean()) * 1e-6, 1e-12)
+        if stats.diagonal:  # a diagonal Gram matrix: its Cholesky factor is its square root
+            root = (gram + ridge).sqrt()
+            return root, 1.0 / root
         lower = torch.linalg.cholesky(gram + ridge * torch.eye(n, dtype=gram.dtype))
         eye = torch.eye(n, dtype=gram.dtype)
         return lower, torch.linalg.solve_triangular(lower, eye, upper=False)

@@ -35,10 +35,10 @@ class InputQuantization(MatrixTechnique):
         """Tables have no input to quantize; the scale needs calibration tokens."""
         check_inputs(
             layer,
-            f"layer {layer.name!r} is an embedding: its input is token ids, so act_bits does "
-            "not apply; drop act_bits from its rule",
             f"layer {layer.name!r} quantizes its inputs (act_bits={layer.settings.act_bits}); "
             "pass calib=token ids of shape (B, T) to calibrate the input scale",
+            on_table=f"layer {layer.name!r} is an embedding: its input is token ids, so "
+            "act_bits does not apply; drop act_bits from its rule",
         )
 
     def apply(self, matrix: Matrix) -> None:

@@ -93,7 +93,11 @@ class Matrix:
     act_scale: torch.Tensor | None = None
     given_mask: torch.Tensor | None = None
     gram: torch.Tensor | None = None
-    """The Gram matrix of this matrix's inputs on calibration tokens (data-aware methods)."""
+    """The Gram matrix of this matrix's inputs on calibration tokens (data-aware methods); for
+    a table, the (V,) frequencies of its rows' tokens, the diagonal of its one-hot inputs'."""
+    table: bool = False
+    """Whether the matrix is an embedding table (V, d): as a Linear it is values^T, from V
+    one-hot inputs to d outputs, while its format keeps one scale per row of `values`."""
     quantized: bool = False
     """Set by a pass that already put the values on their bit grid (SparseGPT with GPTQ)."""
 
@@ -102,7 +106,8 @@ class Matrix:
 class Given:
     """What a caller may already hold for building one layer: its input scale (calibrated on
     the unchanged model), the layer factorized at the rank, magnitude masks per matrix, and
-    the Gram matrix of its inputs (for data-aware pruning and quantization)."""
+    the Gram matrix of its inputs (for data-aware pruning and quantization; a table's token
+    frequencies, see `InputStats`)."""
 
     act_scale: torch.Tensor | None = None
     factors: nn.Module | None = None
@@ -291,10 +296,11 @@ class GroupTechnique(RankTechnique):
         return self.build_group(settings.rank, {"": layer})[""]
 
 
-def check_inputs(layer: LayerCheck, on_table: str, uncalibrated: str) -> None:
-    """The checks of a technique that reads a layer's inputs: a table's input is token ids
-    (`on_table`), and the inputs come from calibration tokens (`uncalibrated`)."""
-    if isinstance(layer.layer, nn.Embedding):
+def check_inputs(layer: LayerCheck, uncalibrated: str, *, on_table: str | None = None) -> None:
+    """The checks of a technique that reads a layer's inputs: they come from calibration
+    tokens (`uncalibrated`), and, where the technique has `on_table` to say, a table's input
+    (token ids) is not what it reads."""
+    if on_table is not None and isinstance(layer.layer, nn.Embedding):
         raise SpaceError(on_table)
     if not layer.calibrated:
         raise SpaceError(uncalibrated)

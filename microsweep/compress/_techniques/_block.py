@@ -7,7 +7,7 @@ from microsweep.policy import LayerPolicy, concrete_block
 from .._obs import block_mask
 from .._prune import check_block, magnitude_mask
 from ._base import LayerCheck, Matrix, MatrixTechnique, check_inputs, matrices_of
-from ._data_aware import gram_of
+from ._data_aware import as_linear, from_linear
 from ._matrix import COMPRESSED
 
 __all__ = ["BlockPruning"]
@@ -35,21 +35,21 @@ class BlockPruning(MatrixTechnique):
         if method != "magnitude":
             check_inputs(
                 layer,
-                f"layer {layer.name!r} is an embedding: its input is token ids, so {method} "
-                "does not apply; keep sparsity's method at 'magnitude' for it",
                 f"layer {layer.name!r} chooses blocks by {method}, which reads the layer's "
                 "inputs; pass calib=token ids of shape (B, T)",
             )
 
     def apply(self, matrix: Matrix) -> None:
         """Keep the largest-norm blocks (or the precomputed mask), or the blocks of most summed
-        saliency (OBS for ``sparsegpt``, Wanda's for ``wanda``), and zero the rest."""
+        saliency (OBS for ``sparsegpt``, Wanda's for ``wanda``; on a table, weighted by token
+        frequencies), and zero the rest."""
         s = matrix.settings
         if s.prune_method != "magnitude":
             method = "obs" if s.prune_method == "sparsegpt" else "wanda"
-            block = concrete_block(s.block, matrix.values.shape)
-            gram = gram_of(matrix, s.prune_method)
-            mask = block_mask(matrix.values, gram, s.sparsity, block, method=method)
+            rows, cols = concrete_block(s.block, matrix.values.shape)
+            block = (cols, rows) if matrix.table else (rows, cols)  # as `as_linear` sees it
+            weight, gram = as_linear(matrix, s.prune_method)
+            mask = from_linear(matrix, block_mask(weight, gram, s.sparsity, block, method=method))
         else:
             mask = matrix.given_mask
             if mask is None:

@@ -3,8 +3,10 @@ inputs (the algorithms are in `compress/_obs.py`; the formats stay those of magn
 and round-to-nearest, so counting and export need nothing new).
 
 Each reads the Gram matrix of the matrix's inputs (`Matrix.gram`): the layer's own for a
-Linear or the first factor of a rank, A G A^T for the second factor. A table's input is token
-ids, so tables keep the plain methods.
+Linear or the first factor of a rank, A G A^T for the second factor. A table (V, d) is the
+Linear table^T on one-hot token inputs, whose Gram matrix is diagonal, the token frequencies:
+pruning there weighs each row by how often calibration looks it up, and GPTQ, with no other
+column to move an error onto, is round-to-nearest.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from microsweep.errors import SpaceError
 from microsweep.policy import LayerPolicy
 
 from .._obs import gptq, sparsegpt, wanda_mask
-from ._base import LayerCheck, Matrix, MatrixTechnique, RuleCheck, check_groups, check_inputs
+from ._base import LayerCheck, Matrix, MatrixTechnique, check_groups, check_inputs
 from ._matrix import COMPRESSED
+from ._weight_quant import round_to_nearest
 
-__all__ = ["GPTQ", "SparseGPT", "Wanda", "gram_of"]
+__all__ = ["GPTQ", "SparseGPT", "Wanda", "as_linear", "from_linear", "gram_of"]
 
 
 def gram_of(matrix: Matrix, method: str) -> torch.Tensor:
@@ -31,29 +34,28 @@ def gram_of(matrix: Matrix, method: str) -> torch.Tensor:
     return matrix.gram
 
 
-class _DataAware(MatrixTechnique):
-    """What the data-aware matrix techniques share: calibration inputs, and no tables."""
+def as_linear(matrix: Matrix, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (out, in) weight the `_obs` algorithms read and its inputs' Gram matrix: a table's
+    values transposed (V one-hot inputs to d outputs) with its token frequencies."""
+    gram = gram_of(matrix, method)
+    return (matrix.values.T, gram) if matrix.table else (matrix.values, gram)
 
-    takes_tables = False
-    knob = "sparsity"
-    default = "magnitude"
+
+def from_linear(matrix: Matrix, tensor: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped result of `as_linear`'s view back in the matrix's own layout."""
+    return tensor.T if matrix.table else tensor
+
+
+class _DataAware(MatrixTechnique):
+    """What the data-aware matrix techniques share: calibration inputs."""
 
     def check_layer(self, layer: LayerCheck) -> None:
-        """A table's input is token ids; the inputs come from calibration tokens."""
+        """The inputs come from calibration tokens (a table's: the token ids it looks up)."""
         check_inputs(
             layer,
-            f"layer {layer.name!r} is an embedding: its input is token ids, so {self.name} "
-            f"does not apply; keep {self.knob}'s method at {self.default!r} for it",
             f"layer {layer.name!r} uses {self.name}, which reads the layer's inputs; pass "
             "calib=token ids of shape (B, T)",
         )
-
-    def table_misfit(self, rule: RuleCheck) -> str | None:
-        """A rule whose knob asks for this method does not fit a table."""
-        knob = rule.settings.get(self.knob)
-        if getattr(knob, "method", self.default) == self.name:
-            return f"its input is token ids, so {self.knob} method {self.name!r} does not apply"
-        return None
 
 
 class Wanda(_DataAware):
@@ -69,8 +71,10 @@ class Wanda(_DataAware):
         return settings.sparsity > 0 and settings.block is None and settings.prune_method == "wanda"
 
     def apply(self, matrix: Matrix) -> None:
-        """Zero the entries of least saliency, exactly round(s * numel) of them."""
-        mask = wanda_mask(matrix.values, gram_of(matrix, self.name), matrix.settings.sparsity)
+        """Zero the entries of least saliency, exactly round(s * numel) of them (on a table,
+        |w| * sqrt(frequency), per dimension of the embedding)."""
+        weight, gram = as_linear(matrix, self.name)
+        mask = from_linear(matrix, wanda_mask(weight, gram, matrix.settings.sparsity))
         matrix.mask = mask
         matrix.values = matrix.values * mask
 
@@ -90,13 +94,14 @@ class SparseGPT(_DataAware):
         return s.sparsity > 0 and s.block is None and s.prune_method == "sparsegpt"
 
     def apply(self, matrix: Matrix) -> None:
-        """Prune (and, with GPTQ bits, round) column by column with compensation."""
+        """Prune (and, with GPTQ bits, round) column by column with compensation. A table has
+        nothing to compensate: its entries of least w^2 * frequency go, and GPTQ rounds after."""
         s = matrix.settings
         joint = s.quant_method == "gptq" and s.bits < 32 and s.quant_group is None
-        values, keep, scales = sparsegpt(
-            matrix.values, gram_of(matrix, self.name), s.sparsity, bits=s.bits if joint else 32
-        )
-        matrix.values, matrix.mask = values, keep
+        joint = joint and not matrix.table  # a table's scales are per token row: GPTQ's step
+        weight, gram = as_linear(matrix, self.name)
+        values, keep, scales = sparsegpt(weight, gram, s.sparsity, bits=s.bits if joint else 32)
+        matrix.values, matrix.mask = from_linear(matrix, values), from_linear(matrix, keep)
         if joint:
             matrix.weight_scale, matrix.quantized = scales, True
 
@@ -106,19 +111,22 @@ class GPTQ(_DataAware):
     the columns not yet done (in order of input energy with `act_order`)."""
 
     name = "gptq"
-    reads = ("bits", "quant_method", "act_order")
+    reads = ("bits", "quant_method", "act_order", "quant_group")
     forms = (COMPRESSED,)
     order = 1
-    knob = "bits"
-    default = "rtn"
 
     def applies(self, settings: LayerPolicy) -> bool:
         """Weight widths below 32 bits by GPTQ."""
         return settings.bits < 32 and settings.quant_method == "gptq"
 
     def apply(self, matrix: Matrix) -> None:
-        """Round with compensation, keeping pruned zeros (unless a joint pass rounded)."""
+        """Round with compensation, keeping pruned zeros (unless a joint pass rounded). A
+        table's one-hot inputs never overlap (a diagonal Hessian): no error can move, so its
+        rows are rounded to nearest on their own grids."""
         if matrix.quantized:
+            return
+        if matrix.table:
+            round_to_nearest(matrix)
             return
         s = matrix.settings
         matrix.values, matrix.weight_scale = gptq(
@@ -131,6 +139,6 @@ class GPTQ(_DataAware):
         )
 
     def check_layer(self, layer: LayerCheck) -> None:
-        """Calibration inputs, no tables, and scale groups that divide the input columns."""
+        """Calibration inputs, and scale groups that divide the input columns."""
         super().check_layer(layer)
         check_groups(layer)

@@ -178,7 +178,8 @@ def compress_matrix(
     place (ties hold) and wrap it as a `CompressedLinear`; `linear` itself when none apply.
 
     `mask`, when given, is the magnitude mask for ``settings.sparsity`` (computed ahead);
-    `gram` is the Gram matrix of the matrix's inputs, which data-aware methods read.
+    `gram` is the Gram matrix of the matrix's inputs, which data-aware methods read (a
+    table's: its token frequencies).
     """
     steps = sorted(
         (t for t in techniques() if isinstance(t, MatrixTechnique) and t.applies(settings)),
@@ -187,7 +188,10 @@ def compress_matrix(
     if not steps:
         return linear
     weight = linear.weight
-    matrix = Matrix(weight.detach(), settings, act_scale=act_scale, given_mask=mask, gram=gram)
+    table = isinstance(linear, nn.Embedding)
+    matrix = Matrix(
+        weight.detach(), settings, act_scale=act_scale, given_mask=mask, gram=gram, table=table
+    )
     for step in steps:
         step.apply(matrix)
     weight.copy_(matrix.values)

@@ -91,11 +91,14 @@ def compress_pair(
 ) -> nn.Module:
     """Prune and quantize each factor of `pair` in place (inputs are quantized at the first
     factor only) and return the pair of results. With the layer's input `gram` G, the first
-    factor A reads G and the second reads A G A^T (its input is A x)."""
+    factor A reads G and the second reads A G A^T (its input is A x). A table's G is its token
+    frequencies f (a vector) and its first factor the (V, r) table T, so the projection reads
+    T^T diag(f) T (its input is the looked-up row)."""
     second_gram = None
     if gram is not None and settings.data_aware:
         a = pair.first.weight.detach().to(torch.float64)
-        second_gram = a @ gram.to(torch.float64) @ a.T
+        g = gram.to(torch.float64)
+        second_gram = a.T @ (g[:, None] * a) if g.dim() == 1 else a @ g @ a.T
     first = compress_matrix(pair.first, settings, act_scale, masks[0], gram)
     second_settings = replace(settings, act_bits=32)
     second = compress_matrix(pair.second, second_settings, None, masks[-1], second_gram)
@@ -126,10 +129,10 @@ class _DataAwareSVD(PlainSVD):
         """A table's input is token ids; the inputs come from calibration tokens."""
         check_inputs(
             layer,
-            f"layer {layer.name!r} is an embedding, which factorizes by plain SVD or as a "
-            "tensor-train only; use Rank(..., method='plain') or method='tt' for it",
             f"layer {layer.name!r} factorizes with {self.name!r} SVD, which reads the "
             "layer's inputs; pass calib=token ids of shape (B, T)",
+            on_table=f"layer {layer.name!r} is an embedding, which factorizes by plain SVD or "
+            "as a tensor-train only; use Rank(..., method='plain') or method='tt' for it",
         )
 
     def transform(self, stats: Any) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -9,7 +9,18 @@ from .._quantize import quantize_rows
 from ._base import LayerCheck, Matrix, MatrixTechnique, check_groups
 from ._matrix import COMPRESSED
 
-__all__ = ["RoundToNearest"]
+__all__ = ["RoundToNearest", "round_to_nearest"]
+
+
+def round_to_nearest(matrix: Matrix) -> None:
+    """Round the (pruned) values to their row (or row-and-group) grids and keep the scales."""
+    s = matrix.settings
+    if s.quant_group is not None:
+        matrix.values, matrix.weight_scale = quantize_groups(
+            matrix.values, s.bits, s.quant_group, matrix.mask
+        )
+        return
+    matrix.values, matrix.weight_scale = quantize_rows(matrix.values, s.bits, matrix.mask)
 
 
 class RoundToNearest(MatrixTechnique):
@@ -31,10 +42,4 @@ class RoundToNearest(MatrixTechnique):
 
     def apply(self, matrix: Matrix) -> None:
         """Round the (pruned) values to their row (or row-and-group) grids, keep the scales."""
-        s = matrix.settings
-        if s.quant_group is not None:
-            matrix.values, matrix.weight_scale = quantize_groups(
-                matrix.values, s.bits, s.quant_group, matrix.mask
-            )
-            return
-        matrix.values, matrix.weight_scale = quantize_rows(matrix.values, s.bits, matrix.mask)
+        round_to_nearest(matrix)
