@@ -1,7 +1,11 @@
-"""Each compression technique alone, at three levels, on two small LMs; then the searched mix.
+"""Each compression technique alone, at three levels, on two small LMs; then the searched mix;
+then the plain and data-aware pruning and quantization methods at equal settings on three LMs.
 
-    MICROSWEEP_DATA=/work/shared/data python benchmarks/techniques.py            # full (~20 min)
-    MICROSWEEP_DATA=/work/shared/data python benchmarks/techniques.py --quick    # smoke (~2 min)
+    MICROSWEEP_DATA=/work/shared/data python benchmarks/techniques.py            # full (~45 min)
+    MICROSWEEP_DATA=/work/shared/data python benchmarks/techniques.py --quick    # smoke (~3 min)
+    python benchmarks/techniques.py --sections methods     # only the methods' rows (~25 min)
+
+A run of some sections (or models) replaces those in the JSON it writes and keeps the rest.
 
 Models (pretrained once, then cached under $MICROSWEEP_CACHE):
 
@@ -51,6 +55,18 @@ technique row within the same ceiling. A row that fails records its error; the r
 Torch runs single-threaded by default (``--threads``): on a shared 2-core machine the tiny
 matmuls here are no faster with 2 threads and contend with each other.
 
+Section ``methods`` (also on ``llama``: a transformers LlamaConfig model, 4 layers, hidden 128,
+4 heads, intermediate 384, tied table, char-level on Tiny Shakespeare, window 128, pretrained
+3000 steps of 12 windows at one thread and cached under $MICROSWEEP_CACHE) compresses every
+block Linear (GPT, Llama) or every gate matrix (LSTM) uniformly with each method at one setting:
+weights at 4/3/2 bits per channel and grouped (RTN, GPTQ, GPTQ with act-order), sparsity
+0.5/0.7/0.8 (magnitude, Wanda, SparseGPT), sparsity 0.5 + 4 bits (magnitude + RTN against
+SparseGPT + GPTQ in one pass) and 4x4 blocks at 0.5 (by magnitude, Wanda or OBS saliency).
+The LSTM's rows come twice: the gates alone, and the gates with the tied table, which takes the
+same method where the product accepts it on a table and otherwise records the refusal and stays
+dense. Each row: perplexity, ppl/dense, score, and the build seconds per compressed matrix over
+the seconds of one perplexity evaluation of the dense model.
+
 Writes benchmarks/results/techniques.json (every number) and techniques.md (the tables).
 """
 
@@ -58,9 +74,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
+import re
+import statistics
 import sys
 import tempfile
 import time
@@ -80,6 +99,22 @@ RANK_FRACTIONS = (1 / 2, 1 / 4, 1 / 8)
 AGGRESSIVE_SPARSITY = 0.8
 BLOCK = (4, 4)
 EMBEDDING_BLOCK = (1, 4)
+SECTIONS = ("techniques", "methods")
+TECHNIQUE_MODELS = ("lstm", "gpt")  # the techniques and the sweep; every model gets the methods
+METHOD_BITS = (4, 3, 2)
+METHOD_SPARSITIES = (0.5, 0.7, 0.8)
+GROUP = 128  # input columns per weight scale in the grouped rows, where a matrix allows it
+PER_MATRIX = "per-matrix"  # quant_group placeholder: `_group_for` the matrix's inputs
+QUANT_METHODS = {
+    "rtn": {},
+    "gptq": {"quant_method": "gptq"},
+    "gptq act-order": {"quant_method": "gptq", "act_order": True},
+}
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+JOINT_METHODS = {
+    "magnitude+rtn": {},
+    "sparsegpt+gptq": {"prune_method": "sparsegpt", "quant_method": "gptq"},
+}
 
 
 @dataclass
@@ -101,6 +136,8 @@ class Setup:
     steps: dict[str, Any]
     rules: Callable[[], dict[str, Any]]
     embedding: str = "wte"
+    table_rows: bool = False  # methods section: rows with the tied table as well (LSTM)
+    pretrain: dict[str, Any] = field(default_factory=dict)  # how a model built here was trained
     baseline: Any = None
     dense_ppl: float = math.nan
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -153,6 +190,7 @@ def _lstm_setup(quick: bool) -> Setup:
             tt_ranks=(8, 4, 2) if quick else (48, 24, 12),
             steps=_steps(quick),
             rules=rules,
+            table_rows=True,
         ),
         quick,
     )
@@ -203,6 +241,104 @@ def _gpt_setup(quick: bool) -> Setup:
         ),
         quick,
     )
+
+
+def _llama_setup(quick: bool) -> Setup:
+    import transformers
+
+    from microsweep import data
+
+    corpus = data.tiny_shakespeare()
+    d, layers, inter, block = (32, 2, 96, 32) if quick else (128, 4, 384, 128)
+    config = transformers.LlamaConfig(
+        vocab_size=corpus.vocab_size,
+        hidden_size=d,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=inter,
+        max_position_embeddings=block,
+        tie_word_embeddings=True,
+    )
+    train = dict(
+        steps=100 if quick else 3000,
+        batch_size=12,
+        lr=2e-3,
+        schedule="cosine",
+        warmup=100,
+        seed=0,
+    )
+    model, pretrain = _pretrained_hf(config, corpus, train, block)
+    kinds = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    kinds += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    matrices = [f"model.layers.{i}.{k}" for i in range(layers) for k in kinds]
+    return _finish(
+        Setup(
+            key="llama",
+            title=f"Llama-style char model (transformers), {layers} layers, hidden {d}, "
+            f"4 heads, intermediate {inter}, tied, window {block}, Tiny Shakespeare",
+            data_note="Tiny Shakespeare: first 90% train, last 10% evaluation",
+            corpus=corpus,
+            model=model,
+            window=block,
+            windows=None,
+            calib=None,
+            context=0.0,
+            matrices=matrices,
+            groups={},
+            tt_ranks=(),
+            steps=_steps(quick),
+            rules=dict,
+            embedding="model.embed_tokens",
+            pretrain=pretrain,
+        ),
+        quick,
+    )
+
+
+def _pretrained_hf(
+    config: Any, corpus: Any, train: dict[str, Any], block: int
+) -> tuple[Any, dict[str, Any]]:
+    """The transformers model of `config` pretrained with `train` (the keyword arguments of
+    `models.pretrain`) at one thread, or its weights from the cache under $MICROSWEEP_CACHE,
+    keyed by the config, the corpus fingerprint, the window and `train` as the built-in models
+    are; also how it was trained and how long that took."""
+    import torch
+
+    from microsweep import models
+    from microsweep.data import cache_dir
+
+    shape = {k: v for k, v in config.to_dict().items() if k != "transformers_version"}
+    key_data = {"config": shape, "data": corpus.fingerprint, "block": block, "train": train}
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_dir() / "models" / f"hf-{config.model_type}-{key}.pt"
+    with torch.random.fork_rng():
+        torch.manual_seed(train["seed"])
+        model = models.hf(config)
+    info: dict[str, Any] = {**train, "block_size": block, "threads": 1, "cache": str(path)}
+    notes = path.with_suffix(".json")  # the pretraining seconds, kept beside the weights
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        if notes.is_file():
+            info["seconds"] = json.loads(notes.read_text()).get("seconds")
+        info["loaded_from_cache"] = True
+        return model.eval(), info
+    started = time.perf_counter()
+    models.pretrain(
+        model,
+        corpus.train,
+        block_size=block,
+        threads=1,
+        progress=f"{config.model_type} {config.num_hidden_layers}x{config.hidden_size}",
+        **train,
+    )
+    info.update(loaded_from_cache=False, seconds=round(time.perf_counter() - started, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")  # two processes never clash
+    torch.save(model.state_dict(), part)
+    part.replace(path)
+    notes.write_text(json.dumps({"seconds": info["seconds"]}) + "\n")
+    return model.eval(), info
 
 
 def _steps(quick: bool) -> dict[str, Any]:
@@ -578,6 +714,226 @@ def _search(s: Setup, tmp: Path, storage_dir: Path, timeout: float | None) -> di
     return out
 
 
+# -- plain and data-aware methods at equal settings ---------------------------------------------
+
+
+def _group_for(inputs: int) -> int:
+    """Input columns per scale in the grouped rows: GROUP where it divides the matrix's inputs
+    and is fewer than them, else the largest divisor of the inputs up to half of them (a group
+    of the whole row would repeat the per-channel row)."""
+    if inputs > GROUP and inputs % GROUP == 0:
+        return GROUP
+    return max(g for g in range(1, min(GROUP, inputs // 2) + 1) if inputs % g == 0)
+
+
+def _method_settings() -> list[tuple[str, str, dict[str, Any]]]:
+    """(setting, method, LayerPolicy fields) of every row, the methods of one setting together."""
+    rows = []
+    for b in METHOD_BITS:
+        for grouped in (False, True):
+            setting = f"w{b} " + ("grouped" if grouped else "per-channel")
+            group = {"quant_group": PER_MATRIX} if grouped else {}
+            for method, fields in QUANT_METHODS.items():
+                rows.append((setting, method, {"bits": b, **fields, **group}))
+    for sp in METHOD_SPARSITIES:
+        for method in PRUNE_METHODS:
+            rows.append((f"s={sp}", method, {"sparsity": sp, "prune_method": method}))
+    for method, fields in JOINT_METHODS.items():
+        rows.append(("s=0.5 + w4", method, {"sparsity": 0.5, "bits": 4, **fields}))
+    for method in PRUNE_METHODS:
+        rows.append(
+            ("4x4 blocks s=0.5", method, {"sparsity": 0.5, "block": BLOCK, "prune_method": method})
+        )
+    return rows
+
+
+def _layer_policy(fields: dict[str, Any], shape: tuple[int, ...]) -> Any:
+    """`fields` on a (rows, inputs) matrix: the grouped rows' group for its inputs, and block
+    rows of one where the block's rows do not divide the matrix's (a table of 6022 rows)."""
+    from microsweep import LayerPolicy
+
+    fields = dict(fields)
+    if fields.get("quant_group") == PER_MATRIX:
+        fields["quant_group"] = _group_for(int(shape[1]))
+    block = fields.get("block")
+    if block is not None and shape[0] % block[0]:
+        fields["block"] = (1, block[1])
+    return LayerPolicy(**fields)
+
+
+def _method_policy(s: Setup, fields: dict[str, Any], *, table: bool) -> Any:
+    """`fields` on every compressed matrix of `s`, and on its tied table with `table`."""
+    from microsweep import Policy
+
+    names = [*s.matrices, s.embedding] if table else s.matrices
+    return Policy(
+        layers={n: _layer_policy(fields, _shape(s, n)) for n in names},
+    )
+
+
+def _shape(s: Setup, name: str) -> tuple[int, ...]:
+    return tuple(s.model.get_submodule(name).weight.shape)
+
+
+def _eval_seconds(s: Setup) -> float:
+    """Seconds of one perplexity evaluation of the dense model (the median of three)."""
+    from microsweep.score import perplexity
+
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        perplexity(s.model, s.windows)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _error_text(exc: BaseException) -> str:
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def _method_row(
+    s: Setup,
+    setting: str,
+    method: str,
+    scope: str,
+    make_policy: Callable[[], Any],
+    eval_seconds: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Compress with the policy `make_policy` gives (timed), count, round to storage and
+    evaluate; a setting the product refuses records its message, any other error its text."""
+    from microsweep.compress import compress
+    from microsweep.errors import SpaceError, UsageError
+    from microsweep.score import count, micronet_score, perplexity, round_to_storage
+
+    row: dict[str, Any] = {
+        "model": s.key,
+        "setting": setting,
+        "method": method,
+        "scope": scope,
+        **extra,
+    }
+    try:
+        policy = make_policy()
+        row.update(policy=policy.summary(limit=3), layers=len(policy.layers))
+        started = time.perf_counter()
+        model = compress(s.model, policy, calib=s.calib).eval()
+        build = time.perf_counter() - started
+        counts = count(model, context=s.context)
+        if counts.freebie:  # stored at fp16: evaluate exactly what the file would hold
+            round_to_storage(model, counts)
+            counts = count(model, context=s.context)
+        started = time.perf_counter()
+        ppl = perplexity(model, s.windows)
+        row.update(
+            params=counts.params,
+            ops=counts.ops,
+            freebie=counts.freebie,
+            perplexity=ppl,
+            ppl_rel=ppl / s.dense_ppl,
+            score=micronet_score(counts.params, counts.ops, s.baseline),
+            build_seconds=round(build, 3),
+            eval_seconds=round(time.perf_counter() - started, 3),
+            build_per_layer_over_eval=build / len(policy.layers) / eval_seconds,
+        )
+    except (SpaceError, UsageError) as exc:
+        row["refused"] = str(exc)
+    except Exception as exc:  # one failing row is recorded, the run goes on
+        row["error"] = _error_text(exc)
+    _print_method_row(row)
+    return row
+
+
+def _table_row(
+    s: Setup,
+    setting: str,
+    method: str,
+    fields: dict[str, Any],
+    gates: dict[str, Any],
+    eval_s: float,
+) -> dict[str, Any]:
+    """The gates and the tied table together. The product's word on the table alone decides:
+    where it refuses the method there, the row records that and is the gates row (the same
+    policy), so table support is picked up as soon as the product has it."""
+    from microsweep import Policy
+    from microsweep.compress import compress
+    from microsweep.errors import SpaceError, UsageError
+
+    scope = "gates+table"
+    if "score" not in gates:  # the setting itself was refused or failed: nothing to add
+        return {**gates, "scope": scope}
+    try:
+        alone = Policy(layers={s.embedding: _layer_policy(fields, _shape(s, s.embedding))})
+        compress(s.model, alone, calib=s.calib)
+    except (SpaceError, UsageError) as exc:
+        row = {**gates, "scope": scope, "table": f"refused: {exc}"}
+        _print_method_row(row)
+        return row
+    table = _layer_policy(fields, _shape(s, s.embedding))
+    return _method_row(
+        s,
+        setting,
+        method,
+        scope,
+        lambda: _method_policy(s, fields, table=True),
+        eval_s,
+        table="compressed" + (f", block {table.block}" if table.block else ""),
+    )
+
+
+def _print_method_row(r: dict[str, Any]) -> None:
+    head = f"  {r['setting']:<18} {r['method']:<15} {r['scope']:<12}"
+    if "score" not in r:
+        print(
+            f"{head} {'REFUSED' if 'refused' in r else 'ERROR'} {r.get('refused', r.get('error'))}"
+        )
+        return
+    table = f"  table {r['table']}" if "table" in r else ""
+    print(
+        f"{head} ppl {r['perplexity']:9.3f} ({r['ppl_rel']:.3f}x) score {r['score']:.4f} "
+        f"build/layer/eval {r['build_per_layer_over_eval']:.3f}{table}",
+        flush=True,
+    )
+
+
+def _methods(s: Setup) -> dict[str, Any]:
+    """Every row of the methods section on one model, with what they were measured against."""
+    eval_s = _eval_seconds(s)
+    print(f"== {s.key}: methods; one evaluation {eval_s:.2f} s", flush=True)
+    groups = {n: _group_for(_shape(s, n)[1]) for n in s.matrices}
+    if s.table_rows:
+        groups[s.embedding] = _group_for(_shape(s, s.embedding)[1])
+    scope = "gates" if s.table_rows else "blocks"
+    rows = []
+    for setting, method, fields in _method_settings():
+        if "grouped" in setting:  # name the groups the matrices get, as the rows use them
+            sizes = sorted({groups[n] for n in s.matrices}, reverse=True)
+            setting = setting.replace("grouped", "g" + "/".join(map(str, sizes)))
+        gates = _method_row(
+            s, setting, method, scope, lambda f=fields: _method_policy(s, f, table=False), eval_s
+        )
+        rows.append(gates)
+        if s.table_rows:
+            rows.append(_table_row(s, setting, method, fields, gates, eval_s))
+    return {
+        "title": s.title,
+        "data": s.data_note,
+        "window": s.window,
+        "eval_windows": len(s.windows),
+        "eval_tokens": len(s.windows) * s.window,
+        "calib_tokens": int(s.calib.numel()),
+        "matrices": s.matrices,
+        "table": s.embedding if s.table_rows else None,
+        "groups": groups,
+        "pretrain": s.pretrain,
+        "dense": {"params": s.baseline.params, "ops": s.baseline.ops, "perplexity": s.dense_ppl},
+        "eval_seconds": eval_s,
+        "rows": rows,
+    }
+
+
 # -- conclusions and tables ---------------------------------------------------------------------
 
 
@@ -681,9 +1037,9 @@ COLUMNS = (
 )
 
 
-def _table(s: Setup) -> str:
+def _table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in s.rows:
+    for r in rows:
         if "error" in r:
             lines.append(
                 f"| {r['technique']} | {r['level']} | error: {r['error'][:150]} |" + " |" * 7
@@ -698,9 +1054,9 @@ def _table(s: Setup) -> str:
     return "\n".join(lines)
 
 
-def _notes(s: Setup) -> list[str]:
+def _notes(rows: list[dict[str, Any]]) -> list[str]:
     notes = []
-    for r in s.rows:
+    for r in rows:
         text = r.get("note") or ""
         if "stage_dense_ppl" in r:
             text += f"; dense model after the stage: ppl {r['stage_dense_ppl']:.3f}"
@@ -709,7 +1065,18 @@ def _notes(s: Setup) -> list[str]:
     return notes
 
 
-def _markdown(result: dict[str, Any], setups: list[Setup]) -> str:
+def _markdown(result: dict[str, Any]) -> str:
+    """Both sections' tables, each from the JSON-ready `result` (a merged run's earlier part
+    included)."""
+    out = []
+    if "models" in result:
+        out += _techniques_markdown(result)
+    if "methods" in result:
+        out += _methods_markdown(result["methods"], result.get("models", {}))
+    return "\n".join(out) + "\n"
+
+
+def _techniques_markdown(result: dict[str, Any]) -> list[str]:
     out = [
         "# Compression techniques, each alone, and the searched combination",
         "",
@@ -723,18 +1090,18 @@ def _markdown(result: dict[str, Any], setups: list[Setup]) -> str:
         "split; <=1.05x: within the ceiling of 1.05 x dense perplexity.",
         "",
     ]
-    for s in setups:
-        m = result["models"][s.key]
+    for m in result["models"].values():
+        dense_ppl = m["dense"]["perplexity"]
         out += [
-            f"## {s.title}",
+            f"## {m['title']}",
             "",
-            f"{s.data_note}; {len(s.windows)} windows of {s.window} "
-            f"tokens; dense perplexity {s.dense_ppl:.3f}, ceiling {CEILING * s.dense_ppl:.3f}.",
+            f"{m['data']}; {m['eval_windows']} windows of {m['window']} "
+            f"tokens; dense perplexity {dense_ppl:.3f}, ceiling {CEILING * dense_ppl:.3f}.",
             "",
-            _table(s),
+            _table(m["rows"]),
             "",
         ]
-        notes = _notes(s)
+        notes = _notes(m["rows"])
         if notes:
             out += ["Notes:", "", *notes, ""]
         sr = m["search"]
@@ -768,7 +1135,124 @@ def _markdown(result: dict[str, Any], setups: list[Setup]) -> str:
                 "",
             ]
         out += [f"**Conclusion:** {c['text']}.", ""]
-    return "\n".join(out) + "\n"
+    return out
+
+
+METHOD_COLUMNS = (
+    "setting",
+    "method",
+    "scope",
+    "ppl",
+    "ppl/dense",
+    "score",
+    "build s/layer / eval s",
+    "table",
+)
+
+
+def _methods_markdown(methods: dict[str, Any], techniques: dict[str, Any]) -> list[str]:
+    """The methods section: one table per model; `techniques` (the other section's models)
+    only to say where a model's dense perplexity differs from the one measured there."""
+    seconds = sum(m.get("seconds", 0.0) for m in methods["models"].values())
+    product = methods.get("product") or {}
+    at = (
+        f" on microsweep at commit {product['commit'][:10]}"
+        + (" with uncommitted changes" if product.get("modified") else "")
+        if product.get("commit")
+        else ""
+    )
+    out = [
+        "# Plain and data-aware methods at equal settings",
+        "",
+        f"Generated by `{methods['command']}`{at} in {seconds:.0f} s (models, pretraining "
+        f"included), torch threads {methods['threads']}. Each row compresses every block "
+        "Linear (GPT, Llama) or every LSTM gate matrix uniformly with one method at one setting "
+        "(gates+table: the LSTM's tied table too, where the product accepts the method on a "
+        "table); calibration on the first 2,048 training tokens, ppl on the first 8,192 "
+        "evaluation tokens, score as above (dense = 2.0, lower is better; a row quantized "
+        "below 16 bits loses the dense model's 16-bit allowance, so what it leaves dense "
+        "counts at 32 bits: why the LSTM's gates-only bit rows score above 2.0). build s/layer / "
+        "eval s: seconds of `compress` (copy, calibration pass, the method) per compressed "
+        "matrix over the seconds of one perplexity evaluation of the dense model (median of "
+        f"three). Grouped rows: one fp32 scale per row and run of g inputs, g = {GROUP} where "
+        f"it divides a matrix's inputs and is fewer than them, else the largest divisor up to "
+        "half the inputs (a whole row would repeat the per-channel row); listed per model.",
+        "",
+    ]
+    refusals: list[str] = []
+    for key, m in methods["models"].items():
+        dense = m["dense"]["perplexity"]
+        other = techniques.get(key, {}).get("dense", {}).get("perplexity")
+        differs = (
+            f" (the techniques section above measured {other:.3f} on weights pretrained in "
+            "its own run)"
+            if other is not None and abs(other / dense - 1) > 1e-4
+            else ""
+        )
+        by_group: dict[int, list[str]] = {}
+        for name, g in m["groups"].items():
+            kind = re.sub(r"\.\d+\.", ".*.", name)  # one entry per matrix of the blocks
+            if kind not in by_group.setdefault(g, []):
+                by_group[g].append(kind)
+        groups = "; ".join(f"g={g}: {', '.join(n)}" for g, n in sorted(by_group.items()))
+        pre = m.get("pretrain") or {}
+        trained = (
+            f" Pretrained {pre['steps']} steps of {pre['batch_size']} windows of "
+            f"{pre['block_size']} at lr {pre['lr']} ({pre['schedule']}, warm-up "
+            f"{pre['warmup']}), one thread"
+            + (f", {pre['seconds']:.0f} s" if pre.get("seconds") else "")
+            + "; weights cached under $MICROSWEEP_CACHE."
+            if pre
+            else ""
+        )
+        out += [
+            f"## {m['title']}",
+            "",
+            f"{m['data']}; {m['eval_windows']} windows of {m['window']} tokens; **dense "
+            f"perplexity {dense:.3f}**{differs}; one evaluation {m['eval_seconds']:.3f} s; "
+            f"{len(m['matrices'])} matrices compressed"
+            + (f" (and the table {m['table']} in the gates+table rows)" if m.get("table") else "")
+            + f".{trained} Groups: {groups}.",
+            "",
+            _method_table(m["rows"], refusals),
+            "",
+        ]
+    if refusals:
+        out += ["Refusals and errors:", ""]
+        out += [f"- [{i}] {text}" for i, text in enumerate(refusals, 1)]
+        out += [""]
+    return out
+
+
+def _method_table(rows: list[dict[str, Any]], refusals: list[str]) -> str:
+    """The rows as a table; each distinct refusal or error text goes once into `refusals`
+    and the cells cite its number."""
+
+    def cite(text: str) -> str:
+        if text not in refusals:
+            refusals.append(text)
+        return f"[{refusals.index(text) + 1}]"
+
+    columns = METHOD_COLUMNS if any("table" in r for r in rows) else METHOD_COLUMNS[:-1]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        table = r.get("table", "")
+        if table.startswith("refused: "):
+            table = "refused " + cite(table.removeprefix("refused: "))
+        cells = [r["setting"], r["method"], r["scope"]]
+        if "score" not in r:
+            what = "refused" if "refused" in r else "error"
+            cells += [f"{what} {cite(r.get('refused') or r['error'])}", "", "", ""]
+        else:
+            cells += [
+                f"{r['perplexity']:.3f}",
+                f"{r['ppl_rel']:.3f}",
+                f"{r['score']:.4f}",
+                f"{r['build_per_layer_over_eval']:.3f}",
+            ]
+        cells += [table] if len(columns) == len(METHOD_COLUMNS) else []
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -779,7 +1263,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="tiny models and few tokens: a smoke run"
     )
-    parser.add_argument("--models", default="lstm,gpt", help="comma list of lstm, gpt")
+    parser.add_argument(
+        "--models",
+        default="lstm,gpt,llama",
+        help="comma list of lstm, gpt, llama (llama takes only the methods section)",
+    )
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help="comma list of techniques (each technique alone, and the sweep) and methods "
+        "(plain and data-aware methods at equal settings)",
+    )
     parser.add_argument("--trials", type=int, default=None, help="sweep trials per model")
     parser.add_argument(
         "--sweep-timeout",
@@ -797,34 +1291,62 @@ def main(argv: list[str] | None = None) -> int:
         "benchmarks/results/techniques.json; with --quick $TMPDIR/techniques-quick.json)",
     )
     args = parser.parse_args(argv)
+    makers = {"lstm": _lstm_setup, "gpt": _gpt_setup, "llama": _llama_setup}
+    keys = [k.strip() for k in args.models.split(",") if k.strip()]
+    sections = [k.strip() for k in args.sections.split(",") if k.strip()]
+    if unknown := [k for k in keys if k not in makers]:
+        parser.error(f"unknown model {unknown[0]!r}; use lstm, gpt or llama")
+    if unknown := [k for k in sections if k not in SECTIONS]:
+        parser.error(f"unknown section {unknown[0]!r}; use {' or '.join(SECTIONS)}")
     warnings.simplefilter("ignore")
     os.environ.setdefault("MICROSWEEP_DATA", str(ROOT.parent / "shared" / "data"))
+    os.environ.setdefault("MICROSWEEP_PRETRAIN_THREADS", str(args.threads))
     import torch
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    makers = {"lstm": _lstm_setup, "gpt": _gpt_setup}
-    keys = [k.strip() for k in args.models.split(",") if k.strip()]
-    result: dict[str, Any] = {
-        "quick": args.quick,
-        "threads": args.threads,
-        "ceiling": CEILING,
-        "score_convention": "params/dense_params + ops/dense_ops with Baseline = the dense "
-        "model's own count: dense = 2.0, lower is better",
-        "levels": {
-            "sparsity": SPARSITIES,
-            "bits": BITS,
-            "rank_fractions": RANK_FRACTIONS,
-            "block": BLOCK,
-            "embedding_block": EMBEDDING_BLOCK,
-            "aggressive_sparsity": AGGRESSIVE_SPARSITY,
-        },
-        "models": {},
-    }
-    setups = []
+    result: dict[str, Any] = {}
+    if "techniques" in sections:
+        result.update(
+            quick=args.quick,
+            threads=args.threads,
+            ceiling=CEILING,
+            score_convention="params/dense_params + ops/dense_ops with Baseline = the dense "
+            "model's own count: dense = 2.0, lower is better",
+            levels={
+                "sparsity": SPARSITIES,
+                "bits": BITS,
+                "rank_fractions": RANK_FRACTIONS,
+                "block": BLOCK,
+                "embedding_block": EMBEDDING_BLOCK,
+                "aggressive_sparsity": AGGRESSIVE_SPARSITY,
+            },
+            models={},
+        )
+    if "methods" in sections:
+        result["methods"] = {
+            "command": "python benchmarks/techniques.py" + "".join(f" {a}" for a in argv or []),
+            "quick": args.quick,
+            "threads": args.threads,
+            "settings": {
+                "bits": METHOD_BITS,
+                "group": GROUP,
+                "quant_methods": QUANT_METHODS,
+                "sparsity": METHOD_SPARSITIES,
+                "prune_methods": PRUNE_METHODS,
+                "joint": JOINT_METHODS,
+                "block": BLOCK,
+            },
+            "product": _product_version(),
+            "models": {},
+        }
+    technique_seconds = 0.0
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         for key in keys:
+            techniques = "techniques" in sections and key in TECHNIQUE_MODELS
+            if not techniques and "methods" not in sections:
+                continue
             t0 = time.perf_counter()
             print(f"== {key}: preparing", flush=True)
             s = makers[key](args.quick)
@@ -834,44 +1356,109 @@ def main(argv: list[str] | None = None) -> int:
                 f"== {s.title}: dense perplexity {s.dense_ppl:.3f} on {len(s.windows)} windows",
                 flush=True,
             )
-            _techniques(s, tmp)
-            search = (
-                {"skipped": True} if args.no_search else _search(s, tmp, tmp, args.sweep_timeout)
-            )
-            conclusion = _conclude(s, search)
-            print(f"== {s.key}: {conclusion['text']}", flush=True)
-            setups.append(s)
-            result["models"][key] = {
-                "title": s.title,
-                "data": s.data_note,
-                "window": s.window,
-                "eval_windows": len(s.windows),
-                "eval_tokens": len(s.windows) * s.window,
-                "calib_tokens": int(s.calib.numel()),
-                "matrices": s.matrices,
-                "groups": s.groups,
-                "tt_ranks": s.tt_ranks,
-                "steps": s.steps,
-                "dense": {
-                    "params": s.baseline.params,
-                    "ops": s.baseline.ops,
-                    "perplexity": s.dense_ppl,
-                },
-                "rows": s.rows,
-                "search": search,
-                "conclusion": conclusion,
-                "seconds": round(time.perf_counter() - t0, 1),
-            }
-    result["seconds"] = round(time.perf_counter() - started, 1)
+            if techniques:
+                result["models"][key] = _technique_section(s, tmp, args)
+                result["models"][key]["seconds"] = round(time.perf_counter() - t0, 1)
+                technique_seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+            if "methods" in sections:
+                result["methods"]["models"][key] = _methods(s)
+                result["methods"]["models"][key]["seconds"] = round(time.perf_counter() - t0, 1)
+    if "techniques" in sections:
+        result["seconds"] = round(technique_seconds, 1)
     quick_out = Path(tempfile.gettempdir()) / "techniques-quick.json"
     out = args.out or (quick_out if args.quick else RESULTS / "techniques.json")
+    if out.is_file():  # keep what this run did not measure
+        result = _merge(_revive(json.loads(out.read_text())), result)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_clean(result), indent=2) + "\n")
-    md = _markdown(result, setups)
+    md = _markdown(result)
     out.with_suffix(".md").write_text(md)
     print()
     print(md)
-    print(f"wrote {out} and {out.with_suffix('.md')} ({result['seconds']:.0f} s)")
+    print(f"wrote {out} and {out.with_suffix('.md')} ({time.perf_counter() - started:.0f} s)")
     return 0
+
+
+def _product_version() -> dict[str, Any]:
+    """The commit of the checkout measured and whether microsweep/ differs from it there."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        run = subprocess.run(
+            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
+        )
+        return run.stdout.strip() if run.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    modified = bool(git("status", "--porcelain", "--", "microsweep")) if commit else None
+    return {"commit": commit or None, "modified": modified}
+
+
+def _technique_section(s: Setup, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Each technique alone on `s`, then the sweep and the conclusion: the model's entry."""
+    _techniques(s, tmp)
+    search = {"skipped": True} if args.no_search else _search(s, tmp, tmp, args.sweep_timeout)
+    conclusion = _conclude(s, search)
+    print(f"== {s.key}: {conclusion['text']}", flush=True)
+    return {
+        "title": s.title,
+        "data": s.data_note,
+        "window": s.window,
+        "eval_windows": len(s.windows),
+        "eval_tokens": len(s.windows) * s.window,
+        "calib_tokens": int(s.calib.numel()),
+        "matrices": s.matrices,
+        "groups": s.groups,
+        "tt_ranks": s.tt_ranks,
+        "steps": s.steps,
+        "dense": {
+            "params": s.baseline.params,
+            "ops": s.baseline.ops,
+            "perplexity": s.dense_ppl,
+        },
+        "rows": s.rows,
+        "search": search,
+        "conclusion": conclusion,
+    }
+
+
+def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`new` over an earlier file's `old`: each section this run measured replaces that of
+    `old` model by model, and the sections and models it did not measure are kept (those of
+    a run at the other --quick setting are dropped)."""
+    out = dict(new)
+    if "models" not in new:
+        if "models" in old and old.get("quick") == _quick(new):
+            out.update({k: v for k, v in old.items() if k != "methods"})
+    elif old.get("quick") == new["quick"]:
+        out["models"] = {**old.get("models", {}), **new["models"]}
+    earlier = old.get("methods")
+    if earlier and earlier.get("quick") == _quick(new):
+        if "methods" not in new:
+            out["methods"] = earlier
+        else:
+            out["methods"] = {
+                **new["methods"],
+                "models": {**earlier["models"], **new["methods"]["models"]},
+            }
+    methods = {"methods": out.pop("methods")} if "methods" in out else {}
+    return {**out, **methods}  # the techniques' keys first, as a full run writes them
+
+
+def _quick(result: dict[str, Any]) -> bool:
+    return bool(result.get("quick", result.get("methods", {}).get("quick")))
+
+
+def _revive(value: Any) -> Any:
+    """The numbers `_clean` wrote as strings (inf, nan) as floats again."""
+    if isinstance(value, dict):
+        return {k: _revive(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_revive(v) for v in value]
+    if value in ("inf", "-inf", "nan"):
+        return float(value)
+    return value
 
 
 def _clean(value: Any) -> Any:
