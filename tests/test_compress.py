@@ -469,6 +469,7 @@ def test_public_api() -> None:
         "CompressedLinear",
         "LowRankLinear",
         "VariantCache",
+        "LevelStore",
         "InputStats",
         "input_stats",
         "rank_transform",

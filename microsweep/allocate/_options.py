@@ -319,10 +319,12 @@ class _Proxy:
         self._act_err: dict[int, float] = {}
         self.rows, self.amax = layer_in if layer_in is not None else (None, None)
         self.row_weight: torch.Tensor | None = None
+        self.tokens = 0
         if self.rows is not None and not self.rows.is_floating_point():
             # an embedding: the output error of a lookup is its row's error, so rows weigh by
             # how often the calibration tokens look them up
             ids = self.rows.reshape(-1)
+            self.tokens = ids.numel()
             counts = torch.bincount(ids, minlength=self.weight.shape[0]).to(torch.float32)
             self.row_weight = counts / max(float(counts.sum()), 1.0)
             self.rows = None
@@ -332,7 +334,10 @@ class _Proxy:
             self.ref = max(float(((self.weight @ self.gram) * self.weight).sum()), 1e-30)
 
     def stats(self) -> InputStats | None:
-        """The sampled inputs' moments (what a data-aware rank factorizes with), or None."""
+        """The sampled inputs' moments (what a data-aware method reads), or None; for a table
+        its token frequencies (the diagonal of a one-hot input's Gram matrix)."""
+        if self.row_weight is not None:
+            return InputStats(self.row_weight.double(), self.row_weight.double(), self.tokens)
         if self.rows is None:
             return None
         rows = self.rows.double()

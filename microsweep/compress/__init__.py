@@ -30,6 +30,7 @@ from ._cache import VariantCache
 from ._checks import check_rule, check_shared_weight, embedding_misfit
 from ._group_lasso import block_norms, group_lasso_penalty, group_lasso_train_, reweight
 from ._groups import shared_basis
+from ._levels import LevelStore
 from ._lowrank import InputStats, factorize, rank_transform
 from ._modules import (
     CompressedEmbedding,
@@ -85,6 +86,7 @@ __all__ = [
     "CompressedLinear",
     "LowRankEmbedding",
     "InputStats",
+    "LevelStore",
     "LowRankLinear",
     "TTEmbedding",
     "TTLinear",

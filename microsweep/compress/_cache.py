@@ -10,8 +10,9 @@ costs a lookup. The result is the same model `compress` builds, value for value.
 from __future__ import annotations
 
 import copy
+import functools
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from ._apply import (
     layer_inputs,
 )
 from ._groups import grouped
+from ._levels import LevelStore
 from ._lowrank import InputStats, factorize, times_transform
 from ._prune import magnitude_order, mask_from_order
 from ._quantize import tensor_scale
@@ -59,10 +61,14 @@ class VariantCache:
         *,
         calib: torch.Tensor | None = None,
         max_bytes: int = 512 * 2**20,
+        stats: Mapping[str, InputStats] | None = None,
+        store: LevelStore | None = None,
     ) -> None:
         self.base = base
         self.calib = calib
         self.max_bytes = max_bytes
+        self.store = store
+        self._given_stats = dict(stats or {})  # the sweep's, computed once: kept outside the LRU
         self._shared: dict[int, Any] = {}
         for t in [*base.parameters(), *base.buffers()]:
             self._shared[id(t)] = t
@@ -73,6 +79,7 @@ class VariantCache:
         self._rounded_base: dict[int, torch.Tensor] = {}  # base tensor id -> its fp16 copy
         self.hits = 0
         self.misses = 0
+        self.builds = 0  # layer variants built here (not found in memory or in `store`)
 
     def model(self, policy: Policy) -> nn.Module:
         """`policy` applied to the base: the base's modules copied, its tensors shared, and each
@@ -83,6 +90,8 @@ class VariantCache:
             s.name: s.linear
             for s in steps
             if (s.name, s.settings) not in self._entries  # a cached variant needs no inputs
+            and s.name not in self._given_stats
+            and not (s.settings.data_aware and self.store and self.store.has(s.name, s.settings))
             and (
                 s.settings.data_aware
                 or (
@@ -153,6 +162,16 @@ class VariantCache:
         found = self._cached(key)
         if found is not None:
             return found
+        if self.store is not None and settings.data_aware:  # built once, by any worker
+            build = functools.partial(self._build, name, linear, settings)
+            module = self.store.get_or_build(name, settings, build, linear.weight.device)
+        else:
+            module = self._build(name, linear, settings)
+        self._keep(key, module)
+        return module
+
+    def _build(self, name: str, linear: nn.Linear, settings: LayerPolicy) -> nn.Module:
+        """Layer `name` under `settings`, from its cached decompositions and statistics."""
         act_scale = None
         if settings.act_bits < 32:
             act_scale = tensor_scale(self._input_amax(name), settings.act_bits)
@@ -181,13 +200,17 @@ class VariantCache:
         module = compress_layer(
             linear, settings, act_scale=act_scale, factors=factors, masks=masks, stats=stats
         )
+        self.builds += 1
+        return module
+
+    def _keep(self, key: tuple[str, Any], module: nn.Module) -> None:
+        """Hold a layer variant in memory, counted by the tensors it does not share."""
         own = [
             t
             for t in [*module.parameters(), *module.buffers()]
             if id(t) not in self._shared  # a bias the variant still shares costs nothing
         ]
         self._put(key, module, _nbytes(own))
-        return module
 
     def _group(
         self, method: str, group: str, rank: int, linears: dict[str, nn.Module]
@@ -250,6 +273,9 @@ class VariantCache:
         """Layer `name`'s input statistics on the unchanged base, kept in the cache (they
         depend on nothing but the base and the calibration tokens): one calibration pass for
         every data-aware layer of the current policy that lacks them."""
+        given = self._given_stats.get(name)
+        if given is not None:
+            return given
         key = (name, ("stats",))
         entry = self._entries.get(key)
         if entry is not None:
@@ -291,6 +317,12 @@ class VariantCache:
         while self._bytes > self.max_bytes and len(self._entries) > 1:
             _, (_, dropped) = self._entries.popitem(last=False)
             self._bytes -= dropped
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cached variants and decompositions hold (at most `max_bytes`, unless one
+        entry alone is larger); the sweep's given statistics are not counted."""
+        return self._bytes
 
     def clear(self) -> None:
         """Forget every cached layer and decomposition."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -35,8 +36,7 @@ def export_trial(
     asks for it, and rounded to 16 bits when the 16-bit allowance applies. Only COMPLETE trials
     can be exported.
     """
-    from microsweep.compress import compress
-    from microsweep.prepare import recipe_of, reopen_space
+    from microsweep.prepare import recipe_of, reopen_space, with_levels
     from microsweep.score import CountConfig, count, round_to_storage
     from microsweep.spaces import Policy
     from microsweep.storage import Store
@@ -62,6 +62,8 @@ def export_trial(
             evaluate=evaluate, calib=calib, train_tokens=train_tokens,
         )  # fmt: skip
     sf, prepared = reopen_space(sweep, given)  # refuses another model or another corpus
+    # the statistics and built levels the workers used: the layers are the ones measured
+    prepared = with_levels(sf, prepared, store.url, sweep.model_fingerprint)
     # a model outside microsweep.models is stored under its class; load() takes an instance
     recipe = sweep.model_recipe or recipe_of(sf.model) or custom_recipe(sf.model)
     settings = prepared.settings
@@ -82,8 +84,7 @@ def export_trial(
     try:
         with torch.random.fork_rng():
             runner._reset_torch_state(number)  # the worker's per-trial state: seed, grad mode
-            source = runner.group_lasso(policy) or runner.base  # as the worker trained it
-            model = compress(source, policy, calib=prepared.calib)
+            model = _trial_model(runner, policy, prepared)
             runner.finetune(model, policy.hyper)  # as the worker did (none without steps)
             model.eval()
             round_to_storage(model, count(model, context=settings.context, config=config))
@@ -109,3 +110,18 @@ def export_trial(
         extra=extra,
         base=sf.model,
     )
+
+
+def _trial_model(runner: Any, policy: Any, prepared: Any) -> torch.nn.Module:
+    """The trial's compressed model, built as its worker built it (a copy with tensors of its
+    own): after the group-lasso stage when the policy asks for it, else from the sweep's
+    statistics and level store, so every data-aware layer is the one the trial measured."""
+    from microsweep.compress import VariantCache, compress
+
+    trained = runner.group_lasso(policy)  # as the worker trained it
+    if trained is not None:
+        return compress(trained, policy, calib=prepared.calib)
+    cache = VariantCache(
+        runner.base, calib=prepared.calib, stats=prepared.stats, store=prepared.levels
+    )
+    return copy.deepcopy(cache.model(policy))

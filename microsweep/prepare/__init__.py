@@ -1,6 +1,7 @@
 """Sweep preparation shared by search, export, reports and `count`: loading a space file, the
 `MicroNet` objective, evaluation tensors, the dense measurement, fingerprints and recipes."""
 
+from microsweep.prepare._levels import level_folder, level_store, reading_layers, with_levels
 from microsweep.prepare._objective import PLANNING_FACTOR_WITHOUT_CEILING, Ceiling, MicroNet
 from microsweep.prepare._prepared import (
     Prepared,
@@ -36,15 +37,19 @@ __all__ = [
     "check_counts",
     "eval_key",
     "load_space_file",
+    "level_folder",
+    "level_store",
     "load_space_source",
     "measure_dense",
     "model_fingerprint",
     "prepare",
     "prepare_model",
+    "reading_layers",
     "recipe_of",
     "reopen_space",
     "space_from_objects",
     "sweep_eval_key",
     "versions",
+    "with_levels",
     "with_stop_rule",
 ]

@@ -108,6 +108,10 @@ class Prepared:
     train_tokens: torch.Tensor | None
     settings: Any
     data_fingerprint: str
+    # the sweep's layer input statistics and level store, when a data-aware method needs them
+    # (`with_levels`): computed once, shipped to every worker with the tensors above
+    stats: dict[str, Any] | None = None
+    levels: Any = None
 
 
 def prepare(sf: SpaceFile, seed: int) -> Prepared:
@@ -154,6 +158,7 @@ def reopen_space(sweep: Any, given: SpaceFile | None = None) -> tuple[SpaceFile,
     one the sweep was measured on (used by resume and export)."""
     if given is not None:
         sf = given
+        sf.space.pin_methods(sweep.space_json)  # the methods it ran with, not today's defaults
         for what, have, stored in (
             ("space", sf.space.to_json(), sweep.space_json),
             ("objective", sf.objective.to_json(), sweep.objective_json),
@@ -171,6 +176,7 @@ def reopen_space(sweep: Any, given: SpaceFile | None = None) -> tuple[SpaceFile,
         )
     else:
         sf = load_space_source(sweep.space_source, sweep.space_path)
+        sf.space.pin_methods(sweep.space_json)
     if model_fingerprint(sf.model) != sweep.model_fingerprint:
         raise StorageError(
             f"the model {'given' if given is not None else 'built by the stored space file'} "

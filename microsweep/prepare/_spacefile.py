@@ -206,6 +206,7 @@ def _collect(module: ModuleType, path: str, source: str, space: Space) -> SpaceF
             f"{where}: `finetune_steps` needs training tokens; define `train_tokens` "
             "(1-D token ids) or a `corpus`"
         )
+    space.use_default_methods(calibrated=corpus is not None or calib is not None)
     prepare_model(space)
     # the counter traces a forward on token ids even when `evaluate` measures perplexity
     _check_forward(space.model, where, logits=evaluate is None)

@@ -184,6 +184,7 @@ def run_sensitivity(
         model_fingerprint,
         prepare,
         sweep_eval_key,
+        with_levels,
     )
     from microsweep.search._workers import WorkerOptions, make_pool
     from microsweep.storage import Store
@@ -201,6 +202,7 @@ def run_sensitivity(
         key = sweep_eval_key(sf, prepared, model_fp)
         units = sf.space.units()
         wanted = probes(units, {u.key: plan_levels(u) for u in units})
+        prepared = with_levels(sf, prepared, store.url, model_fp)  # the sweep's later read them
         pool = make_pool(sf, prepared, options)
         try:
             _, summary = measure_sensitivity(

@@ -80,6 +80,8 @@ def make_pool(sf: SpaceFile, prepared: Prepared, options: WorkerOptions) -> Work
         rules=rules_defined_in("__main__" if sf.path == INLINE_PATH else sf.module.__name__),
         cpus_per_worker=options.cpus_per_worker,
         gpus_per_worker=options.gpus_per_worker,
+        stats=prepared.stats,
+        levels=prepared.levels,
     )
     _keep_handler(signal.SIGTERM, handler)
     return pool

@@ -60,17 +60,18 @@ class Sparsity(Knob):
     times the input's norm, per output row) or ``"sparsegpt"`` (the OBS saliency, with each
     removed weight's error moved onto the weights not yet done; with ``Bits(method="gptq")`` one
     joint pass). The data-aware methods read the layer's inputs on calibration tokens; blocks
-    go by their summed saliency.
+    go by their summed saliency. Left out (None), a sweep with calibration tokens uses
+    ``"sparsegpt"`` and one without uses ``"magnitude"`` (see `Space.use_default_methods`).
     """
 
     low: float = 0.0
     high: float = 0.9
     step: float | None = None
     block: tuple[int, int] | None = None
-    method: str = "magnitude"
+    method: str | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in PRUNE_METHODS:
+        if self.method is not None and self.method not in PRUNE_METHODS:
             raise SpaceError(
                 f"Sparsity: method {self.method!r} is not one of {', '.join(PRUNE_METHODS)}"
             )
@@ -122,9 +123,13 @@ class Sparsity(Knob):
             "step": self.step,
             "block": list(self.block) if self.block else None,
         }
-        if self.method != "magnitude":
+        if self.method not in (None, "magnitude"):
             out["method"] = self.method
         return out
+
+    def with_method(self, method: str) -> Sparsity:
+        """This knob with `method` in place of a left-out one."""
+        return Sparsity(self.low, self.high, self.step, self.block, method)
 
 
 @dataclass(frozen=True, init=False)
@@ -135,17 +140,19 @@ class Bits(Knob):
     (column by column on calibration inputs, each rounding error moved onto the columns not
     yet done; `act_order` takes the columns of most input energy first). `group=128` gives
     every run of 128 input columns of a row its own scale (each counted and stored at fp32)
-    instead of one per row. As input widths (`act_bits`) neither applies."""
+    instead of one per row. As input widths (`act_bits`) neither applies. Left out (None), a
+    sweep with calibration tokens uses ``"gptq"`` with `act_order` and one without ``"rtn"``
+    (see `Space.use_default_methods`)."""
 
     choices: tuple[int, ...]
-    method: str
+    method: str | None
     act_order: bool
     group: int | None
 
     def __init__(
         self,
         *choices: int,
-        method: str = "rtn",
+        method: str | None = None,
         act_order: bool = False,
         group: int | None = None,
     ) -> None:
@@ -154,14 +161,14 @@ class Bits(Knob):
         for c in choices:
             if isinstance(c, bool) or c not in VALID_BITS:
                 raise SpaceError(f"Bits: {c!r} is not a width in 2..16 or 32 (32 means off)")
-        if method not in QUANT_METHODS:
+        if method is not None and method not in QUANT_METHODS:
             raise SpaceError(f"Bits: method {method!r} is not one of {', '.join(QUANT_METHODS)}")
         if not isinstance(act_order, bool) or (act_order and method != "gptq"):
             raise SpaceError("Bits: act_order=True goes with method='gptq'")
         if group is not None and (isinstance(group, bool) or not isinstance(group, int)):
             raise SpaceError(f"Bits: group {group!r} must be a positive int such as 128")
-        if group is not None and (group < 1 or act_order):
-            raise SpaceError("Bits: group must be >= 1, and act_order does not go with group")
+        if group is not None and group < 1:
+            raise SpaceError(f"Bits: group {group} must be >= 1, such as 128")
         object.__setattr__(self, "choices", tuple(int(c) for c in choices))
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "act_order", act_order)
@@ -178,13 +185,17 @@ class Bits(Knob):
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"knob": "Bits", "choices": list(self.choices)}
-        if self.method != "rtn":
+        if self.method not in (None, "rtn"):
             out["method"] = self.method
         if self.act_order:
             out["act_order"] = True
         if self.group is not None:
             out["group"] = self.group
         return out
+
+    def with_method(self, method: str, act_order: bool = False) -> Bits:
+        """This knob with `method` (and `act_order`) in place of a left-out method."""
+        return Bits(*self.choices, method=method, act_order=act_order, group=self.group)
 
 
 @dataclass(frozen=True, init=False)

@@ -82,8 +82,8 @@ def layer_policy(
         rank=rank,
         rank_method=method,
         group=group if method in GROUP_METHODS else None,
-        prune_method=knob.method if isinstance(knob, Sparsity) else "magnitude",
-        quant_method=bits_knob.method if isinstance(bits_knob, Bits) else "rtn",
+        prune_method=(knob.method if isinstance(knob, Sparsity) else None) or "magnitude",
+        quant_method=(bits_knob.method if isinstance(bits_knob, Bits) else None) or "rtn",
         act_order=bits_knob.act_order if isinstance(bits_knob, Bits) else False,
         quant_group=bits_knob.group if isinstance(bits_knob, Bits) else None,
     )

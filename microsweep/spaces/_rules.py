@@ -90,7 +90,7 @@ def _check_setting(rule: str, key: str, value: Any) -> Knob:
         expected = _KNOB_TYPES[key]
         if not isinstance(value, expected):
             raise SpaceError(f"rule {rule!r}: {key} takes {expected.__name__}(...), not {value!r}")
-        if key == "act_bits" and (value.method != "rtn" or value.group is not None):
+        if key == "act_bits" and (value.method not in (None, "rtn") or value.group is not None):
             raise SpaceError(
                 f"rule {rule!r}: act_bits rounds inputs to nearest with one scale; drop "
                 "method= and group= from its Bits"

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from microsweep.errors import SpaceError, SpaceWarning
-from microsweep.policy import Policy
+from microsweep.policy import GROUP_METHODS, Policy
 from microsweep.spaces import _params
 from microsweep.spaces._checks import check_gate_owners, check_rule
-from microsweep.spaces._knobs import Knob
+from microsweep.spaces._knobs import Bits, Knob, Rank, Sparsity
 from microsweep.spaces._layers import LayerInfo, Unit, find_layers
 from microsweep.spaces._notes import hygiene, table_notes
 from microsweep.spaces._params import layer_policy
@@ -77,6 +77,48 @@ class Space:
         self.notes = table_notes(tables) + hygiene(self.rules, self.layers_of)
         for note in self.notes:
             warnings.warn(note, SpaceWarning, stacklevel=2)
+        # knobs that name no method, as given: `use_default_methods` fills them in
+        self._left_out: list[tuple[Rule, str, Sparsity | Bits]] = [
+            (rule, key, knob)
+            for rule in self.rules
+            for key, knob in rule.settings.items()
+            if key in ("sparsity", "bits") and knob.method is None
+        ]
+
+    # -- methods left out -------------------------------------------------------------------
+    def use_default_methods(self, calibrated: bool) -> None:
+        """Give every Sparsity and Bits knob that names no method the default: with
+        calibration tokens SparseGPT and GPTQ (act-order), which lose far less than magnitude
+        and round-to-nearest at equal size; without them magnitude and round-to-nearest. A
+        rule the data-aware methods do not fit (a tensor-train or grouped rank) keeps the
+        plain ones; a table reads its token frequencies."""
+        for rule, key, knob in self._left_out:
+            aware = calibrated and self._fits_data_aware(rule)
+            if isinstance(knob, Sparsity):
+                rule.settings[key] = knob.with_method("sparsegpt" if aware else "magnitude")
+            else:
+                rule.settings[key] = knob.with_method("gptq" if aware else "rtn", aware)
+
+    def pin_methods(self, stored: Mapping[str, Any]) -> None:
+        """Give each knob that names no method the method a stored sweep's space description
+        (`to_json`) records for it, so a sweep resumes and exports with the methods it ran
+        with; a knob the description gives none had the plain method."""
+        rules = stored.get("rules", []) if isinstance(stored, Mapping) else []
+        for rule, key, knob in self._left_out:
+            index = self.rules.index(rule)
+            saved = rules[index].get("settings", {}).get(key, {}) if index < len(rules) else {}
+            if isinstance(knob, Sparsity):
+                rule.settings[key] = knob.with_method(saved.get("method", "magnitude"))
+            else:
+                method = saved.get("method", "rtn")
+                rule.settings[key] = knob.with_method(method, bool(saved.get("act_order", False)))
+
+    def _fits_data_aware(self, rule: Rule) -> bool:
+        """Whether the data-aware methods apply to the layers of `rule` at every rank."""
+        rank = rule.settings.get("rank")
+        return not (
+            isinstance(rank, Rank) and (rank.method == "tt" or rank.method in GROUP_METHODS)
+        )
 
     # -- queries ----------------------------------------------------------------------------
     @property

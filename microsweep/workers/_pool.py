@@ -164,6 +164,8 @@ class RayPool(WorkerPool):
             train_tokens=refs["train_tokens"],
             evaluate=refs["evaluate"],
             rules=refs["rules"],
+            stats=refs["stats"],
+            levels=refs["levels"],
         )
 
     @property
@@ -283,10 +285,13 @@ def make_pool(
     cpus_per_worker: float = 1.0,
     gpus_per_worker: float = 0.0,
     rules: Mapping[type, Any] | None = None,
+    stats: Mapping[str, Any] | None = None,
+    levels: Any = None,
 ) -> WorkerPool:
     """`workers` Ray actors, each reserving `cpus_per_worker` CPUs and `gpus_per_worker` GPUs
     (or one in-process runner when `in_process`, whose torch threads follow `cpus_per_worker`
-    by the Ray workers' rule, `worker_threads`)."""
+    by the Ray workers' rule, `worker_threads`). `stats` and `levels` go to every runner
+    (put in Ray's object store once, like the model)."""
     if in_process:
         if isinstance(cpus_per_worker, bool) or not (
             isinstance(cpus_per_worker, (int, float)) and 0 < cpus_per_worker < math.inf
@@ -303,6 +308,8 @@ def make_pool(
             train_tokens=train_tokens,
             evaluate=evaluate,
             threads=worker_threads(cpus_per_worker),
+            stats=stats,
+            levels=levels,
         )
         return InProcessPool(runner)
     args = {
@@ -313,6 +320,8 @@ def make_pool(
         "train_tokens": train_tokens,
         "evaluate": evaluate,
         "rules": dict(rules or {}),
+        "stats": stats,
+        "levels": levels,
     }
     return RayPool(
         workers,

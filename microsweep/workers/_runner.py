@@ -121,7 +121,12 @@ class TrialRunner:
         evaluate: Callable[[nn.Module], float] | None = None,
         threads: int | None = None,
         rules: Mapping[type, Any] | None = None,
+        stats: Mapping[str, Any] | None = None,
+        levels: Any = None,
     ) -> None:
+        """`stats` are the sweep's layer input statistics (computed once, see
+        `microsweep.prepare.with_levels`) and `levels` its `LevelStore`, which the runner's
+        variant cache reads built data-aware levels from and writes new ones to."""
         if rules:  # counting rules a space file registered, in a process that did not run it
             from microsweep.score import register_rules
 
@@ -145,7 +150,13 @@ class TrialRunner:
         if settings.cache_mb > 0:
             from microsweep.compress import VariantCache
 
-            self._cache = VariantCache(model, calib=calib, max_bytes=settings.cache_mb * 2**20)
+            self._cache = VariantCache(
+                model,
+                calib=calib,
+                max_bytes=settings.cache_mb * 2**20,
+                stats=_on_device(stats, self.device),
+                store=levels,
+            )
 
     def ping(self) -> bool:
         """True: the pool's check that an actor started and loaded its model."""
@@ -349,6 +360,18 @@ class TrialRunner:
             seed=self.settings.seed, curve=curve,
         )  # fmt: skip
         return curve
+
+
+def _on_device(stats: Mapping[str, Any] | None, device: Any) -> Mapping[str, Any] | None:
+    """The sweep's input statistics on the runner's device (as given on the CPU)."""
+    if stats is None or device is None:
+        return stats
+    from dataclasses import replace
+
+    return {
+        name: replace(s, gram=s.gram.to(device), abs_mean=s.abs_mean.to(device))
+        for name, s in stats.items()
+    }
 
 
 def _layer_rows(counts: Counts, policy: Policy) -> list[dict[str, Any]]:
