@@ -1,19 +1,25 @@
 """Search quality: best feasible MicroNet score against trials for each sampler, side by side.
 
-For each task (a space file) this measures the exhaustive reference first, every uniform policy
-of the space's levels (one setting for all layers), then runs each method for `--trials` trials
-with `--seeds` seeds, in-process, two at a time, into one SQLite store per task (the sensitivity
-table is measured once per task, before the runs, and reused by every run that needs it; its
-cost is reported apart). Per task and method it reports the best feasible score after 25, 50,
-100 and 200 trials (mean, min, max over seeds), the feasible fraction, the hypervolume of
-(score, perplexity) against trials, evaluation time saved by early stopping and wall time.
+For each task (a space file) this measures the exhaustive reference, every uniform policy of the
+space's levels (one setting for all layers), then runs each method for `--trials` trials with
+`--seeds` seeds, in-process, two at a time. The sensitivity table is measured once per task into
+the task's SQLite store (its cost reported apart); each run then gets its own copy of that store,
+so it shares the table but builds its own data-aware levels (`<db>.levels/`): a run's wall time
+includes its input statistics and level builds, and it reports how many levels it built. Per
+task and method it reports the best feasible score after 25, 50, 100 and 200 trials (mean, min,
+max over seeds), the feasible fraction, the hypervolume of (score, perplexity) against trials,
+evaluation time saved by early stopping and wall time.
+
+Results are labelled with the pruning/quantization methods the space ran with, read from the
+stored sweeps (e.g. "magnitude/rtn", "sparsegpt/gptq"), and a new invocation adds its results
+beside those already in --out: same task, label and method replaced, everything else kept.
 
     python benchmarks/quality.py                      # both tasks, 6 methods, 3 seeds, 200 trials
     python benchmarks/quality.py --tasks shakespeare --methods auto,uniform --seeds 1
     python benchmarks/quality.py --finetune           # also: uniform vs auto with fine-tuning
-    python benchmarks/quality.py --tasks ptb          # one task; the others in --out are kept
+    python benchmarks/quality.py --tasks ptb --grid last --workdir /tmp/q   # resumable
 
-Writes benchmarks/results/quality.json and benchmarks/results/quality.png.
+Writes benchmarks/results/quality.json, quality.md and quality.png.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -34,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"shakespeare": "examples/shakespeare.py", "ptb": "examples/ptb.py"}
 METHODS = ("uniform", "random", "tpe", "nsga2", "allocate", "auto")
 CHECKPOINTS = (25, 50, 100, 200)
+LEGACY_LABEL = "magnitude/rtn"
+"""The methods of results written before they carried a label: every knob then was plain."""
 
 FINETUNE = """
 from microsweep import Int, Float
@@ -50,8 +59,52 @@ def _quiet() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def methods_label(space_json: dict) -> str:
+    """ "pruning/quantization" methods of a stored space description (`Space.to_json`), e.g.
+    "sparsegpt/gptq"; several methods in one space are joined by "+", "-" where none applies.
+
+    A knob's description names its method only when it is not the plain one (magnitude, rtn),
+    and input quantization (`act_bits`) always rounds to nearest, so it is left out."""
+    prune: set[str] = set()
+    quant: set[str] = set()
+    for rule in space_json.get("rules", []):
+        settings = rule.get("settings", {})
+        if settings.get("sparsity", {}).get("knob") == "Sparsity":
+            prune.add(settings["sparsity"].get("method", "magnitude"))
+        if settings.get("bits", {}).get("knob") == "Bits":
+            quant.add(settings["bits"].get("method", "rtn"))
+    return f"{'+'.join(sorted(prune)) or '-'}/{'+'.join(sorted(quant)) or '-'}"
+
+
+def _levels_built(storage: str) -> int:
+    """Levels built into a SQLite store's level folder: lines of `<db>.levels/*/builds.log`."""
+    from microsweep.storage import sqlite_path
+
+    path = sqlite_path(storage)
+    if path is None:
+        return 0
+    total = 0
+    for log in path.with_name(path.name + ".levels").glob("*/builds.log"):
+        with open(log, encoding="utf-8") as f:
+            total += sum(1 for line in f if line.strip())
+    return total
+
+
+def _copy_store(source: Path, target: Path) -> None:
+    """A consistent copy of a SQLite store (WAL included) without its level folder."""
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    src, dst = sqlite3.connect(source), sqlite3.connect(partial)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+    partial.rename(target)
+
+
 def _one_run(job: dict) -> dict:
-    """One method and seed: a sweep in-process, summarized from the store."""
+    """One method and seed: a sweep in-process into its own store, summarized from it."""
     import torch
 
     torch.set_num_threads(1)
@@ -64,7 +117,7 @@ def _one_run(job: dict) -> dict:
     done = exists and len(store.trials(job["name"])) >= job["trials"]
     store.dispose()
     if done:  # measured by an earlier invocation with the same --workdir: summarize it again
-        return {**_summarize(job, None, None), "job": job}
+        return {**_summarize(job, None), "job": job}
     if exists:  # cut short earlier: finish it
         from microsweep.search import resume_sweep
 
@@ -75,9 +128,9 @@ def _one_run(job: dict) -> dict:
             in_process=True,
             progress=False,
         )
-        return {**_summarize(job, None, None), "job": job}
+        return {**_summarize(job, None), "job": job}
     started = time.perf_counter()
-    result = run_sweep(
+    run_sweep(
         job["space"],
         name=job["name"],
         trials=job["trials"],
@@ -87,8 +140,7 @@ def _one_run(job: dict) -> dict:
         in_process=True,
         progress=False,
     )
-    wall = time.perf_counter() - started
-    return {**_summarize(job, result, wall), "job": job}
+    return {**_summarize(job, time.perf_counter() - started), "job": job}
 
 
 def _hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
@@ -113,13 +165,14 @@ def _hv_curve(rows: list, ref: tuple[float, float]) -> list[float]:
     return curve
 
 
-def _summarize(job: dict, result, wall: float) -> dict:  # noqa: ANN001
+def _summarize(job: dict, wall: float | None) -> dict:
     from microsweep.storage import Store
 
     store = Store(job["storage"], must_exist=True)
     sweep = store.get_sweep(job["name"])
     rows = sorted(store.trials(job["name"]), key=lambda r: r.number)
     store.dispose()
+    wall_from_store = wall is None
     if wall is None:  # from the store: first row created to last trial finished
         wall = (max(r.finished_at for r in rows) - sweep.created_at).total_seconds()
     best_by, best = {}, math.inf
@@ -137,6 +190,7 @@ def _summarize(job: dict, result, wall: float) -> dict:  # noqa: ANN001
     for r in rows:
         origins[r.origin or "?"] = origins.get(r.origin or "?", 0) + 1
     return {
+        "methods_label": methods_label(sweep.space_json),
         "best_by_trials": best_by,
         "best_trace": trace,
         "hv_trace": _hv_curve(rows, ref),
@@ -146,6 +200,8 @@ def _summarize(job: dict, result, wall: float) -> dict:  # noqa: ANN001
         "evaluate_s": evaluate,
         "evaluate_saved_s": saved,
         "wall_s": wall,
+        "wall_from_store": wall_from_store,
+        "levels_built": _levels_built(job["storage"]),
         "origins": origins,
         "dense_score": sweep.dense_score,
         "ceiling": sweep.ceiling,
@@ -153,15 +209,22 @@ def _summarize(job: dict, result, wall: float) -> dict:  # noqa: ANN001
     }
 
 
-def _uniform_grid(space_path: str, rank_levels: int) -> dict:
+def _uniform_grid(space_path: str, rank_levels: int, storage: str) -> dict:
     """Every uniform policy of the space's levels, evaluated; the best feasible is the
-    reference a per-layer search must beat."""
+    reference a per-layer search must beat. Data-aware levels are kept beside `storage`."""
     import torch
 
     _quiet()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     from microsweep.allocate import Planner
-    from microsweep.prepare import load_space_file, measure_dense, prepare, with_stop_rule
+    from microsweep.prepare import (
+        load_space_file,
+        measure_dense,
+        model_fingerprint,
+        prepare,
+        with_levels,
+        with_stop_rule,
+    )
     from microsweep.score import Baseline, CountConfig, micronet_score
     from microsweep.workers import TrialRunner
 
@@ -172,6 +235,7 @@ def _uniform_grid(space_path: str, rank_levels: int) -> dict:
     ceiling = sf.objective.bound(dense.perplexity).value
     baseline = Baseline(dense.params, dense.ops)
     prepared = with_stop_rule(sf, prepared, dense, ceiling)
+    prepared = with_levels(sf, prepared, storage, model_fingerprint(sf.model))
     planner = Planner(
         sf.space,
         sf.model,
@@ -188,6 +252,8 @@ def _uniform_grid(space_path: str, rank_levels: int) -> dict:
         prepared.settings,
         calib=prepared.calib,
         train_tokens=prepared.train_tokens,
+        stats=prepared.stats,
+        levels=prepared.levels,
     )
     best = None
     evaluated = 0
@@ -206,6 +272,7 @@ def _uniform_grid(space_path: str, rank_levels: int) -> dict:
                 "policy": planner.choices(plan.choice),
             }
     return {
+        "methods_label": methods_label(sf.space.to_json()),
         "rank_levels": rank_levels,
         "uniform_policies": len(plans),
         "evaluated": evaluated,
@@ -250,9 +317,13 @@ def _aggregate(runs: list[dict], trials: int) -> dict:
         evaluate = sum(r["evaluate_s"] for r in mine)
         saved = sum(r["evaluate_saved_s"] for r in mine)
         out[method] = {
+            "methods_label": mine[0]["methods_label"],
+            "trials": trials,
             "best_by_trials": best_by,
             "feasible_fraction": statistics.fmean(r["feasible_fraction"] for r in mine),
             "wall_s": statistics.fmean(r["wall_s"] for r in mine),
+            "wall_s_per_run": [r["wall_s"] for r in mine],
+            "levels_built_per_run": [r["levels_built"] for r in mine],
             "pruned_per_run": statistics.fmean(r["pruned"] for r in mine),
             "early_stop_saved_fraction": saved / max(evaluate + saved, 1e-9),
             "trials_to_90pct_hv": [_to_90(r["hv_trace"]) for r in mine],
@@ -261,6 +332,34 @@ def _aggregate(runs: list[dict], trials: int) -> dict:
             "origins": mine[0]["origins"],
         }
     return out
+
+
+def _labelled(entry: dict) -> dict:
+    """A task entry of the results file by methods label; an entry written before labels
+    existed (methods and runs at the task's top level) becomes the "magnitude/rtn" one."""
+    if "by_methods" in entry:
+        return entry
+    old = {k: v for k, v in entry.items() if k != "space"}
+    for agg in old.get("methods", {}).values():
+        agg.setdefault("methods_label", LEGACY_LABEL)
+    for runs in old.get("runs", {}).values():
+        for r in runs:
+            r.setdefault("methods_label", LEGACY_LABEL)
+    if old.get("uniform_grid"):
+        old["uniform_grid"].setdefault("methods_label", LEGACY_LABEL)
+    return {"space": entry.get("space"), "by_methods": {LEGACY_LABEL: old}}
+
+
+def _merge(results: dict, task: str, label: str, part: dict) -> None:
+    """Add one invocation's results of a task and label: methods measured now replace those
+    of the same name, a measured grid replaces the stored one, the rest stays."""
+    entry = results["tasks"].setdefault(task, {"space": TASKS[task], "by_methods": {}})
+    mine = entry["by_methods"].setdefault(label, {"methods": {}, "runs": {}})
+    for key in ("dense_perplexity", "ceiling", "uniform_grid", "sensitivity"):
+        if part.get(key) is not None:
+            mine[key] = part[key]
+    mine["methods"].update(part.get("methods", {}))
+    mine["runs"].update(part.get("runs", {}))
 
 
 def _plot(results: dict, path: Path) -> None:
@@ -281,53 +380,230 @@ def _plot(results: dict, path: Path) -> None:
         "uniform+ft": "#555555",
         "auto+ft": "#8b0000",
     }
+    dashes = {LEGACY_LABEL: "--"}  # the plain methods dashed, data-aware ones solid
     for col, task in enumerate(tasks):
-        data = results["tasks"][task]
+        variants = results["tasks"][task]["by_methods"]
         ax, hv = axes[0][col], axes[1][col]
-        for method, runs in data["runs"].items():
-            traces = [r["best_trace"] for r in runs]
-            n = max(len(t) for t in traces)
-            step = runs[0].get("trace_step", 1)  # traces kept in the JSON are thinned
-            xs = [1 + i * step for i in range(n)]
-            mean = []
-            lows, highs = [], []
-            for i in range(n):
-                vals = [t[i] for t in traces if i < len(t) and t[i] is not None]
-                mean.append(statistics.fmean(vals) if vals else float("nan"))
-                lows.append(min(vals) if vals else float("nan"))
-                highs.append(max(vals) if vals else float("nan"))
-            c = colours.get(method, None)
-            ax.plot(xs, mean, label=method, color=c)
-            ax.fill_between(xs, lows, highs, color=c, alpha=0.15)
-            curves = [r["hv_trace"] for r in runs]
-            hv.plot(
-                xs,
-                [statistics.fmean(cv[i] for cv in curves) for i in range(n)],
-                label=method,
-                color=c,
-            )
-        ref = data["uniform_grid"]["best"]
-        if ref:
-            ax.axhline(
-                ref["score"],
-                color="black",
-                ls="--",
-                lw=1,
-                label=f"best uniform policy ({ref['score']:.3f})",
-            )
-            ax.axhline(0.8 * ref["score"], color="black", ls=":", lw=1, label="0.8x best uniform")
+        finite = []
+        for label, data in variants.items():
+            ls = dashes.get(label, "-")
+            for method, runs in data["runs"].items():
+                traces = [r["best_trace"] for r in runs]
+                n = max(len(t) for t in traces)
+                step = runs[0].get("trace_step", 1)  # traces kept in the JSON are thinned
+                xs = [1 + i * step for i in range(n)]
+                mean, lows, highs = [], [], []
+                for i in range(n):
+                    vals = [t[i] for t in traces if i < len(t) and t[i] is not None]
+                    mean.append(statistics.fmean(vals) if vals else float("nan"))
+                    lows.append(min(vals) if vals else float("nan"))
+                    highs.append(max(vals) if vals else float("nan"))
+                c = colours.get(method, None)
+                name = f"{method} ({label})"
+                ax.plot(xs, mean, label=name, color=c, ls=ls)
+                ax.fill_between(xs, lows, highs, color=c, alpha=0.1)
+                curves = [r["hv_trace"] for r in runs]
+                hv.plot(
+                    xs,
+                    [statistics.fmean(cv[i] for cv in curves if i < len(cv)) for i in range(n)],
+                    label=name,
+                    color=c,
+                    ls=ls,
+                )
+                finite += [v for t in traces for v in t if v]
+            ref = (data.get("uniform_grid") or {}).get("best")
+            if ref:
+                ax.axhline(
+                    ref["score"],
+                    color="black",
+                    ls=ls,
+                    lw=1,
+                    label=f"best uniform policy, {label} ({ref['score']:.3f})",
+                )
         ax.set_title(f"{task}: best feasible MicroNet score (mean, band = seeds)")
         ax.set_xlabel("trials")
         ax.set_ylabel("score (dense = 2.0)")
-        finite = [v for r in data["runs"].values() for run in r for v in run["best_trace"] if v]
         if finite:
             ax.set_ylim(min(finite) * 0.95, min(max(finite), 1.2) * 1.05)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         hv.set_title(f"{task}: hypervolume of (score, perplexity), feasible trials")
         hv.set_xlabel("trials")
-        hv.legend(fontsize=8)
+        hv.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _markdown(results: dict) -> str:
+    """The results as tables: the best uniform policy and each method per task and label,
+    then every run with its wall time and the levels it built."""
+    head = "| task | method | methods | " + " | ".join(f"best @{c}" for c in CHECKPOINTS)
+    lines = [
+        "# Search quality",
+        "",
+        "Best feasible MicroNet score (mean [min, max] over seeds) after n trials; wall seconds",
+        "and data-aware levels built are the mean per run (each run has its own level store).",
+        "",
+        head + " | feasible | wall s | levels built | seeds |",
+        "|---" * (3 + len(CHECKPOINTS) + 4) + "|",
+    ]
+    per_run = [
+        "",
+        "## Runs",
+        "",
+        "| task | method | methods | seed | best @200 | wall s | levels built |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for task, entry in results["tasks"].items():
+        for label, data in entry["by_methods"].items():
+            grid = data.get("uniform_grid") or {}
+            if grid:
+                best = (grid.get("best") or {}).get("score")
+                cells = " | ".join([_fmt(best)] + [""] * (len(CHECKPOINTS) - 1))
+                lines.append(
+                    f"| {task} | best uniform policy (exhaustive, {grid.get('evaluated')} "
+                    f"of {grid.get('uniform_policies')}) | {label} | {cells} | | "
+                    f"{_fmt(grid.get('seconds'), 0)} | | |"
+                )
+            for method, agg in data["methods"].items():
+                cells = []
+                for c in CHECKPOINTS:
+                    st = agg["best_by_trials"].get(str(c)) or {}
+                    cells.append(
+                        f"{_fmt(st.get('mean'))} [{_fmt(st.get('min'))}, {_fmt(st.get('max'))}]"
+                        if st.get("n")
+                        else "-"
+                    )
+                levels = agg.get("levels_built_per_run")
+                lines.append(
+                    f"| {task} | {method} | {label} | {' | '.join(cells)} | "
+                    f"{agg['feasible_fraction']:.0%} | {agg['wall_s']:.0f} | "
+                    f"{_fmt(statistics.fmean(levels), 0) if levels else '-'} | "
+                    f"{len(agg['seeds'])} |"
+                )
+            for method, runs in data["runs"].items():
+                for r in runs:
+                    levels = r.get("levels_built")
+                    per_run.append(
+                        f"| {task} | {method} | {label} | {r['seed']} | "
+                        f"{_fmt(r['best_by_trials'].get('200'))} | {r['wall_s']:.0f} | "
+                        f"{'-' if levels is None else levels} |"
+                    )
+    return "\n".join(lines + per_run) + "\n"
+
+
+def _grid(task: str, space: str, workdir: Path, ctx) -> dict:  # noqa: ANN001
+    """The task's exhaustive uniform reference (kept in `workdir` for a later invocation)."""
+    grid_file = workdir / f"{task}-uniform-grid.json"
+    if grid_file.is_file():
+        return json.loads(grid_file.read_text())
+    print(f"[{task}] exhaustive uniform grids ...", flush=True)
+    storage = f"sqlite:///{workdir / (task + '-grid.db')}"  # the grids share their levels
+    with ctx.Pool(2) as pool:  # two rank grids side by side: the reference is the better one
+        grids = pool.starmap(_uniform_grid, [(space, levels, storage) for levels in (10, 20)])
+    grid = min(grids, key=lambda g: (g["best"] or {}).get("score", math.inf))
+    grid["levels_built"] = _levels_built(storage)
+    grid["grids"] = [
+        {k: v for k, v in g.items() if k != "best"} | {"best_score": (g["best"] or {}).get("score")}
+        for g in grids
+    ]
+    grid_file.write_text(json.dumps(grid))
+    print(f"[{task}] best uniform {grid['best']} ({grid['evaluated']} evaluated)", flush=True)
+    return grid
+
+
+def _runs(task: str, space: str, workdir: Path, methods: list[str], args, ctx) -> list[dict]:  # noqa: ANN001
+    """Every (method, seed) run of a task, each in its own copy of the task's store."""
+    task_db = workdir / (task + ".db")
+    storage = f"sqlite:///{task_db}"
+    sens = None
+    if {"auto", "allocate"} & set(methods):
+        print(f"[{task}] sensitivity pass ...", flush=True)
+        with ctx.Pool(1) as pool:
+            sens = pool.apply(_sensitivity, (space, storage))
+        print(f"[{task}] sensitivity {sens}", flush=True)
+    from microsweep.storage import Store
+
+    store = Store(storage)
+    store.optuna_storage()  # Optuna's tables exist in every copy
+    store.dispose()
+    jobs = [
+        {
+            "space": space,
+            "method": m,
+            "seed": s,
+            "trials": args.trials,
+            "name": f"{m}{args.tag}-{s}",
+        }
+        for m in methods  # all seeds of the first method first
+        for s in range(args.seeds)
+    ]
+    if args.finetune and task == "shakespeare":
+        ft_path = workdir / "shakespeare_ft.py"
+        ft_path.write_text(
+            Path(space).read_text() + FINETUNE.format(steps=args.finetune_steps, lr=5e-4)
+        )
+        jobs += [
+            {
+                "space": str(ft_path),
+                "method": m,
+                "seed": 0,
+                "trials": args.trials,
+                "name": f"{m}+ft-0",
+                "label": f"{m}+ft",
+            }
+            for m in ("uniform", "auto")
+        ]
+    for job in jobs:  # its own store: the table is shared, the level folder is not
+        run_db = workdir / f"{task}-{job['name']}.db"
+        if not run_db.is_file():
+            _copy_store(task_db, run_db)
+        job["storage"] = f"sqlite:///{run_db}"
+    runs = []
+    with ctx.Pool(args.jobs, maxtasksperchild=1) as pool:
+        for res in pool.imap_unordered(_one_run, jobs):
+            job = res["job"]
+            print(
+                f"[{task}] {job['name']} ({res['methods_label']}): best {res['best_by_trials']} "
+                f"wall {res['wall_s']:.0f}s levels built {res['levels_built']}",
+                flush=True,
+            )
+            runs.append(res)
+    for r in runs:
+        r["job"]["method"] = r["job"].get("label", r["job"]["method"])
+        r["sensitivity"] = sens
+    return runs
+
+
+def _task_parts(runs: list[dict], trials: int) -> dict[str, dict]:
+    """Runs grouped by methods label, aggregated per method."""
+    parts: dict[str, dict] = {}
+    for label in sorted({r["methods_label"] for r in runs}):
+        mine = sorted(
+            (r for r in runs if r["methods_label"] == label),
+            key=lambda r: (r["job"]["method"], r["job"]["seed"]),
+        )
+        by_method: dict[str, list] = {}
+        for r in mine:
+            by_method.setdefault(r["job"]["method"], []).append(r)
+        parts[label] = {
+            "dense_perplexity": mine[0]["dense_perplexity"],
+            "ceiling": mine[0]["ceiling"],
+            "sensitivity": mine[0]["sensitivity"],
+            "methods": _aggregate(mine, trials),
+            "runs": {
+                m: [
+                    {k: v for k, v in r.items() if k not in ("job", "sensitivity")}
+                    | {"seed": r["job"]["seed"]}
+                    for r in rs
+                ]
+                for m, rs in by_method.items()
+            },
+        }
+    return parts
 
 
 def main() -> None:
@@ -344,12 +620,20 @@ def main() -> None:
     )
     parser.add_argument("--finetune-steps", type=int, default=40)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
-    parser.add_argument("--workdir", default=None, help="where the stores go (default: temp)")
+    parser.add_argument(
+        "--workdir", default=None, help="where the stores go (default: temp); reuse to resume"
+    )
     parser.add_argument("--tag", default="", help="suffix of the run names in the stores")
+    parser.add_argument(
+        "--grid",
+        choices=("first", "last", "skip"),
+        default="first",
+        help="the exhaustive uniform reference before the runs, after them, or not at all",
+    )
     parser.add_argument(
         "--fresh",
         action="store_true",
-        help="drop the tasks an existing --out file holds (default: keep them)",
+        help="drop the results an existing --out file holds (default: add to them)",
     )
     args = parser.parse_args()
     os.environ.setdefault("MICROSWEEP_DATA", str(ROOT.parent / "shared" / "data"))
@@ -357,143 +641,72 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="microsweep-quality-"))
     workdir.mkdir(parents=True, exist_ok=True)
     methods = [m for m in args.methods.split(",") if m]
-    results: dict = {"trials": args.trials, "seeds": args.seeds, "methods": methods, "tasks": {}}
+    results: dict = {"tasks": {}}
     out = Path(args.out)
-    if out.is_file() and not args.fresh:  # tasks measured by an earlier invocation stay
+    if out.is_file() and not args.fresh:  # results of earlier invocations stay
         earlier = json.loads(out.read_text())
-        if (earlier.get("trials"), earlier.get("seeds")) == (args.trials, args.seeds):
-            results["tasks"] = earlier.get("tasks", {})
+        results["tasks"] = {t: _labelled(e) for t, e in earlier.get("tasks", {}).items()}
     ctx = mp.get_context("spawn")
     for task in [t for t in args.tasks.split(",") if t]:
         space = str(ROOT / TASKS[task])
-        storage = f"sqlite:///{workdir / (task + '.db')}"
-        grid_file = workdir / f"{task}-uniform-grid.json"
-        if grid_file.is_file():
-            grid = json.loads(grid_file.read_text())
-        else:
-            print(f"[{task}] exhaustive uniform grids ...", flush=True)
-            grids = []
-            for levels in (10, 20):  # two rank grids: the reference is the better one
-                with ctx.Pool(1) as pool:  # a fresh process: the same settings the runs get
-                    grids.append(pool.apply(_uniform_grid, (space, levels)))
-            grid = min(grids, key=lambda g: (g["best"] or {}).get("score", math.inf))
-            grid["grids"] = [
-                {k: v for k, v in g.items() if k != "best"}
-                | {"best_score": (g["best"] or {}).get("score")}
-                for g in grids
-            ]
-            grid_file.write_text(json.dumps(grid))
-        print(f"[{task}] best uniform {grid['best']} ({grid['evaluated']} evaluated)", flush=True)
-        sens = None
-        if {"auto", "allocate"} & set(methods):
-            print(f"[{task}] sensitivity pass ...", flush=True)
-            with ctx.Pool(1) as pool:
-                sens = pool.apply(_sensitivity, (space, storage))
-            print(f"[{task}] sensitivity {sens}", flush=True)
-        from microsweep.storage import Store
-
-        Store(storage).optuna_storage()  # Optuna's tables exist before runs start side by side
-        jobs = [
-            {
-                "space": space,
-                "storage": storage,
-                "method": m,
-                "seed": s,
-                "trials": args.trials,
-                "name": f"{m}{args.tag}-{s}",
-            }
-            for s in range(args.seeds)
-            for m in methods
-        ]
-        if args.finetune and task == "shakespeare":
-            ft_path = workdir / "shakespeare_ft.py"
-            ft_path.write_text(
-                Path(space).read_text() + FINETUNE.format(steps=args.finetune_steps, lr=5e-4)
+        grid = _grid(task, space, workdir, ctx) if args.grid == "first" else None
+        runs = _runs(task, space, workdir, methods, args, ctx) if methods else []
+        if args.grid == "last":
+            grid = _grid(task, space, workdir, ctx)
+        parts = _task_parts(runs, args.trials)
+        if grid is not None:
+            part = parts.setdefault(grid["methods_label"], {})
+            part.update(
+                uniform_grid=grid,
+                dense_perplexity=grid["dense_perplexity"],
+                ceiling=grid["ceiling"],
             )
-            jobs += [  # the same store: fine-tuning changes no measurement of the table
-                {
-                    "space": str(ft_path),
-                    "storage": storage,
-                    "method": m,
-                    "seed": 0,
-                    "trials": args.trials,
-                    "name": f"{m}+ft-0",
-                    "label": f"{m}+ft",
-                }
-                for m in ("uniform", "auto")
-            ]
-        runs = []
-        with ctx.Pool(args.jobs, maxtasksperchild=1) as pool:
-            for res in pool.imap_unordered(_one_run, jobs):
-                job = res["job"]
-                print(
-                    f"[{task}] {job['name']}: best {res['best_by_trials']} "
-                    f"wall {res['wall_s']:.0f}s",
-                    flush=True,
-                )
-                runs.append(res)
-        for r in runs:
-            r["job"]["method"] = r["job"].get("label", r["job"]["method"])
-        by_method: dict[str, list] = {}
-        for r in sorted(runs, key=lambda r: (r["job"]["method"], r["job"]["seed"])):
-            by_method.setdefault(r["job"]["method"], []).append(r)
-        results["tasks"][task] = {
-            "space": TASKS[task],
-            "dense_perplexity": grid["dense_perplexity"],
-            "ceiling": grid["ceiling"],
-            "uniform_grid": grid,
-            "sensitivity": sens,
-            "methods": _aggregate(runs, args.trials),
-            "runs": {
-                m: [
-                    {k: v for k, v in r.items() if k != "job"} | {"seed": r["job"]["seed"]}
-                    for r in rs
-                ]
-                for m, rs in by_method.items()
-            },
-        }
-    _ratios(results, args.trials)
+        for label, part in parts.items():
+            _merge(results, task, label, part)
+    _ratios(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     _plot(results, out.with_suffix(".png"))
-    for task in results["tasks"].values():  # traces are in the plot; keep the JSON readable
-        for runs in task["runs"].values():
-            for r in runs:
-                if r.get("trace_step", 1) == 1:
-                    step = max(1, len(r["best_trace"]) // 50)
-                    r["best_trace"] = r["best_trace"][::step]
-                    r["hv_trace"] = r["hv_trace"][::step]
-                    r["trace_step"] = step
+    for entry in results["tasks"].values():  # traces are in the plot; keep the JSON readable
+        for data in entry["by_methods"].values():
+            for runs in data["runs"].values():
+                for r in runs:
+                    if r.get("trace_step", 1) == 1:
+                        step = max(1, len(r["best_trace"]) // 50)
+                        r["best_trace"] = r["best_trace"][::step]
+                        r["hv_trace"] = r["hv_trace"][::step]
+                        r["trace_step"] = step
     out.write_text(json.dumps(results, indent=1, default=str))
-    print(json.dumps({k: v for k, v in results.items() if k.startswith("ratio")}, indent=1))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    out.with_suffix(".md").write_text(_markdown(results))
+    print(json.dumps(results["ratios"], indent=1))
+    print(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
 
 
-def _ratios(results: dict, trials: int) -> None:
-    """Top-level ratios at the full trial count, averaged over tasks that have them."""
-    key = str(trials)
-    to_uniform, to_random, per_task = [], [], {}
-    for name, task in results["tasks"].items():
-        methods = task["methods"]
-        auto = methods.get("auto", {}).get("best_by_trials", {}).get(key, {}).get("mean")
-        uniform = (task["uniform_grid"]["best"] or {}).get("score")
-        random = methods.get("random", {}).get("best_by_trials", {}).get(key, {}).get("mean")
-        entry = {}
-        if auto and uniform:
-            entry["auto_to_uniform"] = auto / uniform
-            to_uniform.append(auto / uniform)
-        if auto and random:
-            entry["auto_to_random"] = auto / random
-            to_random.append(auto / random)
-        ft_auto = methods.get("auto+ft", {}).get("best_by_trials", {}).get(key, {}).get("mean")
-        ft_uni = methods.get("uniform+ft", {}).get("best_by_trials", {}).get(key, {}).get("mean")
-        if ft_auto and uniform:
-            entry["auto_finetuned_to_uniform"] = ft_auto / uniform
-        if ft_auto and ft_uni:
-            entry["auto_finetuned_to_uniform_finetuned"] = ft_auto / ft_uni
-        per_task[name] = entry
-    results["ratio_auto_to_uniform"] = statistics.fmean(to_uniform) if to_uniform else None
-    results["ratio_auto_to_random"] = statistics.fmean(to_random) if to_random else None
-    results["ratios_by_task"] = per_task
+def _ratios(results: dict) -> None:
+    """Ratios at each label's full trial count, per task and label."""
+    ratios: dict[str, dict] = {}
+    for name, entry in results["tasks"].items():
+        for label, data in entry["by_methods"].items():
+            methods = data.get("methods", {})
+
+            def final(method: str, methods: dict = methods) -> float | None:
+                agg = methods.get(method, {})
+                key = str(agg.get("trials", 200))
+                return agg.get("best_by_trials", {}).get(key, {}).get("mean")
+
+            auto, random = final("auto"), final("random")
+            uniform = ((data.get("uniform_grid") or {}).get("best") or {}).get("score")
+            ft_auto, ft_uni = final("auto+ft"), final("uniform+ft")
+            entry_ratios = {}
+            if auto and uniform:
+                entry_ratios["auto_to_uniform"] = auto / uniform
+            if auto and random:
+                entry_ratios["auto_to_random"] = auto / random
+            if ft_auto and uniform:
+                entry_ratios["auto_finetuned_to_uniform"] = ft_auto / uniform
+            if ft_auto and ft_uni:
+                entry_ratios["auto_finetuned_to_uniform_finetuned"] = ft_auto / ft_uni
+            ratios.setdefault(name, {})[label] = entry_ratios
+    results["ratios"] = ratios
 
 
 if __name__ == "__main__":
