@@ -363,7 +363,11 @@ def _merge(results: dict, task: str, label: str, part: dict) -> None:
 
 
 def _plot(results: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the plot is optional: pip install -e ".[bench]"
+        print(f"matplotlib is not installed: {path} not drawn", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
