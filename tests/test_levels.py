@@ -313,3 +313,15 @@ def test_two_ray_workers_build_each_level_once(tmp_path, tiny_cache) -> None:
     keys = [(e["layer"], json.dumps(e["settings"], sort_keys=True)) for e in map(json.loads, lines)]
     assert keys and len(keys) == len(set(keys)) == levels.stored_levels()
     assert all(e["pid"] != os.getpid() for e in map(json.loads, lines))  # built on workers
+
+
+def test_a_folder_that_cannot_be_written_builds_in_memory(tmp_path) -> None:
+    """A read-only medium or a full disk: levels are built as without a store, nothing fails."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    store = LevelStore(blocker / "levels")
+    settings = LayerPolicy(sparsity=0.5, prune_method="sparsegpt")
+    built = store.get_or_build("l", settings, lambda: torch.nn.Linear(2, 2))
+    assert isinstance(built, torch.nn.Linear) and not store.writable
+    assert store.builds == 1 and store.build_count() == 0 and store.stored_levels() == 0
+    store.save_stats({})  # and statistics are simply not kept

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from microsweep import MicroNet, Policy, Space, open_sweep, resume_sweep, run_sweep
-from microsweep.errors import SpaceError, UsageError
+from microsweep.errors import SpaceError, SpaceWarning, UsageError
 from microsweep.spaces import Bits, LayerPolicy, Rank, Sparsity
 from microsweep.storage import Store
 from tests.conftest import ROOT
@@ -40,10 +40,11 @@ def test_a_space_object_runs_resumes_and_exports_with_its_objects(tmp_path, tiny
     url = f"sqlite:///{tmp_path / 'py.db'}"
     space = _space(tiny_gpt)
     warm = Policy(layers={n: LayerPolicy(sparsity=0.3, bits=8, rank=8) for n in MLP})
-    result = run_sweep(
-        space, objective=OBJECTIVE, corpus=corpus, name="py", trials=3, storage=url,
-        sampler="tpe", seed=0, in_process=True, progress=False, warm_start=[warm],
-    )  # fmt: skip
+    with pytest.warns(SpaceWarning, match="values run with the space's methods"):
+        result = run_sweep(
+            space, objective=OBJECTIVE, corpus=corpus, name="py", trials=3, storage=url,
+            sampler="tpe", seed=0, in_process=True, progress=False, warm_start=[warm],
+        )  # fmt: skip
     assert sum(result.states.values()) == 3
     store = Store(url, must_exist=True)
     sweep = store.get_sweep("py")
@@ -51,7 +52,12 @@ def test_a_space_object_runs_resumes_and_exports_with_its_objects(tmp_path, tiny
         1.10 * sweep.dense_perplexity
     )
     rows = store.trials("py")
-    assert rows[0].origin == "warm start" and rows[0].policy == warm.to_json()
+    # the policy's values, with the methods the space gives (calibrated: SparseGPT and GPTQ)
+    ran = Policy.from_json(rows[0].policy)
+    assert rows[0].origin == "warm start" and set(ran.layers) == set(warm.layers)
+    for name, lp in ran.layers.items():
+        assert (lp.sparsity, lp.bits, lp.rank) == (0.3, 8, 8)
+        assert (lp.prune_method, lp.quant_method, lp.act_order) == ("sparsegpt", "gptq", True)
     assert all(r.origin == "tpe" for r in rows[1:])
     # no file to re-run: resume and export say what to pass
     with pytest.raises(UsageError, match="defined from Python objects"):

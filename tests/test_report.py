@@ -30,11 +30,15 @@ TINY = str(ROOT / "examples" / "tiny.py")
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, tiny_gpt) -> str:
-    """An auto sweep: uniform warm starts, a sensitivity table, trials stopped early."""
+    """An auto sweep: uniform warm starts, a sensitivity table, trials stopped early, and one
+    trial of ours that quantizes a single layer to 8 bits (so it loses the 16-bit allowance)."""
+    from microsweep.spaces import LayerPolicy, Policy
+
     url = f"sqlite:///{tmp_path_factory.mktemp('report') / 'report.db'}"
+    one_layer = Policy(layers={"blocks.0.mlp.c_fc": LayerPolicy(bits=8)})
     run_sweep(
         TINY, name="a", trials=12, storage=url, seed=1, sampler="auto", in_process=True,
-        progress=False,
+        progress=False, warm_start=[one_layer],
     )  # fmt: skip
     return url
 

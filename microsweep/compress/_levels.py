@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from microsweep._version import __version__
 from microsweep.policy import LayerPolicy
 
 from ._lowrank import InputStats
@@ -38,6 +39,14 @@ FORMAT = 1
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def _remove(path: Path) -> None:
+    """Delete a file if it is there (a folder that cannot hold it has none)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _abandoned(claim: Path) -> bool:
@@ -67,6 +76,9 @@ class LevelStore:
         self.root = Path(root)
         self.builds = 0
         self.loads = 0
+        # False once a write failed (a read-only medium, a full disk): levels are then built
+        # in memory as without a store, and what is on disk is still read
+        self.writable = True
 
     def __getstate__(self) -> dict[str, Any]:
         return {"root": str(self.root)}
@@ -80,8 +92,10 @@ class LevelStore:
     # -- layer variants ---------------------------------------------------------------------
     @staticmethod
     def key(name: str, settings: LayerPolicy) -> str:
-        """The text a level is filed under: the layer and every setting that shapes it."""
-        return f"{FORMAT}\n{name}\n{json.dumps(settings.to_json(), sort_keys=True)}"
+        """The text a level is filed under: the format, the package version (an upgrade may
+        change an algorithm), the layer and every setting that shapes it."""
+        settings_text = json.dumps(settings.to_json(), sort_keys=True)
+        return f"{FORMAT} {__version__}\n{name}\n{settings_text}"
 
     def _level_path(self, key: str) -> Path:
         return self.root / "levels" / f"{_digest(key)}.pt"
@@ -133,22 +147,30 @@ class LevelStore:
                         self.put(name, settings, found)
                     return found
                 finally:
-                    claim.unlink(missing_ok=True)
+                    _remove(claim)
             time.sleep(0.02)
             found = self.get(name, settings, device)
             if found is not None:
                 return found
             if _abandoned(claim) or time.monotonic() > deadline:
-                claim.unlink(missing_ok=True)
+                _remove(claim)
 
-    @staticmethod
-    def _claim(path: Path) -> bool:
-        """Create the claim file; False when another process holds it."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def _claim(self, path: Path) -> bool:
+        """Create the claim file; False when another process holds it (True without one
+        when the folder cannot be written: this process builds, as without a store)."""
+        if not self.writable:
+            return True
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            return False
+            if path.parent.is_dir():
+                return False
+            self.writable = False
+            return True
+        except OSError:
+            self.writable = False
+            return True
         with os.fdopen(fd, "w") as f:
             f.write(f"{socket.gethostname()} {os.getpid()}")
         return True
@@ -156,18 +178,22 @@ class LevelStore:
     def put(self, name: str, settings: LayerPolicy, module: nn.Module) -> None:
         """Keep a freshly built level and log the build."""
         key = self.key(name, settings)
-        self._write(self._level_path(key), {"key": key, "module": module})
         self.builds += 1
+        if not self._write(self._level_path(key), {"key": key, "module": module}):
+            return
         line = json.dumps({"layer": name, "settings": settings.to_json(), "pid": os.getpid()})
-        with open(self.root / "builds.log", "a", encoding="utf-8") as log:
-            log.write(line + "\n")  # one short append per build: whole lines across processes
+        try:
+            with open(self.root / "builds.log", "a", encoding="utf-8") as log:
+                log.write(line + "\n")  # one short append per build: whole lines across processes
+        except OSError:
+            self.writable = False
 
     def build_count(self) -> int:
         """Levels built into this folder so far, by every process."""
         try:
             with open(self.root / "builds.log", encoding="utf-8") as log:
                 return sum(1 for line in log if line.strip())
-        except FileNotFoundError:
+        except OSError:  # no log yet, or no folder to hold one
             return 0
 
     def stored_levels(self) -> int:
@@ -195,16 +221,29 @@ class LevelStore:
             self._write(self._stats_path(name), record)
 
     # -- files ------------------------------------------------------------------------------
-    def _write(self, path: Path, value: Any) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+    def _write(self, path: Path, value: Any) -> bool:
+        """Write `value` to `path` whole (temporary file, then rename); False when the folder
+        cannot be written (the store then stops trying)."""
+        if not self.writable:
+            return False
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+        except OSError:
+            self.writable = False
+            return False
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(value, f)
             os.replace(tmp, path)  # readers see the whole file or none
+        except OSError:
+            _remove(Path(tmp))
+            self.writable = False
+            return False
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            _remove(Path(tmp))
             raise
+        return True
 
     @staticmethod
     def _read(path: Path, device: torch.device | str) -> Any:

@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from microsweep.errors import SpaceError
+from microsweep.errors import SpaceError, SpaceWarning
 from microsweep.policy import GROUP_METHODS, LayerPolicy, Policy
 from microsweep.spaces._knobs import Bits, Knob, Rank, Sparsity
 from microsweep.spaces._layers import LayerInfo, Unit
@@ -238,12 +238,35 @@ def params_from_policy(space: SpaceView, policy: Policy) -> dict[str, Any]:
     params = _layer_params(space, policy)
     params.update({key: policy.hyper[key] for key in space.hyper if key in policy.hyper})
     got = _replay(space, params)
+    other_methods = []
     for name in space.assignment:
         want = policy.layers.get(name, LayerPolicy())
         have = got.layers[name]
-        if want != have:
+        if want != have and _with_methods_of(want, have) == have:
+            other_methods.append(name)
+        elif want != have:
             raise SpaceError(
                 f"the policy gives layer {name!r} {want}, which this space cannot produce "
                 f"(its rule gives {have}); check the policy was written for this space"
             )
+    if other_methods:  # methods are the space's, not parameters: the values carry over
+        warnings.warn(
+            f"the policy's pruning or rounding methods differ from this space's on "
+            f"{len(other_methods)} layer(s) (first {other_methods[0]!r}); its values run "
+            "with the space's methods",
+            SpaceWarning,
+            stacklevel=2,
+        )
     return params
+
+
+def _with_methods_of(policy: LayerPolicy, other: LayerPolicy) -> LayerPolicy:
+    """`policy` with `other`'s pruning and rounding methods (its values unchanged)."""
+    from dataclasses import replace
+
+    return replace(
+        policy,
+        prune_method=other.prune_method,
+        quant_method=other.quant_method,
+        act_order=other.act_order,
+    )
