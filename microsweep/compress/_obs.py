@@ -218,17 +218,23 @@ def sparsegpt(
     bits: int = 32,
     damp: float = DAMP,
     block: int = BLOCK,
+    tile: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """SparseGPT: prune `weight` (out, in) to exactly round(`sparsity` * numel) zeros, choosing
     each block's mask by the OBS saliency w^2 / [H^-1]_jj^2 on the weights updated so far and
     compensating every removed (and, with `bits` < 32, rounded) entry on the later columns: the
     joint pass of pruning and quantization. Returns the weight, the kept-entry mask and the
-    per-row scales (None at 32 bits). A diagonal `gram` (a vector) moves nothing: each block's
-    mask is chosen by w^2 * g_j alone and kept values are rounded to nearest after pruning."""
+    per-row scales (None at 32 bits). With `tile` (rows, cols; concrete sides that divide the
+    weight) whole tiles go, exactly round(s * n_tiles), each column block's by the saliency
+    summed over the tile, and the kept weights still take the removed ones' error. A diagonal
+    `gram` (a vector) moves nothing: each block's mask is chosen by w^2 * g_j alone and kept
+    values are rounded to nearest after pruning."""
     _checked(weight, gram)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity {sparsity} must be in [0, 1)")
     if gram.dim() == 1:
+        if tile is not None:
+            raise ValueError("tiles on a diagonal gram: use block_mask (nothing to compensate)")
         return _diagonal_sparsegpt(weight, _energy(gram), sparsity, bits, block)
     w = weight.detach().to(torch.float64).clone()
     quantized = bits < 32
@@ -236,7 +242,11 @@ def sparsegpt(
     upper, dead = inverse_hessian_factor(gram, damp)
     w[:, dead] = 0.0
     rows, cols = w.shape
-    total = round(sparsity * rows * cols)
+    br, bc = tile or (1, 1)
+    if br < 1 or bc < 1 or rows % br or cols % bc:
+        raise ValueError(f"tile {tile} does not tile a {rows}x{cols} weight")
+    block = max(bc, block // bc * bc)  # column blocks of whole tiles
+    total = round(sparsity * (rows // br) * (cols // bc))  # tiles (entries without `tile`)
     keep = torch.ones_like(w, dtype=torch.bool)
     out = torch.zeros_like(w)
     for i1 in range(0, cols, block):
@@ -244,10 +254,12 @@ def sparsegpt(
         # cumulative rounding: the blocks' counts add up to exactly `total`
         k = round(total * i2 / cols) - round(total * i1 / cols)
         saliency = w[:, i1:i2] ** 2 / torch.diagonal(upper)[i1:i2][None, :] ** 2
-        pruned = torch.argsort(saliency.flatten(), stable=True)[:k]
-        block_keep = torch.ones(saliency.numel(), dtype=torch.bool)
-        block_keep[pruned] = False
-        keep[:, i1:i2] = block_keep.view(rows, i2 - i1)
+        sums = saliency.reshape(rows // br, br, (i2 - i1) // bc, bc).sum(dim=(1, 3))
+        pruned = torch.argsort(sums.flatten(), stable=True)[:k]
+        tiles_keep = torch.ones(sums.numel(), dtype=torch.bool)
+        tiles_keep[pruned] = False
+        grid = tiles_keep.view(sums.shape)
+        keep[:, i1:i2] = grid.repeat_interleave(br, dim=0).repeat_interleave(bc, dim=1)
         err = torch.zeros(rows, i2 - i1, dtype=w.dtype)
         for i in range(i1, i2):
             col = w[:, i] * keep[:, i]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from microsweep.policy import LayerPolicy, concrete_block
 
-from .._obs import block_mask
+from .._obs import block_mask, sparsegpt
 from .._prune import check_block, magnitude_mask
 from ._base import LayerCheck, Matrix, MatrixTechnique, check_inputs, matrices_of
-from ._data_aware import as_linear, from_linear
+from ._data_aware import as_linear, from_linear, gram_of
 from ._matrix import COMPRESSED
 
 __all__ = ["BlockPruning"]
@@ -41,9 +41,22 @@ class BlockPruning(MatrixTechnique):
 
     def apply(self, matrix: Matrix) -> None:
         """Keep the largest-norm blocks (or the precomputed mask), or the blocks of most summed
-        saliency (OBS for ``sparsegpt``, Wanda's for ``wanda``; on a table, weighted by token
-        frequencies), and zero the rest."""
+        saliency (Wanda's for ``wanda``; for ``sparsegpt`` the OBS saliency with the removed
+        blocks' error moved onto the kept weights; on a table, weighted by token frequencies,
+        nothing to move), and zero the rest."""
         s = matrix.settings
+        if s.prune_method == "sparsegpt" and gram_of(matrix, "sparsegpt").dim() == 2:
+            # SparseGPT in tiles: the kept weights take the removed tiles' error (and, with
+            # GPTQ bits, are rounded in the same pass)
+            joint = s.quant_method == "gptq" and s.bits < 32 and s.quant_group is None
+            tile = concrete_block(s.block, matrix.values.shape)
+            values, keep, scales = sparsegpt(
+                matrix.values, matrix.gram, s.sparsity, bits=s.bits if joint else 32, tile=tile
+            )
+            matrix.values, matrix.mask = values, keep
+            if joint:
+                matrix.weight_scale, matrix.quantized = scales, True
+            return
         if s.prune_method != "magnitude":
             method = "obs" if s.prune_method == "sparsegpt" else "wanda"
             rows, cols = concrete_block(s.block, matrix.values.shape)
