@@ -22,21 +22,20 @@ from microsweep.score import eval_windows, perplexity
 from microsweep.spaces import Bits, Space, Sparsity
 
 from ._tiny import one_thread
+from .test_data_aware import MLP, _policy
 
 ROOT = Path(__file__).resolve().parents[1]
-MLP = [f"blocks.{b}.mlp.{n}" for b in range(2) for n in ("c_fc", "c_proj")]
 AWARE = dict(prune_method="sparsegpt", quant_method="gptq")
-
-
-def _policy(**settings) -> Policy:
-    return Policy(layers={name: LayerPolicy(**settings) for name in MLP})
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_gpt, corpus):
-    windows = eval_windows(corpus.val, window=32, max_tokens=2048)
-    calib = corpus.train[: 32 * 32].view(32, 32)
-    return tiny_gpt, windows, calib
+    """The tiny GPT, 2,048 evaluation tokens and 1,024 calibration tokens."""
+    return tiny_gpt, eval_windows(corpus.val, window=32, max_tokens=2048), _calib(corpus)
+
+
+def _calib(corpus) -> torch.Tensor:  # noqa: ANN001
+    return corpus.train[: 32 * 32].view(32, 32)
 
 
 def test_a_built_level_is_loaded_by_a_second_trial_and_worker_not_rebuilt(setup, tmp_path):
