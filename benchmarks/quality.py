@@ -508,12 +508,12 @@ def _grid(task: str, space: str, workdir: Path, ctx) -> dict:  # noqa: ANN001
     storage = f"sqlite:///{workdir / (task + '-grid.db')}"  # the grids share their levels
     with ctx.Pool(2) as pool:  # two rank grids side by side: the reference is the better one
         grids = pool.starmap(_uniform_grid, [(space, levels, storage) for levels in (10, 20)])
-    grid = min(grids, key=lambda g: (g["best"] or {}).get("score", math.inf))
-    grid["levels_built"] = _levels_built(storage)
+    grid = dict(min(grids, key=lambda g: (g["best"] or {}).get("score", math.inf)))
     grid["grids"] = [
         {k: v for k, v in g.items() if k != "best"} | {"best_score": (g["best"] or {}).get("score")}
         for g in grids
     ]
+    grid["levels_built"] = _levels_built(storage)  # both grids together: they share a folder
     grid_file.write_text(json.dumps(grid))
     print(f"[{task}] best uniform {grid['best']} ({grid['evaluated']} evaluated)", flush=True)
     return grid
