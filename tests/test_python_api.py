@@ -55,7 +55,7 @@ def test_a_space_object_runs_resumes_and_exports_with_its_objects(tmp_path, tiny
     # the policy's values, with the methods the space gives (calibrated: SparseGPT and GPTQ)
     ran = Policy.from_json(rows[0].policy)
     assert rows[0].origin == "warm start" and set(ran.layers) == set(warm.layers)
-    for name, lp in ran.layers.items():
+    for lp in ran.layers.values():
         assert (lp.sparsity, lp.bits, lp.rank) == (0.3, 8, 8)
         assert (lp.prune_method, lp.quant_method, lp.act_order) == ("sparsegpt", "gptq", True)
     assert all(r.origin == "tpe" for r in rows[1:])
