@@ -52,9 +52,10 @@ def reading_layers(space: Space) -> list[str]:
         rule = space.assignment[info.name]
         knobs = rule.settings
         sparsity, bits, rank = knobs.get("sparsity"), knobs.get("bits"), knobs.get("rank")
+        # as `LayerPolicy.data_aware` reads it: any method but magnitude and round-to-nearest
         reads = (
-            (isinstance(sparsity, Sparsity) and sparsity.method in ("wanda", "sparsegpt"))
-            or (isinstance(bits, Bits) and bits.method == "gptq")
+            (isinstance(sparsity, Sparsity) and sparsity.method not in (None, "magnitude"))
+            or (isinstance(bits, Bits) and bits.method not in (None, "rtn"))
             or (isinstance(rank, Rank) and rank.method in DATA_AWARE_METHODS)
         )
         if reads:
