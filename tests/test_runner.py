@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -353,3 +355,68 @@ def test_training_hyperparameters_are_declared_once_with_their_defaults():
     assert (tuned.steps, tuned.lr, tuned.distill_temperature) == (5, 3e-3, 2.0)
     with pytest.raises(ValueError, match="group_lasso_reweight_every 0 must be at least 1"):
         GroupLassoRecipe.from_hyper({"group_lasso_steps": 5, "group_lasso_reweight_every": 0})
+
+
+def test_subset_windows_follow_the_stop_rules_chunks():
+    """The first k windows in chunk order (chunk c holds c, c + 8, ...), a prefix of one order."""
+    from microsweep.errors import UsageError
+    from microsweep.score import StopRule, subset_windows
+
+    assert subset_windows(20, 5) == [0, 8, 16, 1, 9]
+    assert subset_windows(20, 3, chunks=4) == [0, 4, 8]
+    assert subset_windows(5, 99) == [0, 1, 2, 3, 4]  # more than there are: all, in chunk order
+    rule = StopRule(dense_nll=(1.0,) * 20, tokens_per_window=4, ceiling=3.0)
+    assert subset_windows(20, 20) == [i for chunk in rule.chunk_indices() for i in chunk]
+    assert subset_windows(20, 7) == subset_windows(20, 12)[:7]
+    for bad in ((0, 3), (20, 0), (20, True)):
+        with pytest.raises(UsageError, match="must be an int >= 1"):
+            subset_windows(*bad)
+
+
+def test_a_subset_evaluation_gives_the_full_evaluations_values_at_its_windows(
+    runner, tiny_gpt, corpus
+):
+    """windows= evaluates those windows alone, without early stop, through the runner and the
+    in-process pool: per-window NLLs as the full evaluation's at the same indices, in order."""
+    import math
+
+    from microsweep.errors import UsageError
+    from microsweep.score import StopRule, subset_windows
+    from microsweep.workers import make_pool
+
+    policy = _policy(blocks__0__mlp__c_fc=LayerPolicy(sparsity=0.7, bits=4))
+    full = runner.run(11, policy, window_nll=True)
+    assert full.status == "ok" and full.evaluated is None and len(full.window_nll) == 32
+    picked = subset_windows(32, 6)[::-1] + [31]  # any order: results follow it
+    sub = runner.run(11, policy, windows=picked)
+    assert sub.status == "ok" and sub.evaluated == picked
+    assert sub.window_nll == pytest.approx([full.window_nll[i] for i in picked], rel=1e-9)
+    tokens = len(picked) * (runner.windows.shape[1] - 1)
+    assert sub.perplexity == pytest.approx(math.exp(sum(sub.window_nll) / tokens), rel=1e-12)
+    assert sub.perplexity != pytest.approx(full.perplexity, rel=1e-6)
+    assert sub.params == full.params and sub.ops == full.ops  # the same trial, counted alike
+    # a stop rule whose ceiling nothing meets prunes a full evaluation, never a subset
+    dense = runner.run(12, Policy().to_json(), window_nll=True)
+    rule = StopRule(dense_nll=tuple(dense.window_nll), tokens_per_window=32, ceiling=1.01)
+    strict = TrialRunner(
+        tiny_gpt, runner.windows, replace(runner.settings, stop=rule), calib=runner.calib,
+        threads=1,
+    )  # fmt: skip
+    assert strict.run(11, policy).status == "pruned"
+    pool = make_pool(
+        1, model=tiny_gpt, windows=runner.windows, settings=strict.settings, calib=runner.calib,
+        in_process=True,
+    )  # fmt: skip
+    pool.submit(11, policy, windows=picked)
+    pooled = pool.wait()
+    assert pooled.status == "ok" and pooled.evaluated == picked
+    assert pooled.window_nll == pytest.approx(sub.window_nll, rel=1e-9)
+    for bad, why in (
+        ([], "is empty"),
+        ([0, 32], "32 is not an index of the 32"),
+        ([1, 1], "twice"),
+        (torch.tensor([1]), "pass .tolist()"),
+    ):
+        with pytest.raises(UsageError, match=why):
+            pool.submit(11, policy, windows=bad)
+    assert pool.free == 1  # nothing ran

@@ -16,7 +16,7 @@ from microsweep.score._counter import (
     storage_key,
     store_priority,
 )
-from microsweep.score._early_stop import ChunkVerdict, StopRule
+from microsweep.score._early_stop import ChunkVerdict, StopRule, subset_windows
 from microsweep.score._formulas import (
     block_grid,
     block_pattern,
@@ -95,6 +95,7 @@ __all__ = [
     "uncounted_work",
     "round_to_storage",
     "StopRule",
+    "subset_windows",
     "tensor_bits",
     "window_nll",
 ]

@@ -12,6 +12,9 @@ that is, when even a z-standard-error optimistic guess for the unseen windows ca
 under the ceiling. z = 4 keeps false stops of trials that end feasible out of reach in practice;
 `tests/test_early_stop.py` replays the rule on recorded trials to check it.
 
+`subset_windows` gives the first k windows in the same chunk order, for evaluations that read a
+subset of the windows (a trial screened on a few, then continued on the rest).
+
 `FineTuneCurve` applies the same ceiling, through `StopRule.log_ceiling`, to recovery
 fine-tuning: it measures a fixed subset of the windows at chosen steps and cuts a fine-tune that
 cannot recover.
@@ -36,6 +39,7 @@ __all__ = [
     "EarlyStop",
     "FineTuneCurve",
     "StopRule",
+    "subset_windows",
 ]
 
 MIN_WINDOWS = 16
@@ -98,8 +102,7 @@ class StopRule:
 
     def chunk_indices(self) -> list[list[int]]:
         """Window indices of each chunk: chunk c holds windows c, c + k, c + 2k, ..."""
-        k = min(self.chunks, self.n_windows)
-        return [list(range(c, self.n_windows, k)) for c in range(k)]
+        return _chunks(self.n_windows, self.chunks)
 
     def allowed_excess(self) -> float:
         """The total NLL above the dense model's that still meets the ceiling."""
@@ -132,6 +135,25 @@ class StopRule:
         enough = seen >= max(self.min_fraction * n, MIN_WINDOWS)
         stop = enough and bound > self.allowed_excess()
         return ChunkVerdict(seen, projected, optimistic, stop)
+
+
+def _chunks(n_windows: int, chunks: int) -> list[list[int]]:
+    """The stop rule's chunks of `n_windows` windows: chunk c holds windows c, c + k, ... with
+    k = min(chunks, n_windows)."""
+    k = min(chunks, n_windows)
+    return [list(range(c, n_windows, k)) for c in range(k)]
+
+
+def subset_windows(n_windows: int, k: int, chunks: int = 8) -> list[int]:
+    """The first `k` windows (all of them when `k` >= `n_windows`) in the stop rule's reading
+    order: chunk 0 (windows 0, c, 2c, ...), then chunk 1, ..., for c = `chunks`. A prefix of
+    that order is a systematic sample across the split, so every caller that evaluates "the
+    first k windows" of a trial reads the same ones, and a later prefix extends an earlier."""
+    for value, what in ((n_windows, "n_windows"), (k, "k"), (chunks, "chunks")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"subset_windows: {what}={value!r} must be an int >= 1")
+    order = [i for chunk in _chunks(n_windows, chunks) for i in chunk]
+    return order[:k]
 
 
 FT_EVAL_WINDOWS = 32

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,51 @@ def mean_context(window: int) -> float:
     return (_positive_int(window, "window") + 1) / 2
 
 
+def check_windows(windows: torch.Tensor, batch_size: int) -> None:
+    """Refuse windows that are not a non-empty (n, window + 1) tensor, or a bad batch size."""
+    _positive_int(batch_size, "batch_size")
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[1] < 2:
+        raise UsageError("windows must be a (n, window + 1) tensor of ids, from eval_windows()")
+    if windows.shape[0] == 0:
+        raise UsageError("windows is empty: there is nothing to evaluate")
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients for the block; each submodule's training flag is put back."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for module, flag in flags:
+            module.train(flag)
+
+
+def batch_logits(
+    model: nn.Module, windows: torch.Tensor, batch_size: int
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(first window of the batch, float32 logits (B, T, V), targets (B, T)) per batch of
+    `windows`, on the model's device; call inside `evaluating(model)`."""
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else windows.device
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size].to(device=device, dtype=torch.long)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = logits_of(model(inputs))
+        if not (
+            isinstance(logits, torch.Tensor)
+            and logits.dim() == 3
+            and logits.shape[:2] == inputs.shape
+        ):
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+            raise UsageError(
+                f"the model must map ids {tuple(inputs.shape)} to logits (B, T, V), got {got}"
+            )
+        yield start, logits.float(), targets
+
+
 def window_nll(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 32) -> torch.Tensor:
     """Summed next-token negative log-likelihood of each window, float64 of shape (n,).
 
@@ -61,41 +108,14 @@ def window_nll(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 32)
     Runs under ``torch.no_grad`` in eval mode and restores each submodule's training flag.
     Non-finite values are returned as they are.
     """
-    batch_size = _positive_int(batch_size, "batch_size")
-    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[1] < 2:
-        raise UsageError("windows must be a (n, window + 1) tensor of ids, from eval_windows()")
-    if windows.shape[0] == 0:
-        raise UsageError("windows is empty: there is nothing to evaluate")
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else windows.device
-    flags = [(m, m.training) for m in model.modules()]
+    check_windows(windows, batch_size)
     sums = []
-    try:
-        model.eval()
-        with torch.no_grad():
-            for start in range(0, windows.shape[0], batch_size):
-                batch = windows[start : start + batch_size].to(device=device, dtype=torch.long)
-                inputs, targets = batch[:, :-1], batch[:, 1:]
-                logits = logits_of(model(inputs))
-                if not (
-                    isinstance(logits, torch.Tensor)
-                    and logits.dim() == 3
-                    and logits.shape[:2] == inputs.shape
-                ):
-                    got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
-                    raise UsageError(
-                        f"the model must map ids {tuple(inputs.shape)} to logits (B, T, V), "
-                        f"got {got}"
-                    )
-                nll = F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]).float(),
-                    targets.reshape(-1),
-                    reduction="none",
-                )
-                sums.append(nll.to(torch.float64).view(inputs.shape).sum(dim=1).cpu())
-    finally:
-        for module, flag in flags:
-            module.train(flag)
+    with evaluating(model):
+        for _, logits, targets in batch_logits(model, windows, batch_size):
+            nll = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+            )
+            sums.append(nll.to(torch.float64).view(targets.shape).sum(dim=1).cpu())
     return torch.cat(sums)
 
 

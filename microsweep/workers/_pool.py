@@ -13,7 +13,7 @@ import math
 import os
 import sys
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from microsweep.errors import UsageError
 from microsweep.workers._orphans import forget_ray_processes, record_ray_processes
 from microsweep.workers._ray import check_capacity, first_line, join_ray, worker_threads
 from microsweep.workers._result import TrialResult
-from microsweep.workers._runner import EvalSettings, TrialRunner
+from microsweep.workers._runner import EvalSettings, TrialRunner, check_subset
 
 __all__ = ["InProcessPool", "RayPool", "WorkerPool", "check_resources", "make_pool"]
 
@@ -46,8 +46,18 @@ class WorkerPool:
         """Workers running a trial."""
         return self.size - self.free
 
-    def submit(self, number: int, policy_json: Mapping[str, Any], **options: Any) -> None:
-        """Start one policy on a free worker; `options` go to `TrialRunner.run`."""
+    def submit(
+        self,
+        number: int,
+        policy_json: Mapping[str, Any],
+        *,
+        windows: Sequence[int] | None = None,
+        **options: Any,
+    ) -> None:
+        """Start one policy on a free worker; `windows` (indices of the evaluation windows, see
+        `microsweep.score.subset_windows`) evaluates only those, without early stop, and is
+        refused here in one line when the workers cannot read them; `options` go to
+        `TrialRunner.run`."""
         raise NotImplementedError
 
     def wait(self, timeout: float | None = None) -> TrialResult | None:
@@ -74,11 +84,20 @@ class InProcessPool(WorkerPool):
         """1 until the finished trial's result is taken by `wait`."""
         return 0 if self._done else 1
 
-    def submit(self, number: int, policy_json: Mapping[str, Any], **options: Any) -> None:
+    def submit(
+        self,
+        number: int,
+        policy_json: Mapping[str, Any],
+        *,
+        windows: Sequence[int] | None = None,
+        **options: Any,
+    ) -> None:
         """Run the trial now, in this process; its result waits for `wait`."""
+        runner = self.runner
+        subset = check_subset(windows, runner.windows.shape[0], runner.evaluate_fn is not None)
         threads = torch.get_num_threads()  # the runner sets its own for the trial
         try:
-            self._done.append(self.runner.run(number, policy_json, **options))
+            self._done.append(runner.run(number, policy_json, windows=subset, **options))
         finally:
             torch.set_num_threads(threads)
 
@@ -122,6 +141,9 @@ class RayPool(WorkerPool):
         for module in register_by_value:  # classes from the user's space file travel by value
             ray.cloudpickle.register_pickle_by_value(module)
         self._refs = {k: ray.put(v) for k, v in runner_args.items()}
+        # what `submit` checks a subset against, without asking an actor
+        self._n_windows = runner_args["windows"].shape[0]
+        self._user_evaluate = runner_args.get("evaluate") is not None
         # threads follow the CPUs Ray gives each actor (TrialRunner reads them on the node)
         self._actor_cls = ray.remote(
             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0
@@ -173,10 +195,18 @@ class RayPool(WorkerPool):
         """Idle actors."""
         return len(self._idle)
 
-    def submit(self, number: int, policy_json: Mapping[str, Any], **options: Any) -> None:
+    def submit(
+        self,
+        number: int,
+        policy_json: Mapping[str, Any],
+        *,
+        windows: Sequence[int] | None = None,
+        **options: Any,
+    ) -> None:
         """Start the trial on an idle actor."""
+        subset = check_subset(windows, self._n_windows, self._user_evaluate)
         actor = self._idle.pop()
-        ref = actor.run.remote(number, dict(policy_json), **options)
+        ref = actor.run.remote(number, dict(policy_json), windows=subset, **options)
         self._running[ref] = (actor, number)
 
     def wait(self, timeout: float | None = None) -> TrialResult | None:

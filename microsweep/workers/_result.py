@@ -39,6 +39,9 @@ class TrialResult:
     count_config: dict[str, Any] | None = None
     layers: list[dict[str, Any]] = field(default_factory=list)  # LayerCount.to_json() rows
     window_nll: list[float] | None = None  # per-window NLL sums, when the caller asked
+    # the window indices a subset evaluation read (perplexity and window_nll are theirs, in
+    # this order); None for an evaluation of every window
+    evaluated: list[int] | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, >= 0
     worker: str | None = None  # node, process and threads
 

@@ -18,13 +18,15 @@ import gc
 import math
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from microsweep.errors import UsageError
 from microsweep.score._early_stop import FT_EVAL_WINDOWS, EarlyStop, FineTuneCurve
 from microsweep.workers._ray import assigned_cpus, assigned_device, worker_name, worker_threads
 from microsweep.workers._recipes import (
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
     from microsweep.score import Counts, StopRule
     from microsweep.spaces import Policy
 
-__all__ = ["EvalSettings", "FT_EVAL_WINDOWS", "TrialRunner", "worker_threads"]
+__all__ = ["EvalSettings", "FT_EVAL_WINDOWS", "TrialRunner", "check_subset", "worker_threads"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class _Evaluation:
     intermediate: list[float] = field(default_factory=list)
     window_nll: list[float] | None = None
     stopped: EarlyStop | None = None
+    evaluated: list[int] | None = None  # the windows of a subset evaluation, in order
 
 
 @dataclass
@@ -98,6 +101,7 @@ def _result(number: int, outcome: _Outcome, timings: dict[str, float], worker: s
         return result
     if ev is not None:
         result.intermediate, result.window_nll = ev.intermediate, ev.window_nll
+        result.evaluated = ev.evaluated
     if stopped is not None:
         result.perplexity_estimate = stopped.projected
         result.optimistic_perplexity = stopped.optimistic
@@ -181,23 +185,32 @@ class TrialRunner:
         *,
         early_stop: bool = True,
         window_nll: bool = False,
+        windows: Sequence[int] | None = None,
     ) -> TrialResult:
         """Evaluate one policy; never raises for a trial's own failure.
 
         With a stop rule in the settings and `early_stop`, the windows are read in chunks and a
         trial that cannot meet the ceiling ends with ``status="pruned"``; `window_nll` adds the
-        per-window NLL sums to the result (the dense run records them for the rule). Timings are
-        `perf_counter` spans, so never negative.
+        per-window NLL sums to the result (the dense run records them for the rule). `windows`
+        (indices into the evaluation windows, see `microsweep.score.subset_windows`) evaluates
+        only those, without any early stop: the result's perplexity and `window_nll` are the
+        subset's (in the given order) and `evaluated` names them. Timings are `perf_counter`
+        spans, so never negative. Only `windows` the runner cannot read raise (`UsageError`).
         """
         from microsweep.spaces import Policy
 
+        subset = check_subset(windows, self.windows.shape[0], self.evaluate_fn is not None)
+        if subset is not None:
+            early_stop = False
         timings: dict[str, float] = {}
         started = time.perf_counter()
         grad_mode = torch.is_grad_enabled()
         try:
             self._reset_torch_state(number)
             policy = Policy.from_json(policy_json)
-            outcome = self._run(policy, timings, early_stop=early_stop, keep_nll=window_nll)
+            outcome = self._run(
+                policy, timings, early_stop=early_stop, keep_nll=window_nll, subset=subset
+            )
         except Exception as exc:  # a worker exception is a FAIL with its reason, not a crash
             tb = traceback.extract_tb(exc.__traceback__)
             where = f" at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else ""
@@ -209,7 +222,13 @@ class TrialRunner:
         return _result(number, outcome, timings, f"{worker_name()}, threads {self.threads}")
 
     def _run(
-        self, policy: Policy, timings: dict[str, float], *, early_stop: bool, keep_nll: bool
+        self,
+        policy: Policy,
+        timings: dict[str, float],
+        *,
+        early_stop: bool,
+        keep_nll: bool,
+        subset: list[int] | None,
     ) -> _Outcome:
         """The trial's stages in order: group lasso, compress, fine-tune, count, evaluate."""
         model, shared = self._trial_model(policy, timings)
@@ -231,7 +250,9 @@ class TrialRunner:
                 if outcome.error is not None:
                     outcome.curve = None  # a refused value: the reason alone, with the counts
             else:
-                outcome.evaluation = self._evaluate(model, early_stop=early_stop, keep_nll=keep_nll)
+                outcome.evaluation = self._evaluate(
+                    model, early_stop=early_stop, keep_nll=keep_nll, subset=subset
+                )
                 outcome.perplexity = outcome.evaluation.perplexity
             timings["evaluate"] = time.perf_counter() - t
         del model
@@ -284,13 +305,21 @@ class TrialRunner:
             counts = count(model, context=self.settings.context, config=config)
         return model, counts
 
-    def _evaluate(self, model: nn.Module, *, early_stop: bool, keep_nll: bool) -> _Evaluation:
-        """Perplexity on the windows, chunk by chunk when a stop rule is set (with the chunk
-        projections, and for a stopped trial its estimate and reach)."""
+    def _evaluate(
+        self, model: nn.Module, *, early_stop: bool, keep_nll: bool, subset: list[int] | None
+    ) -> _Evaluation:
+        """Perplexity on the windows (or on the `subset`, with its per-window NLL sums),
+        chunk by chunk when a stop rule is set (with the chunk projections, and for a stopped
+        trial its estimate and reach)."""
         from microsweep.score import nll_to_perplexity, window_nll
 
         windows, batch = self.windows, self.settings.batch_size
         rule = self.settings.stop
+        if subset is not None:
+            nll = window_nll(model, windows[subset], batch_size=batch)
+            tokens = len(subset) * (windows.shape[1] - 1)
+            ppl = nll_to_perplexity(float(nll.sum()), tokens)
+            return _Evaluation(ppl, window_nll=nll.tolist(), evaluated=list(subset))
         tokens = windows.shape[0] * (windows.shape[1] - 1)
         if rule is None or rule.n_windows != windows.shape[0]:
             nll = window_nll(model, windows, batch_size=batch)
@@ -360,6 +389,38 @@ class TrialRunner:
             seed=self.settings.seed, curve=curve,
         )  # fmt: skip
         return curve
+
+
+def check_subset(
+    windows: Sequence[int] | None, n_windows: int, user_evaluate: bool = False
+) -> list[int] | None:
+    """`windows` as a list of distinct window indices below `n_windows` (None: evaluate them
+    all), refused in one line otherwise; a space's own `evaluate` has no windows to pick."""
+    if windows is None:
+        return None
+    if user_evaluate or n_windows == 0:
+        raise UsageError(
+            "windows= evaluates a subset of the built-in perplexity's windows; this sweep's "
+            "space measures with its own evaluate(), so evaluate without windows="
+        )
+    if isinstance(windows, (str, bytes, torch.Tensor)) or not isinstance(windows, Sequence):
+        raise UsageError(
+            f"windows= must be a list of window indices, not {type(windows).__name__} "
+            "(a tensor or array: pass .tolist())"
+        )
+    if not windows:
+        raise UsageError(f"windows= is empty; name some of the {n_windows} evaluation windows")
+    picked = []
+    for i in windows:
+        if isinstance(i, bool) or not isinstance(i, Integral) or not 0 <= i < n_windows:
+            raise UsageError(
+                f"windows=: {i!r} is not an index of the {n_windows} evaluation windows "
+                f"(0..{n_windows - 1})"
+            )
+        picked.append(int(i))
+    if len(set(picked)) != len(picked):
+        raise UsageError("windows= names a window twice; give each index once")
+    return picked
 
 
 def _on_device(stats: Mapping[str, Any] | None, device: Any) -> Mapping[str, Any] | None:
