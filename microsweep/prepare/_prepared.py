@@ -112,6 +112,9 @@ class Prepared:
     # (`with_levels`): computed once, shipped to every worker with the tensors above
     stats: dict[str, Any] | None = None
     levels: Any = None
+    # the dense model's next-token distributions on the windows (a `score.KLReference`), when
+    # the objective selects by KL (`with_reference`): built once, shipped like `stats`
+    reference: Any = None
 
 
 def prepare(sf: SpaceFile, seed: int) -> Prepared:

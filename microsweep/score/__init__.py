@@ -4,7 +4,8 @@
 one for a new layer type; microsweep's compressed layers register theirs from
 `microsweep.compress`, and the helpers such rules share are public here); `micronet_score`
 normalizes by a `Baseline`; `perplexity` measures a model on the fixed windows of
-`eval_windows`.
+`eval_windows`; `kl_reference` keeps the dense model's distributions on them, from which
+`window_nll_kl` measures a trial's KL divergence beside its NLL.
 """
 
 from microsweep.score._config import CountConfig
@@ -25,6 +26,13 @@ from microsweep.score._formulas import (
     mult_weight,
     op_weight,
     tensor_bits,
+)
+from microsweep.score._kl import (
+    DEFAULT_TOP_K,
+    FULL_VOCAB_MAX,
+    KLReference,
+    kl_reference,
+    window_nll_kl,
 )
 from microsweep.score._perplexity import (
     eval_windows,
@@ -98,4 +106,9 @@ __all__ = [
     "subset_windows",
     "tensor_bits",
     "window_nll",
+    "window_nll_kl",
+    "DEFAULT_TOP_K",
+    "FULL_VOCAB_MAX",
+    "KLReference",
+    "kl_reference",
 ]

@@ -82,6 +82,7 @@ def make_pool(sf: SpaceFile, prepared: Prepared, options: WorkerOptions) -> Work
         gpus_per_worker=options.gpus_per_worker,
         stats=prepared.stats,
         levels=prepared.levels,
+        reference=prepared.reference,
     )
     _keep_handler(signal.SIGTERM, handler)
     return pool

@@ -14,7 +14,7 @@ import os
 import sys
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from microsweep.workers._orphans import forget_ray_processes, record_ray_process
 from microsweep.workers._ray import check_capacity, first_line, join_ray, worker_threads
 from microsweep.workers._result import TrialResult
 from microsweep.workers._runner import EvalSettings, TrialRunner, check_subset
+
+if TYPE_CHECKING:
+    from microsweep.score import KLReference
 
 __all__ = ["InProcessPool", "RayPool", "WorkerPool", "check_resources", "make_pool"]
 
@@ -188,6 +191,7 @@ class RayPool(WorkerPool):
             rules=refs["rules"],
             stats=refs["stats"],
             levels=refs["levels"],
+            reference=refs["reference"],
         )
 
     @property
@@ -317,11 +321,12 @@ def make_pool(
     rules: Mapping[type, Any] | None = None,
     stats: Mapping[str, Any] | None = None,
     levels: Any = None,
+    reference: KLReference | None = None,
 ) -> WorkerPool:
     """`workers` Ray actors, each reserving `cpus_per_worker` CPUs and `gpus_per_worker` GPUs
     (or one in-process runner when `in_process`, whose torch threads follow `cpus_per_worker`
-    by the Ray workers' rule, `worker_threads`). `stats` and `levels` go to every runner
-    (put in Ray's object store once, like the model)."""
+    by the Ray workers' rule, `worker_threads`). `stats`, `levels` and the KL `reference` go
+    to every runner (put in Ray's object store once, like the model)."""
     if in_process:
         if isinstance(cpus_per_worker, bool) or not (
             isinstance(cpus_per_worker, (int, float)) and 0 < cpus_per_worker < math.inf
@@ -340,6 +345,7 @@ def make_pool(
             threads=worker_threads(cpus_per_worker),
             stats=stats,
             levels=levels,
+            reference=reference,
         )
         return InProcessPool(runner)
     args = {
@@ -352,6 +358,7 @@ def make_pool(
         "rules": dict(rules or {}),
         "stats": stats,
         "levels": levels,
+        "reference": reference,
     }
     return RayPool(
         workers,

@@ -42,6 +42,10 @@ class TrialResult:
     # the window indices a subset evaluation read (perplexity and window_nll are theirs, in
     # this order); None for an evaluation of every window
     evaluated: list[int] | None = None
+    # with a KL reference: mean KL(dense || trial) per token over the windows evaluated (those
+    # read, for a trial stopped early), and per-window KL sums beside `window_nll`
+    kl: float | None = None
+    window_kl: list[float] | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, >= 0
     worker: str | None = None  # node, process and threads
 

@@ -40,7 +40,7 @@ from microsweep.workers._recipes import (
 from microsweep.workers._result import TrialResult
 
 if TYPE_CHECKING:
-    from microsweep.score import Counts, StopRule
+    from microsweep.score import Counts, KLReference, StopRule
     from microsweep.spaces import Policy
 
 __all__ = ["EvalSettings", "FT_EVAL_WINDOWS", "TrialRunner", "check_subset", "worker_threads"]
@@ -62,13 +62,24 @@ class EvalSettings:
 @dataclass
 class _Evaluation:
     """The built-in perplexity of a trial: measured, or projected when the stop rule ended the
-    reading (`stopped`), with the chunk projections and, when asked, the per-window NLL sums."""
+    reading (`stopped`), with the chunk projections and, when asked, the per-window NLL sums;
+    with a KL reference, the KL from the dense model over the windows read."""
 
     perplexity: float
     intermediate: list[float] = field(default_factory=list)
     window_nll: list[float] | None = None
     stopped: EarlyStop | None = None
     evaluated: list[int] | None = None  # the windows of a subset evaluation, in order
+    kl: float | None = None  # mean KL from the dense model per token read, with a reference
+    window_kl: list[float] | None = None  # per-window KL sums, beside `window_nll`
+
+    def with_kl(self, kl: torch.Tensor | None, per_window: int, *, keep: bool) -> _Evaluation:
+        """This evaluation with the KL of the windows read (their per-window sums `kl`, None
+        without a reference): the mean per token, and the sums themselves when `keep`."""
+        if kl is not None and kl.numel():
+            self.kl = float(kl.sum()) / (kl.numel() * per_window)
+            self.window_kl = kl.tolist() if keep else None
+        return self
 
 
 @dataclass
@@ -102,6 +113,7 @@ def _result(number: int, outcome: _Outcome, timings: dict[str, float], worker: s
     if ev is not None:
         result.intermediate, result.window_nll = ev.intermediate, ev.window_nll
         result.evaluated = ev.evaluated
+        result.kl, result.window_kl = ev.kl, ev.window_kl
     if stopped is not None:
         result.perplexity_estimate = stopped.projected
         result.optimistic_perplexity = stopped.optimistic
@@ -127,10 +139,22 @@ class TrialRunner:
         rules: Mapping[type, Any] | None = None,
         stats: Mapping[str, Any] | None = None,
         levels: Any = None,
+        reference: KLReference | None = None,
     ) -> None:
         """`stats` are the sweep's layer input statistics (computed once, see
         `microsweep.prepare.with_levels`) and `levels` its `LevelStore`, which the runner's
-        variant cache reads built data-aware levels from and writes new ones to."""
+        variant cache reads built data-aware levels from and writes new ones to. `reference`,
+        the dense model's distributions on `windows` (`microsweep.score.kl_reference`), makes
+        every evaluation also measure the KL from it (`TrialResult.kl`)."""
+        if reference is not None and (
+            reference.n_windows != windows.shape[0]
+            or reference.tokens_per_window != windows.shape[1] - 1
+        ):
+            raise UsageError(
+                f"the KL reference covers {reference.n_windows} windows of "
+                f"{reference.tokens_per_window} tokens, not the runner's {tuple(windows.shape)}; "
+                "build it on the same windows"
+            )
         if rules:  # counting rules a space file registered, in a process that did not run it
             from microsweep.score import register_rules
 
@@ -148,6 +172,7 @@ class TrialRunner:
         self.train_tokens = train_tokens
         self.settings = settings
         self.evaluate_fn = evaluate
+        self.reference = reference  # stays on the CPU: each batch's slice goes to the device
         self.threads = threads or assigned_cpus() or torch.get_num_threads()
         self._dtype = torch.get_default_dtype()
         self._cache = None
@@ -310,38 +335,66 @@ class TrialRunner:
     ) -> _Evaluation:
         """Perplexity on the windows (or on the `subset`, with its per-window NLL sums),
         chunk by chunk when a stop rule is set (with the chunk projections, and for a stopped
-        trial its estimate and reach)."""
-        from microsweep.score import nll_to_perplexity, window_nll
+        trial its estimate and reach); with a KL reference, the KL from the dense model over
+        the windows read, from the same forward passes."""
+        from microsweep.score import nll_to_perplexity
 
-        windows, batch = self.windows, self.settings.batch_size
+        windows = self.windows
         rule = self.settings.stop
+        per_window = windows.shape[1] - 1
         if subset is not None:
-            nll = window_nll(model, windows[subset], batch_size=batch)
-            tokens = len(subset) * (windows.shape[1] - 1)
-            ppl = nll_to_perplexity(float(nll.sum()), tokens)
-            return _Evaluation(ppl, window_nll=nll.tolist(), evaluated=list(subset))
-        tokens = windows.shape[0] * (windows.shape[1] - 1)
+            nll, kl = self._read(model, subset)
+            ppl = nll_to_perplexity(float(nll.sum()), len(subset) * per_window)
+            ev = _Evaluation(ppl, window_nll=nll.tolist(), evaluated=list(subset))
+            return ev.with_kl(kl, per_window, keep=True)
+        tokens = windows.shape[0] * per_window
         if rule is None or rule.n_windows != windows.shape[0]:
-            nll = window_nll(model, windows, batch_size=batch)
+            nll, kl = self._read(model, None)
             kept = nll.tolist() if keep_nll else None
-            return _Evaluation(nll_to_perplexity(float(nll.sum()), tokens), window_nll=kept)
+            ev = _Evaluation(nll_to_perplexity(float(nll.sum()), tokens), window_nll=kept)
+            return ev.with_kl(kl, per_window, keep=keep_nll)
         seen: list[int] = []
         values: list[torch.Tensor] = []
+        kls: list[torch.Tensor] = []
         intermediate: list[float] = []
         for chunk in rule.chunk_indices():
-            values.append(window_nll(model, windows[chunk], batch_size=batch))
+            nll, kl = self._read(model, chunk)
+            values.append(nll)
+            if kl is not None:
+                kls.append(kl)
             seen.extend(chunk)
             verdict = rule.verdict(seen, torch.cat(values))
             intermediate.append(verdict.projected)
             if early_stop and verdict.stop and len(seen) < rule.n_windows:
+                read = torch.cat(kls) if kls else None  # the KL over the windows read
                 if not math.isfinite(verdict.projected):
-                    return _Evaluation(math.inf)
+                    return _Evaluation(math.inf).with_kl(read, per_window, keep=False)
                 stop = EarlyStop(verdict.projected, verdict.optimistic, len(seen), rule.n_windows)
-                return _Evaluation(verdict.projected, intermediate, stopped=stop)
+                ev = _Evaluation(verdict.projected, intermediate, stopped=stop)
+                return ev.with_kl(read, per_window, keep=False)
+        order = torch.tensor(seen)
         nll = torch.empty(rule.n_windows, dtype=torch.float64)
-        nll[torch.tensor(seen)] = torch.cat(values)
+        nll[order] = torch.cat(values)
         kept = nll.tolist() if keep_nll else None
-        return _Evaluation(nll_to_perplexity(float(nll.sum()), tokens), intermediate, kept)
+        ev = _Evaluation(nll_to_perplexity(float(nll.sum()), tokens), intermediate, kept)
+        kl = None
+        if kls:
+            kl = torch.empty(rule.n_windows, dtype=torch.float64)
+            kl[order] = torch.cat(kls)
+        return ev.with_kl(kl, per_window, keep=keep_nll)
+
+    def _read(
+        self, model: nn.Module, indices: list[int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-window NLL sums of the windows at `indices` (all when None), and their KL sums
+        from the same forward pass when the runner has a KL reference (else None)."""
+        from microsweep.score import window_nll, window_nll_kl
+
+        picked = self.windows if indices is None else self.windows[indices]
+        batch = self.settings.batch_size
+        if self.reference is None:
+            return window_nll(model, picked, batch_size=batch), None
+        return window_nll_kl(model, picked, self.reference, indices=indices, batch_size=batch)
 
     def group_lasso(self, policy: Policy) -> nn.Module | None:
         """The dense base trained by the group-lasso stage the policy's hyperparameters ask
