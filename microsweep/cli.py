@@ -213,8 +213,11 @@ def _next_steps(result: object, storage: str | None) -> None:
         print(f"  microsweep export{where} --trial {result.best_number} -o best.msz")
 
 
-def _print_result(result: object) -> None:
+def _print_result(result: object, storage: str | None) -> None:
+    """The closing lines of `run` and `resume`: trials by state, the best feasible trial (or,
+    without one, the nearest trial and what cost it the most), sensitivity and time."""
     from microsweep.search import SweepResult
+    from microsweep.storage import Store
 
     assert isinstance(result, SweepResult)
     states = ", ".join(f"{k} {v}" for k, v in sorted(result.states.items()))
@@ -232,7 +235,11 @@ def _print_result(result: object) -> None:
             f"perplexity {result.best_perplexity:.4f}"
         )
     else:
-        print("no feasible trial yet")
+        notes = result.infeasible_notes or result.explain_infeasible(
+            Store(storage, must_exist=True)
+        )
+        for line in notes:
+            print(line)
     if result.best_uniform_number is not None and result.best_score is not None:
         ratio = result.best_score / result.best_uniform_score
         print(
@@ -305,7 +312,8 @@ def _status(name: str, storage: str | None, top: int, fmt: str, legend: bool = F
     ceiling_s = "none" if ceiling is None else f"{ceiling:.{digits}g}"
     print(f"  perplexity ceiling: {ceiling_s}; sampler {st['sampler']}")
     if not st["best"]:
-        print("  no feasible trial yet")
+        for line in st["infeasible"]:
+            print(f"  {line}")
     else:
         head = f"{'trial':>5} {'score':>10} {'perplexity':>10}  {'origin':<14} policy"
         where = f"policy: {Policy.NOTATION}" if legend else "--legend explains the policy"
@@ -492,14 +500,14 @@ def _dispatch(args: argparse.Namespace) -> None:
             warm_start=args.warm_start,
             **_sweep_options(args),
         )
-        _print_result(result)
+        _print_result(result, args.storage)
         if not args.quiet:
             _next_steps(result, args.storage)
     elif args.command == "resume":
         from microsweep.search import resume_sweep
 
         result = resume_sweep(args.name, trials=args.trials, **_sweep_options(args))
-        _print_result(result)
+        _print_result(result, args.storage)
         if not args.quiet and not result.already_done:
             _next_steps(result, args.storage)
     elif args.command in ("report", "plot"):

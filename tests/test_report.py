@@ -403,3 +403,44 @@ def test_sensitivity_legend_lists_every_layer_once_below_the_panels(sweep):
     assert "head" in layers and "head" not in data.curves["sparsity"]
     assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0
     assert fig.layout.height >= 420 + 24 * (len(layers) // 4)
+
+
+def test_pareto_rings_uniform_trials_and_each_hover_names_the_origin(tmp_path, sweep):
+    """The auto sweep's uniform warm starts are one legend entry of their own (completed and
+    stopped alike, at their stored numbers and perplexities); every trial's hover text is its
+    stored origin; the front table on the page has an origin column."""
+    import re
+
+    store = Store(sweep, must_exist=True)
+    rows = {r.number: r for r in store.trials("a")}
+    uniform = sorted(
+        n
+        for n, r in rows.items()
+        if r.origin == "uniform" and r.state in ("COMPLETE", "PRUNED") and r.perplexity
+    )
+    assert uniform, "the auto sweep starts from uniform policies"
+    assert any(r.origin != "uniform" for r in rows.values())
+    data = report_data(store, "a")
+    assert [p.number for p in data.pareto.uniform] == uniform
+    fig = figures(data)["pareto"]
+    (ring,) = [t for t in fig.data if (t.name or "").startswith("uniform sampler's trials")]
+    assert ring.name == f"uniform sampler's trials ({len(uniform)})"
+    assert ring.marker.symbol == "square-open"
+    assert [int(c[0]) for c in ring.customdata] == uniform
+    assert list(ring.x) == [rows[n].perplexity for n in uniform]
+    assert list(ring.y) == [rows[n].score for n in uniform]
+    for trace in fig.data:  # the hover's "(%{text})" is the trial's origin
+        if trace.customdata is None or trace.text is None:
+            continue
+        for c, text in zip(trace.customdata, trace.text, strict=True):
+            n = int(c[0])
+            assert text == ("dense" if n < 0 else rows[n].origin or "-")
+        assert "trial %{customdata[0]} (%{text})" in trace.hovertemplate
+    write_report(store, "a", tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    table = re.search(r'<table id="ms-front">(.*?)</table>', html).group(1)
+    assert "<th>trial</th><th>origin</th>" in table
+    for row in data.front:
+        trial = row["trial"]
+        origin = "dense" if trial == "dense" else rows[trial].origin or "-"
+        assert f"<td>{trial}</td><td>{origin}</td>" in table

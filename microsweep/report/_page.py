@@ -117,6 +117,7 @@ def report_data(store: Store, name: str) -> ReportData:
                     "trial": "dense",
                     "score": pareto.dense_score,
                     "perplexity": pareto.dense_perplexity,
+                    "origin": "dense",
                     "policy": "no compression",
                     "export": "",
                 }
@@ -351,13 +352,17 @@ def figures(data: ReportData, trial: int | None = None) -> dict[str, Any]:
 
 
 def _front_table(data: ReportData) -> str:
-    head = "<tr><th>trial</th><th>score</th><th>perplexity</th><th>policy</th><th>export</th></tr>"
+    head = (
+        "<tr><th>trial</th><th>origin</th><th>score</th><th>perplexity</th><th>policy</th>"
+        "<th>export</th></tr>"
+    )
     body = []
     for row in data.front:
         trial = row["trial"]
         attr = f' data-trial="{trial}"' if isinstance(trial, int) else ""
+        origin = row.get("origin") or "-"
         body.append(
-            f"<tr{attr}><td>{trial}</td><td>{row['score']:.5g}</td>"
+            f"<tr{attr}><td>{trial}</td><td>{escape(origin)}</td><td>{row['score']:.5g}</td>"
             f"<td>{row['perplexity']:.4f}</td><td>{escape(row['policy'])}</td>"
             f"<td><code>{escape(row['export'])}</code></td></tr>"
         )

@@ -65,6 +65,15 @@ class ParetoData:
     and opens its per-layer view on."""
 
     @property
+    def uniform(self) -> list[Point]:
+        """The measured trials the uniform sampler proposed (origin ``uniform``: one setting for
+        every layer), completed or stopped early, in trial order: the plot marks them apart."""
+        return sorted(
+            (p for p in (*self.points, *self.stopped) if p.origin == "uniform"),
+            key=lambda p: p.number,
+        )
+
+    @property
     def feasible(self) -> int:
         """How many completed trials met the ceiling (what the page's header counts)."""
         return sum(1 for p in self.points if p.feasible)
@@ -220,15 +229,16 @@ def legend_names(data: ParetoData) -> dict[str, str]:
         "front": f"Pareto front ({on})",
         "best": f"best feasible (trial {data.best_feasible})",
         "uniform": f"best uniform policy (trial {data.best_uniform})",
+        "uniform_trials": f"uniform sampler's trials ({len(data.uniform)})",
     }
 
 
 def figure(data: ParetoData) -> Any:
     """Score against perplexity: feasible, over-the-ceiling, stopped-early and failed trials,
-    the front (the dense model on it when nothing beats it), the best feasible trial, the best
-    uniform policy, the ceiling and the infeasible region; the y axis fits the trials (a dense
-    model above them is noted in the legend and marked at the top edge, no label to collide
-    with the front)."""
+    the front (the dense model on it when nothing beats it), the uniform sampler's trials
+    ringed, the best feasible trial, the best uniform policy, the ceiling and the infeasible
+    region; the y axis fits the trials (a dense model above them is noted in the legend and
+    marked at the top edge, no label to collide with the front)."""
     import plotly.graph_objects as go
 
     front = set(data.front)
@@ -314,6 +324,15 @@ def figure(data: ParetoData) -> Any:
                 name="dense model",
                 hovertemplate=f"dense model: score {data.dense_score:.5g}, above the plot"
                 "<br>perplexity %{x:.4f}<extra></extra>",
+            )
+        )
+    if data.uniform:  # a ring around each, whatever its outcome; a legend click hides them
+        fig.add_trace(
+            _scatter(
+                data.uniform,
+                names["uniform_trials"],
+                mode="markers",
+                marker=dict(size=12, symbol="square-open", color="#2ca02c", line=dict(width=1.5)),
             )
         )
     if data.best_uniform is not None:

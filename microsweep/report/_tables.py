@@ -92,7 +92,8 @@ def trial_seconds(rows: Sequence[Any]) -> float | None:
 def sweep_status(store: Store, name: str, top: int = 5) -> dict[str, Any]:
     """What `microsweep status` shows: counts by state, feasible and over the ceiling, state,
     wall time and throughput, the dense model and baseline, the best feasible trials, the best
-    uniform one and the first failures."""
+    uniform one, the first failures and, without a feasible trial, why (`infeasible`: the
+    nearest trial and the knobs that cost it the most)."""
     from collections import Counter
 
     sweep = store.get_sweep(name)
@@ -103,6 +104,11 @@ def sweep_status(store: Store, name: str, top: int = 5) -> dict[str, Any]:
     wall = (max(r.finished_at for r in rows) - sweep.created_at).total_seconds() if rows else None
     busy = trial_seconds(rows)
     uniform = next((r for r in best if r.origin == "uniform"), None)
+    infeasible: list[str] = []
+    if not best:  # loads the search package (and torch) only for a sweep that needs it
+        from microsweep.search._nearest import explain_infeasible
+
+        infeasible = explain_infeasible(store, sweep, rows)
 
     def brief(r: Any) -> dict[str, Any]:
         return {"trial": r.number, "score": r.score, "perplexity": r.perplexity,
@@ -131,6 +137,7 @@ def sweep_status(store: Store, name: str, top: int = 5) -> dict[str, Any]:
         "best": [brief(r) for r in best[:top]],
         "best_uniform": None if uniform is None else brief(uniform),
         "failures": [{"trial": r.number, "reason": r.reason} for r in rows if r.state == "FAIL"],
+        "infeasible": infeasible,
     }
 
 

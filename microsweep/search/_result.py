@@ -1,11 +1,14 @@
 """`SweepResult`: what a run or resume did, and the fold of finished trials into its best
-feasible and best uniform figures."""
+feasible and best uniform figures (and, when there is none, why)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from microsweep.storage import Store
 
 __all__ = ["SweepResult", "tally_best"]
 
@@ -30,6 +33,9 @@ class SweepResult:
     notes: list[str] = field(default_factory=list)
     timed_out: bool = False  # the time budget ended the run before its target
     already_done: bool = False  # a resume that found the target reached: nothing ran
+    infeasible_notes: list[str] = field(default_factory=list)
+    """Without a feasible trial, why: the nearest trial against the ceiling and the knobs that
+    cost it the most (`explain_infeasible`); empty otherwise."""
 
     def consider(self, number: int, state: str, origin: str | None, score: Any, row: Any) -> None:
         """Fold one finished trial into the best feasible (and best uniform) figures; `row` is
@@ -43,6 +49,16 @@ class SweepResult:
             self.best_uniform_score is None or score < self.best_uniform_score
         ):
             self.best_uniform_number, self.best_uniform_score = number, score
+
+    def explain_infeasible(self, store: Store) -> list[str]:
+        """Fill `infeasible_notes` from the sweep's stored trials when it has no feasible trial
+        (left empty otherwise) and return them."""
+        from microsweep.search._nearest import explain_infeasible
+
+        self.infeasible_notes = (
+            [] if self.best_number is not None else (explain_infeasible(store, self.name))
+        )
+        return self.infeasible_notes
 
 
 def tally_best(result: SweepResult, rows: Sequence[Any]) -> None:
