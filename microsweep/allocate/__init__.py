@@ -18,16 +18,21 @@ from microsweep.allocate._levels import (
 )
 from microsweep.allocate._options import MODES, UnitOptions, build_unit_options
 from microsweep.allocate._planner import (
+    PAIRS,
+    Correction,
     Plan,
     Planner,
     SensitivityTable,
     fit_correction,
+    fit_interactions,
     fit_weights,
 )
 
 __all__ = [
     "KNOBS",
     "MODES",
+    "PAIRS",
+    "Correction",
     "Plan",
     "Planner",
     "Probe",
@@ -35,6 +40,7 @@ __all__ = [
     "UnitOptions",
     "build_unit_options",
     "fit_correction",
+    "fit_interactions",
     "fit_weights",
     "level_key",
     "pareto_options",

@@ -26,7 +26,22 @@ from microsweep.errors import UsageError
 from microsweep.score import Baseline, CountConfig, count
 from microsweep.spaces import Policy, Space
 
-__all__ = ["Plan", "Planner", "SensitivityTable", "fit_correction", "fit_weights"]
+__all__ = [
+    "PAIRS",
+    "Correction",
+    "Plan",
+    "Planner",
+    "SensitivityTable",
+    "fit_correction",
+    "fit_interactions",
+    "fit_weights",
+]
+
+PAIRS: tuple[tuple[int, int], ...] = tuple(itertools.combinations(range(len(KNOBS)), 2))
+"""Knob pairs (indices into `KNOBS`) whose interaction inside a unit the predictor can learn."""
+CENSOR = 4.0
+"""A measured loss past this many NLL budgets counts as this many: a model that broke says the
+plan cost at least that much, not how much more (so one broken trial cannot swamp a fit)."""
 
 
 @dataclass
@@ -64,18 +79,49 @@ class Plan:
     loss: float | None
 
 
+@dataclass(frozen=True)
+class Correction:
+    """What measured trials teach the predictor: per-unit, per-knob multipliers of the measured
+    single-knob losses, `unit` (U, K), and one weight per knob pair in `PAIRS`, `pairs` (P,), on
+    the interaction feature sqrt(loss_a * loss_b) of each unit where both knobs act, so two
+    knobs that hurt more together than apart are charged for it in every later plan."""
+
+    unit: np.ndarray
+    pairs: np.ndarray
+
+    @classmethod
+    def identity(cls, units: int) -> Correction:
+        """The uncorrected predictor: every multiplier 1, no interaction."""
+        return cls(np.ones((units, len(KNOBS))), np.zeros(len(PAIRS)))
+
+    def scaled(self, knob_weights: np.ndarray) -> Correction:
+        """The same correction with every unit's knob multipliers times `knob_weights` (K,)."""
+        return Correction(self.unit * np.asarray(knob_weights)[None, :], self.pairs)
+
+
+def _censor(measured: np.ndarray, predicted: np.ndarray, budget: float) -> np.ndarray:
+    """Rows to keep and their measured losses with the ones past `CENSOR` budgets capped there;
+    a row whose uncorrected prediction is already past the cap teaches nothing and is dropped."""
+    cap = CENSOR * max(budget, 1e-12)
+    y = np.asarray(measured, dtype=np.float64).reshape(-1).copy()
+    keep = np.isfinite(predicted) & ~np.isnan(y)
+    over = ~(y <= cap)  # inf and NaN included
+    keep &= ~(over & (predicted >= cap))
+    y[over] = cap
+    return keep, y
+
+
 def fit_weights(
     features: np.ndarray, measured: np.ndarray, budget: float, *, strength: float = 1.0
 ) -> np.ndarray:
     """Per-knob multipliers of the predicted loss that best explain measured losses.
 
     Ridge regression of measured NLL increases on the per-knob predicted parts, pulled toward 1
-    (the uncorrected prediction) with the weight of `strength` trials; rows far past the budget
-    (over 4x) are left out, since a model that broke says little about one near the ceiling.
+    (the uncorrected prediction) with the weight of `strength` trials; a measured loss past
+    `CENSOR` budgets counts as that many (see `_censor`).
     """
     features = np.asarray(features, dtype=np.float64).reshape(-1, len(KNOBS))
-    measured = np.asarray(measured, dtype=np.float64).reshape(-1)
-    keep = np.isfinite(measured) & (measured <= 4 * max(budget, 1e-12))
+    keep, measured = _censor(measured, features.sum(axis=1), budget)
     keep &= np.isfinite(features).all(axis=1) & (features.sum(axis=1) > 0)
     f, y = features[keep], measured[keep]
     scale = (f**2).mean(axis=0) if len(f) else np.zeros(len(KNOBS))
@@ -105,8 +151,7 @@ def fit_correction(
     n, units, knobs = features.shape
     shared = fit_weights(features.sum(axis=1), measured, budget, strength=strength)
     prior = np.tile(shared, units)
-    measured = np.asarray(measured, dtype=np.float64).reshape(-1)
-    keep = np.isfinite(measured) & (measured <= 4 * max(budget, 1e-12))
+    keep, measured = _censor(measured, features.sum(axis=(1, 2)), budget)
     keep &= np.isfinite(features).reshape(n, units * knobs).all(axis=1)
     x = features.reshape(n, units * knobs)[keep]
     y = measured[keep]
@@ -119,6 +164,52 @@ def fit_correction(
     weights = np.linalg.solve(lhs, rhs)
     weights = np.where(np.isfinite(weights), weights, prior)
     return np.clip(weights, 0.1, 10.0).reshape(units, knobs)
+
+
+def fit_interactions(
+    features: np.ndarray,
+    pair_features: np.ndarray,
+    measured: np.ndarray,
+    budget: float,
+    *,
+    strength: float = 1.0,
+    unit_strength: float = 4.0,
+) -> Correction:
+    """Per-knob weights and knob-pair interaction weights fit jointly on every measured trial,
+    then each unit's deviation from the knob weights on what the pairs leave (as
+    `fit_correction`): a plan that measured far over its additive prediction raises the weight
+    of the pairs it combined (and of its knobs), so the next plans avoid the combination.
+
+    `features` is (n, U, K) as for `fit_correction`, `pair_features` (n, P): each trial's
+    summed sqrt(loss_a * loss_b) over its units, per pair in `PAIRS`. Knob weights are pulled
+    toward 1 and pair weights toward 0 with the weight of `strength` trials; pair weights are
+    never negative (a pair that helps is left to the per-knob weights)."""
+    features = np.asarray(features, dtype=np.float64)
+    pair_features = np.asarray(pair_features, dtype=np.float64).reshape(-1, len(PAIRS))
+    n, units, knobs = features.shape
+    if n == 0:
+        return Correction.identity(units)
+    keep, y = _censor(measured, features.sum(axis=(1, 2)), budget)
+    keep &= np.isfinite(features).reshape(n, -1).all(axis=1)
+    keep &= np.isfinite(pair_features).all(axis=1)
+    x = np.concatenate([features.sum(axis=1), pair_features], axis=1)[keep]
+    y = y[keep]
+    prior = np.concatenate([np.ones(knobs), np.zeros(len(PAIRS))])
+    if len(y) == 0:
+        return Correction.identity(units)
+    scale = (x**2).mean(axis=0)
+    scale = np.where(scale > 0, scale, 1.0)
+    lhs = x.T @ x + strength * np.diag(scale)
+    rhs = x.T @ y + strength * scale * prior
+    w = np.linalg.solve(lhs, rhs)
+    w = np.where(np.isfinite(w), w, prior)
+    pairs = np.clip(w[knobs:], 0.0, 20.0)
+    # the knob weights again on what the pairs leave, over the same rows
+    rest = y - pair_features[keep] @ pairs
+    unit = fit_correction(
+        features[keep], rest, budget, strength=strength, unit_strength=unit_strength
+    )
+    return Correction(unit, pairs)
 
 
 class Planner:
@@ -179,6 +270,7 @@ class Planner:
             self.totals[mode] = counted.params / baseline.params + counted.ops / baseline.ops
         self.table: SensitivityTable | None = None
         self.parts: list[np.ndarray] | None = None
+        self.pair_parts: list[np.ndarray] | None = None
 
     # -- sensitivity ---------------------------------------------------------------------------
     def probes(self) -> list[Probe]:
@@ -202,11 +294,14 @@ class Planner:
                     part[:, j] += opts.rho[:, mi] * per_level[opts.combos[:, ki]]
             parts.append(part)
         self.table, self.parts = table, parts
+        self.pair_parts = [
+            np.stack([np.sqrt(part[:, a] * part[:, b]) for a, b in PAIRS], axis=1) for part in parts
+        ]
 
     # -- plans ---------------------------------------------------------------------------------
-    def plan(self, choice: tuple[int, ...], weights: np.ndarray | None = None) -> Plan:
-        """Score (exact) and predicted loss (per-knob or per-unit `weights`) of one option per
-        unit."""
+    def plan(self, choice: tuple[int, ...], weights: np.ndarray | Correction | None = None) -> Plan:
+        """Score (exact) and predicted loss (per-knob or per-unit `weights`, or a `Correction`
+        with its pair interactions) of one option per unit."""
         freebie = "freebie" in self.totals and all(
             np.isfinite(o.cost[c, 1]) for o, c in zip(self.options, choice, strict=True)
         )
@@ -217,13 +312,26 @@ class Planner:
         )
         loss = None
         if self.parts is not None:
-            w = self._unit_weights(weights)
-            loss = float(sum(p[c] @ wu for p, c, wu in zip(self.parts, choice, w, strict=True)))
+            losses = self._losses(weights)
+            loss = float(sum(lo[c] for lo, c in zip(losses, choice, strict=True)))
         return Plan(tuple(int(c) for c in choice), mode, score, loss)
 
-    def _unit_weights(self, weights: np.ndarray | None) -> np.ndarray:
-        """(units, knobs) weights from None (all 1), per-knob (K,) or per-unit (U, K)."""
+    def _losses(self, weights: np.ndarray | Correction | None) -> list[np.ndarray]:
+        """Each unit's predicted loss per option under `weights` (see `plan`)."""
+        if self.parts is None or self.pair_parts is None:
+            raise UsageError("the planner has no sensitivity table yet")
+        w = self._unit_weights(weights)
+        losses = [p @ wu for p, wu in zip(self.parts, w, strict=True)]
+        if isinstance(weights, Correction) and np.any(weights.pairs):
+            losses = [lo + q @ weights.pairs for lo, q in zip(losses, self.pair_parts, strict=True)]
+        return losses
+
+    def _unit_weights(self, weights: np.ndarray | Correction | None) -> np.ndarray:
+        """(units, knobs) weights from None (all 1), per-knob (K,), per-unit (U, K) or a
+        `Correction`'s."""
         units = len(self.options)
+        if isinstance(weights, Correction):
+            weights = weights.unit
         if weights is None:
             return np.ones((units, len(KNOBS)))
         w = np.asarray(weights, dtype=np.float64)
@@ -242,11 +350,18 @@ class Planner:
             raise UsageError("the planner has no sensitivity table yet")
         return np.stack([p[c] for p, c in zip(self.parts, choice, strict=True)])
 
+    def pair_features(self, choice: tuple[int, ...]) -> np.ndarray:
+        """A plan's interaction features: per pair in `PAIRS`, the sum over units of
+        sqrt(loss_a * loss_b) of the unit's option (0 where a unit uses one knob of the pair)."""
+        if self.pair_parts is None:
+            raise UsageError("the planner has no sensitivity table yet")
+        return np.sum([q[c] for q, c in zip(self.pair_parts, choice, strict=True)], axis=0)
+
     def allocate(
         self,
         budget: float,
         *,
-        weights: np.ndarray | None = None,
+        weights: np.ndarray | Correction | None = None,
         temperature: float = 0.0,
         rng: np.random.Generator | None = None,
         resolution: int = 2000,
@@ -261,8 +376,7 @@ class Planner:
         measured one changes only the units where a move pays."""
         if self.parts is None:
             raise UsageError("allocation needs a sensitivity table; run the sensitivity pass")
-        w = self._unit_weights(weights)
-        losses = [p @ wu for p, wu in zip(self.parts, w, strict=True)]
+        losses = self._losses(weights)
         if temperature > 0:
             rng = rng or np.random.default_rng()
             noise = np.exp(temperature * rng.standard_normal(len(losses)))
@@ -281,7 +395,7 @@ class Planner:
             choice = solve(costs, losses, budget, resolution=steps)
             if choice is None:
                 continue
-            plan = self.plan(tuple(choice), w)
+            plan = self.plan(tuple(choice), weights)
             key = plan.score
             if anchor is not None:
                 key += move_cost * sum(c != a for c, a in zip(plan.choice, anchor, strict=True))

@@ -43,6 +43,7 @@ def plan_sampler(
     sampler = study.sampler
     if not isinstance(sampler, PlannedSampler):
         return
+    sampler.say = lambda line: say(progress, line)
     planner = _planner(sweep, sf, prepared, progress)
     budget = ceiling.nll_budget()
     if ceiling.value is None:

@@ -18,7 +18,7 @@ samplers propose whole policies from a `Planner` and answer each per-layer `sugg
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
     from optuna.trial import FrozenTrial
 
-    from microsweep.allocate import Plan, Planner
+    from microsweep.allocate import Correction, Plan, Planner
     from microsweep.spaces import Space
 
 __all__ = ["PLANNED", "SAMPLERS", "PlannedSampler", "make_sampler"]
@@ -43,6 +43,9 @@ SAMPLERS = ("auto", "allocate", "tpe", "nsga2", "gp", "cmaes", "random", "unifor
 PLANNED = ("auto", "allocate", "uniform")
 """Samplers that plan whole policies (they need a `Planner`)."""
 
+MARGIN_FLOOR = 0.02
+"""The least share of the NLL budget a steered plan is given: low enough that a predictor which
+under-predicts a space 20-fold still reaches feasible plans."""
 ORIGIN_ATTR = "origin"
 POINT_ATTR = "point"
 HYPER = "hyper:"
@@ -154,6 +157,9 @@ class PlannedSampler(BaseSampler):
         self.planner: Planner | None = None
         self.budget = 0.0
         self.dense_nll = 0.0
+        self.say: Callable[[str], None] | None = None
+        self._order: list[tuple[tuple[int, ...], Plan]] | None = None
+        self._rescues = 0
 
     # -- set-up by the driver ------------------------------------------------------------------
     def attach(self, planner: Planner, *, budget: float, dense_nll: float) -> None:
@@ -270,38 +276,43 @@ class PlannedSampler(BaseSampler):
             )
         return records, seen
 
-    def _correction(self, records: list[_Record]) -> np.ndarray:
-        """Per-unit, per-knob loss weights refit on every measured trial on the planner's grid
-        (all ones before any)."""
-        from microsweep.allocate import KNOBS, fit_correction
+    def _correction(self, records: list[_Record]) -> Correction:
+        """Per-unit, per-knob loss weights and knob-pair interaction weights refit on every
+        measured trial on the planner's grid (the identity before any): a plan that measured
+        over its prediction teaches the predictor what it missed."""
+        from microsweep.allocate import Correction, fit_interactions
 
         planner = self._require_planner()
-        rows = [
-            (planner.features(r.choice), r.loss)
-            for r in records
-            if r.choice is not None and r.loss is not None
-        ]
+        rows = [r for r in records if r.choice is not None and r.loss is not None]
         if not rows:
-            return np.ones((len(planner.options), len(KNOBS)))
-        features = np.stack([f for f, _ in rows])
-        measured = np.array([m for _, m in rows])
-        return fit_correction(features, measured, self.budget)
+            return Correction.identity(len(planner.options))
+        features = np.stack([planner.features(r.choice) for r in rows])
+        pairs = np.stack([planner.pair_features(r.choice) for r in rows])
+        measured = np.array([r.loss for r in rows])
+        return fit_interactions(features, pairs, measured, self.budget)
 
-    @staticmethod
-    def _margin(records: list[_Record], origin: str) -> float:
-        """Budget factor of the refit allocations, steered by their outcomes in trial order:
-        down 8% after one over the ceiling, up 3% after one under it."""
+    def _margin(self, records: list[_Record], origin: str) -> float:
+        """Budget factor of the plans from `origin`, steered by their outcomes in trial order:
+        after one over the ceiling, down in proportion to how far over it measured (8% at
+        least, half at most); after one under it, up 3% (15% at most while it measured well
+        under the budget). Between 2% and 150% of the budget."""
         margin = 1.0
+        budget = max(self.budget, 1e-12)
         for r in sorted(records, key=lambda r: r.number):
-            if r.origin == origin:
-                margin = margin * 1.03 if r.feasible else margin * 0.92
-        return float(np.clip(margin, 0.3, 1.5))
+            if r.origin != origin:
+                continue
+            loss = r.loss if r.loss is not None and math.isfinite(r.loss) else math.inf
+            if r.feasible:
+                margin *= float(np.clip(budget / max(loss, 1e-12), 1.03, 1.15))
+            else:
+                margin *= float(np.clip(budget / max(loss, 1e-12), 0.5, 0.92))
+        return float(np.clip(margin, MARGIN_FLOOR, 1.5))
 
     def _allocate_new(
         self,
         seen: set[tuple[int, ...]],
         budget: float,
-        weights: np.ndarray,
+        weights: np.ndarray | Correction,
         temperature: float,
         seed: int,
     ) -> tuple[Plan | None, float, float]:
@@ -321,6 +332,57 @@ class PlannedSampler(BaseSampler):
             temperature = max(0.05, temperature) * (1.6 if attempt else 1.0) + 0.05
         return None, temperature, budget
 
+    def _say(self, line: str) -> None:
+        """One line for the sweep's progress output (set by the driver; silent otherwise)."""
+        if self.say is not None:
+            self.say(line)
+
+    def _uniform_order(self) -> list[tuple[tuple[int, ...], Plan]]:
+        """Every uniform plan with its per-knob compression index, by exact score."""
+        if self._order is None:
+            planner = self._require_planner()
+            self._order = sorted(planner.uniform(), key=lambda item: item[1].score)
+        return self._order
+
+    def _uniform_next(
+        self, records: list[_Record], seen: set[tuple[int, ...]], *, multi: bool
+    ) -> Plan | None:
+        """The bisection's next uniform plan: the middle of the uniform plans still open (not
+        proposed yet, compressing less in some knob than every one that missed the ceiling,
+        and, for one objective, scoring below the best feasible uniform one); None when none is
+        open."""
+        order = self._uniform_order()
+        index_of = {plan.choice: idx for idx, plan in order}
+        failed = [index_of[r.choice] for r in records if r.choice in index_of and not r.feasible]
+        best = min(
+            (r.values[0] for r in records if r.feasible and r.choice in index_of and r.values),
+            default=math.inf,
+        )
+        open_ = [
+            plan
+            for idx, plan in order
+            if plan.choice not in seen
+            and (multi or plan.score < best)
+            and not any(all(a >= b for a, b in zip(idx, bad, strict=True)) for bad in failed)
+        ]
+        return open_[len(open_) // 2] if open_ else None
+
+    def _rescue(
+        self, records: list[_Record], seen: set[tuple[int, ...]], *, multi: bool
+    ) -> tuple[dict[str, Any], str, None] | None:
+        """While no trial has met the ceiling, every other proposal is the uniform bisection's
+        next plan, so a planned sampler finds a feasible policy wherever the `uniform` sampler
+        does, in at most about twice its trials, however wrong its predictor starts."""
+        if any(r.feasible for r in records):
+            return None
+        self._rescues += 1
+        if self._rescues % 2:
+            return None
+        plan = self._uniform_next(records, seen, multi=multi)
+        if plan is None:
+            return None
+        return self._require_planner().params(plan.choice), "uniform", None
+
     def _require_planner(self) -> Planner:
         if self.planner is None:
             raise UsageError(
@@ -332,7 +394,7 @@ class PlannedSampler(BaseSampler):
         self,
         records: list[_Record],
         seen: set[tuple[int, ...]],
-        correction: np.ndarray,
+        correction: Correction,
         move_cost: float,
         seed: int,
     ) -> tuple[Plan | None, float]:
@@ -380,29 +442,21 @@ class UniformSampler(PlannedSampler):
     def __init__(self, space: Space, *, seed: int | None, multi: bool = False) -> None:
         super().__init__(space, seed=seed)
         self.multi = multi
-        self._order: list[tuple[tuple[int, ...], Plan]] | None = None
+        self.exhausted_at: int | None = None
 
     def _propose(self, study, trial):  # noqa: ANN001, ANN202
-        planner = self._require_planner()
-        if self._order is None:
-            self._order = sorted(planner.uniform(), key=lambda item: item[1].score)
         records, seen = self._records(study)
-        index_of = {plan.choice: idx for idx, plan in self._order}
-        failed = [index_of[r.choice] for r in records if r.choice in index_of and not r.feasible]
-        best = min(
-            (r.values[0] for r in records if r.feasible and r.choice in index_of and r.values),
-            default=math.inf,
-        )
-        open_ = [
-            plan
-            for idx, plan in self._order
-            if plan.choice not in seen
-            and (self.multi or plan.score < best)
-            and not any(all(a >= b for a, b in zip(idx, bad, strict=True)) for bad in failed)
-        ]
-        if not open_:
+        plan = self._uniform_next(records, seen, multi=self.multi)
+        if plan is None:
+            if self.exhausted_at is None:
+                self.exhausted_at = trial.number
+                self._say(
+                    f"uniform: the {len(self._uniform_order())} uniform settings are decided after "
+                    f"{trial.number} trials; the remaining trials sample at random (origin "
+                    "'random')"
+                )
             return None
-        return planner.params(open_[len(open_) // 2].choice), "uniform", None
+        return self._require_planner().params(plan.choice), "uniform", None
 
 
 class AllocateSampler(PlannedSampler):
@@ -422,6 +476,9 @@ class AllocateSampler(PlannedSampler):
 
     def _propose(self, study, trial):  # noqa: ANN001, ANN202
         records, seen = self._records(study)
+        rescue = self._rescue(records, seen, multi=False)
+        if rescue is not None:
+            return rescue
         correction = self._correction(records)
         step = self._count
         self._count += 1
@@ -565,6 +622,9 @@ class AutoSampler(PlannedSampler):
     def _propose(self, study, trial):  # noqa: ANN001, ANN202
         records, seen = self._records(study)
         self._sync(records)
+        rescue = self._rescue(records, seen, multi=self.multi)
+        if rescue is not None:
+            return rescue
         step = self._count
         self._count += 1
         seed = _seed(self.seed, trial.number)
@@ -613,7 +673,7 @@ class AutoSampler(PlannedSampler):
     def plan_for(
         self,
         point: dict[str, float],
-        correction: np.ndarray | None = None,
+        correction: Correction | None = None,
         seed: int = 0,
     ) -> Plan | None:
         """The policy a point of the low-dimensional space maps to, as the TPE proposals map
@@ -623,7 +683,7 @@ class AutoSampler(PlannedSampler):
     def _map_point(
         self,
         point: dict[str, float],
-        correction: np.ndarray | None,
+        correction: Correction | None,
         seen: set[tuple[int, ...]],
         seed: int,
     ) -> tuple[Plan | None, float, float]:
@@ -631,9 +691,9 @@ class AutoSampler(PlannedSampler):
         top of the per-unit `correction`, each unit's loss jittered by ``temperature``; a plan
         in `seen` raises the temperature. Returns the plan, the temperature and the budget it
         took (see `_allocate_new`)."""
-        weights = _weights_of(point)
+        weights: np.ndarray | Correction = _weights_of(point)
         if correction is not None:
-            weights = correction * weights[None, :]
+            weights = correction.scaled(weights)
         return self._allocate_new(
             seen, point["budget"] * self.budget, weights, point.get("temperature", 0.0), seed
         )
