@@ -149,3 +149,104 @@ def test_the_runner_measures_kl_beside_perplexity_full_subset_and_stopped(tiny_g
     assert stopped.kl == pytest.approx(expected, rel=1e-9)
     with pytest.raises(UsageError, match="the KL reference covers 32 windows"):
         TrialRunner(tiny_gpt, windows[:4], settings, threads=1, reference=ref)
+
+
+def _sweep(tmp_path, tiny_gpt, corpus, **objective) -> list:
+    """A 3-trial random sweep of the tiny GPT's MLP layers, in-process on SQLite; the frozen
+    Optuna trials."""
+    import optuna
+
+    from microsweep import MicroNet, Space, run_sweep
+    from microsweep.spaces import Bits, Sparsity
+    from microsweep.storage import Store
+
+    space = Space(
+        tiny_gpt,
+        rules={
+            "blocks.*.mlp.*": dict(
+                sparsity=Sparsity(0.3, 0.6, step=0.3, method="magnitude"),
+                bits=Bits(4, 8, method="rtn"),
+            )
+        },
+    )
+    url = f"sqlite:///{tmp_path / 'kl.db'}"
+    run_sweep(
+        space, objective=MicroNet(eval_tokens=512, **objective), corpus=corpus, name="kl",
+        trials=3, storage=url, sampler="random", seed=0, in_process=True, progress=False,
+    )  # fmt: skip
+    store = Store(url, must_exist=True)
+    return optuna.load_study(study_name="kl", storage=store.optuna_storage()).trials
+
+
+def test_a_sweep_selecting_by_kl_records_every_trials_kl(tmp_path, tiny_gpt, corpus):
+    trials = _sweep(tmp_path, tiny_gpt, corpus, select_by="kl")
+    done = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(done) == 3
+    kls = [t.user_attrs["kl"] for t in done]
+    assert all(math.isfinite(k) and k >= 0 for k in kls), kls
+    assert len(set(kls)) > 1  # measured per trial, not one constant
+
+
+def test_a_sweep_by_perplexity_builds_no_reference_and_records_no_kl(tmp_path, tiny_gpt, corpus):
+    trials = _sweep(tmp_path, tiny_gpt, corpus)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert all("kl" not in t.user_attrs for t in trials)
+
+
+def test_select_by_is_checked_stored_and_read_back(tiny_gpt, corpus):
+    """One line for a bad value; stored with the objective; an objective stored before the
+    field existed reads as perplexity."""
+    from microsweep import MicroNet
+    from microsweep.errors import MicrosweepError
+    from microsweep.prepare import space_from_objects, with_reference
+    from microsweep.prepare._prepared import prepare
+    from microsweep.spaces import Bits, Space
+
+    for bad in ("KL", "nll", None, 1):
+        with pytest.raises(MicrosweepError) as info:
+            MicroNet(select_by=bad)
+        assert str(info.value).count("\n") == 0 and "select_by" in str(info.value)
+        assert "'perplexity' or 'kl'" in str(info.value)
+    kl = MicroNet(select_by="kl")
+    assert kl.to_json()["select_by"] == "kl" and MicroNet.from_json(kl.to_json()) == kl
+    old = MicroNet().to_json()
+    del old["select_by"]
+    assert MicroNet.from_json(old).select_by == "perplexity"
+    # the reference is built only when asked, on the sweep's windows
+    space = Space(tiny_gpt, rules={"blocks.0.mlp.c_fc": dict(bits=Bits(4, 8, method="rtn"))})
+    sf = space_from_objects(space, objective=MicroNet(eval_tokens=256), corpus=corpus)
+    prepared = prepare(sf, 0)
+    assert with_reference(sf, prepared).reference is None
+    sf = space_from_objects(space, objective=MicroNet(eval_tokens=256, select_by="kl"),
+                            corpus=corpus)  # fmt: skip
+    ref = with_reference(sf, prepared).reference
+    assert ref is not None and ref.n_windows == prepared.windows.shape[0] == 8
+    # a space that measures with its own evaluate() has no distributions to compare
+    sf = space_from_objects(space, objective=MicroNet(eval_tokens=256, select_by="kl"),
+                            evaluate=lambda model: 5.0)  # fmt: skip
+    with pytest.raises(UsageError, match=r"select_by='kl'\) .* its own evaluate"):
+        with_reference(sf, prepare(sf, 0))
+
+
+def test_a_sweep_stored_before_select_by_reopens_with_the_same_objects(tiny_gpt, corpus):
+    """Resume and export compare the objective given with the stored one: a stored objective
+    without `select_by` is today's default, not a different objective."""
+    from types import SimpleNamespace
+
+    from microsweep import MicroNet
+    from microsweep.prepare import model_fingerprint, reopen_space, space_from_objects
+    from microsweep.spaces import Bits, Space
+
+    space = Space(tiny_gpt, rules={"blocks.0.mlp.c_fc": dict(bits=Bits(4, 8, method="rtn"))})
+    objective = MicroNet(eval_tokens=256)
+    stored = objective.to_json()
+    del stored["select_by"]
+    sweep = SimpleNamespace(
+        name="old", space_json=space.to_json(), objective_json=stored, seed=0,
+        model_fingerprint=model_fingerprint(tiny_gpt), data_fingerprint=corpus.fingerprint,
+    )  # fmt: skip
+    sf, _ = reopen_space(sweep, space_from_objects(space, objective=objective, corpus=corpus))
+    assert sf.objective.select_by == "perplexity"
+    with pytest.raises(UsageError, match="the objective given differs"):
+        kl = MicroNet(eval_tokens=256, select_by="kl")
+        reopen_space(sweep, space_from_objects(space, objective=kl, corpus=corpus))

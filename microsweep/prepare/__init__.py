@@ -2,7 +2,12 @@
 `MicroNet` objective, evaluation tensors, the dense measurement, fingerprints and recipes."""
 
 from microsweep.prepare._levels import level_folder, level_store, reading_layers, with_levels
-from microsweep.prepare._objective import PLANNING_FACTOR_WITHOUT_CEILING, Ceiling, MicroNet
+from microsweep.prepare._objective import (
+    PLANNING_FACTOR_WITHOUT_CEILING,
+    SELECT_BY,
+    Ceiling,
+    MicroNet,
+)
 from microsweep.prepare._prepared import (
     Prepared,
     check_counted,
@@ -17,6 +22,7 @@ from microsweep.prepare._prepared import (
     versions,
     with_stop_rule,
 )
+from microsweep.prepare._reference import with_reference
 from microsweep.prepare._spacefile import (
     INLINE_PATH,
     SpaceFile,
@@ -29,6 +35,7 @@ from microsweep.prepare._spacefile import (
 __all__ = [
     "INLINE_PATH",
     "PLANNING_FACTOR_WITHOUT_CEILING",
+    "SELECT_BY",
     "Ceiling",
     "MicroNet",
     "Prepared",
@@ -51,5 +58,6 @@ __all__ = [
     "sweep_eval_key",
     "versions",
     "with_levels",
+    "with_reference",
     "with_stop_rule",
 ]

@@ -8,7 +8,10 @@ from typing import Any, Literal
 
 from microsweep.errors import SpaceError
 
-__all__ = ["Ceiling", "MicroNet", "PLANNING_FACTOR_WITHOUT_CEILING"]
+__all__ = ["Ceiling", "MicroNet", "PLANNING_FACTOR_WITHOUT_CEILING", "SELECT_BY"]
+
+SELECT_BY = ("perplexity", "kl")
+"""What `MicroNet.select_by` may name: the measure trials are ranked by besides their cost."""
 
 PLANNING_FACTOR_WITHOUT_CEILING = 1.05
 """Without a perplexity ceiling every trial is feasible, but a planned sampler still needs a loss
@@ -70,6 +73,11 @@ class MicroNet:
     - `uncounted_tolerance`: math the forward pass executes in modules no counting rule covers
       (checked once on the dense model) is an error by default; a fraction such as 0.01 accepts
       that much of the counted operations with a warning instead.
+    - `select_by`: the measure of a trial's quality samplers may rank by: ``"perplexity"``,
+      or ``"kl"``, the mean KL divergence per token of the
+      trial's next-token distributions from the dense model's on the same windows, then
+      measured and recorded for every trial (its ``kl`` attribute; needs the built-in
+      perplexity). The ceiling is judged on perplexity either way.
     """
 
     perplexity_ceiling: float | None = None
@@ -82,6 +90,7 @@ class MicroNet:
     count: dict[str, Any] = field(default_factory=dict)
     early_stop: bool = True
     uncounted_tolerance: float = 0.0
+    select_by: Literal["perplexity", "kl"] = "perplexity"
 
     def __post_init__(self) -> None:
         c = self.perplexity_ceiling
@@ -111,6 +120,8 @@ class MicroNet:
                 f"MicroNet: uncounted_tolerance {t!r} must be a fraction in [0, 1) of the "
                 "counted operations"
             )
+        if self.select_by not in SELECT_BY:
+            raise SpaceError(f"MicroNet: select_by {self.select_by!r} must be 'perplexity' or 'kl'")
         if not isinstance(self.early_stop, bool):
             raise SpaceError(f"MicroNet: early_stop {self.early_stop!r} must be True or False")
         from microsweep.score import CountConfig
@@ -119,6 +130,11 @@ class MicroNet:
             CountConfig(**self.count)
         except TypeError as exc:
             raise SpaceError(f"MicroNet: count options are wrong ({exc})") from None
+
+    @property
+    def wants_kl(self) -> bool:
+        """Whether a sweep measures every trial's KL from the dense model (`select_by="kl"`)."""
+        return self.select_by == "kl"
 
     @property
     def multi(self) -> bool:
@@ -155,5 +171,6 @@ class MicroNet:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MicroNet:
-        """The objective stored with a sweep (older sweeps lack later fields: defaults)."""
+        """The objective stored with a sweep (older sweeps lack later fields: defaults, so an
+        objective stored before `select_by` selects by perplexity)."""
         return cls(**data)

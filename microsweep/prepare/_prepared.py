@@ -162,9 +162,11 @@ def reopen_space(sweep: Any, given: SpaceFile | None = None) -> tuple[SpaceFile,
     if given is not None:
         sf = given
         sf.space.pin_methods(sweep.space_json)  # the methods it ran with, not today's defaults
+        # the stored objective read as today's (a field added since has its default)
+        stored_objective = MicroNet.from_json(sweep.objective_json).to_json()
         for what, have, stored in (
             ("space", sf.space.to_json(), sweep.space_json),
-            ("objective", sf.objective.to_json(), sweep.objective_json),
+            ("objective", sf.objective.to_json(), json.loads(json.dumps(stored_objective))),
         ):
             if json.loads(json.dumps(have)) != stored:
                 raise UsageError(

@@ -30,6 +30,7 @@ from microsweep.prepare import (
     sweep_eval_key,
     versions,
     with_levels,
+    with_reference,
     with_stop_rule,
 )
 from microsweep.search._guard import Lease
@@ -150,6 +151,7 @@ def run_sweep(
         prepared = prepare(sf, seed or 0)
         dense, ceiling = _measure_dense(sf, prepared, opts.progress)
         prepared = with_stop_rule(sf, prepared, dense, ceiling.value)
+        prepared = with_reference(sf, prepared)  # select_by="kl": the dense distributions
         prepared = with_levels(sf, prepared, store.url, model_fingerprint(sf.model))
         session.start_pool(sf, prepared)  # a cluster that cannot place them leaves nothing
         sweep = _new_sweep(store, name, space, sf, prepared, dense, ceiling, sampler, seed, trials)
@@ -370,6 +372,7 @@ def resume_sweep(
         finished = _end_unfinished(store, sweep, study)
         _retarget(store, sweep, trials, finished)
         if finished < total:
+            prepared = with_reference(sf, prepared)  # select_by="kl": the dense distributions
             prepared = with_levels(sf, prepared, store.url, sweep.model_fingerprint)
             session.start_pool(sf, prepared)
         return session.drive(sweep, sf, prepared, study, ceiling, opts.loop(total, began=began))

@@ -287,6 +287,8 @@ class SweepLoop:
             record.timings["evaluate_saved"] = record.timings.get("evaluate", 0.0) * (n / seen - 1)
         if res.finetune_curve:  # [step, subset perplexity] during fine-tuning
             trial.set_user_attr("finetune_curve", res.finetune_curve)
+        if res.kl is not None:  # select_by="kl": mean KL from the dense model per token read
+            trial.set_user_attr("kl", res.kl)
         if not self.sf.objective.multi:
             for step, value in enumerate(res.intermediate):
                 trial.report(value, step)
