@@ -38,7 +38,11 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = {"shakespeare": "examples/shakespeare.py", "ptb": "examples/ptb.py"}
+TASKS = {
+    "shakespeare": "examples/shakespeare.py",
+    "ptb": "examples/ptb.py",
+    "llama": "examples/llama.py",
+}
 METHODS = ("uniform", "random", "tpe", "nsga2", "allocate", "auto")
 CHECKPOINTS = (25, 50, 100, 200)
 LEGACY_LABEL = "magnitude/rtn"

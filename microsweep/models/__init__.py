@@ -12,6 +12,7 @@ from microsweep.models._build import (
     thread_count,
 )
 from microsweep.models._gates import LinearLSTM, gate_names, linear_gates_
+from microsweep.models._hf_pretrain import hf_pretrained
 from microsweep.models.gpt import GPT, GPTConfig
 from microsweep.models.hf import hf
 from microsweep.models.lstm import LSTMLM, LSTMConfig
@@ -26,6 +27,7 @@ __all__ = [
     "gate_names",
     "gpt",
     "hf",
+    "hf_pretrained",
     "linear_gates_",
     "lm_batch_loss",
     "logits_of",
