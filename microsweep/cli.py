@@ -528,6 +528,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "status":
         _status(args.name, args.storage, args.top, args.format, args.legend)
     elif args.command == "sensitivity":
+        from microsweep.prepare import table_key
         from microsweep.report import sensitivity_data, write_sensitivity_html
         from microsweep.search import run_sensitivity
         from microsweep.storage import Store
@@ -538,7 +539,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             raise UsageError(f"folder {folder} for the plot does not exist; create it first")
         run = run_sensitivity(args.space, name=args.name, **_worker_options(args))
         store = Store(args.storage, must_exist=True)
-        data = sensitivity_data(store, run.eval_key, ceiling=run.ceiling)
+        data = sensitivity_data(store, table_key(store, run.eval_key), ceiling=run.ceiling)
         write_sensitivity_html(data, out)
         s = run.summary
         print(

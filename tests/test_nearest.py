@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from microsweep._text import distinct
+from microsweep.prepare import table_key
 from microsweep.report import sweep_status
 from microsweep.search import run_sensitivity, run_sweep
 from microsweep.search._nearest import explain_infeasible
@@ -61,6 +62,7 @@ def sweep(tmp_path_factory, tiny_gpt):
     )  # fmt: skip
     store = Store(url, must_exist=True)
     before = explain_infeasible(store, "far")
+    assert result.infeasible_notes == before  # the sweep's own result says it at its end
     table = run_sensitivity(space, name="far-sens", storage=url, in_process=True, progress=False)
     return {"url": url, "folder": folder, "result": result, "before": before, "key": table.eval_key}
 
@@ -119,7 +121,7 @@ def test_with_a_sensitivity_table_it_sums_each_knobs_measured_losses(sweep):
     store = Store(sweep["url"], must_exist=True)
     row_sweep = store.get_sweep("far")
     assert sweep["key"] == row_sweep.eval_key  # the sensitivity run measured this sweep's key
-    table = store.sensitivity(row_sweep.eval_key)
+    table = store.sensitivity(table_key(store, row_sweep.eval_key))
     dense = table[("", "dense", "")]
     row = _nearest_row(store, "far")
     cost: dict[str, float] = {}

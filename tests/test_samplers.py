@@ -55,35 +55,48 @@ def test_each_sampler_runs_with_the_constraint(sampler, shared_url, tiny_gpt):
     store.dispose()
 
 
-def test_sensitivity_is_measured_once_and_reused(shared_url, tiny_gpt):
+def test_sensitivity_pass_keeps_its_budget_and_is_reused(tmp_path, tiny_gpt):
+    """A 2-trial sweep's pass stops at its share of the trials' time once every layer and knob
+    has its most compressed level measured, and interpolates the rest; `microsweep sensitivity`
+    then measures only what is missing, on the same windows; a sweep after it measures nothing
+    and rewrites nothing."""
+    from microsweep.search._sensitivity import SENSITIVITY_SHARE
+
+    url = f"sqlite:///{tmp_path / 'reuse.db'}"
     first = run_sweep(
-        TINY,
-        name="reuse-a",
-        trials=2,
-        storage=shared_url,
-        seed=4,
-        in_process=True,
-        progress=False,
+        TINY, name="reuse-a", trials=2, storage=url, seed=4, in_process=True, progress=False,
         sampler="allocate",
-    )
-    store = Store(shared_url)
+    )  # fmt: skip
+    s = first.sensitivity
+    assert s["probes"] > 50 and s["reused"] == 0
+    assert s["trial_seconds"] > 0 and 32 <= s["windows"] < s["of_windows"]
+    assert s["budget_seconds"] == pytest.approx(SENSITIVITY_SHARE * 2 * s["trial_seconds"])
+    assert 0 < s["round_one_seconds"] <= s["seconds"]
+    assert s["measured"] < s["probes"] and s["estimated"] == s["probes"] - s["measured"]
+    # after the first round, no probe started past the budget: the pass ended within one
+    # probe's time (on this one worker) of the later of the two
+    slowest = max(s["trial_seconds"], 1.0)
+    assert s["seconds"] <= max(s["budget_seconds"], s["round_one_seconds"]) + slowest
+    store = Store(url)
     key = store.get_sweep("reuse-a").eval_key
-    stored = store.sensitivity(key)
-    assert first.sensitivity["probes"] > 50 and len(stored) >= first.sensitivity["probes"]
+    probe_key = key + "|probe-windows"
+    stored = store.sensitivity(probe_key)
+    assert len(stored) == s["measured"] + 1  # and the dense row on the probe windows
+    from microsweep.search import run_sensitivity
+
+    m = run_sensitivity(TINY, name="all", storage=url, in_process=True, progress=False).summary
+    assert m["reused"] == s["measured"] and m["measured"] == m["probes"] - m["reused"]
+    assert m["estimated"] == 0
+    full = store.sensitivity(probe_key)
+    assert all(full[k] == v for k, v in stored.items())  # measured once, never again
     again = run_sweep(
-        TINY,
-        name="reuse-b",
-        trials=2,
-        storage=shared_url,
-        seed=5,
-        in_process=True,
-        progress=False,
+        TINY, name="reuse-c", trials=2, storage=url, seed=6, in_process=True, progress=False,
         sampler="auto",
-    )
+    )  # fmt: skip
     assert again.sensitivity["measured"] == 0
     assert again.sensitivity["reused"] == again.sensitivity["probes"]
-    assert store.sensitivity(key) == stored  # nothing measured again, nothing rewritten
-    assert store.get_sweep("reuse-b").eval_key == key
+    assert store.sensitivity(probe_key) == full  # nothing measured again, nothing rewritten
+    assert store.get_sweep("reuse-c").eval_key == key
     # a different evaluation (other windows) is another key: nothing is reused across them
     from microsweep.prepare import load_space_file, prepare
     from microsweep.search import eval_key

@@ -74,6 +74,23 @@ def eval_key(
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+PROBE_TAG = "|probe-windows"
+"""What a sweep's sensitivity probes add to its evaluation key: they read a fixed subset of the
+windows (`search.ProbeBudget`: the first quarter in the stop rule's order), so their NLLs are not
+the full evaluation's and are kept apart."""
+
+
+def probe_key(eval_key: str) -> str:
+    """The key a sweep's sensitivity table is stored under when its probes read the subset."""
+    return eval_key + PROBE_TAG
+
+
+def table_key(store: Any, eval_key: str) -> str:
+    """The key `eval_key`'s sensitivity table is stored under in `store`: the probe-window
+    one when it has rows, else the key itself (a table measured on every window)."""
+    return probe_key(eval_key) if store.sensitivity(probe_key(eval_key)) else eval_key
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """16 hex digits naming a model's state (names, dtypes, shapes and every byte): sweeps,
     sensitivity tables and exports refuse a model that is not the one they measured."""

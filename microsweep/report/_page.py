@@ -104,8 +104,11 @@ def report_data(store: Store, name: str) -> ReportData:
     sweep = store.get_sweep(name)
     sensitivity = None
     if sweep.eval_key:
+        from microsweep.prepare import table_key
+
         try:  # one read: a key without rows is an error there
-            sensitivity = sensitivity_data(store, sweep.eval_key, ceiling=sweep.ceiling)
+            key = table_key(store, sweep.eval_key)
+            sensitivity = sensitivity_data(store, key, ceiling=sweep.ceiling)
         except UsageError:
             pass
     points = {p.number: p for p in pareto.points}

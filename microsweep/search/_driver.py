@@ -457,6 +457,8 @@ def _finished_already(store: Store, sweep: Any, trials: int | None) -> SweepResu
     for row in rows:
         result.states[row.state] = result.states.get(row.state, 0) + 1
     tally_best(result, rows)
+    if result.best_number is None and sweep.ceiling is not None:
+        result.explain_infeasible(store)
     return result
 
 

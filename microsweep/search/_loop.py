@@ -125,7 +125,7 @@ class SweepLoop:
             self._count_state(t.state.name)
         tally_best(self.result, self.store.trials(self.sweep.name))
         if self.done >= self.settings.total:
-            return self.result
+            return self._explained()
         bar = Progress(self.settings.total, enabled=self.settings.progress, first=self.done)
         try:
             self._set_up(warm)
@@ -141,6 +141,13 @@ class SweepLoop:
         self.result.wall = time.perf_counter() - self.started
         self.result.driver_ms_per_trial = 1000 * self.driver_time / ran
         self.result.sampler_ms_per_trial = 1000 * self.sampler_time / ran
+        return self._explained()
+
+    def _explained(self) -> SweepResult:
+        """The result, with why nothing met the ceiling when nothing did (the nearest trial and
+        its measured costs; see `SweepResult.explain_infeasible`)."""
+        if self.result.best_number is None and self.ceiling.value is not None:
+            self.result.explain_infeasible(self.store)
         return self.result
 
     def _set_up(self, warm: Sequence[dict[str, Any]]) -> None:

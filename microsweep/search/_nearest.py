@@ -279,7 +279,9 @@ def _nearest_line(near: Nearest, ceiling: float | None) -> str:
 def _cost_lines(store: Store, sweep: Any, near: Nearest) -> list[str]:
     """The measured costs of the nearest trial's knobs, or without a sensitivity table (or no
     measurement of its settings) how hard it pushes each knob; then what to change."""
-    table = dict(store.sensitivity(sweep.eval_key)) if sweep.eval_key else {}
+    from microsweep.prepare import table_key
+
+    table = dict(store.sensitivity(table_key(store, sweep.eval_key))) if sweep.eval_key else {}
     dense = table.pop(("", "dense", ""), None)
     dense_nll = dense if dense is not None else math.log(sweep.dense_perplexity)
     if table:

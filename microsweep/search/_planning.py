@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from microsweep.errors import UsageError
 from microsweep.prepare import PLANNING_FACTOR_WITHOUT_CEILING
 from microsweep.search._progress import say
+from microsweep.search._sensitivity import ProbeBudget, sensitivity_line
 
 if TYPE_CHECKING:
     import optuna
@@ -59,7 +60,13 @@ def plan_sampler(
             "allocate; raise perplexity_ceiling or use --sampler uniform or tpe"
         )
     if sampler.needs_sensitivity:
-        _measure(store, sweep, pool, planner, result, progress)
+        probe_budget = ProbeBudget.for_sweep(
+            sweep.target_trials,
+            pool.size,
+            int(prepared.windows.shape[0]),
+            subset=sf.evaluate is None,
+        )
+        _measure(store, sweep, pool, planner, result, progress, probe_budget)
     sampler.attach(planner, budget=budget, dense_nll=ceiling.dense_nll)
     if warm_slots is not None:  # after the user's own warm starts, within the sweep's trials
         for params, attrs in sampler.warm_starts()[: max(0, warm_slots)]:
@@ -99,8 +106,10 @@ def _measure(
     planner: Planner,
     result: SweepResult,
     progress: bool,
+    budget: ProbeBudget,
 ) -> None:
-    """The sensitivity pass on the sweep's pool (only probes not stored under its key)."""
+    """The sensitivity pass on the sweep's pool (only probes not stored under its key), within
+    its share of the sweep's time, said in one line."""
     from microsweep.search._sensitivity import measure_sensitivity
 
     table, summary = measure_sensitivity(
@@ -113,7 +122,9 @@ def _measure(
         data_fingerprint=sweep.data_fingerprint,
         dense_perplexity=sweep.dense_perplexity,
         progress=progress,
+        budget=budget,
     )
+    say(progress, sensitivity_line(summary, budget))
     planner.set_sensitivity(table)
     result.sensitivity = summary
     result.notes.extend(planner.notes())

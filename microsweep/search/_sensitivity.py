@@ -3,6 +3,13 @@ kept in SQL under a key of the model, the data and every evaluation setting.
 
 A later sweep (or `microsweep sensitivity`) of the same model on the same windows finds its
 measurements stored and runs only what is missing, so a second sweep measures nothing again.
+
+A sweep's pass is budgeted (`ProbeBudget`): probes read a quarter of the evaluation windows
+(the loss is a paired difference against the dense model on the same windows, so few suffice),
+run in rounds that give every layer and knob its most compressed level first, then the middle
+one, then the rest by bisection, and stop once their wall time reaches a share of what the
+sweep's trials will take (10% by default); levels left unmeasured are interpolated between the
+measured ones of the same layer and knob, and measured by a later pass with more budget.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -19,10 +26,55 @@ if TYPE_CHECKING:
     from microsweep.storage import Store
     from microsweep.workers import TrialResult, WorkerPool
 
-__all__ = ["SensitivityRun", "measure_sensitivity", "run_sensitivity"]
+__all__ = [
+    "ProbeBudget",
+    "SensitivityRun",
+    "measure_sensitivity",
+    "run_sensitivity",
+    "sensitivity_line",
+]
 
 DENSE = ("", "dense", "")
 """The (layer, knob, level) under which the dense model's NLL is stored."""
+SENSITIVITY_SHARE = 0.1
+"""The default share of a sweep's expected trial wall time its sensitivity pass may take."""
+
+
+@dataclass(frozen=True)
+class ProbeBudget:
+    """How much a sweep's sensitivity pass may spend: `share` of the wall time its `trials`
+    trials take on `workers` workers (each trial's time estimated from the probes' own: their
+    compression plus their evaluation scaled to all the windows), probes reading `windows` of
+    the `n_windows` evaluation windows (None: all, as when the space evaluates itself)."""
+
+    trials: int
+    workers: int
+    n_windows: int
+    windows: list[int] | None
+    share: float = SENSITIVITY_SHARE
+
+    @classmethod
+    def for_sweep(
+        cls, trials: int, workers: int, n_windows: int, *, subset: bool = True
+    ) -> ProbeBudget:
+        """A quarter of the windows (at least 32) when the windows can be subset."""
+        from microsweep.score import subset_windows
+
+        windows = None
+        if subset and n_windows > 32:
+            windows = subset_windows(n_windows, max(32, n_windows // 4))
+        return cls(trials, max(1, workers), n_windows, windows)
+
+    def key(self, eval_key: str) -> str:
+        """The key the probes are stored under: `eval_key` itself when they read every window,
+        else its probe-window key (`prepare.probe_key`)."""
+        from microsweep.prepare import probe_key
+
+        return eval_key if self.windows is None else probe_key(eval_key)
+
+    def seconds(self, trial_seconds: float) -> float:
+        """The wall time the pass may take when one trial takes `trial_seconds` on a worker."""
+        return self.share * self.trials * trial_seconds / self.workers
 
 
 def measure_sensitivity(
@@ -36,11 +88,16 @@ def measure_sensitivity(
     data_fingerprint: str,
     dense_perplexity: float,
     progress: bool = True,
+    budget: ProbeBudget | None = None,
 ) -> tuple[SensitivityTable, dict[str, Any]]:
     """Measure the probes not stored yet under `key`, store them, and return the whole table
-    with a summary (probes measured now, reused, seconds)."""
+    with a summary (probes measured now, reused, estimated, seconds). With a `budget`, probes
+    read its windows (stored under their own key) in priority rounds until its time is spent,
+    and the levels left unmeasured are interpolated (`interpolate`)."""
     from microsweep.allocate import SensitivityTable
 
+    windows = budget.windows if budget is not None else None
+    key = budget.key(key) if budget is not None else key
     common = {
         "eval_key": key,
         "model_fingerprint": model_fingerprint,
@@ -48,31 +105,166 @@ def measure_sensitivity(
         "label": label[:256],
     }
     stored = store.sensitivity(key)
-    if DENSE not in stored:
-        nll = math.log(dense_perplexity)
-        dense_row = {"layer": "", "knob": "dense", "level": "", "value": 0.0, "nll": nll}
-        store.record_sensitivity([{**common, **dense_row, "perplexity": dense_perplexity}])
-        stored[DENSE] = nll
     missing = [p for p in probes if (p.layer, p.knob, p.key) not in stored]
-    probing = _Probing(store, pool, missing, common, stored, progress)
-    probing.run(reused=len(probes) - len(missing))
-    table = SensitivityTable(
-        dense_nll=stored[DENSE],
-        entries={k: v for k, v in stored.items() if k != DENSE},
-    )
+    if budget is not None:
+        missing = priority_order(missing)
+    probing = _Probing(store, pool, missing, common, stored, progress, windows=windows)
+    if DENSE not in stored:
+        if windows is None:
+            nll = math.log(dense_perplexity)
+            dense_row = {"layer": "", "knob": "dense", "level": "", "value": 0.0, "nll": nll}
+            store.record_sensitivity([{**common, **dense_row, "perplexity": dense_perplexity}])
+            stored[DENSE] = nll
+        else:  # the dense model on the probes' own windows, first
+            probing.dense_first()
+    probing.run(reused=len(probes) - len(missing), budget=budget)
+    measured = {k: v for k, v in stored.items() if k != DENSE}
+    entries, estimated = interpolate(probes, measured, dense=stored[DENSE])
+    table = SensitivityTable(dense_nll=stored[DENSE], entries=entries)
     summary = {
         "probes": len(probes),
-        "measured": len(missing) - probing.failures,
+        "measured": probing.done - probing.failures,
         "failed": probing.failures,
         "reused": len(probes) - len(missing),
+        "estimated": estimated,
         "seconds": time.perf_counter() - probing.started,
+        "windows": len(windows) if windows is not None else None,
+        "of_windows": budget.n_windows if budget is not None else None,
+        "budget_seconds": probing.budget_s,
+        "round_one_seconds": probing.round_one_s,
+        "trial_seconds": probing.trial_seconds(),
     }
     return table, summary
 
 
+def sensitivity_line(summary: dict[str, Any], budget: ProbeBudget) -> str:
+    """The pass in one line: what it measured, on which windows, in what time against which
+    budget, and what it reused or interpolated."""
+    windows = summary.get("windows")
+    read = f"on {windows} of {budget.n_windows} windows " if windows else ""
+    line = (
+        f"sensitivity: {summary['measured']} of {summary['probes']} probes measured {read}in "
+        f"{summary['seconds']:.1f}s"
+    )
+    spent, trial = summary.get("budget_seconds"), summary.get("trial_seconds")
+    if spent is not None and trial is not None and math.isfinite(budget.share):
+        line += (
+            f" (budget {spent:.1f}s: {budget.share:.0%} of {budget.trials} trials at ~{trial:.1f}s "
+            f"on {budget.workers} worker{'s' if budget.workers > 1 else ''})"
+        )
+    extra = []
+    if summary.get("reused"):
+        extra.append(f"{summary['reused']} reused")
+    if summary.get("estimated"):
+        extra.append(f"{summary['estimated']} interpolated between measured levels")
+    if summary.get("failed"):
+        extra.append(f"{summary['failed']} failed")
+    return line + ("; " + ", ".join(extra) if extra else "")
+
+
+def priority_order(probes: Sequence[Probe]) -> list[Probe]:
+    """Probes in rounds: every (layer, knob)'s most compressed level, then its middle one,
+    then the levels halfway between measured ones, so a pass cut short anywhere has measured
+    each layer's knobs where they cost most and can interpolate the rest."""
+    groups: dict[tuple[str, str], list[Probe]] = {}
+    for p in probes:
+        groups.setdefault((p.layer, p.knob), []).append(p)
+    ranked: list[tuple[int, int, Probe]] = []
+    for g, members in enumerate(groups.values()):
+        for rank, index in enumerate(_bisection(len(members))):
+            ranked.append((rank, g, members[index]))
+    return [p for _, _, p in sorted(ranked, key=lambda item: (item[0], item[1]))]
+
+
+def _bisection(n: int) -> list[int]:
+    """0..n-1 (least to most compressed) in measuring order: the last, then each time the level
+    farthest from every one chosen and from no compression (index -1), the less compressed on
+    a tie: the middle, then the midpoints of the widest gaps."""
+    order: list[int] = []
+    for _ in range(n):
+        rest = [i for i in range(n) if i not in order]
+        if not order:
+            order.append(n - 1)
+            continue
+        chosen = [-1, *order]
+        order.append(max(rest, key=lambda i: (min(abs(i - c) for c in chosen), -i)))
+    return order
+
+
+def interpolate(
+    probes: Sequence[Probe], measured: dict[tuple[str, str, str], float], *, dense: float
+) -> tuple[dict[tuple[str, str, str], float], int]:
+    """Every probe's NLL: measured where it was, else read off the same layer and knob's
+    measured levels, linear in the level's distance from no compression (sparsity: the
+    fraction; bits: 4^-bits, the quantization noise power; rank: the level's place in the
+    grid), from 0 at no compression; with nothing measured for that layer and knob, the
+    median over layers at the same knob and level. Returns the entries and how many were
+    estimated."""
+    entries = dict(measured)
+    groups: dict[tuple[str, str], list[Probe]] = {}
+    for p in probes:
+        groups.setdefault((p.layer, p.knob), []).append(p)
+    estimated = 0
+    pending: list[Probe] = []
+    for (_, knob), members in groups.items():
+        xs = [_distance(knob, p, i, len(members)) for i, p in enumerate(members)]
+        known = [
+            (x, measured[(p.layer, p.knob, p.key)])
+            for x, p in zip(xs, members, strict=True)
+            if (p.layer, p.knob, p.key) in measured
+        ]
+        for x, p in zip(xs, members, strict=True):
+            k = (p.layer, p.knob, p.key)
+            if k in entries:
+                continue
+            if not known:
+                pending.append(p)
+                continue
+            entries[k] = _read_off(x, known, base=dense)
+            estimated += 1
+    for p in pending:  # a layer and knob with nothing measured: what other layers measured
+        same = [v for (_, kn, key), v in measured.items() if kn == p.knob and key == p.key]
+        if same:
+            entries[(p.layer, p.knob, p.key)] = sorted(same)[len(same) // 2]
+        else:
+            entries[(p.layer, p.knob, p.key)] = math.inf  # unknown: allocation avoids it
+        estimated += 1
+    entries.pop(DENSE, None)
+    return entries, estimated
+
+
+def _distance(knob: str, probe: Probe, index: int, n: int) -> float:
+    """How far a level is from no compression, on a scale the loss grows about linearly in."""
+    if knob == "sparsity":
+        return float(probe.value)
+    if knob in ("bits", "act_bits"):
+        return 4.0 ** -float(probe.value)
+    return (index + 1) / n
+
+
+def _read_off(x: float, known: list[tuple[float, float]], *, base: float) -> float:
+    """NLL at `x` from measured (x, NLL) points: linear between them, from the dense NLL at
+    x = 0 below the first, proportional past the last (never below the dense NLL)."""
+    points = sorted(known)
+    if all(math.isfinite(v) for _, v in points):
+        points = [(0.0, base), *points]
+    lo = [pt for pt in points if pt[0] <= x]
+    hi = [pt for pt in points if pt[0] >= x]
+    if lo and hi:
+        (x0, y0), (x1, y1) = lo[-1], hi[0]
+        if x1 == x0 or not (math.isfinite(y0) and math.isfinite(y1)):
+            return max(y0, y1) if x1 != x0 else y0
+        return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    x1, y1 = points[-1] if lo else points[0]
+    if not math.isfinite(y1) or x1 <= 0:
+        return y1
+    return base + (y1 - base) * x / x1
+
+
 class _Probing:
     """Runs the missing probes on the pool, each layer alone at one level, and stores their
-    rows in batches; `stored` gains every outcome (a failure as inf, so the sweep avoids it)."""
+    rows in batches; `stored` gains every outcome (a failure as inf, so the sweep avoids it).
+    With `windows`, each probe (and the dense model first) reads only those windows."""
 
     def __init__(
         self,
@@ -82,32 +274,97 @@ class _Probing:
         common: dict[str, Any],
         stored: dict[tuple[str, str, str], float],
         progress: bool,
+        *,
+        windows: list[int] | None = None,
     ) -> None:
         self.store, self.pool, self.common, self.stored = store, pool, common, stored
         self.by_number = {-2 - i: p for i, p in enumerate(missing)}
         self.progress = progress
+        self.windows = windows
         self.done = self.failures = 0
         self.pending: list[dict[str, Any]] = []
         self.started = time.perf_counter()
         self.last_shown = 0.0
+        self.budget_s: float | None = None
+        self.round_one_s: float | None = None  # when every layer and knob had one probe back
+        self._trial_s: list[float] = []
 
-    def run(self, *, reused: int) -> None:
-        """Submit every probe as workers free, record each result as it comes."""
+    def dense_first(self) -> None:
+        """The dense model on the probes' windows, stored as the key's dense row."""
+        from microsweep.spaces import Policy
+
+        self.pool.submit(-1, Policy(layers={}).to_json(), early_stop=False, windows=self.windows)
+        res = self.pool.wait()
+        ppl = res.perplexity if res is not None and res.ok else None
+        if not (isinstance(ppl, float) and math.isfinite(ppl) and ppl > 0):
+            why = res.error if res is not None else "no result"
+            raise RuntimeError(f"the dense model failed on the probe windows: {why}")
+        nll = math.log(ppl)
+        row = {"layer": "", "knob": "dense", "level": "", "value": 0.0, "nll": nll}
+        self.store.record_sensitivity([{**self.common, **row, "perplexity": ppl}])
+        self.stored[DENSE] = nll
+
+    def trial_seconds(self) -> float | None:
+        """A whole trial's seconds on one worker as the probes measured it (their compression
+        plus their evaluation scaled to every window; the median), None before any."""
+        if not self._trial_s:
+            return None
+        return sorted(self._trial_s)[len(self._trial_s) // 2]
+
+    def run(self, *, reused: int, budget: ProbeBudget | None = None) -> None:
+        """Submit every probe as workers free, record each result as it comes; with a `budget`,
+        submit no new probe once its time is spent and the first round (every layer and
+        knob's most compressed level) is done."""
         from microsweep.spaces import Policy
 
         queue = list(self.by_number)
+        first_round = {(p.layer, p.knob) for p in self.by_number.values()}
+        started_groups: set[tuple[str, str]] = set()
+        returned: set[tuple[str, str]] = set()
         while queue or self.pool.busy:
             while queue and self.pool.free:
+                probe = self.by_number[queue[0]]
+                group = (probe.layer, probe.knob)
+                if budget is not None and started_groups >= first_round and self._spent(budget):
+                    queue = []
+                    break
                 number = queue.pop(0)
-                probe = self.by_number[number]
+                started_groups.add(group)
                 policy = Policy(layers={probe.layer: probe.setting})
-                self.pool.submit(number, policy.to_json(), early_stop=False)
-            self._record(self.pool.wait())
+                self.pool.submit(number, policy.to_json(), early_stop=False, windows=self.windows)
+            if not self.pool.busy:
+                break
+            res = self.pool.wait()
+            self._time(res, budget)
+            self._record(res)
+            probe = self.by_number[res.number]
+            returned.add((probe.layer, probe.knob))
+            if self.round_one_s is None and returned >= first_round:
+                self.round_one_s = time.perf_counter() - self.started
             if len(self.pending) >= 16 or not (queue or self.pool.busy):
                 self.store.record_sensitivity(self.pending)
                 self.pending = []
             self._show(reused)
         self.store.record_sensitivity(self.pending)
+        self.pending = []
+
+    def _time(self, res: TrialResult, budget: ProbeBudget | None) -> None:
+        """Fold one probe's timings into the trial-time estimate."""
+        if budget is None:
+            return
+        t = res.timings
+        evaluate = float(t.get("evaluate", 0.0))
+        total = float(t.get("total", evaluate))
+        read = len(res.evaluated) if res.evaluated else budget.n_windows
+        if total > 0 and read > 0:
+            self._trial_s.append(total - evaluate + evaluate * budget.n_windows / read)
+        self.budget_s = budget.seconds(self.trial_seconds() or 0.0)
+
+    def _spent(self, budget: ProbeBudget) -> bool:
+        """Whether the pass has used its share of the sweep's expected wall time."""
+        if self.budget_s is None:
+            return False
+        return time.perf_counter() - self.started >= self.budget_s
 
     def _record(self, res: TrialResult) -> None:
         """One probe's outcome: a model that breaks (non-finite perplexity) is a measurement
@@ -203,6 +460,9 @@ def run_sensitivity(
         units = sf.space.units()
         wanted = probes(units, {u.key: plan_levels(u) for u in units})
         prepared = with_levels(sf, prepared, store.url, model_fp)  # the sweep's later read them
+        n_windows = int(prepared.windows.shape[0])
+        budget = ProbeBudget.for_sweep(1, workers, n_windows, subset=sf.evaluate is None)
+        budget = replace(budget, share=math.inf)  # every probe, on the windows sweeps read
         pool = make_pool(sf, prepared, options)
         try:
             _, summary = measure_sensitivity(
@@ -215,6 +475,7 @@ def run_sensitivity(
                 data_fingerprint=prepared.data_fingerprint,
                 dense_perplexity=dense.perplexity,
                 progress=progress,
+                budget=budget,
             )
         finally:
             pool.close()
