@@ -20,7 +20,7 @@ from microsweep.errors import MicrosweepError, UsageError
 
 __all__ = ["main"]
 
-SAMPLER_NAMES = ("auto", "allocate", "tpe", "nsga2", "gp", "cmaes", "random", "uniform")
+SAMPLER_NAMES = ("auto", "allocate", "evo", "tpe", "nsga2", "gp", "cmaes", "random", "uniform")
 """The same names as `microsweep.search.SAMPLERS` (kept here so `-h` imports nothing heavy)."""
 
 
@@ -62,8 +62,9 @@ def _parser() -> argparse.ArgumentParser:
         choices=SAMPLER_NAMES,
         default="auto",
         help="auto (default): sensitivity pass, warm starts, then TPE over a few global "
-        "quantities mapped through budget allocation; allocate, uniform, or Optuna's per-layer "
-        "tpe, nsga2, gp, cmaes, random",
+        "quantities mapped through budget allocation; allocate; evo (auto's start, then "
+        "evolution of the best feasible policy with staged selection); uniform; or Optuna's "
+        "per-layer tpe, nsga2, gp, cmaes, random",
     )
     run.add_argument(
         "--seed",

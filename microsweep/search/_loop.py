@@ -19,6 +19,7 @@ from microsweep.errors import MicrosweepError, StorageError
 from microsweep.search._planning import plan_sampler
 from microsweep.search._progress import Progress, say
 from microsweep.search._result import SweepResult, tally_best
+from microsweep.search._stages import SCREENED_ATTR, Stage
 from microsweep.search._study import SamplerClock, memory_study, origin_of
 from microsweep.storage._records import TrialRecord
 
@@ -50,6 +51,7 @@ class _Asked:
     frozen: FrozenTrial | None = None
     driver_s: float = 0.0
     sampler_s: float = 0.0
+    stage: Stage | None = None
 
 
 class _TrialFailed(Exception):
@@ -225,9 +227,38 @@ class SweepLoop:
             item.row = self.guard.call(self.store.reserve_trials, self.study_id, 1)[0]
         self.in_flight[item.trial.number] = item
         policy_json = item.policy.to_json()
+        windows = self._stage_windows(item)
         item.driver_s += time.perf_counter() - t0
-        self.pool.submit(item.trial.number, policy_json, early_stop=self.early_stop)
+        if windows is None:
+            self.pool.submit(item.trial.number, policy_json, early_stop=self.early_stop)
+        else:
+            self.pool.submit(item.trial.number, policy_json, early_stop=False, windows=windows)
         self.asked += 1
+
+    def _stage_windows(self, item: _Asked) -> list[int] | None:
+        """The windows a staged trial reads (see `Stage`): None for a whole evaluation."""
+        from microsweep._optuna import study_storage, trial_id
+
+        # the sampler sets the stage in `before_trial`, after Optuna cached the trial's view
+        attrs = study_storage(self.mem).get_trial_user_attrs(trial_id(item.trial))
+        stage = Stage.of(attrs, self._n_windows())
+        if stage is None:
+            return None
+        item.stage = stage
+        if stage.continues is not None:
+            stage.prior = self._prior(stage.continues)
+        return stage.windows(self._n_windows())
+
+    def _n_windows(self) -> int:
+        return int(self.prepared.windows.shape[0])
+
+    def _prior(self, number: int) -> dict[str, Any]:
+        """What the trial a staged trial continues read: its per-window NLL (and KL) sums."""
+        t = self.mem.get_trials(deepcopy=False)[number]
+        attrs = t.user_attrs
+        if "window_nll" not in attrs:
+            raise MicrosweepError(f"trial {number} has no screened windows to continue from")
+        return {"window_nll": attrs["window_nll"], "window_kl": attrs.get("window_kl")}
 
     def _finish(self, item: _Asked, res: TrialResult) -> tuple[int, TrialRecord]:
         """Conclude, time and persist one result; fold it into the tally."""
@@ -281,14 +312,18 @@ class SweepLoop:
         return record
 
     def _judge(self, item: _Asked, res: TrialResult, record: TrialRecord) -> None:
-        """Fill `record` from a measured (or stopped) result and tell the study."""
+        """Fill `record` from a measured (or stopped, or screened) result and tell the study."""
         from microsweep.score import micronet_score
 
         trial, ceiling = item.trial, self.ceiling
         score = micronet_score(res.params, res.ops, self._baseline())
+        if item.stage is not None and res.evaluated is not None:
+            self._staged(item, res)  # a screen, or the continuation that completes one
         pruned = res.status == "pruned"
         ppl = res.measured_perplexity
-        if pruned:
+        if pruned and item.stage is not None:
+            record.reason = item.stage.reason(ppl, res.kl, self._n_windows())
+        elif pruned:
             record.reason = self._stop_reason(res, ppl)
             seen, n = res.windows_seen or 1, res.windows or 1
             record.timings["evaluate_saved"] = record.timings.get("evaluate", 0.0) * (n / seen - 1)
@@ -300,6 +335,8 @@ class SweepLoop:
             for step, value in enumerate(res.intermediate):
                 trial.report(value, step)
         trial.set_constraint("perplexity", ceiling.constraint(ppl))
+        if pruned and item.stage is not None:
+            trial.set_user_attr(SCREENED_ATTR, item.stage.read)
         if pruned:
             trial.set_user_attr("perplexity_estimate", ppl)
             trial.set_user_attr("score", score)
@@ -313,6 +350,33 @@ class SweepLoop:
         record.params, record.ops, record.freebie = res.params, res.ops, res.freebie
         record.feasible = ceiling.feasible(ppl) and not pruned
         record.count_config, record.layers = res.count_config, list(res.layers)
+
+    def _staged(self, item: _Asked, res: TrialResult) -> None:
+        """Fold a staged result into what the trial has read in all (the windows of the trial it
+        continues, then its own): a whole evaluation ends COMPLETE with the perplexity of every
+        window; a partial one is a screen, PRUNED with its perplexity (and KL) on the windows
+        read, which keep their per-window sums so a survivor can continue from them."""
+        import math
+
+        stage = item.stage
+        assert stage is not None and res.window_nll is not None
+        prior = stage.prior or {}
+        nll = list(prior.get("window_nll") or []) + list(res.window_nll)
+        tokens = len(nll) * (int(self.prepared.windows.shape[1]) - 1)
+        ppl = math.exp(min(math.fsum(nll) / tokens, 700.0))
+        kl_sums = None
+        if res.window_kl is not None:
+            kl_sums = list(prior.get("window_kl") or []) + list(res.window_kl)
+            if len(kl_sums) == len(nll):
+                res.kl = math.fsum(kl_sums) / tokens
+        res.windows_seen, res.windows = len(nll), self._n_windows()
+        if stage.read >= self._n_windows():
+            res.status, res.perplexity = "ok", ppl
+            return
+        res.status, res.perplexity_estimate, res.perplexity = "pruned", ppl, None
+        item.trial.set_user_attr("window_nll", nll)
+        if kl_sums is not None:
+            item.trial.set_user_attr("window_kl", kl_sums)
 
     def _stop_reason(self, res: TrialResult, ppl: float) -> str:
         """Why a trial stopped early, with enough digits to tell it from the ceiling."""

@@ -68,6 +68,12 @@ def plan_sampler(
         )
         _measure(store, sweep, pool, planner, result, progress, probe_budget)
     sampler.attach(planner, budget=budget, dense_nll=ceiling.dense_nll)
+    if hasattr(sampler, "window_dense_nll") and sf.evaluate is None:  # staged evaluation
+        stop = prepared.settings.stop
+        sampler.n_windows = int(prepared.windows.shape[0])
+        sampler.tokens_per_window = int(prepared.windows.shape[1]) - 1
+        if stop is not None and stop.n_windows == sampler.n_windows:
+            sampler.window_dense_nll = list(stop.dense_nll)
     if warm_slots is not None:  # after the user's own warm starts, within the sweep's trials
         for params, attrs in sampler.warm_starts()[: max(0, warm_slots)]:
             study.enqueue_trial(params, user_attrs=attrs)

@@ -38,9 +38,9 @@ if TYPE_CHECKING:
 
 __all__ = ["PLANNED", "SAMPLERS", "PlannedSampler", "make_sampler"]
 
-SAMPLERS = ("auto", "allocate", "tpe", "nsga2", "gp", "cmaes", "random", "uniform")
+SAMPLERS = ("auto", "allocate", "evo", "tpe", "nsga2", "gp", "cmaes", "random", "uniform")
 """Sampler names `run` accepts; ``auto`` is the default."""
-PLANNED = ("auto", "allocate", "uniform")
+PLANNED = ("auto", "allocate", "evo", "uniform")
 """Samplers that plan whole policies (they need a `Planner`)."""
 
 MARGIN_FLOOR = 0.02
@@ -73,6 +73,10 @@ def make_sampler(
         return AllocateSampler(space, seed=seed)
     if name == "auto":
         return AutoSampler(space, seed=seed, workers=workers, multi=multi)
+    if name == "evo":
+        from microsweep.search._evo import EvoSampler
+
+        return EvoSampler(space, seed=seed, workers=workers, multi=multi)
     raise UsageError(f"sampler {name!r} is not one of {', '.join(SAMPLERS)}")
 
 
