@@ -20,7 +20,9 @@ from microsweep.errors import MicrosweepError, UsageError
 
 __all__ = ["main"]
 
-SAMPLER_NAMES = ("auto", "allocate", "evo", "tpe", "nsga2", "gp", "cmaes", "random", "uniform")
+SAMPLER_NAMES = (
+    "auto", "allocate", "evo", "evopress", "tpe", "nsga2", "gp", "cmaes", "random", "uniform",
+)  # fmt: skip
 """The same names as `microsweep.search.SAMPLERS` (kept here so `-h` imports nothing heavy)."""
 
 
@@ -63,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto (default): sensitivity pass, warm starts, then TPE over a few global "
         "quantities mapped through budget allocation; allocate; evo (auto's start, then "
-        "evolution of the best feasible policy with staged selection); uniform; or Optuna's "
+        "evolution of the best feasible policy with staged selection); evopress (EvoPress's "
+        "search, a baseline); uniform; or Optuna's "
         "per-layer tpe, nsga2, gp, cmaes, random",
     )
     run.add_argument(

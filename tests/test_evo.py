@@ -148,3 +148,71 @@ def test_children_stay_one_level_step_from_the_parent(evo_sweep):
             assert delta == pytest.approx(steps[0], abs=1e-9)
             checked += 1
     assert checked >= 100
+
+
+@pytest.fixture(scope="module")
+def tiny_file():
+    from microsweep.prepare import load_space_file
+
+    return load_space_file(TINY)
+
+
+def _budgeted(sf, budget: float, **extra):
+    from microsweep import MicroNet
+
+    return MicroNet(**{**sf.objective.to_json(), "score_budget": budget, **extra})
+
+
+@pytest.mark.parametrize("sampler", ["evo", "evopress", "uniform"])
+def test_budget_form_ranks_by_perplexity_within_the_score_budget(sampler, tiny_file, tmp_path):
+    """MicroNet(score_budget=...): the study minimizes perplexity, a trial over the budget is
+    infeasible (its 'score' constraint positive), the best is the least perplexity within it."""
+    sf, budget = tiny_file, 0.85
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    result = run_sweep(
+        sf.space, objective=_budgeted(sf, budget), corpus=sf.corpus, name="b", trials=30,
+        sampler=sampler, seed=0, in_process=True, progress=False, storage=url,
+    )  # fmt: skip
+    store = Store(url)
+    rows = store.trials("b")
+    study = optuna.load_study(study_name="b", storage=store.optuna_storage())
+    ceiling = store.get_sweep("b").ceiling
+    for t, row in zip(study.trials, rows, strict=True):
+        if t.state == TrialState.COMPLETE:
+            assert t.values[0] == pytest.approx(row.perplexity, rel=1e-12)  # the objective
+            assert t.constraints["score"] == pytest.approx(row.score - budget)
+            assert row.feasible == (row.score <= budget and row.perplexity <= ceiling)
+    feasible = [r for r in rows if r.state == "COMPLETE" and r.feasible]
+    assert feasible, f"{sampler} found nothing within the score budget"
+    best = min(feasible, key=lambda r: r.perplexity)
+    assert result.best_number == best.number and result.best_perplexity == best.perplexity
+    assert result.by == "perplexity"
+    from microsweep.report import sweep_status
+
+    assert sweep_status(store, "b")["best"][0]["trial"] == best.number
+    if sampler == "evopress":  # ranks by KL whatever select_by says: every trial has it
+        assert all("kl" in t.user_attrs for t in study.trials if t.state != TrialState.FAIL)
+        gens = [t for t in study.trials if EVO_ATTR in t.user_attrs]
+        assert all(t.user_attrs[EVO_ATTR]["budget"] == budget for t in gens)
+        assert all(rows[t.number].score <= budget for t in gens)  # every child within it
+    if sampler == "uniform":  # the least compressed uniform policies within the budget first
+        first = rows[0]
+        assert first.origin == "uniform" and first.score <= budget
+
+
+def test_budget_form_refuses_what_cannot_work(tiny_file, tmp_path):
+    from microsweep import MicroNet
+    from microsweep.errors import SpaceError, UsageError
+
+    sf = tiny_file
+    with pytest.raises(SpaceError, match="score_budget"):
+        MicroNet(score_budget=-1.0)
+    with pytest.raises(SpaceError, match="objectives='score'"):
+        MicroNet(score_budget=0.8, objectives="score+perplexity")
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    with pytest.raises(UsageError, match="--sampler allocate finds the least score"):
+        run_sweep(
+            sf.space, objective=_budgeted(sf, 0.8), corpus=sf.corpus, name="r", trials=2,
+            sampler="allocate", in_process=True, progress=False, storage=url,
+        )  # fmt: skip
+    assert "r" not in Store(url).sweep_names()  # refused before anything was stored

@@ -403,6 +403,32 @@ class Planner:
                 best, best_key = plan, key
         return best
 
+    def least_loss(
+        self,
+        score_budget: float,
+        *,
+        weights: np.ndarray | Correction | None = None,
+        steps: int = 24,
+    ) -> Plan | None:
+        """The plan of least predicted loss whose score is at most `score_budget` (the dual of
+        `allocate`): bisection on the loss budget, since a larger loss budget never costs more
+        score. None when no plan fits the score budget."""
+        if self.parts is None:
+            raise UsageError("allocation needs a sensitivity table; run the sensitivity pass")
+        top = max(float(sum(np.max(lo) for lo in self._losses(weights))), 1e-9)
+        worst = self.allocate(top * 1.000001, weights=weights)
+        if worst is None or worst.score > score_budget:
+            return None
+        lo, hi, best = 0.0, top * 1.000001, worst
+        for _ in range(steps):
+            mid = 0.5 * (lo + hi)
+            plan = self.allocate(mid, weights=weights)
+            if plan is not None and plan.score <= score_budget:
+                hi, best = mid, plan
+            else:
+                lo = mid
+        return best
+
     def uniform(self) -> list[tuple[tuple[int, ...], Plan]]:
         """Every one-setting-for-all-layers plan: one value per knob for every unit that has the
         knob (the unit's nearest level), with its compression index per knob; deduplicated."""

@@ -78,6 +78,10 @@ class MicroNet:
       trial's next-token distributions from the dense model's on the same windows, then
       measured and recorded for every trial (its ``kl`` attribute; needs the built-in
       perplexity). The ceiling is judged on perplexity either way.
+    - `score_budget`: the other form of the problem (EvoPress's): least perplexity among
+      policies whose MicroNet score is at most this, the ceiling (if any) still a constraint.
+      The study's objective is then the perplexity, a trial over the budget is infeasible, and
+      samplers that rank candidates (`evo`, `evopress`) rank them by `select_by`.
     """
 
     perplexity_ceiling: float | None = None
@@ -91,6 +95,7 @@ class MicroNet:
     early_stop: bool = True
     uncounted_tolerance: float = 0.0
     select_by: Literal["perplexity", "kl"] = "perplexity"
+    score_budget: float | None = None
 
     def __post_init__(self) -> None:
         c = self.perplexity_ceiling
@@ -122,6 +127,16 @@ class MicroNet:
             )
         if self.select_by not in SELECT_BY:
             raise SpaceError(f"MicroNet: select_by {self.select_by!r} must be 'perplexity' or 'kl'")
+        b = self.score_budget
+        if b is not None and (
+            isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0
+        ):
+            raise SpaceError(f"MicroNet: score_budget {b!r} must be a positive number or None")
+        if b is not None and self.objectives != "score":
+            raise SpaceError(
+                "MicroNet: score_budget fixes the score, so the objective is the perplexity "
+                "alone; leave objectives='score'"
+            )
         if not isinstance(self.early_stop, bool):
             raise SpaceError(f"MicroNet: early_stop {self.early_stop!r} must be True or False")
         from microsweep.score import CountConfig
@@ -135,6 +150,20 @@ class MicroNet:
     def wants_kl(self) -> bool:
         """Whether a sweep measures every trial's KL from the dense model (`select_by="kl"`)."""
         return self.select_by == "kl"
+
+    @property
+    def budgeted(self) -> bool:
+        """The EvoPress form: least perplexity at a score of at most `score_budget`."""
+        return self.score_budget is not None
+
+    def value(self, score: float, perplexity: float) -> float:
+        """The single objective a trial is told with: its score, or in the budget form its
+        perplexity."""
+        return perplexity if self.budgeted else score
+
+    def within_budget(self, score: float) -> bool:
+        """Whether a trial's score meets the score budget (always, without one)."""
+        return self.score_budget is None or score <= self.score_budget * (1 + 1e-12)
 
     @property
     def multi(self) -> bool:

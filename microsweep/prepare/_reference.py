@@ -22,12 +22,18 @@ if TYPE_CHECKING:
 __all__ = ["with_reference"]
 
 
-def with_reference(sf: SpaceFile, prepared: Prepared) -> Prepared:
+def with_reference(sf: SpaceFile, prepared: Prepared, *, wanted: bool = False) -> Prepared:
     """`prepared` with the dense model's KL reference on its windows when the objective selects
-    by KL (else unchanged); refused in one line when the space measures with its own
+    by KL, or the sampler ranks by it (`wanted`, where the windows allow; else unchanged);
+    refused in one line when the objective asks for KL but the space measures with its own
     `evaluate`, which gives no next-token distributions."""
     from microsweep.score import kl_reference
 
+    if wanted and not sf.objective.wants_kl and sf.evaluate is None and prepared.windows.numel():
+        batch = prepared.settings.batch_size
+        return replace(
+            prepared, reference=kl_reference(sf.model, prepared.windows, batch_size=batch)
+        )
     if not sf.objective.wants_kl:
         return prepared
     if sf.evaluate is not None or not prepared.windows.numel():

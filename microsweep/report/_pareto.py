@@ -154,6 +154,13 @@ def pareto_data(store: Store, name: str, rows: list[Any] | None = None) -> Paret
         if r.state == "COMPLETE" and r.feasible and r.score is not None:
             best = r.score if best is None else min(best, r.score)
         history.append((r.number, best))
+    from microsweep.storage._records import best_by
+
+    budgeted = best_by(sweep.objective_json) == "perplexity"  # least perplexity at the budget
+
+    def rank(p: Point) -> float:
+        return p.perplexity if budgeted else p.score
+
     dense = Point(
         -1, dense_score, sweep.dense_perplexity, True, sweep.dense_params, sweep.dense_ops,
         "dense", "dense",
@@ -171,8 +178,8 @@ def pareto_data(store: Store, name: str, rows: list[Any] | None = None) -> Paret
         history=history,
         stopped=stopped,
         failures=failures,
-        best_uniform=min(uniform, key=lambda p: p.score).number if uniform else None,
-        best_feasible=min(feasible, key=lambda p: p.score).number if feasible else None,
+        best_uniform=min(uniform, key=rank).number if uniform else None,
+        best_feasible=min(feasible, key=rank).number if feasible else None,
     )
 
 

@@ -27,6 +27,15 @@ __all__ = [
 ]
 
 
+def best_key(sweep: Any) -> Any:
+    """How a sweep's feasible trials rank: by score, or in the budget form by perplexity."""
+    from microsweep.storage._records import best_by
+
+    if best_by(sweep.objective_json) == "perplexity":
+        return lambda r: r.perplexity
+    return lambda r: r.score
+
+
 def sweep_state(sweep: Any, finished: int) -> str:
     """running while a driver holds a live lease; done at the target; stopped otherwise."""
     if sweep.owner and sweep.lease_until and sweep.lease_until > time.time():
@@ -40,7 +49,7 @@ def sweep_row(store: Store, name: str) -> dict[str, Any]:
     sweep = store.get_sweep(name)
     rows = store.trials(name)
     feasible = [r for r in rows if r.state == "COMPLETE" and r.feasible]
-    best = min(feasible, key=lambda r: r.score, default=None)
+    best = min(feasible, key=best_key(sweep), default=None)
     return {
         "name": name,
         "state": sweep_state(sweep, len(rows)),
@@ -100,7 +109,7 @@ def sweep_status(store: Store, name: str, top: int = 5) -> dict[str, Any]:
     rows = store.trials(name)
     states = dict(Counter(r.state for r in rows))
     complete = states.get("COMPLETE", 0)
-    best = sorted((r for r in rows if r.state == "COMPLETE" and r.feasible), key=lambda r: r.score)
+    best = sorted((r for r in rows if r.state == "COMPLETE" and r.feasible), key=best_key(sweep))
     wall = (max(r.finished_at for r in rows) - sweep.created_at).total_seconds() if rows else None
     busy = trial_seconds(rows)
     uniform = next((r for r in best if r.origin == "uniform"), None)

@@ -37,7 +37,7 @@ from microsweep.search._guard import Lease
 from microsweep.search._loop import LoopSettings, SweepLoop
 from microsweep.search._options import SweepOptions, resolve_options
 from microsweep.search._progress import say
-from microsweep.search._result import SweepResult, tally_best
+from microsweep.search._result import SweepResult, best_by, tally_best
 from microsweep.search._workers import WorkerOptions, check_timeout, start_pool
 from microsweep.spaces import Policy, Space
 from microsweep.storage import Store
@@ -49,6 +49,10 @@ if TYPE_CHECKING:
     from microsweep.workers import TrialResult, WorkerPool
 
 __all__ = ["SweepResult", "resume_sweep", "run_sweep"]
+
+KL_SAMPLERS = ("evopress",)
+"""Samplers that rank candidates by KL from the dense model whatever `select_by` says: the sweep
+keeps the dense model's next-token distributions for them."""
 
 
 @dataclass
@@ -86,7 +90,12 @@ class _Session:
         from microsweep.search._samplers import make_sampler
 
         return make_sampler(
-            name, seed=seed, space=sf.space, workers=self.options.workers, multi=sf.objective.multi
+            name,
+            seed=seed,
+            space=sf.space,
+            workers=self.options.workers,
+            multi=sf.objective.multi,
+            budgeted=sf.objective.budgeted,
         )
 
     def drive(
@@ -151,7 +160,7 @@ def run_sweep(
         prepared = prepare(sf, seed or 0)
         dense, ceiling = _measure_dense(sf, prepared, opts.progress)
         prepared = with_stop_rule(sf, prepared, dense, ceiling.value)
-        prepared = with_reference(sf, prepared)  # select_by="kl": the dense distributions
+        prepared = with_reference(sf, prepared, wanted=sampler in KL_SAMPLERS)
         prepared = with_levels(sf, prepared, store.url, model_fingerprint(sf.model))
         session.start_pool(sf, prepared)  # a cluster that cannot place them leaves nothing
         sweep = _new_sweep(store, name, space, sf, prepared, dense, ceiling, sampler, seed, trials)
@@ -372,7 +381,7 @@ def resume_sweep(
         finished = _end_unfinished(store, sweep, study)
         _retarget(store, sweep, trials, finished)
         if finished < total:
-            prepared = with_reference(sf, prepared)  # select_by="kl": the dense distributions
+            prepared = with_reference(sf, prepared, wanted=sweep.sampler in KL_SAMPLERS)
             prepared = with_levels(sf, prepared, store.url, sweep.model_fingerprint)
             session.start_pool(sf, prepared)
         return session.drive(sweep, sf, prepared, study, ceiling, opts.loop(total, began=began))
@@ -453,7 +462,7 @@ def _finished_already(store: Store, sweep: Any, trials: int | None) -> SweepResu
         return None
     if storage_.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
         return None  # a stopped driver's trials: resume ends them
-    result = SweepResult(name=sweep.name, already_done=True)
+    result = SweepResult(name=sweep.name, already_done=True, by=best_by(sweep.objective_json))
     for row in rows:
         result.states[row.state] = result.states.get(row.state, 0) + 1
     tally_best(result, rows)

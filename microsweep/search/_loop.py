@@ -18,7 +18,7 @@ from microsweep._text import distinct
 from microsweep.errors import MicrosweepError, StorageError
 from microsweep.search._planning import plan_sampler
 from microsweep.search._progress import Progress, say
-from microsweep.search._result import SweepResult, tally_best
+from microsweep.search._result import SweepResult, best_by, tally_best
 from microsweep.search._stages import SCREENED_ATTR, Stage
 from microsweep.search._study import SamplerClock, memory_study, origin_of
 from microsweep.storage._records import TrialRecord
@@ -105,7 +105,7 @@ class SweepLoop:
         self.mem = memory_study(study)
         self.done = self.first = len(self.mem.get_trials(deepcopy=False))
         self.asked = self.done
-        self.result = SweepResult(name=sweep.name)
+        self.result = SweepResult(name=sweep.name, by=best_by(sf.objective))
         self.guard = StorageGuard(settings.storage_wait, lambda line: say(settings.progress, line))
         self.in_flight: dict[int, _Asked] = {}  # by in-memory trial number
         self.ready: list[_Asked] = []  # asked ahead, waiting for a free worker
@@ -335,6 +335,9 @@ class SweepLoop:
             for step, value in enumerate(res.intermediate):
                 trial.report(value, step)
         trial.set_constraint("perplexity", ceiling.constraint(ppl))
+        objective = self.sf.objective
+        if objective.budgeted:
+            trial.set_constraint("score", score - objective.score_budget)
         if pruned and item.stage is not None:
             trial.set_user_attr(SCREENED_ATTR, item.stage.read)
         if pruned:
@@ -343,12 +346,12 @@ class SweepLoop:
             item.frozen = self._tell_state(trial, "PRUNED")
         else:
             trial.set_user_attr("perplexity", ppl)
-            values = [score, ppl] if self.sf.objective.multi else score
+            values = [score, ppl] if objective.multi else objective.value(score, ppl)
             item.frozen = self.mem.tell(trial, values)
         record.state = "PRUNED" if pruned else "COMPLETE"
         record.score, record.perplexity = score, ppl
         record.params, record.ops, record.freebie = res.params, res.ops, res.freebie
-        record.feasible = ceiling.feasible(ppl) and not pruned
+        record.feasible = ceiling.feasible(ppl) and objective.within_budget(score) and not pruned
         record.count_config, record.layers = res.count_config, list(res.layers)
 
     def _staged(self, item: _Asked, res: TrialResult) -> None:

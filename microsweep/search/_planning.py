@@ -68,7 +68,10 @@ def plan_sampler(
         )
         _measure(store, sweep, pool, planner, result, progress, probe_budget)
     sampler.attach(planner, budget=budget, dense_nll=ceiling.dense_nll)
-    if hasattr(sampler, "window_dense_nll") and sf.evaluate is None:  # staged evaluation
+    sampler.score_budget = sf.objective.score_budget
+    if hasattr(sampler, "FORCE_KL"):  # the evolutionary samplers: ranking and stages
+        sampler.select_by = "kl" if sampler.FORCE_KL else sf.objective.select_by
+    if hasattr(sampler, "window_dense_nll") and sf.evaluate is None:
         stop = prepared.settings.stop
         sampler.n_windows = int(prepared.windows.shape[0])
         sampler.tokens_per_window = int(prepared.windows.shape[1]) - 1

@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from microsweep.storage import Store
 
-__all__ = ["SweepResult", "tally_best"]
+from microsweep.storage._records import best_by
+
+__all__ = ["SweepResult", "best_by", "tally_best"]
 
 
 @dataclass
@@ -36,13 +38,19 @@ class SweepResult:
     infeasible_notes: list[str] = field(default_factory=list)
     """Without a feasible trial, why: the nearest trial against the ceiling and the knobs that
     cost it the most (`explain_infeasible`); empty otherwise."""
+    by: str = "score"
+    """What the best feasible trial has least of (`best_by`): "score" or "perplexity"."""
 
     def consider(self, number: int, state: str, origin: str | None, score: Any, row: Any) -> None:
         """Fold one finished trial into the best feasible (and best uniform) figures; `row` is
         a `TrialRecord` or a stored trial row (both have `feasible` and `perplexity`)."""
         if state != "COMPLETE" or not row.feasible:
             return
-        if self.best_score is None or score < self.best_score:
+        if self.by == "perplexity":
+            better = self.best_perplexity is None or row.perplexity < self.best_perplexity
+        else:
+            better = self.best_score is None or score < self.best_score
+        if better:
             self.best_number, self.best_score = number, score
             self.best_perplexity = row.perplexity
         if origin == "uniform" and (

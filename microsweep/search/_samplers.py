@@ -38,9 +38,11 @@ if TYPE_CHECKING:
 
 __all__ = ["PLANNED", "SAMPLERS", "PlannedSampler", "make_sampler"]
 
-SAMPLERS = ("auto", "allocate", "evo", "tpe", "nsga2", "gp", "cmaes", "random", "uniform")
+SAMPLERS = (
+    "auto", "allocate", "evo", "evopress", "tpe", "nsga2", "gp", "cmaes", "random", "uniform",
+)  # fmt: skip
 """Sampler names `run` accepts; ``auto`` is the default."""
-PLANNED = ("auto", "allocate", "evo", "uniform")
+PLANNED = ("auto", "allocate", "evo", "evopress", "uniform")
 """Samplers that plan whole policies (they need a `Planner`)."""
 
 MARGIN_FLOOR = 0.02
@@ -52,9 +54,23 @@ HYPER = "hyper:"
 
 
 def make_sampler(
-    name: str, *, seed: int | None, space: Space, workers: int = 1, multi: bool = False
+    name: str,
+    *,
+    seed: int | None,
+    space: Space,
+    workers: int = 1,
+    multi: bool = False,
+    budgeted: bool = False,
 ) -> BaseSampler:
-    """The Optuna sampler for `name` (see `SAMPLERS`)."""
+    """The Optuna sampler for `name` (see `SAMPLERS`); `budgeted`: the objective's budget form
+    (`MicroNet(score_budget=...)`), where `auto` is `evo` and `allocate` is refused."""
+    if budgeted and name == "allocate":
+        raise UsageError(
+            "--sampler allocate finds the least score under the ceiling; with a score_budget "
+            "use auto, evo, evopress, uniform, tpe or random"
+        )
+    if budgeted and name == "auto":
+        name = "evo"
     if name == "tpe":
         return optuna.samplers.TPESampler(multivariate=True, constant_liar=workers > 1, seed=seed)
     if name == "nsga2":
@@ -77,6 +93,12 @@ def make_sampler(
         from microsweep.search._evo import EvoSampler
 
         return EvoSampler(space, seed=seed, workers=workers, multi=multi)
+    if name == "evopress":
+        if multi:
+            raise UsageError("--sampler evopress handles one objective; use tpe, nsga2 or auto")
+        from microsweep.search._evo import EvoPressSampler
+
+        return EvoPressSampler(space, seed=seed, workers=workers)
     raise UsageError(f"sampler {name!r} is not one of {', '.join(SAMPLERS)}")
 
 
@@ -162,6 +184,7 @@ class PlannedSampler(BaseSampler):
         self.budget = 0.0
         self.dense_nll = 0.0
         self.say: Callable[[str], None] | None = None
+        self.score_budget: float | None = None  # the budget form (`MicroNet.score_budget`)
         self._order: list[tuple[tuple[int, ...], Plan]] | None = None
         self._rescues = 0
 
@@ -348,6 +371,21 @@ class PlannedSampler(BaseSampler):
             self._order = sorted(planner.uniform(), key=lambda item: item[1].score)
         return self._order
 
+    def uniform_under_budget(self) -> list[Plan]:
+        """The uniform plans within the score budget that no other one within it compresses
+        less than in every knob (the least compressed ones it allows), highest score first."""
+        budget = math.inf if self.score_budget is None else self.score_budget
+        fits = [(idx, p) for idx, p in self._uniform_order() if p.score <= budget]
+        top = [
+            p
+            for idx, p in fits
+            if not any(
+                other != idx and all(a <= b for a, b in zip(other, idx, strict=True))
+                for other, _ in fits
+            )
+        ]
+        return sorted(top, key=lambda p: -p.score)
+
     def _uniform_next(
         self, records: list[_Record], seen: set[tuple[int, ...]], *, multi: bool
     ) -> Plan | None:
@@ -439,7 +477,9 @@ class UniformSampler(PlannedSampler):
     """One setting for every layer, found by bisection over the exact score order: each trial
     takes the middle of the settings still open. One over the ceiling closes every setting that
     compresses at least as much in every knob; a feasible one (single objective) closes every
-    setting that scores no better."""
+    setting that scores no better. In the budget form, the settings within the score budget
+    that compress least (no other within it compresses less in every knob), highest score
+    first."""
 
     name = "uniform"
 
@@ -450,14 +490,22 @@ class UniformSampler(PlannedSampler):
 
     def _propose(self, study, trial):  # noqa: ANN001, ANN202
         records, seen = self._records(study)
-        plan = self._uniform_next(records, seen, multi=self.multi)
+        if self.score_budget is None:
+            plan = self._uniform_next(records, seen, multi=self.multi)
+        else:  # the budget form: the least compressed uniform plans it allows, in turn
+            plan = next((p for p in self.uniform_under_budget() if p.choice not in seen), None)
         if plan is None:
             if self.exhausted_at is None:
                 self.exhausted_at = trial.number
+                what = f"the {len(self._uniform_order())} uniform settings are decided"
+                if self.score_budget is not None:
+                    what = (
+                        f"the {len(self.uniform_under_budget())} least compressed uniform "
+                        "settings within the score budget are measured"
+                    )
                 self._say(
-                    f"uniform: the {len(self._uniform_order())} uniform settings are decided after "
-                    f"{trial.number} trials; the remaining trials sample at random (origin "
-                    "'random')"
+                    f"uniform: {what} after {trial.number} trials; the remaining trials sample "
+                    "at random (origin 'random')"
                 )
             return None
         return self._require_planner().params(plan.choice), "uniform", None

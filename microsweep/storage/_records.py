@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["TrialRecord"]
+__all__ = ["TrialRecord", "best_by"]
 
 
 @dataclass
@@ -70,3 +70,13 @@ class TrialRecord:
         """A record from `to_json`'s output; keys it does not know are ignored."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def best_by(objective: Any) -> str:
+    """What a sweep's best feasible trial has least of: its score, or in the budget form
+    (`MicroNet(score_budget=...)`) its perplexity. Takes a `MicroNet` or its stored JSON."""
+    if isinstance(objective, dict):
+        budget = objective.get("score_budget")
+    else:
+        budget = getattr(objective, "score_budget", None)
+    return "perplexity" if budget is not None else "score"
