@@ -19,6 +19,21 @@ beside those already in --out: same task, label and method replaced, everything 
     python benchmarks/quality.py --finetune           # also: uniform vs auto with fine-tuning
     python benchmarks/quality.py --tasks ptb --grid last --workdir /tmp/q   # resumable
 
+With --seconds S every run has a time budget instead (its trial loop stops starting trials after
+S seconds; --trials caps it) and measures its own sensitivity pass (no shared table), so
+methods compare at equal wall time including every pre-pass: each run records when each trial
+finished, counted from the start of the run (dense measurement, statistics, level builds and
+sensitivity included), and how many whole evaluations it spent (a screened or early-stopped
+trial counts by its share of the windows). Per task the comparison horizons are the budget S
+(best feasible at S seconds from each run's start) and the least evaluation count any compared
+run spent; `ratios` then holds auto_to_evopress and auto_to_uniform at equal wall time and at
+equal evaluations. --budget-form adds the task "<task>@budget": the same space in the budget
+form (MicroNet(score_budget=B), B the best uniform policy's score from the task's grid, or
+--score-budget), compared by perplexity.
+
+    python benchmarks/quality.py --tasks shakespeare,ptb,llama --seconds 120 --trials 4000 \
+        --methods uniform,random,tpe,allocate,auto,evo,evopress --grid skip --budget-form
+
 Writes benchmarks/results/quality.json, quality.md and quality.png.
 """
 
@@ -43,7 +58,12 @@ TASKS = {
     "ptb": "examples/ptb.py",
     "llama": "examples/llama.py",
 }
-METHODS = ("uniform", "random", "tpe", "nsga2", "allocate", "auto")
+METHODS = ("uniform", "random", "tpe", "nsga2", "allocate", "auto", "evo", "evopress")
+BUDGET_METHODS = ("uniform", "tpe", "auto", "evopress")
+"""The methods compared in the budget form (`allocate` has none; `auto` runs `evo` there)."""
+BUDGET_FORM = """
+objective = MicroNet(**{{**objective.to_json(), "score_budget": {budget!r}}})
+"""
 CHECKPOINTS = (25, 50, 100, 200)
 LEGACY_LABEL = "magnitude/rtn"
 """The methods of results written before they carried a label: every knob then was plain."""
@@ -134,6 +154,11 @@ def _one_run(job: dict) -> dict:
         )
         return {**_summarize(job, None), "job": job}
     started = time.perf_counter()
+    finished: dict[int, float] = {}
+
+    def on_trial(row: dict) -> None:  # seconds from the run's start, pre-passes included
+        finished[row["number"]] = time.perf_counter() - started
+
     run_sweep(
         job["space"],
         name=job["name"],
@@ -143,8 +168,10 @@ def _one_run(job: dict) -> dict:
         seed=job["seed"],
         in_process=True,
         progress=False,
+        timeout=job.get("seconds"),
+        on_trial=on_trial,
     )
-    return {**_summarize(job, time.perf_counter() - started), "job": job}
+    return {**_summarize(job, time.perf_counter() - started, finished), "job": job}
 
 
 def _hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
@@ -169,21 +196,69 @@ def _hv_curve(rows: list, ref: tuple[float, float]) -> list[float]:
     return curve
 
 
-def _summarize(job: dict, wall: float | None) -> dict:
+def _shares(store, name: str, rows: list, n_windows: int | None) -> list[float]:  # noqa: ANN001
+    """Each trial's evaluation cost in whole evaluations: a staged trial its own share of the
+    windows, a trial stopped early the share it read (from its saved evaluation time), a
+    failed one nothing."""
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=store.optuna_storage())
+    attrs = {t.number: t.user_attrs for t in study.get_trials(deepcopy=False)}
+    out = []
+    for r in rows:
+        stage = attrs.get(r.number, {}).get("stage")
+        if r.state == "FAIL":
+            out.append(0.0)
+        elif stage and n_windows:
+            start = stage.get("start", 0) if stage.get("continues") is not None else 0
+            out.append((min(stage["read"], n_windows) - start) / n_windows)
+        elif r.state == "PRUNED":
+            ev, saved = r.timings.get("evaluate", 0.0), r.timings.get("evaluate_saved", 0.0)
+            out.append(ev / (ev + saved) if ev + saved > 0 else 1.0)
+        else:
+            out.append(1.0)
+    return out
+
+
+def _n_windows(space: str) -> int | None:
+    """Evaluation windows of a task's space (None when it evaluates itself)."""
+    from microsweep.prepare import load_space_file, prepare
+
+    sf = load_space_file(space)
+    return None if sf.evaluate is not None else int(prepare(sf, 0).windows.shape[0])
+
+
+def _summarize(job: dict, wall: float | None, finished: dict[int, float] | None = None) -> dict:
     from microsweep.storage import Store
+    from microsweep.storage._records import best_by as ranks_by
 
     store = Store(job["storage"], must_exist=True)
     sweep = store.get_sweep(job["name"])
     rows = sorted(store.trials(job["name"]), key=lambda r: r.number)
+    by = ranks_by(sweep.objective_json)
+    shares = _shares(store, job["name"], rows, job.get("n_windows"))
     store.dispose()
+
+    def value(r) -> float:  # noqa: ANN001
+        return r.perplexity if by == "perplexity" else r.score
+
+    best, spent, time_trace, eval_trace = math.inf, 0.0, [], []
+    for r, share in zip(rows, shares, strict=True):
+        if r.state == "COMPLETE" and r.feasible and value(r) < best:
+            best = value(r)
+        spent += share
+        mark = best if math.isfinite(best) else None
+        eval_trace.append([spent, mark])
+        if finished is not None and r.number in finished:
+            time_trace.append([finished[r.number], mark])
     wall_from_store = wall is None
     if wall is None:  # from the store: first row created to last trial finished
         wall = (max(r.finished_at for r in rows) - sweep.created_at).total_seconds()
     best_by, best = {}, math.inf
     trace = []
     for i, r in enumerate(rows, start=1):
-        if r.state == "COMPLETE" and r.feasible and r.score < best:
-            best = r.score
+        if r.state == "COMPLETE" and r.feasible and value(r) < best:
+            best = value(r)
         trace.append(best if math.isfinite(best) else None)
         if i in CHECKPOINTS:
             best_by[str(i)] = best if math.isfinite(best) else None
@@ -210,6 +285,11 @@ def _summarize(job: dict, wall: float | None) -> dict:
         "dense_score": sweep.dense_score,
         "ceiling": sweep.ceiling,
         "dense_perplexity": sweep.dense_perplexity,
+        "ranked_by": by,
+        "trials_run": len(rows),
+        "evaluations": spent,
+        "time_trace": time_trace,
+        "eval_trace": eval_trace,
     }
 
 
@@ -359,7 +439,10 @@ def _merge(results: dict, task: str, label: str, part: dict) -> None:
     of the same name, a measured grid replaces the stored one, the rest stays."""
     entry = results["tasks"].setdefault(task, {"space": TASKS[task], "by_methods": {}})
     mine = entry["by_methods"].setdefault(label, {"methods": {}, "runs": {}})
-    for key in ("dense_perplexity", "ceiling", "uniform_grid", "sensitivity"):
+    for key in (
+        "dense_perplexity", "ceiling", "uniform_grid", "sensitivity", "equal_budgets",
+        "ranked_by", "score_budget",
+    ):  # fmt: skip
         if part.get(key) is not None:
             mine[key] = part[key]
     mine["methods"].update(part.get("methods", {}))
@@ -377,7 +460,7 @@ def _plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(results["tasks"])
-    fig, axes = plt.subplots(2, len(tasks), figsize=(6.5 * len(tasks), 8.5), squeeze=False)
+    fig, axes = plt.subplots(3, len(tasks), figsize=(6.5 * len(tasks), 12.5), squeeze=False)
     colours = {
         "uniform": "#7f7f7f",
         "random": "#bcbd22",
@@ -387,11 +470,13 @@ def _plot(results: dict, path: Path) -> None:
         "auto": "#d62728",
         "uniform+ft": "#555555",
         "auto+ft": "#8b0000",
+        "evo": "#2ca02c",
+        "evopress": "#8c564b",
     }
     dashes = {LEGACY_LABEL: "--"}  # the plain methods dashed, data-aware ones solid
     for col, task in enumerate(tasks):
         variants = results["tasks"][task]["by_methods"]
-        ax, hv = axes[0][col], axes[1][col]
+        ax, hv, wall = axes[0][col], axes[1][col], axes[2][col]
         finite = []
         for label, data in variants.items():
             ls = dashes.get(label, "-")
@@ -419,6 +504,13 @@ def _plot(results: dict, path: Path) -> None:
                     ls=ls,
                 )
                 finite += [v for t in traces for v in t if v]
+                for k, r in enumerate(runs):  # best against seconds from the run's start
+                    pts = [(x, b) for x, b in r.get("time_trace") or [] if b is not None]
+                    if pts:
+                        wall.step(
+                            [x for x, _ in pts], [b for _, b in pts], where="post", color=c,
+                            ls=ls, alpha=0.8, label=name if k == 0 else None,
+                        )  # fmt: skip
             ref = (data.get("uniform_grid") or {}).get("best")
             if ref:
                 ax.axhline(
@@ -437,6 +529,12 @@ def _plot(results: dict, path: Path) -> None:
         hv.set_title(f"{task}: hypervolume of (score, perplexity), feasible trials")
         hv.set_xlabel("trials")
         hv.legend(fontsize=7)
+        ranked = next(iter(variants.values()), {}).get("ranked_by", "score")
+        wall.set_title(f"{task}: best feasible {ranked} against wall seconds (every seed)")
+        wall.set_xlabel("seconds from the run's start, pre-passes included")
+        if finite:
+            wall.set_ylim(min(finite) * 0.97, min(max(finite), 1.2 * min(finite)) * 1.03)
+        wall.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -500,7 +598,39 @@ def _markdown(results: dict) -> str:
                         f"{_fmt(r['best_by_trials'].get('200'))} | {r['wall_s']:.0f} | "
                         f"{'-' if levels is None else levels} |"
                     )
-    return "\n".join(lines + per_run) + "\n"
+    equal = [
+        "",
+        "## At equal budgets",
+        "",
+        "Best feasible value (score; perplexity in the budget form) at equal wall time (seconds",
+        "from each run's start, every pre-pass included) and at equal whole evaluations (a",
+        "screened or early-stopped trial counts by its share of the windows): mean [min, max]",
+        "over seeds; `-` where a seed had no feasible trial by then.",
+        "",
+        "| task | method | ranked by | at equal wall (s) | at equal evaluations (n) | trials "
+        "| evaluations | first trial s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for task, entry in results["tasks"].items():
+        for data in entry["by_methods"].values():
+            eb = data.get("equal_budgets") or {}
+            for method, m in (eb.get("methods") or {}).items():
+
+                def cell(st: dict) -> str:
+                    missing = any(v is None for v in st.get("per_seed", []))
+                    text = f"{_fmt(st.get('mean'))} [{_fmt(st.get('min'))}, {_fmt(st.get('max'))}]"
+                    return text + (" (a seed had none)" if missing else "")
+
+                first = [v for v in m["first_trial_s"] if v is not None]
+                equal.append(
+                    f"| {task} | {method} | {data.get('ranked_by', 'score')} | "
+                    f"{cell(m['at_equal_wall'])} ({_fmt(eb.get('horizon_seconds'), 0)}) | "
+                    f"{cell(m['at_equal_evaluations'])} ({_fmt(eb.get('horizon_evaluations'), 1)})"
+                    f" | {statistics.fmean(m['trials_run']):.0f} | "
+                    f"{statistics.fmean(m['evaluations']):.1f} | "
+                    f"{_fmt(statistics.fmean(first), 1) if first else '-'} |"
+                )
+    return "\n".join(lines + per_run + equal) + "\n"
 
 
 def _grid(task: str, space: str, workdir: Path, ctx) -> dict:  # noqa: ANN001
@@ -525,10 +655,12 @@ def _grid(task: str, space: str, workdir: Path, ctx) -> dict:  # noqa: ANN001
 
 def _runs(task: str, space: str, workdir: Path, methods: list[str], args, ctx) -> list[dict]:  # noqa: ANN001
     """Every (method, seed) run of a task, each in its own copy of the task's store."""
-    task_db = workdir / (task + ".db")
+    with ctx.Pool(1) as pool:
+        n_windows = pool.apply(_n_windows, (space,))
+    task_db = workdir / (task.replace("@", "-") + ".db")
     storage = f"sqlite:///{task_db}"
     sens = None
-    if {"auto", "allocate"} & set(methods):
+    if {"auto", "allocate", "evo"} & set(methods) and not args.seconds:
         print(f"[{task}] sensitivity pass ...", flush=True)
         with ctx.Pool(1) as pool:
             sens = pool.apply(_sensitivity, (space, storage))
@@ -545,6 +677,8 @@ def _runs(task: str, space: str, workdir: Path, methods: list[str], args, ctx) -
             "seed": s,
             "trials": args.trials,
             "name": f"{m}{args.tag}-{s}",
+            "seconds": args.seconds,
+            "n_windows": n_windows,
         }
         for m in methods  # all seeds of the first method first
         for s in range(args.seeds)
@@ -566,7 +700,7 @@ def _runs(task: str, space: str, workdir: Path, methods: list[str], args, ctx) -
             for m in ("uniform", "auto")
         ]
     for job in jobs:  # its own store: the table is shared, the level folder is not
-        run_db = workdir / f"{task}-{job['name']}.db"
+        run_db = workdir / f"{task.replace('@', '-')}-{job['name']}.db"
         if not run_db.is_file():
             _copy_store(task_db, run_db)
         job["storage"] = f"sqlite:///{run_db}"
@@ -586,7 +720,38 @@ def _runs(task: str, space: str, workdir: Path, methods: list[str], args, ctx) -
     return runs
 
 
-def _task_parts(runs: list[dict], trials: int) -> dict[str, dict]:
+def _best_at(trace: list, horizon: float) -> float | None:
+    """The best feasible value of a [x, best] trace at x <= horizon."""
+    got = [b for x, b in trace if x <= horizon + 1e-9 and b is not None]
+    return got[-1] if got else None
+
+
+def _equal_budgets(runs: list[dict], seconds: float | None) -> dict:
+    """Each method's best feasible value at equal wall time (the time budget, counted from each
+    run's start with every pre-pass in it) and at equal evaluations (the fewest any run spent),
+    mean [min, max] over seeds."""
+    out: dict = {"horizon_seconds": seconds, "horizon_evaluations": None, "methods": {}}
+    if not runs:
+        return out
+    evals = min(r["evaluations"] for r in runs)
+    out["horizon_evaluations"] = evals
+    for method in sorted({r["job"]["method"] for r in runs}):
+        mine = [r for r in runs if r["job"]["method"] == method]
+        at_wall = [_best_at(r["time_trace"], seconds) for r in mine] if seconds else []
+        at_evals = [_best_at(r["eval_trace"], evals) for r in mine]
+        out["methods"][method] = {
+            "at_equal_wall": _stats(at_wall) | {"per_seed": at_wall},
+            "at_equal_evaluations": _stats(at_evals) | {"per_seed": at_evals},
+            "feasible_every_seed": all(v is not None for v in (at_wall or at_evals)),
+            "trials_run": [r["trials_run"] for r in mine],
+            "evaluations": [r["evaluations"] for r in mine],
+            "wall_s": [r["wall_s"] for r in mine],
+            "first_trial_s": [r["time_trace"][0][0] if r["time_trace"] else None for r in mine],
+        }
+    return out
+
+
+def _task_parts(runs: list[dict], trials: int, seconds: float | None = None) -> dict[str, dict]:
     """Runs grouped by methods label, aggregated per method."""
     parts: dict[str, dict] = {}
     for label in sorted({r["methods_label"] for r in runs}):
@@ -602,6 +767,8 @@ def _task_parts(runs: list[dict], trials: int) -> dict[str, dict]:
             "ceiling": mine[0]["ceiling"],
             "sensitivity": mine[0]["sensitivity"],
             "methods": _aggregate(mine, trials),
+            "equal_budgets": _equal_budgets(mine, seconds),
+            "ranked_by": mine[0].get("ranked_by", "score"),
             "runs": {
                 m: [
                     {k: v for k, v in r.items() if k not in ("job", "sensitivity")}
@@ -639,6 +806,18 @@ def main() -> None:
         help="the exhaustive uniform reference before the runs, after them, or not at all",
     )
     parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="each run's time budget (its loop starts no trial after it); --trials caps it",
+    )
+    parser.add_argument(
+        "--budget-form",
+        action="store_true",
+        help="also each task in the budget form, at the best uniform policy's score",
+    )
+    parser.add_argument("--score-budget", type=float, default=None)
+    parser.add_argument(
         "--fresh",
         action="store_true",
         help="drop the results an existing --out file holds (default: add to them)",
@@ -661,7 +840,7 @@ def main() -> None:
         runs = _runs(task, space, workdir, methods, args, ctx) if methods else []
         if args.grid == "last":
             grid = _grid(task, space, workdir, ctx)
-        parts = _task_parts(runs, args.trials)
+        parts = _task_parts(runs, args.trials, args.seconds)
         if grid is not None:
             part = parts.setdefault(grid["methods_label"], {})
             part.update(
@@ -671,6 +850,18 @@ def main() -> None:
             )
         for label, part in parts.items():
             _merge(results, task, label, part)
+        if args.budget_form:
+            budget = args.score_budget or _uniform_best(results, task, grid)
+            if budget is None:
+                sys.exit(f"{task}: no best uniform score for the budget form; pass --score-budget")
+            btask = f"{task}@budget"
+            bspace = workdir / f"{task}_budget.py"
+            bspace.write_text(Path(space).read_text() + BUDGET_FORM.format(budget=budget))
+            TASKS[btask] = str(bspace)
+            bmethods = [m for m in methods if m in BUDGET_METHODS]
+            bruns = _runs(btask, str(bspace), workdir, bmethods, args, ctx)
+            for label, part in _task_parts(bruns, args.trials, args.seconds).items():
+                _merge(results, btask, label, part | {"score_budget": budget})
     _ratios(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     _plot(results, out.with_suffix(".png"))
@@ -683,10 +874,33 @@ def main() -> None:
                         r["best_trace"] = r["best_trace"][::step]
                         r["hv_trace"] = r["hv_trace"][::step]
                         r["trace_step"] = step
+                    for key in ("time_trace", "eval_trace"):  # where the best changed, and the end
+                        trace = r.get(key) or []
+                        r[key] = [
+                            pt
+                            for i, pt in enumerate(trace)
+                            if i in (0, len(trace) - 1) or pt[1] != trace[i - 1][1]
+                        ]
     out.write_text(json.dumps(results, indent=1, default=str))
     out.with_suffix(".md").write_text(_markdown(results))
     print(json.dumps(results["ratios"], indent=1))
     print(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+
+
+def _uniform_best(results: dict, task: str, grid: dict | None) -> float | None:
+    """The best uniform policy's score: the exhaustive grid's (this run's or a stored one),
+    else the uniform sampler's best at equal wall time."""
+    if grid and grid.get("best"):
+        return grid["best"]["score"]
+    for data in results["tasks"].get(task, {}).get("by_methods", {}).values():
+        best = ((data.get("uniform_grid") or {}).get("best") or {}).get("score")
+        if best is not None:
+            return best
+    for data in results["tasks"].get(task, {}).get("by_methods", {}).values():
+        uni = (data.get("equal_budgets") or {}).get("methods", {}).get("uniform")
+        if uni and uni["at_equal_wall"]["min"] is not None:
+            return uni["at_equal_wall"]["min"]
+    return None
 
 
 def _ratios(results: dict) -> None:
@@ -713,6 +927,22 @@ def _ratios(results: dict) -> None:
                 entry_ratios["auto_finetuned_to_uniform"] = ft_auto / uniform
             if ft_auto and ft_uni:
                 entry_ratios["auto_finetuned_to_uniform_finetuned"] = ft_auto / ft_uni
+            equal = (data.get("equal_budgets") or {}).get("methods", {})
+            for budget in ("at_equal_wall", "at_equal_evaluations"):
+
+                def mean(method: str, budget: str = budget, equal: dict = equal) -> float | None:
+                    return ((equal.get(method) or {}).get(budget) or {}).get("mean")
+
+                a = mean("auto")
+                for other in ("evopress", "uniform", "evo", "tpe", "random", "allocate"):
+                    if a is not None and mean(other):
+                        entry_ratios[f"auto_to_{other}_{budget}"] = a / mean(other)
+                if a is not None and uniform and data.get("ranked_by", "score") == "score":
+                    entry_ratios[f"auto_{budget}_to_best_uniform_policy"] = a / uniform
+            if equal:
+                entry_ratios["auto_feasible_every_seed"] = (equal.get("auto") or {}).get(
+                    "feasible_every_seed"
+                )
             ratios.setdefault(name, {})[label] = entry_ratios
     results["ratios"] = ratios
 
