@@ -818,6 +818,9 @@ def main() -> None:
     )
     parser.add_argument("--score-budget", type=float, default=None)
     parser.add_argument(
+        "--budget-tasks", default="shakespeare", help="the tasks --budget-form adds a form of"
+    )
+    parser.add_argument(
         "--fresh",
         action="store_true",
         help="drop the results an existing --out file holds (default: add to them)",
@@ -850,7 +853,7 @@ def main() -> None:
             )
         for label, part in parts.items():
             _merge(results, task, label, part)
-        if args.budget_form:
+        if args.budget_form and task in args.budget_tasks.split(","):
             budget = args.score_budget or _uniform_best(results, task, grid)
             if budget is None:
                 sys.exit(f"{task}: no best uniform score for the budget form; pass --score-budget")

@@ -97,6 +97,11 @@ def test_sensitivity_pass_keeps_its_budget_and_is_reused(tmp_path, tiny_gpt):
     assert again.sensitivity["reused"] == again.sensitivity["probes"]
     assert store.sensitivity(probe_key) == full  # nothing measured again, nothing rewritten
     assert store.get_sweep("reuse-c").eval_key == key
+    # a sweep with a time budget spends its share of that when it is the shorter
+    from microsweep.search._sensitivity import ProbeBudget
+
+    assert ProbeBudget(100, 2, 256, None).seconds(2.0) == pytest.approx(10.0)
+    assert ProbeBudget(100, 2, 256, None, timeout=30.0).seconds(2.0) == pytest.approx(3.0)
     # a different evaluation (other windows) is another key: nothing is reused across them
     from microsweep.prepare import load_space_file, prepare
     from microsweep.search import eval_key

@@ -165,7 +165,7 @@ class SweepLoop:
         plan_sampler(
             self.store, self.sweep, self.sf, self.prepared, self.mem, self.pool, self.result,
             ceiling=self.ceiling, warm_slots=total - min(len(warm), total) if fresh else None,
-            progress=self.settings.progress,
+            progress=self.settings.progress, timeout=self.settings.timeout,
         )  # fmt: skip
         self.clock = SamplerClock(self.mem.sampler)
         self.started = time.perf_counter()

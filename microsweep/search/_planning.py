@@ -35,6 +35,7 @@ def plan_sampler(
     ceiling: Ceiling,
     warm_slots: int | None,
     progress: bool,
+    timeout: float | None = None,
 ) -> None:
     """Give a planned sampler its planner (and sensitivity table) and, on a new study
     (`warm_slots` not None), enqueue up to `warm_slots` of its warm starts; note what the
@@ -65,6 +66,7 @@ def plan_sampler(
             pool.size,
             int(prepared.windows.shape[0]),
             subset=sf.evaluate is None,
+            timeout=timeout,
         )
         _measure(store, sweep, pool, planner, result, progress, probe_budget)
     sampler.attach(planner, budget=budget, dense_nll=ceiling.dense_nll)

@@ -52,10 +52,18 @@ class ProbeBudget:
     n_windows: int
     windows: list[int] | None
     share: float = SENSITIVITY_SHARE
+    timeout: float | None = None
+    """The sweep's time budget, when it has one: the trials take no longer than it."""
 
     @classmethod
     def for_sweep(
-        cls, trials: int, workers: int, n_windows: int, *, subset: bool = True
+        cls,
+        trials: int,
+        workers: int,
+        n_windows: int,
+        *,
+        subset: bool = True,
+        timeout: float | None = None,
     ) -> ProbeBudget:
         """A quarter of the windows (at least 32) when the windows can be subset."""
         from microsweep.score import subset_windows
@@ -63,7 +71,7 @@ class ProbeBudget:
         windows = None
         if subset and n_windows > 32:
             windows = subset_windows(n_windows, max(32, n_windows // 4))
-        return cls(trials, max(1, workers), n_windows, windows)
+        return cls(trials, max(1, workers), n_windows, windows, timeout=timeout)
 
     def key(self, eval_key: str) -> str:
         """The key the probes are stored under: `eval_key` itself when they read every window,
@@ -73,8 +81,12 @@ class ProbeBudget:
         return eval_key if self.windows is None else probe_key(eval_key)
 
     def seconds(self, trial_seconds: float) -> float:
-        """The wall time the pass may take when one trial takes `trial_seconds` on a worker."""
-        return self.share * self.trials * trial_seconds / self.workers
+        """The wall time the pass may take when one trial takes `trial_seconds` on a worker
+        (the trials' wall time, or the sweep's time budget when that is shorter)."""
+        trials_wall = self.trials * trial_seconds / self.workers
+        if self.timeout is not None:
+            trials_wall = min(trials_wall, self.timeout)
+        return self.share * trials_wall
 
 
 def measure_sensitivity(
@@ -150,7 +162,9 @@ def sensitivity_line(summary: dict[str, Any], budget: ProbeBudget) -> str:
     if spent is not None and trial is not None and math.isfinite(budget.share):
         line += (
             f" (budget {spent:.1f}s: {budget.share:.0%} of {budget.trials} trials at ~{trial:.1f}s "
-            f"on {budget.workers} worker{'s' if budget.workers > 1 else ''})"
+            f"on {budget.workers} worker{'s' if budget.workers > 1 else ''}"
+            + (f", or of the {budget.timeout:g}s time budget" if budget.timeout else "")
+            + ")"
         )
     extra = []
     if summary.get("reused"):
