@@ -111,6 +111,18 @@ def _censor(measured: np.ndarray, predicted: np.ndarray, budget: float) -> np.nd
     return keep, y
 
 
+def _ridge(x: np.ndarray, y: np.ndarray, prior: np.ndarray, strength: float) -> np.ndarray:
+    """Least squares of `y` on the columns of `x`, pulled toward `prior` with the weight of
+    `strength` rows (each column scaled by its mean square, so the pull is unit-free); the
+    prior where the solve is not finite."""
+    scale = (x**2).mean(axis=0) if len(x) else np.zeros(x.shape[1])
+    scale = np.where(scale > 0, scale, 1.0)
+    lhs = x.T @ x + strength * np.diag(scale)
+    rhs = x.T @ y + strength * scale * prior
+    w = np.linalg.solve(lhs, rhs)
+    return np.where(np.isfinite(w), w, prior)
+
+
 def fit_weights(
     features: np.ndarray, measured: np.ndarray, budget: float, *, strength: float = 1.0
 ) -> np.ndarray:
@@ -123,13 +135,8 @@ def fit_weights(
     features = np.asarray(features, dtype=np.float64).reshape(-1, len(KNOBS))
     keep, measured = _censor(measured, features.sum(axis=1), budget)
     keep &= np.isfinite(features).all(axis=1) & (features.sum(axis=1) > 0)
-    f, y = features[keep], measured[keep]
-    scale = (f**2).mean(axis=0) if len(f) else np.zeros(len(KNOBS))
-    scale = np.where(scale > 0, scale, 1.0)
-    lhs = f.T @ f + strength * np.diag(scale)
-    rhs = f.T @ y + strength * scale
-    weights = np.linalg.solve(lhs, rhs)
-    return np.clip(np.where(np.isfinite(weights), weights, 1.0), 0.1, 10.0)
+    weights = _ridge(features[keep], measured[keep], np.ones(len(KNOBS)), strength)
+    return np.clip(weights, 0.1, 10.0)
 
 
 def fit_correction(
@@ -157,12 +164,7 @@ def fit_correction(
     y = measured[keep]
     if len(y) == 0:
         return prior.reshape(units, knobs)
-    scale = (x**2).mean(axis=0)
-    scale = np.where(scale > 0, scale, 1.0)
-    lhs = x.T @ x + unit_strength * np.diag(scale)
-    rhs = x.T @ y + unit_strength * scale * prior
-    weights = np.linalg.solve(lhs, rhs)
-    weights = np.where(np.isfinite(weights), weights, prior)
+    weights = _ridge(x, y, prior, unit_strength)
     return np.clip(weights, 0.1, 10.0).reshape(units, knobs)
 
 
@@ -197,12 +199,7 @@ def fit_interactions(
     prior = np.concatenate([np.ones(knobs), np.zeros(len(PAIRS))])
     if len(y) == 0:
         return Correction.identity(units)
-    scale = (x**2).mean(axis=0)
-    scale = np.where(scale > 0, scale, 1.0)
-    lhs = x.T @ x + strength * np.diag(scale)
-    rhs = x.T @ y + strength * scale * prior
-    w = np.linalg.solve(lhs, rhs)
-    w = np.where(np.isfinite(w), w, prior)
+    w = _ridge(x, y, prior, strength)
     pairs = np.clip(w[knobs:], 0.0, 20.0)
     # the knob weights again on what the pairs leave, over the same rows
     rest = y - pair_features[keep] @ pairs

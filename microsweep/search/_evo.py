@@ -71,6 +71,7 @@ class EvoSampler(AutoSampler):
         self.window_dense_nll: list[float] | None = None
         self.select_by = "perplexity"
         self._attrs_next: dict[str, Any] | None = None
+        self._generation_budget: float | None = None  # the score budget children keep
 
     def stage_reads(self) -> list[int]:
         """Windows read at each stage, the last one all of them."""
@@ -307,12 +308,6 @@ class EvoPressSampler(EvoSampler):
     """Ranks by KL from the dense model whatever the objective's `select_by` says."""
     STEP = 0.02
     """Ceiling form: how far below the best feasible score each generation's budget starts."""
-
-    def __init__(
-        self, space: Any, *, seed: int | None, workers: int = 1, multi: bool = False
-    ) -> None:
-        super().__init__(space, seed=seed, workers=workers, multi=multi)
-        self._generation_budget: float | None = None
 
     def warm_starts(self):  # noqa: ANN201
         """The uniform setting: at the budget in the budget form; none in the ceiling form
