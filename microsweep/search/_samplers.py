@@ -45,6 +45,9 @@ SAMPLERS = (
 PLANNED = ("auto", "allocate", "evo", "evopress", "uniform")
 """Samplers that plan whole policies (they need a `Planner`)."""
 
+RESCUE_ALONE = 4
+"""After this many of a planned sampler's own proposals without a feasible trial, every proposal
+is the uniform bisection's until one is feasible."""
 MARGIN_FLOOR = 0.02
 """The least share of the NLL budget a steered plan is given: low enough that a predictor which
 under-predicts a space 20-fold still reaches feasible plans."""
@@ -413,12 +416,13 @@ class PlannedSampler(BaseSampler):
         self, records: list[_Record], seen: set[tuple[int, ...]], *, multi: bool
     ) -> tuple[dict[str, Any], str, None] | None:
         """While no trial has met the ceiling, every other proposal is the uniform bisection's
-        next plan, so a planned sampler finds a feasible policy wherever the `uniform` sampler
-        does, in at most about twice its trials, however wrong its predictor starts."""
+        next plan, and every proposal once `RESCUE_ALONE` of the sampler's own have missed, so
+        a planned sampler finds a feasible policy wherever the `uniform` sampler does, in about
+        as many trials past those, however wrong its predictor starts."""
         if any(r.feasible for r in records):
             return None
         self._rescues += 1
-        if self._rescues % 2:
+        if self._rescues % 2 and self._rescues < 2 * RESCUE_ALONE:
             return None
         plan = self._uniform_next(records, seen, multi=multi)
         if plan is None:
