@@ -245,12 +245,18 @@ def _print_result(result: object, storage: str | None) -> None:
         for line in notes:
             print(line)
     if result.best_uniform_number is not None and result.best_score is not None:
-        ratio = result.best_score / result.best_uniform_score
-        print(
-            f"best uniform policy (one setting for every layer) in this sweep: trial "
-            f"{result.best_uniform_number} score {result.best_uniform_score:.6g}; best feasible "
-            f"is {ratio:.3f}x of it"
-        )
+        if result.by == "perplexity":  # the budget form: compared by perplexity
+            print(
+                f"best uniform policy (one setting for every layer) in this sweep: trial "
+                f"{result.best_uniform_number} perplexity {result.best_uniform_perplexity:.6g}"
+            )
+        else:
+            ratio = result.best_score / result.best_uniform_score
+            print(
+                f"best uniform policy (one setting for every layer) in this sweep: trial "
+                f"{result.best_uniform_number} score {result.best_uniform_score:.6g}; best "
+                f"feasible is {ratio:.3f}x of it"
+            )
     if result.sensitivity:
         sens = result.sensitivity
         print(

@@ -216,3 +216,34 @@ def test_budget_form_refuses_what_cannot_work(tiny_file, tmp_path):
             sampler="allocate", in_process=True, progress=False, storage=url,
         )  # fmt: skip
     assert "r" not in Store(url).sweep_names()  # refused before anything was stored
+
+
+def test_stages_read_more_windows_each_time_or_none_at_all():
+    from microsweep.search._evo import EvoPressSampler, EvoSampler
+
+    for cls in (EvoSampler, EvoPressSampler):
+        sampler = cls.__new__(cls)
+        for n in (0, 8, 16, 19, 32, 33, 64, 256, 1000):
+            sampler.n_windows = n
+            reads = sampler.stage_reads()
+            if sampler.staging():
+                assert reads[-1] == n and all(a < b for a, b in zip(reads, reads[1:], strict=False))
+            else:  # too few windows to stage: every child evaluated whole
+                assert n < 4 * cls.MIN_SCREEN or len(set(reads)) < len(reads)
+
+
+def test_interpolated_levels_stay_anchored_and_respect_a_broken_one():
+    """Unmeasured levels read off the measured ones from the dense NLL at no compression; a
+    level that broke (inf) makes the ones past it inf, not the ones before it."""
+    from microsweep.allocate import Probe
+    from microsweep.search._sensitivity import interpolate
+
+    probes = [Probe("l", "sparsity", f"{v}", v, None) for v in (0.1, 0.2, 0.3, 0.4)]
+    dense = 2.0
+    entries, estimated = interpolate(probes, {("l", "sparsity", "0.4"): 2.4}, dense=dense)
+    assert estimated == 3
+    assert entries[("l", "sparsity", "0.2")] == pytest.approx(2.2)  # linear from (0, dense)
+    broken = {("l", "sparsity", "0.3"): math.inf, ("l", "sparsity", "0.1"): 2.05}
+    entries, _ = interpolate(probes, broken, dense=dense)
+    assert entries[("l", "sparsity", "0.2")] == pytest.approx(2.1)  # 2.05 carried on, x 2
+    assert entries[("l", "sparsity", "0.4")] == math.inf

@@ -412,7 +412,8 @@ class Planner:
         score. None when no plan fits the score budget."""
         if self.parts is None:
             raise UsageError("allocation needs a sensitivity table; run the sensitivity pass")
-        top = max(float(sum(np.max(lo) for lo in self._losses(weights))), 1e-9)
+        losses = self._losses(weights)
+        top = max(float(sum(np.max(lo[np.isfinite(lo)], initial=0.0) for lo in losses)), 1e-9)
         worst = self.allocate(top * 1.000001, weights=weights)
         if worst is None or worst.score > score_budget:
             return None

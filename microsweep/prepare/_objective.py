@@ -13,6 +13,10 @@ __all__ = ["Ceiling", "MicroNet", "PLANNING_FACTOR_WITHOUT_CEILING", "SELECT_BY"
 SELECT_BY = ("perplexity", "kl")
 """What `MicroNet.select_by` may name: the measure trials are ranked by besides their cost."""
 
+SCORE_TOLERANCE = 1e-9
+"""Relative slack of every comparison against a score budget: a policy's score summed from its
+layers' counts and counted on the whole model can differ in the last bits."""
+
 PLANNING_FACTOR_WITHOUT_CEILING = 1.05
 """Without a perplexity ceiling every trial is feasible, but a planned sampler still needs a loss
 budget to allocate: it plans for at most this factor over the dense model's perplexity (and says
@@ -163,7 +167,14 @@ class MicroNet:
 
     def within_budget(self, score: float) -> bool:
         """Whether a trial's score meets the score budget (always, without one)."""
-        return self.score_budget is None or score <= self.score_budget * (1 + 1e-12)
+        return self.score_constraint(score) <= 0
+
+    def score_constraint(self, score: float) -> float:
+        """Optuna's constraint value of a trial's score against the budget: <= 0 within it
+        (with `SCORE_TOLERANCE`); 0 without a budget."""
+        if self.score_budget is None:
+            return 0.0
+        return score - self.score_budget * (1 + SCORE_TOLERANCE)
 
     @property
     def multi(self) -> bool:

@@ -80,9 +80,11 @@ class EvoSampler(AutoSampler):
         return [*reads, n]
 
     def staging(self) -> bool:
-        """Whether the sweep's windows allow staged selection (a space with its own evaluate()
-        gives none: then every child is evaluated whole)."""
-        return self.n_windows >= 2 * self.MIN_SCREEN
+        """Whether the sweep's windows allow staged selection: every stage reads more windows
+        than the one before (a space with its own evaluate() gives none, and a few windows
+        too few: then every child is evaluated whole)."""
+        reads = self.stage_reads()
+        return self.n_windows > 0 and all(a < b for a, b in zip(reads, reads[1:], strict=False))
 
     # -- warm starts -------------------------------------------------------------------------
     def warm_starts(self):  # noqa: ANN201
@@ -123,11 +125,20 @@ class EvoSampler(AutoSampler):
         if self.score_budget is None:
             return super()._propose(study, trial)
         planner = self._require_planner()
-        seen = {planner.locate(t.params) for t in trials if t.params}
+        seen = {planner.locate(t.params) for t in trials if t.params} | self._planned_choices()
         for plan in self.uniform_under_budget():
-            if plan.choice not in seen and plan.choice not in self._planned_choices():
+            if plan.choice not in seen:
                 return planner.params(plan.choice), "uniform", None
-        return None
+        best = _best_feasible(trials)  # the workers wait on no one: a child of the best, whole
+        base = planner.locate(best.params) if best is not None else None
+        if base is None:
+            return None
+        rng = np.random.default_rng(_child_seed(self.seed, trial.number))
+        self._generation_budget = self.score_budget
+        child = self.mutation(base, rng, seen, trial.number)
+        if child is None:
+            return None
+        return planner.params(child), f"{self.ORIGIN}-local", None
 
     def _planned_choices(self) -> set:
         planner = self._require_planner()
@@ -142,7 +153,9 @@ class EvoSampler(AutoSampler):
         gen = max((t.user_attrs[EVO_ATTR]["gen"] for t in evo), default=-1)
         members = [t for t in evo if t.user_attrs[EVO_ATTR]["gen"] == gen]
         stale = members and members[0].user_attrs[EVO_ATTR]["parent"] != parent.number
-        if not members or (stale and not _running(members)):
+        if stale and _running(members):
+            return None  # a new parent: its generation starts once this one's trials are back
+        if not members or stale:
             gen, members = gen + 1, []
         meta = self._meta(trials, gen, parent, members)
         action = self._next(trials, parent, members, meta, number)
@@ -264,11 +277,15 @@ class EvoSampler(AutoSampler):
     # -- selection -----------------------------------------------------------------------------
     def loss(self, t: Any) -> float:
         """A screened (or completed) trial's loss: its KL from the dense model when the sweep
-        ranks by KL, else its excess NLL per token over the dense model on the windows it
-        read, else its log-perplexity excess."""
+        ranks by KL, else its NLL excess (`excess`)."""
+        if self.select_by == "kl" and t.user_attrs.get("kl") is not None:
+            return float(t.user_attrs["kl"])
+        return self.excess(t)
+
+    def excess(self, t: Any) -> float:
+        """Its excess NLL per token over the dense model on the windows it read (else its
+        log-perplexity excess): what the ceiling's NLL budget bounds."""
         attrs = t.user_attrs
-        if self.select_by == "kl" and attrs.get("kl") is not None:
-            return float(attrs["kl"])
         nll = attrs.get("window_nll")
         if nll and self.window_dense_nll is not None and self.tokens_per_window:
             from microsweep.score import subset_windows
@@ -284,13 +301,12 @@ class EvoSampler(AutoSampler):
     def rank(self, t: Any) -> tuple[int, float]:
         """Budget form: by loss. Ceiling form: screens that look feasible first, cheapest
         first; the rest by loss."""
-        loss = self.loss(t)
         if self.score_budget is not None:
-            return (0, loss)
+            return (0, self.loss(t))
         score = t.values[0] if t.values else t.user_attrs.get("score")
-        if loss <= self.budget and score is not None:
+        if self.excess(t) <= self.budget and score is not None:
             return (0, float(score))
-        return (1, loss)
+        return (1, self.loss(t))
 
 
 class EvoPressSampler(EvoSampler):
@@ -339,9 +355,15 @@ class EvoPressSampler(EvoSampler):
         last = [t for t in done if t.user_attrs[EVO_ATTR]["gen"] == gen]
         by_number = {t.number: t for t in trials}
         previous = by_number.get(last[0].user_attrs[EVO_ATTR]["parent"])
-        pool = [*last, *([previous] if previous is not None and _whole(previous) else [])]
+        budget = last[0].user_attrs[EVO_ATTR].get("budget")
+        pool = list(last)
+        if previous is not None and _whole(previous) and _score(previous) <= _slack(budget):
+            pool.append(previous)  # at the same budget (the budget form): it may stay
         fit = [t for t in pool if self._fits(t)]
-        return min(fit or pool, key=self.fitness)
+        if fit:
+            return min(fit, key=self.fitness)
+        # the generation's budget was too low for the ceiling: back to the best feasible
+        return _best_feasible(trials) or min(pool, key=self.fitness)
 
     def fitness(self, t: Any) -> float:
         """KL from the dense model over every window (NLL excess when there is no reference)."""
@@ -397,7 +419,7 @@ class EvoPressSampler(EvoSampler):
             return base
         rng = np.random.default_rng(_child_seed(self.seed, meta["gen"]))
         for _ in range(10_000):
-            if planner.plan(base).score <= budget:
+            if planner.plan(base).score <= _slack(budget):
                 return base
             stepped = mutate(planner, base, rng, swap=False, seen=set(), up=True)
             if stepped is None:
@@ -475,7 +497,7 @@ def mutate(
         out = tuple(c)
         if out in seen:
             continue
-        if budget is not None and planner.plan(out).score > budget:
+        if budget is not None and planner.plan(out).score > _slack(budget):
             continue
         return out
     return None
@@ -507,6 +529,21 @@ def _whole(t: Any) -> bool:
     from optuna.trial import TrialState
 
     return t.state == TrialState.COMPLETE
+
+
+def _score(t: Any) -> float:
+    """A trial's MicroNet score (its value, or in the budget form its user attribute)."""
+    score = t.user_attrs.get("score")
+    if score is None and t.values:
+        score = t.values[0]
+    return math.inf if score is None else float(score)
+
+
+def _slack(budget: float | None) -> float:
+    """A score budget with the tolerance every comparison against it uses."""
+    from microsweep.prepare._objective import SCORE_TOLERANCE
+
+    return math.inf if budget is None else budget * (1 + SCORE_TOLERANCE)
 
 
 def _best_feasible(trials: list) -> Any:

@@ -244,9 +244,14 @@ class SweepLoop:
         stage = Stage.of(attrs, self._n_windows())
         if stage is None:
             return None
-        item.stage = stage
         if stage.continues is not None:
-            stage.prior = self._prior(stage.continues)
+            try:
+                stage.prior = self._prior(stage.continues)
+            except (MicrosweepError, IndexError):
+                return None  # nothing to continue from: evaluated whole instead
+            if len(stage.prior["window_nll"]) != stage.start:
+                return None
+        item.stage = stage
         return stage.windows(self._n_windows())
 
     def _n_windows(self) -> int:
@@ -336,8 +341,9 @@ class SweepLoop:
                 trial.report(value, step)
         trial.set_constraint("perplexity", ceiling.constraint(ppl))
         objective = self.sf.objective
+        trial.set_user_attr("score", score)
         if objective.budgeted:
-            trial.set_constraint("score", score - objective.score_budget)
+            trial.set_constraint("score", objective.score_constraint(score))
         if pruned and item.stage is not None:
             trial.set_user_attr(SCREENED_ATTR, item.stage.read)
         if pruned:
@@ -416,8 +422,10 @@ class SweepLoop:
                 ppl_s = f"ppl {ppl:.4g}"
             else:
                 ppl_s, ceiling_s = distinct(ppl, ceiling)
-                over = "meets the ceiling" if record.feasible else "OVER the ceiling"
+                over = "meets the ceiling" if ppl <= ceiling else "OVER the ceiling"
                 ppl_s = f"ppl {ppl_s}, {over} {ceiling_s}"
+            if not self.sf.objective.within_budget(record.score):
+                ppl_s += f"; OVER the score budget {self.sf.objective.score_budget:.4g}"
             return f"trial {number} ({origin}) score {record.score:.4g} {ppl_s}"
         if record.state == "PRUNED":
             return f"trial {number} ({origin}) stopped early: {record.reason}"

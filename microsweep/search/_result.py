@@ -29,6 +29,7 @@ class SweepResult:
     sampler_ms_per_trial: float = 0.0
     best_uniform_number: int | None = None
     best_uniform_score: float | None = None
+    best_uniform_perplexity: float = float("inf")
     eval_seconds: float = 0.0
     eval_seconds_saved: float = 0.0
     sensitivity: dict[str, Any] = field(default_factory=dict)
@@ -54,9 +55,15 @@ class SweepResult:
             self.best_number, self.best_score = number, score
             self.best_perplexity = row.perplexity
         if origin == "uniform" and (
-            self.best_uniform_score is None or score < self.best_uniform_score
+            self.best_uniform_score is None
+            or (
+                row.perplexity < self.best_uniform_perplexity
+                if self.by == "perplexity"
+                else score < self.best_uniform_score
+            )
         ):
             self.best_uniform_number, self.best_uniform_score = number, score
+            self.best_uniform_perplexity = row.perplexity
 
     def explain_infeasible(self, store: Store) -> list[str]:
         """Fill `infeasible_notes` from the sweep's stored trials when it has no feasible trial

@@ -278,6 +278,8 @@ class PlannedSampler(BaseSampler):
                 seen.add(choice)
             if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
                 continue
+            if "screened_windows" in t.user_attrs:
+                continue  # a screen read a few windows: no measure of the whole loss
             ppl = t.user_attrs.get("perplexity", t.user_attrs.get("perplexity_estimate"))
             loss = None
             if isinstance(ppl, (int, float)) and ppl > 0 and math.isfinite(ppl):
@@ -377,8 +379,14 @@ class PlannedSampler(BaseSampler):
     def uniform_under_budget(self) -> list[Plan]:
         """The uniform plans within the score budget that no other one within it compresses
         less than in every knob (the least compressed ones it allows), highest score first."""
+        from microsweep.prepare._objective import SCORE_TOLERANCE
+
         budget = math.inf if self.score_budget is None else self.score_budget
-        fits = [(idx, p) for idx, p in self._uniform_order() if p.score <= budget]
+        fits = [
+            (idx, p)
+            for idx, p in self._uniform_order()
+            if p.score <= budget * (1 + SCORE_TOLERANCE)
+        ]
         top = [
             p
             for idx, p in fits
@@ -421,8 +429,10 @@ class PlannedSampler(BaseSampler):
         as many trials past those, however wrong its predictor starts."""
         if any(r.feasible for r in records):
             return None
+        own = ("uniform", "warm start", "enqueued", None)
+        misses = sum(1 for r in records if r.origin not in own)  # none is feasible yet
         self._rescues += 1
-        if self._rescues % 2 and self._rescues < 2 * RESCUE_ALONE:
+        if self._rescues % 2 and misses < RESCUE_ALONE:
             return None
         plan = self._uniform_next(records, seen, multi=multi)
         if plan is None:

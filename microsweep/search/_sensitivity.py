@@ -257,20 +257,22 @@ def _distance(knob: str, probe: Probe, index: int, n: int) -> float:
 
 
 def _read_off(x: float, known: list[tuple[float, float]], *, base: float) -> float:
-    """NLL at `x` from measured (x, NLL) points: linear between them, from the dense NLL at
-    x = 0 below the first, proportional past the last (never below the dense NLL)."""
-    points = sorted(known)
-    if all(math.isfinite(v) for _, v in points):
-        points = [(0.0, base), *points]
+    """NLL at `x` from measured (x, NLL) points: linear between the finite ones, from the dense
+    NLL at x = 0 below the first, proportional past the last; at or past a level that broke
+    (inf), inf."""
+    broken = [px for px, v in known if not math.isfinite(v)]
+    if broken and x >= min(broken):
+        return math.inf
+    points = [(0.0, base), *sorted((px, v) for px, v in known if math.isfinite(v))]
     lo = [pt for pt in points if pt[0] <= x]
     hi = [pt for pt in points if pt[0] >= x]
     if lo and hi:
         (x0, y0), (x1, y1) = lo[-1], hi[0]
-        if x1 == x0 or not (math.isfinite(y0) and math.isfinite(y1)):
-            return max(y0, y1) if x1 != x0 else y0
+        if x1 == x0:
+            return y0
         return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    x1, y1 = points[-1] if lo else points[0]
-    if not math.isfinite(y1) or x1 <= 0:
+    x1, y1 = points[-1]
+    if x1 <= 0:
         return y1
     return base + (y1 - base) * x / x1
 

@@ -42,7 +42,9 @@ class Stage:
             return None
         read = max(1, min(int(raw["read"]), n_windows))
         start = int(raw.get("start", 0)) if raw.get("continues") is not None else 0
-        return cls(read, raw.get("continues"), min(start, read - 1))
+        if not 0 <= start < read:
+            return None  # nothing left to read: evaluated whole instead
+        return cls(read, raw.get("continues"), start)
 
     def attr(self) -> dict[str, Any]:
         """The user attribute that asks for this stage."""
