@@ -62,8 +62,17 @@ METHODS = ("uniform", "random", "tpe", "nsga2", "allocate", "auto", "evo", "evop
 BUDGET_METHODS = ("uniform", "tpe", "auto", "evopress")
 """The methods compared in the budget form (`allocate` has none; `auto` runs `evo` there)."""
 BUDGET_FORM = """
-objective = MicroNet(**{{**objective.to_json(), "score_budget": {budget!r}}})
+objective = MicroNet(
+    **{{
+        **objective.to_json(),
+        "score_budget": {budget!r},
+        "perplexity_ceiling": None,
+        "relative_to": None,
+    }}
+)
 """
+"""The budget form of a task: least perplexity at a score of at most the budget, with no
+perplexity ceiling (EvoPress's problem)."""
 CHECKPOINTS = (25, 50, 100, 200)
 LEGACY_LABEL = "magnitude/rtn"
 """The methods of results written before they carried a label: every knob then was plain."""
@@ -818,6 +827,9 @@ def main() -> None:
     )
     parser.add_argument("--score-budget", type=float, default=None)
     parser.add_argument(
+        "--budget-only", action="store_true", help="with --budget-form: only the budget form"
+    )
+    parser.add_argument(
         "--budget-tasks", default="shakespeare", help="the tasks --budget-form adds a form of"
     )
     parser.add_argument(
@@ -840,7 +852,8 @@ def main() -> None:
     for task in [t for t in args.tasks.split(",") if t]:
         space = str(ROOT / TASKS[task])
         grid = _grid(task, space, workdir, ctx) if args.grid == "first" else None
-        runs = _runs(task, space, workdir, methods, args, ctx) if methods else []
+        ceiling_form = methods and not args.budget_only
+        runs = _runs(task, space, workdir, methods, args, ctx) if ceiling_form else []
         if args.grid == "last":
             grid = _grid(task, space, workdir, ctx)
         parts = _task_parts(runs, args.trials, args.seconds)
