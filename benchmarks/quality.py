@@ -454,7 +454,7 @@ def _merge(results: dict, task: str, label: str, part: dict) -> None:
         "ranked_by", "score_budget",
     ):  # fmt: skip
         if part.get(key) is not None or (key == "ceiling" and "methods" in part):
-            mine[key] = part[key]  # a form without a ceiling says so
+            mine[key] = part.get(key)  # a form without a ceiling says so
     mine["methods"].update(part.get("methods", {}))
     mine["runs"].update(part.get("runs", {}))
 
