@@ -15,20 +15,24 @@ from microsweep.search._options import SweepOptions
 from microsweep.search._sensitivity import SensitivityRun, run_sensitivity
 
 if TYPE_CHECKING:
+    from microsweep.search._evo import EvoPressSampler, EvoSampler
+    from microsweep.search._factory import make_sampler
     from microsweep.search._samplers import (
         SAMPLERS,
         AllocateSampler,
         AutoSampler,
         UniformSampler,
-        make_sampler,
     )
 
-_SAMPLER_NAMES = {"SAMPLERS", "AllocateSampler", "AutoSampler", "UniformSampler", "make_sampler"}
+_SAMPLER_NAMES = {"SAMPLERS", "AllocateSampler", "AutoSampler", "UniformSampler"}
+_EVO_NAMES = {"EvoSampler", "EvoPressSampler"}
 
 __all__ = [
     "SAMPLERS",
     "AllocateSampler",
     "AutoSampler",
+    "EvoPressSampler",
+    "EvoSampler",
     "MicroNet",
     "SensitivityRun",
     "SpaceFile",
@@ -49,4 +53,12 @@ def __getattr__(name: str) -> Any:
         from microsweep.search import _samplers
 
         return getattr(_samplers, name)
+    if name in _EVO_NAMES:
+        from microsweep.search import _evo
+
+        return getattr(_evo, name)
+    if name == "make_sampler":
+        from microsweep.search._factory import make_sampler
+
+        return make_sampler
     raise AttributeError(f"module 'microsweep.search' has no attribute {name!r}")

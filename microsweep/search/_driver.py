@@ -87,7 +87,7 @@ class _Session:
         self.pool = start_pool(sf, prepared, self.options, progress=self.progress)
 
     def sampler(self, name: str, seed: int | None, sf: SpaceFile) -> optuna.samplers.BaseSampler:
-        from microsweep.search._samplers import make_sampler
+        from microsweep.search._factory import make_sampler
 
         return make_sampler(
             name,

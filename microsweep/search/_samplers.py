@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from microsweep.allocate import Correction, Plan, Planner
     from microsweep.spaces import Space
 
-__all__ = ["PLANNED", "SAMPLERS", "PlannedSampler", "make_sampler"]
+__all__ = ["PLANNED", "SAMPLERS", "PlannedSampler"]
 
 SAMPLERS = (
     "auto", "allocate", "evo", "evopress", "tpe", "nsga2", "gp", "cmaes", "random", "uniform",
@@ -54,55 +54,6 @@ under-predicts a space 20-fold still reaches feasible plans."""
 ORIGIN_ATTR = "origin"
 POINT_ATTR = "point"
 HYPER = "hyper:"
-
-
-def make_sampler(
-    name: str,
-    *,
-    seed: int | None,
-    space: Space,
-    workers: int = 1,
-    multi: bool = False,
-    budgeted: bool = False,
-) -> BaseSampler:
-    """The Optuna sampler for `name` (see `SAMPLERS`); `budgeted`: the objective's budget form
-    (`MicroNet(score_budget=...)`), where `auto` is `evo` and `allocate` is refused."""
-    if budgeted and name == "allocate":
-        raise UsageError(
-            "--sampler allocate finds the least score under the ceiling; with a score_budget "
-            "use auto, evo, evopress, uniform, tpe or random"
-        )
-    if budgeted and name == "auto":
-        name = "evo"
-    if name == "tpe":
-        return optuna.samplers.TPESampler(multivariate=True, constant_liar=workers > 1, seed=seed)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, deterministic_objective=True)
-    if name == "cmaes":
-        if multi:
-            raise UsageError("--sampler cmaes handles one objective; use tpe, nsga2 or auto")
-        return _ConstrainedCmaEs(seed=seed, warn_independent_sampling=False)
-    if name == "uniform":
-        return UniformSampler(space, seed=seed, multi=multi)
-    if name == "allocate":
-        return AllocateSampler(space, seed=seed)
-    if name == "auto":
-        return AutoSampler(space, seed=seed, workers=workers, multi=multi)
-    if name == "evo":
-        from microsweep.search._evo import EvoSampler
-
-        return EvoSampler(space, seed=seed, workers=workers, multi=multi)
-    if name == "evopress":
-        if multi:
-            raise UsageError("--sampler evopress handles one objective; use tpe, nsga2 or auto")
-        from microsweep.search._evo import EvoPressSampler
-
-        return EvoPressSampler(space, seed=seed, workers=workers)
-    raise UsageError(f"sampler {name!r} is not one of {', '.join(SAMPLERS)}")
 
 
 class _ConstrainedCmaEs(optuna.samplers.CmaEsSampler):
