@@ -191,6 +191,20 @@ class TrialRunner:
         """True: the pool's check that an actor started and loaded its model."""
         return True
 
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(self, *args, **kwargs)` on this runner, under the runner's threads and without
+        grad: work other than a trial (the planner's per-layer options) that reads the base
+        model, its calibration tokens and its device where the runner lives."""
+        threads = torch.get_num_threads()
+        grad = torch.is_grad_enabled()
+        try:
+            torch.set_num_threads(self.threads)
+            torch.set_grad_enabled(False)
+            return fn(self, *args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+            torch.set_grad_enabled(grad)
+
     def _reset_torch_state(self, number: int) -> None:
         """Threads, default dtype, grad mode and seed (from the trial number) as at start."""
         torch.set_num_threads(self.threads)
