@@ -139,6 +139,7 @@ def _policy(space: Any) -> Any:
 
 def _runner_phase(size: str, workdir: Path) -> dict[str, Any]:
     """Dense evaluation, a cold and a warm trial of one policy, peak RSS, and its export."""
+    import optuna  # noqa: F401  (imported before the baseline RSS, as every import above)
     import torch
 
     from microsweep.compress import compress
@@ -146,8 +147,6 @@ def _runner_phase(size: str, workdir: Path) -> dict[str, Any]:
     from microsweep.prepare import model_fingerprint, prepare, space_from_objects, with_levels
     from microsweep.score import count, perplexity
     from microsweep.workers import TrialRunner
-
-    import optuna  # noqa: F401  (imported before the baseline RSS, as every import above)
 
     torch.set_num_threads(1)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Python, torch, imports
