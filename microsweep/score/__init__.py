@@ -4,8 +4,9 @@
 one for a new layer type; microsweep's compressed layers register theirs from
 `microsweep.compress`, and the helpers such rules share are public here); `micronet_score`
 normalizes by a `Baseline`; `perplexity` measures a model on the fixed windows of
-`eval_windows`; `kl_reference` keeps the dense model's distributions on them, from which
-`window_nll_kl` measures a trial's KL divergence beside its NLL.
+`eval_windows`, in batches that fit a memory limit (`batch_for_memory`); `kl_reference`
+keeps the dense model's distributions on them, from which `window_nll_kl` measures a trial's
+KL divergence beside its NLL.
 """
 
 from microsweep.score._config import CountConfig
@@ -35,6 +36,9 @@ from microsweep.score._kl import (
     window_nll_kl,
 )
 from microsweep.score._perplexity import (
+    DEFAULT_EVAL_MEMORY,
+    batch_for_memory,
+    eval_memory_limit,
     eval_windows,
     mean_context,
     nll_to_perplexity,
@@ -111,4 +115,7 @@ __all__ = [
     "FULL_VOCAB_MAX",
     "KLReference",
     "kl_reference",
+    "DEFAULT_EVAL_MEMORY",
+    "batch_for_memory",
+    "eval_memory_limit",
 ]

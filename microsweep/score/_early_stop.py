@@ -193,10 +193,12 @@ class FineTuneCurve:
     def __init__(
         self,
         windows: torch.Tensor,
-        batch_size: int,
+        batch_size: int | None,
         rule: StopRule | None,
         steps: int,
         early_stop: bool,
+        *,
+        memory_bytes: int | None = None,
     ) -> None:
         n = windows.shape[0]
         size = min(n, FT_EVAL_WINDOWS)
@@ -204,7 +206,8 @@ class FineTuneCurve:
         self.indices = list(range(0, every * size, every))
         self.windows = windows[self.indices]
         self.tokens = size * (windows.shape[1] - 1)
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # None: chosen from `memory_bytes` (see `window_nll`)
+        self.memory_bytes = memory_bytes
         self.rule = rule
         self.steps = steps
         self.may_cut = early_stop and rule is not None
@@ -214,7 +217,9 @@ class FineTuneCurve:
 
     def add(self, model: nn.Module, step: int) -> bool:
         """Measure the model at `step`; True when fine-tuning should end here."""
-        nll = window_nll(model, self.windows, batch_size=self.batch_size)
+        nll = window_nll(
+            model, self.windows, batch_size=self.batch_size, memory_bytes=self.memory_bytes
+        )
         ppl = nll_to_perplexity(float(nll.sum()), self.tokens)
         self.points.append([step, ppl])
         if self.rule is None:
