@@ -183,7 +183,7 @@ def test_a_cached_trial_copies_only_what_its_policy_changes(runner, tiny_gpt):
     small = VariantCache(tiny_gpt, calib=runner.calib, max_bytes=1)
     small.model(policy)
     small.model(Policy(layers={"blocks.1.mlp.c_fc": LayerPolicy(sparsity=0.5, bits=8)}))
-    assert len(small._entries) == 1
+    assert len(small) == 1
 
 
 def test_distillation_loss_is_exact_at_its_ends(tiny_gpt, corpus):

@@ -5,6 +5,14 @@ earlier trial already built. The cache keeps each compressed layer by (layer nam
 the SVD of each factorized weight and the calibrated input ranges, so a trial's model is the
 base's module tree with the policy's layers swapped in: no full copy, and a repeated setting
 costs a lookup. The result is the same model `compress` builds, value for value.
+
+Entries live in two tiers under one byte budget: what every level of a layer shares (magnitude
+orders as int32, SVDs as float32 truncated to the largest rank the layer can take, input
+statistics) and the compressed variants. Variants go first, least recently used first, and
+nothing the model being built reads is evicted while it is built: a new entry that would need
+that is not kept. A trial walks the layers in order, so plain LRU under a budget smaller than
+one policy evicted each layer just before the repeat needed it (no hit at all); here the
+layers that fit stay and a repeat finds them.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from ._apply import (
 )
 from ._groups import grouped
 from ._levels import LevelStore
-from ._lowrank import InputStats, factorize, times_transform
+from ._lowrank import InputStats, factorize, weight_svd
 from ._prune import magnitude_order, mask_from_order
 from ._quantize import tensor_scale
 from ._techniques import RankTechnique, technique
@@ -47,9 +55,19 @@ def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+def _largest_useful_rank(weight: torch.Tensor) -> int:
+    """The largest rank below a matrix's break-even (r * (out + in) < out * in): a space leaves
+    the layer dense at any rank from there on, so an SVD kept for it needs no more triples."""
+    out_f, in_f = weight.shape
+    return max(1, -(-(out_f * in_f) // (out_f + in_f)) - 1)
+
+
 class VariantCache:
-    """Builds `policy`'s model from `base` with cached layer variants (least recently used
-    first out past `max_bytes`).
+    """Builds `policy`'s model from `base` with cached layer variants and decompositions, within
+    `max_bytes` (see the module's note on the two tiers and what is evicted first).
+
+    `max_rank` names, per layer, the largest rank its SVD is kept for (default: the largest
+    rank below the layer's break-even); a policy asking for more recomputes it.
 
     The models it returns share tensors with the base and with each other: treat them as
     read-only (evaluate and count them; copy one with `copy.deepcopy` before training it).
@@ -63,16 +81,21 @@ class VariantCache:
         max_bytes: int = 512 * 2**20,
         stats: Mapping[str, InputStats] | None = None,
         store: LevelStore | None = None,
+        max_rank: Mapping[str, int] | None = None,
     ) -> None:
         self.base = base
         self.calib = calib
         self.max_bytes = max_bytes
         self.store = store
-        self._given_stats = dict(stats or {})  # the sweep's, computed once: kept outside the LRU
+        self.max_rank = dict(max_rank or {})
+        self._given_stats = dict(stats or {})  # the sweep's, computed once: kept outside the tiers
         self._shared: dict[int, Any] = {}
         for t in [*base.parameters(), *base.buffers()]:
             self._shared[id(t)] = t
-        self._entries: OrderedDict[tuple[str, Any], tuple[Any, int]] = OrderedDict()
+        # least recently used first in each tier: variants, then what every level shares
+        self._variants: OrderedDict[tuple[str, Any], tuple[Any, int]] = OrderedDict()
+        self._common: OrderedDict[tuple[str, Any], tuple[Any, int]] = OrderedDict()
+        self._in_use: set[tuple[str, Any]] = set()  # keys the model being built reads
         self._bytes = 0
         self._amax: dict[str, torch.Tensor] | None = None
         self._pending: dict[str, nn.Module] = {}
@@ -89,17 +112,26 @@ class VariantCache:
         self._pending = {
             s.name: s.linear
             for s in steps
-            if (s.name, s.settings) not in self._entries  # a cached variant needs no inputs
+            if (s.name, s.settings) not in self._variants  # a cached variant needs no inputs
             and s.name not in self._given_stats
             and not (s.settings.data_aware and self.store and self.store.has(s.name, s.settings))
             and (
                 s.settings.data_aware
                 or (
                     METHODS[s.settings.rank_method].reads_inputs
-                    and (s.name, ("svd", s.settings.rank_method)) not in self._entries
+                    and (s.name, ("svd", s.settings.rank_method)) not in self._common
                 )
             )
         }
+        self._in_use = set()
+        try:
+            return self._assemble(steps)
+        finally:
+            self._pending = {}
+            self._in_use = set()
+
+    def _assemble(self, steps: list[Any]) -> nn.Module:
+        """The base's module tree with each step's layer swapped for its variant."""
         model = copy.deepcopy(self.base, dict(self._shared))
         retie: dict[int, nn.Parameter] = {}
         placed: set[int] = set()
@@ -115,7 +147,6 @@ class VariantCache:
             weight = getattr(variant, "weight", None)
             if isinstance(weight, nn.Parameter) and weight is not step.linear.weight:
                 retie[id(step.linear.weight)] = weight  # a tie (head = embedding) follows it
-        self._pending = {}
         if retie:
             for module in model.modules():
                 if id(module) in placed:
@@ -149,12 +180,22 @@ class VariantCache:
 
     def _cached(self, key: tuple[str, Any]) -> Any:
         """A cached layer (or group) by key, counted as a hit or a miss; None when missing."""
-        entry = self._entries.get(key)
+        entry = self._variants.get(key)
         if entry is None:
             self.misses += 1
             return None
-        self._entries.move_to_end(key)
+        self._variants.move_to_end(key)
+        self._in_use.add(key)
         self.hits += 1
+        return entry[0]
+
+    def _common_entry(self, key: tuple[str, Any]) -> Any:
+        """An entry every level of a layer shares (order, SVD, statistics), or None."""
+        entry = self._common.get(key)
+        if entry is None:
+            return None
+        self._common.move_to_end(key)
+        self._in_use.add(key)
         return entry[0]
 
     def _variant(self, name: str, linear: nn.Linear, settings: LayerPolicy) -> nn.Module:
@@ -178,7 +219,7 @@ class VariantCache:
         factors, masks = None, None
         rank_tech = technique(settings.rank_method) if settings.rank is not None else None
         if isinstance(rank_tech, RankTechnique) and rank_tech.factorizes:
-            svd, transform = self._svd(name, linear, settings.rank_method)
+            svd, transform = self._svd(name, linear, settings.rank_method, settings.rank)
             factors = factorize(linear, settings.rank, svd=svd, transform=transform)
         if settings.sparsity > 0 and settings.prune_method == "magnitude":
             if factors is None:
@@ -210,7 +251,7 @@ class VariantCache:
             for t in [*module.parameters(), *module.buffers()]
             if id(t) not in self._shared  # a bias the variant still shares costs nothing
         ]
-        self._put(key, module, _nbytes(own))
+        self._put(key, module, _nbytes(own), common=False)
 
     def _group(
         self, method: str, group: str, rank: int, linears: dict[str, nn.Module]
@@ -228,7 +269,7 @@ class VariantCache:
             for t in [*m.parameters(), *m.buffers()]
             if id(t) not in self._shared
         ]
-        self._put(key, modules, _nbytes(own))
+        self._put(key, modules, _nbytes(own), common=False)
         return modules
 
     def _order(
@@ -237,25 +278,23 @@ class VariantCache:
         """The magnitude order of one weight matrix (a layer's, or a factor's at a rank), sorted
         once for every sparsity."""
         key = (matrix, ("order", block))
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            return entry[0]
-        order = magnitude_order(weight, block)
-        self._put(key, order, _nbytes([order]))
+        order = self._common_entry(key)
+        if order is None:
+            order = magnitude_order(weight, block)
+            self._put(key, order, _nbytes([order]), common=True)
         return order
 
     def _svd(
-        self, name: str, linear: nn.Linear, method: str = "plain"
+        self, name: str, linear: nn.Linear, method: str = "plain", rank: int = 1
     ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, torch.Tensor] | None]:
-        """The SVD `factorize` truncates (of W, or of W T for a data-aware `method`) and T's
-        pair, computed once per layer and method."""
+        """The SVD `factorize` truncates (of W, or of W T for a data-aware `method`; as
+        `weight_svd` keeps it) and T's pair, computed once per layer and method for every rank
+        up to the layer's `max_rank` (again, for more, when `rank` asks for more)."""
         key = (name, ("svd", method))
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            return entry[0]
-        w = linear.weight.detach().to(torch.float64)
+        full = min(linear.weight.shape)
+        found = self._common_entry(key)
+        if found is not None and found[0][1].numel() >= min(rank, full):
+            return found
         transform = None
         if method != "plain":
             tech = technique(method)
@@ -264,9 +303,10 @@ class VariantCache:
             )
             if transform is None:
                 raise SpaceError(f"rank method {method!r} does not factorize on calibration inputs")
-            w = times_transform(w, transform[0])
-        svd = tuple(torch.linalg.svd(w, full_matrices=False))
-        self._put(key, (svd, transform), _nbytes([*svd, *(transform or ())]))
+        keep = max(rank, self.max_rank.get(name) or _largest_useful_rank(linear.weight))
+        svd = weight_svd(linear.weight, transform, keep=min(keep, full))
+        self._drop(key)  # kept for fewer ranks than this policy asks for
+        self._put(key, (svd, transform), _nbytes([*svd, *(transform or ())]), common=True)
         return svd, transform
 
     def _stats(self, name: str) -> InputStats:
@@ -277,17 +317,17 @@ class VariantCache:
         if given is not None:
             return given
         key = (name, ("stats",))
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            return entry[0]
+        kept = self._common_entry(key)
+        if kept is not None:
+            return kept
         if self.calib is None:  # _plan refuses data-aware methods without calib first
             raise SpaceError("a data-aware method needs calib token ids")
-        wanted = {n: m for n, m in self._pending.items() if (n, ("stats",)) not in self._entries}
+        wanted = {n: m for n, m in self._pending.items() if (n, ("stats",)) not in self._common}
         wanted[name] = self.base.get_submodule(name)
         found = input_stats(self.base, wanted, self.calib)
         for layer, stats in found.items():
-            self._put((layer, ("stats",)), stats, _nbytes([stats.gram, stats.abs_mean]))
+            size = _nbytes([stats.gram, stats.abs_mean])
+            self._put((layer, ("stats",)), stats, size, common=True)
         if name not in found:
             raise SpaceError(
                 f"layer {name!r} saw no input while calibrating; its data-aware method needs "
@@ -311,12 +351,32 @@ class VariantCache:
             )
         return self._amax[name]
 
-    def _put(self, key: tuple[str, Any], value: Any, size: int) -> None:
-        self._entries[key] = (value, size)
+    def _put(self, key: tuple[str, Any], value: Any, size: int, *, common: bool) -> None:
+        """Keep an entry in its tier (`common`: shared by every level of a layer) once the
+        bytes fit: variants not in use go first, least recently used first, then shared entries
+        not in use. An entry that would need more is not kept, unless the cache is otherwise
+        empty (one entry larger than the budget alone stays, the latest)."""
+        self._drop(key)
+        for tier in (self._variants, self._common):
+            for old in [k for k in tier if k not in self._in_use]:
+                if self._bytes + size <= self.max_bytes:
+                    break
+                self._drop(old)
+        if self._bytes + size > self.max_bytes and (self._variants or self._common):
+            return
+        (self._common if common else self._variants)[key] = (value, size)
         self._bytes += size
-        while self._bytes > self.max_bytes and len(self._entries) > 1:
-            _, (_, dropped) = self._entries.popitem(last=False)
-            self._bytes -= dropped
+        self._in_use.add(key)
+
+    def _drop(self, key: tuple[str, Any]) -> None:
+        for tier in (self._variants, self._common):
+            entry = tier.pop(key, None)
+            if entry is not None:
+                self._bytes -= entry[1]
+
+    def __len__(self) -> int:
+        """Entries held: layer variants, groups, orders, SVDs and statistics."""
+        return len(self._variants) + len(self._common)
 
     @property
     def nbytes(self) -> int:
@@ -324,7 +384,13 @@ class VariantCache:
         entry alone is larger); the sweep's given statistics are not counted."""
         return self._bytes
 
+    @property
+    def common_bytes(self) -> int:
+        """Of `nbytes`, what every level of a layer shares: orders, SVDs, statistics."""
+        return sum(size for _, size in self._common.values())
+
     def clear(self) -> None:
         """Forget every cached layer and decomposition."""
-        self._entries.clear()
+        self._variants.clear()
+        self._common.clear()
         self._bytes = 0

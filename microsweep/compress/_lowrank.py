@@ -20,7 +20,7 @@ from microsweep.policy import RANK_METHODS
 
 from ._modules import LowRankEmbedding, LowRankLinear
 
-__all__ = ["RANK_METHODS", "InputStats", "factorize", "rank_transform"]
+__all__ = ["RANK_METHODS", "InputStats", "factorize", "rank_transform", "weight_svd"]
 
 
 @dataclass
@@ -71,6 +71,27 @@ def times_transform(matrix: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return matrix * t[None, :] if t.dim() == 1 else matrix @ t
 
 
+def weight_svd(
+    weight: torch.Tensor,
+    transform: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    keep: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SVD `factorize` truncates: of W T (T the identity without `transform`), computed in
+    float64 and kept as (U, S, Vh) in float32 (float64 for a float64 weight), only the first
+    `keep` singular triples when given. Half the bytes of the float64 SVD (a variant cache holds
+    one per layer), and every rank is built from these same values, cached or not."""
+    target = weight.detach().to(torch.float64)
+    if transform is not None:
+        target = times_transform(target, transform[0].to(target.device))
+    u, s, vh = torch.linalg.svd(target, full_matrices=False)
+    if keep is not None:
+        u, s, vh = u[:, :keep], s[:keep], vh[:keep]
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    # fresh contiguous storage: a slice would keep the whole float64 SVD alive
+    return tuple(torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t) for t in (u, s, vh))
+
+
 def factorize(
     linear: nn.Linear | nn.Embedding,
     rank: int,
@@ -78,13 +99,13 @@ def factorize(
     svd: tuple[torch.Tensor, ...] | None = None,
     transform: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LowRankLinear:
-    """Best rank-`rank` approximation W ~= (U_r sqrt(S_r)) (sqrt(S_r) Vh_r T^-1), SVD of W T in
-    float64 (T the identity for plain SVD; see `rank_transform`).
+    """Best rank-`rank` approximation W ~= (U_r sqrt(S_r)) (sqrt(S_r) Vh_r T^-1), from the SVD
+    of W T (T the identity for plain SVD; see `rank_transform`) as `weight_svd` keeps it.
 
-    The two factors are plain Linears in the weight's dtype and device; `second` reuses the
-    original bias Parameter. Built with `skip_init` so the global RNG is not advanced. `svd` is
-    the ``torch.linalg.svd((W T).double(), full_matrices=False)`` when already computed (one
-    decomposition serves every rank).
+    The two factors are plain Linears in the weight's dtype and device, their products formed
+    in float64; `second` reuses the original bias Parameter. Built with `skip_init` so the
+    global RNG is not advanced. `svd` is ``weight_svd(W, transform)`` (possibly truncated to at
+    least `rank` triples) when already computed: one decomposition serves every rank.
 
     An `nn.Embedding` table E (V, d) is factorized the same way, read as V rows of d: the
     result is a `LowRankEmbedding` whose (V, rank) table holds U_r sqrt(S_r) and whose
@@ -92,31 +113,32 @@ def factorize(
     """
     w = linear.weight.detach()
     out_f, in_f = w.shape
+    embedding = isinstance(linear, nn.Embedding)
+    if embedding and transform is not None:
+        raise ValueError("an embedding factorizes by plain SVD only")
     if svd is None:
-        target = w.to(torch.float64)
-        if transform is not None:
-            target = times_transform(target, transform[0].to(target.device))
-        svd = torch.linalg.svd(target, full_matrices=False)
+        svd = weight_svd(w, transform)
     u, s, vh = svd
-    root = s[:rank].sqrt()
-    first_w = root[:, None] * vh[:rank]
+    if s.numel() < min(rank, out_f, in_f):
+        raise ValueError(f"the SVD given keeps {s.numel()} singular values, not rank {rank}")
+    root = s[:rank].to(torch.float64).sqrt()
+    first_w = root[:, None] * vh[:rank].to(torch.float64)
     if transform is not None:
         first_w = times_transform(first_w, transform[1].to(first_w.device))
+    second_w = u[:, :rank].to(torch.float64) * root[None, :]
     kw = {"device": w.device, "dtype": w.dtype}
-    if isinstance(linear, nn.Embedding):
-        if transform is not None:
-            raise ValueError("an embedding factorizes by plain SVD only")
+    if embedding:
         table = skip_init(nn.Embedding, out_f, rank, padding_idx=linear.padding_idx, **kw)
         proj = skip_init(nn.Linear, rank, in_f, bias=False, **kw)
         with torch.no_grad():
-            table.weight.copy_(u[:, :rank] * root[None, :])
+            table.weight.copy_(second_w)
             proj.weight.copy_(first_w.T)
         return LowRankEmbedding(table, proj).train(linear.training)
     first = skip_init(nn.Linear, in_f, rank, bias=False, **kw)
     second = skip_init(nn.Linear, rank, out_f, bias=linear.bias is not None, **kw)
     with torch.no_grad():
         first.weight.copy_(first_w)
-        second.weight.copy_(u[:, :rank] * root[None, :])
+        second.weight.copy_(second_w)
     if linear.bias is not None:
         second.bias = linear.bias
     return LowRankLinear(first, second).train(linear.training)

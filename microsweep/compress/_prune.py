@@ -57,15 +57,18 @@ def magnitude_masks(
 
 def magnitude_order(weight: torch.Tensor, block: tuple[int, int] | None = None) -> torch.Tensor:
     """Entries (or blocks, row-major) from the smallest magnitude up, ties by index: the one
-    sort every sparsity's mask of this weight is read from."""
+    sort every sparsity's mask of this weight is read from. Indices are int32 below 2**31
+    entries (half the memory of argsort's int64: the variant cache keeps one per matrix)."""
     w = weight.detach()
     if block is None:
-        return torch.argsort(w.abs().flatten(), stable=True)
-    br, bc = concrete_block(block, w.shape)
-    rows, cols = w.shape
-    tiles = w.reshape(rows // br, br, cols // bc, bc)
-    norms = torch.linalg.vector_norm(tiles.to(torch.float64), dim=(1, 3))  # (rows/br, cols/bc)
-    return torch.argsort(norms.flatten(), stable=True)
+        order = torch.argsort(w.abs().flatten(), stable=True)
+    else:
+        br, bc = concrete_block(block, w.shape)
+        rows, cols = w.shape
+        tiles = w.reshape(rows // br, br, cols // bc, bc)
+        norms = torch.linalg.vector_norm(tiles.to(torch.float64), dim=(1, 3))  # (rows/br, cols/bc)
+        order = torch.argsort(norms.flatten(), stable=True)
+    return order.to(torch.int32) if order.numel() < 2**31 else order
 
 
 def mask_from_order(
