@@ -2,7 +2,8 @@
 knapsack that turns a perplexity budget into a whole per-layer policy.
 
 `Planner(space, model, ...)` compresses and counts every level combination of every unit (a
-layer, or a tied rule's layers), `Planner.probes()` lists the single-knob measurements the
+layer, or a tied rule's layers), here or one unit per call on the workers (`map_runners=`,
+`unit_options_on`), `Planner.probes()` lists the single-knob measurements the
 sensitivity pass makes, and with their results (`SensitivityTable`) `Planner.allocate(budget)`
 returns the lowest-score plan whose predicted loss fits the budget.
 """
@@ -16,7 +17,15 @@ from microsweep.allocate._levels import (
     probes,
     unit_levels,
 )
-from microsweep.allocate._options import MODES, UnitOptions, build_unit_options
+from microsweep.allocate._options import (
+    MODES,
+    OptionTask,
+    UnitOptions,
+    build_options,
+    build_unit_options,
+    option_tasks,
+    unit_options_on,
+)
 from microsweep.allocate._planner import (
     PAIRS,
     Correction,
@@ -33,19 +42,23 @@ __all__ = [
     "MODES",
     "PAIRS",
     "Correction",
+    "OptionTask",
     "Plan",
     "Planner",
     "Probe",
     "SensitivityTable",
     "UnitOptions",
+    "build_options",
     "build_unit_options",
     "fit_correction",
     "fit_interactions",
     "fit_weights",
     "level_key",
+    "option_tasks",
     "pareto_options",
     "plan_levels",
     "probes",
     "solve",
     "unit_levels",
+    "unit_options_on",
 ]

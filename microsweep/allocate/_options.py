@@ -20,7 +20,8 @@ every measured point.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -39,6 +40,7 @@ from microsweep.compress import (
     compress_layer,
     factorize,
     fake_quantize_symmetric,
+    layer_inputs,
     magnitude_masks,
     rank_transform,
     tensor_scale,
@@ -46,7 +48,15 @@ from microsweep.compress import (
 from microsweep.score import Baseline, CountConfig, count
 from microsweep.spaces import GROUP_METHODS, LayerPolicy, Unit
 
-__all__ = ["MODES", "UnitOptions", "build_unit_options"]
+__all__ = [
+    "MODES",
+    "OptionTask",
+    "UnitOptions",
+    "build_options",
+    "build_unit_options",
+    "option_tasks",
+    "unit_options_on",
+]
 
 MODES = ("quantized", "freebie")
 """Counting modes: below 16 bits somewhere (real widths), or the 16-bit allowance for all."""
@@ -221,6 +231,91 @@ def build_unit_options(
     return UnitOptions(unit, knobs, levels, combos, cost, rho, keys)
 
 
+MAX_ROWS = 4096
+"""Calibration input rows per layer the proxy reads (the first ones of the calibration pass)."""
+
+MapRunners = Callable[[Callable[..., Any], Sequence[tuple[Any, ...]]], list[Any]]
+"""`fn(runner, *args)` for each args tuple on workers, results in order
+(`microsweep.workers.WorkerPool.map_runners`)."""
+
+
+@dataclass(frozen=True)
+class OptionTask:
+    """One unit's share of the planner's work, plain data that travels to a worker: the unit,
+    its levels, how to count, and its layers' calibration inputs (rows and max |x|, from one
+    calibration pass on the driver: a few MiB per unit, cheaper than a pass per unit)."""
+
+    unit: Unit
+    levels: dict[str, list[Any]]
+    context: float
+    config: CountConfig
+    baseline: Baseline
+    inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def work(self) -> int:
+        """Estimated cost, to send the largest first: options x weights of the unit."""
+        options = math.prod(len(v) for v in self.levels.values())
+        return options * sum(i.out_features * i.in_features for i in self.unit.layers)
+
+    def build(self, model: nn.Module) -> UnitOptions:
+        """The unit's options on `model` (the layers' device is where the work runs)."""
+        return build_unit_options(
+            self.unit,
+            model,
+            self.levels,
+            context=self.context,
+            config=self.config,
+            baseline=self.baseline,
+            inputs=self.inputs,
+        )
+
+
+def option_tasks(
+    units: Sequence[Unit],
+    levels: Mapping[str, dict[str, list[Any]]],
+    model: nn.Module,
+    *,
+    context: float,
+    config: CountConfig,
+    baseline: Baseline,
+    calib: torch.Tensor | None = None,
+) -> list[OptionTask]:
+    """One task per unit (`levels` by unit key), each with its layers' inputs from one pass of
+    `calib` through `model`."""
+    inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if calib is not None:
+        names = [info.name for u in units for info in u.layers]
+        modules = {name: model.get_submodule(name) for name in names}
+        inputs = layer_inputs(model, modules, calib, max_rows=MAX_ROWS)
+    tasks = []
+    for u in units:
+        own = {i.name: inputs[i.name] for i in u.layers if i.name in inputs}
+        tasks.append(OptionTask(u, levels[u.key], context, config, baseline, own or None))
+    return tasks
+
+
+def unit_options_on(runner: Any, task: OptionTask) -> UnitOptions:
+    """A task's options built by a worker (`TrialRunner.call`) on its runner's base model, on
+    the runner's device; what comes back is numpy arrays and plain data."""
+    return task.build(runner.base)
+
+
+def build_options(
+    tasks: Sequence[OptionTask], model: nn.Module, map_runners: MapRunners | None = None
+) -> list[UnitOptions]:
+    """Every task's options in order: in this process on `model`, or spread over workers by
+    `map_runners`, the costliest units sent first so no worker ends long after the others."""
+    if map_runners is None:
+        return [task.build(model) for task in tasks]
+    order = sorted(range(len(tasks)), key=lambda i: -tasks[i].work)
+    built = map_runners(unit_options_on, [(tasks[i],) for i in order])
+    out: list[UnitOptions | None] = [None] * len(tasks)
+    for i, options in zip(order, built, strict=True):
+        out[i] = options
+    return [o for o in out if o is not None]
+
+
 def _plain(setting: LayerPolicy) -> LayerPolicy:
     """`setting` with magnitude pruning and round-to-nearest: what an option is built, counted
     and proxied with. The interaction ratio `rho` is a ratio of proxy errors (the combination's
@@ -321,17 +416,55 @@ class _LayerBuilder:
         )
 
 
+GRAM_TAIL = 1e-6
+"""Share of the input Gram matrix's trace the proxy's factor may leave out (see `gram_factor`)."""
+
+
+def gram_factor(rows: torch.Tensor, tail: float = GRAM_TAIL) -> torch.Tensor:
+    """L (in, k) with L L^T = G = rows^T rows up to `tail` of its trace, so an output error
+    ||D X^T||^2 = trace(D G D^T) is ||D L||^2 at O(out x in x k) instead of O(out x in^2).
+
+    With no more rows than inputs L is rows^T itself (exact); otherwise the top eigenvectors
+    of G scaled by the roots of their eigenvalues, as few as carry all but `tail` of the
+    trace (the error left out is at most `tail` x trace(G) x ||D||_2^2)."""
+    n, d = rows.shape
+    if n <= d:
+        return rows.T.to(torch.float32).contiguous()
+    x = rows.to(torch.float64)
+    values, vectors = torch.linalg.eigh(x.T @ x)  # ascending
+    values = values.clamp_min(0.0).flip(0)
+    vectors = vectors.flip(1)
+    total = float(values.sum())
+    if total <= 0.0:
+        return rows.new_zeros((d, 1), dtype=torch.float32)
+    # the tail beyond k: total - cumsum[k-1]; keep the fewest k whose tail is within budget
+    left = total - torch.cumsum(values, 0)
+    k = int((left > tail * total).sum()) + 1
+    return (vectors[:, :k] * values[:k].sqrt()[None, :]).to(torch.float32).contiguous()
+
+
 class _Proxy:
-    """Relative output error of compressed variants of one layer on its calibration inputs."""
+    """Relative output error of compressed variants of one layer on its calibration inputs.
+
+    The error of a weight change D on inputs X (rows) is ||D X^T||^2 = ||D L||^2 with L the
+    factor of the inputs' Gram matrix (`gram_factor`); a low-rank pair B A is projected as
+    B (A L), never formed."""
 
     def __init__(
-        self, linear: nn.Linear, layer_in: tuple[torch.Tensor, torch.Tensor] | None
+        self,
+        linear: nn.Linear,
+        layer_in: tuple[torch.Tensor, torch.Tensor] | None,
+        tail: float = GRAM_TAIL,
     ) -> None:
         self.weight = linear.weight.detach().to(torch.float32)
         self._weight_err: dict[tuple[int | None, float, int], float] = {}
         self._act_err: dict[int, float] = {}
         self.rows, self.amax = layer_in if layer_in is not None else (None, None)
+        if self.rows is not None:  # inputs sent from elsewhere: onto the layer's device
+            self.rows = self.rows.to(self.weight.device)
+            self.amax = self.amax.to(self.weight.device)
         self.row_weight: torch.Tensor | None = None
+        self.factor: torch.Tensor | None = None
         self.tokens = 0
         if self.rows is not None and not self.rows.is_floating_point():
             # an embedding: the output error of a lookup is its row's error, so rows weigh by
@@ -343,8 +476,9 @@ class _Proxy:
             self.rows = None
             self.ref = max(float((self.row_weight[:, None] * self.weight**2).sum()), 1e-30)
         if self.rows is not None:
-            self.gram = (self.rows.double().T @ self.rows.double()).to(torch.float32)
-            self.ref = max(float(((self.weight @ self.gram) * self.weight).sum()), 1e-30)
+            self.factor = gram_factor(self.rows, tail)
+            self.projected = self.weight @ self.factor  # W L: every error subtracts it
+            self.ref = max(float((self.projected.double() ** 2).sum()), 1e-30)
 
     def stats(self) -> InputStats | None:
         """The sampled inputs' moments (what a data-aware method reads), or None; for a table
@@ -374,13 +508,22 @@ class _Proxy:
             else:
                 if module is None:
                     module = builder.build(replace(setting, act_bits=32), None)
-                diff = _effective_weight(module).to(torch.float32) - self.weight
                 if self.row_weight is not None:
+                    diff = _effective_weight(module).to(torch.float32) - self.weight
                     err = float((self.row_weight[:, None] * diff**2).sum())
                 else:
-                    err = float(((diff @ self.gram) * diff).sum())
+                    err = float((self._project_diff(module).double() ** 2).sum())
                 self._weight_err[key] = err / self.ref
         return self._weight_err[key]
+
+    def _project_diff(self, module: nn.Module) -> torch.Tensor:
+        """(W' - W) L for the module's effective weight W' (a low-rank pair as B (A L))."""
+        if isinstance(module, LowRankLinear) and not isinstance(module, LowRankEmbedding):
+            first = _effective_weight(module.first).to(torch.float32)
+            second = _effective_weight(module.second).to(torch.float32)
+            return second @ (first @ self.factor) - self.projected
+        diff = _effective_weight(module).to(torch.float32) - self.weight
+        return diff @ self.factor
 
     def act_error(self, act_bits: int) -> float:
         if act_bits >= 32:

@@ -21,7 +21,13 @@ from torch import nn
 
 from microsweep.allocate._knapsack import pareto_options, solve
 from microsweep.allocate._levels import KNOBS, Probe, plan_levels, probes
-from microsweep.allocate._options import MODES, UnitOptions, build_unit_options
+from microsweep.allocate._options import (
+    MODES,
+    MapRunners,
+    UnitOptions,
+    build_options,
+    option_tasks,
+)
 from microsweep.errors import UsageError
 from microsweep.score import Baseline, CountConfig, count
 from microsweep.spaces import Policy, Space
@@ -225,7 +231,10 @@ class Planner:
         sparsity_levels: int = 11,
         rank_levels: int = 10,
         max_options: int = 4000,
+        map_runners: MapRunners | None = None,
     ) -> None:
+        """Levels per unit, then every unit's options (see `build_options`): in this process,
+        or with `map_runners` (`WorkerPool.map_runners`) on the workers, one unit per call."""
         self.space = space
         self.units = space.units()
         self.config = config
@@ -238,25 +247,16 @@ class Planner:
             )
             for u in self.units
         }
-        inputs = None
-        if calib is not None:
-            from microsweep.compress import layer_inputs
-
-            names = [info.name for u in self.units for info in u.layers]
-            modules = {name: model.get_submodule(name) for name in names}
-            inputs = layer_inputs(model, modules, calib, max_rows=4096)
-        self.options: list[UnitOptions] = [
-            build_unit_options(
-                u,
-                model,
-                self.levels[u.key],
-                context=context,
-                config=config,
-                baseline=baseline,
-                inputs=inputs,
-            )
-            for u in self.units
-        ]
+        tasks = option_tasks(
+            self.units,
+            self.levels,
+            model,
+            context=context,
+            config=config,
+            baseline=baseline,
+            calib=calib,
+        )
+        self.options: list[UnitOptions] = build_options(tasks, model, map_runners)
         self.totals = {}
         for mode in MODES:
             if mode == "freebie" and not config.freebie:

@@ -46,7 +46,7 @@ def plan_sampler(
     if not isinstance(sampler, PlannedSampler):
         return
     sampler.say = lambda line: say(progress, line)
-    planner = _planner(sweep, sf, prepared, progress)
+    planner = _planner(sweep, sf, prepared, pool, progress)
     budget = ceiling.nll_budget()
     if ceiling.value is None:
         say(
@@ -86,9 +86,11 @@ def plan_sampler(
         say(progress, f"note: {note}")
 
 
-def _planner(sweep: Any, sf: SpaceFile, prepared: Prepared, progress: bool) -> Planner:
+def _planner(
+    sweep: Any, sf: SpaceFile, prepared: Prepared, pool: WorkerPool, progress: bool
+) -> Planner:
     """Every level combination of every unit, compressed and counted alone, in both counting
-    modes, against the sweep's own baseline."""
+    modes, against the sweep's own baseline: one unit per call on the pool's workers."""
     from microsweep.allocate import Planner
     from microsweep.score import Baseline, CountConfig
 
@@ -100,12 +102,14 @@ def _planner(sweep: Any, sf: SpaceFile, prepared: Prepared, progress: bool) -> P
         config=CountConfig(**prepared.settings.count),
         baseline=Baseline(sweep.baseline_params, sweep.baseline_ops, sweep.baseline_name),
         calib=prepared.calib,
+        map_runners=pool.map_runners,
     )
     n_options = sum(len(o) for o in planner.options)
     say(
         progress,
         f"planning: {n_options:,} options over {len(planner.units)} units counted exactly "
-        f"in {time.perf_counter() - started:.1f}s",
+        f"in {time.perf_counter() - started:.1f}s on {pool.size} worker"
+        f"{'' if pool.size == 1 else 's'}",
     )
     return planner
 

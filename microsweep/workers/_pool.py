@@ -14,12 +14,12 @@ import os
 import sys
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
 
-from microsweep.errors import UsageError
+from microsweep.errors import MicrosweepError, UsageError
 from microsweep.workers._orphans import forget_ray_processes, record_ray_processes
 from microsweep.workers._ray import check_capacity, first_line, join_ray, worker_threads
 from microsweep.workers._result import TrialResult
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from microsweep.score import KLReference
 
 __all__ = ["InProcessPool", "RayPool", "WorkerPool", "check_resources", "make_pool"]
+
+T = TypeVar("T")
 
 
 class WorkerPool:
@@ -66,6 +68,13 @@ class WorkerPool:
     def wait(self, timeout: float | None = None) -> TrialResult | None:
         """The next finished trial's result; with `timeout`, None when none finishes in time
         (or nothing is running)."""
+        raise NotImplementedError
+
+    def map_runners(self, fn: Callable[..., T], items: Sequence[tuple[Any, ...]]) -> list[T]:
+        """`fn(runner, *item)` for each item on the idle workers (`TrialRunner.call`: the
+        runner's threads, no grad), one item per call in the order given as workers free up;
+        results in the order of `items`. For work other than trials (the planner's per-unit
+        options): `fn` must be importable by name on the workers, and what it returns small."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -109,6 +118,10 @@ class InProcessPool(WorkerPool):
         if timeout is not None and not self._done:
             return None
         return self._done.popleft()
+
+    def map_runners(self, fn: Callable[..., T], items: Sequence[tuple[Any, ...]]) -> list[T]:
+        """Each item in turn, in this process, on the one runner."""
+        return [self.runner.call(fn, *item) for item in items]
 
 
 START_TIMEOUT_ENV = "MICROSWEEP_WORKER_START_TIMEOUT"
@@ -240,6 +253,53 @@ class RayPool(WorkerPool):
             self._idle.append(self._new_actor())
         return result
 
+    def map_runners(self, fn: Callable[..., T], items: Sequence[tuple[Any, ...]]) -> list[T]:
+        """The items on the idle actors (trials running meanwhile are left alone), the next
+        item to whichever actor finishes first. A call that raises stops the map once the calls
+        in flight end, with its error (a `MicrosweepError` as raised, anything else as one line
+        naming the worker error; of several, the first item's); a lost actor is replaced and
+        its item sent again, once."""
+        ray = self._ray
+        if not self._idle:
+            raise UsageError("no idle worker to run on: wait for the running trials first")
+        actors, self._idle = self._idle, []
+        results: list[Any] = [None] * len(items)
+        todo = deque(range(len(items)))
+        lost = [0] * len(items)
+        running: dict[Any, tuple[Any, int]] = {}
+        failures: dict[int, BaseException] = {}
+        try:
+            while running or (todo and not failures):
+                while todo and actors and not failures:
+                    i = todo.popleft()
+                    actor = actors.pop()
+                    running[actor.call.remote(fn, *items[i])] = (actor, i)
+                [ref], _ = ray.wait(list(running), num_returns=1)
+                actor, i = running.pop(ref)
+                try:
+                    results[i] = ray.get(ref)
+                    actors.append(actor)
+                except ray.exceptions.RayTaskError as exc:  # fn raised; the actor lives on
+                    actors.append(actor)
+                    failures[i] = exc
+                except ray.exceptions.RayError as exc:  # actor, node or worker lost
+                    try:
+                        ray.kill(actor, no_restart=True)
+                    except Exception:
+                        pass
+                    actors.append(self._new_actor())
+                    lost[i] += 1
+                    if lost[i] > 1:
+                        failures[i] = exc
+                    else:
+                        todo.appendleft(i)
+        finally:
+            self._idle.extend(actors)
+            self._idle.extend(actor for actor, _ in running.values())
+        if failures:
+            raise _map_error(ray, failures[min(failures)])
+        return results
+
     def close(self) -> None:
         """Kill every actor, and shut down a Ray this pool started."""
         ray = self._ray
@@ -251,6 +311,18 @@ class RayPool(WorkerPool):
             ray.shutdown()
             if self._local:
                 forget_ray_processes()
+
+
+def _map_error(ray: Any, exc: BaseException) -> BaseException:
+    """What `map_runners` raises for a failed call: the worker's own `MicrosweepError` (its one
+    line already says what to do), else a RuntimeError with the error's first line."""
+    cause = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else None
+    if isinstance(cause, MicrosweepError):
+        return cause
+    if isinstance(cause, BaseException):
+        text = str(cause).strip().splitlines()
+        return RuntimeError(f"a worker failed: {type(cause).__name__}: {text[0] if text else ''}")
+    return RuntimeError(f"a worker failed: {first_line(exc)}")
 
 
 def check_resources(
