@@ -15,7 +15,9 @@ microsweep's tables (the report reads no Optuna table):
   one value), around a per-trial aggressiveness, so the front and the histories look searched;
 - per-layer rows as the counter writes them: every counted module, a factorized layer as its
   ``low_rank`` row plus ``.first`` and ``.second``; params and ops scaled from the dense row by
-  sparsity, bit-widths and rank; a trial's totals are the sums of its rows;
+  sparsity, bit-widths and rank; a trial's totals are the sums of its rows, and its summary
+  per target layer (`layer_counts`, what the report reads) is packed as `Store.record_trial`
+  packs it;
 - perplexity from a per-layer damage model scaled so about half the trials meet the ceiling;
   states COMPLETE (feasible or not), PRUNED (stopped early at a projected perplexity, with the
   reason the driver writes) and FAIL (a reason, no layers), the auto sampler's origins,
@@ -463,13 +465,17 @@ def fill(
 
     from microsweep.storage import Store
     from microsweep.storage._models import LayerRow, SensitivityRow, TrialRow
+    from microsweep.storage._summary import pack_layer_counts
 
     store = Store(url)
     sweep_fields = {
-        k: v for k, v in fields.items() if k not in ("id", "created_at") and not k.startswith("_")
-    }
+        k: v
+        for k, v in fields.items()
+        if k not in ("id", "created_at", "summary_layers") and not k.startswith("_")
+    }  # the summary's layers come from this case's space, as for a sweep that runs
     sweep_fields.update(owner=None, lease_until=None, target_trials=len(trials))
     sweep = store.create_sweep(**sweep_fields)
+    names = sweep.summary_layers
     t0 = time.perf_counter()
     with store.engine.begin() as conn:
         trial_id = conn.scalar(select(func.coalesce(func.max(TrialRow.id), 0)))
@@ -477,7 +483,9 @@ def fill(
         trial_rows, layer_rows = [], []
         for t, rows in trials:
             trial_id += 1
-            trial_rows.append({**t, "id": trial_id, "sweep_id": sweep.id})
+            # each trial's counts per target layer, as `Store.record_trial` writes them
+            counts = pack_layer_counts(names, ((r["layer"], r["params"], r["ops"]) for r in rows))
+            trial_rows.append({**t, "id": trial_id, "sweep_id": sweep.id, "layer_counts": counts})
             for r in rows:
                 layer_id += 1
                 layer_rows.append({**r, "id": layer_id, "trial_id": trial_id})

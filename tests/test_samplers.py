@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from microsweep.search import SAMPLERS, run_sweep
 from microsweep.storage import Store
+from microsweep.storage._models import SCHEMA_VERSION
 from tests.conftest import ROOT
 from tests.conftest import cli as _cli
 
@@ -345,10 +346,11 @@ def test_old_schema_is_refused_by_reads_and_upgraded(tmp_path, tiny_gpt):
     status = _cli("status", "--name", "old", "--storage", url, cwd=tmp_path)
     assert status.returncode == 2 and "microsweep upgrade" in status.stderr
     up = _cli("upgrade", "--storage", url, cwd=tmp_path)
-    assert up.returncode == 0 and "1 -> 3" in up.stdout, up.stderr
+    assert up.returncode == 0 and f"1 -> {SCHEMA_VERSION}" in up.stdout, up.stderr
     status = _cli("status", "--name", "old", "--storage", url, cwd=tmp_path)
     assert status.returncode == 0 and "2/2 finished" in status.stdout
-    assert _cli("upgrade", "--storage", url, cwd=tmp_path).stdout.startswith("schema version 3")
+    again = _cli("upgrade", "--storage", url, cwd=tmp_path)
+    assert again.stdout.startswith(f"schema version {SCHEMA_VERSION}")
     # a resumed sweep writes into the upgraded tables
     from microsweep.search import resume_sweep
 

@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 
 from microsweep.errors import StorageError
-from microsweep.storage import Store, TrialRecord, resolve_url
+from microsweep.storage import Store, TrialRecord, resolve_url, unpack_layer_counts
 from microsweep.storage._models import SCHEMA_VERSION
 from tests.conftest import POSTGRES_URL, postgres_available
 
@@ -107,7 +107,45 @@ def test_sweep_trial_and_layer_rows_round_trip(store, unique_name):
     assert trials[0].layers[2].params == 12.0 and trials[0].layers[0].bits == 4
     assert trials[1].reason == "boom" and trials[1].layers == []
     assert store.trial(unique_name, 0).layers[1].ops == 21.0
-    assert store.schema_version() == SCHEMA_VERSION == 3
+    assert store.schema_version() == SCHEMA_VERSION == 4
+
+
+def test_trials_carry_their_counts_per_target_layer(store, unique_name):
+    """A trial's summary sums each target layer's rows (its own and a factorized layer's
+    factors) when it is recorded, in the order the sweep row pins; other rows stay out."""
+    fields = _sweep_fields(unique_name)
+    fields["space_json"] = {
+        "rules": [
+            {"pattern": "blocks.*.mlp.c_fc", "layers": ["blocks.1.mlp.c_fc", "blocks.0.mlp.c_fc"]},
+            {"pattern": "head", "layers": ["head", "blocks.0.mlp.c_fc"]},
+        ]
+    }
+    sweep = store.create_sweep(**fields)
+    names = ["blocks.1.mlp.c_fc", "blocks.0.mlp.c_fc", "head"]
+    assert store.get_sweep(unique_name).summary_layers == names
+    rows = [
+        *_layers(2),
+        {"name": "head", "kind": "low_rank", "params": 0.5, "ops": 0.25},
+        {"name": "head.first", "kind": "compressed_linear", "params": 3.0, "ops": 5.0},
+        {"name": "head.second", "kind": "compressed_linear", "params": 7.0, "ops": 11.0},
+        {"name": "ln_f", "kind": "layernorm", "params": 100.0, "ops": 100.0},
+    ]
+    store.record_trial(sweep.id, TrialRecord("COMPLETE", {}, layers=rows), number=0)
+    store.record_trial(sweep.id, TrialRecord.failed("boom"), number=1)
+    only_other = [{"name": "ln_f", "kind": "layernorm", "params": 1.0, "ops": 1.0}]
+    store.record_trial(sweep.id, TrialRecord("COMPLETE", {}, layers=only_other), number=2)
+    got = {t.number: unpack_layer_counts(names, t.layer_counts) for t in store.trials(unique_name)}
+    assert got == {
+        0: {
+            "blocks.1.mlp.c_fc": (11.0, 21.0),
+            "blocks.0.mlp.c_fc": (10.0, 20.0),
+            "head": (10.5, 16.25),
+        },
+        1: {},
+        2: {},
+    }
+    rows = {r.number: r.layer_counts for r in store.trial_rows_for_report(unique_name)}
+    assert unpack_layer_counts(names, rows[0]) == got[0] and rows[1] is None
 
 
 def test_duplicate_sweep_and_unknown_names_are_clear_errors(store, unique_name):

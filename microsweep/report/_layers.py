@@ -1,8 +1,9 @@
 """Per-layer data behind the report: every trial's settings and counts for the layers the space
 targets, stored compactly, and parameter importances grouped by knob and by layer.
 
-Both read microsweep's tables with two plain SELECTs (no ORM objects, no unpickling), so a
-10,000-trial sweep loads in well under a second.
+The table reads each trial's row once (its policy, totals and packed counts per target layer,
+`layer_counts`), never the per-layer rows, so a 10,000-trial sweep loads in well under a
+second.
 """
 
 from __future__ import annotations
@@ -92,20 +93,51 @@ def _owner(name: str, targets: dict[str, int]) -> int | None:
         probe = probe.rsplit(".", 1)[0]
 
 
-def _settings(lp: dict[str, Any]) -> tuple[Any, ...]:
-    """(sparsity, bits, act_bits, rank) from a layer's policy JSON."""
-    return (
-        float(lp.get("sparsity", 0.0) or 0.0),
-        int(lp.get("bits", 32)),
-        int(lp.get("act_bits", 32)),
-        lp.get("rank"),
-    )
+def _settings_array(settings: list[dict[str, Any]], layers: list[str]) -> np.ndarray:
+    """(sparsity, bits, act_bits, rank) of each of `layers` in each trial's policy layers
+    (`settings`), shaped (trials, layers, 4); a knob a layer's policy leaves out (or sets to
+    None) takes its default, an unset rank is -1. One pass over what the policies hold, not
+    over trials x layers x knobs."""
+    start = {name: 4 * i for i, name in enumerate(layers)}
+    slot = {knob: k for k, knob in enumerate(KNOBS)}
+    width = 4 * len(layers)
+    values: list[float] = [0.0, 32, 32, -1] * (len(settings) * len(layers))
+    base = 0
+    for given in settings:
+        for name, lp in given.items():
+            i = start.get(name)
+            if i is None:
+                continue
+            for knob, value in lp.items():
+                k = slot.get(knob)
+                if k is not None and value is not None:
+                    values[base + i + k] = value
+        base += width
+    return np.array(values, dtype=float).reshape(len(settings), len(layers), 4)
+
+
+def _distinct_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`values`' distinct rows in sorted order and each row's index among them (what
+    ``np.unique(values, axis=0, return_inverse=True)`` gives, by one lexsort)."""
+    n = len(values)
+    if n == 0:
+        return values[:0], np.zeros(0, dtype=np.int64)
+    order = np.lexsort(values.T[::-1])
+    ordered = values[order]
+    new = np.ones(n, dtype=bool)
+    new[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    inverse = np.empty(n, dtype=np.int64)
+    inverse[order] = np.cumsum(new) - 1
+    return ordered[new], inverse
 
 
 def layer_table(store: Store, name: str, records: list[Any] | None = None) -> LayerTable:
-    """Every finished trial's settings and counts on the space's target layers (FAIL trials
-    without layer rows are left out); `records` are the sweep's trial records (number and
-    policy) when the caller has read them."""
+    """Every finished trial's settings and counts on the space's target layers (trials without
+    counted target layers, as a failed one, are left out); `records` are the sweep's
+    `Store.trial_rows_for_report` rows when the caller has read them.
+
+    Counts come from each trial's stored summary (`layer_counts`, the target layers' rows
+    summed when the trial was recorded), settings from its policy: no per-layer row is read."""
     sweep = store.get_sweep(name)
     layers, knobs, allowed, full_rank = target_layers(sweep.space_json or {})
     index = {n: i for i, n in enumerate(layers)}
@@ -116,41 +148,21 @@ def layer_table(store: Store, name: str, records: list[Any] | None = None) -> La
         slot = dense_other if i is None else dense[i]
         slot[0] += d["params"]
         slot[1] += d["ops"]
-    # only the target layers' rows (a factorized layer's are its own and its two factors');
-    # everything else is the trial's total less them
-    wanted = [f"{n}{part}" for n in layers for part in ("", ".first", ".second")]
-    # per trial: each target layer's settings as its policy gives them (a factorized layer's
-    # own row holds no bits: its factors do) and its counts summed over its rows
-    owner: dict[str, int] = {}  # layer row name -> column (few distinct names)
-    stored, result = store.layer_counts_for_report(name, wanted, with_totals=records is None)
-    trials = (
-        [(r.number, r.policy, r.params, r.ops, getattr(r, "freebie", None)) for r in records]
-        if records is not None
-        else stored or []
-    )
-    settings = {number: (policy or {}).get("layers") or {} for number, policy, *_ in trials}
-    total = {number: (p or 0.0, o or 0.0) for number, _, p, o, _ in trials}
-    no_allowance = {number for number, *_, freebie in trials if freebie is False}
-    numbers = np.fromiter((r[0] for r in result), dtype=np.int64, count=len(result))
-    for layer in {r[1] for r in result}:
-        found = _owner(layer, index)
-        owner[layer] = len(layers) if found is None else found
-    cols = np.fromiter((owner[r[1]] for r in result), dtype=np.int64, count=len(result))
-    counts = np.array([(r[2], r[3]) for r in result], dtype=float).reshape(len(result), 2)
-    trial_numbers, rows = np.unique(numbers, return_inverse=True)
-    n_trials = len(trial_numbers)
-    sums = np.zeros((2, n_trials, len(layers) + 1))
-    np.add.at(sums[0], (rows, cols), counts[:, 0])
-    np.add.at(sums[1], (rows, cols), counts[:, 1])
-    # each layer's settings per trial as numbers (an unset rank is -1), beside its counts
-    grid = np.zeros((len(layers), n_trials, 6))
-    for r, number in enumerate(trial_numbers.tolist()):
-        given = settings.get(number, {})
-        for i, name_i in enumerate(layers):
-            sp, bits, act, rank = _settings(given.get(name_i) or {})
-            grid[i, r, :4] = (sp, bits, act, -1 if rank is None else rank)
-    grid[:, :, 4] = sums[0, :, : len(layers)].T
-    grid[:, :, 5] = sums[1, :, : len(layers)].T
+    if records is None:
+        records = store.trial_rows_for_report(name)
+    counted = sorted((r for r in records if r.layer_counts), key=lambda r: r.number)
+    n_trials = len(counted)
+    trial_numbers = [r.number for r in counted]
+    # each trial's summary: (params, ops) per summary layer, in the sweep's order
+    stored = list(sweep.summary_layers or layers)
+    position = {n: i for i, n in enumerate(stored)}
+    packed = b"".join(bytes(r.layer_counts) for r in counted)
+    summary = np.frombuffer(packed, dtype="<f8").reshape(n_trials, len(stored), 2)
+    sums = np.zeros((n_trials, len(layers), 2))
+    for i, layer in enumerate(layers):
+        if layer in position:
+            sums[:, i] = summary[:, position[layer]]
+    settings = [(r.policy or {}).get("layers") or {} for r in counted]
     table = LayerTable(
         layers=layers,
         knobs=knobs,
@@ -161,25 +173,30 @@ def layer_table(store: Store, name: str, records: list[Any] | None = None) -> La
         options=[],
     )
     picks = np.zeros((n_trials, len(layers)), dtype=np.int64)
+    knob_values = _settings_array(settings, layers)
+    grid = np.zeros((n_trials, 6))
     for i in range(len(layers)):  # the distinct rows of each layer, and which each trial took
-        unique, inverse = np.unique(grid[i], axis=0, return_inverse=True)
+        grid[:, :4] = knob_values[:, i]
+        grid[:, 4:] = sums[:, i]
+        unique, picks[:, i] = _distinct_rows(grid)
         table.options.append(
             [
                 (sp, int(bits), int(act), None if rank < 0 else int(rank), p, o)
                 for sp, bits, act, rank, p, o in unique.tolist()
             ]
         )
-        picks[:, i] = inverse.reshape(-1)
-    table.choice = dict(zip(trial_numbers.tolist(), picks.tolist(), strict=True))
-    targets_p = sums[0, :, : len(layers)].sum(axis=1).tolist()
-    targets_o = sums[1, :, : len(layers)].sum(axis=1).tolist()
+    table.choice = dict(zip(trial_numbers, picks.tolist(), strict=True))
+    targets = sums.sum(axis=1).tolist()
     table.other = {
-        n: (total[n][0] - p, total[n][1] - o)
-        for n, p, o in zip(trial_numbers.tolist(), targets_p, targets_o, strict=True)
+        r.number: ((r.params or 0.0) - p, (r.ops or 0.0) - o)
+        for r, (p, o) in zip(counted, targets, strict=True)
     }
     grew = (1 + 1e-9) * dense_other[0] + 1e-9, (1 + 1e-9) * dense_other[1] + 1e-9  # not noise
     table.lost_allowance = {
-        n for n, (p, o) in table.other.items() if n in no_allowance and (p > grew[0] or o > grew[1])
+        r.number
+        for r in counted
+        if getattr(r, "freebie", None) is False
+        and (table.other[r.number][0] > grew[0] or table.other[r.number][1] > grew[1])
     }
     return table
 
@@ -197,14 +214,17 @@ class Importances:
     by_layer: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _bins(values: Sequence[Any], most: int = 8) -> np.ndarray:
+def _bins(values: Sequence[Any] | np.ndarray, most: int = 8) -> np.ndarray:
     """Group labels as numbers: the values themselves when few are distinct (a category per
-    distinct value when they are not numbers), else quantile bins (so a continuous knob is not
-    credited for fitting noise one trial per value)."""
-    if not all(v is None or isinstance(v, (int, float)) for v in values):
+    distinct value when they are not numbers; None is -1), else quantile bins (so a continuous
+    knob is not credited for fitting noise one trial per value)."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "fiu":
+        numeric = values.astype(float)
+    elif not all(v is None or isinstance(v, (int, float)) for v in values):
         codes: dict[str, int] = {}
         return np.array([codes.setdefault(repr(v), len(codes)) for v in values], dtype=float)
-    numeric = np.array([-1.0 if v is None else float(v) for v in values])
+    else:
+        numeric = np.array([-1.0 if v is None else float(v) for v in values])
     if len(np.unique(numeric)) <= most:
         return numeric
     ordered = np.sort(numeric)
@@ -250,19 +270,26 @@ def importances(
     }
     raw: dict[str, dict[str, float]] = {}
     groups_of: dict[str, tuple[str, list[str]]] = {}
-    seen: dict[tuple[str, tuple[Any, ...]], str] = {}  # (knob, values) -> parameter name
+    seen: dict[tuple[str, bytes], str] = {}  # (knob, values) -> parameter name
+    picks = np.array([table.choice[n] for n in numbers], dtype=np.int64)
     for i, layer in enumerate(table.layers):
+        # each option's knob values as numbers (an unset rank is -1), then each trial's
+        options = np.array(
+            [[-1.0 if v is None else float(v) for v in o[:4]] for o in table.options[i]]
+        ).reshape(-1, 4)
+        chosen = options[picks[:, i]]
         for k, knob in enumerate(KNOBS):
             if knob not in table.allowed[i]:
                 continue
-            values = tuple(table.options[i][table.choice[n][i]][k] for n in numbers)
-            if len(set(values)) < 2:
+            values = np.ascontiguousarray(chosen[:, k])
+            if (values == values[0]).all():
                 continue
-            tied = seen.get((knob, values))
+            key = (knob, values.tobytes())
+            tied = seen.get(key)
             if tied is not None:  # the same values as an earlier layer: one parameter
                 groups_of[tied][1].append(layer)
                 continue
-            name = seen[(knob, values)] = f"{layer}.{knob}"
+            name = seen[key] = f"{layer}.{knob}"
             groups = _bins(values)
             raw[name] = {t: _omega_squared(groups, v) for t, v in targets.items()}
             groups_of[name] = (knob, [layer])

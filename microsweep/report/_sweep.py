@@ -89,15 +89,16 @@ class Sweep:
         if layers and not frame.empty:
             from microsweep.report._layers import KNOBS, layer_table
 
-            table = layer_table(self._store, self.name)
+            table = layer_table(self._store, self.name)  # from each trial's summary
+            picks = [table.choice.get(n) for n in frame.index]
             columns: dict[str, list[Any]] = {}
             for i, layer in enumerate(table.layers):
                 for k, knob in enumerate(KNOBS):
                     if knob not in table.allowed[i]:
                         continue
+                    values = [option[k] for option in table.options[i]]
                     columns[f"{layer}.{knob}"] = [
-                        table.options[i][table.choice[n][i]][k] if n in table.choice else None
-                        for n in frame.index
+                        None if p is None else values[p[i]] for p in picks
                     ]
             frame = frame.join(pd.DataFrame(columns, index=frame.index))
         return frame

@@ -1,8 +1,10 @@
 """microsweep's own tables, beside Optuna's on the same database URL.
 
 `microsweep_sweeps` keeps one row per sweep with its provenance; `microsweep_trials` one row per
-finished trial; `microsweep_layers` one row per layer of a trial, so that SQL and plots read
-per-layer results without unpickling anything. `microsweep_schema` holds the schema version.
+finished trial, with its counts per target layer packed in one value (`layer_counts`, what the
+report reads); `microsweep_layers` one row per layer of a trial, the full breakdown, so that SQL
+reads per-layer results without unpickling anything. `microsweep_schema` holds the schema
+version.
 """
 
 from __future__ import annotations
@@ -17,26 +19,26 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
-MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
-    1: [
-        ("microsweep_trials", "origin", "VARCHAR(32)"),
-        ("microsweep_sweeps", "eval_key", "VARCHAR(64)"),
-    ],
+MIGRATIONS: dict[int, list[tuple[str, str]]] = {
+    1: [("microsweep_trials", "origin"), ("microsweep_sweeps", "eval_key")],
     2: [
-        ("microsweep_sweeps", "owner", "VARCHAR(256)"),
-        ("microsweep_sweeps", "lease_until", "FLOAT"),
-        ("microsweep_trials", "worker", "VARCHAR(128)"),
+        ("microsweep_sweeps", "owner"),
+        ("microsweep_sweeps", "lease_until"),
+        ("microsweep_trials", "worker"),
     ],
+    3: [("microsweep_sweeps", "summary_layers"), ("microsweep_trials", "layer_counts")],
 }
-"""Columns each version adds to the one before (new tables are created as they come)."""
+"""The (table, column)s each version adds to the one before, typed as the models declare them
+(new tables are created as they come); `Store._migrate` fills version 4's from the layer rows."""
 
 __all__ = [
     "MIGRATIONS",
@@ -91,6 +93,8 @@ class SweepRow(Base):
     # the driver running the sweep and when its lease ends (epoch seconds; renewed by heartbeat)
     owner: Mapped[str | None] = mapped_column(String(256), nullable=True)
     lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # the target layers whose counts each trial's `layer_counts` holds, in its order (v4)
+    summary_layers: Mapped[list | None] = mapped_column(JSON, nullable=True)
 
     trials: Mapped[list[TrialRow]] = relationship(back_populates="sweep", cascade="all, delete")
 
@@ -122,6 +126,9 @@ class TrialRow(Base):
     timings: Mapped[dict] = mapped_column(JSON, default=dict)
     count_config: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     finished_at: Mapped[datetime] = mapped_column(DateTime)
+    # (params, ops) of each of the sweep's summary_layers, packed (storage._summary; v4); None
+    # for a trial without counted target layers
+    layer_counts: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
     sweep: Mapped[SweepRow] = relationship(back_populates="trials")
     layers: Mapped[list[LayerRow]] = relationship(back_populates="trial", cascade="all, delete")

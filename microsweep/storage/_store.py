@@ -2,7 +2,8 @@
 
 One session helper commits or rolls back and turns database errors into `StorageError`. The
 store keeps only its URL when pickled, so it can travel to another process. Each trial is
-written in one transaction together with its per-layer rows.
+written in one transaction together with its per-layer rows and their summary per target layer
+(`layer_counts`, what the report reads instead of the rows).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Store:
             raise StorageError(f"no sweep database at {path}; check --storage or run a sweep first")
         self._engine: Engine | None = None
         self._optuna: optuna.storages.RDBStorage | None = None
+        self._summary_names: dict[int, list[str]] = {}  # sweep id -> its summary_layers
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -59,6 +61,7 @@ class Store:
             "_upgrade": self._upgrade,
             "_engine": None,
             "_optuna": None,
+            "_summary_names": {},
         }
 
     # -- engine and schema ------------------------------------------------------------------
@@ -177,19 +180,31 @@ class Store:
             raise StorageError(f"cannot use storage {self.display}: {_one_line(exc)}") from None
 
     def _migrate(self, version: int) -> None:
-        """Add the columns each later version brings, then record the new version; a
-        concurrent upgrade that got there first is accepted."""
-        from sqlalchemy import select, text, update
+        """Add the columns each later version brings (typed as the models declare them; one
+        already there is kept), fill version 4's summaries from the layer rows, then record the
+        new version, all in one transaction; a concurrent upgrade that got there first is
+        accepted."""
+        from sqlalchemy import inspect, select, text, update
         from sqlalchemy.exc import SQLAlchemyError
 
-        from microsweep.storage._models import MIGRATIONS, SCHEMA_VERSION, SchemaRow
+        from microsweep.storage._models import MIGRATIONS, SCHEMA_VERSION, Base, SchemaRow
 
         assert self._engine is not None
         try:
             with self._engine.begin() as conn:
                 for step in range(version, SCHEMA_VERSION):
-                    for table, column, sql_type in MIGRATIONS[step]:
-                        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
+                    for table, column in MIGRATIONS[step]:
+                        if any(c["name"] == column for c in inspect(conn).get_columns(table)):
+                            continue
+                        sql_type = Base.metadata.tables[table].c[column].type
+                        conn.execute(
+                            text(
+                                f"ALTER TABLE {table} ADD COLUMN {column} "
+                                f"{sql_type.compile(dialect=conn.dialect)}"
+                            )
+                        )
+                if version <= 3:
+                    _backfill_layer_counts(conn)
                 conn.execute(update(SchemaRow).values(version=SCHEMA_VERSION))
         except SQLAlchemyError:
             with self._engine.connect() as conn:
@@ -277,9 +292,15 @@ class Store:
 
     # -- sweeps -----------------------------------------------------------------------------
     def create_sweep(self, **fields: Any) -> SweepRow:
+        """A new sweep row from its columns; `summary_layers` (the layers each trial's summary
+        holds) defaults to those the space's rules name."""
         from sqlalchemy import select
 
         from microsweep.storage._models import SweepRow
+        from microsweep.storage._summary import summary_layers
+
+        if fields.get("summary_layers") is None:
+            fields["summary_layers"] = summary_layers(fields.get("space_json"))
 
         with self.session() as s:
             if s.scalar(select(SweepRow.id).where(SweepRow.name == fields["name"])) is not None:
@@ -412,8 +433,8 @@ class Store:
         optuna_trial: tuple[int, tuple[int, int] | None, optuna.trial.FrozenTrial] | None = None,
         reserve: int = 0,
     ) -> list[tuple[int, int]]:
-        """Write one finished trial (`record`: its columns and per-layer rows) in a single
-        transaction.
+        """Write one finished trial (`record`: its columns and per-layer rows, and the rows'
+        sums per target layer, `layer_counts`) in a single transaction.
 
         With `optuna_trial` (study id, the trial's reserved Optuna row as (trial id, number) or
         None to reserve it now, the finished in-memory trial), Optuna's rows are written in the
@@ -426,6 +447,7 @@ class Store:
 
         from microsweep.storage._models import LayerRow, TrialRow
         from microsweep.storage._optuna_rows import reserve_trials
+        from microsweep.storage._summary import pack_layer_counts
 
         with self.session() as s:
             out: list[tuple[int, int]] = [(-1, number if number is not None else -1)]
@@ -441,6 +463,10 @@ class Store:
                 raise ValueError("record_trial needs a number or an Optuna trial")
             # Core inserts, not ORM objects: a trial's rows cost a few statements, not a flush
             columns = {**record.columns(), "policy": dict(record.policy)}
+            columns["layer_counts"] = pack_layer_counts(
+                self._summary_layers(s, sweep_id),
+                ((lc["name"], lc["params"], lc["ops"]) for lc in record.layers),
+            )
             trial_id = s.execute(
                 insert(TrialRow.__table__).values(
                     sweep_id=sweep_id, number=number, finished_at=_now(), **columns
@@ -448,6 +474,22 @@ class Store:
             ).inserted_primary_key[0]
             _insert_layer_rows(s, LayerRow.__table__, trial_id, record.layers)
         return out
+
+    def _summary_layers(self, s: Session, sweep_id: int) -> list[str]:
+        """Sweep `sweep_id`'s `summary_layers` (read once per store; from its space for a row
+        without them)."""
+        from sqlalchemy import select
+
+        from microsweep.storage._models import SweepRow
+        from microsweep.storage._summary import summary_layers
+
+        names = self._summary_names.get(sweep_id)
+        if names is None:
+            stored, space = s.execute(
+                select(SweepRow.summary_layers, SweepRow.space_json).where(SweepRow.id == sweep_id)
+            ).one()
+            names = self._summary_names[sweep_id] = list(stored or summary_layers(space))
+        return names
 
     def reserve_trials(self, study_id: int, count: int) -> list[tuple[int, int]]:
         """`count` new RUNNING trials in Optuna study `study_id`, as (trial id, number), in one
@@ -458,7 +500,10 @@ class Store:
             return reserve_trials(s, study_id, count)
 
     def trials(self, name: str, *, with_layers: bool = False) -> list[TrialRow]:
-        """Finished trials of a sweep in trial order (layers loaded when asked)."""
+        """Finished trials of a sweep in trial order. Each carries its counts per target layer
+        (`layer_counts`, read by `storage.unpack_layer_counts` against the sweep's
+        `summary_layers`); `with_layers` also loads every per-layer row (the full breakdown:
+        kinds, knobs, raw counts), ~70 ORM objects per trial."""
         from sqlalchemy import select
         from sqlalchemy.orm import selectinload
 
@@ -493,7 +538,8 @@ class Store:
     def trial_rows_for_report(self, name: str) -> list[Any]:
         """The sweep's finished trials in trial order as plain rows (attribute access, no ORM
         objects): number, state, origin, reason, score, perplexity, params, ops, feasible,
-        summary, policy and freebie, in one SELECT."""
+        summary, policy, freebie and layer_counts (the packed counts per target layer), in one
+        SELECT."""
         from sqlalchemy import select
 
         from microsweep.storage._models import SweepRow, TrialRow
@@ -513,6 +559,7 @@ class Store:
                 t.summary,
                 t.policy,
                 t.freebie,
+                t.layer_counts,
             )  # fmt: skip
             .join(SweepRow, t.sweep_id == SweepRow.id)
             .where(SweepRow.name == name)
@@ -520,34 +567,6 @@ class Store:
         )
         with self.session() as s:
             return list(s.connection().execute(query))  # Core rows: no ORM loading
-
-    def layer_counts_for_report(
-        self, name: str, layers: Sequence[str], *, with_totals: bool = True
-    ) -> tuple[list[tuple[Any, ...]] | None, list[tuple[Any, ...]]]:
-        """Read in one transaction: (number, policy, params, ops, freebie) of every finished
-        trial of a sweep (None without `with_totals`), and (trial number, layer, params, ops) of
-        each stored layer row named in `layers`; both unordered (sorting 10^5 rows costs, and
-        the report's sums do not care)."""
-        from sqlalchemy import select
-
-        from microsweep.storage._models import LayerRow, SweepRow, TrialRow
-
-        query = (
-            select(TrialRow.number, LayerRow.layer, LayerRow.params, LayerRow.ops)
-            .join(TrialRow, LayerRow.trial_id == TrialRow.id)
-            .join(SweepRow, TrialRow.sweep_id == SweepRow.id)
-            .where(SweepRow.name == name, LayerRow.layer.in_(list(layers)))
-        )
-        totals = (
-            select(
-                TrialRow.number, TrialRow.policy, TrialRow.params, TrialRow.ops, TrialRow.freebie
-            )
-            .join(SweepRow, TrialRow.sweep_id == SweepRow.id)
-            .where(SweepRow.name == name)
-        )
-        with self.session() as s:
-            trials = [tuple(r) for r in s.connection().execute(totals)] if with_totals else None
-            return trials, _fetch_tuples(s, query)
 
     # -- sensitivity ------------------------------------------------------------------------
     def sensitivity(self, eval_key: str) -> dict[tuple[str, str, str], float]:
@@ -651,17 +670,47 @@ def _insert_layer_rows(
     insert_rows(s, table, rows)
 
 
-def _fetch_tuples(s: Session, query: Any) -> list[tuple[Any, ...]]:
-    """`query`'s rows as plain tuples straight from the driver: for 10^5 rows SQLAlchemy's
-    Row objects cost more than the query (the SQL is rendered with its literals bound)."""
-    connection = s.connection()
-    sql = str(query.compile(dialect=connection.dialect, compile_kwargs={"literal_binds": True}))
-    cursor = connection.connection.dbapi_connection.cursor()
-    try:
-        cursor.execute(sql)
-        return cursor.fetchall()
-    finally:
-        cursor.close()
+def _backfill_layer_counts(conn: Any) -> None:
+    """Fill every sweep's `summary_layers` and its trials' `layer_counts` from the stored layer
+    rows (the upgrade to version 4): one read of the sweep's target rows and one batched update
+    per sweep."""
+    from collections import defaultdict
+
+    from sqlalchemy import bindparam, select, update
+
+    from microsweep.storage._models import LayerRow, SweepRow, TrialRow
+    from microsweep.storage._summary import FACTORS, pack_layer_counts, summary_layers
+
+    sweeps = conn.execute(select(SweepRow.id, SweepRow.space_json, SweepRow.summary_layers)).all()
+    for sweep_id, space, stored in sweeps:
+        names = list(stored or summary_layers(space))
+        if stored is None:
+            conn.execute(
+                update(SweepRow).where(SweepRow.id == sweep_id).values(summary_layers=names)
+            )
+        if not names:
+            continue
+        wanted = [*names, *(f"{n}{part}" for n in names for part in FACTORS)]
+        rows: dict[int, list[tuple[str, float, float]]] = defaultdict(list)
+        query = (
+            select(LayerRow.trial_id, LayerRow.layer, LayerRow.params, LayerRow.ops)
+            .join(TrialRow, LayerRow.trial_id == TrialRow.id)
+            .where(TrialRow.sweep_id == sweep_id, LayerRow.layer.in_(wanted))
+        )
+        for trial_id, layer, params, ops in conn.execute(query):
+            rows[trial_id].append((layer, params, ops))
+        if not rows:
+            continue
+        table = TrialRow.__table__
+        conn.execute(
+            update(table)
+            .where(table.c.id == bindparam("trial"))
+            .values(layer_counts=bindparam("counts")),
+            [
+                {"trial": trial_id, "counts": pack_layer_counts(names, layer_rows)}
+                for trial_id, layer_rows in rows.items()
+            ],
+        )
 
 
 def _one_line(exc: BaseException) -> str:
