@@ -97,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.add_argument("--storage-wait", type=_positive, default=60, help=wait_help)
+    _cache_flag(run)
 
     resume = sub.add_parser("resume", help="continue a stopped sweep")
     resume.add_argument("--name", required=True)
@@ -114,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--timeout", type=_positive_float, default=None, help="time budget (s)")
     resume.add_argument("--quiet", action="store_true")
     resume.add_argument("--storage-wait", type=_positive, default=60, help=wait_help)
+    _cache_flag(resume)
 
     for command, default in (("report", "report.html"), ("plot", "pareto.html")):
         page = sub.add_parser(
@@ -263,6 +265,10 @@ def _print_result(result: object, storage: str | None) -> None:
             f"sensitivity: {sens['measured']} probes measured, {sens['reused']} reused "
             f"({sens['seconds']:.1f}s)"
         )
+    if result.cache:
+        from microsweep.search._result import cache_line
+
+        print(cache_line(result.cache))
     if result.timed_out:
         done = sum(result.states.values())
         print(
@@ -479,6 +485,27 @@ def _resource_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _cache_mb(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 0 (0 copies the model)")
+    return value
+
+
+def _cache_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-mb",
+        type=_cache_mb,
+        default=None,
+        help="each worker's cache of compressed layers, in MiB (default: half its free memory "
+        "split among the workers, at most 4x the model's fp32 size, at least 64; 0 copies "
+        "the model per trial)",
+    )
+
+
 def _worker_options(args: argparse.Namespace) -> dict[str, Any]:
     """Where the workers of `run`, `resume` and `sensitivity` run, the storage, reporting."""
     return dict(
@@ -494,7 +521,9 @@ def _worker_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _sweep_options(args: argparse.Namespace) -> dict[str, Any]:
     """What `run` and `resume` take alike: the worker options, storage patience, time budget."""
-    return _worker_options(args) | dict(storage_wait=args.storage_wait, timeout=args.timeout)
+    return _worker_options(args) | dict(
+        storage_wait=args.storage_wait, timeout=args.timeout, cache_mb=args.cache_mb
+    )
 
 
 def _dispatch(args: argparse.Namespace) -> None:

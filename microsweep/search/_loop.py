@@ -116,6 +116,7 @@ class SweepLoop:
         self.clock = SamplerClock()
         self.started = time.perf_counter()
         self.driver_time = self.sampler_time = 0.0
+        self.cache_uses: list[Any] = []  # each result's `CacheUse`, for the end-of-run line
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, warm: Sequence[dict[str, Any]] = ()) -> SweepResult:
@@ -143,7 +144,23 @@ class SweepLoop:
         self.result.wall = time.perf_counter() - self.started
         self.result.driver_ms_per_trial = 1000 * self.driver_time / ran
         self.result.sampler_ms_per_trial = 1000 * self.sampler_time / ran
+        self._cache_summary()
         return self._explained()
+
+    def _cache_summary(self) -> None:
+        """How much the workers' variant caches served this run: kept on the result, said in
+        one line and stored as the study's user attribute ``cache`` (the latest run's)."""
+        from microsweep.search._guard import StorageOutage
+        from microsweep.search._result import cache_line, cache_summary
+
+        self.result.cache = cache_summary(self.cache_uses)
+        if not self.result.cache:
+            return
+        say(self.settings.progress, cache_line(self.result.cache))
+        try:
+            self.guard.call(self.study.set_user_attr, "cache", self.result.cache)
+        except StorageOutage:
+            pass  # the trials are stored; this figure is the run's alone
 
     def _explained(self) -> SweepResult:
         """The result, with why nothing met the ceiling when nothing did (the nearest trial and
@@ -269,6 +286,7 @@ class SweepLoop:
         """Conclude, time and persist one result; fold it into the tally."""
         t0, s0 = time.perf_counter(), self.clock.seconds
         self.result.eval_seconds += res.timings.get("evaluate", 0.0)
+        self.cache_uses.append(res.cache)
         record = self._conclude(item, res)
         # this trial's own spans: its ask and dispatch, then its telling and writing (the next
         # trial's ask in between is that trial's); sampler time inside them apart

@@ -28,6 +28,9 @@ class SweepOptions(TypedDict, total=False):
       threads; a worker given a GPU evaluates on it).
     - `timeout` (None): a time budget in seconds after which no new trial starts (those
       running finish and are kept; `resume` continues).
+    - `cache_mb` (None: half the worker's free memory split among the workers, at most 4x the
+      model's fp32 bytes, at least 64): each worker's variant cache in MiB; 0 copies the model
+      per trial.
     """
 
     workers: int
@@ -39,6 +42,7 @@ class SweepOptions(TypedDict, total=False):
     cpus_per_worker: float
     gpus_per_worker: float
     timeout: float | None
+    cache_mb: int | None
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -51,6 +55,7 @@ _DEFAULTS: dict[str, Any] = {
     "cpus_per_worker": 1.0,
     "gpus_per_worker": 0.0,
     "timeout": None,
+    "cache_mb": None,
 }
 
 
@@ -94,6 +99,7 @@ def resolve_options(given: Mapping[str, Any], command: str) -> Resolved:
         )
     o = {**_DEFAULTS, **given}
     workers = WorkerOptions(
-        o["workers"], o["address"], o["in_process"], o["cpus_per_worker"], o["gpus_per_worker"]
-    )
+        o["workers"], o["address"], o["in_process"], o["cpus_per_worker"], o["gpus_per_worker"],
+        o["cache_mb"],
+    )  # fmt: skip
     return Resolved(workers, o["storage"], o["progress"], o["storage_wait"], o["timeout"])

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 from microsweep.storage._records import best_by
 
-__all__ = ["SweepResult", "best_by", "tally_best"]
+__all__ = ["SweepResult", "best_by", "cache_line", "cache_summary", "tally_best"]
 
 
 @dataclass
@@ -41,6 +41,11 @@ class SweepResult:
     cost it the most (`explain_infeasible`); empty otherwise."""
     by: str = "score"
     """What the best feasible trial has least of (`best_by`): "score" or "perplexity"."""
+    cache: dict[str, Any] = field(default_factory=dict)
+    """The workers' variant caches over this run's trials (`cache_summary`): layer variants
+    found (`hits`) and built (`misses`), `reused` (hits over both, None without any), the most
+    bytes a cache held (`peak_bytes`) and the largest budget (`max_bytes`); empty when no trial
+    used one."""
 
     def consider(self, number: int, state: str, origin: str | None, score: Any, row: Any) -> None:
         """Fold one finished trial into the best feasible (and best uniform) figures; `row` is
@@ -80,3 +85,34 @@ def tally_best(result: SweepResult, rows: Sequence[Any]) -> None:
     """Fold stored trial rows into `result`'s best feasible and best uniform figures."""
     for row in rows:
         result.consider(row.number, row.state, row.origin, row.score, row)
+
+
+def cache_summary(uses: Sequence[Any]) -> dict[str, Any]:
+    """The sum of trials' `CacheUse`s (None entries skipped) as `SweepResult.cache` keeps it;
+    empty when no trial used a cache."""
+    uses = [u for u in uses if u is not None]
+    if not uses:
+        return {}
+    hits = sum(u.hits for u in uses)
+    misses = sum(u.misses for u in uses)
+    return {
+        "hits": hits,
+        "misses": misses,
+        "reused": hits / (hits + misses) if hits + misses else None,
+        "trials": len(uses),
+        "peak_bytes": max(u.nbytes for u in uses),
+        "max_bytes": max(u.max_bytes for u in uses),
+    }
+
+
+def cache_line(cache: dict[str, Any]) -> str:
+    """One line for `cache_summary`: the share of layer variants reused and the memory held,
+    as 'cache: 93% of layer variants reused (1,234 of 1,327), 412 MiB of 2,048 MiB per
+    worker'."""
+    hits, looked = cache["hits"], cache["hits"] + cache["misses"]
+    share = f"{100 * cache['reused']:.0f}%" if cache["reused"] is not None else "none"
+    peak, budget = cache["peak_bytes"] / 2**20, cache["max_bytes"] / 2**20
+    return (
+        f"cache: {share} of layer variants reused ({hits:,} of {looked:,}), {peak:,.0f} MiB "
+        f"of {budget:,.0f} MiB per worker"
+    )

@@ -17,7 +17,14 @@ if TYPE_CHECKING:
     from microsweep.prepare import Prepared, SpaceFile
     from microsweep.workers import WorkerPool
 
-__all__ = ["WorkerOptions", "check_timeout", "make_pool", "start_pool"]
+__all__ = [
+    "WorkerOptions",
+    "cache_settings",
+    "check_timeout",
+    "largest_ranks",
+    "make_pool",
+    "start_pool",
+]
 
 
 @dataclass(frozen=True)
@@ -29,14 +36,16 @@ class WorkerOptions:
     in_process: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    cache_mb: int | None = None  # each worker's variant cache (None: sized from its memory)
 
     def check(self, trials: int) -> None:
-        """Refuse counts and resources no pool could place, before the space loads or the
-        dense model runs."""
+        """Refuse counts, cache sizes and resources no pool could place, before the space
+        loads or the dense model runs."""
         from microsweep.prepare import check_counts
-        from microsweep.workers import check_resources
+        from microsweep.workers import check_cache_mb, check_resources
 
         check_counts(trials, self.workers)
+        check_cache_mb(self.cache_mb)
         check_resources(
             self.workers,
             address=self.address,
@@ -69,7 +78,7 @@ def make_pool(sf: SpaceFile, prepared: Prepared, options: WorkerOptions) -> Work
         options.workers,
         model=sf.model,
         windows=prepared.windows,
-        settings=prepared.settings,
+        settings=cache_settings(prepared.settings, options, sf),
         calib=prepared.calib,
         train_tokens=prepared.train_tokens,
         evaluate=sf.evaluate,
@@ -86,6 +95,43 @@ def make_pool(sf: SpaceFile, prepared: Prepared, options: WorkerOptions) -> Work
     )
     _keep_handler(signal.SIGTERM, handler)
     return pool
+
+
+def cache_settings(settings: Any, options: WorkerOptions, sf: SpaceFile) -> Any:
+    """The workers' `EvalSettings` with their variant cache: the size asked for (or None, sized
+    by each worker), how many workers share one worker's memory for that automatic size, and
+    the largest rank the space can give each layer (what its SVD is kept for)."""
+    from dataclasses import replace
+
+    share = 1
+    if not options.in_process:
+        share = options.workers
+        if options.gpus_per_worker > 0:  # the cache lives on the GPU, shared by its workers
+            share = min(share, max(1, int(1 / options.gpus_per_worker)))
+    return replace(
+        settings,
+        cache_mb=options.cache_mb,
+        cache_share=share,
+        cache_ranks=largest_ranks(sf.space),
+    )
+
+
+def largest_ranks(space: Any) -> dict[str, int]:
+    """Per layer, the largest rank its rules can ask for (below the break-even, from which the
+    layer stays dense); layers without a `Rank` knob are left out."""
+    from microsweep.spaces import Rank
+
+    out: dict[str, int] = {}
+    for unit in space.units():
+        knob = unit.knobs.get("rank")
+        if not isinstance(knob, Rank):
+            continue
+        for info in unit.layers:
+            full = min(info.out_features, info.in_features)
+            top = max(knob.values) if knob.values is not None else max(1, round(knob.high * full))
+            below = Rank.break_even(info.out_features, info.in_features) - 1
+            out[info.name] = max(1, min(top, below, full))
+    return out
 
 
 def start_pool(

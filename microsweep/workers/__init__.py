@@ -8,16 +8,19 @@ from microsweep.workers._pool import (
     check_resources,
     make_pool,
 )
-from microsweep.workers._result import TrialResult
-from microsweep.workers._runner import EvalSettings, TrialRunner
+from microsweep.workers._result import CacheUse, TrialResult
+from microsweep.workers._runner import EvalSettings, TrialRunner, auto_cache_mb, check_cache_mb
 
 __all__ = [
+    "CacheUse",
     "EvalSettings",
     "InProcessPool",
     "RayPool",
     "TrialResult",
     "TrialRunner",
     "WorkerPool",
+    "auto_cache_mb",
+    "check_cache_mb",
     "check_resources",
     "make_pool",
 ]

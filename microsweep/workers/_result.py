@@ -10,9 +10,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["TrialResult"]
+__all__ = ["CacheUse", "TrialResult"]
 
 Status = Literal["ok", "pruned", "error"]
+
+
+@dataclass(frozen=True)
+class CacheUse:
+    """A trial's use of its worker's variant cache: the layer variants it found there (`hits`)
+    and those it built or read from the level store (`misses`), then the bytes the cache holds
+    and its budget."""
+
+    hits: int
+    misses: int
+    nbytes: int
+    max_bytes: int
 
 
 @dataclass
@@ -48,6 +60,7 @@ class TrialResult:
     window_kl: list[float] | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, >= 0
     worker: str | None = None  # node, process and threads
+    cache: CacheUse | None = None  # when the trial's model came from the worker's variant cache
 
     @property
     def ok(self) -> bool:

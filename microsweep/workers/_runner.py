@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import gc
 import math
+import os
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -37,13 +38,29 @@ from microsweep.workers._recipes import (
     finetune_steps,
     group_lasso_model,
 )
-from microsweep.workers._result import TrialResult
+from microsweep.workers._result import CacheUse, TrialResult
 
 if TYPE_CHECKING:
     from microsweep.score import Counts, KLReference, StopRule
     from microsweep.spaces import Policy
 
-__all__ = ["EvalSettings", "FT_EVAL_WINDOWS", "TrialRunner", "check_subset", "worker_threads"]
+__all__ = [
+    "EvalSettings",
+    "FT_EVAL_WINDOWS",
+    "TrialRunner",
+    "auto_cache_mb",
+    "check_cache_mb",
+    "check_subset",
+    "worker_threads",
+]
+
+AUTO_CACHE_MODEL_COPIES = 4
+"""The automatic variant cache holds at most this many times the model's fp32 bytes: a policy's
+layers, orders and SVDs take about 2.3 of them on GPT-2 small, so a repeated policy is found
+whole, with room for the variants the next policies share."""
+
+AUTO_CACHE_MIN_MB = 64
+"""The automatic variant cache's floor, in MiB: small models get at least this much."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +73,12 @@ class EvalSettings:
     finetune_block: int | None = None  # default: the evaluation window length
     seed: int = 0
     stop: StopRule | None = None  # chunked evaluation that may end a hopeless trial early
-    cache_mb: int = 512  # compressed layer variants kept per worker; 0 copies the model per trial
+    # the variant cache per worker, MiB: None sizes it from the worker's memory and the model
+    # (`auto_cache_mb`, sharing the memory among `cache_share` workers); 0 copies the model
+    # per trial. `cache_ranks`: the largest rank a policy can give each layer (its SVD's size)
+    cache_mb: int | None = None
+    cache_share: int = 1
+    cache_ranks: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,6 +115,7 @@ class _Outcome:
     layers: list[dict[str, Any]] = field(default_factory=list)
     curve: FineTuneCurve | None = None
     evaluation: _Evaluation | None = None
+    cache: CacheUse | None = None
 
 
 def _result(number: int, outcome: _Outcome, timings: dict[str, float], worker: str) -> TrialResult:
@@ -102,6 +125,7 @@ def _result(number: int, outcome: _Outcome, timings: dict[str, float], worker: s
     stopped = (curve.stopped if curve is not None else None) or (ev.stopped if ev else None)
     status = "error" if outcome.error is not None else "pruned" if stopped else "ok"
     result = TrialResult(number, status, error=outcome.error, timings=timings, worker=worker)
+    result.cache = outcome.cache
     if counts is not None:
         result.params, result.ops, result.freebie = counts.params, counts.ops, counts.freebie
         result.count_config, result.layers = counts.config.to_json(), outcome.layers
@@ -176,15 +200,20 @@ class TrialRunner:
         self.threads = threads or assigned_cpus() or torch.get_num_threads()
         self._dtype = torch.get_default_dtype()
         self._cache = None
-        if settings.cache_mb > 0:
+        check_cache_mb(settings.cache_mb)
+        cache_mb = settings.cache_mb
+        if cache_mb is None:
+            cache_mb = auto_cache_mb(model, self.device, share=settings.cache_share)
+        if cache_mb > 0:
             from microsweep.compress import VariantCache
 
             self._cache = VariantCache(
                 model,
                 calib=calib,
-                max_bytes=settings.cache_mb * 2**20,
+                max_bytes=cache_mb * 2**20,
                 stats=_on_device(stats, self.device),
                 store=levels,
+                max_rank=settings.cache_ranks,
             )
 
     def ping(self) -> bool:
@@ -270,7 +299,13 @@ class TrialRunner:
         subset: list[int] | None,
     ) -> _Outcome:
         """The trial's stages in order: group lasso, compress, fine-tune, count, evaluate."""
+        cache = self._cache
+        looked = (cache.hits, cache.misses) if cache is not None else (0, 0)
         model, shared = self._trial_model(policy, timings)
+        use = None
+        if cache is not None and (cache.hits, cache.misses) != looked:  # the cache built it
+            hits, misses = cache.hits - looked[0], cache.misses - looked[1]
+            use = CacheUse(hits, misses, cache.nbytes, cache.max_bytes)
         curve = None
         if finetune_steps(policy.hyper) > 0:
             t = time.perf_counter()
@@ -280,6 +315,7 @@ class TrialRunner:
         model, counts = self._count(model, shared)
         timings["count"] = time.perf_counter() - t
         outcome = _Outcome(counts=counts, layers=_layer_rows(counts, policy), curve=curve)
+        outcome.cache = use
         if curve is not None and curve.stopped is not None:  # could not recover: no evaluation
             outcome.perplexity = curve.stopped.projected
         else:
@@ -488,6 +524,52 @@ def check_subset(
     if len(set(picked)) != len(picked):
         raise UsageError("windows= names a window twice; give each index once")
     return picked
+
+
+def check_cache_mb(value: Any) -> None:
+    """Refuse a variant cache size that is not a whole number of MiB of at least 0 (None:
+    sized automatically)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+        raise UsageError(
+            f"--cache-mb {value!r} must be a whole number of MiB, at least 0 (0 copies the model "
+            "per trial; leave it out to size the cache from the worker's memory and the model)"
+        )
+
+
+def auto_cache_mb(model: nn.Module, device: Any = None, *, share: int = 1) -> int:
+    """The variant cache's automatic size in MiB: half the memory free where the worker builds
+    its variants (the GPU's, else the system's) split among the `share` workers that use it,
+    at most `AUTO_CACHE_MODEL_COPIES` times the model's fp32 bytes, at least
+    `AUTO_CACHE_MIN_MB`."""
+    seen = {id(t): t.numel() for t in [*model.parameters(), *model.buffers()]}
+    size = AUTO_CACHE_MODEL_COPIES * 4 * sum(seen.values())
+    free = _free_memory(device)
+    if free is not None:
+        size = min(size, free // max(1, share) // 2)
+    return max(AUTO_CACHE_MIN_MB, size // 2**20)
+
+
+def _free_memory(device: Any) -> int | None:
+    """Bytes free on `device`: the GPU's free memory for CUDA, else the system's available
+    memory (/proc/meminfo, else sysconf); None when unknown."""
+    if device is not None and torch.device(device).type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        except RuntimeError:
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _on_device(stats: Mapping[str, Any] | None, device: Any) -> Mapping[str, Any] | None:
