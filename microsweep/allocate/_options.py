@@ -44,6 +44,7 @@ from microsweep.compress import (
     magnitude_masks,
     rank_transform,
     tensor_scale,
+    weight_svd,
 )
 from microsweep.score import Baseline, CountConfig, count
 from microsweep.spaces import GROUP_METHODS, LayerPolicy, Unit
@@ -372,6 +373,7 @@ class _LayerBuilder:
         self.stats = stats  # the calibration inputs' moments, asked only for a data-aware rank
         self._factors: dict[tuple[int, str], LowRankLinear] = {}
         self._transforms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._svds: dict[str, tuple[torch.Tensor, ...]] = {}
         self._masks: dict[tuple[int | None, float, tuple[int, int] | None], tuple] = {}
         self._stats_value: InputStats | None = None
         self._stats_done = False
@@ -390,7 +392,11 @@ class _LayerBuilder:
                 if method not in self._transforms:  # one per method, for every rank
                     self._transforms[method] = rank_transform(method, self._input_stats())
                 transform = self._transforms[method]
-            self._factors[(rank, method)] = factorize(self.linear, rank, transform=transform)
+            if method not in self._svds:  # one decomposition serves every rank, as in a trial
+                self._svds[method] = weight_svd(self.linear.weight, transform)
+            self._factors[(rank, method)] = factorize(
+                self.linear, rank, svd=self._svds[method], transform=transform
+            )
         return self._factors[(rank, method)]
 
     def build(self, setting: LayerPolicy, act_scale: torch.Tensor | None) -> nn.Module:

@@ -31,7 +31,7 @@ from ._checks import check_rule, check_shared_weight, embedding_misfit
 from ._group_lasso import block_norms, group_lasso_penalty, group_lasso_train_, reweight
 from ._groups import shared_basis
 from ._levels import LevelStore
-from ._lowrank import InputStats, factorize, rank_transform
+from ._lowrank import InputStats, factorize, rank_transform, weight_svd
 from ._modules import (
     CompressedEmbedding,
     CompressedLinear,
@@ -107,4 +107,5 @@ __all__ = [
     "tensor_train",
     "tt_shape",
     "tt_svd",
+    "weight_svd",
 ]
