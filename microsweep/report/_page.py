@@ -152,29 +152,46 @@ def _rank_scale(table: LayerTable, i: int) -> int:
     return full or max((o[3] or 0 for o in table.options[i]), default=0)
 
 
+def _cell(table: LayerTable, i: int, knob: str, v: Any) -> tuple[float | None, str]:
+    """One heatmap cell of layer `i`: how hard `knob` at value `v` compresses and its text."""
+    if knob not in table.allowed[i]:  # not searched on this layer: a blank cell
+        return None, ""
+    if knob == "sparsity":
+        return float(v or 0.0), f"{v or 0:.3g}"
+    if knob in ("bits", "act_bits"):
+        bits = 32 if v is None else v
+        return 1.0 - bits / 32, str(bits)
+    scale = _rank_scale(table, i)
+    return (0.0 if v is None or not scale else 1.0 - v / scale), ("full" if v is None else str(v))
+
+
 def heat_cells(table: LayerTable, i: int, values: tuple[Any, ...]) -> tuple[list, list[str]]:
     """One heatmap row for layer `i` at `values` (an option row): how hard each knob
     compresses (0 none .. 1 most: the sparsity, 1 - bits/32, 1 - rank/full rank; None where
     the knob is not searched on the layer) and the text shown in each cell."""
-    z: list[float | None] = []
-    text: list[str] = []
+    cells = [_cell(table, i, knob, values[KNOBS.index(knob)]) for knob in table.knobs]
+    return [z for z, _ in cells], [text for _, text in cells]
+
+
+def _option_cells(table: LayerTable, i: int) -> list[list[Any]]:
+    """`heat_cells` of every option of layer `i` with its params and ops, each knob's cell
+    worked out once per distinct value (a layer has hundreds of options, a knob few values)."""
+    options = table.options[i]
+    columns = []
     for knob in table.knobs:
-        v = values[KNOBS.index(knob)]
-        if knob not in table.allowed[i]:  # not searched on this layer: a blank cell
-            z.append(None)
-            text.append("")
-        elif knob == "sparsity":
-            z.append(float(v or 0.0))
-            text.append(f"{v or 0:.3g}")
-        elif knob in ("bits", "act_bits"):
-            bits = 32 if v is None else v
-            z.append(1.0 - bits / 32)
-            text.append(str(bits))
-        else:
-            scale = _rank_scale(table, i)
-            z.append(0.0 if v is None or not scale else 1.0 - v / scale)
-            text.append("full" if v is None else str(v))
-    return z, text
+        k = KNOBS.index(knob)
+        memo: dict[Any, tuple[float | None, str]] = {}
+        column = []
+        for option in options:
+            cell = memo.get(option[k])
+            if cell is None:
+                cell = memo[option[k]] = _cell(table, i, knob, option[k])
+            column.append(cell)
+        columns.append(column)
+    return [
+        [[c[j][0] for c in columns], [c[j][1] for c in columns], option[4], option[5]]
+        for j, option in enumerate(options)
+    ]
 
 
 def layer_view(table: LayerTable, number: int | None) -> dict[str, Any]:
@@ -215,10 +232,7 @@ def page_payload(table: LayerTable, best: int | None = None) -> dict[str, Any]:
     each distinct option's heatmap row, text and counts, each trial's option indexes, the
     best feasible trial (its titles say so) and the trials whose "other" bar lost the 16-bit
     allowance (its hover says why)."""
-    cells = [
-        [[*heat_cells(table, i, opt), opt[4], opt[5]] for opt in opts]
-        for i, opts in enumerate(table.options)
-    ]
+    cells = [_option_cells(table, i) for i in range(len(table.options))]
     return {
         "cells": cells,
         "choice": {str(k): v for k, v in table.choice.items()},
