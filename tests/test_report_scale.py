@@ -236,3 +236,31 @@ def test_a_version_3_postgres_store_gets_its_summaries_on_upgrade(small_sweep, p
     source.dispose()
     target.dispose()
     _upgrade_and_check(postgres_schema_url, "s", before, expected)
+
+
+def test_sensitivity_lines_are_what_add_hline_draws():
+    """The dense and ceiling lines, set in one layout update, are the shapes and the label
+    plotly's add_hline gives on each panel (the label right of the last one)."""
+    import plotly.graph_objects as go
+
+    from microsweep.report._sensitivity import SensitivityData, figure
+
+    curves = {
+        knob: {f"l{i}": [(1.0, 4.0 + i), (2.0, 4.5 + i)] for i in range(3)}
+        for knob in ("sparsity", "bits", "rank")
+    }
+    data = SensitivityData("k", "s", dense_perplexity=4.0, ceiling=4.4, curves=curves)
+    fig = figure(data)
+    titles = len(curves)  # make_subplots' panel titles come first
+    ref = go.Figure(fig)
+    ref.layout.shapes = ()
+    ref.layout.annotations = fig.layout.annotations[:titles]
+    for col in range(1, len(curves) + 1):
+        for value, name, dash in ((4.0, "dense", "dot"), (4.4, "ceiling", "dash")):
+            label = {"annotation_text": name, "annotation_position": "right"}
+            ref.add_hline(
+                y=value, line_dash=dash, line_color="#444", row=1, col=col,
+                **(label if col == len(curves) else {}),
+            )  # fmt: skip
+    assert len(fig.layout.shapes) == 6 and len(fig.layout.annotations) == titles + 2
+    assert fig.to_dict()["layout"] == ref.to_dict()["layout"]

@@ -91,6 +91,8 @@ def figure(data: SensitivityData) -> Any:
         p for k in knobs for pts in data.curves[k].values() for _, p in pts if math.isfinite(p)
     ]
     listed: set[str] = set()  # each layer once in the legend, from the first panel it is in
+    lines: list[dict[str, Any]] = []
+    labels: list[dict[str, Any]] = []
     for col, knob in enumerate(knobs, start=1):
         for layer, points in data.curves[knob].items():
             xs = [v for v, _ in points]
@@ -112,19 +114,31 @@ def figure(data: SensitivityData) -> Any:
                 col=col,
             )
             listed.add(layer)
+        # the dense and ceiling lines across each panel: what add_hline draws, set in one
+        # layout update below (add_hline re-reads the whole figure on every call)
+        axis = "" if col == 1 else str(col)
         for value, name, dash in (
             (data.dense_perplexity, "dense", "dot"),
             (data.ceiling, "ceiling", "dash"),
         ):
-            if value is not None:  # named right of the last panel, clear of every curve
-                label = (
-                    {"annotation_text": name, "annotation_position": "right"}
-                    if col == len(knobs)
-                    else {}
+            if value is None:
+                continue
+            lines.append(
+                dict(
+                    type="line", x0=0, x1=1, xref=f"x{axis} domain", y0=value, y1=value,
+                    yref=f"y{axis}", line=dict(color="#444", dash=dash),
                 )
-                fig.add_hline(y=value, line_dash=dash, line_color="#444", row=1, col=col, **label)
+            )  # fmt: skip
+            if col == len(knobs):  # named right of the last panel, clear of every curve
+                labels.append(
+                    dict(
+                        text=name, showarrow=False, x=1, xanchor="left", xref=f"x{axis} domain",
+                        y=value, yanchor="middle", yref=f"y{axis}",
+                    )
+                )  # fmt: skip
         if knob in ("bits", "act_bits", "rank"):
             fig.update_xaxes(autorange="reversed", row=1, col=col)  # more compression rightward
+    fig.update_layout(shapes=lines, annotations=[*fig.layout.annotations, *labels])
     if finite:
         top = max(finite)
         if data.ceiling is not None:
