@@ -310,6 +310,7 @@ class Store:
                 )
             row = SweepRow(created_at=_now(), **fields)
             s.add(row)
+        self._summary_names[row.id] = list(row.summary_layers)
         return row
 
     def get_sweep(self, name: str) -> SweepRow:
@@ -347,6 +348,7 @@ class Store:
             row = s.scalar(select(SweepRow).where(SweepRow.name == name))
             if row is not None:
                 s.delete(row)
+                self._summary_names.pop(row.id, None)  # the id may come back with another space
 
     def update_sweep(self, name: str, **fields: Any) -> None:
         from sqlalchemy import update
