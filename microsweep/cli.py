@@ -495,7 +495,24 @@ def _cache_mb(text: str) -> int:
     return value
 
 
+def _memory_mb(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def _cache_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--eval-memory-mb",
+        type=_memory_mb,
+        default=None,
+        help="memory one evaluation batch of a worker may take, in MiB; the batch size follows "
+        "from it (default: min(1024, a quarter of the worker's free memory))",
+    )
     parser.add_argument(
         "--cache-mb",
         type=_cache_mb,
@@ -522,8 +539,9 @@ def _worker_options(args: argparse.Namespace) -> dict[str, Any]:
 def _sweep_options(args: argparse.Namespace) -> dict[str, Any]:
     """What `run` and `resume` take alike: the worker options, storage patience, time budget."""
     return _worker_options(args) | dict(
-        storage_wait=args.storage_wait, timeout=args.timeout, cache_mb=args.cache_mb
-    )
+        storage_wait=args.storage_wait, timeout=args.timeout, cache_mb=args.cache_mb,
+        eval_memory_mb=args.eval_memory_mb,
+    )  # fmt: skip
 
 
 def _dispatch(args: argparse.Namespace) -> None:

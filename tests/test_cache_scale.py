@@ -233,18 +233,53 @@ def test_cache_settings_reach_a_ray_actor(tiny_cache) -> None:
     ranks = largest_ranks(sf.space)
     # Rank(0.25, 1.0) on the MLP: 1.0 is full rank, kept below the break-even (26 of 32)
     assert ranks == {f"blocks.{i}.mlp.{n}": 25 for i in (0, 1) for n in ("c_fc", "c_proj")}
-    pool = make_pool(sf, prepared, WorkerOptions(workers=1, cache_mb=3))
+    pool = make_pool(sf, prepared, WorkerOptions(workers=1, cache_mb=3, eval_memory_mb=7))
     import ray  # after the pool set Ray's environment (token auth) for its local start
 
     try:
         actor = pool._idle[0]
         seen = ray.get(
             actor.call.remote(
-                lambda r: (r._cache.max_bytes, r.settings.cache_share, dict(r._cache.max_rank))
+                lambda r: (
+                    r._cache.max_bytes,
+                    r.settings.cache_share,
+                    dict(r._cache.max_rank),
+                    r.settings.memory_bytes,
+                )
             ),
             timeout=600,
         )
     finally:
         pool.close()
-    assert seen == (3 * 2**20, 1, ranks)
+    assert seen == (3 * 2**20, 1, ranks, 7 * 2**20)
     assert not ray.is_initialized()
+
+
+def test_eval_memory_limit_reaches_the_runner_and_keeps_the_figures(tmp_path) -> None:
+    """`eval_memory_mb` is checked before anything loads, reaches the workers' settings, and a
+    1 MiB limit (one window per batch or less) measures the same perplexities as the default."""
+    from microsweep.search import run_sweep
+    from microsweep.search._workers import WorkerOptions, cache_settings
+
+    with pytest.raises(UsageError, match="--eval-memory-mb"):
+        run_sweep(
+            TINY, name="bad", trials=2, eval_memory_mb=0, storage=f"sqlite:///{tmp_path}/b.db"
+        )
+    assert not (tmp_path / "b.db").exists()  # refused before the store opens
+    from microsweep.prepare import load_space_file, prepare
+
+    sf = load_space_file(TINY)
+    settings = cache_settings(prepare(sf, 0).settings, WorkerOptions(eval_memory_mb=3), sf)
+    assert settings.memory_bytes == 3 * 2**20 and settings.batch_size is None
+    found = {}
+    for limit in (None, 1):
+        rows: list[dict] = []
+        run_sweep(
+            TINY, name="m", trials=3, sampler="random", seed=3, in_process=True,
+            storage=f"sqlite:///{tmp_path}/m{limit}.db", progress=False, eval_memory_mb=limit,
+            on_trial=rows.append,
+        )  # fmt: skip
+        found[limit] = [r["perplexity"] for r in rows if r.get("perplexity") is not None]
+    assert found[None] and len(found[None]) == len(found[1])
+    for a, b in zip(found[None], found[1], strict=True):
+        assert b == pytest.approx(a, rel=1e-6)

@@ -189,4 +189,5 @@ def test_sweep_options_are_one_typed_set_and_a_misspelt_one_is_refused(tmp_path)
     assert set(get_type_hints(SweepOptions)) == {
         "workers", "storage", "address", "in_process", "progress", "storage_wait",
         "cpus_per_worker", "gpus_per_worker", "timeout", "cache_mb",
+        "eval_memory_mb",
     }  # fmt: skip

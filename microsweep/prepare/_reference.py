@@ -10,7 +10,7 @@ nothing and costs nothing.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from microsweep.errors import UsageError
 
@@ -27,13 +27,8 @@ def with_reference(sf: SpaceFile, prepared: Prepared, *, wanted: bool = False) -
     by KL, or the sampler ranks by it (`wanted`, where the windows allow; else unchanged);
     refused in one line when the objective asks for KL but the space measures with its own
     `evaluate`, which gives no next-token distributions."""
-    from microsweep.score import kl_reference
-
     if wanted and not sf.objective.wants_kl and sf.evaluate is None and prepared.windows.numel():
-        batch = prepared.settings.batch_size
-        return replace(
-            prepared, reference=kl_reference(sf.model, prepared.windows, batch_size=batch)
-        )
+        return replace(prepared, reference=_reference(sf, prepared))
     if not sf.objective.wants_kl:
         return prepared
     if sf.evaluate is not None or not prepared.windows.numel():
@@ -42,5 +37,16 @@ def with_reference(sf: SpaceFile, prepared: Prepared, *, wanted: bool = False) -
             "evaluation windows, but this space measures with its own evaluate(); give a corpus "
             "instead, or use select_by='perplexity'"
         )
-    batch = prepared.settings.batch_size
-    return replace(prepared, reference=kl_reference(sf.model, prepared.windows, batch_size=batch))
+    return replace(prepared, reference=_reference(sf, prepared))
+
+
+def _reference(sf: SpaceFile, prepared: Prepared) -> Any:
+    """The dense model's KL reference on the windows, read in batches that fit the settings'
+    memory limit."""
+    from microsweep.score import kl_reference
+
+    settings = prepared.settings
+    return kl_reference(
+        sf.model, prepared.windows, batch_size=settings.batch_size,
+        memory_bytes=getattr(settings, "memory_bytes", None),
+    )  # fmt: skip

@@ -31,6 +31,9 @@ class SweepOptions(TypedDict, total=False):
     - `cache_mb` (None: half the worker's free memory split among the workers, at most 4x the
       model's fp32 bytes, at least 64): each worker's variant cache in MiB; 0 copies the model
       per trial.
+    - `eval_memory_mb` (None: min(1 GiB, a quarter of the worker's free memory)): the memory
+      one evaluation batch of a worker may take, in MiB; the batch size follows from it and
+      from the model's vocabulary and window length.
     """
 
     workers: int
@@ -43,6 +46,7 @@ class SweepOptions(TypedDict, total=False):
     gpus_per_worker: float
     timeout: float | None
     cache_mb: int | None
+    eval_memory_mb: int | None
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -56,6 +60,7 @@ _DEFAULTS: dict[str, Any] = {
     "gpus_per_worker": 0.0,
     "timeout": None,
     "cache_mb": None,
+    "eval_memory_mb": None,
 }
 
 
@@ -100,6 +105,6 @@ def resolve_options(given: Mapping[str, Any], command: str) -> Resolved:
     o = {**_DEFAULTS, **given}
     workers = WorkerOptions(
         o["workers"], o["address"], o["in_process"], o["cpus_per_worker"], o["gpus_per_worker"],
-        o["cache_mb"],
+        o["cache_mb"], o["eval_memory_mb"],
     )  # fmt: skip
     return Resolved(workers, o["storage"], o["progress"], o["storage_wait"], o["timeout"])

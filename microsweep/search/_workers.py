@@ -37,15 +37,17 @@ class WorkerOptions:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     cache_mb: int | None = None  # each worker's variant cache (None: sized from its memory)
+    eval_memory_mb: int | None = None  # each worker's evaluation batch limit (None: default)
 
     def check(self, trials: int) -> None:
         """Refuse counts, cache sizes and resources no pool could place, before the space
         loads or the dense model runs."""
         from microsweep.prepare import check_counts
-        from microsweep.workers import check_cache_mb, check_resources
+        from microsweep.workers import check_cache_mb, check_eval_memory_mb, check_resources
 
         check_counts(trials, self.workers)
         check_cache_mb(self.cache_mb)
+        check_eval_memory_mb(self.eval_memory_mb)
         check_resources(
             self.workers,
             address=self.address,
@@ -100,7 +102,8 @@ def make_pool(sf: SpaceFile, prepared: Prepared, options: WorkerOptions) -> Work
 def cache_settings(settings: Any, options: WorkerOptions, sf: SpaceFile) -> Any:
     """The workers' `EvalSettings` with their variant cache: the size asked for (or None, sized
     by each worker), how many workers share one worker's memory for that automatic size, and
-    the largest rank the space can give each layer (what its SVD is kept for)."""
+    the largest rank the space can give each layer (what its SVD is kept for); and the memory
+    limit of their evaluation batches."""
     from dataclasses import replace
 
     share = 1
@@ -113,6 +116,7 @@ def cache_settings(settings: Any, options: WorkerOptions, sf: SpaceFile) -> Any:
         cache_mb=options.cache_mb,
         cache_share=share,
         cache_ranks=largest_ranks(sf.space),
+        eval_memory_mb=options.eval_memory_mb,
     )
 
 

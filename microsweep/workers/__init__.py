@@ -9,7 +9,13 @@ from microsweep.workers._pool import (
     make_pool,
 )
 from microsweep.workers._result import CacheUse, TrialResult
-from microsweep.workers._runner import EvalSettings, TrialRunner, auto_cache_mb, check_cache_mb
+from microsweep.workers._runner import (
+    EvalSettings,
+    TrialRunner,
+    auto_cache_mb,
+    check_cache_mb,
+    check_eval_memory_mb,
+)
 
 __all__ = [
     "CacheUse",
@@ -21,6 +27,7 @@ __all__ = [
     "WorkerPool",
     "auto_cache_mb",
     "check_cache_mb",
+    "check_eval_memory_mb",
     "check_resources",
     "make_pool",
 ]

@@ -50,6 +50,7 @@ __all__ = [
     "TrialRunner",
     "auto_cache_mb",
     "check_cache_mb",
+    "check_eval_memory_mb",
     "check_subset",
     "worker_threads",
 ]
@@ -69,7 +70,11 @@ class EvalSettings:
 
     context: float
     count: Mapping[str, Any] = field(default_factory=dict)
-    batch_size: int = 32
+    # windows per forward pass: None chooses it from `eval_memory_mb` (None: the default limit,
+    # `microsweep.score.DEFAULT_EVAL_MEMORY` or a quarter of the device's free memory, whichever
+    # is less); an int is capped by the limit only when `eval_memory_mb` is given
+    batch_size: int | None = None
+    eval_memory_mb: int | None = None
     finetune_block: int | None = None  # default: the evaluation window length
     seed: int = 0
     stop: StopRule | None = None  # chunked evaluation that may end a hopeless trial early
@@ -79,6 +84,11 @@ class EvalSettings:
     cache_mb: int | None = None
     cache_share: int = 1
     cache_ranks: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def memory_bytes(self) -> int | None:
+        """The evaluation's memory limit in bytes (None: the score functions' default)."""
+        return None if self.eval_memory_mb is None else int(self.eval_memory_mb) << 20
 
 
 @dataclass
@@ -441,10 +451,12 @@ class TrialRunner:
         from microsweep.score import window_nll, window_nll_kl
 
         picked = self.windows if indices is None else self.windows[indices]
-        batch = self.settings.batch_size
+        batch, limit = self.settings.batch_size, self.settings.memory_bytes
         if self.reference is None:
-            return window_nll(model, picked, batch_size=batch), None
-        return window_nll_kl(model, picked, self.reference, indices=indices, batch_size=batch)
+            return window_nll(model, picked, batch_size=batch, memory_bytes=limit), None
+        return window_nll_kl(
+            model, picked, self.reference, indices=indices, batch_size=batch, memory_bytes=limit
+        )
 
     def group_lasso(self, policy: Policy) -> nn.Module | None:
         """The dense base trained by the group-lasso stage the policy's hyperparameters ask
@@ -485,8 +497,9 @@ class TrialRunner:
             if rule is not None and rule.n_windows != self.windows.shape[0]:
                 rule = None  # a rule for other windows: _evaluate ignores it too
             curve = FineTuneCurve(
-                self.windows, self.settings.batch_size, rule, recipe.steps, early_stop
-            )
+                self.windows, self.settings.batch_size, rule, recipe.steps, early_stop,
+                memory_bytes=self.settings.memory_bytes,
+            )  # fmt: skip
         finetune_(
             model, recipe, self.train_tokens, teacher=self.base, block_size=self._block,
             seed=self.settings.seed, curve=curve,
@@ -524,6 +537,18 @@ def check_subset(
     if len(set(picked)) != len(picked):
         raise UsageError("windows= names a window twice; give each index once")
     return picked
+
+
+def check_eval_memory_mb(value: Any) -> None:
+    """Refuse an evaluation memory limit that is not a whole number of MiB of at least 1 (None:
+    the default limit)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise UsageError(
+            f"--eval-memory-mb {value!r} must be a whole number of MiB, at least 1 (the memory "
+            "one evaluation batch may take; leave it out for min(1 GiB, a quarter of free memory))"
+        )
 
 
 def check_cache_mb(value: Any) -> None:
