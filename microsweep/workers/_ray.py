@@ -36,15 +36,23 @@ def worker_threads(cpus: float) -> int:
 
 
 def assigned_device() -> torch.device | None:
-    """The GPU Ray gave this actor (Ray limits CUDA_VISIBLE_DEVICES to it), or None: CPU."""
+    """The GPU Ray gave this actor (Ray limits CUDA_VISIBLE_DEVICES to it), or None: CPU.
+    Refused in one line when Ray gave GPUs that this process's torch cannot use, rather than
+    running the worker's trials on the CPU unsaid."""
     ray = sys.modules.get("ray")
     try:
-        if ray is not None and ray.is_initialized() and ray.get_gpu_ids():
-            if torch.cuda.is_available():
-                return torch.device("cuda")
+        gpus = ray.get_gpu_ids() if ray is not None and ray.is_initialized() else []
     except Exception:  # no runtime context: not a Ray worker
-        pass
-    return None
+        gpus = []
+    if not gpus:
+        return None
+    if not torch.cuda.is_available():
+        raise UsageError(
+            f"Ray gave this worker GPU {', '.join(map(str, gpus))} but torch {torch.__version__} "
+            "here sees no CUDA device (a CPU-only build, or no driver); install a CUDA build of "
+            "torch on the GPU nodes, or leave out --gpus-per-worker"
+        )
+    return torch.device("cuda")
 
 
 def assigned_cpus() -> int | None:
@@ -123,10 +131,14 @@ def check_capacity(
 
 def first_line(exc: BaseException) -> str:
     """One line for a Ray error: its first, plus the underlying error's own last line when the
-    first only says that an actor or task died."""
+    first only says that an actor or task died; our own refusal raised in a worker alone."""
     text = str(exc).strip()
     if not text:
         return type(exc).__name__
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     first, last = lines[0], lines[-1]
+    ours = "microsweep.errors.UsageError: "
+    if ours in last:  # our own one-line refusal, raised in the worker: it says it all
+        before, message = last.split(ours, 1)
+        return message.removesuffix(")") if before.endswith("(") else message
     return f"{first} ({last})" if last != first and "died" in first else first
