@@ -137,7 +137,7 @@ def _policy(space: Any) -> Any:
     return space.suggest(study.ask())
 
 
-def _runner_phase(size: str, workdir: Path) -> dict[str, Any]:
+def _runner_phase(size: str, workdir: Path, workers: int) -> dict[str, Any]:
     """Dense evaluation, a cold and a warm trial of one policy, peak RSS, and its export."""
     import optuna  # noqa: F401  (imported before the baseline RSS, as every import above)
     import torch
@@ -145,7 +145,8 @@ def _runner_phase(size: str, workdir: Path) -> dict[str, Any]:
     from microsweep.compress import compress
     from microsweep.export import save
     from microsweep.prepare import model_fingerprint, prepare, space_from_objects, with_levels
-    from microsweep.score import count, perplexity
+    from microsweep.score import batch_for_memory, count, perplexity
+    from microsweep.search._workers import WorkerOptions, cache_settings
     from microsweep.workers import TrialRunner
 
     torch.set_num_threads(1)
@@ -163,10 +164,12 @@ def _runner_phase(size: str, workdir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     prepared = with_levels(sf, prepared, f"sqlite:///{workdir}/levels.db", model_fingerprint(model))
     out["statistics_s"] = time.perf_counter() - start
+    # one of the sweep's `workers` runners, with the settings a sweep gives it (cache size, share)
+    worker_settings = cache_settings(settings, WorkerOptions(workers=workers), sf)
     runner = TrialRunner(
         sf.model,
         prepared.windows,
-        settings,
+        worker_settings,
         calib=prepared.calib,
         threads=1,
         stats=prepared.stats,
@@ -195,13 +198,13 @@ def _runner_phase(size: str, workdir: Path) -> dict[str, Any]:
     out["trial_cold"] = runs[0]["wall_s"] / dense
     out["trial_warm"] = runs[1]["wall_s"] / dense
     out["cache_hit_rate_warm"] = runs[1]["cache_hit_rate"]
-    out["cache_mb"] = settings.cache_mb
+    out["cache_mb"] = cache.max_bytes / 2**20 if cache is not None else 0
     out["cache_bytes"] = cache.nbytes if cache is not None else 0
     out["runs"] = runs
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["runtime_rss_mib"] = base_rss
     out["model_rss_mib"] = out["peak_rss_mib"] - base_rss  # what the model's work added
-    batch = settings.batch_size or windows.shape[0]
+    out["eval_batch"] = batch = settings.batch_size or batch_for_memory(model, windows)
     logits = min(batch, windows.shape[0]) * (windows.shape[1] - 1) * SIZES[size]["vocab"] * 4
     out["rss_bound_mib"] = (3 * params * 4 + logits) / 2**20
     del runner
@@ -278,7 +281,7 @@ def one(size: str, trials: int, workers: int, sweep: bool) -> dict[str, Any]:
 
     warnings.filterwarnings("ignore", category=SpaceWarning)  # the demo's ranges, said once
     with tempfile.TemporaryDirectory() as tmp:
-        out = _runner_phase(size, Path(tmp))
+        out = _runner_phase(size, Path(tmp), workers)
         if sweep:
             out.update(_sweep_phase(size, Path(tmp), trials, workers))
     dense = out["dense_eval_s"]
