@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from microsweep._text import digits_apart, distinct
@@ -485,37 +485,32 @@ def _resource_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _cache_mb(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 0 (0 copies the model)")
-    return value
+def _mib(least: int, why: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number of MiB of at least `least` (`why` said when under)."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {least}{why}")
+        return value
 
-def _memory_mb(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+    return parse
 
 
 def _cache_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--eval-memory-mb",
-        type=_memory_mb,
+        type=_mib(1),
         default=None,
         help="memory one evaluation batch of a worker may take, in MiB; the batch size follows "
         "from it (default: min(1024, a quarter of the worker's free memory))",
     )
     parser.add_argument(
         "--cache-mb",
-        type=_cache_mb,
+        type=_mib(0, " (0 copies the model)"),
         default=None,
         help="each worker's cache of compressed layers, in MiB (default: half its free memory "
         "split among the workers, at most 4x the model's fp32 size, at least 64; 0 copies "

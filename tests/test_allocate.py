@@ -90,23 +90,24 @@ def test_pareto_options_are_the_non_dominated_ones():
     assert list(pareto_options(cost, loss)) == [0, 1, 5]
 
 
+TINY_RULES = {
+    "blocks.*.attn.c_attn": dict(sparsity=Sparsity(0, 0.6, step=0.2), bits=Bits(4, 8, 32)),
+    "blocks.*.attn.c_proj": dict(act_bits=Bits(8, 32), tied=True),
+    "blocks.*.mlp.*": dict(
+        sparsity=Sparsity(0, 0.5, step=0.25),
+        bits=Bits(4, 16),
+        act_bits=Bits(8, 16),
+        rank=Rank(0.25, 1.0),
+    ),
+    "head": dict(bits=Bits(6, 8, 16, 32)),
+}
+"""The tiny planner's rules: every knob, a tied rule, and a head (also planned on workers)."""
+
+
 @pytest.fixture(scope="module")
 def tiny_planner(tiny_gpt, corpus):
     calib = corpus.train[: 8 * 32].view(8, 32)
-    space = Space(
-        tiny_gpt,
-        rules={
-            "blocks.*.attn.c_attn": dict(sparsity=Sparsity(0, 0.6, step=0.2), bits=Bits(4, 8, 32)),
-            "blocks.*.attn.c_proj": dict(act_bits=Bits(8, 32), tied=True),
-            "blocks.*.mlp.*": dict(
-                sparsity=Sparsity(0, 0.5, step=0.25),
-                bits=Bits(4, 16),
-                act_bits=Bits(8, 16),
-                rank=Rank(0.25, 1.0),
-            ),
-            "head": dict(bits=Bits(6, 8, 16, 32)),
-        },
-    )
+    space = Space(tiny_gpt, rules=TINY_RULES)
     dense = count(tiny_gpt, context=CONTEXT)
     baseline = Baseline(dense.params, dense.ops)
     planner = Planner(

@@ -72,44 +72,14 @@ def _wait_for(path: Path, text: str, timeout: float = 120) -> None:
 @pytest.mark.slow
 def test_sweep_runs_on_both_nodes_of_a_cli_cluster(tmp_path, tiny_gpt):
     ray_cli = str(Path(sys.executable).with_name("ray"))
-    temp = tempfile.mkdtemp(prefix="msray-", dir="/tmp")  # short: Ray's socket paths are
+    temp = tempfile.mkdtemp(prefix="msray-", dir="/tmp")  # short: Ray's socket paths are capped
     port = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    if not (Path.home() / ".ray" / "auth_token").is_file():
-        subprocess.run(
-            [ray_cli, "get-auth-token", "--generate"],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
     started = "block forever"
     procs: list[subprocess.Popen] = []
     try:
         head_log, node_log = tmp_path / "head.log", tmp_path / "node.log"
-        with open(head_log, "w") as log:
-            procs.append(
-                subprocess.Popen(
-                    [
-                        ray_cli,
-                        "start",
-                        "--head",
-                        "--port",
-                        str(port),
-                        "--num-cpus",
-                        "1",
-                        "--include-dashboard",
-                        "false",
-                        "--temp-dir",
-                        temp,
-                        "--block",
-                    ],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-        _wait_for(head_log, started)
+        procs.append(_start_head(temp, port, env, head_log))
         with open(node_log, "w") as log:
             procs.append(
                 subprocess.Popen(

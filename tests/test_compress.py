@@ -474,6 +474,7 @@ def test_public_api() -> None:
         "input_stats",
         "rank_transform",
         "factorize",
+        "weight_svd",
         "fake_quantize_symmetric",
         "layer_inputs",
         "magnitude_mask",

@@ -11,26 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from microsweep import Bits, LayerPolicy, Rank, Space, Sparsity
+from microsweep import LayerPolicy, Space
 from microsweep.allocate import Planner, SensitivityTable
 from microsweep.allocate._options import _effective_weight, _LayerBuilder, _Proxy, gram_factor
 from microsweep.compress import layer_inputs
 from microsweep.errors import SpaceError
 from microsweep.score import Baseline, CountConfig, count, eval_windows, mean_context
 from microsweep.workers import EvalSettings, make_pool
+from tests.test_allocate import TINY_RULES
 
 CONTEXT = mean_context(32)
-RULES = {
-    "blocks.*.attn.c_attn": dict(sparsity=Sparsity(0, 0.6, step=0.2), bits=Bits(4, 8, 32)),
-    "blocks.*.attn.c_proj": dict(act_bits=Bits(8, 32), tied=True),
-    "blocks.*.mlp.*": dict(
-        sparsity=Sparsity(0, 0.5, step=0.25),
-        bits=Bits(4, 16),
-        act_bits=Bits(8, 16),
-        rank=Rank(0.25, 1.0),
-    ),
-    "head": dict(bits=Bits(6, 8, 16, 32)),
-}
+RULES = TINY_RULES  # the tiny planner's, as test_allocate builds it in one process
 
 
 def _full_gram_rho(proxy: _Proxy, gram: torch.Tensor, setting: LayerPolicy, builder) -> float:

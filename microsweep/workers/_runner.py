@@ -542,24 +542,30 @@ def check_subset(
 def check_eval_memory_mb(value: Any) -> None:
     """Refuse an evaluation memory limit that is not a whole number of MiB of at least 1 (None:
     the default limit)."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise UsageError(
-            f"--eval-memory-mb {value!r} must be a whole number of MiB, at least 1 (the memory "
-            "one evaluation batch may take; leave it out for min(1 GiB, a quarter of free memory))"
-        )
+    _check_mib(
+        value, "--eval-memory-mb", 1,
+        "the memory one evaluation batch may take; leave it out for min(1 GiB, a quarter of "
+        "free memory)",
+    )  # fmt: skip
 
 
 def check_cache_mb(value: Any) -> None:
     """Refuse a variant cache size that is not a whole number of MiB of at least 0 (None:
     sized automatically)."""
+    _check_mib(
+        value, "--cache-mb", 0,
+        "0 copies the model per trial; leave it out to size the cache from the worker's memory "
+        "and the model",
+    )  # fmt: skip
+
+
+def _check_mib(value: Any, flag: str, least: int, hint: str) -> None:
+    """Refuse in one line a size that is not a whole number of MiB of at least `least`."""
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < least:
         raise UsageError(
-            f"--cache-mb {value!r} must be a whole number of MiB, at least 0 (0 copies the model "
-            "per trial; leave it out to size the cache from the worker's memory and the model)"
+            f"{flag} {value!r} must be a whole number of MiB, at least {least} ({hint})"
         )
 
 
