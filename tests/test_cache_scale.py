@@ -283,3 +283,24 @@ def test_eval_memory_limit_reaches_the_runner_and_keeps_the_figures(tmp_path) ->
     assert found[None] and len(found[None]) == len(found[1])
     for a, b in zip(found[None], found[1], strict=True):
         assert b == pytest.approx(a, rel=1e-6)
+
+
+def test_a_runner_chooses_its_batch_once_from_the_base(tiny_gpt, corpus) -> None:
+    """With the batch following the memory limit, a runner probes its base once and reads
+    every trial and chunk with that batch (no probe per evaluation); the figures are those of
+    one batch of every window."""
+    from microsweep.score import batch_for_memory, eval_windows, mean_context
+    from microsweep.workers import EvalSettings, TrialRunner
+
+    windows = eval_windows(corpus.val, window=32, max_tokens=32 * 24)
+    settings = EvalSettings(context=mean_context(32), eval_memory_mb=1)
+    runner = TrialRunner(tiny_gpt, windows, settings, threads=1)
+    expected = batch_for_memory(tiny_gpt, windows, 2**20)
+    assert 1 < expected < windows.shape[0]  # the limit really splits the windows
+    policy = _policy(_linears(tiny_gpt), sparsity=0.5)
+    result = runner.run(1, policy.to_json(), early_stop=False, window_nll=True)
+    assert runner._reading == (expected, None)
+    whole = TrialRunner(tiny_gpt, windows, EvalSettings(context=mean_context(32), batch_size=24))
+    direct = whole.run(1, policy.to_json(), early_stop=False, window_nll=True)
+    assert whole._reading == (24, None)  # an int batch without a limit: as given
+    assert result.window_nll == pytest.approx(direct.window_nll, rel=1e-6)

@@ -209,6 +209,7 @@ class TrialRunner:
         self.reference = reference  # stays on the CPU: each batch's slice goes to the device
         self.threads = threads or assigned_cpus() or torch.get_num_threads()
         self._dtype = torch.get_default_dtype()
+        self._reading: tuple[int | None, int | None] | None = None  # see `_batch_and_limit`
         self._cache = None
         check_cache_mb(settings.cache_mb)
         cache_mb = settings.cache_mb
@@ -451,12 +452,34 @@ class TrialRunner:
         from microsweep.score import window_nll, window_nll_kl
 
         picked = self.windows if indices is None else self.windows[indices]
-        batch, limit = self.settings.batch_size, self.settings.memory_bytes
+        batch, limit = self._batch_and_limit()
         if self.reference is None:
             return window_nll(model, picked, batch_size=batch, memory_bytes=limit), None
         return window_nll_kl(
             model, picked, self.reference, indices=indices, batch_size=batch, memory_bytes=limit
         )
+
+    def _batch_and_limit(self) -> tuple[int | None, int | None]:
+        """`batch_size` and `memory_bytes` for every evaluation of this runner. A batch that
+        follows the memory limit is chosen once, from the base: a trial's model has the base's
+        vocabulary and no wider layer, so no trial or chunk probes the model again. A limit that
+        fits one window or less is kept as it is (such a window is read in runs of positions)."""
+        if self._reading is None:
+            batch, limit = self.settings.batch_size, self.settings.memory_bytes
+            if batch is None:
+                from microsweep.score import batch_for_memory
+                from microsweep.score._kl import EXACT_KL_BYTES_PER_LOGIT, KL_BYTES_PER_LOGIT
+                from microsweep.score._perplexity import NLL_BYTES_PER_LOGIT
+
+                per_logit = NLL_BYTES_PER_LOGIT
+                if self.reference is not None:
+                    exact = self.reference.exact
+                    per_logit = EXACT_KL_BYTES_PER_LOGIT if exact else KL_BYTES_PER_LOGIT
+                fitted = batch_for_memory(self.base, self.windows, limit, bytes_per_logit=per_logit)
+                if fitted > 1:
+                    batch, limit = fitted, None
+            self._reading = (batch, limit)
+        return self._reading
 
     def group_lasso(self, policy: Policy) -> nn.Module | None:
         """The dense base trained by the group-lasso stage the policy's hyperparameters ask
