@@ -20,6 +20,7 @@ from torch import nn
 from microsweep.errors import SpaceError
 from microsweep.policy import GROUP_METHODS, METHODS, LayerPolicy, Policy
 
+from ._banding import build_bands, plan_bands, split_bands
 from ._checks import check_shared_weight
 from ._groups import grouped
 from ._lowrank import InputStats, factorize
@@ -65,13 +66,19 @@ def compress_(model: nn.Module, policy: Policy, *, calib: torch.Tensor | None = 
     `sparsity` (by magnitude, unstructured or in `block`s), round weights to `bits` with
     per-output-channel scales (pruned zeros kept), then quantize inputs to `act_bits` with a
     static scale calibrated by running `calib` token ids through the model before any change.
+
+    Layers named ``"X@b"`` are frequency bands of table or head ``X`` (see `LayerPolicy.band`):
+    their words are ranked by frequency in `calib`, each changed band is compressed as above,
+    and ``X`` (with a table or head tied to it) becomes a banded module.
     """
     if not isinstance(policy, Policy):
         raise SpaceError(
             f"policy is a {type(policy).__name__}, not a microsweep Policy; "
             "build one with Policy(layers={name: LayerPolicy(...)})"
         )
+    policy, banded = split_bands(policy)
     steps = _plan(model, policy, calib)
+    bands = plan_bands(model, banded, calib, policy.layers) if banded else []
     act_scales = _calibrate(model, [s for s in steps if s.settings.act_bits < 32], calib)
     aware = {s.name: s.linear for s in steps if METHODS[s.settings.rank_method].reads_inputs}
     reads = {s.name: s.linear for s in steps if s.settings.data_aware} | aware
@@ -98,6 +105,7 @@ def compress_(model: nn.Module, policy: Policy, *, calib: torch.Tensor | None = 
                 step.linear, step.settings, act_scales.get(step.name), factors, gram=gram
             )
             _set_submodule(model, step.name, module)
+        build_bands(model, bands, lambda linear, settings: _compress_layer(linear, settings, None))
     return model
 
 

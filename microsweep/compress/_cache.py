@@ -37,6 +37,7 @@ from ._apply import (
     input_stats,
     layer_inputs,
 )
+from ._banding import BandPlan, band_module, bands_modules, plan_bands, rest_band, split_bands
 from ._groups import grouped
 from ._levels import LevelStore
 from ._lowrank import InputStats, factorize, weight_svd
@@ -100,6 +101,8 @@ class VariantCache:
         self._amax: dict[str, torch.Tensor] | None = None
         self._pending: dict[str, nn.Module] = {}
         self._rounded_base: dict[int, torch.Tensor] = {}  # base tensor id -> its fp16 copy
+        self._band_order: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._band_linears: dict[tuple[str, int, int], nn.Linear] = {}
         self.hits = 0
         self.misses = 0
         self.builds = 0  # layer variants built here (not found in memory or in `store`)
@@ -107,7 +110,20 @@ class VariantCache:
     def model(self, policy: Policy) -> nn.Module:
         """`policy` applied to the base: the base's modules copied, its tensors shared, and each
         changed layer a cached variant (built on first use). Raises `SpaceError` as `compress`."""
+        policy, banded = split_bands(policy)
         steps = _plan(self.base, policy, self.calib)
+        bands = (
+            plan_bands(
+                self.base,
+                banded,
+                self.calib,
+                policy.layers,
+                order=self._band_order,
+                linears=self._band_linears,
+            )  # fmt: skip
+            if banded
+            else []
+        )
         # data-aware ranks read the layers' inputs: one calibration pass for all that lack them
         self._pending = {
             s.name: s.linear
@@ -125,13 +141,14 @@ class VariantCache:
         }
         self._in_use = set()
         try:
-            return self._assemble(steps)
+            return self._assemble(steps, bands)
         finally:
             self._pending = {}
             self._in_use = set()
 
-    def _assemble(self, steps: list[Any]) -> nn.Module:
-        """The base's module tree with each step's layer swapped for its variant."""
+    def _assemble(self, steps: list[Any], bands: list[BandPlan] = ()) -> nn.Module:
+        """The base's module tree with each step's layer swapped for its variant, and each
+        banded layer (and its tied partner) for its banded module."""
         model = copy.deepcopy(self.base, dict(self._shared))
         retie: dict[int, nn.Parameter] = {}
         placed: set[int] = set()
@@ -154,7 +171,27 @@ class VariantCache:
                 for key, param in module._parameters.items():
                     if param is not None and id(param) in retie:
                         module._parameters[key] = retie[id(param)]
+        for plan in bands:
+            for name, module in self._banded(plan).items():
+                _set_submodule(model, name, module)
         return model
+
+    def _banded(self, plan: BandPlan) -> dict[str, nn.Module]:
+        """The banded modules of one layer: each touched band a cached variant (keyed by the
+        band's rows, so its decompositions follow them), the rest band cached by which rows
+        the touched bands take."""
+        built = {}
+        for index, settings in plan.bands.items():
+            start, stop = settings.band
+            name = f"{plan.name}@{index}:{start}-{stop}"
+            built[index] = band_module(self._variant(name, plan.linear(index), settings))
+        ranges = tuple(sorted(s.band for s in plan.bands.values()))
+        key = (plan.name, ("rest", ranges))
+        rest = self._cached(key)
+        if rest is None:
+            rest = rest_band(plan)
+            self._put(key, rest, _nbytes([*rest.parameters()]), common=False)
+        return bands_modules(plan, built, rest)
 
     def rounded(self, model: nn.Module) -> nn.Module:
         """A copy of a model from `model()` whose float tensors hold fp16-rounded values (what

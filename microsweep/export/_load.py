@@ -76,6 +76,11 @@ def _decode(
     elif kind == "int":
         raw = _segment(payload, row["values_at"], packed_len(stored, bits), where)
         vals = unpack_signed(raw, bits, stored).to(torch.float32)
+    elif kind == "uint":
+        if keep is not None:
+            raise ValueError("indices stored under a mask")
+        raw = _segment(payload, row["values_at"], packed_len(stored, bits), where)
+        return (unpack_signed(raw, bits, stored) + (1 << (bits - 1))).view(shape), None
     else:
         raise ValueError(f"unknown value encoding {kind!r}")
     if keep is None:

@@ -67,7 +67,7 @@ class _Entry:
     key: tuple[Any, ...]
     tensor: torch.Tensor
     refs: list[str]
-    values: str  # "f32", "f16" or "int"
+    values: str  # "f32", "f16", "int" (on a scale's grid) or "uint" (plain indices)
     bits: int
     mask: str | None = None  # None, "element" or "block"
     block: tuple[int, int] | None = None
@@ -149,6 +149,8 @@ def _entry(
     where = _names(refs, key, f"a tensor stored by {name or '<model>'!r}")
     what = where[0]
     t = stored.tensor.detach()
+    if stored.index:  # integers (a vocabulary's band order) at exactly their counted width
+        return _Entry(key, t, where, "uint", stored.bits)
     if t.dtype != torch.float32:
         raise ExportError(f"{what} is {t.dtype}; the exporter stores float32 models only")
     entry = _Entry(key, t, where, "f32", 32)
@@ -282,7 +284,10 @@ def _encode(entries: list[_Entry]) -> tuple[bytes, list[dict[str, Any]], bool, i
             blocks = _block_keep(entry)
             row["mask_at"] = put(pack_mask(blocks))
             keep = expand_blocks(blocks, entry.block, tuple(t.shape)).reshape(-1)
-        if entry.values == "int":
+        if entry.values == "uint":  # 0 .. 2^b - 1, shifted onto the signed packer's range
+            vals = flat.to(torch.int64)
+            data = pack_signed(vals - (1 << (entry.bits - 1)), entry.bits)
+        elif entry.values == "int":
             scale_entry = entries[index[entry.scale_key]]
             q = _grid(entry, scale_entry.tensor.cpu()).reshape(-1)
             row["scale"] = index[entry.scale_key]

@@ -131,8 +131,23 @@ class LayerPolicy:
     quant_method: str = "rtn"
     act_order: bool = False
     quant_group: int | None = None
+    band: tuple[int, int] | None = None
+    """For a frequency band of a table or output head (a layer named ``"head@1"``): the rows it
+    takes, as [start, stop) positions in the vocabulary ranked by falling frequency."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.band, list):
+            object.__setattr__(self, "band", tuple(self.band))
+        band = self.band
+        if band is not None and not (
+            len(band) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) for b in band)
+            and 0 <= band[0] < band[1]
+        ):
+            raise SpaceError(
+                f"band {band!r} must be two ints [start, stop) with 0 <= start < stop, the rows "
+                "it takes in the vocabulary ranked by frequency"
+            )
         if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
             raise SpaceError(f"sparsity {self.sparsity!r} is outside [0, 1); use e.g. 0.5 for half")
         if isinstance(self.block, list):
@@ -229,13 +244,15 @@ class LayerPolicy:
             out["act_order"] = True
         if self.quant_group is not None:
             out["quant_group"] = self.quant_group
+        if self.band is not None:
+            out["band"] = list(self.band)
         return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LayerPolicy:
         unknown = set(data) - {
             "sparsity", "block", "bits", "act_bits", "rank", "rank_method", "group",
-            "prune_method", "quant_method", "act_order", "quant_group",
+            "prune_method", "quant_method", "act_order", "quant_group", "band",
         }  # fmt: skip
         if unknown:
             raise SpaceError(f"unknown layer setting(s) {sorted(unknown)} in policy JSON")

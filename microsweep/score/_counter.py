@@ -221,7 +221,7 @@ def count(
     ctx = RuleContext(model, config, context)
     costs = _costs(model, ctx)
     owners = _owners(model, costs)
-    widths = [s.bits for _, s in owners.values() if not s.folded]
+    widths = [s.bits for _, s in owners.values() if not (s.folded or s.index)]
     for _, cost in costs:
         widths += [b for _, b in cost.consts]
         widths += [b for m in cost.mults for b in (m.a_bits, m.b_bits)]
@@ -321,6 +321,9 @@ def _layer_count(
     value = mask = 0
     for stored in owned:
         t = stored.tensor.detach()
+        if stored.index:  # integers at their own width: no mask, no allowance
+            value += t.numel() * stored.bits
+            continue
         as_sparse = stored.sparse or config.mask == "always"
         if stored.sparse and stored.block is not None:
             nz = int(block_pattern(t, stored.block).sum())  # kept blocks, whole

@@ -43,7 +43,10 @@ def _check_count(n: float, what: str) -> float:
 class Stored:
     """One tensor a module claims to store, and how: `bits` per value, `sparse` (non-zeros plus a
     bitmask, one bit per element or per `block`), `compressed` (this spec wins over plain claims
-    on the same tensor), `folded` (claimed but not stored: merged into a neighbouring layer)."""
+    on the same tensor), `folded` (claimed but not stored: merged into a neighbouring layer),
+    `index` (integers of exactly `bits` bits, such as a permutation of the vocabulary: stored
+    data, but not a weight, so the 16-bit allowance neither rounds them nor is ruled out by
+    them)."""
 
     tensor: torch.Tensor
     bits: int = FLOAT_BITS
@@ -51,6 +54,7 @@ class Stored:
     block: tuple[int, int] | None = None
     compressed: bool = False
     folded: bool = False
+    index: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,14 @@ class Cost:
             if block[0] < 1 or block[1] < 1:
                 raise UsageError(f"block {block!r} must be two positive ints such as (4, 4)")
         self.stores.append(Stored(tensor, bits, bool(sparse), block, bool(compressed)))
+
+    def index(self, tensor: torch.Tensor, bits: int) -> None:
+        """Declare a stored integer tensor of `bits` bits per entry (indices, not weights:
+        counted at exactly `bits` with or without the 16-bit allowance)."""
+        if not isinstance(tensor, torch.Tensor) or tensor.is_floating_point():
+            raise UsageError(f"index() needs an integer tensor, got {tensor!r:.60}")
+        _check_bits(bits, "index")
+        self.stores.append(Stored(tensor, bits, compressed=True, index=True))
 
     def fold(self, tensor: torch.Tensor) -> None:
         """Declare a parameter that inference does not store because it is merged elsewhere."""

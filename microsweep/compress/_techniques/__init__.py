@@ -16,6 +16,7 @@ through `technique(name)`, `techniques()` and `form_for(type)`.
 
 from ._act_quant import InputQuantization
 from ._autoencoder import Autoencoder
+from ._bands import FrequencyBands
 from ._base import (
     Form,
     Given,
@@ -58,6 +59,7 @@ register_technique(WhitenSVD())
 register_technique(TensorTrain())
 register_technique(Autoencoder())
 register_technique(SharedBasis())
+register_technique(FrequencyBands())
 
 __all__ = [
     "Form",

@@ -1,0 +1,192 @@
+"""Frequency bands of a vocabulary: an adaptive embedding and an adaptive (exact) softmax head.
+
+The vocabulary is ranked by how often calibration tokens use each word and cut into bands; each
+band keeps its rows its own way (`Band`: dense rows, or a (V_b, r) table and an r -> d
+projection, each pruned and quantized as a `CompressedEmbedding`). `BandSet` holds the bands
+and the stored order of their words; `BandedHead` computes every band's logits and gathers them
+back into vocabulary order, so the softmax is the full normalized distribution (perplexity is
+exact); `BandedEmbedding` looks each token up in its band (a factorized band projects its row).
+A tied table and head hold the same `BandSet`: every tensor is stored once.
+
+Bands the policy leaves untouched are merged into one dense "rest" band whose rows keep
+vocabulary order: its words are the complement of the stored order, so they cost no index and
+an untouched band costs exactly its dense rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Band", "BandSet", "BandedEmbedding", "BandedHead", "index_bits"]
+
+
+def index_bits(vocab: int) -> int:
+    """Bits per stored word index of a vocabulary of `vocab` words: ceil(log2 V), at least 1."""
+    return max(1, math.ceil(math.log2(max(int(vocab), 2))))
+
+
+class Band(nn.Module):
+    """One band's rows: `rows` (V_b, d), or `table` (V_b, r) and `proj` (r, d) with
+    W_b = table @ proj; each an `nn.Embedding` or a `CompressedEmbedding` (per-row scales), read
+    as matrices. `bias` (V_b,) is an output head's bias for these words, or None."""
+
+    def __init__(
+        self,
+        rows: nn.Module | None = None,
+        table: nn.Module | None = None,
+        proj: nn.Module | None = None,
+        bias: nn.Parameter | None = None,
+    ) -> None:
+        super().__init__()
+        if (rows is None) == (table is None) or (table is None) != (proj is None):
+            raise ValueError("a band holds rows, or a table and a projection")
+        self.rows = rows
+        self.table = table
+        self.proj = proj
+        self.bias = bias
+
+    @property
+    def size(self) -> int:
+        """Words in the band (V_b)."""
+        matrix = self.rows if self.rows is not None else self.table
+        return int(matrix.weight.shape[0])
+
+    @property
+    def rank(self) -> int | None:
+        """The factorized band's rank r, or None for dense rows."""
+        return None if self.proj is None else int(self.proj.weight.shape[0])
+
+    def matrices(self) -> list[nn.Module]:
+        """The modules holding its matrices: rows, or table then projection."""
+        return [self.rows] if self.rows is not None else [self.table, self.proj]
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The (V_b, d) rows the band stands for (table @ proj when factorized)."""
+        if self.rows is not None:
+            return self.rows.weight
+        return self.table.weight @ self.proj.weight
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h W_b^T (+ bias), a factorized band as (h proj^T) table^T."""
+        if self.rows is not None:
+            return F.linear(h, self.rows.weight, self.bias)
+        return F.linear(F.linear(h, self.proj.weight), self.table.weight, self.bias)
+
+    def embed(self, rows: torch.Tensor) -> torch.Tensor:
+        """The embeddings of the band's rows `rows` (a factorized band projects its r values)."""
+        if self.rows is not None:
+            return self.rows.weight[rows]
+        return self.table.weight[rows] @ self.proj.weight
+
+
+class BandSet(nn.Module):
+    """The bands of one vocabulary of `vocab` words and which word each row is.
+
+    `order` (stored: V_stored integers of ``index_bits(vocab)`` bits) lists the words of every
+    band but the rest band, band after band, row after row; the rest band (`has_rest`) takes the
+    other words in vocabulary order. `shares` is each band's share of the calibration tokens
+    (what a table's projection is weighted by when counted). `inverse`, `band_of` and `row_of`
+    are derived from `order` (never stored): each word's place in the bands' concatenation, its
+    band and its row there."""
+
+    def __init__(
+        self,
+        vocab: int,
+        bands: list[Band],
+        order: torch.Tensor,
+        shares: list[float],
+        has_rest: bool,
+    ) -> None:
+        super().__init__()
+        if len(shares) != len(bands):
+            raise ValueError("one share per band")
+        self.vocab = int(vocab)
+        self.bands = nn.ModuleList(bands)
+        self.shares = [float(s) for s in shares]
+        self.has_rest = bool(has_rest)
+        self.register_buffer("order", order.to(torch.int64))
+        self.register_buffer("inverse", torch.empty(self.vocab, dtype=torch.int64))
+        self.register_buffer("band_of", torch.empty(self.vocab, dtype=torch.int64))
+        self.register_buffer("row_of", torch.empty(self.vocab, dtype=torch.int64))
+        if self.order.device.type != "meta":
+            self.restore_index()
+
+    @property
+    def sizes(self) -> list[int]:
+        """Rows per band, in band order."""
+        return [band.size for band in self.bands]
+
+    def words(self) -> torch.Tensor:
+        """Every word in the bands' row order: the stored order, then the rest band's words."""
+        if not self.has_rest:
+            return self.order
+        taken = torch.zeros(self.vocab, dtype=torch.bool, device=self.order.device)
+        taken[self.order] = True
+        return torch.cat([self.order, (~taken).nonzero().reshape(-1)])
+
+    def restore_index(self) -> None:
+        """Rebuild `inverse`, `band_of` and `row_of` from `order` (after a load)."""
+        sizes = self.sizes
+        stored = sum(sizes[:-1]) if self.has_rest else self.vocab
+        if sum(sizes) != self.vocab or len(self.order) != stored:
+            raise ValueError("the bands' rows do not cover the vocabulary")
+        words = self.words()
+        device = words.device
+        inverse = torch.empty(self.vocab, dtype=torch.int64, device=device)
+        inverse[words] = torch.arange(self.vocab, device=device)
+        counts = torch.tensor(sizes, device=device)
+        band_at = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        self.inverse = inverse
+        self.band_of = band_at[inverse]
+        self.row_of = inverse - starts[self.band_of]
+
+
+class BandedHead(nn.Module):
+    """An output head over bands: every band's logits, gathered into vocabulary order (the
+    full distribution; no word is left out). A drop-in for the ``nn.Linear`` head."""
+
+    def __init__(self, bands: BandSet, in_features: int) -> None:
+        super().__init__()
+        self.bands = bands
+        self.in_features = int(in_features)
+
+    @property
+    def out_features(self) -> int:
+        return self.bands.vocab
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        pieces = [band.logits(h) for band in self.bands.bands]
+        return torch.cat(pieces, dim=-1).index_select(-1, self.bands.inverse)
+
+
+class BandedEmbedding(nn.Module):
+    """An embedding table over bands: each token is looked up in its band (a factorized band
+    projects its row to the embedding size). A drop-in for ``nn.Embedding``."""
+
+    def __init__(self, bands: BandSet, embedding_dim: int, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.bands = bands
+        self.embedding_dim = int(embedding_dim)
+        self.padding_idx = padding_idx
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.bands.vocab
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        flat = idx.reshape(-1)
+        which = self.bands.band_of[flat]
+        rows = self.bands.row_of[flat]
+        first = self.bands.bands[0]
+        dtype = first.matrices()[-1].weight.dtype
+        out = torch.empty(flat.numel(), self.embedding_dim, dtype=dtype, device=flat.device)
+        for b, band in enumerate(self.bands.bands):
+            picked = (which == b).nonzero().reshape(-1)
+            if picked.numel():
+                out[picked] = band.embed(rows[picked])
+        return out.view(*idx.shape, self.embedding_dim)
