@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from microsweep.report import Sweep, open_sweep
     from microsweep.search import MicroNet, resume_sweep, run_sweep
     from microsweep.spaces import (
+        Bands,
         Bits,
         Choice,
         Float,
@@ -40,6 +41,7 @@ _LAZY = {
     "Space": "microsweep.spaces",
     "Sparsity": "microsweep.spaces",
     "Bits": "microsweep.spaces",
+    "Bands": "microsweep.spaces",
     "Rank": "microsweep.spaces",
     "Choice": "microsweep.spaces",
     "Float": "microsweep.spaces",
@@ -74,6 +76,7 @@ _SUBMODULES = {
 
 __all__ = [
     "__version__",
+    "Bands",
     "Bits",
     "Choice",
     "Float",

@@ -11,7 +11,7 @@ from microsweep.policy import (
     LayerPolicy,
     Policy,
 )
-from microsweep.spaces._knobs import Bits, Choice, Float, Int, Knob, Rank, Sparsity
+from microsweep.spaces._knobs import Bands, Bits, Choice, Float, Int, Knob, Rank, Sparsity
 
 if TYPE_CHECKING:
     from microsweep.spaces._space import LayerInfo, Space, Unit, layer_policy
@@ -35,6 +35,7 @@ __all__ = [
     "GROUP_METHODS",
     "POLICY_VERSION",
     "RANK_METHODS",
+    "Bands",
     "Bits",
     "Choice",
     "Float",

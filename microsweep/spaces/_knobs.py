@@ -18,7 +18,7 @@ from microsweep.policy import valid_block as _valid_block
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["Bits", "Choice", "Float", "Int", "Knob", "Rank", "Sparsity"]
+__all__ = ["Bands", "Bits", "Choice", "Float", "Int", "Knob", "Rank", "Sparsity"]
 
 
 class Knob:
@@ -285,6 +285,51 @@ class Rank(Knob):
         if self.method != "plain":
             out["method"] = self.method
         return out
+
+
+@dataclass(frozen=True, init=False)
+class Bands:
+    """Cut a table or output head into frequency bands, each with its own knobs (rare words
+    smaller): ``Bands(0.1, 0.3)`` gives 3 bands, the most frequent 10% of the vocabulary (ranked
+    by frequency in the calibration tokens), the next 20% and the rarest 70%; ints are
+    cumulative row counts, ``Bands(2000, 10000)``. Each band is a layer of the Space named
+    ``"head@0"``, ``"head@1"``, ... whose knobs are searched apart (``"head@1:rank"``)."""
+
+    edges: tuple[float | int, ...]
+
+    def __init__(self, *edges: float | int) -> None:
+        if not edges:
+            raise SpaceError("Bands: give where bands end, e.g. Bands(0.1, 0.3) or Bands(2000)")
+        ints = all(isinstance(e, int) and not isinstance(e, bool) for e in edges)
+        floats = all(isinstance(e, float) for e in edges)
+        if not (ints or floats):
+            raise SpaceError(
+                f"Bands{edges}: give fractions of the vocabulary (0.1, 0.3) or row counts "
+                "(2000, 10000), not a mix"
+            )
+        if floats and not all(0.0 < e < 1.0 for e in edges):
+            raise SpaceError(f"Bands{edges}: fractions must lie in (0, 1)")
+        if ints and edges[0] < 1:
+            raise SpaceError(f"Bands{edges}: row counts must be >= 1")
+        if any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+            raise SpaceError(f"Bands{edges}: edges must increase, e.g. Bands(0.1, 0.3)")
+        object.__setattr__(self, "edges", tuple(edges))
+
+    def ranges(self, vocab: int, where: str = "the layer") -> list[tuple[int, int]]:
+        """[start, stop) of each band in a vocabulary of `vocab` rows ranked by frequency; a
+        band left without a row is refused, naming `where`."""
+        cuts = [e if isinstance(e, int) else round(e * vocab) for e in self.edges]
+        bounds = [0, *cuts, vocab]
+        out = list(zip(bounds, bounds[1:], strict=False))
+        if any(stop <= start for start, stop in out):
+            raise SpaceError(
+                f"Bands{self.edges} leaves a band of {where} ({vocab} rows) without rows; "
+                "use edges that cut it into non-empty bands"
+            )
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"knob": "Bands", "edges": list(self.edges)}
 
 
 @dataclass(frozen=True, init=False)

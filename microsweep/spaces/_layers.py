@@ -17,13 +17,17 @@ __all__ = ["LayerInfo", "Unit", "find_layers"]
 class LayerInfo:
     """A compressible layer: its name, shape (an embedding table (V, d) is V "out" rows of d
     "in" columns, as a tied output head sees it), the other modules that share its weight, and
-    its `kind`: ``"linear"``, ``"embedding"`` or ``"lstm_gate"`` (a gate matrix of an LSTM)."""
+    its `kind`: ``"linear"``, ``"embedding"``, ``"lstm_gate"`` (a gate matrix of an LSTM) or
+    ``"band"`` (a frequency band of a table or head: V_b rows of d)."""
 
     name: str
     out_features: int
     in_features: int
     shared_with: tuple[str, ...] = ()
     kind: str = "linear"
+    band: tuple[int, int] | None = None
+    """A frequency band (kind ``"band"``, named ``"head@1"``): its rows' [start, stop) in the
+    vocabulary ranked by frequency."""
 
     @property
     def full_rank(self) -> int:

@@ -86,6 +86,7 @@ def layer_policy(
         quant_method=(bits_knob.method if isinstance(bits_knob, Bits) else None) or "rtn",
         act_order=bits_knob.act_order if isinstance(bits_knob, Bits) else False,
         quant_group=bits_knob.group if isinstance(bits_knob, Bits) else None,
+        band=info.band,
     )
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from microsweep.compress import embedding_misfit
 from microsweep.errors import SpaceError
 from microsweep.policy import VALID_BITS
-from microsweep.spaces._knobs import Bits, Knob, Rank, Sparsity
+from microsweep.spaces._knobs import Bands, Bits, Knob, Rank, Sparsity
 from microsweep.spaces._layers import LayerInfo
 
 __all__ = [
@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 LAYER_KNOBS = ("sparsity", "bits", "act_bits", "rank")
-_RULE_KEYS = frozenset([*LAYER_KNOBS, "tied"])
+_RULE_KEYS = frozenset([*LAYER_KNOBS, "tied", "bands"])
 _KNOB_TYPES: dict[str, type[Knob]] = {
     "sparsity": Sparsity,
     "bits": Bits,
@@ -51,6 +51,8 @@ class Rule:
     selector: str | type
     settings: Mapping[str, Any]
     tied: bool
+    bands: Bands | None = None
+    """Frequency bands its tables and heads are cut into (each band a layer of its own)."""
 
     def matches(self, name: str, module: nn.Module) -> bool:
         """Whether the rule's selector takes layer `name` (whose module is `module`)."""
@@ -136,8 +138,13 @@ def parse_rule(selector: str | type, settings: Mapping[str, Any]) -> Rule:
             f"rule {key!r}: unknown setting(s) {sorted(unknown)}; use {sorted(_RULE_KEYS)}"
         )
     tied = bool(settings.get("tied", False))
-    checked = {k: _check_setting(key, k, v) for k, v in settings.items() if k != "tied"}
-    return Rule(key, selector, checked, tied)
+    bands = settings.get("bands")
+    if bands is not None and not isinstance(bands, Bands):
+        raise SpaceError(f"rule {key!r}: bands takes Bands(...), such as Bands(0.1, 0.3)")
+    checked = {
+        k: _check_setting(key, k, v) for k, v in settings.items() if k not in ("tied", "bands")
+    }
+    return Rule(key, selector, checked, tied, bands)
 
 
 def parse_hyper(hyper: Mapping[str, Knob] | None) -> dict[str, Knob]:

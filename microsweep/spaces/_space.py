@@ -23,6 +23,7 @@ from torch import nn
 from microsweep.errors import SpaceError, SpaceWarning
 from microsweep.policy import GROUP_METHODS, Policy
 from microsweep.spaces import _params
+from microsweep.spaces._bands import check_band_rule, expand_bands
 from microsweep.spaces._checks import check_gate_owners, check_rule
 from microsweep.spaces._knobs import Bits, Knob, Rank, Sparsity
 from microsweep.spaces._layers import LayerInfo, Unit, find_layers
@@ -47,6 +48,9 @@ class Space:
 
     ``Space(model, rules={"blocks.*.mlp.*": dict(sparsity=Sparsity(0, 0.9), bits=Bits(4, 8))},
     hyper={"finetune_lr": Float(1e-5, 1e-3, log=True)})``
+
+    ``bands=Bands(0.1, 0.3)`` in a rule cuts each table or output head it takes into frequency
+    bands, each a layer of its own (``"head@0"``, ``"head@1"``, ...; see `Bands`).
     """
 
     def __init__(
@@ -72,8 +76,10 @@ class Space:
         self.hyper: dict[str, Knob] = parse_hyper(hyper)
         self.assignment, tables = assign(self.rules, found, model)
         for rule in self.rules:
-            check_rule(rule, self.layers_of(rule), self.assignment)
+            check = check_band_rule if rule.bands is not None else check_rule
+            check(rule, self.layers_of(rule), self.assignment)
         check_gate_owners(self.layers)
+        self.assignment = expand_bands(self.assignment, self._layers)
         self.notes = table_notes(tables) + hygiene(self.rules, self.layers_of)
         for note in self.notes:
             warnings.warn(note, SpaceWarning, stacklevel=2)
@@ -116,7 +122,7 @@ class Space:
     def _fits_data_aware(self, rule: Rule) -> bool:
         """Whether the data-aware methods apply to the layers of `rule` at every rank."""
         rank = rule.settings.get("rank")
-        return not (
+        return rule.bands is None and not (
             isinstance(rank, Rank) and (rank.method == "tt" or rank.method in GROUP_METHODS)
         )
 
@@ -196,6 +202,7 @@ class Space:
                     "settings": {k: v.to_json() for k, v in r.settings.items()},
                     "layers": [i.name for i in self.layers_of(r)],
                     "shapes": [[i.out_features, i.in_features] for i in self.layers_of(r)],
+                    **({} if r.bands is None else {"bands": r.bands.to_json()}),
                 }
                 for r in self.rules
             ],
