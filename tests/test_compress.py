@@ -515,6 +515,14 @@ def test_public_api() -> None:
         "check_rule",
         "check_shared_weight",
         "embedding_misfit",
+        # frequency bands of a table or head
+        "Band",
+        "BandSet",
+        "BandedEmbedding",
+        "BandedHead",
+        "BandSlot",
+        "parse_band",
+        "token_order",
     }
     assert all(hasattr(mc, name) for name in mc.__all__)
     assert math.isclose(mc.fake_quantize_symmetric(torch.tensor(0.74), torch.tensor(0.5), 4), 0.5)

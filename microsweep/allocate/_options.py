@@ -31,6 +31,7 @@ from torch import nn
 
 from microsweep.allocate._levels import KNOBS, identity_level, layer_setting, level_key
 from microsweep.compress import (
+    BandSlot,
     InputStats,
     LowRankEmbedding,
     LowRankLinear,
@@ -42,12 +43,15 @@ from microsweep.compress import (
     fake_quantize_symmetric,
     layer_inputs,
     magnitude_masks,
+    parse_band,
     rank_transform,
     tensor_scale,
+    token_order,
     weight_svd,
 )
+from microsweep.errors import SpaceError
 from microsweep.score import Baseline, CountConfig, count
-from microsweep.spaces import GROUP_METHODS, LayerPolicy, Unit
+from microsweep.spaces import GROUP_METHODS, LayerInfo, LayerPolicy, Unit
 
 __all__ = [
     "MODES",
@@ -177,8 +181,12 @@ def build_unit_options(
     config: CountConfig,
     baseline: Baseline,
     inputs: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    bands: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> UnitOptions:
-    """Compress and count every combination of `levels` for each layer of `unit`."""
+    """Compress and count every combination of `levels` for each layer of `unit`. A frequency
+    band (kind ``"band"``) is compressed as the Linear of its rows and counted as its layer
+    (with a tied partner) banded with only this band changed, against the layer as it is;
+    `bands` gives each banded layer's word order and counts (`token_order`)."""
     knobs = tuple(k for k in KNOBS if k in levels)
     grid = [range(len(levels[k])) for k in knobs]
     rows = list(itertools.product(*grid))  # one empty combination when the unit has no knob
@@ -200,10 +208,14 @@ def build_unit_options(
             cost[k, 1] = np.nan
     with torch.no_grad():
         for mi, info in enumerate(unit.layers):
-            linear = model.get_submodule(info.name)
-            dense_q, _ = _score(linear, context, quantized, baseline)
-            dense_f = _score(linear, context, config, baseline)[0] if freebie_on else np.nan
+            slot = _band_slot(model, info, bands)
+            linear = model.get_submodule(info.name) if slot is None else slot.linear
+            dense = linear if slot is None else slot.dense()
+            dense_q, _ = _score(dense, context, quantized, baseline)
+            dense_f = _score(dense, context, config, baseline)[0] if freebie_on else np.nan
             layer_in = inputs.get(info.name) if inputs else None
+            if slot is not None and layer_in is not None:
+                layer_in = _band_inputs(slot, layer_in)
             proxy = _Proxy(linear, layer_in)
             for kn in knobs:
                 for i, value in enumerate(levels[kn]):
@@ -220,16 +232,50 @@ def build_unit_options(
                         rho[k, mi] = proxy.ratio(setting, builder, joint[k][info.name])
                     continue
                 module = builder.build(setting, proxy.act_scale(setting.act_bits))
-                score_q, _ = _score(module, context, quantized, baseline)
+                counted = module if slot is None else slot.banded(module)
+                score_q, _ = _score(counted, context, quantized, baseline)
                 cost[k, 0] += score_q - dense_q
                 if freebie_on and min(setting.bits, setting.act_bits) >= 16:
-                    score_f, applied = _score(module, context, config, baseline)
+                    score_f, applied = _score(counted, context, config, baseline)
                     cost[k, 1] += (score_f - dense_f) if applied else np.nan
                 else:
                     cost[k, 1] = np.nan
                 if layer_in is not None:
                     rho[k, mi] = proxy.ratio(setting, builder, module)
     return UnitOptions(unit, knobs, levels, combos, cost, rho, keys)
+
+
+def _band_slot(
+    model: nn.Module,
+    info: LayerInfo,
+    bands: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None,
+) -> BandSlot | None:
+    """A band layer's `BandSlot` (None for any other layer)."""
+    if info.kind != "band" or info.band is None:
+        return None
+    layer = (parse_band(info.name) or (info.name, 0))[0]
+    order = (bands or {}).get(layer)
+    if order is None:
+        raise SpaceError(
+            f"band {info.name!r} takes its words by frequency in the calibration tokens; plan "
+            "with calib tokens"
+        )
+    return BandSlot(model, info.name, info.band, order)
+
+
+def _band_inputs(
+    slot: BandSlot, layer_in: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A band's share of its layer's calibration inputs: a head's rows as they are; a table's
+    token ids kept where they are the band's words, as the band's row numbers."""
+    rows, amax = layer_in
+    if rows is None or rows.is_floating_point():
+        return layer_in
+    words = slot.rows().to(rows.device)
+    local = torch.full((slot.plan.vocab,), -1, dtype=torch.int64, device=rows.device)
+    local[words] = torch.arange(len(words), device=rows.device)
+    picked = local[rows.reshape(-1)]
+    return picked[picked >= 0].reshape(-1, 1), amax
 
 
 MAX_ROWS = 4096
@@ -252,6 +298,8 @@ class OptionTask:
     config: CountConfig
     baseline: Baseline
     inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    bands: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    """Each banded layer's word order and counts (`token_order` of the calibration tokens)."""
 
     @property
     def work(self) -> int:
@@ -269,6 +317,7 @@ class OptionTask:
             config=self.config,
             baseline=self.baseline,
             inputs=self.inputs,
+            bands=self.bands,
         )
 
 
@@ -285,14 +334,32 @@ def option_tasks(
     """One task per unit (`levels` by unit key), each with its layers' inputs from one pass of
     `calib` through `model`."""
     inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    orders: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if calib is not None:
-        names = [info.name for u in units for info in u.layers]
-        modules = {name: model.get_submodule(name) for name in names}
-        inputs = layer_inputs(model, modules, calib, max_rows=MAX_ROWS)
+        layers = {  # a band reads its layer's inputs
+            info.name: (parse_band(info.name) or (info.name, 0))[0]
+            if info.kind == "band"
+            else info.name
+            for u in units
+            for info in u.layers
+        }
+        modules = {layer: model.get_submodule(layer) for layer in set(layers.values())}
+        seen = layer_inputs(model, modules, calib, max_rows=MAX_ROWS)
+        inputs = {name: seen[layer] for name, layer in layers.items() if layer in seen}
+        for name, layer in layers.items():
+            if name != layer and layer not in orders:
+                orders[layer] = token_order(calib, int(modules[layer].weight.shape[0]))
     tasks = []
     for u in units:
         own = {i.name: inputs[i.name] for i in u.layers if i.name in inputs}
-        tasks.append(OptionTask(u, levels[u.key], context, config, baseline, own or None))
+        mine = {
+            layer: order
+            for layer, order in orders.items()
+            if any(i.name.startswith(f"{layer}@") for i in u.layers)
+        }
+        tasks.append(
+            OptionTask(u, levels[u.key], context, config, baseline, own or None, mine or None)
+        )
     return tasks
 
 

@@ -26,6 +26,8 @@ from ._apply import (
     tensor_train,
 )
 from ._autoencoder import AutoDecoder, DecodedLinear, compress_linears, train_decoder
+from ._banded import Band, BandedEmbedding, BandedHead, BandSet
+from ._banding import BandSlot, parse_band, token_order
 from ._cache import VariantCache
 from ._checks import check_rule, check_shared_weight, embedding_misfit
 from ._group_lasso import block_norms, group_lasso_penalty, group_lasso_train_, reweight
@@ -57,6 +59,13 @@ from ._techniques import (
 from ._tt import TTEmbedding, TTLinear, tt_shape, tt_svd
 
 __all__ = [
+    "Band",
+    "BandedEmbedding",
+    "BandedHead",
+    "BandSet",
+    "BandSlot",
+    "parse_band",
+    "token_order",
     "Form",
     "MatrixTechnique",
     "RankTechnique",

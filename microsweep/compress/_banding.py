@@ -27,6 +27,7 @@ from ._techniques import LayerCheck, techniques
 
 __all__ = [
     "BandPlan",
+    "BandSlot",
     "band_module",
     "band_name",
     "bands_modules",
@@ -145,6 +146,70 @@ def _holders(model: nn.Module, weight: torch.Tensor) -> list[tuple[str, nn.Modul
     return out
 
 
+def _layer(
+    model: nn.Module, name: str
+) -> tuple[list[tuple[str, nn.Module]], torch.Tensor, torch.Tensor | None]:
+    """The modules holding banded layer `name`'s weight (a tied table and head), the weight
+    and a head's bias; refused unless each is a plain Linear or Embedding."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        module = None
+    if not (isinstance(module, nn.Linear) or type(module) is nn.Embedding):
+        raise SpaceError(
+            f"band layer {name!r} is not a Linear head or an Embedding table of this model; "
+            "bands cut a vocabulary's rows"
+        )
+    holders = _holders(model, module.weight)
+    for holder, kind in holders:
+        if not (type(kind) is nn.Linear or type(kind) is nn.Embedding):
+            raise SpaceError(
+                f"{holder!r} shares {name!r}'s weight and is a {type(kind).__name__}; bands "
+                "replace plain Linear heads and Embedding tables only"
+            )
+    biases = {id(m.bias): m.bias for _, m in holders if isinstance(m, nn.Linear)}
+    biases.pop(id(None), None)
+    if len(biases) > 1:
+        raise SpaceError(f"the heads sharing {name!r}'s weight have different biases")
+    return holders, module.weight, next(iter(biases.values()), None)
+
+
+class BandSlot:
+    """One band of a layer, for costing its options alone (the planner): the band's Linear
+    to compress, the layer's modules as they are (`dense`) and as they are with only this band
+    changed (`banded`): the difference of their counts is the band's exact cost."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        band: tuple[int, int],
+        order: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        layer, index = parse_band(name) or (name, 0)
+        holders, weight, bias = _layer(model, layer)
+        settings = {index: LayerPolicy(band=tuple(band))}
+        self.index = index
+        self.plan = BandPlan(layer, holders, weight, bias, order[0], order[1], settings)
+        self.linear = self.plan.linear(index)
+        self._rest: Band | None = None
+
+    def rows(self) -> torch.Tensor:
+        """The band's words, most frequent first."""
+        return self.plan.rows(self.index)
+
+    def dense(self) -> nn.Module:
+        """The modules holding the layer's weight, as they are."""
+        return nn.ModuleList([m for _, m in self.plan.holders])
+
+    def banded(self, built: nn.Module) -> nn.Module:
+        """Those modules banded, with the band as `built` (what its Linear became)."""
+        if self._rest is None:
+            self._rest = rest_band(self.plan)
+        modules = bands_modules(self.plan, {self.index: built}, self._rest)
+        return nn.ModuleList(list(modules.values()))
+
+
 def _check_settings(name: str, settings: LayerPolicy, size: int, dim: int) -> None:
     """What a band's settings may ask: plain SVD, magnitude or RTN, no input quantization, a
     rank within the band."""
@@ -183,33 +248,14 @@ def plan_bands(
         touched = {i: s for i, s in sorted(bands.items()) if not s.is_identity}
         if not touched:
             continue
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            module = None
-        if not (isinstance(module, nn.Linear) or type(module) is nn.Embedding):
-            raise SpaceError(
-                f"band layer {name!r} is not a Linear head or an Embedding table of this model; "
-                "bands cut a vocabulary's rows"
-            )
-        weight = module.weight
-        holders = _holders(model, weight)
-        for holder, kind in holders:
-            if not (type(kind) is nn.Linear or type(kind) is nn.Embedding):
-                raise SpaceError(
-                    f"{holder!r} shares {name!r}'s weight and is a {type(kind).__name__}; bands "
-                    "replace plain Linear heads and Embedding tables only"
-                )
+        holders, weight, bias = _layer(model, name)
+        for holder, _ in holders:
             settings = others.get(holder)
             if settings is not None and not settings.is_identity:
                 raise SpaceError(
                     f"layers {name!r} (banded) and {holder!r} share one weight (tied); give "
                     "compression settings to only one of them"
                 )
-        biases = {id(m.bias): m.bias for _, m in holders if isinstance(m, nn.Linear)}
-        biases.pop(id(None), None)
-        if len(biases) > 1:
-            raise SpaceError(f"the heads sharing {name!r}'s weight have different biases")
         vocab, dim = weight.shape
         if order is not None and name in order:
             ranked, counts = order[name]
@@ -222,9 +268,7 @@ def plan_bands(
             ranked, counts = token_order(calib, int(vocab))
             if order is not None:
                 order[name] = (ranked, counts)
-        plan = BandPlan(
-            name, holders, weight, next(iter(biases.values()), None), ranked, counts, touched
-        )
+        plan = BandPlan(name, holders, weight, bias, ranked, counts, touched)
         used = torch.zeros(int(vocab), dtype=torch.bool)
         for index, settings in touched.items():
             start, stop = settings.band
