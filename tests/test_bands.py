@@ -20,7 +20,7 @@ from microsweep.errors import SpaceError
 from microsweep.export import load, save
 from microsweep.policy import LayerPolicy
 from microsweep.score import Baseline, CountConfig, count, mean_context, micronet_score, perplexity
-from microsweep.storage import Store
+from microsweep.storage import Store, unpack_layer_counts
 
 V, D = 20, 8
 CONTEXT = mean_context(32)
@@ -64,8 +64,10 @@ def test_counts_by_hand():
     model = compress(TiedLM(), POLICY, calib=_calib())
     assert isinstance(model.head, BandedHead) and isinstance(model.emb, BandedEmbedding)
     assert model.head.bands is model.emb.bands  # tied: one set of bands
-    band1, band2, rest = model.head.bands.bands
+    assert list(model.head.bands.bands) == ["head@1", "head@2", "rest"]
+    band1, band2, rest = model.head.bands.bands.values()
     assert rest.rows.weight.shape == (2, D) and band1.rank == 2
+    assert torch.equal(band1.words, torch.arange(2, 6)) and rest.words is None
     assert torch.equal(model.head.bands.order, torch.arange(2, 20))
     # the sparse band lost its 7 smallest rows whole; the factors are fully non-zero
     assert int((band2.rows.weight != 0).sum()) == 56
@@ -83,17 +85,22 @@ def test_counts_by_hand():
     )  # fmt: skip
     assert counts.params == bits / 32
     share = (18 + 17 + 16 + 15) / 210  # band 1's words' share of the calibration tokens
-    head = {
-        "mults": 2 * 8 + (2 * 8 + 4 * 2) + 56,  # rest, band 1 (h P^T then T^T), band 2
-        "adds": 2 * 7 + (2 * 7 + 4 * 1) + 7 * 7,
+    assert band1.share == pytest.approx(share, rel=1e-12)
+    # each band's row: its words, its head logits (every token) and its table projection
+    want = {
+        "head@1": (4 * 5, 2 * 8 + 4 * 2 + 8 * 2 * share, 2 * 7 + 4 * 1 + 8 * 1 * share),
+        "head@2": (14 * 5, 56, 7 * 7),  # 7 empty rows: 7 rows of 8 non-zeros, 7 adds each
+        "rest": (0, 2 * 8, 2 * 7),  # dense, no words stored
     }
-    table = {"mults": 8 * 2 * share, "adds": 8 * 1 * share}  # band 1's 2 -> 8 projection
-    rows = {lc.name: lc for lc in counts.layers}
-    assert rows["1"].mults == head["mults"] and rows["1"].adds == head["adds"]
-    assert rows["0"].mults == pytest.approx(table["mults"], rel=1e-12)
-    assert rows["0"].adds == pytest.approx(table["adds"], rel=1e-12)
+    rows = {lc.name.rpartition(".")[2]: lc for lc in counts.layers if lc.kind == "band"}
+    for key, (word_bits, mults, adds) in want.items():
+        assert rows[key].value_bits == word_bits
+        assert rows[key].mults == pytest.approx(mults, rel=1e-12)
+        assert rows[key].adds == pytest.approx(adds, rel=1e-12)
+    assert sum(lc.ops for lc in counts.layers if lc.kind != "band") == 0
     # every multiply has an fp32 input: weighted 1
-    assert counts.ops == pytest.approx(sum(head.values()) + sum(table.values()), rel=1e-12)
+    total = sum(m + a for _, m, a in want.values())
+    assert counts.ops == pytest.approx(total, rel=1e-12)
 
     # with every width >= 16 the allowance halves the weights but not the word order
     wide = Policy(layers={"head@1": LayerPolicy(band=(2, 6), rank=2, bits=16)})
@@ -140,7 +147,7 @@ def test_banded_logits_equal_the_dense_model_of_the_reconstructed_table(tiny_gpt
     dense = copy.deepcopy(tiny_gpt)
     table = torch.empty_like(dense.wte.weight)
     with torch.no_grad():
-        table[bands.words()] = torch.cat([b.weight_matrix() for b in bands.bands])
+        table[bands.words()] = torch.cat([b.weight_matrix() for b in bands.bands.values()])
         dense.wte.weight.copy_(table)  # the head is tied to it
     windows = corpus.val[: 16 * 32].view(16, 32)
     got, want = perplexity(banded, windows), perplexity(dense, windows)
@@ -268,14 +275,20 @@ def test_a_short_sweep_of_bands_completes_trials(tmp_path, tiny_gpt, corpus):
         trials=4, storage=url, sampler="auto", seed=0, in_process=True, progress=False,
     )  # fmt: skip
     assert result.states.get("COMPLETE", 0) + result.states.get("PRUNED", 0) == 4, result.states
-    rows = Store(url).trials("bands", with_layers=True)
+    store = Store(url)
+    rows = store.trials("bands", with_layers=True)
+    names = store.get_sweep("bands").summary_layers
     banded = 0
     for row in rows:
         policy = Policy.from_json(row.policy)
         assert [policy.layers[f"head@{i}"].band for i in range(3)] == [(0, 6), (6, 20), (20, 65)]
+        summary = unpack_layer_counts(names, row.layer_counts)
+        for i in range(3):  # a changed band's own counts reach the trial's summary
+            changed = not policy.layers[f"head@{i}"].is_identity
+            assert (summary[f"head@{i}"][1] > 0) == changed
         if any(not policy.layers[f"head@{i}"].is_identity for i in range(3)):
             banded += 1
             kinds = {layer.kind for layer in row.layers}
-            assert {"banded_head", "banded_embedding", "band_set"} <= kinds
+            assert {"banded_head", "banded_embedding", "band_set", "band"} <= kinds
         assert row.perplexity is not None and math.isfinite(row.perplexity)
     assert banded >= 1

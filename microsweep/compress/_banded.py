@@ -9,8 +9,10 @@ exact); `BandedEmbedding` looks each token up in its band (a factorized band pro
 A tied table and head hold the same `BandSet`: every tensor is stored once.
 
 Bands the policy leaves untouched are merged into one dense "rest" band whose rows keep
-vocabulary order: its words are the complement of the stored order, so they cost no index and
-an untouched band costs exactly its dense rows.
+vocabulary order: its words are the complement of the stored bands' words, so they cost no
+index and an untouched band costs exactly its dense rows. Each band counts its own operations
+and stores its own words, so the counter's rows (``<layer>.bands.bands.head@1``) say what each
+band of the space costs.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Band", "BandSet", "BandedEmbedding", "BandedHead", "index_bits"]
+__all__ = ["REST", "Band", "BandSet", "BandedEmbedding", "BandedHead", "band_key", "index_bits"]
 
 
 def index_bits(vocab: int) -> int:
@@ -29,10 +31,24 @@ def index_bits(vocab: int) -> int:
     return max(1, math.ceil(math.log2(max(int(vocab), 2))))
 
 
+def band_key(layer: str, index: int) -> str:
+    """The key of band `index` of `layer` in its `BandSet` (module names take no dots):
+    ``"head@1"``, ``"lm:head@1"`` for ``"lm.head"``; the counter's rows carry it."""
+    return f"{layer.replace('.', ':')}@{index}"
+
+
+REST = "rest"
+"""The key of the dense band of the words no changed band takes."""
+
+
 class Band(nn.Module):
     """One band's rows: `rows` (V_b, d), or `table` (V_b, r) and `proj` (r, d) with
     W_b = table @ proj; each an `nn.Embedding` or a `CompressedEmbedding` (per-row scales), read
-    as matrices. `bias` (V_b,) is an output head's bias for these words, or None."""
+    as matrices. `bias` (V_b,) is an output head's bias for these words, or None. `words`
+    (stored: V_b integers) are its words in row order, None for the rest band (its words are
+    the others, in vocabulary order); `share` is its words' share of the calibration tokens.
+    `roles` says what uses it (``"head"``, ``"table"``), set by the banded modules holding it:
+    a band counts its own operations (its logits for a head, its projection for a table)."""
 
     def __init__(
         self,
@@ -40,6 +56,8 @@ class Band(nn.Module):
         table: nn.Module | None = None,
         proj: nn.Module | None = None,
         bias: nn.Parameter | None = None,
+        words: torch.Tensor | None = None,
+        share: float = 0.0,
     ) -> None:
         super().__init__()
         if (rows is None) == (table is None) or (table is None) != (proj is None):
@@ -48,6 +66,10 @@ class Band(nn.Module):
         self.table = table
         self.proj = proj
         self.bias = bias
+        self.register_buffer("words", None if words is None else words.to(torch.int64))
+        self.share = float(share)
+        self.roles: set[str] = set()
+        self.vocab = 0  # the whole vocabulary's size, set by the `BandSet` holding it
 
     @property
     def size(self) -> int:
@@ -84,44 +106,36 @@ class Band(nn.Module):
 
 
 class BandSet(nn.Module):
-    """The bands of one vocabulary of `vocab` words and which word each row is.
+    """The bands of one vocabulary of `vocab` words, by key (`band_key`; the rest band, when
+    there is one, last under `REST`). `order` (every stored band's words, band after band),
+    `inverse`, `band_of` and `row_of` are derived from the bands' words (never stored): each
+    word's place in the bands' concatenation, its band and its row there."""
 
-    `order` (stored: V_stored integers of ``index_bits(vocab)`` bits) lists the words of every
-    band but the rest band, band after band, row after row; the rest band (`has_rest`) takes the
-    other words in vocabulary order. `shares` is each band's share of the calibration tokens
-    (what a table's projection is weighted by when counted). `inverse`, `band_of` and `row_of`
-    are derived from `order` (never stored): each word's place in the bands' concatenation, its
-    band and its row there."""
-
-    def __init__(
-        self,
-        vocab: int,
-        bands: list[Band],
-        order: torch.Tensor,
-        shares: list[float],
-        has_rest: bool,
-    ) -> None:
+    def __init__(self, vocab: int, bands: dict[str, Band]) -> None:
         super().__init__()
-        if len(shares) != len(bands):
-            raise ValueError("one share per band")
         self.vocab = int(vocab)
-        self.bands = nn.ModuleList(bands)
-        self.shares = [float(s) for s in shares]
-        self.has_rest = bool(has_rest)
-        self.register_buffer("order", order.to(torch.int64))
-        self.register_buffer("inverse", torch.empty(self.vocab, dtype=torch.int64))
-        self.register_buffer("band_of", torch.empty(self.vocab, dtype=torch.int64))
-        self.register_buffer("row_of", torch.empty(self.vocab, dtype=torch.int64))
-        if self.order.device.type != "meta":
+        self.bands = nn.ModuleDict(bands)
+        for key, band in self.bands.items():
+            if (band.words is None) != (key == REST) or (key == REST and key != list(bands)[-1]):
+                raise ValueError("every band but a last rest band lists its words")
+        for band in self.bands.values():
+            band.vocab = self.vocab
+        for name in ("order", "inverse", "band_of", "row_of"):  # derived: not in state_dict
+            self.register_buffer(name, torch.empty(0, dtype=torch.int64), persistent=False)
+        if all(b.words is None or b.words.device.type != "meta" for b in self.bands.values()):
             self.restore_index()
+
+    @property
+    def has_rest(self) -> bool:
+        return REST in self.bands
 
     @property
     def sizes(self) -> list[int]:
         """Rows per band, in band order."""
-        return [band.size for band in self.bands]
+        return [band.size for band in self.bands.values()]
 
     def words(self) -> torch.Tensor:
-        """Every word in the bands' row order: the stored order, then the rest band's words."""
+        """Every word in the bands' row order: the stored bands' words, then the rest band's."""
         if not self.has_rest:
             return self.order
         taken = torch.zeros(self.vocab, dtype=torch.bool, device=self.order.device)
@@ -129,15 +143,20 @@ class BandSet(nn.Module):
         return torch.cat([self.order, (~taken).nonzero().reshape(-1)])
 
     def restore_index(self) -> None:
-        """Rebuild `inverse`, `band_of` and `row_of` from `order` (after a load)."""
+        """Rebuild `order`, `inverse`, `band_of` and `row_of` from the bands' words."""
+        stored = [b.words for b in self.bands.values() if b.words is not None]
+        self.order = torch.cat(stored) if stored else torch.empty(0, dtype=torch.int64)
         sizes = self.sizes
-        stored = sum(sizes[:-1]) if self.has_rest else self.vocab
-        if sum(sizes) != self.vocab or len(self.order) != stored:
+        if sum(sizes) != self.vocab or any(
+            len(b.words) != b.size for b in self.bands.values() if b.words is not None
+        ):
             raise ValueError("the bands' rows do not cover the vocabulary")
         words = self.words()
         device = words.device
-        inverse = torch.empty(self.vocab, dtype=torch.int64, device=device)
+        inverse = torch.full((self.vocab,), -1, dtype=torch.int64, device=device)
         inverse[words] = torch.arange(self.vocab, device=device)
+        if bool((inverse < 0).any()):
+            raise ValueError("a word is in no band, or in two")
         counts = torch.tensor(sizes, device=device)
         band_at = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
         starts = torch.cumsum(counts, 0) - counts
@@ -154,13 +173,15 @@ class BandedHead(nn.Module):
         super().__init__()
         self.bands = bands
         self.in_features = int(in_features)
+        for band in bands.bands.values():
+            band.roles.add("head")
 
     @property
     def out_features(self) -> int:
         return self.bands.vocab
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        pieces = [band.logits(h) for band in self.bands.bands]
+        pieces = [band.logits(h) for band in self.bands.bands.values()]
         return torch.cat(pieces, dim=-1).index_select(-1, self.bands.inverse)
 
 
@@ -173,6 +194,8 @@ class BandedEmbedding(nn.Module):
         self.bands = bands
         self.embedding_dim = int(embedding_dim)
         self.padding_idx = padding_idx
+        for band in bands.bands.values():
+            band.roles.add("table")
 
     @property
     def num_embeddings(self) -> int:
@@ -182,10 +205,10 @@ class BandedEmbedding(nn.Module):
         flat = idx.reshape(-1)
         which = self.bands.band_of[flat]
         rows = self.bands.row_of[flat]
-        first = self.bands.bands[0]
+        first = next(iter(self.bands.bands.values()))
         dtype = first.matrices()[-1].weight.dtype
         out = torch.empty(flat.numel(), self.embedding_dim, dtype=dtype, device=flat.device)
-        for b, band in enumerate(self.bands.bands):
+        for b, band in enumerate(self.bands.bands.values()):
             picked = (which == b).nonzero().reshape(-1)
             if picked.numel():
                 out[picked] = band.embed(rows[picked])

@@ -21,7 +21,7 @@ from torch.nn.utils import skip_init
 from microsweep.errors import SpaceError
 from microsweep.policy import LayerPolicy, Policy
 
-from ._banded import Band, BandedEmbedding, BandedHead, BandSet
+from ._banded import REST, Band, BandedEmbedding, BandedHead, BandSet, band_key
 from ._modules import CompressedEmbedding, CompressedLinear, LowRankLinear
 from ._techniques import LayerCheck, techniques
 
@@ -337,25 +337,24 @@ def bands_modules(
     plan: BandPlan, built: Mapping[int, nn.Module], rest: Band | None = None
 ) -> dict[str, nn.Module]:
     """The banded module each holder of the layer's weight becomes, over one `BandSet` of the
-    bands `built` (index -> what each touched band's Linear became) and a dense rest band
-    (`rest_band`, given when already built)."""
-    vocab = plan.vocab
+    bands `built` (index -> what each touched band's Linear became, or its `Band`) and a dense
+    rest band (`rest_band`, given when already built)."""
     total = max(float(plan.counts.sum()), 1.0)
-    bands: list[Band] = []
-    shares: list[float] = []
-    words = []
+    device = plan.weight.device
+    bands: dict[str, Band] = {}
+    taken = 0
     for index in sorted(built):
         rows = plan.rows(index)
-        words.append(rows)
-        bands.append(built[index] if isinstance(built[index], Band) else band_module(built[index]))
-        shares.append(float(plan.counts[rows].sum()) / total)
-    order = torch.cat(words).to(plan.weight.device)
-    has_rest = len(order) < vocab
-    if has_rest:
-        bands.append(rest if rest is not None else rest_band(plan))
-        kept = int(plan.counts.sum()) - int(plan.counts[order.cpu()].sum())
-        shares.append(kept / total)
-    bandset = BandSet(vocab, bands, order, shares, has_rest)
+        band = built[index] if isinstance(built[index], Band) else band_module(built[index])
+        band.words = rows.clone().to(device)
+        band.share = float(plan.counts[rows].sum()) / total
+        taken += len(rows)
+        bands[band_key(plan.name, index)] = band
+    if taken < plan.vocab:
+        rest = rest if rest is not None else rest_band(plan)
+        rest.share = max(0.0, 1.0 - sum(b.share for b in bands.values()))
+        bands[REST] = rest
+    bandset = BandSet(plan.vocab, bands)
     out: dict[str, nn.Module] = {}
     dim = int(plan.weight.shape[1])
     for name, holder in plan.holders:

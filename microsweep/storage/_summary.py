@@ -2,13 +2,15 @@
 
 The report and `Sweep.trials(layers=True)` need every trial's parameters and operations on each
 layer the space targets: summed over that layer's counter rows (its own and, factorized, its
-`.first` and `.second`). Read from `microsweep_layers` that is ~70 rows per trial; stored when
-the trial is recorded it is one value per trial: little-endian float64 (params, ops) pairs in the
-order of the sweep's `summary_layers`. The per-layer rows stay the full breakdown.
+`.first` and `.second`; a frequency band ``"head@1"``: its band row and matrices). Read from
+`microsweep_layers` that is ~70 rows per trial; stored when the trial is recorded it is one
+value per trial: little-endian float64 (params, ops) pairs in the order of the sweep's
+`summary_layers`. The per-layer rows stay the full breakdown.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -27,6 +29,17 @@ def summary_layers(space_json: Mapping[str, Any] | None) -> list[str]:
         for name in rule.get("layers", []):
             names.setdefault(name, None)
     return list(names)
+
+
+_BAND_ROW = re.compile(r"(?:^|\.)bands\.bands\.([^.]+@\d+)(?:\.|$)")
+"""A frequency band's counter rows: ``<table or head>.bands.bands.<key>`` and its matrices, the
+key being the band layer's name with dots as colons (``"head@1"``)."""
+
+
+def _band_layer(row: str) -> str | None:
+    """The band layer (``"head@1"``) a counter row belongs to, or None."""
+    found = _BAND_ROW.search(row)
+    return None if found is None else found.group(1).replace(":", ".")
 
 
 def _slots(names: Sequence[str]) -> dict[str, int]:
@@ -48,6 +61,8 @@ def pack_layer_counts(
     found = False
     for name, params, ops in rows:
         i = slots.get(name)
+        if i is None and "@" in name:  # a band's rows, under whichever tied layer holds it
+            i = slots.get(_band_layer(name) or "")
         if i is None:
             continue
         found = True

@@ -6,10 +6,11 @@ Counting follows the MicroNet winner's conventions (scoring reference 3.4), cons
   at the band's widths and non-zeros; the softmax over the whole vocabulary stays the model's;
 - a banded table's lookup is indexing (0 ops); a factorized band's r -> d projection is
   counted as a linear layer weighted by the band's share of the calibration tokens;
-- the stored word order is V_stored integers of ceil(log2 V) bits (`Cost.index`), outside the
-  16-bit allowance; the rest band's words are its complement and cost nothing;
-- every band's tensors are counted by their own modules (`nn.Embedding` or
-  `CompressedEmbedding`), once however many banded modules hold the `BandSet`.
+- each changed band stores its words, V_b integers of ceil(log2 V) bits (`Cost.index`), outside
+  the 16-bit allowance; the rest band's words are the others and cost nothing;
+- each `Band` counts its own operations and words (so the counter's rows give each band's
+  cost); its tensors are counted by their own modules (`nn.Embedding` or `CompressedEmbedding`),
+  once however many banded modules hold the `BandSet`.
 """
 
 from __future__ import annotations
@@ -47,53 +48,51 @@ def _products(cost: Cost, matrix: nn.Module, bias: torch.Tensor | None, ctx: Rul
 
 @register_rule(Band)
 def _band(module: Band, name: str, ctx: RuleContext) -> Cost:
-    """A head's bias for the band's words (fp32); its matrices are counted by their modules."""
+    """A band's own cost: its words (ceil(log2 V) bits each, none for the rest band), a head's
+    bias for them, and its operations: for a head its logits every token (dense h W_b^T, or
+    h P_b^T then T_b^T), for a table a factorized band's projection weighted by its share. Its
+    matrices are stored by their own modules."""
     widths = [_bits(m) for m in module.matrices()]
-    cost = Cost("band", bits=min(widths), rank=module.rank)
+    cost = Cost("band", bits=min(widths), act_bits=FLOAT_BITS, rank=module.rank)
+    if module.words is not None:
+        cost.index(module.words, index_bits(module.vocab))
     if module.bias is not None:
         cost.store(module.bias, compressed=True)
+    if "head" in module.roles:
+        if module.rows is not None:
+            _products(cost, module.rows, module.bias, ctx)
+        else:
+            _products(cost, module.proj, None, ctx)
+            _products(cost, module.table, module.bias, ctx)
+    if "table" in module.roles and module.proj is not None and module.share > 0:
+        part = Cost("projection")
+        block = _block(module.proj)
+        matvec(
+            part, module.proj.weight.T, None, ctx, bits=_bits(module.proj),
+            act_bits=FLOAT_BITS, block=None if block is None else (block[1], block[0]),
+        )  # fmt: skip
+        for mults in part.mults:
+            cost.mul(mults.n * module.share, mults.a_bits, mults.b_bits)
+        cost.add(part.adds * module.share)
     return cost
 
 
 @register_rule(BandSet)
 def _band_set(module: BandSet, name: str, ctx: RuleContext) -> Cost:
-    """The stored word order: one index of ceil(log2 V) bits per word of the stored bands."""
-    cost = Cost("band_set")
-    cost.index(module.order, index_bits(module.vocab))
-    return cost
+    """Nothing of its own: each band counts its words and operations."""
+    return Cost("band_set")
 
 
 @register_rule(BandedHead)
 def _banded_head(module: BandedHead, name: str, ctx: RuleContext) -> Cost:
-    """Every band's logits, every token: dense h W_b^T, or h P_b^T then T_b^T."""
-    cost = Cost("banded_head", act_bits=FLOAT_BITS)
-    for band in module.bands.bands:
-        if band.rows is not None:
-            _products(cost, band.rows, band.bias, ctx)
-        else:
-            _products(cost, band.proj, None, ctx)
-            _products(cost, band.table, band.bias, ctx)
-    return cost
+    """Nothing of its own: each band counts its logits (gathering them is indexing)."""
+    return Cost("banded_head")
 
 
 @register_rule(BandedEmbedding)
 def _banded_embedding(module: BandedEmbedding, name: str, ctx: RuleContext) -> Cost:
-    """Lookups are indexing; each factorized band's r -> d projection (a linear layer of the
-    (r, d) projection read transposed) weighted by the band's share of tokens."""
-    cost = Cost("banded_embedding", act_bits=FLOAT_BITS)
-    for band, share in zip(module.bands.bands, module.bands.shares, strict=True):
-        if band.proj is None or share <= 0:
-            continue
-        part = Cost("projection")
-        block = _block(band.proj)
-        matvec(
-            part, band.proj.weight.T, None, ctx, bits=_bits(band.proj), act_bits=FLOAT_BITS,
-            block=None if block is None else (block[1], block[0]),
-        )  # fmt: skip
-        for mults in part.mults:
-            cost.mul(mults.n * share, mults.a_bits, mults.b_bits)
-        cost.add(part.adds * share)
-    return cost
+    """Nothing of its own: lookups are indexing; each factorized band counts its projection."""
+    return Cost("banded_embedding")
 
 
 class BandedForm(Form):
@@ -146,29 +145,24 @@ class BandedForm(Form):
 
 
 class BandSetForm(Form):
-    """`BandSet` ("band_set"): its bands' specs, shares and whether a rest band closes it; the
-    word order is a stored tensor, the lookups derived from it at load."""
+    """`BandSet` ("band_set"): its bands' keys and specs; the lookups are derived from the
+    bands' stored words at load."""
 
     types = (BandSet,)
     spec_types = ("band_set",)
 
     def spec(self, module: nn.Module, ctx: SpecContext) -> dict[str, Any]:
-        """Vocabulary, shares, rest band, stored words and each band's spec."""
+        """Vocabulary and each band's key and spec."""
         return {
             "type": "band_set",
             "vocab": int(module.vocab),
-            "shares": list(module.shares),
-            "rest": bool(module.has_rest),
-            "stored": int(module.order.numel()),
-            "bands": [ctx.spec_of(band) for band in module.bands],
+            "bands": [[key, ctx.spec_of(band)] for key, band in module.bands.items()],
         }
 
     def rebuild(self, spec: Mapping[str, Any], ctx: RebuildContext) -> nn.Module:
-        """Rebuilt bands and an empty word order of the stored length."""
-        bands = [ctx.make(s) for s in spec["bands"]]
-        order = torch.empty(int(spec["stored"]), dtype=torch.int64)
-        shares = [float(s) for s in spec["shares"]]
-        return BandSet(int(spec["vocab"]), bands, order, shares, bool(spec["rest"]))
+        """Rebuilt bands (their words filled at load)."""
+        bands = {str(key): ctx.make(band) for key, band in spec["bands"]}
+        return BandSet(int(spec["vocab"]), bands)
 
     def sides(self, spec: Mapping[str, Any]) -> tuple[int, int]:
         """(0, V): a band set is never a layer of its own."""
@@ -176,7 +170,7 @@ class BandSetForm(Form):
 
     def derived_buffers(self) -> tuple[str, ...]:
         """The lookups follow from the word order."""
-        return ("inverse", "band_of", "row_of")
+        return ("order", "inverse", "band_of", "row_of")
 
     def restore(self, module: nn.Module, keep: torch.Tensor | None) -> None:
         """Rebuild the lookups from the loaded word order."""
@@ -193,16 +187,22 @@ class BandForm(Form):
     def spec(self, module: nn.Module, ctx: SpecContext) -> dict[str, Any]:
         """Its matrices' specs."""
         parts = {"rows": module.rows, "table": module.table, "proj": module.proj}
-        out: dict[str, Any] = {"type": "band", "bias": module.bias is not None}
+        out: dict[str, Any] = {
+            "type": "band",
+            "bias": module.bias is not None,
+            "words": module.words is not None,
+            "share": float(module.share),
+        }
         out.update({k: ctx.spec_of(m) for k, m in parts.items() if m is not None})
         return out
 
     def rebuild(self, spec: Mapping[str, Any], ctx: RebuildContext) -> nn.Module:
-        """Rebuilt matrices (and an empty bias)."""
+        """Rebuilt matrices (and an empty bias and word list)."""
         parts = {k: ctx.make(spec[k]) for k in ("rows", "table", "proj") if k in spec}
         size = int(spec["rows" if "rows" in spec else "table"]["out"])
         bias = nn.Parameter(torch.empty(size)) if spec["bias"] else None
-        return Band(**parts, bias=bias)
+        words = torch.empty(size, dtype=torch.int64) if spec["words"] else None
+        return Band(**parts, bias=bias, words=words, share=float(spec["share"]))
 
     def sides(self, spec: Mapping[str, Any]) -> tuple[int, int]:
         """(d, V_b) of the rows it stands for."""
