@@ -232,7 +232,9 @@ def build_unit_options(
                         rho[k, mi] = proxy.ratio(setting, builder, joint[k][info.name])
                     continue
                 module = builder.build(setting, proxy.act_scale(setting.act_bits))
-                counted = module if slot is None else slot.banded(module)
+                counted = module
+                if slot is not None:  # an unchanged band stays in the layer's dense rest
+                    counted = dense if setting.is_identity else slot.banded(module)
                 score_q, _ = _score(counted, context, quantized, baseline)
                 cost[k, 0] += score_q - dense_q
                 if freebie_on and min(setting.bits, setting.act_bits) >= 16:
