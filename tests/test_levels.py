@@ -157,6 +157,35 @@ def test_statistics_are_computed_once_per_model_and_tokens(tmp_path, tiny_cache)
     assert torch.allclose(gram, gram.T) and bool((gram.diagonal() > 0).all())
 
 
+def test_ray_workers_read_statistics_from_the_level_folder_when_it_holds_them(
+    tmp_path, tiny_cache
+) -> None:
+    from microsweep.prepare import load_space_file, model_fingerprint, prepare, with_levels
+    from microsweep.search._workers import WorkerOptions, shipped_stats
+
+    sf = load_space_file(str(ROOT / "examples" / "tiny.py"))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    prepared = with_levels(sf, prepare(sf, 0), url, model_fingerprint(sf.model))
+    store = prepared.levels
+    # the folder holds every layer's: Ray workers get none by reference, in-process ones share
+    assert shipped_stats(prepared, WorkerOptions(workers=2)) is None
+    assert shipped_stats(prepared, WorkerOptions(in_process=True)) is prepared.stats
+    first = sorted(prepared.stats)[0]
+    store._stats_path(first).unlink()
+    assert shipped_stats(prepared, WorkerOptions(workers=2)) is prepared.stats
+    store.save_stats({first: prepared.stats[first]})
+    # a worker without them reads only the layers its build needs, and builds the same layers
+    policy = _policy(sparsity=0.5, bits=4, **AWARE)
+    given = VariantCache(
+        sf.model, calib=prepared.calib, stats=prepared.stats, store=LevelStore(tmp_path / "e")
+    )
+    lazy = VariantCache(sf.model, calib=prepared.calib, store=pickle.loads(pickle.dumps(store)))
+    x = prepared.windows[:4, :-1]
+    assert torch.equal(given.model(policy)(x), lazy.model(policy)(x))
+    read = sorted(key[0] for key in lazy._common if key[1] == ("stats",))
+    assert read == sorted(MLP)  # the policy's layers only, not every layer's Gram matrix
+
+
 def test_knobs_without_a_method_take_data_aware_defaults_where_tokens_exist(tiny_gpt) -> None:
     def space() -> Space:
         return Space(

@@ -320,9 +320,16 @@ class VariantCache:
         kept = self._common_entry(key)
         if kept is not None:
             return kept
+        stored = self._stored_stats(name)
+        if stored is not None:
+            return stored
         if self.calib is None:  # _plan refuses data-aware methods without calib first
             raise SpaceError("a data-aware method needs calib token ids")
-        wanted = {n: m for n, m in self._pending.items() if (n, ("stats",)) not in self._common}
+        wanted = {
+            n: m
+            for n, m in self._pending.items()
+            if (n, ("stats",)) not in self._common and not (self.store and self.store.has_stats(n))
+        }
         wanted[name] = self.base.get_submodule(name)
         found = input_stats(self.base, wanted, self.calib)
         for layer, stats in found.items():
@@ -334,6 +341,20 @@ class VariantCache:
                 "calib tokens whose forward pass runs through it"
             )
         return found[name]
+
+    def _stored_stats(self, name: str) -> InputStats | None:
+        """Layer `name`'s statistics read from the level store's folder, on the base's device
+        and kept in the cache's shared tier (a worker holds only the ones its builds read)."""
+        if self.store is None:
+            return None
+        found = self.store.load_stats([name]).get(name)
+        if found is None:
+            return None
+        device = next((t.device for t in self.base.parameters()), None)
+        if device is not None and found.gram.device != device:
+            found = InputStats(found.gram.to(device), found.abs_mean.to(device), found.rows)
+        self._put((name, ("stats",)), found, _nbytes([found.gram, found.abs_mean]), common=True)
+        return found
 
     def _input_amax(self, name: str) -> torch.Tensor:
         """max |input| of layer `name` over one pass of the calibration tokens through the
