@@ -343,8 +343,9 @@ class VariantCache:
         return found[name]
 
     def _stored_stats(self, name: str) -> InputStats | None:
-        """Layer `name`'s statistics read from the level store's folder, on the base's device
-        and kept in the cache's shared tier (a worker holds only the ones its builds read)."""
+        """Layer `name`'s statistics read from the level store's folder, on the base's device,
+        for the build at hand only: a build reads them once and its result is kept, so they
+        are not worth a place in the cache (a worker holds one layer's Gram matrix at a time)."""
         if self.store is None:
             return None
         found = self.store.load_stats([name]).get(name)
@@ -353,7 +354,6 @@ class VariantCache:
         device = next((t.device for t in self.base.parameters()), None)
         if device is not None and found.gram.device != device:
             found = InputStats(found.gram.to(device), found.abs_mean.to(device), found.rows)
-        self._put((name, ("stats",)), found, _nbytes([found.gram, found.abs_mean]), common=True)
         return found
 
     def _input_amax(self, name: str) -> torch.Tensor:
