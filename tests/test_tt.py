@@ -330,7 +330,7 @@ def test_chain_orders_are_every_run_growing_from_one_core():
     four = tt_orders(4)
     assert len(four) == len(set(four)) == 8 and four[:2] == [(0, 1, 2, 3), (3, 2, 1, 0)]
     assert {(1, 0, 2, 3), (1, 2, 0, 3), (1, 2, 3, 0), (2, 1, 0, 3)} <= set(four)
-    for bad in ((0, 2, 1), (0, 0, 1), (0, 1), "fastest", 3):
+    for bad in ((0, 2, 1), (0, 0, 1), (0, 1), (0.0, 1.0, 2.0), (True, 1, 2), "fastest", 3):
         with pytest.raises(SpaceError):
             TTLinear(8, 8, (2, 2, 2), (2, 2, 2), 2, order=bad)
 

@@ -341,7 +341,7 @@ def _check_order(order: Any, d: int) -> Order:
             f"TT contraction order {order!r} must be {DENSE!r} or a list of core indices"
         )
     seq = tuple(order)
-    if seq not in tt_orders(d):
+    if any(isinstance(k, bool) or not isinstance(k, int) for k in seq) or seq not in tt_orders(d):
         raise SpaceError(
             f"TT contraction order {list(seq)} is not a chain order of {d} cores: start at one "
             "core and add a neighbour of the contracted run at each step (see tt_orders)"
