@@ -16,6 +16,7 @@ from torch import nn
 from microsweep import LayerPolicy, Policy, Rank, Space
 from microsweep.compress import (
     CompressedLinear,
+    LevelStore,
     LowRankLinear,
     TiedLowRankEmbedding,
     VariantCache,
@@ -254,6 +255,23 @@ def test_variant_cache_builds_the_pair_together_as_compress_does():
     # one pair from compress_tied: the inputs are copies, untouched
     table, head = compress_tied(model.wte, model.head, LayerPolicy(rank=3))
     assert head.second.weight is table.table and model.head.weight is model.wte.weight
+
+
+def test_level_store_keeps_a_data_aware_pair_whole_and_tied(tmp_path):
+    model, calib = _gpt(), _ids((4, 16), seed=3)
+    store = LevelStore(tmp_path / "levels")
+    settings = LayerPolicy(rank=4, rank_method="whiten", bits=8, quant_method="gptq")
+    policy = Policy(layers={"head": settings})
+    first = VariantCache(model, calib=calib, store=store).model(policy)
+    assert (store.builds, store.stored_levels()) == (1, 1)  # the pair is one level
+    later = LevelStore(tmp_path / "levels")
+    again = VariantCache(model, calib=calib, store=later).model(policy)
+    assert (later.builds, later.loads) == (0, 1)
+    assert again.wte.table is again.head.second.weight  # read back tied
+    assert again.wte.proj is again.head.first.weight
+    with torch.no_grad():
+        ids = _ids()
+        assert torch.equal(again(ids), first(ids))
 
 
 def test_planner_costs_of_a_tied_rank_are_exact(tiny_gpt, corpus):
