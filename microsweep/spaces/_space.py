@@ -72,7 +72,7 @@ class Space:
         self.hyper: dict[str, Knob] = parse_hyper(hyper)
         self.assignment, tables = assign(self.rules, found, model)
         for rule in self.rules:
-            check_rule(rule, self.layers_of(rule), self.assignment)
+            check_rule(rule, self.layers_of(rule), self.assignment, self._layers)
         check_gate_owners(self.layers)
         self.notes = table_notes(tables) + hygiene(self.rules, self.layers_of)
         for note in self.notes:
