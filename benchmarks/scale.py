@@ -10,9 +10,10 @@ RSS is its own; in that process, one thread:
 - `dense_eval_s`: one evaluation of the dense model on the windows;
 - `trial_cold` / `trial_warm`: a trial runner's first and second run of one policy, in dense
   evaluations (the second reuses the runner's cache), and the cache's hit rate on the second;
-- `peak_rss_mib` after those trials, and `model_rss_mib`, the peak less the process's RSS before
-  the model was built (Python, torch and the imports), against 3x the model's fp32 bytes plus one
-  batch of logits;
+- `peak_rss_mib` over those trials (the peak restarts after the driver's statistics pass, which a
+  worker does not run; the runner gets the statistics a Ray worker gets), and `model_rss_mib`, the
+  peak less the process's RSS before the model was built (Python, torch and the imports), against
+  3x the model's fp32 bytes plus one batch of logits;
 - `export_s` and `bytes_ratio`: the policy saved as an artifact, payload over the count;
 - `first_trial_s`: a real `auto` sweep of `--trials` on `--workers` Ray workers, from `run_sweep`
   until its first trial is dispatched (the sweep's own start-up line), also in dense
@@ -25,6 +26,7 @@ table.
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import os
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +140,28 @@ def _policy(space: Any) -> Any:
     return space.suggest(study.ask())
 
 
+def _peak_rss_mib() -> float:
+    """The process's peak RSS in MiB since start or the last `_reset_peak_rss` (VmHWM)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak_rss() -> None:
+    """Start the peak over from the current RSS (Linux), so the trials' peak is theirs and not
+    the driver's statistics pass run before them in this process."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _runner_phase(size: str, workdir: Path, workers: int) -> dict[str, Any]:
     """Dense evaluation, a cold and a warm trial of one policy, peak RSS, and its export."""
     import optuna  # noqa: F401  (imported before the baseline RSS, as every import above)
@@ -146,11 +171,11 @@ def _runner_phase(size: str, workdir: Path, workers: int) -> dict[str, Any]:
     from microsweep.export import save
     from microsweep.prepare import model_fingerprint, prepare, space_from_objects, with_levels
     from microsweep.score import batch_for_memory, count, perplexity
-    from microsweep.search._workers import WorkerOptions, cache_settings
+    from microsweep.search._workers import WorkerOptions, cache_settings, shipped_stats
     from microsweep.workers import TrialRunner
 
     torch.set_num_threads(1)
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Python, torch, imports
+    base_rss = _peak_rss_mib()  # Python, torch, imports
     model, space, objective, corpus = _task(size)
     sf = space_from_objects(space, objective=objective, corpus=corpus)
     prepared = prepare(sf, 0)
@@ -164,15 +189,20 @@ def _runner_phase(size: str, workdir: Path, workers: int) -> dict[str, Any]:
     start = time.perf_counter()
     prepared = with_levels(sf, prepared, f"sqlite:///{workdir}/levels.db", model_fingerprint(model))
     out["statistics_s"] = time.perf_counter() - start
-    # one of the sweep's `workers` runners, with the settings a sweep gives it (cache size, share)
-    worker_settings = cache_settings(settings, WorkerOptions(workers=workers), sf)
+    # one of the sweep's `workers` runners, with the settings and statistics a sweep gives it
+    options = WorkerOptions(workers=workers)
+    worker_settings = cache_settings(settings, options, sf)
+    shipped = shipped_stats(prepared, options)
+    prepared = replace(prepared, stats=None)  # the driver's copy: not the worker's memory
+    gc.collect()
+    _reset_peak_rss()
     runner = TrialRunner(
         sf.model,
         prepared.windows,
         worker_settings,
         calib=prepared.calib,
         threads=1,
-        stats=prepared.stats,
+        stats=shipped,
         levels=prepared.levels,
     )
     policy = _policy(space)
@@ -201,7 +231,7 @@ def _runner_phase(size: str, workdir: Path, workers: int) -> dict[str, Any]:
     out["cache_mb"] = cache.max_bytes / 2**20 if cache is not None else 0
     out["cache_bytes"] = cache.nbytes if cache is not None else 0
     out["runs"] = runs
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mib"] = _peak_rss_mib()
     out["runtime_rss_mib"] = base_rss
     out["model_rss_mib"] = out["peak_rss_mib"] - base_rss  # what the model's work added
     out["eval_batch"] = batch = settings.batch_size or batch_for_memory(model, windows)

@@ -4,6 +4,7 @@ then the plain and data-aware pruning and quantization methods at equal settings
     MICROSWEEP_DATA=/work/shared/data python benchmarks/techniques.py            # full (~25 min)
     MICROSWEEP_DATA=/work/shared/data python benchmarks/techniques.py --quick    # smoke (~3 min)
     python benchmarks/techniques.py --sections methods     # methods only (~11 min; 2 cached)
+    python benchmarks/techniques.py --sections vocab       # the vocabulary section (~20 min)
 
 A run of some sections (or models) replaces those in the JSON it writes and keeps the rest.
 
@@ -68,6 +69,15 @@ and otherwise records the refusal and stays dense. Each row: perplexity, ppl/den
 the build seconds per compressed matrix over the seconds of one perplexity evaluation of the
 dense model.
 
+Section ``vocab`` (model ``wikitext``: a word-level GPT, 2 layers, n_embd 128, block 64, tied
+head, on WikiText-2, TRAINED ON ``valid.txt`` and EVALUATED ON ``test.txt``, since the training
+split is not at hand; its vocabulary is therefore valid.txt's 13,777 words, not the full 33,278)
+applies each vocabulary technique alone to the tied table and head at three levels: the
+factorized tied pair (rank 64/32/16, plain and activation-aware), the tensor-train tied pair
+(TT-rank 16/8/4), frequency bands (ranks per band, rare words smaller), bits 8/4/3 and sparsity
+0.5/0.7/0.9; then an `auto` sweep whose space offers all of them on the head beside sparsity
+and bits on the blocks.
+
 Writes benchmarks/results/techniques.json (every number) and techniques.md (the tables).
 """
 
@@ -100,7 +110,7 @@ RANK_FRACTIONS = (1 / 2, 1 / 4, 1 / 8)
 AGGRESSIVE_SPARSITY = 0.8
 BLOCK = (4, 4)
 EMBEDDING_BLOCK = (1, 4)
-SECTIONS = ("techniques", "methods")
+SECTIONS = ("techniques", "methods", "vocab")
 TECHNIQUE_MODELS = ("lstm", "gpt")  # the techniques and the sweep; every model gets the methods
 METHOD_BITS = (4, 3, 2)
 METHOD_SPARSITIES = (0.5, 0.7, 0.8)
@@ -1071,6 +1081,8 @@ def _markdown(result: dict[str, Any]) -> str:
         out += _techniques_markdown(result)
     if "methods" in result:
         out += _methods_markdown(result["methods"], result.get("models", {}))
+    if "vocab" in result:
+        out += _vocab_markdown(result["vocab"])
     return "\n".join(out) + "\n"
 
 
@@ -1257,6 +1269,196 @@ def _method_table(rows: list[dict[str, Any]], refusals: list[str]) -> str:
 # -- main --------------------------------------------------------------------------------------
 
 
+# -- the vocabulary: table and head of a word-level model ------------------------------------
+
+VOCAB_RANKS = (64, 32, 16)  # of n_embd 128: 1/2, 1/4, 1/8
+VOCAB_TT_RANKS = (16, 8, 4)
+VOCAB_BANDS = (0.1, 0.4)  # the most frequent 10% of words, the next 30%, the rarest 60%
+VOCAB_BAND_RANKS = ((128, 64, 16), (64, 32, 8), (32, 16, 4))  # frequent .. rare
+
+
+def _wikitext_setup(quick: bool) -> Setup:
+    from microsweep import Bits, Rank, Sparsity, data, models
+
+    corpus = data.wikitext2(train="valid", val="test")
+    d, block = (32, 32) if quick else (128, 64)
+    model = models.gpt(
+        corpus,
+        n_layer=2,
+        n_head=4,
+        n_embd=d,
+        block_size=block,
+        pretrain_steps=100 if quick else 1200,
+        lr=2e-3,
+    ).eval()
+    kinds = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    matrices = [f"blocks.{b}.{k}" for b in range(2) for k in kinds]
+
+    def rules() -> dict[str, Any]:
+        return {
+            "blocks.*": dict(
+                sparsity=Sparsity(0.0, 0.7, step=0.1), bits=Bits(4, 6, 8), act_bits=Bits(8, 16)
+            ),
+            "head": _vocab_head_rule(Bits, Rank, Sparsity),
+        }
+
+    return _finish(
+        Setup(
+            key="wikitext",
+            title=f"word GPT 2 layers, n_embd {d}, block {block}, tied head, WikiText-2",
+            data_note=(
+                "WikiText-2: trained on valid.txt, evaluated on test.txt (the training split is "
+                f"not at hand here), so the vocabulary is valid.txt's {len(corpus.vocab):,} "
+                "words, not the full 33,278"
+            ),
+            corpus=corpus,
+            model=model,
+            window=block,
+            windows=None,
+            calib=None,
+            context=0.0,
+            matrices=matrices,
+            groups={},
+            tt_ranks=VOCAB_TT_RANKS,
+            steps=_steps(quick),
+            rules=rules,
+            embedding="wte",
+        ),
+        quick,
+    )
+
+
+def _vocab_head_rule(Bits: Any, Rank: Any, Sparsity: Any) -> dict[str, Any]:  # noqa: N803
+    """The searched knobs of the tied table and head: rank (the factorized pair), bits, sparsity
+    and, where the product has them, frequency bands."""
+    rule = dict(
+        sparsity=Sparsity(0.0, 0.6, step=0.1),
+        bits=Bits(4, 6, 8),
+        act_bits=Bits(8, 16),
+        rank=Rank(0.0625, 1.0),
+    )
+    bands = _bands_knob()
+    if bands is not None:
+        rule["bands"] = bands(*VOCAB_BANDS)
+    return rule
+
+
+def _bands_knob() -> Any:
+    try:
+        from microsweep import Bands
+    except ImportError:
+        return None
+    return Bands
+
+
+def _vocab(s: Setup, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Each vocabulary technique alone on the tied table and head at three levels, then the
+    searched combination (blocks and head)."""
+    from microsweep import LayerPolicy, Policy
+
+    table = s.model.get_submodule(s.embedding)
+    vocab, width = table.weight.shape
+    _measure(s, tmp, "dense", "-", Policy())
+    for r in VOCAB_RANKS:
+        r = min(r, width)
+        _measure(
+            s, tmp, "factorized tied pair", f"r={r}", Policy(layers={"head": LayerPolicy(rank=r)})
+        )
+    for r in VOCAB_RANKS:
+        r = min(r, width)
+        policy = Policy(layers={"head": LayerPolicy(rank=r, rank_method="activation")})
+        _measure(s, tmp, "factorized tied pair, activation-aware", f"r={r}", policy)
+    for r in VOCAB_TT_RANKS:
+        policy = Policy(layers={"head": LayerPolicy(rank=r, rank_method="tt")})
+        _measure(s, tmp, "tensor-train tied pair", f"tt-rank {r}", policy)
+    bands = _band_policies(s)
+    for level, policy in bands:
+        _measure(s, tmp, "frequency bands", level, policy)
+    for b in BITS:
+        _measure(s, tmp, "bits", f"w{b}", Policy(layers={"head": LayerPolicy(bits=b)}))
+    for sp in SPARSITIES:
+        _measure(s, tmp, "sparsity", f"s={sp}", Policy(layers={"head": LayerPolicy(sparsity=sp)}))
+    search = {"skipped": True} if args.no_search else _search(s, tmp, tmp, args.sweep_timeout)
+    return {
+        "title": s.title,
+        "data": s.data_note,
+        "vocab": vocab,
+        "n_embd": width,
+        "window": s.window,
+        "eval_windows": len(s.windows),
+        "eval_tokens": len(s.windows) * s.window,
+        "calib_tokens": int(s.calib.numel()),
+        "levels": {
+            "ranks": VOCAB_RANKS,
+            "tt_ranks": VOCAB_TT_RANKS,
+            "bands": VOCAB_BANDS,
+            "band_ranks": VOCAB_BAND_RANKS,
+            "bits": BITS,
+            "sparsity": SPARSITIES,
+        },
+        "bands_available": bool(bands),
+        "steps": s.steps,
+        "dense": {"params": s.baseline.params, "ops": s.baseline.ops, "perplexity": s.dense_ppl},
+        "rows": s.rows,
+        "search": search,
+    }
+
+
+def _band_policies(s: Setup) -> list[tuple[str, Any]]:
+    """The banded head at three levels (rare bands at smaller ranks), as policies of a Space
+    with `Bands` on the head; none where the product has no bands."""
+    Bands = _bands_knob()  # noqa: N806
+    if Bands is None:
+        return []
+    from microsweep import LayerPolicy, Policy, Rank, Space
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        space = Space(
+            s.model, rules={"head": dict(bands=Bands(*VOCAB_BANDS), rank=Rank(0.0625, 1.0))}
+        )
+    names = [i.name for i in space.layers]
+    out = []
+    for ranks in VOCAB_BAND_RANKS:
+        layers = {n: LayerPolicy(rank=r) for n, r in zip(names, ranks, strict=True) if r < 128}
+        out.append(("ranks " + "/".join(map(str, ranks)), Policy(layers=layers)))
+    return out
+
+
+def _vocab_markdown(v: dict[str, Any]) -> list[str]:
+    out = [
+        "",
+        "# The vocabulary of a word-level model: each technique alone on the tied table and head",
+        "",
+        f"## {v['title']}",
+        "",
+        f"{v['data']}; {v['eval_windows']} windows of {v['window']} tokens; dense perplexity "
+        f"{v['dense']['perplexity']:.3f}, {v['dense']['params']:,.0f} params, "
+        f"{v['dense']['ops']:,.0f} ops per token. Every technique acts on the tied table and "
+        "head alone (the blocks stay dense): the factorized tied pair (rank r of the shared "
+        f"{v['vocab']:,} x {v['n_embd']} matrix, plain and activation-aware SVD), the tensor-train "
+        f"tied pair (one set of cores), frequency bands {v['levels']['bands']} (cumulative "
+        "vocabulary shares by calibration frequency; ranks per band frequent to rare), bits "
+        "and sparsity. The seed paper's PTB table has the same shape: technique, level, size, "
+        "perplexity.",
+        "",
+        _table(v["rows"]),
+    ]
+    search = v.get("search", {})
+    if search.get("row"):
+        r = search["row"]
+        out += [
+            "",
+            f"Searched combination (`auto`, {search.get('trials')} trials, ceiling {CEILING}x "
+            f"dense perplexity, knobs on the blocks and on the head): score {r['score']:.4f}, "
+            f"{r['params']:,.0f} params, {r['ops']:,.0f} ops, ppl {r['perplexity']:.3f}; "
+            f"policy {r['policy']}.",
+        ]
+    elif search.get("error"):
+        out += ["", f"Searched combination: {search['error']}"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -1290,11 +1492,16 @@ def main(argv: list[str] | None = None) -> int:
         "benchmarks/results/techniques.json; with --quick $TMPDIR/techniques-quick.json)",
     )
     args = parser.parse_args(argv)
-    makers = {"lstm": _lstm_setup, "gpt": _gpt_setup, "llama": _llama_setup}
+    makers = {
+        "lstm": _lstm_setup,
+        "gpt": _gpt_setup,
+        "llama": _llama_setup,
+        "wikitext": _wikitext_setup,
+    }
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     sections = [k.strip() for k in args.sections.split(",") if k.strip()]
     if unknown := [k for k in keys if k not in makers]:
-        parser.error(f"unknown model {unknown[0]!r}; use lstm, gpt or llama")
+        parser.error(f"unknown model {unknown[0]!r}; use lstm, gpt, llama or wikitext")
     if unknown := [k for k in sections if k not in SECTIONS]:
         parser.error(f"unknown section {unknown[0]!r}; use {' or '.join(SECTIONS)}")
     warnings.simplefilter("ignore")
@@ -1343,7 +1550,18 @@ def main(argv: list[str] | None = None) -> int:
     technique_seconds = 0.0
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
+        if "vocab" in sections:
+            t0 = time.perf_counter()
+            print("== wikitext: preparing", flush=True)
+            s = _wikitext_setup(args.quick)
+            if args.trials is not None:
+                s.steps["trials"] = args.trials
+            print(f"== {s.title}: dense perplexity {s.dense_ppl:.3f}", flush=True)
+            result["vocab"] = _vocab(s, tmp, args)
+            result["vocab"].update(quick=args.quick, seconds=round(time.perf_counter() - t0, 1))
         for key in keys:
+            if key == "wikitext":
+                continue  # the vocab section's model
             techniques = "techniques" in sections and key in TECHNIQUE_MODELS
             if not techniques and "methods" not in sections:
                 continue
@@ -1442,6 +1660,8 @@ def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
                 **new["methods"],
                 "models": {**earlier["models"], **new["methods"]["models"]},
             }
+    if "vocab" not in new and old.get("vocab", {}).get("quick") == _quick(new):
+        out["vocab"] = old["vocab"]
     methods = {"methods": out.pop("methods")} if "methods" in out else {}
     return {**out, **methods}  # the techniques' keys first, as a full run writes them
 

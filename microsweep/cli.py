@@ -513,7 +513,7 @@ def _cache_flag(parser: argparse.ArgumentParser) -> None:
         type=_mib(0, " (0 copies the model)"),
         default=None,
         help="each worker's cache of compressed layers, in MiB (default: half its free memory "
-        "split among the workers, at most 4x the model's fp32 size, at least 64; 0 copies "
+        "split among the workers, at most 2x the model's fp32 size, at least 64; 0 copies "
         "the model per trial)",
     )
 

@@ -295,9 +295,9 @@ def test_tied_head_quantized_keeps_tie_and_embedding_on_grid() -> None:
     assert len(list(model.parameters())) == len(list(_gpt().parameters()))  # still one matrix
 
 
-def test_rank_on_tied_head_raises() -> None:
-    with pytest.raises(SpaceError, match=r"'head' shares its weight with 'wte'"):
-        compress_(_gpt(), Policy(layers={"head": LayerPolicy(rank=8)}))
+def test_rank_on_tied_head_by_a_method_that_cannot_tie_raises() -> None:
+    with pytest.raises(SpaceError, match=r"'head' shares its weight with 'wte'.*cannot factorize"):
+        compress_(_gpt(), Policy(layers={"head": LayerPolicy(rank=8, rank_method="autoencoder")}))
 
 
 @pytest.mark.parametrize("name", ["blocks.7.mlp.c_fc", "nope", "ln_f", "blocks.0.mlp"])
@@ -515,6 +515,13 @@ def test_public_api() -> None:
         "check_rule",
         "check_shared_weight",
         "embedding_misfit",
+        # the factorized tied pair (a rank on a tied table or head) and its checks
+        "TiedLowRankEmbedding",
+        "compress_tied",
+        "tied_factors",
+        "frequency_rows",
+        "check_tied_rank",
+        "ties",
         # frequency bands of a table or head
         "Band",
         "BandSet",

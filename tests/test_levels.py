@@ -157,6 +157,46 @@ def test_statistics_are_computed_once_per_model_and_tokens(tmp_path, tiny_cache)
     assert torch.allclose(gram, gram.T) and bool((gram.diagonal() > 0).all())
 
 
+def test_ray_workers_read_statistics_from_the_level_folder_when_it_holds_them(
+    tmp_path, tiny_cache
+) -> None:
+    from dataclasses import replace
+
+    from microsweep.prepare import load_space_file, model_fingerprint, prepare, with_levels
+    from microsweep.search._workers import WorkerOptions, shipped_stats
+
+    sf = load_space_file(str(ROOT / "examples" / "tiny.py"))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    prepared = with_levels(sf, prepare(sf, 0), url, model_fingerprint(sf.model))
+    store = prepared.levels
+    # the folder holds every layer's: Ray workers get none by reference, in-process ones share
+    assert shipped_stats(prepared, WorkerOptions(workers=2)) is None
+    assert shipped_stats(prepared, WorkerOptions(in_process=True)) is prepared.stats
+    first = sorted(prepared.stats)[0]
+    store._stats_path(first).unlink()
+    assert shipped_stats(prepared, WorkerOptions(workers=2)) is prepared.stats
+    store.save_stats({first: prepared.stats[first]})
+    # a worker without them reads the files (not a calibration pass of its own: a file changed
+    # on purpose changes the build), and keeps none of them once its layers are built
+    policy = _policy(sparsity=0.5, bits=4, **AWARE)
+    s = prepared.stats[MLP[0]]
+    eye = torch.eye(s.gram.shape[0], dtype=s.gram.dtype)
+    store.save_stats({MLP[0]: replace(s, gram=s.gram + s.gram.diagonal().mean() * eye)})
+    changed = {**prepared.stats, MLP[0]: store.load_stats([MLP[0]])[MLP[0]]}
+
+    def cache(**kw) -> VariantCache:  # noqa: ANN003
+        return VariantCache(sf.model, calib=prepared.calib, **kw)
+
+    x = prepared.windows[:4, :-1]
+    lazy = cache(store=pickle.loads(pickle.dumps(store)))
+    got = lazy.model(policy)(x)
+    assert torch.equal(got, cache(stats=changed, store=LevelStore(tmp_path / "a")).model(policy)(x))
+    assert not torch.equal(
+        got, cache(stats=prepared.stats, store=LevelStore(tmp_path / "b")).model(policy)(x)
+    )
+    assert not [key for key in lazy._common if key[1] == ("stats",)]
+
+
 def test_knobs_without_a_method_take_data_aware_defaults_where_tokens_exist(tiny_gpt) -> None:
     def space() -> Space:
         return Space(

@@ -132,7 +132,7 @@ def test_suggested_values_stay_in_range_and_hyper_is_carried(gpt):
     [
         ({"nothing.*": dict(bits=Bits(8))}, "matches no Linear, Embedding or LSTM gate"),
         ({"blocks.*": dict(bits=8), "blocks.0.*": dict(bits=4)}, "shadowed"),
-        ({"head": dict(rank=Rank(0.5))}, "shares its weight with 'wte'"),
+        ({"head": dict(rank=Rank(0.5, method="autoencoder"))}, "shares its weight with 'wte'"),
         ({"blocks.0.mlp.c_fc": dict(rank=Rank(8, 64))}, "above layer 'blocks.0.mlp.c_fc'"),
         ({"blocks.0.mlp.c_fc": dict(sparsity=Sparsity(0, 0.5, block=(5, 4)))}, "does not tile"),
         ({"blocks.0.mlp.c_fc": dict(colour=Bits(8))}, "unknown setting"),

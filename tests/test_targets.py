@@ -536,13 +536,11 @@ def test_tied_embedding_compresses_the_head_too(which):
 def test_tied_refusals():
     model = _lstmlm(tie=True)
     with pytest.raises(SpaceError):
-        compress(model, Policy(layers={"wte": LayerPolicy(rank=2)}))
-    with pytest.raises(SpaceError):
-        compress(model, Policy(layers={"wte": LayerPolicy(rank=2, rank_method="tt")}))
+        compress(model, Policy(layers={"wte": LayerPolicy(rank=2, rank_method="autoencoder")}))
     with pytest.raises(SpaceError):
         compress(model, Policy(layers={"wte": LayerPolicy(bits=8), "head": LayerPolicy(bits=8)}))
     with pytest.raises(SpaceError):
-        Space(model, rules={"wte": dict(rank=Rank(2))})
+        Space(model, rules={"wte": dict(rank=Rank(2, method="autoencoder"))})
     with pytest.raises(SpaceError):
         Space(model, rules={"wte": dict(bits=Bits(4, 8)), "head": dict(bits=Bits(4, 8))})
     # a pattern over both tied names leaves the table to the head, and says so

@@ -15,10 +15,16 @@ inputs X (the quantity post-training compression methods minimise), plus the err
 quantizer adds. `rho` = error of the combination / sum of the errors of its knobs alone; the
 predicted loss of a combination is `rho` times the sum of its knobs' measured losses, exact at
 every measured point.
+
+A rank on a tied table or head builds both sides (the factorized tied pair): such an option
+is counted as the pair against the dense table and head together (their shared weight once),
+so its delta is exact too; a data-aware rank reads the table's token frequencies with the
+head's inputs, so the partner's inputs travel with the unit's.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -35,12 +41,15 @@ from microsweep.compress import (
     InputStats,
     LowRankEmbedding,
     LowRankLinear,
+    TiedLowRankEmbedding,
     TTEmbedding,
     TTLinear,
     build_group,
     compress_layer,
+    compress_tied,
     factorize,
     fake_quantize_symmetric,
+    frequency_rows,
     layer_inputs,
     magnitude_masks,
     parse_band,
@@ -150,6 +159,8 @@ def _rank_like(value: Any, like: Any, full: int) -> Any:
 
 
 def _effective_weight(module: nn.Module) -> torch.Tensor:
+    if isinstance(module, TiedLowRankEmbedding):  # A (V, r) times B (r, d)
+        return (module.table.detach() @ module.proj.detach()).to(torch.float64)
     if isinstance(module, TTLinear):
         return module.weight_matrix().detach().to(torch.float64)
     if isinstance(module, TTEmbedding):
@@ -221,7 +232,15 @@ def build_unit_options(
                 for i, value in enumerate(levels[kn]):
                     setting = layer_setting(info, dict(unit.knobs), {kn: value}, unit.key)
                     keys[(mi, kn, i)] = level_key(kn, setting)
-            builder = _LayerBuilder(linear, list(levels.get("sparsity", [])), proxy.stats)
+            tied = _tied_pair(unit, info, model, inputs)
+            builder = _LayerBuilder(linear, list(levels.get("sparsity", [])), proxy.stats, tied)
+            tied_dense = None
+            if tied is not None:
+                pair = nn.ModuleList([tied.table, tied.head])
+                tied_dense = (
+                    _score(pair, context, quantized, baseline)[0],
+                    _score(pair, context, config, baseline)[0] if freebie_on else np.nan,
+                )
             for k, row in enumerate(combos):
                 values = {kn: levels[kn][int(i)] for kn, i in zip(knobs, row, strict=True)}
                 setting = _plain(layer_setting(info, dict(unit.knobs), values, unit.key))
@@ -231,15 +250,17 @@ def build_unit_options(
                     if layer_in is not None:
                         rho[k, mi] = proxy.ratio(setting, builder, joint[k][info.name])
                     continue
-                module = builder.build(setting, proxy.act_scale(setting.act_bits))
-                counted = module
+                module, counted = builder.build_counted(setting, proxy.act_scale(setting.act_bits))
+                base_q, base_f = (dense_q, dense_f)
+                if counted is not module and tied_dense is not None:  # the pair, both sides
+                    base_q, base_f = tied_dense
                 if slot is not None:  # an unchanged band stays in the layer's dense rest
                     counted = dense if setting.is_identity else slot.banded(module)
                 score_q, _ = _score(counted, context, quantized, baseline)
-                cost[k, 0] += score_q - dense_q
+                cost[k, 0] += score_q - base_q
                 if freebie_on and min(setting.bits, setting.act_bits) >= 16:
                     score_f, applied = _score(counted, context, config, baseline)
-                    cost[k, 1] += (score_f - dense_f) if applied else np.nan
+                    cost[k, 1] += (score_f - base_f) if applied else np.nan
                 else:
                     cost[k, 1] = np.nan
                 if layer_in is not None:
@@ -338,22 +359,22 @@ def option_tasks(
     inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     orders: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if calib is not None:
-        layers = {  # a band reads its layer's inputs
-            info.name: (parse_band(info.name) or (info.name, 0))[0]
-            if info.kind == "band"
-            else info.name
-            for u in units
-            for info in u.layers
-        }
-        modules = {layer: model.get_submodule(layer) for layer in set(layers.values())}
+        reads: dict[str, str] = {}  # whose inputs an option reads -> the module giving them
+        for u in units:
+            for info in u.layers:
+                if info.kind == "band":  # a band reads its layer's inputs
+                    reads[info.name] = (parse_band(info.name) or (info.name, 0))[0]
+                else:
+                    reads.update((n, n) for n in _reads(u, info))
+        modules = {layer: model.get_submodule(layer) for layer in set(reads.values())}
         seen = layer_inputs(model, modules, calib, max_rows=MAX_ROWS)
-        inputs = {name: seen[layer] for name, layer in layers.items() if layer in seen}
-        for name, layer in layers.items():
+        inputs = {name: seen[layer] for name, layer in reads.items() if layer in seen}
+        for name, layer in reads.items():
             if name != layer and layer not in orders:
                 orders[layer] = token_order(calib, int(modules[layer].weight.shape[0]))
     tasks = []
     for u in units:
-        own = {i.name: inputs[i.name] for i in u.layers if i.name in inputs}
+        own = {n: inputs[n] for i in u.layers for n in _reads(u, i) if n in inputs}
         mine = {
             layer: order
             for layer, order in orders.items()
@@ -363,6 +384,59 @@ def option_tasks(
             OptionTask(u, levels[u.key], context, config, baseline, own or None, mine or None)
         )
     return tasks
+
+
+def _reads(unit: Unit, info: LayerInfo) -> list[str]:
+    """The layers whose inputs an option of `info` reads: itself, and for a rank on a tied
+    layer the module sharing its weight (head inputs and table frequencies go together)."""
+    if "rank" in unit.knobs and info.shared_with:
+        return [info.name, info.shared_with[0]]
+    return [info.name]
+
+
+@dataclass
+class _Tied:
+    """A tied table and head a rank on one of them builds together, and their inputs."""
+
+    table: nn.Embedding
+    head: nn.Linear
+    table_in: tuple[torch.Tensor, torch.Tensor] | None
+    head_in: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def _tied_pair(
+    unit: Unit,
+    info: LayerInfo,
+    model: nn.Module,
+    inputs: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None,
+) -> _Tied | None:
+    """The tied pair a rank on layer `info` builds, or None (no rank knob, or untied)."""
+    names = _reads(unit, info)
+    if len(names) < 2:
+        return None
+    a, b = (model.get_submodule(n) for n in names)
+    if isinstance(a, nn.Embedding):
+        (table, t_name), (head, h_name) = (a, names[0]), (b, names[1])
+    else:
+        (table, t_name), (head, h_name) = (b, names[1]), (a, names[0])
+    got = inputs or {}
+    return _Tied(table, head, got.get(t_name), got.get(h_name))
+
+
+def _stats_of(layer_in: tuple[torch.Tensor, torch.Tensor] | None, rows: int) -> InputStats | None:
+    """The input statistics of sampled inputs (`_Proxy.stats`), for a layer of `rows` outputs
+    (a table's: the frequencies of its `rows` tokens)."""
+    if layer_in is None:
+        return None
+    x = layer_in[0]
+    if not x.is_floating_point():
+        ids = x.reshape(-1)
+        counts = torch.bincount(ids, minlength=rows).to(torch.float64)
+        freq = counts / max(float(counts.sum()), 1.0)
+        return InputStats(freq, freq, ids.numel())
+    x = x.double()
+    n = max(x.shape[0], 1)
+    return InputStats(x.T @ x / n, x.abs().sum(0) / n, x.shape[0])
 
 
 def unit_options_on(runner: Any, task: OptionTask) -> UnitOptions:
@@ -429,15 +503,21 @@ def _joint_groups(
 
 
 class _LayerBuilder:
-    """Builds compressed variants of one Linear, reusing factorizations and magnitude masks."""
+    """Builds compressed variants of one Linear, reusing factorizations and magnitude masks;
+    with `tied`, a rank builds the tied table and head together (factorizing the head)."""
 
     def __init__(
         self,
         linear: nn.Linear,
         sparsities: list[float],
         stats: Callable[[], InputStats | None] | None = None,
+        tied: _Tied | None = None,
     ) -> None:
-        self.linear = linear
+        self.named = linear
+        self.tied = tied
+        self.linear = tied.head if tied is not None else linear  # the matrix factorized
+        if tied is not None:  # a data-aware rank reads the head's inputs
+            stats = functools.partial(_stats_of, tied.head_in, tied.head.weight.shape[0])
         self.sparsities = [s for s in sparsities if s > 0]
         self.stats = stats  # the calibration inputs' moments, asked only for a data-aware rank
         self._factors: dict[tuple[int, str], LowRankLinear] = {}
@@ -454,6 +534,15 @@ class _LayerBuilder:
             self._stats_done = True
         return self._stats_value
 
+    def _rows(self, method: str) -> torch.Tensor | None:
+        """D's diagonal for a data-aware rank on a tied pair (the table's token frequencies)."""
+        if self.tied is None or method == "plain":
+            return None
+        table_stats = _stats_of(self.tied.table_in, self.tied.table.weight.shape[0])
+        if table_stats is None:
+            raise ValueError(f"rank method {method!r} on a tied pair needs the table's inputs")
+        return frequency_rows(table_stats.gram)
+
     def factors(self, rank: int, method: str = "plain") -> LowRankLinear:
         if (rank, method) not in self._factors:
             transform = None
@@ -461,30 +550,69 @@ class _LayerBuilder:
                 if method not in self._transforms:  # one per method, for every rank
                     self._transforms[method] = rank_transform(method, self._input_stats())
                 transform = self._transforms[method]
+            rows = self._rows(method)
             if method not in self._svds:  # one decomposition serves every rank, as in a trial
-                self._svds[method] = weight_svd(self.linear.weight, transform)
+                self._svds[method] = weight_svd(self.linear.weight, transform, rows=rows)
             self._factors[(rank, method)] = factorize(
-                self.linear, rank, svd=self._svds[method], transform=transform
+                self.linear, rank, svd=self._svds[method], transform=transform, rows=rows
             )
         return self._factors[(rank, method)]
 
+    def build_counted(
+        self, setting: LayerPolicy, act_scale: torch.Tensor | None
+    ) -> tuple[nn.Module, nn.Module]:
+        """The named layer's module under `setting`, and what to count for it: the module
+        itself, or for a rank on a tied layer both sides of the pair together."""
+        if self.tied is None or setting.rank is None:
+            module = self.build(setting, act_scale)
+            return module, module
+        pair = self._pair(setting, act_scale)
+        named = pair[0] if isinstance(self.named, nn.Embedding) else pair[1]
+        return named, nn.ModuleList(pair)
+
+    def _pair(
+        self, setting: LayerPolicy, act_scale: torch.Tensor | None
+    ) -> tuple[nn.Module, nn.Module]:
+        """Both sides of the tied pair under `setting` (the SVD family from this builder's
+        kept decomposition and masks; another method that ties builds its own)."""
+        tied = self.tied
+        if tied is None:
+            raise ValueError("not a tied layer")
+        if setting.rank_method == "tt" or setting.rank_method in GROUP_METHODS:
+            return compress_tied(tied.table, tied.head, setting, act_scale=act_scale)
+        factors = self.factors(setting.rank, setting.rank_method)
+        return compress_tied(
+            tied.table,
+            tied.head,
+            setting,
+            act_scale=act_scale,
+            factors=factors,
+            masks=self._factor_masks(setting, factors),
+            stats=self._input_stats() if setting.data_aware else None,
+        )
+
+    def _factor_masks(self, setting: LayerPolicy, factors: LowRankLinear | None) -> tuple | None:
+        if not (setting.sparsity > 0 and setting.prune_method == "magnitude"):
+            return None
+        key = (setting.rank, setting.sparsity, setting.block)
+        if key not in self._masks:
+            mats = [self.linear] if factors is None else [factors.first, factors.second]
+            per_matrix = [
+                magnitude_masks(mat.weight, self.sparsities, setting.block) for mat in mats
+            ]
+            for i, s in enumerate(self.sparsities):
+                self._masks[(setting.rank, s, setting.block)] = tuple(m[i] for m in per_matrix)
+        return self._masks[key]
+
     def build(self, setting: LayerPolicy, act_scale: torch.Tensor | None) -> nn.Module:
+        if self.tied is not None and setting.rank is not None:
+            return self.build_counted(setting, act_scale)[0]
         if setting.rank_method == "tt" or setting.rank_method in GROUP_METHODS:
             return compress_layer(self.linear, setting)  # alone: a group of one
         factors = (
             self.factors(setting.rank, setting.rank_method) if setting.rank is not None else None
         )
-        masks = None
-        if setting.sparsity > 0 and setting.prune_method == "magnitude":
-            key = (setting.rank, setting.sparsity, setting.block)
-            if key not in self._masks:
-                mats = [self.linear] if factors is None else [factors.first, factors.second]
-                per_matrix = [
-                    magnitude_masks(mat.weight, self.sparsities, setting.block) for mat in mats
-                ]
-                for i, s in enumerate(self.sparsities):
-                    self._masks[(setting.rank, s, setting.block)] = tuple(m[i] for m in per_matrix)
-            masks = self._masks[key]
+        masks = self._factor_masks(setting, factors)
         stats = self._input_stats() if setting.data_aware else None
         return compress_layer(
             self.linear, setting, act_scale=act_scale, factors=factors, masks=masks, stats=stats

@@ -19,26 +19,29 @@ from ._apply import (
     compress,
     compress_,
     compress_layer,
+    compress_tied,
     group_modules,
     input_stats,
     layer_inputs,
     project_,
     tensor_train,
+    tied_factors,
 )
 from ._autoencoder import AutoDecoder, DecodedLinear, compress_linears, train_decoder
 from ._banded import Band, BandedEmbedding, BandedHead, BandSet
 from ._banding import BandSlot, parse_band, token_order
 from ._cache import VariantCache
-from ._checks import check_rule, check_shared_weight, embedding_misfit
+from ._checks import check_rule, check_shared_weight, check_tied_rank, embedding_misfit, ties
 from ._group_lasso import block_norms, group_lasso_penalty, group_lasso_train_, reweight
 from ._groups import shared_basis
 from ._levels import LevelStore
-from ._lowrank import InputStats, factorize, rank_transform, weight_svd
+from ._lowrank import InputStats, factorize, frequency_rows, rank_transform, weight_svd
 from ._modules import (
     CompressedEmbedding,
     CompressedLinear,
     LowRankEmbedding,
     LowRankLinear,
+    TiedLowRankEmbedding,
     fake_quantize_symmetric,
 )
 from ._prune import magnitude_mask, magnitude_masks, sparsity_of
@@ -76,10 +79,12 @@ __all__ = [
     "form_of_spec",
     "check_rule",
     "check_shared_weight",
+    "check_tied_rank",
     "embedding_misfit",
     "register_technique",
     "technique",
     "techniques",
+    "ties",
     "AutoDecoder",
     "DecodedLinear",
     "block_norms",
@@ -99,11 +104,14 @@ __all__ = [
     "LowRankLinear",
     "TTEmbedding",
     "TTLinear",
+    "TiedLowRankEmbedding",
     "VariantCache",
     "compress",
     "compress_",
     "compress_layer",
+    "compress_tied",
     "factorize",
+    "frequency_rows",
     "input_stats",
     "fake_quantize_symmetric",
     "layer_inputs",
@@ -116,5 +124,6 @@ __all__ = [
     "tensor_train",
     "tt_shape",
     "tt_svd",
+    "tied_factors",
     "weight_svd",
 ]

@@ -4,7 +4,8 @@ Every layer is checked before anything changes, so a bad policy raises `SpaceErr
 the model's layers as they were (an `nn.LSTM` named by a gate may already run as the equivalent
 `LinearLSTM`). Per layer the steps run in this order: calibrate input scales on the
 unchanged model, factorize (rank), prune (sparsity, block), quantize weights (bits), and attach
-the input quantizer (act_bits).
+the input quantizer (act_bits). A rank on a weight one table and one Linear share (a tied
+embedding and head) builds both together as the factorized tied pair (`compress_tied`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from microsweep.errors import SpaceError
 from microsweep.policy import GROUP_METHODS, METHODS, LayerPolicy, Policy
 
 from ._banding import build_bands, plan_bands, split_bands
-from ._checks import check_shared_weight
+from ._checks import check_shared_weight, check_tied_rank
 from ._groups import grouped
-from ._lowrank import InputStats, factorize
+from ._lowrank import InputStats, factorize, frequency_rows
 from ._modules import CompressedLinear, LowRankLinear
 from ._obs import quantize_groups
 from ._quantize import quantize_rows, tensor_scale
@@ -41,6 +42,7 @@ __all__ = [
     "compress",
     "compress_",
     "compress_layer",
+    "compress_tied",
     "group_modules",
     "input_stats",
     "layer_inputs",
@@ -52,11 +54,29 @@ __all__ = [
 @dataclass(frozen=True)
 class _Step:
     """One validated layer to compress: its name, the Linear (or Embedding) found there and
-    its settings."""
+    its settings; with a rank on a tied weight, the module sharing it (`partner`, by name)."""
 
     name: str
     linear: nn.Linear | nn.Embedding
     settings: LayerPolicy
+    partner_name: str | None = None
+    partner: nn.Module | None = None
+
+    def tied(self) -> tuple[str, nn.Embedding, str, nn.Linear]:
+        """(table name, table, head name, head) of a tied step."""
+        if self.partner is None or self.partner_name is None:
+            raise ValueError(f"layer {self.name!r} is not a tied pair")
+        if isinstance(self.linear, nn.Embedding):
+            return self.name, self.linear, self.partner_name, self.partner  # type: ignore[return-value]
+        return self.partner_name, self.partner, self.name, self.linear  # type: ignore[return-value]
+
+    @property
+    def key(self) -> str:
+        """What the step's variant is filed under: its name, or a tied pair's two names."""
+        if self.partner is None:
+            return self.name
+        table, _, head, _ = self.tied()
+        return f"{table}+{head}"
 
 
 def compress_(model: nn.Module, policy: Policy, *, calib: torch.Tensor | None = None) -> nn.Module:
@@ -82,6 +102,12 @@ def compress_(model: nn.Module, policy: Policy, *, calib: torch.Tensor | None = 
     act_scales = _calibrate(model, [s for s in steps if s.settings.act_bits < 32], calib)
     aware = {s.name: s.linear for s in steps if METHODS[s.settings.rank_method].reads_inputs}
     reads = {s.name: s.linear for s in steps if s.settings.data_aware} | aware
+    for step in steps:  # a tied pair reads its head's inputs (and, data-aware, its table's)
+        if step.partner is not None and step.name in reads:
+            table_name, table, head_name, head = step.tied()
+            reads[head_name] = head
+            if step.name in aware:
+                reads[table_name] = table
     stats = input_stats(model, reads, calib) if reads else {}
     built: dict[str, nn.Module] = {}
     for (method, _, rank), members in grouped(steps).items():
@@ -90,6 +116,10 @@ def compress_(model: nn.Module, policy: Policy, *, calib: torch.Tensor | None = 
         for step in steps:
             if step.name in built:
                 _set_submodule(model, step.name, built[step.name])
+                continue
+            if step.partner is not None:
+                scale = act_scales.get(step.name)
+                _compress_tied_step(model, step, scale, stats, step.name in aware)
                 continue
             factors = None
             if step.name in aware:
@@ -142,6 +172,95 @@ def compress_layer(
             pair = pair.train(factors.training)
             return _compress_layer(linear, settings, act_scale, pair, masks, gram=gram)
         return _compress_layer(_clone(linear), settings, act_scale, None, masks, gram=gram)
+
+
+def compress_tied(
+    table: nn.Embedding,
+    head: nn.Linear,
+    settings: LayerPolicy,
+    *,
+    act_scale: torch.Tensor | None = None,
+    factors: LowRankLinear | None = None,
+    masks: tuple[torch.Tensor | None, ...] | None = None,
+    stats: InputStats | None = None,
+) -> tuple[nn.Module, nn.Module]:
+    """The (table, head) modules a table and the Linear tied to it become under `settings` (a
+    rank by a method that ties), built from copies (nothing is modified).
+
+    As `compress_layer` for the head: `factors` is the head factorized at the rank (see
+    `tied_factors` for the data-aware methods), `masks` the magnitude masks of both factors,
+    `stats` the head's input statistics (data-aware pruning and quantization read them)."""
+    if settings.rank is None:
+        raise SpaceError("a tied pair is built at a rank; give the layer's settings one")
+    gram = stats.gram if stats is not None and settings.data_aware else None
+    if settings.data_aware and gram is None:
+        raise SpaceError(
+            "data-aware pruning or quantization reads the head's inputs; pass stats= (see "
+            "input_stats)"
+        )
+    with torch.no_grad():
+        if factors is not None:
+            if factors.rank != settings.rank:
+                raise SpaceError(f"factors of rank {factors.rank} given for rank {settings.rank}")
+            factors = type(factors)(_clone(factors.first), _clone(factors.second))
+            factors = factors.train(head.training)
+        else:
+            head = _clone(head)
+        given = Given(act_scale, factors, masks or (None, None), gram)
+        return _rank_technique(settings).build_tied(table, head, settings, given)
+
+
+def tied_factors(
+    head: nn.Linear,
+    rank: int,
+    method: str,
+    head_stats: InputStats | None,
+    table_stats: InputStats | None,
+    *,
+    svd: tuple[torch.Tensor, ...] | None = None,
+) -> LowRankLinear:
+    """The tied head's weight W (V, d) factorized for a data-aware rank `method`: the truncated
+    SVD of D W T, T from the head's inputs (as the method's `transform` makes it) and D the
+    table's row frequencies (`frequency_rows`), so A B minimizes ||D (W - A B) T||."""
+    if head_stats is None or table_stats is None:
+        raise SpaceError(
+            f"rank method {method!r} on a tied table and head reads the head's inputs and the "
+            "table's token frequencies; pass calib tokens whose forward pass runs through both"
+        )
+    transform = _rank_technique_named(method).transform(head_stats)
+    if not table_stats.diagonal:
+        raise SpaceError("table_stats must be a table's token frequencies (see input_stats)")
+    rows = frequency_rows(table_stats.gram)
+    return factorize(head, rank, svd=svd, transform=transform, rows=rows)
+
+
+def _compress_tied_step(
+    model: nn.Module,
+    step: _Step,
+    act_scale: torch.Tensor | None,
+    stats: dict[str, InputStats],
+    aware: bool,
+) -> None:
+    """Build a tied step's pair in place of both its modules."""
+    table_name, table, head_name, head = step.tied()
+    settings = step.settings
+    needed = [head_name] if aware or settings.data_aware else []
+    for name in needed + ([table_name] if aware else []):
+        if name not in stats:
+            raise SpaceError(
+                f"layer {name!r} saw no input while calibrating; the data-aware methods on its "
+                "tied pair need calib tokens whose forward pass runs through it"
+            )
+    factors = None
+    if aware:
+        factors = tied_factors(
+            head, settings.rank, settings.rank_method, stats[head_name], stats[table_name]
+        )
+    gram = stats[head_name].gram if settings.data_aware else None
+    given = Given(act_scale, factors, (None, None), gram)
+    new_table, new_head = _rank_technique(settings).build_tied(table, head, settings, given)
+    _set_submodule(model, table_name, new_table)
+    _set_submodule(model, head_name, new_head)
 
 
 def _clone(linear: nn.Module) -> nn.Module:
@@ -220,12 +339,15 @@ def _plan(model: nn.Module, policy: Policy, calib: torch.Tensor | None) -> list[
         wid = id(linear.weight)
         check_shared_weight(weight_users.get(wid, name), [name] if wid in weight_users else [])
         weight_users[wid] = name
-        _check_rank(name, linear, settings, [n for n in param_owners[wid] if n != name])
-        layer = LayerCheck(name, linear, settings, calib is not None)
+        others = [n for n in param_owners[wid] if n != name]
+        _check_rank(name, linear, settings, [(n, _kind(model.get_submodule(n))) for n in others])
+        partner_name = others[0] if others and settings.rank is not None else None
+        partner = model.get_submodule(partner_name) if partner_name is not None else None
+        layer = LayerCheck(name, linear, settings, calib is not None, partner)
         for tech in techniques():
             if tech.applies(settings):
                 tech.check_layer(layer)
-        steps.append(_Step(name, linear, settings))
+        steps.append(_Step(name, linear, settings, partner_name, partner))
     if calib is not None and not isinstance(calib, torch.Tensor):
         raise SpaceError(
             f"calib is a {type(calib).__name__}; pass a LongTensor of token ids of shape (B, T)"
@@ -233,11 +355,23 @@ def _plan(model: nn.Module, policy: Policy, calib: torch.Tensor | None) -> list[
     return steps
 
 
+def _kind(module: nn.Module) -> str:
+    """How the tied-weight check names a module holding a weight."""
+    if type(module) is nn.Embedding:
+        return "embedding"
+    return "linear" if isinstance(module, nn.Linear) else type(module).__name__
+
+
 def _check_rank(
-    name: str, linear: nn.Linear | nn.Embedding, settings: LayerPolicy, others: list[str]
+    name: str,
+    linear: nn.Linear | nn.Embedding,
+    settings: LayerPolicy,
+    others: list[tuple[str, str]],
 ) -> None:
     """What every rank method needs of a layer: a rank it has, and a weight no other module
-    holds (factorizing would untie it); a table must also keep torch's plain lookups."""
+    holds unless the method builds the factorized tied pair of one table and one Linear
+    (`others`: (name, kind) of the other holders); a table must also keep torch's plain
+    lookups."""
     if isinstance(linear, nn.Embedding) and (linear.max_norm is not None or linear.sparse):
         raise SpaceError(
             f"embedding {name!r} uses max_norm or sparse gradients, which compression does not "
@@ -252,11 +386,7 @@ def _check_rank(
             f"rank {settings.rank} for layer {name!r} is above min(out, in) = {limit} "
             f"of its {out_f}x{in_f} weight; use a rank in 1..{limit}"
         )
-    if others:
-        raise SpaceError(
-            f"layer {name!r} shares its weight with {others[0]!r}; low-rank "
-            "factorization would untie it, so drop rank for this layer"
-        )
+    check_tied_rank(name, _kind(linear), others, settings.rank_method)
 
 
 def _gate_lstms_(model: nn.Module, names: list[str]) -> None:
@@ -408,9 +538,14 @@ def _calibrate(
 
 def _rank_technique(settings: LayerPolicy) -> RankTechnique:
     """The registered technique of ``settings.rank_method``."""
-    tech = technique(settings.rank_method)
+    return _rank_technique_named(settings.rank_method)
+
+
+def _rank_technique_named(method: str) -> RankTechnique:
+    """The registered rank technique called `method`."""
+    tech = technique(method)
     if not isinstance(tech, RankTechnique):
-        raise SpaceError(f"{settings.rank_method!r} is not a rank method")
+        raise SpaceError(f"{method!r} is not a rank method")
     return tech
 
 

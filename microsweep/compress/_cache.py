@@ -13,6 +13,10 @@ nothing the model being built reads is evicted while it is built: a new entry th
 that is not kept. A trial walks the layers in order, so plain LRU under a budget smaller than
 one policy evicted each layer just before the repeat needed it (no hit at all); here the
 layers that fit stay and a repeat finds them.
+
+A rank on a tied table or head builds both sides together (the factorized tied pair): the
+pair is one variant, filed under both names (``"wte+head"``) and its settings, and both
+modules are swapped in together.
 """
 
 from __future__ import annotations
@@ -32,15 +36,17 @@ from microsweep.policy import METHODS, LayerPolicy, Policy
 from ._apply import (
     _plan,
     _set_submodule,
+    _Step,
     build_group,
     compress_layer,
+    compress_tied,
     input_stats,
     layer_inputs,
 )
 from ._banding import BandPlan, band_module, bands_modules, plan_bands, rest_band, split_bands
 from ._groups import grouped
 from ._levels import LevelStore
-from ._lowrank import InputStats, factorize, weight_svd
+from ._lowrank import InputStats, factorize, frequency_rows, weight_svd
 from ._prune import magnitude_order, mask_from_order
 from ._quantize import tensor_scale
 from ._techniques import RankTechnique, technique
@@ -61,6 +67,18 @@ def _largest_useful_rank(weight: torch.Tensor) -> int:
     the layer dense at any rank from there on, so an SVD kept for it needs no more triples."""
     out_f, in_f = weight.shape
     return max(1, -(-(out_f * in_f) // (out_f + in_f)) - 1)
+
+
+def _readers(step: _Step) -> dict[str, nn.Module]:
+    """The modules whose inputs a step's data-aware methods read: the layer, or for a tied
+    pair its head (and the table, whose token frequencies a data-aware rank weighs rows by)."""
+    if step.partner is None:
+        return {step.name: step.linear}
+    table_name, table, head_name, head = step.tied()
+    out: dict[str, nn.Module] = {head_name: head}
+    if METHODS[step.settings.rank_method].reads_inputs:
+        out[table_name] = table
+    return out
 
 
 class VariantCache:
@@ -125,20 +143,22 @@ class VariantCache:
             else []
         )
         # data-aware ranks read the layers' inputs: one calibration pass for all that lack them
-        self._pending = {
-            s.name: s.linear
-            for s in steps
-            if (s.name, s.settings) not in self._variants  # a cached variant needs no inputs
-            and s.name not in self._given_stats
-            and not (s.settings.data_aware and self.store and self.store.has(s.name, s.settings))
-            and (
-                s.settings.data_aware
-                or (
-                    METHODS[s.settings.rank_method].reads_inputs
-                    and (s.name, ("svd", s.settings.rank_method)) not in self._common
+        self._pending = {}
+        for s in steps:
+            if (
+                (s.key, s.settings) not in self._variants  # a cached variant needs no inputs
+                and not (s.settings.data_aware and self.store and self.store.has(s.key, s.settings))
+                and (
+                    s.settings.data_aware
+                    or (
+                        METHODS[s.settings.rank_method].reads_inputs
+                        and (s.key, ("svd", s.settings.rank_method)) not in self._common
+                    )
                 )
-            )
-        }
+            ):
+                self._pending.update(
+                    (n, m) for n, m in _readers(s).items() if n not in self._given_stats
+                )
         self._in_use = set()
         try:
             return self._assemble(steps, bands)
@@ -156,6 +176,13 @@ class VariantCache:
         for (method, group, rank), members in grouped(steps).items():
             built.update(self._group(method, group, rank, {s.name: s.linear for s in members}))
         for step in steps:
+            if step.partner is not None:  # the factorized tied pair: both sides at once
+                table_name, _, head_name, _ = step.tied()
+                pair = self._tied_variant(step)
+                for name, module in zip((table_name, head_name), pair, strict=True):
+                    _set_submodule(model, name, module)
+                    placed.update(id(m) for m in module.modules())
+                continue
             variant = built.get(step.name)
             if variant is None:
                 variant = self._variant(step.name, step.linear, step.settings)
@@ -281,6 +308,84 @@ class VariantCache:
         self.builds += 1
         return module
 
+    def _tied_variant(self, step: _Step) -> nn.ModuleList:
+        """A tied step's (table, head) pair, cached under both names and its settings (and,
+        data-aware, in the level store as one module holding both, ties kept)."""
+        key = (step.key, step.settings)
+        found = self._cached(key)
+        if found is not None:
+            return found
+        build = functools.partial(self._build_tied, step)
+        if self.store is not None and step.settings.data_aware:
+            device = step.linear.weight.device
+            pair = self.store.get_or_build(step.key, step.settings, build, device)
+        else:
+            pair = build()
+        self._keep(key, pair)
+        return pair
+
+    def _build_tied(self, step: _Step) -> nn.ModuleList:
+        """A tied step's pair from the cached SVD of the head's weight (of D W T for the
+        data-aware methods), magnitude orders and the head's input statistics."""
+        settings = step.settings
+        table_name, table, head_name, head = step.tied()
+        act_scale = None
+        if settings.act_bits < 32:
+            act_scale = tensor_scale(self._input_amax(step.name), settings.act_bits)
+        factors, masks = None, None
+        rank_tech = technique(settings.rank_method)
+        if isinstance(rank_tech, RankTechnique) and rank_tech.factorizes:
+            svd, transform, rows = self._tied_svd(step, settings.rank)
+            factors = factorize(head, settings.rank, svd=svd, transform=transform, rows=rows)
+        if factors is not None and settings.sparsity > 0 and settings.prune_method == "magnitude":
+            prefix = f"{step.key}/{settings.rank_method}@{settings.rank}"
+            matrices = {f"{prefix}.first": factors.first.weight}
+            matrices[f"{prefix}.second"] = factors.second.weight
+            masks = tuple(
+                mask_from_order(
+                    self._order(key, weight, settings.block),
+                    weight.shape,
+                    settings.sparsity,
+                    settings.block,
+                )
+                for key, weight in matrices.items()
+            )
+        stats = self._stats(head_name) if settings.data_aware else None
+        pair = compress_tied(
+            table, head, settings, act_scale=act_scale, factors=factors, masks=masks, stats=stats
+        )
+        self.builds += 1
+        return nn.ModuleList(pair)
+
+    def _tied_svd(
+        self, step: _Step, rank: int
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, torch.Tensor] | None, Any]:
+        """The SVD of a tied pair's weight W (plain), or of D W T (data-aware: T from the
+        head's inputs, D from the table's token frequencies), with T's pair and D's diagonal;
+        kept once per pair and method for every rank up to its largest useful one."""
+        method = step.settings.rank_method
+        table_name, _, head_name, head = step.tied()
+        key = (step.key, ("svd", method))
+        full = min(head.weight.shape)
+        found = self._common_entry(key)
+        if found is not None and found[0][1].numel() >= min(rank, full):
+            return found
+        transform, rows = None, None
+        if method != "plain":
+            tech = technique(method)
+            if isinstance(tech, RankTechnique):
+                transform = tech.transform(self._stats(head_name))
+            if transform is None:
+                raise SpaceError(f"rank method {method!r} does not factorize on calibration inputs")
+            rows = frequency_rows(self._stats(table_name).gram)
+        limit = self.max_rank.get(step.name) or _largest_useful_rank(head.weight)
+        keep = min(max(rank, limit), full)
+        svd = weight_svd(head.weight, transform, keep=keep, rows=rows)
+        self._drop(key)
+        held = [*svd, *(transform or ()), *([] if rows is None else [rows])]
+        self._put(key, (svd, transform, rows), _nbytes(held), common=True)
+        return svd, transform, rows
+
     def _keep(self, key: tuple[str, Any], module: nn.Module) -> None:
         """Hold a layer variant in memory, counted by the tensors it does not share."""
         own = [
@@ -357,9 +462,16 @@ class VariantCache:
         kept = self._common_entry(key)
         if kept is not None:
             return kept
+        stored = self._stored_stats(name)
+        if stored is not None:
+            return stored
         if self.calib is None:  # _plan refuses data-aware methods without calib first
             raise SpaceError("a data-aware method needs calib token ids")
-        wanted = {n: m for n, m in self._pending.items() if (n, ("stats",)) not in self._common}
+        wanted = {
+            n: m
+            for n, m in self._pending.items()
+            if (n, ("stats",)) not in self._common and not (self.store and self.store.has_stats(n))
+        }
         wanted[name] = self.base.get_submodule(name)
         found = input_stats(self.base, wanted, self.calib)
         for layer, stats in found.items():
@@ -371,6 +483,20 @@ class VariantCache:
                 "calib tokens whose forward pass runs through it"
             )
         return found[name]
+
+    def _stored_stats(self, name: str) -> InputStats | None:
+        """Layer `name`'s statistics read from the level store's folder, on the base's device,
+        for the build at hand only: a build reads them once and its result is kept, so they
+        are not worth a place in the cache (a worker holds one layer's Gram matrix at a time)."""
+        if self.store is None:
+            return None
+        found = self.store.load_stats([name]).get(name)
+        if found is None:
+            return None
+        device = next((t.device for t in self.base.parameters()), None)
+        if device is not None and found.gram.device != device:
+            found = InputStats(found.gram.to(device), found.abs_mean.to(device), found.rows)
+        return found
 
     def _input_amax(self, name: str) -> torch.Tensor:
         """max |input| of layer `name` over one pass of the calibration tokens through the

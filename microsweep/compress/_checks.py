@@ -1,7 +1,9 @@
 """Definition-time checks of the techniques, on plain data: what a Space rule may ask of them.
 
-`Space` calls these with its rules' knobs and `LayerInfo`s; `compress_` shares the one check
-of tied weights. No Space object is needed, so the checks sit with the techniques they ask.
+`Space` calls these with its rules' knobs and `LayerInfo`s; `compress_` shares the checks of
+tied weights (settings from one side only; a rank only by a method that builds the factorized
+tied pair, on a weight one table and one Linear share). No Space object is needed, so the
+checks sit with the techniques they ask.
 """
 
 from __future__ import annotations
@@ -11,9 +13,16 @@ from typing import Any
 
 from microsweep.errors import SpaceError
 
-from ._techniques import LayerShape, MatrixTechnique, RuleCheck, technique, techniques
+from ._techniques import (
+    LayerShape,
+    MatrixTechnique,
+    RankTechnique,
+    RuleCheck,
+    technique,
+    techniques,
+)
 
-__all__ = ["check_rule", "check_shared_weight", "embedding_misfit"]
+__all__ = ["check_rule", "check_shared_weight", "check_tied_rank", "embedding_misfit", "ties"]
 
 
 def check_rule(
@@ -55,12 +64,44 @@ def embedding_misfit(settings: Mapping[str, Any], shared_with: Sequence[str]) ->
     rank = settings.get("rank")
     method = getattr(rank, "method", None)
     if rank is not None and method is not None:
+        if shared_with:  # the tied pair reads the head's inputs: any method that ties fits
+            if not ties(method):
+                return f"it is tied to {shared_with[0]!r} and {_tie_refusal(method)}"
+            return None
         why = technique(method).table_misfit(rule)
         if why:
             return why
-        if shared_with:
-            return f"it is tied to {shared_with[0]!r} and rank would untie it"
     return None
+
+
+def ties(method: str) -> bool:
+    """Whether rank `method` builds a factorized tied pair (`RankTechnique.ties`)."""
+    tech = technique(method)
+    return isinstance(tech, RankTechnique) and tech.ties
+
+
+def _tie_refusal(method: str) -> str:
+    tech = technique(method)
+    if isinstance(tech, RankTechnique):
+        return tech.tie_refusal()
+    return f"{method!r} is not a rank method"
+
+
+def check_tied_rank(name: str, kind: str, partners: Sequence[tuple[str, str]], method: str) -> None:
+    """Refuse a rank by `method` on layer `name` (its `kind`: ``"embedding"``, ``"linear"``)
+    whose weight `partners` ((name, kind) of every other module holding it) share, unless
+    they are one table and one Linear and `method` builds the factorized tied pair."""
+    if not partners:
+        return
+    first = partners[0][0]
+    if not ties(method):
+        raise SpaceError(f"layer {name!r} shares its weight with {first!r}; {_tie_refusal(method)}")
+    if len(partners) != 1 or {kind, partners[0][1]} != {"embedding", "linear"}:
+        names = ", ".join(repr(n) for n, _ in partners)
+        raise SpaceError(
+            f"layer {name!r} shares its weight with {names}; a rank factorizes a weight shared "
+            "by one embedding table and one Linear only, so drop rank for this layer"
+        )
 
 
 def check_shared_weight(name: str, partners: Sequence[str]) -> None:

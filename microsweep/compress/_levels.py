@@ -205,6 +205,10 @@ class LevelStore:
     def _stats_path(self, name: str) -> Path:
         return self.root / "stats" / f"{_digest(name)}.pt"
 
+    def has_stats(self, name: str) -> bool:
+        """Whether the folder holds layer `name`'s statistics."""
+        return self._stats_path(name).is_file()
+
     def load_stats(self, names: list[str]) -> dict[str, InputStats]:
         """The stored statistics of those of `names` that have them (on the CPU)."""
         out: dict[str, InputStats] = {}

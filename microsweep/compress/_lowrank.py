@@ -6,6 +6,10 @@ square root of the mean |x_j| seen on calibration tokens (activation-aware SVD: 
 large inputs are kept more exactly); `whiten` takes L with L L^T = X^T X / n (Cholesky of the
 input Gram matrix), so the truncated SVD of W L minimizes the output error ||(W - W_r) X|| over
 every rank-r W_r (whitened SVD). Both return W_r = U_r S_r V_r^T T^-1 as the same two factors.
+
+A tied table and head (one (V, d) matrix) factorized data-aware also weigh its rows: with
+D = diag(sqrt(f + eps)) from the table's row frequencies f (`frequency_rows`), the truncated
+SVD of D W T minimizes ||D (W - W_r) T|| over every rank-r W_r, and W_r = D^-1 U_r S_r V_r^T T^-1.
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ from microsweep.policy import RANK_METHODS
 
 from ._modules import LowRankEmbedding, LowRankLinear
 
-__all__ = ["RANK_METHODS", "InputStats", "factorize", "rank_transform", "weight_svd"]
+__all__ = [
+    "RANK_METHODS",
+    "InputStats",
+    "factorize",
+    "frequency_rows",
+    "rank_transform",
+    "weight_svd",
+]
 
 
 @dataclass
@@ -66,6 +77,16 @@ def rank_transform(method: str, stats: InputStats | None) -> tuple[torch.Tensor,
     raise ValueError(f"rank method {method!r} is not one of {', '.join(RANK_METHODS)}")
 
 
+def frequency_rows(freqs: torch.Tensor) -> torch.Tensor:
+    """D's diagonal for a tied pair: sqrt(f + eps) per row, float64, with f a table's token
+    frequencies normalized to sum 1 and eps = 1/V (a uniform prior as heavy as the calibration
+    tokens: rows the tokens never look up still weigh, as the head scores every row)."""
+    f = freqs.detach().to(torch.float64).reshape(-1)
+    total = float(f.sum())
+    f = f / total if total > 0 else torch.zeros_like(f)
+    return (f + 1.0 / max(f.numel(), 1)).sqrt()
+
+
 def times_transform(matrix: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """matrix @ T, with T a matrix or a diagonal given as a vector."""
     return matrix * t[None, :] if t.dim() == 1 else matrix @ t
@@ -76,14 +97,18 @@ def weight_svd(
     transform: tuple[torch.Tensor, torch.Tensor] | None = None,
     *,
     keep: int | None = None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The SVD `factorize` truncates: of W T (T the identity without `transform`), computed in
-    float64 and kept as (U, S, Vh) in float32 (float64 for a float64 weight), only the first
-    `keep` singular triples when given. Half the bytes of the float64 SVD (a variant cache holds
-    one per layer), and every rank is built from these same values, cached or not."""
+    """The SVD `factorize` truncates: of W T (T the identity without `transform`; D W T with
+    `rows`, D's diagonal), computed in float64 and kept as (U, S, Vh) in float32 (float64 for
+    a float64 weight), only the first `keep` singular triples when given. Half the bytes of
+    the float64 SVD (a variant cache holds one per layer), and every rank is built from these
+    same values, cached or not."""
     target = weight.detach().to(torch.float64)
     if transform is not None:
         target = times_transform(target, transform[0].to(target.device))
+    if rows is not None:
+        target = rows.to(target.device, torch.float64)[:, None] * target
     u, s, vh = torch.linalg.svd(target, full_matrices=False)
     if keep is not None:
         u, s, vh = u[:, :keep], s[:keep], vh[:keep]
@@ -98,6 +123,7 @@ def factorize(
     *,
     svd: tuple[torch.Tensor, ...] | None = None,
     transform: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rows: torch.Tensor | None = None,
 ) -> LowRankLinear:
     """Best rank-`rank` approximation W ~= (U_r sqrt(S_r)) (sqrt(S_r) Vh_r T^-1), from the SVD
     of W T (T the identity for plain SVD; see `rank_transform`) as `weight_svd` keeps it.
@@ -110,14 +136,17 @@ def factorize(
     An `nn.Embedding` table E (V, d) is factorized the same way, read as V rows of d: the
     result is a `LowRankEmbedding` whose (V, rank) table holds U_r sqrt(S_r) and whose
     rank -> d projection holds (sqrt(S_r) Vh_r)^T (plain SVD only).
+
+    With `rows` (D's diagonal, see `frequency_rows`) the SVD is of D W T and the second factor
+    D^-1 U_r sqrt(S_r): the rank-r W_r nearest W in ||D (W - W_r) T||.
     """
     w = linear.weight.detach()
     out_f, in_f = w.shape
     embedding = isinstance(linear, nn.Embedding)
-    if embedding and transform is not None:
+    if embedding and (transform is not None or rows is not None):
         raise ValueError("an embedding factorizes by plain SVD only")
     if svd is None:
-        svd = weight_svd(w, transform)
+        svd = weight_svd(w, transform, rows=rows)
     u, s, vh = svd
     if s.numel() < min(rank, out_f, in_f):
         raise ValueError(f"the SVD given keeps {s.numel()} singular values, not rank {rank}")
@@ -126,6 +155,8 @@ def factorize(
     if transform is not None:
         first_w = times_transform(first_w, transform[1].to(first_w.device))
     second_w = u[:, :rank].to(torch.float64) * root[None, :]
+    if rows is not None:
+        second_w = second_w / rows.to(second_w.device, torch.float64)[:, None]
     kw = {"device": w.device, "dtype": w.dtype}
     if embedding:
         table = skip_init(nn.Embedding, out_f, rank, padding_idx=linear.padding_idx, **kw)

@@ -2,7 +2,9 @@
 
 `CompressedLinear` holds a weight already on its quantization grid with pruned entries at zero,
 plus the constants inference needs (per-output-channel weight scales, an input scale).
-`LowRankLinear` is the factorized pair ``second(first(x))`` that replaces a full-rank Linear.
+`LowRankLinear` is the factorized pair ``second(first(x))`` that replaces a full-rank Linear;
+`TiedLowRankEmbedding` is the table side of a factorized tied pair (its head is a
+`LowRankLinear` holding the same two tensors).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ __all__ = [
     "CompressedLinear",
     "LowRankEmbedding",
     "LowRankLinear",
+    "TiedLowRankEmbedding",
     "fake_quantize_symmetric",
 ]
 
@@ -182,3 +185,73 @@ class LowRankEmbedding(LowRankLinear):
     @property
     def rank(self) -> int:
         return self.second.in_features
+
+
+class TiedLowRankEmbedding(nn.Module):
+    """The table side of a factorized tied pair: row i of ``E ~= A B`` is ``A[i] @ B``, a
+    (num_embeddings, rank) lookup then a rank -> dim projection (rank x dim multiplies a token).
+
+    ``table`` (A, (V, r)) and ``proj`` (B, (r, d)) are the very Parameters the tied head's
+    `LowRankLinear` holds as ``second.weight`` and ``first.weight`` (its logits are
+    ``(h B^T) A^T``): the head's factors store, prune and quantize them (and count them), and
+    this module reads the same values. ``proj_bits``, ``proj_sparse`` and ``proj_block`` repeat
+    how B is stored, for counting the projection's multiplies.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        rank: int,
+        *,
+        padding_idx: int | None = None,
+        proj_bits: int = 32,
+        proj_sparse: bool = False,
+        proj_block: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.empty(num_embeddings, rank))
+        self.proj = nn.Parameter(torch.empty(rank, embedding_dim))
+        self.padding_idx = padding_idx
+        self.proj_bits = int(proj_bits)
+        self.proj_sparse = bool(proj_sparse)
+        self.proj_block = tuple(proj_block) if proj_block is not None else None
+
+    @classmethod
+    def tied_to(cls, head: LowRankLinear, padding_idx: int | None = None) -> TiedLowRankEmbedding:
+        """The table side of `head` (first factor B, second factor A): the same Parameters."""
+        first, second = head.first, head.second
+        rows, rank = second.weight.shape
+        module = cls(
+            rows,
+            first.weight.shape[1],
+            rank,
+            padding_idx=padding_idx,
+            proj_bits=getattr(first, "bits", 32),
+            proj_sparse=getattr(first, "sparse", False),
+            proj_block=getattr(first, "block", None) if getattr(first, "sparse", False) else None,
+        )
+        module.table = second.weight
+        module.proj = first.weight
+        return module.train(head.training)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.table.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.proj.shape[1]
+
+    @property
+    def rank(self) -> int:
+        return self.proj.shape[0]
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.table, self.padding_idx) @ self.proj
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, "
+            f"proj_bits={self.proj_bits}, proj_sparse={self.proj_sparse}"
+        )

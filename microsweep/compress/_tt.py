@@ -5,9 +5,10 @@ viewed as a d-way tensor with paired indices (i_k, j_k), and written as
 ``W[(i_1..i_d), (j_1..j_d)] = G_1[:, i_1, j_1, :] @ … @ G_d[:, i_d, j_d, :]`` with cores G_k of
 shape (r_{k-1}, m_k, n_k, r_k), r_0 = r_d = 1. Multi-indices are row-major (i_1 most
 significant), as ``W.reshape(m_1, …, m_d, n_1, …, n_d)`` reads them. `tt_svd` finds the cores by
-sequential truncated SVDs (exact at full TT-ranks); `TTLinear` multiplies by W and `TTEmbedding`
-reads rows of a table without ever rebuilding W, so inference stores only Σ r_{k-1} m_k n_k r_k
-values (`tt_params`).
+sequential truncated SVDs (exact at full TT-ranks); `TTLinear` multiplies by W (contracting
+the cores, or by W rebuilt once where that costs fewer ops) and `TTEmbedding` reads rows of a
+table without rebuilding it, so inference stores only Σ r_{k-1} m_k n_k r_k values
+(`tt_params`).
 
 Shape rules (`tt_dims`, `tt_shape`): a dimension n is padded to the N in [n, n + ceil(0.1·n)]
 whose most balanced d factors have the smallest sum (for a fixed product, the sum is smallest
@@ -17,29 +18,43 @@ are returned in ascending order. The number of cores d is 2, 3 or 4: the largest
 4^d <= min(out, in) (2 below that), so each factor of the smaller side is about 4 or more.
 
 Ops (MicroNet counting, dot product of length k = k mults + k-1 adds) are counted from the
-contraction order the forward passes implement (`tt_matvec_ops`, `tt_lookup_ops`), padding
-included: the padded rows and columns are computed, so they are paid for.
+contraction order the forward passes run (`tt_matvec_ops`, `tt_lookup_ops`). A `TTLinear`
+may contract the input with its cores in any chain order (`tt_orders`: left to right, right
+to left, or from a middle core outwards) or multiply by the weight reconstructed once
+(`DENSE`); `tt_order_ops` counts each and `tt_best_order` picks the least, falling back to
+the dense product when every chain costs more, so the layer never costs more ops than the
+dense layer. Padded input columns are computed (zeros, paid for); padded output rows never
+are: once the contraction reaches the first core only the row prefixes of real rows are
+computed, so a vocabulary head gives exactly V logits and its padding costs stored core
+values only. A table lookup reads one row, so its padded rows are never read either.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from microsweep.errors import SpaceError
 
 __all__ = [
+    "DENSE",
+    "Order",
     "TTEmbedding",
     "TTLinear",
+    "tt_best_order",
     "tt_dims",
     "tt_full",
     "tt_lookup_ops",
     "tt_matvec_ops",
     "tt_max_ranks",
+    "tt_order_ops",
+    "tt_orders",
     "tt_params",
     "tt_shape",
     "tt_svd",
@@ -283,34 +298,222 @@ def tt_full(cores: Sequence[torch.Tensor], out_features: int, in_features: int) 
     return full[:out_features, :in_features, 0]
 
 
-# --------------------------------------------------------------------------- op counts
+# --------------------------------------------------------------------------- contraction orders
+
+DENSE = "dense"
+"""The order that multiplies by the dense weight, reconstructed from the cores once (when the
+module is first run after it is built or loaded, like a decoded layer's weight: no per-token
+ops for the reconstruction) rather than per token."""
+
+Order = tuple[int, ...] | str
+"""A `TTLinear` contraction order: the core indices in the order they meet the input, or `DENSE`."""
 
 
-def _matvec_steps(
-    out_factors: Sequence[int], in_factors: Sequence[int], ranks: Sequence[int]
-) -> Iterator[tuple[int, int, int, int]]:
-    """Per step k of `TTLinear.forward` (cores left to right): (P, inner, outer, Q) with
-    P = Π_{j<k} m_j, inner = r_{k-1} n_k, outer = m_k r_k, Q = Π_{j>k} n_j. The step is a
-    (outer × inner) by (inner × Q) product for each of P slices."""
+def tt_orders(d: int) -> list[tuple[int, ...]]:
+    """Every chain order of d cores: the input meets one core first, then each next core is a
+    neighbour of the run contracted so far (left or right), so the state is always one
+    (rows of the run) x (columns outside it) block: 2^(d-1) orders, left to right first,
+    right to left second, the middle-out ones after them in sorted order."""
+    d = _positive_int(d, "number of TT cores")
+    found: list[tuple[int, ...]] = []
+
+    def grow(seq: tuple[int, ...], lo: int, hi: int) -> None:
+        if len(seq) == d:
+            found.append(seq)
+            return
+        if hi + 1 < d:
+            grow((*seq, hi + 1), lo, hi + 1)
+        if lo > 0:
+            grow((*seq, lo - 1), lo - 1, hi)
+
+    for start in range(d):
+        grow((start,), start, start)
+    ends = [tuple(range(d)), tuple(reversed(range(d)))]
+    return list(dict.fromkeys([*ends, *sorted(found)]))
+
+
+def _check_order(order: Any, d: int) -> Order:
+    """`order` as a tuple of core indices from `tt_orders(d)`, or `DENSE`."""
+    if order == DENSE:
+        return DENSE
+    if isinstance(order, (str, bytes)) or not isinstance(order, Sequence):
+        raise SpaceError(
+            f"TT contraction order {order!r} must be {DENSE!r} or a list of core indices"
+        )
+    seq = tuple(order)
+    if any(isinstance(k, bool) or not isinstance(k, int) for k in seq) or seq not in tt_orders(d):
+        raise SpaceError(
+            f"TT contraction order {list(seq)} is not a chain order of {d} cores: start at one "
+            "core and add a neighbour of the contracted run at each step (see tt_orders)"
+        )
+    return seq
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One contraction of `TTLinear.forward`: the core-side matrix (its first `rows` rows)
+    times the state's (`inner` x `cols`) blocks, for `lead` of them; `part`, when the row
+    count is cut to the layer's real rows, one more product (rows, cols) on a slice
+    (`TTLinear._contract` says which). Each output element is one dot product of `inner`."""
+
+    core: int
+    side: str
+    """"first" (the input meets the core), "right" (the core after the run), "left" (before)."""
+    lead: int
+    rows: int
+    inner: int
+    cols: int
+    part: tuple[int, int] | None = None
+
+    def ops(self) -> tuple[int, int]:
+        """(multiplies, adds) of the step: every output element is a dot product of `inner`."""
+        outputs = self.lead * self.rows * self.cols
+        if self.part is not None:
+            outputs += self.part[0] * self.part[1]
+        return outputs * self.inner, outputs * (self.inner - 1)
+
+
+def _chain(
+    order: Sequence[int],
+    out_f: Sequence[int],
+    in_f: Sequence[int],
+    ranks: Sequence[int],
+    rows: int,
+) -> list[_Step]:
+    """The steps of contracting the (padded) input with the cores in `order`.
+
+    The state after each step is (Π n_j left of the run, r_{lo-1}, I, r_hi, Π n_j right of
+    it), I the run's row multi-indices, row-major. Once the run holds the first core, its rows
+    are prefixes of the output index, and only the ceil(rows / Π m_j right of the run)
+    prefixes that reach a real row are computed: the step that adds a core computes the
+    kept prefixes' whole blocks and one partial block, so exactly `rows` outputs come out and
+    no padded row is ever computed. Padded input columns are zeros, computed like the rest.
+    """
     full = (1, *ranks, 1)
-    for k in range(len(out_factors)):
-        p = math.prod(out_factors[:k])
-        q = math.prod(in_factors[k + 1 :])
-        yield p, full[k] * in_factors[k], out_factors[k] * full[k + 1], q
+    steps: list[_Step] = []
+    lo = hi = -1
+    kept = 0  # rows of the contracted run that are computed
+    for k in order:
+        right_n = math.prod(in_f[k + 1 :])
+        if lo < 0:
+            left_n = math.prod(in_f[:k])
+            if k == 0:
+                kept = -(-rows // math.prod(out_f[1:]))
+                steps.append(_Step(k, "first", left_n, kept * full[1], in_f[k], right_n))
+            else:
+                kept = out_f[k]
+                block = full[k] * out_f[k] * full[k + 1]
+                steps.append(_Step(k, "first", left_n, block, in_f[k], right_n))
+            lo = hi = k
+        elif k == hi + 1:
+            inner = full[k] * in_f[k]
+            block = out_f[k] * full[k + 1]
+            if lo == 0:  # prefixes: whole blocks of m_k rows, then the partial one
+                new = -(-rows // math.prod(out_f[k + 1 :]))
+                whole, rest = divmod(new, out_f[k])
+                part = (rest * full[k + 1], right_n) if rest else None
+                steps.append(_Step(k, "right", whole, block, inner, right_n, part))
+                kept = new
+            else:
+                lead = math.prod(in_f[:lo]) * full[lo] * kept
+                steps.append(_Step(k, "right", lead, block, inner, right_n))
+                kept *= out_f[k]
+            hi = k
+        elif k == lo - 1:
+            inner = in_f[k] * full[k + 1]
+            tail = full[hi + 1] * math.prod(in_f[hi + 1 :])  # per run row: r_hi, right columns
+            if k == 0:  # the first core's index leads: whole run blocks, then part of one
+                new = -(-rows // math.prod(out_f[hi + 1 :]))
+                whole, rest = divmod(new, kept)
+                part = (1, rest * tail) if rest else None
+                steps.append(_Step(k, "left", 1, whole, inner, kept * tail, part))
+                kept = new
+            else:
+                lead = math.prod(in_f[:k])
+                steps.append(_Step(k, "left", lead, full[k] * out_f[k], inner, kept * tail))
+                kept *= out_f[k]
+            lo = k
+        else:  # pragma: no cover - orders are checked by _check_order
+            raise SpaceError(f"TT contraction order {list(order)} is not a chain order")
+    return steps
+
+
+def _chain_ops(steps: Sequence[_Step]) -> tuple[int, int]:
+    mults = adds = 0
+    for step in steps:
+        m, a = step.ops()
+        mults += m
+        adds += a
+    return mults, adds
 
 
 def tt_matvec_ops(
-    out_factors: Sequence[int], in_factors: Sequence[int], ranks: int | Sequence[int]
+    out_factors: Sequence[int],
+    in_factors: Sequence[int],
+    ranks: int | Sequence[int],
+    order: Sequence[int] | None = None,
+    *,
+    rows: int | None = None,
 ) -> tuple[int, int]:
-    """(multiplies, adds) per token of `TTLinear.forward` without the bias:
-    Σ_k P_k·(m_k r_k)·(r_{k-1} n_k)·Q_k multiplies and Σ_k P_k·(m_k r_k)·(r_{k-1} n_k - 1)·Q_k
-    adds, P_k = Π_{j<k} m_j and Q_k = Π_{j>k} n_j (padded rows and columns included)."""
+    """(multiplies, adds) per token of the TT contraction in `order` (default left to right),
+    without the bias, for a layer of `rows` real output rows (default all Π m_k: padded rows
+    beyond `rows` are never computed). Each step's outputs are dot products: left to right,
+    step k costs Π_{j<k} m_j·(m_k r_k)·(r_{k-1} n_k)·Π_{j>k} n_j multiplies (one add fewer per
+    output); right to left, Π_{j<k} n_j·(r_{k-1} m_k)·(n_k r_k)·Π_{j>k} m_j."""
     out_f, in_f = _check_shape(0, 0, out_factors, in_factors)
-    mults = adds = 0
-    for p, inner, outer, q in _matvec_steps(out_f, in_f, _resolve_ranks(ranks, out_f, in_f)):
-        mults += p * outer * inner * q
-        adds += p * outer * (inner - 1) * q
-    return mults, adds
+    seq = _check_order(tuple(range(len(out_f))) if order is None else order, len(out_f))
+    if seq == DENSE:
+        raise SpaceError("tt_matvec_ops counts a chain order; the dense order is a matvec")
+    big_m = math.prod(out_f)
+    rows = big_m if rows is None else _positive_int(rows, "rows")
+    if rows > big_m:
+        raise SpaceError(f"rows {rows} exceed the {big_m} rows the out_factors {out_f} cover")
+    return _chain_ops(_chain(seq, out_f, in_f, _resolve_ranks(ranks, out_f, in_f), rows))
+
+
+def tt_order_ops(
+    out_features: int,
+    in_features: int,
+    out_factors: Sequence[int],
+    in_factors: Sequence[int],
+    ranks: int | Sequence[int],
+    *,
+    bias: bool,
+) -> dict[Order, tuple[int, int]]:
+    """(multiplies, adds) per token of every order a `TTLinear` of these shapes may run, bias
+    adds included: each of `tt_orders` and `DENSE` (out·in multiplies, out·(in - 1) adds)."""
+    out_features = _positive_int(out_features, "out_features")
+    in_features = _positive_int(in_features, "in_features")
+    out_f, in_f = _check_shape(out_features, in_features, out_factors, in_factors)
+    inner = _resolve_ranks(ranks, out_f, in_f)
+    extra = out_features if bias else 0
+    found: dict[Order, tuple[int, int]] = {}
+    for seq in tt_orders(len(out_f)):
+        mults, adds = _chain_ops(_chain(seq, out_f, in_f, inner, out_features))
+        found[seq] = (mults, adds + extra)
+    found[DENSE] = (out_features * in_features, out_features * (in_features - 1) + extra)
+    return found
+
+
+_MULT_WEIGHTS = (0.5, 1.0)
+"""How a multiply may weigh against an add: 1 at fp32, 1/2 under the 16-bit allowance."""
+
+
+def tt_best_order(costs: Mapping[Order, tuple[int, int]]) -> Order:
+    """The order of least operations among `tt_order_ops`' costs: the chain order of least
+    multiplies plus adds (then fewer multiplies, then the earlier order); the dense product
+    instead when that chain would cost more than it with multiplies weighed at 1 or at 1/2
+    (so the layer's ops are never above the dense layer's, with or without the allowance)."""
+    chains = [o for o in costs if o != DENSE]
+    best = min(chains, key=lambda o: (sum(costs[o]), costs[o][0], chains.index(o)))
+    if DENSE in costs:
+        (cm, ca), (dm, da) = costs[best], costs[DENSE]
+        if any(w * cm + ca > w * dm + da for w in _MULT_WEIGHTS):
+            return DENSE
+    return best
+
+
+# --------------------------------------------------------------------------- lookups
 
 
 def tt_lookup_ops(
@@ -445,8 +648,12 @@ class TTLinear(_TTMatrix):
     """A drop-in for ``nn.Linear(in, out)`` whose weight is a TT-matrix: `cores` (an
     ``nn.ParameterList`` of (r_{k-1}, m_k, n_k, r_k) tensors) and an optional `bias`.
 
-    `forward` contracts the zero-padded input with one core at a time, never forming W; the
-    ops it costs are `matvec_ops()`. No buffers: `spec()` plus the parameters describe it.
+    `order` is how `forward` multiplies: a chain order (`tt_orders`: the zero-padded input
+    meets the cores one at a time, never forming W, and only the real output rows are
+    computed) or `DENSE` (the weight reconstructed from the cores once, then a dense product).
+    Left as None it is the order of least operations for the shapes (`tt_best_order`), chosen
+    when the module is built and written in its spec, so a loaded module runs the same order.
+    The ops it costs are `matvec_ops()`. No buffers: `spec()` plus the parameters describe it.
     """
 
     kind = "tt_linear"
@@ -463,6 +670,7 @@ class TTLinear(_TTMatrix):
         ranks: int | Sequence[int],
         bias: bool = True,
         *,
+        order: Sequence[int] | str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -474,6 +682,16 @@ class TTLinear(_TTMatrix):
             if bias
             else None
         )
+        if order is None:
+            self.order: Order = tt_best_order(self.order_ops())
+        else:
+            self.order = _check_order(order, len(self.out_factors))
+        self._steps = (
+            None
+            if self.order == DENSE
+            else _chain(self.order, self.out_factors, self.in_factors, self.ranks, out_features)
+        )
+        self._dense: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
     @classmethod
     def from_linear(
@@ -482,78 +700,134 @@ class TTLinear(_TTMatrix):
         rank: int | Sequence[int],
         out_factors: Sequence[int] | None = None,
         in_factors: Sequence[int] | None = None,
+        *,
+        order: Sequence[int] | str | None = None,
     ) -> TTLinear:
         """TT-SVD of `linear`'s weight at `rank` (see `tt_svd`); factors default to `tt_shape`
-        (one side given: the other gets as many factors). The bias is copied."""
+        (one side given: the other gets as many factors), the order to the cheapest. The bias
+        is copied."""
         if not isinstance(linear, nn.Linear):
             raise SpaceError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
         module = cls._from_matrix(
-            linear.weight, rank, out_factors, in_factors, bias=linear.bias is not None
+            linear.weight, rank, out_factors, in_factors, bias=linear.bias is not None, order=order
         )
         if linear.bias is not None:
             with torch.no_grad():
                 module.bias.copy_(linear.bias)
         return module.train(linear.training)
 
+    def order_ops(self) -> dict[Order, tuple[int, int]]:
+        """(multiplies, adds) per token, bias included, of every order this module could run
+        (`tt_order_ops`); `order` is the least (`tt_best_order`) unless it was given."""
+        return tt_order_ops(
+            self.out_features,
+            self.in_features,
+            self.out_factors,
+            self.in_factors,
+            self.ranks,
+            bias=self.bias is not None,
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W^T + b`` for x of shape (..., in), one core contraction per step."""
+        """``x @ W^T + b`` for x of shape (..., in), in the module's `order`."""
         lead = x.shape[:-1]
         if x.shape[-1] != self.in_features:
             raise RuntimeError(
                 f"TTLinear expects inputs of size {self.in_features} in the last dim, "
                 f"got {tuple(x.shape)}"
             )
+        if self._steps is None:
+            return F.linear(x, self.dense_weight(), self.bias)
         big_n = math.prod(self.in_factors)
         z = x.reshape(-1, self.in_features)
         if big_n > self.in_features:
-            z = torch.nn.functional.pad(z, (0, big_n - self.in_features))
-        batch = z.shape[0]
-        steps = _matvec_steps(self.out_factors, self.in_factors, self.ranks)
-        for k, (p, inner, outer, q) in enumerate(steps):
-            core = self.cores[k]  # (r_prev, m, n, r)
-            # (r_prev, m, n, r) -> (m r, r_prev n): contract over (r_prev, n) of the state
-            mat = core.permute(1, 3, 0, 2).reshape(outer, inner)
-            # state (batch, P, r_prev n_k, Q) -> (batch, P, m_k r_k, Q) = (batch, P m_k, r_k, Q)
-            z = torch.matmul(mat, z.reshape(batch, p, inner, q))
-        y = z.reshape(batch, math.prod(self.out_factors))[:, : self.out_features]
+            z = F.pad(z, (0, big_n - self.in_features))
+        for step in self._steps:
+            z = self._contract(step, z)
+        y = z.reshape(z.shape[0], self.out_features)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
+
+    def _contract(self, step: _Step, z: torch.Tensor) -> torch.Tensor:
+        """One step on the state z (batch, ...), as `_chain` describes it: the core as a matrix
+        whose columns are the contracted (rank, column) pair, times the state's blocks."""
+        core = self.cores[step.core]  # (r_prev, m, n, r)
+        r_prev, m, n, r = core.shape
+        batch = z.shape[0]
+        if step.side == "first":  # rows (r_prev, m, r), contracted n
+            mat = core.permute(0, 1, 3, 2).reshape(r_prev * m * r, n)[: step.rows]
+            return torch.matmul(mat, z.reshape(batch, step.lead, step.inner, step.cols))
+        if step.side == "right":  # rows (m, r), contracted (r_prev, n): the state's r_hi, n_k
+            mat = core.permute(1, 3, 0, 2).reshape(m * r, r_prev * n)
+            z = z.reshape(batch, -1, step.inner, step.cols)
+            out = torch.matmul(mat, z[:, : step.lead])
+            if step.part is None:
+                return out
+            tail = torch.matmul(mat[: step.part[0]], z[:, step.lead : step.lead + 1])
+        else:  # left: rows (r_prev, m), contracted (n, r): the state's n_k, r_lo
+            mat = core.reshape(r_prev * m, n * r)
+            z = z.reshape(batch, step.lead, step.inner, -1)
+            out = torch.matmul(mat[: step.rows], z)
+            if step.part is None:
+                return out
+            tail = torch.matmul(mat[step.rows : step.rows + 1], z[..., : step.part[1]])
+        return torch.cat([out.reshape(batch, -1), tail.reshape(batch, -1)], dim=1)
 
     def weight_matrix(self) -> torch.Tensor:
         """The dense (out, in) weight the cores represent (for error checks, not inference)."""
         return tt_full(list(self.cores), self.out_features, self.in_features)
 
+    def dense_weight(self) -> torch.Tensor:
+        """The weight the `DENSE` order multiplies by: reconstructed from the cores once and
+        kept (a plain attribute, never exported) until a core changes; rebuilt on every call,
+        with its graph, while autograd records and a core is trainable."""
+        cores = list(self.cores)
+        if torch.is_grad_enabled() and any(c.requires_grad for c in cores):
+            return self.weight_matrix()
+        key = tuple((id(c), c.data_ptr(), c._version, c.device, c.dtype) for c in cores)
+        held = self._dense
+        if held is None or held[0] != key or (torch.is_grad_enabled() and held[1].is_inference()):
+            with torch.no_grad():
+                held = (key, self.weight_matrix())
+            self._dense = held
+        return held[1]
+
     def matvec_ops(self) -> tuple[int, int]:
-        """(multiplies, adds) per token of `forward`: `tt_matvec_ops` plus `out` bias adds."""
-        mults, adds = tt_matvec_ops(self.out_factors, self.in_factors, self.ranks)
-        return mults, adds + (self.out_features if self.bias is not None else 0)
+        """(multiplies, adds) per token of `forward` in the module's order, bias adds included
+        (`order_ops()[order]`; the dense order's from the shapes, out·in multiplies)."""
+        return self.order_ops()[self.order]
 
     def spec(self) -> dict[str, Any]:
-        """A JSON dict of every shape (type "tt_linear"); `from_spec` rebuilds the module."""
+        """A JSON dict of every shape and the order (type "tt_linear"); `from_spec` rebuilds
+        the module."""
         return {
             "type": self.kind,
             "in": self.in_features,
             "out": self.out_features,
             "bias": self.bias is not None,
             **self._factor_spec(self.out_factors, self.in_factors),
+            "order": self.order if self.order == DENSE else list(self.order),
         }
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> TTLinear:
-        """An uninitialised (zero) module of `spec`'s shapes; safe under a meta device."""
+        """An uninitialised (zero) module of `spec`'s shapes and order (a spec written before
+        orders were chosen ran left to right); safe under a meta device."""
         spec, out_f, in_f, ranks = cls._read(spec)
         bias = _spec_field(spec, "bias", cls.kind)
         if not isinstance(bias, bool):
             raise SpaceError(f"tt_linear spec: bias {bias!r} must be true or false")
+        order = spec.get("order", list(range(len(out_f))))
         in_features = _spec_field(spec, "in", cls.kind)
-        return cls(in_features, _spec_field(spec, "out", cls.kind), out_f, in_f, ranks, bias=bias)
+        out_features = _spec_field(spec, "out", cls.kind)
+        return cls(in_features, out_features, out_f, in_f, ranks, bias=bias, order=order)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"out_factors={self.out_factors}, in_factors={self.in_factors}, ranks={self.ranks}, "
-            f"bias={self.bias is not None}"
+            f"bias={self.bias is not None}, order={self.order}"
         )
 
 

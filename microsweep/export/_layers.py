@@ -4,7 +4,10 @@ A spec is a JSON dict: ``{"type": "compressed", in, out, bias, bits, act_bits, s
 ``{"type": "linear", in, out, bias}``, ``{"type": "low_rank", "first": spec, "second": spec}``,
 for embedding tables ``{"type": "compressed_embedding", in (dim), out (rows), bits, sparse,
 block, padding_idx}``, ``{"type": "embedding", in, out, padding_idx}`` and
-``{"type": "low_rank_embedding", "first": table spec, "second": projection spec}``, and
+``{"type": "low_rank_embedding", "first": table spec, "second": projection spec}``,
+``{"type": "tied_low_rank_embedding", in, out, rank, padding_idx, proj_bits, proj_sparse,
+proj_block}`` for the table side of a factorized tied pair (its two tensors are the tied
+head's factors, stored once under both names), and
 ``{"type": "linear_lstm", ...}`` for an LSTM run with Linear gate matrices (listed before its
 gates, which follow as layers of their own), the tensor-train layers' own specs
 (``"tt_linear"``, ``"tt_embedding"``), and ``{"type": "decoded", ..., "decoder": spec}`` for a

@@ -46,8 +46,9 @@ def level_folder(storage_url: str, model_fp: str, calib_digest: str) -> Path:
 def reading_layers(space: Space) -> list[str]:
     """The layers of `space` some policy may compress with a method that reads their inputs
     (data-aware pruning or rounding, or a data-aware rank), in model order (a table's
-    statistics are its token frequencies)."""
-    out = []
+    statistics are its token frequencies); a rank on a tied layer reads its partner's too
+    (the factorized tied pair reads the head's inputs and the table's frequencies)."""
+    out: list[str] = []
     for info in space.layers:
         rule = space.assignment[info.name]
         knobs = rule.settings
@@ -60,7 +61,9 @@ def reading_layers(space: Space) -> list[str]:
         )
         if reads:
             out.append(info.name)
-    return out
+            if isinstance(rank, Rank) and info.shared_with:
+                out.append(info.shared_with[0])
+    return list(dict.fromkeys(out))
 
 
 def with_levels(sf: SpaceFile, prepared: Prepared, storage_url: str, model_fp: str) -> Prepared:

@@ -28,7 +28,7 @@ class SweepOptions(TypedDict, total=False):
       threads; a worker given a GPU evaluates on it).
     - `timeout` (None): a time budget in seconds after which no new trial starts (those
       running finish and are kept; `resume` continues).
-    - `cache_mb` (None: half the worker's free memory split among the workers, at most 4x the
+    - `cache_mb` (None: half the worker's free memory split among the workers, at most 2x the
       model's fp32 bytes, at least 64): each worker's variant cache in MiB; 0 copies the model
       per trial.
     - `eval_memory_mb` (None: min(1 GiB, a quarter of the worker's free memory)): the memory

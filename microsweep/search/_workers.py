@@ -91,12 +91,22 @@ def make_pool(sf: SpaceFile, prepared: Prepared, options: WorkerOptions) -> Work
         rules=rules_defined_in("__main__" if sf.path == INLINE_PATH else sf.module.__name__),
         cpus_per_worker=options.cpus_per_worker,
         gpus_per_worker=options.gpus_per_worker,
-        stats=prepared.stats,
+        stats=shipped_stats(prepared, options),
         levels=prepared.levels,
         reference=prepared.reference,
     )
     _keep_handler(signal.SIGTERM, handler)
     return pool
+
+
+def shipped_stats(prepared: Prepared, options: WorkerOptions) -> Any:
+    """The input statistics Ray workers get by reference: none when the level folder holds
+    every layer's (a worker then reads a layer's file when one of its builds needs it, and
+    keeps only those), so a worker need not hold every layer's Gram matrix at once."""
+    store, stats = prepared.levels, prepared.stats
+    if options.in_process or not stats or store is None:
+        return stats
+    return None if all(store.has_stats(name) for name in stats) else stats
 
 
 def cache_settings(settings: Any, options: WorkerOptions, sf: SpaceFile) -> Any:

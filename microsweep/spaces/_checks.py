@@ -5,10 +5,10 @@ never the model."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from microsweep.compress import check_rule as check_techniques
-from microsweep.compress import check_shared_weight
+from microsweep.compress import check_shared_weight, check_tied_rank
 from microsweep.errors import SpaceError, UsageError
 from microsweep.policy import concrete_block
 from microsweep.spaces._knobs import Rank, Sparsity
@@ -18,15 +18,17 @@ from microsweep.spaces._rules import Rule
 __all__ = ["check_gate_owners", "check_rule"]
 
 
-def _check_weight(rule: Rule, info: LayerInfo, assigned: Collection[str]) -> None:
-    """What a layer's weight allows: a tied weight takes settings from one side only and no
-    rank (factors would untie it)."""
+def _check_weight(
+    rule: Rule, info: LayerInfo, assigned: Collection[str], layers: Mapping[str, LayerInfo]
+) -> None:
+    """What a layer's weight allows: a tied weight takes settings from one side only, and a
+    rank only by a method that builds the factorized tied pair of one table and one Linear."""
     check_shared_weight(info.name, [n for n in info.shared_with if n in assigned])
-    if rule.settings.get("rank") is not None and info.shared_with:
-        raise SpaceError(
-            f"layer {info.name!r} shares its weight with {info.shared_with[0]!r}; "
-            "low-rank factorization would untie it: drop rank from its rule"
-        )
+    rank = rule.settings.get("rank")
+    if rank is not None and info.shared_with:
+        partners = [(n, layers[n].kind if n in layers else "other") for n in info.shared_with]
+        method = rank.method if isinstance(rank, Rank) else "plain"
+        check_tied_rank(info.name, info.kind, partners, method)
 
 
 def _check_shape(rule: Rule, info: LayerInfo) -> None:
@@ -49,24 +51,31 @@ def _check_shape(rule: Rule, info: LayerInfo) -> None:
                 f"rule {rule.key!r}: block {sparsity.block} does not tile layer "
                 f"{info.name!r} of shape ({info.out_features}, {info.in_features})"
             )
-        if rank is not None and info.kind == "embedding" and shape[1] % br:
+        untied_table = info.kind == "embedding" and not info.shared_with
+        if rank is not None and untied_table and shape[1] % br:
             raise SpaceError(  # its projection factor is (d, rank)
                 f"rule {rule.key!r}: block {sparsity.block} with rank needs its row "
                 f"side to divide embedding {info.name!r}'s width {shape[1]}"
             )
 
 
-def check_rule(rule: Rule, members: Sequence[LayerInfo], assigned: Collection[str]) -> None:
+def check_rule(
+    rule: Rule,
+    members: Sequence[LayerInfo],
+    assigned: Collection[str],
+    layers: Mapping[str, LayerInfo],
+) -> None:
     """Everything the rule asks of its layers `members` (`assigned`: every layer some rule
-    controls, for tied weights): first what its techniques allow, then each layer's weight and
-    shape; the first misfit is refused with one line."""
+    controls, for tied weights; `layers`: every compressible layer by name): first what its
+    techniques allow, then each layer's weight and shape; the first misfit is refused with one
+    line."""
     rank = rule.settings.get("rank")
     method = rank.method if isinstance(rank, Rank) else "plain"
     check_techniques(
         method, rule_key=rule.key, settings=rule.settings, members=members, tied=rule.tied
     )
     for info in members:
-        _check_weight(rule, info, assigned)
+        _check_weight(rule, info, assigned, layers)
         _check_shape(rule, info)
 
 

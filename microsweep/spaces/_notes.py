@@ -79,12 +79,28 @@ def _rank_note(rule: Rule, infos: Sequence[LayerInfo]) -> str | None:
     )
 
 
+def _tied_note(rule: Rule, infos: Sequence[LayerInfo]) -> str | None:
+    """A rank on a tied layer factorizes the module sharing its weight too."""
+    if not isinstance(rule.settings.get("rank"), Rank):
+        return None
+    tied = [i for i in infos if i.shared_with]
+    if not tied:
+        return None
+    pairs = ", ".join(f"{i.name!r} with {i.shared_with[0]!r}" for i in tied[:2])
+    return (
+        f"rule {rule.key!r}: rank factorizes {pairs} as one tied pair (a (V, r) table and an "
+        "(r, d) projection both sides use, stored once)"
+    )
+
+
 def hygiene(rules: Sequence[Rule], layers_of: Callable[[Rule], list[LayerInfo]]) -> list[str]:
-    """Levels the scoring rules make wasteful, one note per rule and knob."""
+    """Levels the scoring rules make wasteful, one note per rule and knob; what a rank on a
+    tied layer does to the other side."""
     notes = []
     for rule in rules:
         infos = layers_of(rule)
-        for note in (_sparsity_note(rule, infos[0]), _rank_note(rule, infos)):
+        found = (_sparsity_note(rule, infos[0]), _rank_note(rule, infos), _tied_note(rule, infos))
+        for note in found:
             if note is not None:
                 notes.append(note)
     return notes

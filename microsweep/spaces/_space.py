@@ -76,8 +76,10 @@ class Space:
         self.hyper: dict[str, Knob] = parse_hyper(hyper)
         self.assignment, tables = assign(self.rules, found, model)
         for rule in self.rules:
-            check = check_band_rule if rule.bands is not None else check_rule
-            check(rule, self.layers_of(rule), self.assignment)
+            if rule.bands is not None:
+                check_band_rule(rule, self.layers_of(rule), self.assignment)
+            else:
+                check_rule(rule, self.layers_of(rule), self.assignment, self._layers)
         check_gate_owners(self.layers)
         self.assignment = expand_bands(self.assignment, self._layers)
         self.notes = table_notes(tables) + hygiene(self.rules, self.layers_of)

@@ -55,7 +55,7 @@ __all__ = [
     "worker_threads",
 ]
 
-AUTO_CACHE_MODEL_COPIES = 4
+AUTO_CACHE_MODEL_COPIES = 2
 """The automatic variant cache holds at most this many times the model's fp32 bytes: a policy's
 layers, orders and SVDs take about 2.3 of them on GPT-2 small, so a repeated policy is found
 whole, with room for the variants the next policies share."""

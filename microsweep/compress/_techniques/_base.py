@@ -73,12 +73,15 @@ class RuleCheck:
 @dataclass(frozen=True)
 class LayerCheck:
     """What a policy asks of a technique for one layer of a model: the layer's name, the
-    module found there, its settings and whether calibration tokens were given."""
+    module found there, its settings and whether calibration tokens were given; `partner`
+    is the module sharing its weight when a rank builds a factorized tied pair (the head for
+    a table, the table for a head), else None."""
 
     name: str
     layer: nn.Module
     settings: LayerPolicy
     calibrated: bool
+    partner: nn.Module | None = None
 
 
 @dataclass
@@ -236,6 +239,9 @@ class RankTechnique(Technique):
     factorizes: ClassVar[bool] = False
     """Whether the layer becomes a `LowRankLinear` from an SVD (so precomputed `factors` and a
     mask per factor apply)."""
+    ties: ClassVar[bool] = False
+    """Whether `build_tied` builds a table and the head tied to it together (a rank on a tied
+    weight is allowed exactly for these methods)."""
 
     @property
     def traits(self) -> RankMethod:
@@ -271,6 +277,23 @@ class RankTechnique(Technique):
         able = [t.name for t in techniques() if isinstance(t, RankTechnique) and t.takes_tables]
         names = " or ".join(repr(n) for n in able)
         return f"a table takes Rank(..., method={names}) only, not {self.name!r}"
+
+    def build_tied(
+        self, table: nn.Embedding, head: nn.Linear, settings: LayerPolicy, given: Given
+    ) -> tuple[nn.Module, nn.Module]:
+        """The (table, head) modules a table and the Linear sharing its (V, d) weight become
+        together at ``settings.rank``, sharing what they store (methods with `ties` only;
+        callers pass copies). `given` is as for `build`, for the head's side."""
+        raise SpaceError(self.tie_refusal())
+
+    def tie_refusal(self) -> str:
+        """The one line refusing a rank by this method on a tied weight."""
+        able = [t.name for t in techniques() if isinstance(t, RankTechnique) and t.ties]
+        names = ", ".join(repr(n) for n in able) or "none"
+        return (
+            f"Rank(..., method={self.name!r}) cannot factorize a table and the head tied to it; "
+            f"use method {names} there, or drop rank"
+        )
 
     def build_group(
         self, rank: int, layers: Mapping[str, nn.Module], *, seed: int = 0
@@ -364,13 +387,14 @@ def form_of_spec(spec_type: str) -> Form | None:
 
 def matrices_of(layer: LayerCheck) -> list[tuple[str, tuple[int, int]]]:
     """The weight matrices a layer is stored as under its settings, named for messages: the
-    weight itself, or both factors of a rank (a table's (V, r) table and (d, r) projection)."""
+    weight itself, or both factors of a rank (a table's (V, r) table and (d, r) projection; a
+    tied pair's (r, d) first and (V, r) second factor, as its head stores them)."""
     name, settings = layer.name, layer.settings
     out_f, in_f = layer.layer.weight.shape
     if settings.rank is None:
         return [(f"layer {name!r}", (out_f, in_f))]
     r = settings.rank
-    if isinstance(layer.layer, nn.Embedding):
+    if isinstance(layer.layer, nn.Embedding) and layer.partner is None:
         return [
             (f"embedding {name!r} table factor", (out_f, r)),
             (f"embedding {name!r} projection factor", (in_f, r)),

@@ -2,6 +2,11 @@
 layer becomes a `LowRankLinear` pair (a table a `LowRankEmbedding`), each factor then pruned and
 quantized by the matrix techniques. The counting rules of both pair modules are here: nothing
 of their own (each factor counts as the linear or table it is); the row shows the rank.
+
+A table and the head tied to it (one (V, d) weight W) factorize together (`build_tied`): W ~= A B
+with A (V, r) and B (r, d); the head becomes a `LowRankLinear` (first factor B, second A, logits
+``(h B^T) A^T``) and the table a `TiedLowRankEmbedding` looking up A and projecting by B through
+the same two Parameters, which the head's factors store, prune, quantize and count once.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ from torch import nn
 
 from microsweep.errors import SpaceError
 from microsweep.policy import LayerPolicy
-from microsweep.score import Cost, RuleContext, register_rule
+from microsweep.score import FLOAT_BITS, Cost, RuleContext, matvec, register_rule
 
 from .._lowrank import InputStats, factorize, rank_transform
-from .._modules import LowRankEmbedding, LowRankLinear
+from .._modules import LowRankEmbedding, LowRankLinear, TiedLowRankEmbedding
 from ._base import (
     Form,
     Given,
@@ -30,7 +35,7 @@ from ._base import (
 )
 from ._matrix import compress_matrix
 
-__all__ = ["LOW_RANK", "ActivationSVD", "PlainSVD", "WhitenSVD", "compress_pair"]
+__all__ = ["LOW_RANK", "TIED", "ActivationSVD", "PlainSVD", "WhitenSVD", "compress_pair"]
 
 
 @register_rule(LowRankLinear)
@@ -81,6 +86,67 @@ class LowRankForm(Form):
 LOW_RANK = LowRankForm()
 
 
+def _proj_block(module: TiedLowRankEmbedding) -> tuple[int, int] | None:
+    """The block of the projection as it runs (B^T, (d, r)): B's block transposed."""
+    block = module.proj_block if module.proj_sparse else None
+    return (block[1], block[0]) if block is not None else None
+
+
+@register_rule(TiedLowRankEmbedding)
+def _tied_low_rank_embedding(module: TiedLowRankEmbedding, name: str, ctx: RuleContext) -> Cost:
+    """The r -> d projection of the looked-up row (B^T times it: B's non-zeros multiplied at
+    B's width, the dot-product adds); the lookup is indexing. Nothing stored here: A and B are
+    the tied head's factors, which store and count them."""
+    bits = int(module.proj_bits)
+    cost = Cost("tied_low_rank_embedding", bits=bits, act_bits=FLOAT_BITS, rank=module.rank)
+    matvec(cost, module.proj.T, None, ctx, bits=bits, block=_proj_block(module))
+    return cost
+
+
+class TiedForm(Form):
+    """`TiedLowRankEmbedding` ("tied_low_rank_embedding"): the table side of a factorized tied
+    pair. Its two Parameters are stored once, under the head's factors' names too, and filled
+    as one Parameter at every name at load (the tie is rebuilt)."""
+
+    types = (TiedLowRankEmbedding,)
+    spec_types = ("tied_low_rank_embedding",)
+
+    def spec(self, module: nn.Module, ctx: SpecContext) -> dict[str, Any]:
+        """Rows, width, rank, padding index and how the projection factor is stored."""
+        block = module.proj_block
+        return {
+            "type": "tied_low_rank_embedding",
+            "in": int(module.embedding_dim),
+            "out": int(module.num_embeddings),
+            "rank": int(module.rank),
+            "padding_idx": module.padding_idx,
+            "proj_bits": int(module.proj_bits),
+            "proj_sparse": bool(module.proj_sparse),
+            "proj_block": list(block) if block is not None else None,
+        }
+
+    def rebuild(self, spec: Mapping[str, Any], ctx: RebuildContext) -> nn.Module:
+        """An empty table side of the spec's shapes (its Parameters are filled, tied, at load)."""
+        pad, block = spec["padding_idx"], spec["proj_block"]
+        return TiedLowRankEmbedding(
+            int(spec["out"]), int(spec["in"]), int(spec["rank"]),
+            padding_idx=None if pad is None else int(pad), proj_bits=int(spec["proj_bits"]),
+            proj_sparse=bool(spec["proj_sparse"]),
+            proj_block=None if block is None else (int(block[0]), int(block[1])),
+        )  # fmt: skip
+
+    def sides(self, spec: Mapping[str, Any]) -> tuple[int, int]:
+        """A table's (d, V)."""
+        return int(spec["in"]), int(spec["out"])
+
+    def replaces_table(self, spec: Mapping[str, Any]) -> bool:
+        """It stands for a table."""
+        return True
+
+
+TIED = TiedForm()
+
+
 def compress_pair(
     pair: LowRankLinear,
     settings: LayerPolicy,
@@ -109,8 +175,9 @@ class PlainSVD(RankTechnique):
     """W ~= (U_r sqrt(S_r)) (sqrt(S_r) Vh_r): the best rank-r approximation of the weight."""
 
     name = "plain"
-    forms = (LOW_RANK,)
+    forms = (LOW_RANK, TIED)
     factorizes = True
+    ties = True
 
     def build(self, layer: nn.Module, settings: LayerPolicy, given: Given) -> nn.Module:
         """Factorize (or take the given factors), then prune and quantize each factor."""
@@ -119,6 +186,15 @@ class PlainSVD(RankTechnique):
             pair, settings, given.act_scale, given.masks, layer.training, given.gram
         )
 
+    def build_tied(
+        self, table: nn.Embedding, head: nn.Linear, settings: LayerPolicy, given: Given
+    ) -> tuple[nn.Module, nn.Module]:
+        """The head factorized as `build` does (B first, A second, each pruned and quantized
+        with the head's inputs), and the table side reading the same A and B."""
+        pair = self.build(head, settings, given)
+        side = TiedLowRankEmbedding.tied_to(pair, table.padding_idx)
+        return side.train(table.training), pair
+
 
 class _DataAwareSVD(PlainSVD):
     """The SVD of W T, T from the layer's calibration inputs (see `transform`)."""
@@ -126,13 +202,19 @@ class _DataAwareSVD(PlainSVD):
     takes_tables = False
 
     def check_layer(self, layer: LayerCheck) -> None:
-        """A table's input is token ids; the inputs come from calibration tokens."""
+        """A table's input is token ids (a tied table reads its head's inputs and its own row
+        frequencies); the inputs come from calibration tokens."""
+        on_table = None
+        if layer.partner is None:
+            on_table = (
+                f"layer {layer.name!r} is an embedding, which factorizes by plain SVD or as a "
+                "tensor-train only; use Rank(..., method='plain') or method='tt' for it"
+            )
         check_inputs(
             layer,
             f"layer {layer.name!r} factorizes with {self.name!r} SVD, which reads the "
             "layer's inputs; pass calib=token ids of shape (B, T)",
-            on_table=f"layer {layer.name!r} is an embedding, which factorizes by plain SVD or "
-            "as a tensor-train only; use Rank(..., method='plain') or method='tt' for it",
+            on_table=on_table,
         )
 
     def transform(self, stats: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
