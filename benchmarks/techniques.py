@@ -1417,10 +1417,14 @@ def _band_policies(s: Setup) -> list[tuple[str, Any]]:
         space = Space(
             s.model, rules={"head": dict(bands=Bands(*VOCAB_BANDS), rank=Rank(0.0625, 1.0))}
         )
-    names = [i.name for i in space.layers]
+    infos = list(space.layers)  # "head@0", ... with each band's rows
     out = []
     for ranks in VOCAB_BAND_RANKS:
-        layers = {n: LayerPolicy(rank=r) for n, r in zip(names, ranks, strict=True) if r < 128}
+        layers = {  # a rank at or past a band's full rank leaves it dense
+            i.name: LayerPolicy(rank=r, band=i.band)
+            for i, r in zip(infos, ranks, strict=True)
+            if r < i.full_rank
+        }
         out.append(("ranks " + "/".join(map(str, ranks)), Policy(layers=layers)))
     return out
 

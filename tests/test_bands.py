@@ -54,7 +54,7 @@ def _calib() -> torch.Tensor:
 POLICY = Policy(
     layers={
         "head@0": LayerPolicy(band=(0, 2)),  # untouched: the dense rest band
-        "head@1": LayerPolicy(band=(2, 6), rank=2, bits=8),
+        "head@1": LayerPolicy(band=(2, 6), rank=2, bits=8, act_bits=8),
         "head@2": LayerPolicy(band=(6, 20), sparsity=0.5, bits=4),
     }
 )
@@ -80,6 +80,7 @@ def test_counts_by_hand():
         18 * 5  # word order: the 4 + 14 words of the stored bands at ceil(log2 20) = 5 bits
         + 4 * 2 * 8 + 4 * 32  # band 1 table (4, 2) at 8 bits and its row scales
         + 2 * 8 * 8 + 2 * 32  # band 1 projection (2, 8) at 8 bits and its row scales
+        + 32  # band 1's scale of the head's input (act_bits 8)
         + 56 * 4 + 14 * 8 + 14 * 32  # band 2: kept values at 4 bits, mask, row scales
         + 2 * 8 * 32  # the rest band, dense fp32
     )  # fmt: skip
@@ -87,19 +88,21 @@ def test_counts_by_hand():
     share = (18 + 17 + 16 + 15) / 210  # band 1's words' share of the calibration tokens
     assert band1.share == pytest.approx(share, rel=1e-12)
     # each band's row: its words, its head logits (every token) and its table projection
+    # (words' bits, multiplies, of which weighted 1/4, adds): band 1's P_b h multiplies an
+    # 8-bit weight by the 8-bit input (8/32 each); every other multiply has an fp32 input
     want = {
-        "head@1": (4 * 5, 2 * 8 + 4 * 2 + 8 * 2 * share, 2 * 7 + 4 * 1 + 8 * 1 * share),
-        "head@2": (14 * 5, 56, 7 * 7),  # 7 empty rows: 7 rows of 8 non-zeros, 7 adds each
-        "rest": (0, 2 * 8, 2 * 7),  # dense, no words stored
+        "head@1": (4 * 5, 2 * 8 + 4 * 2 + 8 * 2 * share, 2 * 8, 2 * 7 + 4 * 1 + 8 * 1 * share),
+        "head@2": (14 * 5, 56, 0, 7 * 7),  # 7 empty rows: 7 rows of 8 non-zeros, 7 adds each
+        "rest": (0, 2 * 8, 0, 2 * 7),  # dense, no words stored
     }
     rows = {lc.name.rpartition(".")[2]: lc for lc in counts.layers if lc.kind == "band"}
-    for key, (word_bits, mults, adds) in want.items():
+    for key, (word_bits, mults, quarter, adds) in want.items():
         assert rows[key].value_bits == word_bits
         assert rows[key].mults == pytest.approx(mults, rel=1e-12)
+        assert rows[key].mults_w == pytest.approx(mults - 0.75 * quarter, rel=1e-12)
         assert rows[key].adds == pytest.approx(adds, rel=1e-12)
     assert sum(lc.ops for lc in counts.layers if lc.kind != "band") == 0
-    # every multiply has an fp32 input: weighted 1
-    total = sum(m + a for _, m, a in want.values())
+    total = sum(m - 0.75 * q + a for _, m, q, a in want.values())
     assert counts.ops == pytest.approx(total, rel=1e-12)
 
     # with every width >= 16 the allowance halves the weights but not the word order
@@ -164,7 +167,9 @@ def test_export_round_trip(tmp_path, tiny_gpt, corpus, widths):
     policy = Policy(
         layers={
             "head@0": LayerPolicy(band=(0, 10)),
-            "head@1": LayerPolicy(band=(10, 30), rank=6, bits=widths[0], sparsity=0.25),
+            "head@1": LayerPolicy(
+                band=(10, 30), rank=6, bits=widths[0], act_bits=widths[0], sparsity=0.25
+            ),
             "head@2": LayerPolicy(band=(30, 65), rank=3, bits=widths[1]),
         }
     )
@@ -191,6 +196,7 @@ HEAD_RULES = {
         bands=Bands(0.1, 0.3),
         rank=Rank(0.1, 1.0),
         bits=Bits(4, 8, 16),
+        act_bits=Bits(8, 32),
         sparsity=Sparsity(0, 0.6, step=0.3),
     ),
     "blocks.*.mlp.c_fc": dict(bits=Bits(4, 8, 32)),
@@ -206,7 +212,7 @@ def test_space_of_bands_on_a_tied_head(tiny_gpt, corpus):
         ("head@2", (20, 65), 45, 32),
     ]
     unit = next(u for u in space.units() if u.key == "head@1")
-    assert dict(unit.params) == {k: f"head@1:{k}" for k in ("rank", "bits", "sparsity")}
+    assert dict(unit.params) == {k: f"head@1:{k}" for k in ("rank", "bits", "act_bits", "sparsity")}
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
     for _ in range(5):
         policy = space.suggest(study.ask())
@@ -214,7 +220,6 @@ def test_space_of_bands_on_a_tied_head(tiny_gpt, corpus):
         assert space.suggest(optuna.trial.FixedTrial(space.params_from_policy(policy))) == policy
     # one line for what bands cannot take
     for bad, match in [
-        (dict(bands=Bands(0.1), act_bits=Bits(8)), "act_bits"),
         (dict(bands=Bands(0.1), tied=True), "tied"),
         (dict(bands=Bands(0.001)), "without rows"),
         (dict(bands=Bands(0.1), rank=Rank(0.5, method="tt")), "plain SVD"),
@@ -311,6 +316,8 @@ def test_untied_table_and_head_with_a_bias_plan_exactly_and_round_trip(tmp_path,
     }
     space = Space(model, rules=rules)
     assert [i.name for i in space.layers] == ["emb@0", "emb@1", "emb@2", "head@0", "head@1"]
+    with pytest.raises(SpaceError, match="has no head"):  # an untied table's input is ids
+        Space(model, rules={"emb": dict(bands=Bands(10), act_bits=Bits(8))})
     dense = count(model, context=CONTEXT)
     baseline = Baseline(dense.params, dense.ops)
     planner = Planner(

@@ -528,6 +528,7 @@ def test_public_api() -> None:
         "BandedEmbedding",
         "BandedHead",
         "BandSlot",
+        "band_reads",
         "parse_band",
         "token_order",
     }

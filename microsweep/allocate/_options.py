@@ -44,6 +44,7 @@ from microsweep.compress import (
     TiedLowRankEmbedding,
     TTEmbedding,
     TTLinear,
+    band_reads,
     build_group,
     compress_layer,
     compress_tied,
@@ -362,16 +363,20 @@ def option_tasks(
         reads: dict[str, str] = {}  # whose inputs an option reads -> the module giving them
         for u in units:
             for info in u.layers:
-                if info.kind == "band":  # a band reads its layer's inputs
-                    reads[info.name] = (parse_band(info.name) or (info.name, 0))[0]
+                if info.kind == "band":  # a band reads its layer's (or head's) inputs
+                    layer = (parse_band(info.name) or (info.name, 0))[0]
+                    reads[info.name] = band_reads(model, layer)
                 else:
                     reads.update((n, n) for n in _reads(u, info))
         modules = {layer: model.get_submodule(layer) for layer in set(reads.values())}
         seen = layer_inputs(model, modules, calib, max_rows=MAX_ROWS)
         inputs = {name: seen[layer] for name, layer in reads.items() if layer in seen}
-        for name, layer in reads.items():
-            if name != layer and layer not in orders:
-                orders[layer] = token_order(calib, int(modules[layer].weight.shape[0]))
+        for u in units:
+            for info in u.layers:
+                layer = (parse_band(info.name) or (info.name, 0))[0]
+                if info.kind == "band" and layer not in orders:
+                    vocab = int(model.get_submodule(layer).weight.shape[0])
+                    orders[layer] = token_order(calib, vocab)
     tasks = []
     for u in units:
         own = {n: inputs[n] for i in u.layers for n in _reads(u, i) if n in inputs}

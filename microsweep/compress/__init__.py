@@ -29,7 +29,7 @@ from ._apply import (
 )
 from ._autoencoder import AutoDecoder, DecodedLinear, compress_linears, train_decoder
 from ._banded import Band, BandedEmbedding, BandedHead, BandSet
-from ._banding import BandSlot, parse_band, token_order
+from ._banding import BandSlot, band_reads, parse_band, token_order
 from ._cache import VariantCache
 from ._checks import check_rule, check_shared_weight, check_tied_rank, embedding_misfit, ties
 from ._group_lasso import block_norms, group_lasso_penalty, group_lasso_train_, reweight
@@ -67,6 +67,7 @@ __all__ = [
     "BandedHead",
     "BandSet",
     "BandSlot",
+    "band_reads",
     "parse_band",
     "token_order",
     "Form",

@@ -21,7 +21,7 @@ from torch import nn
 from microsweep.errors import SpaceError
 from microsweep.policy import GROUP_METHODS, METHODS, LayerPolicy, Policy
 
-from ._banding import build_bands, plan_bands, split_bands
+from ._banding import build_bands, head_name, plan_bands, split_bands
 from ._checks import check_shared_weight, check_tied_rank
 from ._groups import grouped
 from ._lowrank import InputStats, factorize, frequency_rows
@@ -100,6 +100,7 @@ def compress_(model: nn.Module, policy: Policy, *, calib: torch.Tensor | None = 
     steps = _plan(model, policy, calib)
     bands = plan_bands(model, banded, calib, policy.layers) if banded else []
     act_scales = _calibrate(model, [s for s in steps if s.settings.act_bits < 32], calib)
+    band_amax = _band_amax(model, bands, calib)
     aware = {s.name: s.linear for s in steps if METHODS[s.settings.rank_method].reads_inputs}
     reads = {s.name: s.linear for s in steps if s.settings.data_aware} | aware
     for step in steps:  # a tied pair reads its head's inputs (and, data-aware, its table's)
@@ -135,7 +136,7 @@ def compress_(model: nn.Module, policy: Policy, *, calib: torch.Tensor | None = 
                 step.linear, step.settings, act_scales.get(step.name), factors, gram=gram
             )
             _set_submodule(model, step.name, module)
-        build_bands(model, bands, lambda linear, settings: _compress_layer(linear, settings, None))
+        build_bands(model, bands, _compress_layer, band_amax)
     return model
 
 
@@ -534,6 +535,27 @@ def _calibrate(
             )
         scales[step.name] = tensor_scale(seen[step.name][1], step.settings.act_bits)
     return scales
+
+
+def _band_amax(
+    model: nn.Module, plans: list[Any], calib: torch.Tensor | None
+) -> Callable[[str], torch.Tensor]:
+    """max |input| of each head whose bands quantize its input, from one pass of `calib` on
+    the unchanged model (before any band is built)."""
+    heads = {
+        head_name(p) or p.name for p in plans if any(s.act_bits < 32 for s in p.bands.values())
+    }
+    seen = layer_inputs(model, {h: model.get_submodule(h) for h in heads}, calib) if heads else {}
+
+    def amax(head: str) -> torch.Tensor:
+        if head not in seen:
+            raise SpaceError(
+                f"head {head!r} saw no input while calibrating; pass calib tokens whose forward "
+                "pass runs through it, or set its bands' act_bits to 32"
+            )
+        return seen[head][1]
+
+    return amax
 
 
 def _rank_technique(settings: LayerPolicy) -> RankTechnique:

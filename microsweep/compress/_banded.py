@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._modules import fake_quantize_symmetric
+
 __all__ = ["REST", "Band", "BandSet", "BandedEmbedding", "BandedHead", "band_key", "index_bits"]
 
 
@@ -47,7 +49,8 @@ class Band(nn.Module):
     as matrices. `bias` (V_b,) is an output head's bias for these words, or None. `words`
     (stored: V_b integers) are its words in row order, None for the rest band (its words are
     the others, in vocabulary order); `share` is its words' share of the calibration tokens.
-    `roles` says what uses it (``"head"``, ``"table"``), set by the banded modules holding it:
+    `act_bits` (with `act_scale`) quantizes a head's input before this band's logits. `roles`
+    says what uses it (``"head"``, ``"table"``), set by the banded modules holding it:
     a band counts its own operations (its logits for a head, its projection for a table)."""
 
     def __init__(
@@ -58,6 +61,7 @@ class Band(nn.Module):
         bias: nn.Parameter | None = None,
         words: torch.Tensor | None = None,
         share: float = 0.0,
+        act_bits: int = 32,
     ) -> None:
         super().__init__()
         if (rows is None) == (table is None) or (table is None) != (proj is None):
@@ -66,6 +70,8 @@ class Band(nn.Module):
         self.table = table
         self.proj = proj
         self.bias = bias
+        self.act_bits = int(act_bits)
+        self.register_buffer("act_scale", torch.ones(()) if self.act_bits < 32 else None)
         self.register_buffer("words", None if words is None else words.to(torch.int64))
         self.share = float(share)
         self.roles: set[str] = set()
@@ -93,7 +99,10 @@ class Band(nn.Module):
         return self.table.weight @ self.proj.weight
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h W_b^T (+ bias), a factorized band as (h proj^T) table^T."""
+        """h W_b^T (+ bias), a factorized band as (h proj^T) table^T; h quantized to
+        `act_bits` first when below 32 (a head's input only: a table's lookup is exact)."""
+        if self.act_scale is not None:
+            h = fake_quantize_symmetric(h, self.act_scale, self.act_bits)
         if self.rows is not None:
             return F.linear(h, self.rows.weight, self.bias)
         return F.linear(F.linear(h, self.proj.weight), self.table.weight, self.bias)

@@ -23,12 +23,14 @@ from microsweep.policy import LayerPolicy, Policy
 
 from ._banded import REST, Band, BandedEmbedding, BandedHead, BandSet, band_key
 from ._modules import CompressedEmbedding, CompressedLinear, LowRankLinear
+from ._quantize import tensor_scale
 from ._techniques import LayerCheck, techniques
 
 __all__ = [
     "BandPlan",
     "BandSlot",
     "band_module",
+    "band_reads",
     "band_name",
     "bands_modules",
     "parse_band",
@@ -174,6 +176,13 @@ def _layer(
     return holders, module.weight, next(iter(biases.values()), None)
 
 
+def band_reads(model: nn.Module, layer: str) -> str:
+    """The module whose inputs banded layer `layer`'s bands read: its head (a tied table's
+    partner) where it has one, else the table itself (its token ids)."""
+    holders, _, _ = _layer(model, layer)
+    return next((n for n, m in holders if isinstance(m, nn.Linear)), layer)
+
+
 class BandSlot:
     """One band of a layer, for costing its options alone (the planner): the band's Linear
     to compress, the layer's modules as they are (`dense`) and as they are with only this band
@@ -210,12 +219,13 @@ class BandSlot:
         return nn.ModuleList(list(modules.values()))
 
 
-def _check_settings(name: str, settings: LayerPolicy, size: int, dim: int) -> None:
-    """What a band's settings may ask: plain SVD, magnitude or RTN, no input quantization, a
-    rank within the band."""
-    if settings.act_bits != 32:
+def _check_settings(name: str, settings: LayerPolicy, size: int, dim: int, head: bool) -> None:
+    """What a band's settings may ask: plain SVD, magnitude or RTN, input quantization only of
+    a head's input, a rank within the band."""
+    if settings.act_bits != 32 and not head:
         raise SpaceError(
-            f"band {name!r} sets act_bits; a band's inputs are not quantized, drop act_bits"
+            f"band {name!r} sets act_bits, but only a head's input is quantized and this table "
+            "has no head; drop act_bits"
         )
     if settings.data_aware or settings.rank_method != "plain":
         raise SpaceError(
@@ -279,7 +289,13 @@ def plan_bands(
                     "over another band's; build the policy from this model's Space"
                 )
             used[start:stop] = True
-            _check_settings(what, settings, stop - start, int(dim))
+            head = any(isinstance(m, nn.Linear) for _, m in holders)
+            _check_settings(what, settings, stop - start, int(dim), head)
+            if settings.act_bits < 32 and calib is None:
+                raise SpaceError(
+                    f"band {what!r} quantizes its head's input; pass calib=token ids of shape "
+                    "(B, T) to calibrate the input scale"
+                )
             if linears is not None:
                 key = (name, start, stop)
                 if key not in linears:
@@ -301,9 +317,7 @@ def _as_table(matrix: nn.Module) -> nn.Module:
         table = skip_init(nn.Embedding, rows, cols, device="meta")
         table.weight = matrix.weight
         return table
-    if type(matrix) is CompressedLinear:
-        if matrix.act_bits != 32:
-            raise SpaceError("a band's inputs are not quantized; drop act_bits")
+    if type(matrix) is CompressedLinear:  # its input quantizer goes to the `Band`
         with torch.device("meta"):
             table = CompressedEmbedding(
                 rows, cols, bits=matrix.bits, sparse=matrix.sparse, block=matrix.block,
@@ -317,11 +331,20 @@ def _as_table(matrix: nn.Module) -> nn.Module:
 
 
 def band_module(built: nn.Module) -> Band:
-    """The `Band` a band's Linear became (dense, compressed, or a factor pair), tensors shared."""
+    """The `Band` a band's Linear became (dense, compressed, or a factor pair), tensors shared;
+    the input quantizer of its (first) matrix becomes the band's."""
     if isinstance(built, LowRankLinear):
-        bias = built.second.bias
-        return Band(table=_as_table(built.second), proj=_as_table(built.first), bias=bias)
-    return Band(rows=_as_table(built), bias=built.bias)
+        first = built.first
+        band = Band(
+            table=_as_table(built.second), proj=_as_table(first), bias=built.second.bias,
+            act_bits=getattr(first, "act_bits", 32),
+        )  # fmt: skip
+    else:
+        first = built
+        band = Band(rows=_as_table(built), bias=built.bias, act_bits=getattr(built, "act_bits", 32))
+    if band.act_bits < 32:
+        band.act_scale = first.act_scale
+    return band
 
 
 def rest_band(plan: BandPlan) -> Band:
@@ -365,12 +388,26 @@ def bands_modules(
     return out
 
 
+def head_name(plan: BandPlan) -> str | None:
+    """The name of the head among the layer's holders (whose input a band may quantize)."""
+    return next((n for n, m in plan.holders if isinstance(m, nn.Linear)), None)
+
+
 def build_bands(
-    model: nn.Module, plans: list[BandPlan], build: Callable[[nn.Linear, LayerPolicy], nn.Module]
+    model: nn.Module,
+    plans: list[BandPlan],
+    build: Callable[[nn.Linear, LayerPolicy, torch.Tensor | None], nn.Module],
+    amax: Callable[[str], torch.Tensor],
 ) -> None:
-    """Compress every touched band with `build` and put the banded modules in place."""
+    """Compress every touched band with `build` (its Linear, settings and input scale) and put
+    the banded modules in place; `amax(head)` is max |input| of a head on calibration tokens."""
     for plan in plans:
-        built = {i: build(plan.linear(i), s) for i, s in plan.bands.items()}
+        built = {}
+        for index, settings in plan.bands.items():
+            scale = None
+            if settings.act_bits < 32:
+                scale = tensor_scale(amax(head_name(plan) or plan.name), settings.act_bits)
+            built[index] = build(plan.linear(index), settings, scale)
         for name, module in bands_modules(plan, built).items():
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, module)

@@ -43,7 +43,15 @@ from ._apply import (
     input_stats,
     layer_inputs,
 )
-from ._banding import BandPlan, band_module, bands_modules, plan_bands, rest_band, split_bands
+from ._banding import (
+    BandPlan,
+    band_module,
+    bands_modules,
+    head_name,
+    plan_bands,
+    rest_band,
+    split_bands,
+)
 from ._groups import grouped
 from ._levels import LevelStore
 from ._lowrank import InputStats, factorize, frequency_rows, weight_svd
@@ -211,6 +219,9 @@ class VariantCache:
         for index, settings in plan.bands.items():
             start, stop = settings.band
             name = f"{plan.name}@{index}:{start}-{stop}"
+            if settings.act_bits < 32:  # the band quantizes its head's input
+                amax = self._input_amax(head_name(plan) or plan.name)
+                self._amax[name] = amax  # type: ignore[index]
             built[index] = band_module(self._variant(name, plan.linear(index), settings))
         ranges = tuple(sorted(s.band for s in plan.bands.values()))
         key = (plan.name, ("rest", ranges))

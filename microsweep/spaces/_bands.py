@@ -31,13 +31,11 @@ def band_layers(rule: Rule, info: LayerInfo) -> list[LayerInfo]:
 
 def check_band_rule(rule: Rule, members: Sequence[LayerInfo], assigned: Collection[str]) -> None:
     """What a rule with bands may ask: tables and heads (a tied partner left to it), knobs
-    each band can take (plain SVD, magnitude pruning, round-to-nearest; no act_bits), one
-    value per band (not ``tied``), and bands that each keep a row."""
+    each band can take (plain SVD, magnitude pruning, round-to-nearest; act_bits on a head's
+    input only), one value per band (not ``tied``), and bands that each keep a row."""
     key = rule.key
     if rule.tied:
         raise SpaceError(f"rule {key!r}: bands are searched one by one; drop tied=True")
-    if "act_bits" in rule.settings:
-        raise SpaceError(f"rule {key!r}: a band's inputs are not quantized; drop act_bits")
     rank = rule.settings.get("rank")
     if isinstance(rank, Rank) and rank.method != "plain":
         raise SpaceError(
@@ -57,6 +55,11 @@ def check_band_rule(rule: Rule, members: Sequence[LayerInfo], assigned: Collecti
                 "vocabulary's rows"
             )
         check_shared_weight(info.name, [n for n in info.shared_with if n in assigned])
+        if "act_bits" in rule.settings and info.kind == "embedding" and not info.shared_with:
+            raise SpaceError(
+                f"rule {key!r}: act_bits quantizes a head's input, and table {info.name!r} has "
+                "no head; drop act_bits"
+            )
         bands = band_layers(rule, info)
         check_techniques("plain", rule_key=key, settings=rule.settings, members=bands, tied=False)
         for band in bands:

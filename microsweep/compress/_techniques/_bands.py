@@ -38,10 +38,16 @@ def _block(matrix: nn.Module) -> tuple[int, int] | None:
     return getattr(matrix, "block", None) if getattr(matrix, "sparse", False) else None
 
 
-def _products(cost: Cost, matrix: nn.Module, bias: torch.Tensor | None, ctx: RuleContext) -> None:
+def _products(
+    cost: Cost,
+    matrix: nn.Module,
+    bias: torch.Tensor | None,
+    ctx: RuleContext,
+    act_bits: int = FLOAT_BITS,
+) -> None:
     """``W x + b`` with W the matrix's (rows, cols) weight, at its widths and non-zeros."""
     matvec(
-        cost, matrix.weight, bias, ctx, bits=_bits(matrix), act_bits=FLOAT_BITS,
+        cost, matrix.weight, bias, ctx, bits=_bits(matrix), act_bits=act_bits,
         block=_block(matrix),
     )  # fmt: skip
 
@@ -53,16 +59,19 @@ def _band(module: Band, name: str, ctx: RuleContext) -> Cost:
     h P_b^T then T_b^T), for a table a factorized band's projection weighted by its share. Its
     matrices are stored by their own modules."""
     widths = [_bits(m) for m in module.matrices()]
-    cost = Cost("band", bits=min(widths), act_bits=FLOAT_BITS, rank=module.rank)
+    act = int(module.act_bits)
+    cost = Cost("band", bits=min(widths), act_bits=act, rank=module.rank)
     if module.words is not None:
         cost.index(module.words, index_bits(module.vocab))
     if module.bias is not None:
         cost.store(module.bias, compressed=True)
+    if act < FLOAT_BITS and module.act_scale is not None:
+        cost.const(module.act_scale.numel())
     if "head" in module.roles:
         if module.rows is not None:
-            _products(cost, module.rows, module.bias, ctx)
-        else:
-            _products(cost, module.proj, None, ctx)
+            _products(cost, module.rows, module.bias, ctx, act)
+        else:  # the input quantizer acts on h; P_b h enters T_b at fp32
+            _products(cost, module.proj, None, ctx, act)
             _products(cost, module.table, module.bias, ctx)
     if "table" in module.roles and module.proj is not None and module.share > 0:
         part = Cost("projection")
@@ -193,6 +202,8 @@ class BandForm(Form):
             "words": module.words is not None,
             "share": float(module.share),
         }
+        if module.act_bits < FLOAT_BITS:
+            out["act_bits"] = int(module.act_bits)
         out.update({k: ctx.spec_of(m) for k, m in parts.items() if m is not None})
         return out
 
@@ -202,7 +213,14 @@ class BandForm(Form):
         size = int(spec["rows" if "rows" in spec else "table"]["out"])
         bias = nn.Parameter(torch.empty(size)) if spec["bias"] else None
         words = torch.empty(size, dtype=torch.int64) if spec["words"] else None
-        return Band(**parts, bias=bias, words=words, share=float(spec["share"]))
+        act_bits = int(spec.get("act_bits", FLOAT_BITS))
+        return Band(**parts, bias=bias, words=words, share=float(spec["share"]), act_bits=act_bits)
+
+    def constants(self, module: nn.Module) -> list[torch.Tensor]:
+        """The input scale of a head band quantizing its input."""
+        if module.act_bits < FLOAT_BITS and module.act_scale is not None:
+            return [module.act_scale]
+        return []
 
     def sides(self, spec: Mapping[str, Any]) -> tuple[int, int]:
         """(d, V_b) of the rows it stands for."""
