@@ -3,10 +3,13 @@
 Only PTB's validation and test splits are at hand here, so the model trains on `valid.txt`
 and is evaluated on `test.txt` (set MICROSWEEP_DATA to a folder holding ptb/, or pass path=).
 The head is tied to the 6k-word embedding and costs as many operations per token as both
-blocks together, so pruning and quantizing it matters as much as the blocks.
+blocks together, so the vocabulary's knobs matter as much as the blocks': the tied table and
+head are cut into frequency bands (the most frequent 10% of words, the next 30%, the rarest
+60%), each band with its own rank (a factorized band keeps its table and head factors tied),
+bits and sparsity, so rare words can be smaller.
 """
 
-from microsweep import Bits, MicroNet, Rank, Space, Sparsity, data, models
+from microsweep import Bands, Bits, MicroNet, Rank, Space, Sparsity, data, models
 
 corpus = data.ptb(train="valid", val="test")
 model = models.gpt(
@@ -33,7 +36,11 @@ space = Space(
             rank=Rank(0.25, 1.0),
         ),
         "head": dict(
-            sparsity=Sparsity(0.0, 0.6, step=0.1), bits=Bits(4, 6, 8), act_bits=Bits(8, 16)
+            bands=Bands(0.1, 0.4),
+            sparsity=Sparsity(0.0, 0.6, step=0.1),
+            bits=Bits(4, 6, 8),
+            act_bits=Bits(8, 16),
+            rank=Rank(0.0625, 1.0),
         ),
     },
 )
