@@ -19,6 +19,7 @@ every measured point.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +32,7 @@ from torch import nn
 
 from microsweep.allocate._levels import KNOBS, identity_level, layer_setting, level_key
 from microsweep.compress import (
+    CompressedLinear,
     InputStats,
     LowRankEmbedding,
     LowRankLinear,
@@ -72,7 +74,10 @@ class UnitOptions:
       combination rules the mode out);
     - `rho` (K, n_layers): interaction ratio per member layer;
     - `keys[(m, knob, i)]`: the sensitivity-table key of member m's knob at level i (None for
-      the identity level).
+      the identity level);
+    - `proxy[(m, knob, i)]`: member m's relative output error with only that knob at level i
+      (the proxy `rho` is built from; empty without calibration inputs), which gives a probe the
+      sensitivity pass leaves unmeasured a prior (`search._sensitivity.interpolate`).
     """
 
     unit: Unit
@@ -82,6 +87,7 @@ class UnitOptions:
     cost: np.ndarray
     rho: np.ndarray
     keys: dict[tuple[int, str, int], str | None]
+    proxy: dict[tuple[int, str, int], float] = field(default_factory=dict)
     _index: dict[tuple[int, ...], int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -187,6 +193,7 @@ def build_unit_options(
     cost = np.zeros((n, len(MODES)))
     rho = np.ones((n, m))
     keys: dict[tuple[int, str, int], str | None] = {}
+    singles: dict[tuple[int, str, int], float] = {}
     quantized = replace(config, freebie=False)
     freebie_on = config.freebie
     joint = _joint_groups(unit, model, levels, knobs, combos)
@@ -205,11 +212,14 @@ def build_unit_options(
             dense_f = _score(linear, context, config, baseline)[0] if freebie_on else np.nan
             layer_in = inputs.get(info.name) if inputs else None
             proxy = _Proxy(linear, layer_in)
+            builder = _LayerBuilder(linear, list(levels.get("sparsity", [])), proxy.stats)
             for kn in knobs:
                 for i, value in enumerate(levels[kn]):
                     setting = layer_setting(info, dict(unit.knobs), {kn: value}, unit.key)
                     keys[(mi, kn, i)] = level_key(kn, setting)
-            builder = _LayerBuilder(linear, list(levels.get("sparsity", [])), proxy.stats)
+                    if layer_in is not None and keys[(mi, kn, i)] is not None:
+                        singles[(mi, kn, i)] = proxy.single_error(kn, _plain(setting), builder)
+            built: dict[tuple, nn.Module] = {}  # per weight setting, its latest build
             for k, row in enumerate(combos):
                 values = {kn: levels[kn][int(i)] for kn, i in zip(knobs, row, strict=True)}
                 setting = _plain(layer_setting(info, dict(unit.knobs), values, unit.key))
@@ -219,7 +229,12 @@ def build_unit_options(
                     if layer_in is not None:
                         rho[k, mi] = proxy.ratio(setting, builder, joint[k][info.name])
                     continue
-                module = builder.build(setting, proxy.act_scale(setting.act_bits))
+                act_scale = proxy.act_scale(setting.act_bits)
+                weights = replace(setting, act_bits=32)
+                module = _with_act_bits(built.get(weights), setting.act_bits, act_scale)
+                if module is None:
+                    module = builder.build(setting, act_scale)
+                built[weights] = module
                 score_q, _ = _score(module, context, quantized, baseline)
                 cost[k, 0] += score_q - dense_q
                 if freebie_on and min(setting.bits, setting.act_bits) >= 16:
@@ -229,7 +244,30 @@ def build_unit_options(
                     cost[k, 1] = np.nan
                 if layer_in is not None:
                     rho[k, mi] = proxy.ratio(setting, builder, module)
-    return UnitOptions(unit, knobs, levels, combos, cost, rho, keys)
+    return UnitOptions(unit, knobs, levels, combos, cost, rho, keys, singles)
+
+
+def _with_act_bits(
+    module: nn.Module | None, act_bits: int, act_scale: torch.Tensor | None
+) -> nn.Module | None:
+    """`module` with its input quantized at `act_bits` instead, sharing every weight: the
+    input width changes no weight, so the options of one weight setting at several input
+    widths share one build (and its pruning and rounding). None where the input quantizer is
+    not a `CompressedLinear`'s at under 32 bits both before and after (build it instead)."""
+    if module is None or act_scale is None:
+        return None
+    if isinstance(module, LowRankLinear) and not isinstance(module, LowRankEmbedding):
+        first = _with_act_bits(module.first, act_bits, act_scale)
+        return None if first is None else type(module)(first, module.second)
+    if type(module) is not CompressedLinear or module.act_scale is None:
+        return None
+    twin = copy.copy(module)  # a new module over the same parameters and buffers
+    twin._parameters = dict(module._parameters)
+    twin._buffers = dict(module._buffers)
+    twin._modules = dict(module._modules)
+    twin.act_bits = act_bits
+    twin.act_scale = act_scale.to(module.weight.device)
+    return twin
 
 
 MAX_ROWS = 4096
@@ -542,15 +580,23 @@ class _Proxy:
             self._act_err[act_bits] = float(((delta @ self.weight.T) ** 2).sum()) / self.ref
         return self._act_err[act_bits]
 
+    def single_error(self, knob: str, setting: LayerPolicy, builder: _LayerBuilder) -> float:
+        """Relative output error of `setting`'s `knob` alone (the other knobs at identity)."""
+        if knob == "act_bits":
+            return self.act_error(setting.act_bits)
+        value = getattr(setting, knob)
+        if value == identity_level(knob):
+            return 0.0
+        single = LayerPolicy(
+            **{knob: value, "block": setting.block if knob == "sparsity" else None}
+        )
+        return self.weight_error(single, builder)
+
     def ratio(self, setting: LayerPolicy, builder: _LayerBuilder, module: nn.Module) -> float:
         """Error of the combination over the sum of its knobs' errors alone (1 if all zero)."""
         whole = self.weight_error(setting, builder, module) + self.act_error(setting.act_bits)
-        alone = self.act_error(setting.act_bits)
-        for knob in ("sparsity", "bits", "rank"):
-            value = getattr(setting, knob)
-            if value != identity_level(knob):
-                single = LayerPolicy(
-                    **{knob: value, "block": setting.block if knob == "sparsity" else None}
-                )
-                alone += self.weight_error(single, builder)
+        alone = sum(
+            self.single_error(knob, setting, builder)
+            for knob in ("act_bits", "sparsity", "bits", "rank")
+        )
         return whole / alone if alone > 1e-15 else 1.0
