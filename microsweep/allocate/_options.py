@@ -48,7 +48,7 @@ from microsweep.compress import (
     tensor_scale,
     weight_svd,
 )
-from microsweep.score import Baseline, CountConfig, count
+from microsweep.score import Baseline, CountConfig, Counts, count, op_weight
 from microsweep.spaces import GROUP_METHODS, LayerPolicy, Unit
 
 __all__ = [
@@ -219,7 +219,8 @@ def build_unit_options(
                     keys[(mi, kn, i)] = level_key(kn, setting)
                     if layer_in is not None and keys[(mi, kn, i)] is not None:
                         singles[(mi, kn, i)] = proxy.single_error(kn, _plain(setting), builder)
-            built: dict[tuple, nn.Module] = {}  # per weight setting, its latest build
+            built: dict[LayerPolicy, nn.Module] = {}  # per weight setting, its latest build
+            counted: dict[LayerPolicy, tuple[Counts, int]] = {}  # and its first count
             for k, row in enumerate(combos):
                 values = {kn: levels[kn][int(i)] for kn, i in zip(knobs, row, strict=True)}
                 setting = _plain(layer_setting(info, dict(unit.knobs), values, unit.key))
@@ -232,10 +233,16 @@ def build_unit_options(
                 act_scale = proxy.act_scale(setting.act_bits)
                 weights = replace(setting, act_bits=32)
                 module = _with_act_bits(built.get(weights), setting.act_bits, act_scale)
+                score_q = None
                 if module is None:
                     module = builder.build(setting, act_scale)
+                elif weights in counted:  # the same weights: only the input width differs
+                    score_q = _score_at_act(*counted[weights], setting.act_bits, baseline)
                 built[weights] = module
-                score_q, _ = _score(module, context, quantized, baseline)
+                if score_q is None:
+                    counts = count(_Holder(module), context=context, config=quantized)
+                    counted.setdefault(weights, (counts, setting.act_bits))
+                    score_q = counts.params / baseline.params + counts.ops / baseline.ops
                 cost[k, 0] += score_q - dense_q
                 if freebie_on and min(setting.bits, setting.act_bits) >= 16:
                     score_f, applied = _score(module, context, config, baseline)
@@ -245,6 +252,26 @@ def build_unit_options(
                 if layer_in is not None:
                     rho[k, mi] = proxy.ratio(setting, builder, module)
     return UnitOptions(unit, knobs, levels, combos, cost, rho, keys, singles)
+
+
+INPUT_ROWS = ("layer", "layer.first")
+"""The counter's rows (under `_Holder`) of the matrix that reads a layer's input."""
+
+
+def _score_at_act(counts: Counts, act_from: int, act_to: int, baseline: Baseline) -> float | None:
+    """The quantized-mode score of the layer counted in `counts` with its input at `act_to`
+    bits instead of `act_from` (the same weights: `_with_act_bits`): the count's one input
+    row has its multiplies reweighted, max(bits, act) / 32 each, as the counter weighs them;
+    the input scale is one fp32 constant at either width. None where the count has not exactly
+    one such row at `act_from` (count the module instead)."""
+    rows = [lc for lc in counts.layers if lc.name in INPUT_ROWS and lc.act_bits is not None]
+    if len(rows) != 1 or rows[0].act_bits != act_from or rows[0].bits is None:
+        return None
+    if counts.freebie or max(act_from, act_to) >= 32:
+        return None
+    row = rows[0]
+    ops = counts.ops + row.mults * (op_weight(row.bits, act_to) - op_weight(row.bits, act_from))
+    return counts.params / baseline.params + ops / baseline.ops
 
 
 def _with_act_bits(
