@@ -10,9 +10,10 @@ run in rounds that give every layer and knob its most compressed level first (kn
 each knob's layers by the planner's proxy error, largest first), then the middle one, then the
 rest by bisection, and no probe starts once their wall time reaches a share of what the sweep's
 trials will take (10% by default), first round included. Levels left unmeasured are estimated
-(`interpolate`): between the measured levels of the same layer and knob, or, where a layer and
-knob has none, from the planner's proxy error scaled by what the measured probes of that knob
-say about it; estimates are never stored, so a later pass with more budget measures them.
+(`interpolate_with_priors`; `interpolate` without the planner's proxy errors): between the
+measured levels of the same layer and knob, or, where a layer and knob has none, from the
+planner's proxy error scaled by what the measured probes of that knob say about it; estimates
+are never stored, so a later pass with more budget measures them.
 """
 
 from __future__ import annotations
