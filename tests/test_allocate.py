@@ -147,6 +147,58 @@ def test_plan_scores_equal_the_counter_on_whole_compressed_models(tiny_planner, 
     assert modes == {"freebie", "quantized"}
 
 
+def test_options_at_each_input_width_cost_what_a_fresh_build_counts(tiny_planner, tiny_gpt):
+    """The input widths of one weight setting share its build: every option of an MLP layer
+    (2 input widths) costs exactly what the layer built from scratch for it counts, in both
+    modes, and each single-knob proxy error is the proxy's own for that knob alone."""
+    from microsweep import LayerPolicy
+    from microsweep.allocate._levels import layer_setting
+    from microsweep.allocate._options import _LayerBuilder, _plain, _Proxy, _score
+    from microsweep.compress import compress_layer, layer_inputs
+
+    planner, baseline, calib = tiny_planner
+    opts = next(o for o in planner.options if o.unit.key == "blocks.1.mlp.c_fc")
+    assert len(opts.levels["act_bits"]) == 2 and len(opts.unit.layers) == 1
+    (info,) = opts.unit.layers
+    linear = tiny_gpt.get_submodule(info.name)
+    layer_in = layer_inputs(tiny_gpt, {info.name: linear}, calib, max_rows=4096)[info.name]
+    proxy = _Proxy(linear, layer_in)
+    fresh = _LayerBuilder(linear, [])
+    quantized, freebie = CountConfig(freebie=False), CountConfig()
+    dense_q = _score(linear, CONTEXT, quantized, baseline)[0]
+    dense_f = _score(linear, CONTEXT, freebie, baseline)[0]
+    both = 0
+    for k in range(len(opts)):
+        setting = _plain(layer_setting(info, dict(opts.unit.knobs), opts.values(k), info.name))
+        factors = None if setting.rank is None else fresh.factors(setting.rank)
+        module = compress_layer(
+            linear, setting, act_scale=proxy.act_scale(setting.act_bits), factors=factors
+        )
+        want_q = _score(module, CONTEXT, quantized, baseline)[0] - dense_q
+        assert opts.cost[k, 0] == pytest.approx(want_q, rel=1e-12, abs=1e-15)
+        want_f, applied = _score(module, CONTEXT, freebie, baseline)
+        if min(setting.bits, setting.act_bits) >= 16 and applied:
+            assert opts.cost[k, 1] == pytest.approx(want_f - dense_f, rel=1e-12, abs=1e-15)
+            both += 1
+        else:
+            assert np.isnan(opts.cost[k, 1])
+    assert both > 0
+    builder = _LayerBuilder(linear, list(opts.levels["sparsity"]), proxy.stats)
+    for (_, kn, i), err in opts.proxy.items():
+        value = opts.levels[kn][i]
+        single = _plain(layer_setting(info, dict(opts.unit.knobs), {kn: value}, info.name))
+        if kn == "act_bits":
+            want = proxy.act_error(value)
+        else:
+            block = single.block if kn == "sparsity" else None
+            want = proxy.weight_error(LayerPolicy(**{kn: getattr(single, kn), "block": block}),
+                                      builder)  # fmt: skip
+        assert err == pytest.approx(want, rel=1e-9) and err > 0
+    # every knob's every level but the identity ones has its error
+    levels = sum(1 for (_, kn, i), key in opts.keys.items() if key is not None)
+    assert len(opts.proxy) == levels and {kn for (_, kn, _) in opts.proxy} == set(opts.knobs)
+
+
 def test_tied_rule_is_one_unit_and_plans_keep_it_tied(tiny_planner):
     planner, _, _ = tiny_planner
     keys = [u.key for u in planner.units]

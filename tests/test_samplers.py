@@ -57,10 +57,10 @@ def test_each_sampler_runs_with_the_constraint(sampler, shared_url, tiny_gpt):
 
 
 def test_sensitivity_pass_keeps_its_budget_and_is_reused(tmp_path, tiny_gpt):
-    """A 2-trial sweep's pass stops at its share of the trials' time once every layer and knob
-    has its most compressed level measured, and interpolates the rest; `microsweep sensitivity`
-    then measures only what is missing, on the same windows; a sweep after it measures nothing
-    and rewrites nothing."""
+    """A 2-trial sweep's pass stops at its share of the trials' time, first round included,
+    and estimates the rest (most layers and knobs from the proxy errors scaled to the measured
+    probes); `microsweep sensitivity` then measures only what is missing, on the same windows;
+    a sweep after it measures nothing and rewrites nothing."""
     from microsweep.search._sensitivity import SENSITIVITY_SHARE
 
     url = f"sqlite:///{tmp_path / 'reuse.db'}"
@@ -72,12 +72,14 @@ def test_sensitivity_pass_keeps_its_budget_and_is_reused(tmp_path, tiny_gpt):
     assert s["probes"] > 50 and s["reused"] == 0
     assert s["trial_seconds"] > 0 and 32 <= s["windows"] < s["of_windows"]
     assert s["budget_seconds"] == pytest.approx(SENSITIVITY_SHARE * 2 * s["trial_seconds"])
-    assert 0 < s["round_one_seconds"] <= s["seconds"]
-    assert s["measured"] < s["probes"] and s["estimated"] == s["probes"] - s["measured"]
-    # after the first round, no probe started past the budget: the pass ended within one
-    # probe's time (on this one worker) of the later of the two
+    groups = {(p.layer, p.knob) for p in _tiny_planner_probes()}
+    assert 1 <= s["measured"] < len(groups)  # the budget cut the first round short
+    assert s["estimated"] == s["probes"] - s["measured"]
+    assert s["from_proxy"] > s["probes"] / 2  # layers and knobs with nothing measured
+    # no probe started past the budget, once the first had told how long one takes: the pass
+    # ended within the dense read and that first probe, or one probe past the budget
     slowest = max(s["trial_seconds"], 1.0)
-    assert s["seconds"] <= max(s["budget_seconds"], s["round_one_seconds"]) + slowest
+    assert s["seconds"] <= s["budget_seconds"] + 2 * slowest
     store = Store(url)
     key = store.get_sweep("reuse-a").eval_key
     probe_key = key + "|probe-windows"
@@ -120,6 +122,67 @@ def test_sensitivity_pass_keeps_its_budget_and_is_reused(tmp_path, tiny_gpt):
     assert eval_key(windows=prepared.windows, **kwargs) == key
     assert eval_key(windows=prepared.windows[:-1], **kwargs) != key
     store.dispose()
+
+
+def _tiny_planner_probes():
+    """The probes a planned sweep of examples/tiny.py lists (levels only: nothing is built)."""
+    from microsweep.allocate import plan_levels, probes
+    from microsweep.prepare import load_space_file
+
+    units = load_space_file(TINY).space.units()
+    return probes(units, {u.key: plan_levels(u) for u in units})
+
+
+def test_unmeasured_probes_take_the_proxy_error_scaled_by_the_measured_ones():
+    """Between measured levels of a layer and knob: linear in the proxy error; a layer and knob
+    with nothing measured: its proxy error times the knob's median NLL increase per unit of
+    proxy error (2 values: the upper one); without a prior: the levels' old read-off. The
+    pass measures knobs in turn, each knob's layers by the proxy error, largest first."""
+    from microsweep.allocate import Probe
+    from microsweep.search._sensitivity import interpolate_with_priors, priority_order
+
+    dense = 2.0
+    probes, priors = [], {}
+    errors = {
+        ("a", "sparsity"): (0.01, 0.04), ("b", "sparsity"): (0.02, 0.08),
+        ("c", "sparsity"): (0.03, 0.12), ("a", "bits"): (0.001, 0.02),
+        ("b", "bits"): (0.002, 0.04), ("c", "bits"): None,
+    }  # fmt: skip
+    for (layer, knob), errs in errors.items():
+        for i, key in enumerate(("0.25", "0.5") if knob == "sparsity" else ("8", "4")):
+            probes.append(Probe(layer, knob, key, float(key), None))
+            if errs is not None:
+                priors[(layer, knob, key)] = errs[i]
+    measured = {
+        ("a", "sparsity", "0.5"): dense + 0.4,  # 10 per unit of proxy error
+        ("b", "sparsity", "0.5"): dense + 1.2,  # 15
+        ("a", "bits", "4"): dense + 0.2,  # 10
+    }
+    entries, estimated, from_proxy = interpolate_with_priors(
+        probes, measured, dense=dense, priors=priors
+    )
+    want = {
+        ("a", "sparsity", "0.25"): 2.1,  # a quarter of the way to 0.04, from the dense NLL
+        ("b", "sparsity", "0.25"): 2.3,
+        ("c", "sparsity", "0.25"): 2.0 + 15 * 0.03,
+        ("c", "sparsity", "0.5"): 2.0 + 15 * 0.12,
+        ("a", "bits", "8"): 2.01,
+        ("b", "bits", "8"): 2.0 + 10 * 0.002,
+        ("b", "bits", "4"): 2.0 + 10 * 0.04,
+        ("c", "bits", "4"): 2.2,  # no prior: what other layers measured at that level
+        ("c", "bits", "8"): math.inf,  # nothing anywhere: allocation avoids it
+        **measured,
+    }
+    assert entries.keys() == want.keys()
+    for k, v in want.items():
+        assert entries[k] == pytest.approx(v, rel=1e-12), k
+    assert (estimated, from_proxy) == (9, 4)
+    order = [(p.layer, p.knob, p.key) for p in priority_order(probes, priors)]
+    assert order[:6] == [
+        ("c", "sparsity", "0.5"), ("b", "bits", "4"), ("b", "sparsity", "0.5"),
+        ("a", "bits", "4"), ("a", "sparsity", "0.5"), ("c", "bits", "4"),
+    ]  # fmt: skip
+    assert sorted(order[6:]) == sorted(k for k in want if k[2] in ("0.25", "8"))
 
 
 def test_auto_starts_with_its_warm_starts(shared_url, tiny_gpt):

@@ -24,6 +24,7 @@ head's inputs, so the partner's inputs travel with the unit's.
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import math
@@ -38,6 +39,7 @@ from torch import nn
 from microsweep.allocate._levels import KNOBS, identity_level, layer_setting, level_key
 from microsweep.compress import (
     BandSlot,
+    CompressedLinear,
     InputStats,
     LowRankEmbedding,
     LowRankLinear,
@@ -60,7 +62,7 @@ from microsweep.compress import (
     weight_svd,
 )
 from microsweep.errors import SpaceError
-from microsweep.score import Baseline, CountConfig, count
+from microsweep.score import Baseline, CountConfig, Counts, count, op_weight
 from microsweep.spaces import GROUP_METHODS, LayerInfo, LayerPolicy, Unit
 
 __all__ = [
@@ -86,7 +88,10 @@ class UnitOptions:
       combination rules the mode out);
     - `rho` (K, n_layers): interaction ratio per member layer;
     - `keys[(m, knob, i)]`: the sensitivity-table key of member m's knob at level i (None for
-      the identity level).
+      the identity level);
+    - `proxy[(m, knob, i)]`: member m's relative output error with only that knob at level i
+      (the proxy `rho` is built from; empty without calibration inputs), which gives a probe the
+      sensitivity pass leaves unmeasured a prior (`search._sensitivity.interpolate`).
     """
 
     unit: Unit
@@ -96,6 +101,7 @@ class UnitOptions:
     cost: np.ndarray
     rho: np.ndarray
     keys: dict[tuple[int, str, int], str | None]
+    proxy: dict[tuple[int, str, int], float] = field(default_factory=dict)
     _index: dict[tuple[int, ...], int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -207,6 +213,7 @@ def build_unit_options(
     cost = np.zeros((n, len(MODES)))
     rho = np.ones((n, m))
     keys: dict[tuple[int, str, int], str | None] = {}
+    singles: dict[tuple[int, str, int], float] = {}
     quantized = replace(config, freebie=False)
     freebie_on = config.freebie
     joint = _joint_groups(unit, model, levels, knobs, combos)
@@ -229,10 +236,6 @@ def build_unit_options(
             if slot is not None and layer_in is not None:
                 layer_in = _band_inputs(slot, layer_in)
             proxy = _Proxy(linear, layer_in)
-            for kn in knobs:
-                for i, value in enumerate(levels[kn]):
-                    setting = layer_setting(info, dict(unit.knobs), {kn: value}, unit.key)
-                    keys[(mi, kn, i)] = level_key(kn, setting)
             tied = _tied_pair(unit, info, model, inputs)
             builder = _LayerBuilder(linear, list(levels.get("sparsity", [])), proxy.stats, tied)
             tied_dense = None
@@ -242,6 +245,14 @@ def build_unit_options(
                     _score(pair, context, quantized, baseline)[0],
                     _score(pair, context, config, baseline)[0] if freebie_on else np.nan,
                 )
+            for kn in knobs:
+                for i, value in enumerate(levels[kn]):
+                    setting = layer_setting(info, dict(unit.knobs), {kn: value}, unit.key)
+                    keys[(mi, kn, i)] = level_key(kn, setting)
+                    if layer_in is not None and keys[(mi, kn, i)] is not None:
+                        singles[(mi, kn, i)] = proxy.single_error(kn, _plain(setting), builder)
+            built: dict[LayerPolicy, nn.Module] = {}  # per weight setting, its latest build
+            first: dict[LayerPolicy, tuple[Counts, int]] = {}  # and its first count
             for k, row in enumerate(combos):
                 values = {kn: levels[kn][int(i)] for kn, i in zip(knobs, row, strict=True)}
                 setting = _plain(layer_setting(info, dict(unit.knobs), values, unit.key))
@@ -251,13 +262,29 @@ def build_unit_options(
                     if layer_in is not None:
                         rho[k, mi] = proxy.ratio(setting, builder, joint[k][info.name])
                     continue
-                module, counted = builder.build_counted(setting, proxy.act_scale(setting.act_bits))
+                act_scale = proxy.act_scale(setting.act_bits)
                 base_q, base_f = (dense_q, dense_f)
-                if counted is not module and tied_dense is not None:  # the pair, both sides
-                    base_q, base_f = tied_dense
-                if slot is not None:  # an unchanged band stays in the layer's dense rest
-                    counted = dense if setting.is_identity else slot.banded(module)
-                score_q, _ = _score(counted, context, quantized, baseline)
+                if tied is not None or slot is not None:  # counted with a partner or as a band
+                    module, counted = builder.build_counted(setting, act_scale)
+                    if counted is not module and tied_dense is not None:  # the pair, both sides
+                        base_q, base_f = tied_dense
+                    if slot is not None:  # an unchanged band stays in the layer's dense rest
+                        counted = dense if setting.is_identity else slot.banded(module)
+                    score_q, _ = _score(counted, context, quantized, baseline)
+                else:
+                    weights = replace(setting, act_bits=32)
+                    module = _with_act_bits(built.get(weights), setting.act_bits, act_scale)
+                    score_q = None
+                    if module is None:
+                        module = builder.build(setting, act_scale)
+                    elif weights in first:  # the same weights: only the input width differs
+                        score_q = _score_at_act(*first[weights], setting.act_bits, baseline)
+                    built[weights] = module
+                    if score_q is None:
+                        counts = count(_Holder(module), context=context, config=quantized)
+                        first.setdefault(weights, (counts, setting.act_bits))
+                        score_q = counts.params / baseline.params + counts.ops / baseline.ops
+                    counted = module
                 cost[k, 0] += score_q - base_q
                 if freebie_on and min(setting.bits, setting.act_bits) >= 16:
                     score_f, applied = _score(counted, context, config, baseline)
@@ -266,7 +293,50 @@ def build_unit_options(
                     cost[k, 1] = np.nan
                 if layer_in is not None:
                     rho[k, mi] = proxy.ratio(setting, builder, module)
-    return UnitOptions(unit, knobs, levels, combos, cost, rho, keys)
+    return UnitOptions(unit, knobs, levels, combos, cost, rho, keys, singles)
+
+
+INPUT_ROWS = ("layer", "layer.first")
+"""The counter's rows (under `_Holder`) of the matrix that reads a layer's input."""
+
+
+def _score_at_act(counts: Counts, act_from: int, act_to: int, baseline: Baseline) -> float | None:
+    """The quantized-mode score of the layer counted in `counts` with its input at `act_to`
+    bits instead of `act_from` (the same weights: `_with_act_bits`): the count's one input
+    row has its multiplies reweighted, max(bits, act) / 32 each, as the counter weighs them;
+    the input scale is one fp32 constant at either width. None where the count has not exactly
+    one such row at `act_from` (count the module instead)."""
+    rows = [lc for lc in counts.layers if lc.name in INPUT_ROWS and lc.act_bits is not None]
+    if len(rows) != 1 or rows[0].act_bits != act_from or rows[0].bits is None:
+        return None
+    if counts.freebie or max(act_from, act_to) >= 32:
+        return None
+    row = rows[0]
+    ops = counts.ops + row.mults * (op_weight(row.bits, act_to) - op_weight(row.bits, act_from))
+    return counts.params / baseline.params + ops / baseline.ops
+
+
+def _with_act_bits(
+    module: nn.Module | None, act_bits: int, act_scale: torch.Tensor | None
+) -> nn.Module | None:
+    """`module` with its input quantized at `act_bits` instead, sharing every weight: the
+    input width changes no weight, so the options of one weight setting at several input
+    widths share one build (and its pruning and rounding). None where the input quantizer is
+    not a `CompressedLinear`'s at under 32 bits both before and after (build it instead)."""
+    if module is None or act_scale is None:
+        return None
+    if isinstance(module, LowRankLinear) and not isinstance(module, LowRankEmbedding):
+        first = _with_act_bits(module.first, act_bits, act_scale)
+        return None if first is None else type(module)(first, module.second)
+    if type(module) is not CompressedLinear or module.act_scale is None:
+        return None
+    twin = copy.copy(module)  # a new module over the same parameters and buffers
+    twin._parameters = dict(module._parameters)
+    twin._buffers = dict(module._buffers)
+    twin._modules = dict(module._modules)
+    twin.act_bits = act_bits
+    twin.act_scale = act_scale.to(module.weight.device)
+    return twin
 
 
 def _band_slot(
@@ -744,15 +814,23 @@ class _Proxy:
             self._act_err[act_bits] = float(((delta @ self.weight.T) ** 2).sum()) / self.ref
         return self._act_err[act_bits]
 
+    def single_error(self, knob: str, setting: LayerPolicy, builder: _LayerBuilder) -> float:
+        """Relative output error of `setting`'s `knob` alone (the other knobs at identity)."""
+        if knob == "act_bits":
+            return self.act_error(setting.act_bits)
+        value = getattr(setting, knob)
+        if value == identity_level(knob):
+            return 0.0
+        single = LayerPolicy(
+            **{knob: value, "block": setting.block if knob == "sparsity" else None}
+        )
+        return self.weight_error(single, builder)
+
     def ratio(self, setting: LayerPolicy, builder: _LayerBuilder, module: nn.Module) -> float:
         """Error of the combination over the sum of its knobs' errors alone (1 if all zero)."""
         whole = self.weight_error(setting, builder, module) + self.act_error(setting.act_bits)
-        alone = self.act_error(setting.act_bits)
-        for knob in ("sparsity", "bits", "rank"):
-            value = getattr(setting, knob)
-            if value != identity_level(knob):
-                single = LayerPolicy(
-                    **{knob: value, "block": setting.block if knob == "sparsity" else None}
-                )
-                alone += self.weight_error(single, builder)
+        alone = sum(
+            self.single_error(knob, setting, builder)
+            for knob in ("act_bits", "sparsity", "bits", "rank")
+        )
         return whole / alone if alone > 1e-15 else 1.0

@@ -274,6 +274,18 @@ class Planner:
         """The single-knob measurements the predictor needs."""
         return probes(self.units, self.levels)
 
+    def probe_priors(self) -> dict[tuple[str, str, str], float]:
+        """Each probe's proxy error, (layer, knob, level key) -> the layer's relative output
+        error with that knob alone at that level (where calibration inputs were given): what
+        the sensitivity pass scales into a loss for the probes its budget leaves unmeasured."""
+        out: dict[tuple[str, str, str], float] = {}
+        for opts in self.options:
+            for (mi, kn, i), err in opts.proxy.items():
+                key = opts.keys.get((mi, kn, i))
+                if key is not None:
+                    out.setdefault((opts.unit.layers[mi].name, kn, key), float(err))
+        return out
+
     def set_sensitivity(self, table: SensitivityTable) -> None:
         """Predicted per-knob losses of every option from measured single-knob losses."""
         parts = []

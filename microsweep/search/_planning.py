@@ -138,6 +138,7 @@ def _measure(
         dense_perplexity=sweep.dense_perplexity,
         progress=progress,
         budget=budget,
+        priors=planner.probe_priors(),
     )
     say(progress, sensitivity_line(summary, budget))
     planner.set_sensitivity(table)

@@ -6,10 +6,14 @@ measurements stored and runs only what is missing, so a second sweep measures no
 
 A sweep's pass is budgeted (`ProbeBudget`): probes read a quarter of the evaluation windows
 (the loss is a paired difference against the dense model on the same windows, so few suffice),
-run in rounds that give every layer and knob its most compressed level first, then the middle
-one, then the rest by bisection, and stop once their wall time reaches a share of what the
-sweep's trials will take (10% by default); levels left unmeasured are interpolated between the
-measured ones of the same layer and knob, and measured by a later pass with more budget.
+run in rounds that give every layer and knob its most compressed level first (knobs in turn,
+each knob's layers by the planner's proxy error, largest first), then the middle one, then the
+rest by bisection, and no probe starts once their wall time reaches a share of what the sweep's
+trials will take (10% by default), first round included. Levels left unmeasured are estimated
+(`interpolate_with_priors`; `interpolate` without the planner's proxy errors): between the
+measured levels of the same layer and knob, or, where a layer and knob has none, from the
+planner's proxy error scaled by what the measured probes of that knob say about it; estimates
+are never stored, so a later pass with more budget measures them.
 """
 
 from __future__ import annotations
@@ -101,11 +105,13 @@ def measure_sensitivity(
     dense_perplexity: float,
     progress: bool = True,
     budget: ProbeBudget | None = None,
+    priors: dict[tuple[str, str, str], float] | None = None,
 ) -> tuple[SensitivityTable, dict[str, Any]]:
     """Measure the probes not stored yet under `key`, store them, and return the whole table
     with a summary (probes measured now, reused, estimated, seconds). With a `budget`, probes
     read its windows (stored under their own key) in priority rounds until its time is spent,
-    and the levels left unmeasured are interpolated (`interpolate`)."""
+    and the levels left unmeasured are estimated (`interpolate`, from `priors`: each probe's
+    proxy output error, `Planner.probe_priors`, when given)."""
     from microsweep.allocate import SensitivityTable
 
     windows = budget.windows if budget is not None else None
@@ -119,19 +125,17 @@ def measure_sensitivity(
     stored = store.sensitivity(key)
     missing = [p for p in probes if (p.layer, p.knob, p.key) not in stored]
     if budget is not None:
-        missing = priority_order(missing)
+        missing = priority_order(missing, priors)
     probing = _Probing(store, pool, missing, common, stored, progress, windows=windows)
-    if DENSE not in stored:
-        if windows is None:
-            nll = math.log(dense_perplexity)
-            dense_row = {"layer": "", "knob": "dense", "level": "", "value": 0.0, "nll": nll}
-            store.record_sensitivity([{**common, **dense_row, "perplexity": dense_perplexity}])
-            stored[DENSE] = nll
-        else:  # the dense model on the probes' own windows, first
-            probing.dense_first()
-    probing.run(reused=len(probes) - len(missing), budget=budget)
+    if DENSE not in stored and windows is None:
+        nll = math.log(dense_perplexity)
+        dense_row = {"layer": "", "knob": "dense", "level": "", "value": 0.0, "nll": nll}
+        store.record_sensitivity([{**common, **dense_row, "perplexity": dense_perplexity}])
+        stored[DENSE] = nll
+    # without it, the dense model on the probes' own windows goes first, beside the first probes
+    probing.run(reused=len(probes) - len(missing), budget=budget, dense=DENSE not in stored)
     measured = {k: v for k, v in stored.items() if k != DENSE}
-    entries, estimated = interpolate(probes, measured, dense=stored[DENSE])
+    entries, estimated, from_proxy = _estimate(probes, measured, stored[DENSE], priors)
     table = SensitivityTable(dense_nll=stored[DENSE], entries=entries)
     summary = {
         "probes": len(probes),
@@ -139,6 +143,7 @@ def measure_sensitivity(
         "failed": probing.failures,
         "reused": len(probes) - len(missing),
         "estimated": estimated,
+        "from_proxy": from_proxy,
         "seconds": time.perf_counter() - probing.started,
         "windows": len(windows) if windows is not None else None,
         "of_windows": budget.n_windows if budget is not None else None,
@@ -169,25 +174,44 @@ def sensitivity_line(summary: dict[str, Any], budget: ProbeBudget) -> str:
     extra = []
     if summary.get("reused"):
         extra.append(f"{summary['reused']} reused")
-    if summary.get("estimated"):
-        extra.append(f"{summary['estimated']} interpolated between measured levels")
+    proxied = summary.get("from_proxy") or 0
+    if summary.get("estimated", 0) - proxied:
+        extra.append(f"{summary['estimated'] - proxied} interpolated between measured levels")
+    if proxied:
+        extra.append(f"{proxied} from the planner's proxy errors scaled to the measured probes")
     if summary.get("failed"):
         extra.append(f"{summary['failed']} failed")
     return line + ("; " + ", ".join(extra) if extra else "")
 
 
-def priority_order(probes: Sequence[Probe]) -> list[Probe]:
+def priority_order(
+    probes: Sequence[Probe], priors: dict[tuple[str, str, str], float] | None = None
+) -> list[Probe]:
     """Probes in rounds: every (layer, knob)'s most compressed level, then its middle one,
     then the levels halfway between measured ones, so a pass cut short anywhere has measured
-    each layer's knobs where they cost most and can interpolate the rest."""
+    each layer's knobs where they cost most and can estimate the rest. Inside a round the
+    knobs take turns (a pass cut short early still has each knob's scale), and each knob's
+    layers go by the proxy error of their most compressed level in `priors`, largest first
+    (the layers whose estimate would matter most), else in model order."""
     groups: dict[tuple[str, str], list[Probe]] = {}
     for p in probes:
         groups.setdefault((p.layer, p.knob), []).append(p)
-    ranked: list[tuple[int, int, Probe]] = []
-    for g, members in enumerate(groups.values()):
+    priors = priors or {}
+
+    def worst(members: list[Probe]) -> float:
+        value = priors.get((members[-1].layer, members[-1].knob, members[-1].key), 0.0)
+        return -value if math.isfinite(value) else -math.inf
+
+    turn: dict[tuple[str, str], int] = {}  # a group's place among its knob's groups
+    for knob in dict.fromkeys(k for _, k in groups):
+        mine = [g for g in groups if g[1] == knob]
+        for place, g in enumerate(sorted(mine, key=lambda g: worst(groups[g]))):
+            turn[g] = place
+    ranked: list[tuple[int, int, int, Probe]] = []
+    for g, (key, members) in enumerate(groups.items()):
         for rank, index in enumerate(_bisection(len(members))):
-            ranked.append((rank, g, members[index]))
-    return [p for _, _, p in sorted(ranked, key=lambda item: (item[0], item[1]))]
+            ranked.append((rank, turn[key], g, members[index]))
+    return [p for *_, p in sorted(ranked, key=lambda item: item[:3])]
 
 
 def _bisection(n: int) -> list[int]:
@@ -245,6 +269,83 @@ def interpolate(
         estimated += 1
     entries.pop(DENSE, None)
     return entries, estimated
+
+
+def _estimate(
+    probes: Sequence[Probe],
+    measured: dict[tuple[str, str, str], float],
+    dense: float,
+    priors: dict[tuple[str, str, str], float] | None,
+) -> tuple[dict[tuple[str, str, str], float], int, int]:
+    """`interpolate` with `priors` when given; also how many came from the proxy alone."""
+    if priors:
+        return interpolate_with_priors(probes, measured, dense=dense, priors=priors)
+    entries, estimated = interpolate(probes, measured, dense=dense)
+    return entries, estimated, 0
+
+
+def interpolate_with_priors(
+    probes: Sequence[Probe],
+    measured: dict[tuple[str, str, str], float],
+    *,
+    dense: float,
+    priors: dict[tuple[str, str, str], float],
+) -> tuple[dict[tuple[str, str, str], float], int, int]:
+    """Every probe's NLL: measured where it was; else read off the same layer and knob's
+    measured levels with the level's proxy output error (`priors`) as its distance from no
+    compression (linear between them, from the dense NLL at 0, in proportion past the last);
+    else, with nothing measured for that layer and knob, the dense NLL plus the proxy error
+    times the knob's scale: the median over its measured probes of NLL increase per unit of
+    proxy error (of every knob's probes when the knob has none). A probe without a finite
+    prior falls back to `interpolate`. Returns the entries, how many were estimated, and how
+    many of those from a scale alone."""
+    ratios: dict[str, list[float]] = {}
+    for (layer, knob, key), nll in measured.items():
+        prior = priors.get((layer, knob, key))
+        if prior is not None and math.isfinite(prior) and prior > 0 and not math.isnan(nll):
+            ratios.setdefault(knob, []).append((nll - dense) / prior)
+    pooled = [r for rs in ratios.values() for r in rs]
+
+    def scale(knob: str) -> float | None:
+        values = sorted(ratios.get(knob) or pooled)
+        return max(0.0, values[len(values) // 2]) if values else None
+
+    groups: dict[tuple[str, str], list[Probe]] = {}
+    for p in probes:
+        groups.setdefault((p.layer, p.knob), []).append(p)
+    entries = {k: v for k, v in measured.items() if k != DENSE}
+    rest: list[Probe] = []
+    estimated = from_proxy = 0
+    for (_, knob), members in groups.items():
+        xs = [priors.get((p.layer, p.knob, p.key)) for p in members]
+        if not all(x is not None and math.isfinite(x) for x in xs):
+            rest.extend(members)
+            continue
+        known = [
+            (x, measured[(p.layer, p.knob, p.key)])
+            for x, p in zip(xs, members, strict=True)
+            if (p.layer, p.knob, p.key) in measured
+        ]
+        c = None if known else scale(knob)
+        for x, p in zip(xs, members, strict=True):
+            k = (p.layer, p.knob, p.key)
+            if k in entries:
+                continue
+            if known:
+                entries[k] = _read_off(float(x), known, base=dense)
+            elif c is not None:
+                entries[k] = dense + (c * float(x) if c > 0 and x > 0 else 0.0)
+                from_proxy += 1
+            else:
+                rest.append(p)
+                continue
+            estimated += 1
+    if rest:  # no usable prior: read off the old way (the measured ones pass through)
+        more, n = interpolate(rest, measured, dense=dense)
+        for p in rest:
+            entries[(p.layer, p.knob, p.key)] = more[(p.layer, p.knob, p.key)]
+        estimated += n
+    return entries, estimated, from_proxy
 
 
 def _distance(knob: str, probe: Probe, index: int, n: int) -> float:
@@ -305,12 +406,8 @@ class _Probing:
         self.round_one_s: float | None = None  # when every layer and knob had one probe back
         self._trial_s: list[float] = []
 
-    def dense_first(self) -> None:
+    def _dense(self, res: TrialResult | None) -> None:
         """The dense model on the probes' windows, stored as the key's dense row."""
-        from microsweep.spaces import Policy
-
-        self.pool.submit(-1, Policy(layers={}).to_json(), early_stop=False, windows=self.windows)
-        res = self.pool.wait()
         ppl = res.perplexity if res is not None and res.ok else None
         if not (isinstance(ppl, float) and math.isfinite(ppl) and ppl > 0):
             why = res.error if res is not None else "no result"
@@ -327,30 +424,34 @@ class _Probing:
             return None
         return sorted(self._trial_s)[len(self._trial_s) // 2]
 
-    def run(self, *, reused: int, budget: ProbeBudget | None = None) -> None:
-        """Submit every probe as workers free, record each result as it comes; with a `budget`,
-        submit no new probe once its time is spent and the first round (every layer and
-        knob's most compressed level) is done."""
+    def run(self, *, reused: int, budget: ProbeBudget | None = None, dense: bool = False) -> None:
+        """Submit every probe as workers free (the `dense` model on the probes' windows first,
+        when asked), record each result as it comes; with a `budget`, submit no new probe
+        once its time is spent (the first probes, before any has told how long one takes,
+        always run)."""
         from microsweep.spaces import Policy
 
-        queue = list(self.by_number)
+        queue = ([-1] if dense else []) + list(self.by_number)
         first_round = {(p.layer, p.knob) for p in self.by_number.values()}
-        started_groups: set[tuple[str, str]] = set()
         returned: set[tuple[str, str]] = set()
         while queue or self.pool.busy:
             while queue and self.pool.free:
-                probe = self.by_number[queue[0]]
-                group = (probe.layer, probe.knob)
-                if budget is not None and started_groups >= first_round and self._spent(budget):
+                if budget is not None and queue[0] != -1 and self._spent(budget):
                     queue = []
                     break
                 number = queue.pop(0)
-                started_groups.add(group)
-                policy = Policy(layers={probe.layer: probe.setting})
+                if number == -1:
+                    policy = Policy(layers={})
+                else:
+                    probe = self.by_number[number]
+                    policy = Policy(layers={probe.layer: probe.setting})
                 self.pool.submit(number, policy.to_json(), early_stop=False, windows=self.windows)
             if not self.pool.busy:
                 break
             res = self.pool.wait()
+            if res is not None and res.number == -1:
+                self._dense(res)
+                continue
             self._time(res, budget)
             self._record(res)
             probe = self.by_number[res.number]
