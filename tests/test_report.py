@@ -20,7 +20,7 @@ from microsweep.report import (
     trial_rows,
     write_report,
 )
-from microsweep.search import run_sweep
+from microsweep.search import run_sensitivity, run_sweep
 from microsweep.storage import Store
 from tests.conftest import ROOT
 from tests.conftest import cli as _cli
@@ -30,12 +30,14 @@ TINY = str(ROOT / "examples" / "tiny.py")
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, tiny_gpt) -> str:
-    """An auto sweep: uniform warm starts, a sensitivity table, trials stopped early, and one
+    """An auto sweep: uniform warm starts, a whole sensitivity table, trials stopped early, and one
     trial of ours that quantizes a single layer to 8 bits (so it loses the 16-bit allowance)."""
     from microsweep.spaces import LayerPolicy, Policy
 
     url = f"sqlite:///{tmp_path_factory.mktemp('report') / 'report.db'}"
     one_layer = Policy(layers={"blocks.0.mlp.c_fc": LayerPolicy(bits=8)})
+    # the whole table first (a sweep's own pass measures what its time budget allows)
+    run_sensitivity(TINY, name="table", storage=url, in_process=True, progress=False)
     run_sweep(
         TINY, name="a", trials=12, storage=url, seed=1, sampler="auto", in_process=True,
         progress=False, warm_start=[one_layer],

@@ -57,11 +57,11 @@ def test_each_sampler_runs_with_the_constraint(sampler, shared_url, tiny_gpt):
 
 
 def test_sensitivity_pass_keeps_its_budget_and_is_reused(tmp_path, tiny_gpt):
-    """A 2-trial sweep's pass stops at its share of the trials' time, first round included,
+    """A 2-trial sweep's pass stops at its floor of trials' time, first round included,
     and estimates the rest (most layers and knobs from the proxy errors scaled to the measured
     probes); `microsweep sensitivity` then measures only what is missing, on the same windows;
     a sweep after it measures nothing and rewrites nothing."""
-    from microsweep.search._sensitivity import SENSITIVITY_SHARE
+    from microsweep.search._sensitivity import PROBE_FLOOR_TRIALS, SENSITIVITY_SHARE
 
     url = f"sqlite:///{tmp_path / 'reuse.db'}"
     first = run_sweep(
@@ -71,7 +71,9 @@ def test_sensitivity_pass_keeps_its_budget_and_is_reused(tmp_path, tiny_gpt):
     s = first.sensitivity
     assert s["probes"] > 50 and s["reused"] == 0
     assert s["trial_seconds"] > 0 and 32 <= s["windows"] < s["of_windows"]
-    assert s["budget_seconds"] == pytest.approx(SENSITIVITY_SHARE * 2 * s["trial_seconds"])
+    share = SENSITIVITY_SHARE * 2 * s["trial_seconds"]  # a short sweep: the floor instead
+    assert s["budget_seconds"] == pytest.approx(PROBE_FLOOR_TRIALS * s["trial_seconds"])
+    assert share < s["budget_seconds"]
     groups = {(p.layer, p.knob) for p in _tiny_planner_probes()}
     assert 1 <= s["measured"] < len(groups)  # the budget cut the first round short
     assert s["estimated"] == s["probes"] - s["measured"]
@@ -103,8 +105,9 @@ def test_sensitivity_pass_keeps_its_budget_and_is_reused(tmp_path, tiny_gpt):
     # a sweep with a time budget spends its share of that when it is the shorter
     from microsweep.search._sensitivity import ProbeBudget
 
-    assert ProbeBudget(100, 2, 256, None).seconds(2.0) == pytest.approx(10.0)
-    assert ProbeBudget(100, 2, 256, None, timeout=30.0).seconds(2.0) == pytest.approx(3.0)
+    assert ProbeBudget(200, 2, 256, None).seconds(2.0) == pytest.approx(20.0)
+    assert ProbeBudget(1000, 2, 256, None, timeout=300.0).seconds(2.0) == pytest.approx(30.0)
+    assert ProbeBudget(2, 1, 256, None).seconds(2.0) == pytest.approx(PROBE_FLOOR_TRIALS * 2.0)
     # a different evaluation (other windows) is another key: nothing is reused across them
     from microsweep.prepare import load_space_file, prepare
     from microsweep.search import eval_key

@@ -42,6 +42,9 @@ DENSE = ("", "dense", "")
 """The (layer, knob, level) under which the dense model's NLL is stored."""
 SENSITIVITY_SHARE = 0.1
 """The default share of a sweep's expected trial wall time its sensitivity pass may take."""
+PROBE_FLOOR_TRIALS = 5
+"""The least a pass may take, in one trial's time on a worker (a few probes per trial: each
+reads a quarter of the windows), however short the sweep."""
 
 
 @dataclass(frozen=True)
@@ -85,12 +88,14 @@ class ProbeBudget:
         return eval_key if self.windows is None else probe_key(eval_key)
 
     def seconds(self, trial_seconds: float) -> float:
-        """The wall time the pass may take when one trial takes `trial_seconds` on a worker
-        (the trials' wall time, or the sweep's time budget when that is shorter)."""
+        """The wall time the pass may take when one trial takes `trial_seconds` on a worker:
+        `share` of the trials' wall time (or of the sweep's time budget when that is shorter),
+        and at least `PROBE_FLOOR_TRIALS` trials' time, so a short sweep still measures the
+        layers whose estimates matter most."""
         trials_wall = self.trials * trial_seconds / self.workers
         if self.timeout is not None:
             trials_wall = min(trials_wall, self.timeout)
-        return self.share * trials_wall
+        return max(self.share * trials_wall, PROBE_FLOOR_TRIALS * trial_seconds)
 
 
 def measure_sensitivity(
@@ -169,6 +174,12 @@ def sensitivity_line(summary: dict[str, Any], budget: ProbeBudget) -> str:
             f" (budget {spent:.1f}s: {budget.share:.0%} of {budget.trials} trials at ~{trial:.1f}s "
             f"on {budget.workers} worker{'s' if budget.workers > 1 else ''}"
             + (f", or of the {budget.timeout:g}s time budget" if budget.timeout else "")
+            + (
+                f"; at least {PROBE_FLOOR_TRIALS} trials' time"
+                if spent <= PROBE_FLOOR_TRIALS * trial * (1 + 1e-9)
+                and spent > budget.share * budget.trials * trial / budget.workers
+                else ""
+            )
             + ")"
         )
     extra = []
@@ -295,8 +306,9 @@ def interpolate_with_priors(
     measured levels with the level's proxy output error (`priors`) as its distance from no
     compression (linear between them, from the dense NLL at 0, in proportion past the last);
     else, with nothing measured for that layer and knob, the dense NLL plus the proxy error
-    times the knob's scale: the median over its measured probes of NLL increase per unit of
-    proxy error (of every knob's probes when the knob has none). A probe without a finite
+    times the knob's scale: the largest over its measured probes of NLL increase per unit of
+    proxy error (of every knob's probes when the knob has none), so an estimate errs towards
+    more loss and a plan built on it towards feasible. A probe without a finite
     prior falls back to `interpolate`. Returns the entries, how many were estimated, and how
     many of those from a scale alone."""
     ratios: dict[str, list[float]] = {}
@@ -306,9 +318,9 @@ def interpolate_with_priors(
             ratios.setdefault(knob, []).append((nll - dense) / prior)
     pooled = [r for rs in ratios.values() for r in rs]
 
-    def scale(knob: str) -> float | None:
-        values = sorted(ratios.get(knob) or pooled)
-        return max(0.0, values[len(values) // 2]) if values else None
+    def scale(knob: str) -> float | None:  # the largest: a plan errs towards feasible
+        values = ratios.get(knob) or pooled
+        return max(0.0, max(values)) if values else None
 
     groups: dict[tuple[str, str], list[Probe]] = {}
     for p in probes:
@@ -427,23 +439,28 @@ class _Probing:
     def run(self, *, reused: int, budget: ProbeBudget | None = None, dense: bool = False) -> None:
         """Submit every probe as workers free (the `dense` model on the probes' windows first,
         when asked), record each result as it comes; with a `budget`, submit no new probe
-        once its time is spent (the first probes, before any has told how long one takes,
-        always run)."""
+        once its time is spent, except each knob's first (its scale for the estimates: the
+        queue gives each knob's costliest layer first)."""
         from microsweep.spaces import Policy
 
         queue = ([-1] if dense else []) + list(self.by_number)
         first_round = {(p.layer, p.knob) for p in self.by_number.values()}
+        knobs = {p.knob for p in self.by_number.values()}
+        started: set[str] = set()  # knobs with a probe submitted: each gets one, budget or not
         returned: set[tuple[str, str]] = set()
         while queue or self.pool.busy:
             while queue and self.pool.free:
                 if budget is not None and queue[0] != -1 and self._spent(budget):
-                    queue = []
-                    break
+                    queue = [n for n in queue if self.by_number[n].knob not in started]
+                    if not queue or started >= knobs:
+                        queue = []
+                        break
                 number = queue.pop(0)
                 if number == -1:
                     policy = Policy(layers={})
                 else:
                     probe = self.by_number[number]
+                    started.add(probe.knob)
                     policy = Policy(layers={probe.layer: probe.setting})
                 self.pool.submit(number, policy.to_json(), early_stop=False, windows=self.windows)
             if not self.pool.busy:
