@@ -207,6 +207,12 @@ def _lstm_setup(quick: bool) -> Setup:
     )
 
 
+def _block_linears(n_layer: int) -> list[str]:
+    """The block Linears of microsweep's GPT, in model order."""
+    kinds = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    return [f"blocks.{b}.{k}" for b in range(n_layer) for k in kinds]
+
+
 def _gpt_setup(quick: bool) -> Setup:
     from microsweep import Bits, Rank, Sparsity, data, models
 
@@ -220,8 +226,7 @@ def _gpt_setup(quick: bool) -> Setup:
         block_size=block,
         pretrain_steps=100 if quick else 800,
     ).eval()
-    kinds = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-    matrices = [f"blocks.{b}.{k}" for b in range(2) for k in kinds]
+    matrices = _block_linears(2)
 
     def rules() -> dict[str, Any]:
         return {
@@ -1291,8 +1296,7 @@ def _wikitext_setup(quick: bool) -> Setup:
         pretrain_steps=100 if quick else 1200,
         lr=2e-3,
     ).eval()
-    kinds = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-    matrices = [f"blocks.{b}.{k}" for b in range(2) for k in kinds]
+    matrices = _block_linears(2)
 
     def rules() -> dict[str, Any]:
         return {

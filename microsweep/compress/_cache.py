@@ -303,21 +303,27 @@ class VariantCache:
                 prefix = f"{name}@{settings.rank}"
                 matrices = {f"{prefix}.first": factors.first.weight}
                 matrices[f"{prefix}.second"] = factors.second.weight
-            masks = tuple(
-                mask_from_order(
-                    self._order(key, weight, settings.block),
-                    weight.shape,
-                    settings.sparsity,
-                    settings.block,
-                )
-                for key, weight in matrices.items()
-            )
+            masks = self._masks(matrices, settings)
         stats = self._stats(name) if settings.data_aware else None
         module = compress_layer(
             linear, settings, act_scale=act_scale, factors=factors, masks=masks, stats=stats
         )
         self.builds += 1
         return module
+
+    def _masks(
+        self, matrices: Mapping[str, torch.Tensor], settings: LayerPolicy
+    ) -> tuple[torch.Tensor, ...]:
+        """Each matrix's magnitude mask at the settings' sparsity, from its cached order."""
+        return tuple(
+            mask_from_order(
+                self._order(key, weight, settings.block),
+                weight.shape,
+                settings.sparsity,
+                settings.block,
+            )
+            for key, weight in matrices.items()
+        )
 
     def _tied_variant(self, step: _Step) -> nn.ModuleList:
         """A tied step's (table, head) pair, cached under both names and its settings (and,
@@ -352,15 +358,7 @@ class VariantCache:
             prefix = f"{step.key}/{settings.rank_method}@{settings.rank}"
             matrices = {f"{prefix}.first": factors.first.weight}
             matrices[f"{prefix}.second"] = factors.second.weight
-            masks = tuple(
-                mask_from_order(
-                    self._order(key, weight, settings.block),
-                    weight.shape,
-                    settings.sparsity,
-                    settings.block,
-                )
-                for key, weight in matrices.items()
-            )
+            masks = self._masks(matrices, settings)
         stats = self._stats(head_name) if settings.data_aware else None
         pair = compress_tied(
             table, head, settings, act_scale=act_scale, factors=factors, masks=masks, stats=stats
