@@ -495,8 +495,9 @@ class VariantCache:
 
     def _stored_stats(self, name: str) -> InputStats | None:
         """Layer `name`'s statistics read from the level store's folder, on the base's device,
-        for the build at hand only: a build reads them once and its result is kept, so they
-        are not worth a place in the cache (a worker holds one layer's Gram matrix at a time)."""
+        for the build at hand only: builds are rare once their results are cached, so the
+        statistics are not worth a place in the cache (a worker holds one layer's Gram matrix
+        at a time, read again by each step of a build that needs it)."""
         if self.store is None:
             return None
         found = self.store.load_stats([name]).get(name)

@@ -306,16 +306,20 @@ def interpolate_with_priors(
     measured levels with the level's proxy output error (`priors`) as its distance from no
     compression (linear between them, from the dense NLL at 0, in proportion past the last);
     else, with nothing measured for that layer and knob, the dense NLL plus the proxy error
-    times the knob's scale: the largest over its measured probes of NLL increase per unit of
-    proxy error (of every knob's probes when the knob has none), so an estimate errs towards
-    more loss and a plan built on it towards feasible. A probe without a finite
-    prior falls back to `interpolate`. Returns the entries, how many were estimated, and how
-    many of those from a scale alone."""
-    ratios: dict[str, list[float]] = {}
+    times the knob's scale: the largest NLL increase per unit of proxy error over its layers,
+    each at its most compressed finite measured level (of every knob's when the knob has none),
+    so an estimate errs towards more loss and a plan built on it towards feasible. A probe
+    without a finite prior falls back to `interpolate`. Returns the entries, how many were
+    estimated, and how many of those from a scale alone."""
+    strongest: dict[tuple[str, str], tuple[float, float]] = {}  # (layer, knob) -> (prior, nll)
     for (layer, knob, key), nll in measured.items():
         prior = priors.get((layer, knob, key))
-        if prior is not None and math.isfinite(prior) and prior > 0 and not math.isnan(nll):
-            ratios.setdefault(knob, []).append((nll - dense) / prior)
+        usable = prior is not None and math.isfinite(prior) and prior > 0 and math.isfinite(nll)
+        if usable and prior > strongest.get((layer, knob), (0.0, 0.0))[0]:
+            strongest[(layer, knob)] = (prior, nll)
+    ratios: dict[str, list[float]] = {}  # from each layer's most compressed measured level:
+    for (_, knob), (prior, nll) in strongest.items():  # a mild level's ratio is mostly noise
+        ratios.setdefault(knob, []).append((nll - dense) / prior)
     pooled = [r for rs in ratios.values() for r in rs]
 
     def scale(knob: str) -> float | None:  # the largest: a plan errs towards feasible
@@ -445,15 +449,13 @@ class _Probing:
 
         queue = ([-1] if dense else []) + list(self.by_number)
         first_round = {(p.layer, p.knob) for p in self.by_number.values()}
-        knobs = {p.knob for p in self.by_number.values()}
         started: set[str] = set()  # knobs with a probe submitted: each gets one, budget or not
         returned: set[tuple[str, str]] = set()
         while queue or self.pool.busy:
             while queue and self.pool.free:
                 if budget is not None and queue[0] != -1 and self._spent(budget):
                     queue = [n for n in queue if self.by_number[n].knob not in started]
-                    if not queue or started >= knobs:
-                        queue = []
+                    if not queue:
                         break
                 number = queue.pop(0)
                 if number == -1:
