@@ -451,38 +451,42 @@ class _Probing:
         first_round = {(p.layer, p.knob) for p in self.by_number.values()}
         started: set[str] = set()  # knobs with a probe submitted: each gets one, budget or not
         returned: set[tuple[str, str]] = set()
-        while queue or self.pool.busy:
-            while queue and self.pool.free:
-                if budget is not None and queue[0] != -1 and self._spent(budget):
-                    queue = [n for n in queue if self.by_number[n].knob not in started]
-                    if not queue:
-                        break
-                number = queue.pop(0)
-                if number == -1:
-                    policy = Policy(layers={})
-                else:
-                    probe = self.by_number[number]
-                    started.add(probe.knob)
-                    policy = Policy(layers={probe.layer: probe.setting})
-                self.pool.submit(number, policy.to_json(), early_stop=False, windows=self.windows)
-            if not self.pool.busy:
-                break
-            res = self.pool.wait()
-            if res is not None and res.number == -1:
-                self._dense(res)
-                continue
-            self._time(res, budget)
-            self._record(res)
-            probe = self.by_number[res.number]
-            returned.add((probe.layer, probe.knob))
-            if self.round_one_s is None and returned >= first_round:
-                self.round_one_s = time.perf_counter() - self.started
-            if len(self.pending) >= 16 or not (queue or self.pool.busy):
-                self.store.record_sensitivity(self.pending)
-                self.pending = []
-            self._show(reused)
-        self.store.record_sensitivity(self.pending)
-        self.pending = []
+        try:  # what was measured is kept, even when the dense read or a worker fails
+            while queue or self.pool.busy:
+                while queue and self.pool.free:
+                    if budget is not None and queue[0] != -1 and self._spent(budget):
+                        queue = [n for n in queue if self.by_number[n].knob not in started]
+                        if not queue:
+                            break
+                    number = queue.pop(0)
+                    if number == -1:
+                        policy = Policy(layers={})
+                    else:
+                        probe = self.by_number[number]
+                        started.add(probe.knob)
+                        policy = Policy(layers={probe.layer: probe.setting})
+                    self.pool.submit(
+                        number, policy.to_json(), early_stop=False, windows=self.windows
+                    )
+                if not self.pool.busy:
+                    break
+                res = self.pool.wait()
+                if res is not None and res.number == -1:
+                    self._dense(res)
+                    continue
+                self._time(res, budget)
+                self._record(res)
+                probe = self.by_number[res.number]
+                returned.add((probe.layer, probe.knob))
+                if self.round_one_s is None and returned >= first_round:
+                    self.round_one_s = time.perf_counter() - self.started
+                if len(self.pending) >= 16 or not (queue or self.pool.busy):
+                    self.store.record_sensitivity(self.pending)
+                    self.pending = []
+                self._show(reused)
+        finally:
+            self.store.record_sensitivity(self.pending)
+            self.pending = []
 
     def _time(self, res: TrialResult, budget: ProbeBudget | None) -> None:
         """Fold one probe's timings into the trial-time estimate."""
