@@ -107,6 +107,15 @@ def test_sensitivity_pass_keeps_its_budget_and_is_reused(tmp_path, tiny_gpt):
     assert ProbeBudget(200, 2, 256, None).seconds(2.0) == pytest.approx(20.0)
     assert ProbeBudget(1000, 2, 256, None, timeout=300.0).seconds(2.0) == pytest.approx(30.0)
     assert ProbeBudget(2, 1, 256, None).seconds(2.0) == pytest.approx(PROBE_FLOOR_TRIALS * 2.0)
+    from microsweep.search._sensitivity import sensitivity_line
+
+    def line(budget: ProbeBudget) -> str:
+        summary = dict(measured=3, probes=9, seconds=1.0, trial_seconds=2.0, windows=64)
+        return sensitivity_line({**summary, "budget_seconds": budget.seconds(2.0)}, budget)
+
+    assert "at least" not in line(ProbeBudget(1000, 2, 256, None, timeout=300.0))
+    assert "(budget 10.0s:" in line(ProbeBudget(1000, 2, 256, None, timeout=30.0))
+    assert "at least" in line(ProbeBudget(1000, 2, 256, None, timeout=30.0))  # the floor
     # a different evaluation (other windows) is another key: nothing is reused across them
     from microsweep.prepare import load_space_file, prepare
     from microsweep.search import eval_key

@@ -92,9 +92,7 @@ class ProbeBudget:
         `share` of the trials' wall time (or of the sweep's time budget when that is shorter),
         and at least `PROBE_FLOOR_TRIALS` trials' time, so a short sweep still measures the
         layers whose estimates matter most."""
-        trials_wall = self.trials * trial_seconds / self.workers
-        if self.timeout is not None:
-            trials_wall = min(trials_wall, self.timeout)
+        trials_wall = _trials_wall(self, trial_seconds)
         return max(self.share * trials_wall, PROBE_FLOOR_TRIALS * trial_seconds)
 
 
@@ -159,6 +157,12 @@ def measure_sensitivity(
     return table, summary
 
 
+def _trials_wall(budget: ProbeBudget, trial_seconds: float) -> float:
+    """The wall time the sweep's trials take on its workers, or its time budget if shorter."""
+    wall = budget.trials * trial_seconds / budget.workers
+    return wall if budget.timeout is None else min(wall, budget.timeout)
+
+
 def sensitivity_line(summary: dict[str, Any], budget: ProbeBudget) -> str:
     """The pass in one line: what it measured, on which windows, in what time against which
     budget, and what it reused or interpolated."""
@@ -176,8 +180,7 @@ def sensitivity_line(summary: dict[str, Any], budget: ProbeBudget) -> str:
             + (f", or of the {budget.timeout:g}s time budget" if budget.timeout else "")
             + (
                 f"; at least {PROBE_FLOOR_TRIALS} trials' time"
-                if spent <= PROBE_FLOOR_TRIALS * trial * (1 + 1e-9)
-                and spent > budget.share * budget.trials * trial / budget.workers
+                if spent > budget.share * _trials_wall(budget, trial) * (1 + 1e-9)
                 else ""
             )
             + ")"
