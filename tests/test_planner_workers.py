@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from microsweep import LayerPolicy, Space
+from microsweep import LayerPolicy, Policy, Space
 from microsweep.allocate import Planner, SensitivityTable
 from microsweep.allocate._options import _effective_weight, _LayerBuilder, _Proxy, gram_factor
 from microsweep.compress import layer_inputs
@@ -149,6 +149,16 @@ def test_the_plan_is_the_same_built_on_two_ray_workers_as_in_one_process(tiny_gp
         with pytest.raises(RuntimeError, match="a worker failed: .*boom"):
             pool.map_runners(_fails, [("other",)])
         assert pool.free == 2
+        # trials on every worker: the map waits for one, its worker joins, results kept
+        dense = Policy(layers={}).to_json()
+        pool.submit(7, dense)
+        pool.submit(8, dense)
+        assert pool.free == 0
+        assert pool.map_runners(_runner_device, [()] * 3) == ["cpu"] * 3
+        finished = [pool.wait(), pool.wait()]
+        assert sorted(r.number for r in finished) == [7, 8]
+        assert {r.status for r in finished} == {"ok"} and pool.free == 2
+        assert pool.wait(timeout=0) is None  # nothing more, nothing running
     finally:
         pool.close()
     assert not ray.is_initialized()

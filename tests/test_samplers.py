@@ -4,6 +4,7 @@ tied, and `uniform` walks one-setting-for-all policies cheapest first."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -216,18 +217,29 @@ def test_auto_starts_with_its_warm_starts(shared_url, tiny_gpt):
     study = optuna.load_study(study_name="warm", storage=store.optuna_storage())
     trials = sorted(study.trials, key=lambda t: t.number)
     origins = [t.user_attrs.get("origin") for t in trials]
-    warm = [o for o in origins if o in ("uniform", "allocation")]
-    # the warm starts come first, from both sources, and were enqueued (fixed parameters)
-    assert origins[: len(warm)] == warm and {"uniform", "allocation"} <= set(warm)
-    assert 3 <= len(warm) <= 8 and len(warm) < len(trials)
-    for t in trials[: len(warm)]:
+    rows = {r.number: r for r in store.trials("warm")}
+    # the opening trial ran before the planner: every bits knob at its mildest width, the
+    # other knobs uncompressed
+    assert origins[0] == "opening"
+    opening = rows[0].policy["layers"]
+    for name, settings in opening.items():
+        mlp = ".mlp." in name
+        assert settings.get("bits") == (16 if ".attn." in name else 8), name
+        assert settings.get("act_bits", 32) == (8 if mlp else 32), name
+        assert settings.get("sparsity", 0.0) == 0.0 and settings.get("rank") is None, name
+    warm = [o for o in origins[1:] if o in ("uniform", "allocation")]
+    # the warm starts come next, from both sources, and were enqueued (fixed parameters)
+    assert origins[1 : 1 + len(warm)] == warm and {"uniform", "allocation"} <= set(warm)
+    assert 3 <= len(warm) <= 8 and len(warm) < len(trials) - 1
+    for t in trials[: 1 + len(warm)]:
         fixed = t.system_attrs.get("fixed_params")
         assert fixed == {k: v for k, v in t.params.items() if k != "finetune_lr"}
-    rows = {r.number: r for r in store.trials("warm")}
-    for t in trials[: len(warm)]:
+    for t in trials[1 : 1 + len(warm)]:
         if t.user_attrs["origin"] == "uniform":
             _assert_uniform(rows[t.number].policy["layers"])
-    later = set(origins[len(warm) :])
+    choices = [json.dumps(rows[t.number].policy["layers"], sort_keys=True) for t in trials]
+    assert len(set(choices[: 1 + len(warm)])) == 1 + len(warm)  # no warm start repeats one
+    later = set(origins[1 + len(warm) :])
     assert later <= {"tpe-allocation", "refit", "local", "random"} and later
     store.dispose()
 

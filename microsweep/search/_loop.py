@@ -117,6 +117,7 @@ class SweepLoop:
         self.started = time.perf_counter()
         self.driver_time = self.sampler_time = 0.0
         self.cache_uses: list[Any] = []  # each result's `CacheUse`, for the end-of-run line
+        self._setting_up = False  # the opening trial runs before the sampler is planned
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, warm: Sequence[dict[str, Any]] = ()) -> SweepResult:
@@ -131,7 +132,7 @@ class SweepLoop:
             return self._explained()
         bar = Progress(self.settings.total, enabled=self.settings.progress, first=self.done)
         try:
-            self._set_up(warm)
+            self._set_up(warm, bar)
             bar.start(time.perf_counter() - self.settings.began)
             while self.done < self.settings.total:
                 if not self._step(bar):
@@ -169,9 +170,11 @@ class SweepLoop:
             self.result.explain_infeasible(self.store)
         return self.result
 
-    def _set_up(self, warm: Sequence[dict[str, Any]]) -> None:
+    def _set_up(self, warm: Sequence[dict[str, Any]], bar: Progress) -> None:
         """The user's warm starts on a new study, then the planned sampler's set-up; the
-        sampler clock starts after it (planning is start-up, not a trial's)."""
+        sampler clock starts after it (planning is start-up, not a trial's). A planned sampler
+        on a new study first dispatches one opening trial (`_open`) that runs while the planner
+        works on the other workers, so the first result never waits for the planner."""
         from microsweep.search._samplers import ORIGIN_ATTR
 
         total = self.settings.total
@@ -179,13 +182,66 @@ class SweepLoop:
         if fresh:
             for params in warm[:total]:
                 self.mem.enqueue_trial(params, user_attrs={ORIGIN_ATTR: "warm start"})
-        plan_sampler(
-            self.store, self.sweep, self.sf, self.prepared, self.mem, self.pool, self.result,
-            ceiling=self.ceiling, warm_slots=total - min(len(warm), total) if fresh else None,
-            progress=self.settings.progress, timeout=self.settings.timeout,
-        )  # fmt: skip
+        opened = self._open(warm) if fresh else 0
+        self._setting_up = True
+        try:
+            plan_sampler(
+                self.store, self.sweep, self.sf, self.prepared, self.mem, self.pool, self.result,
+                ceiling=self.ceiling,
+                warm_slots=total - min(len(warm) + opened, total) if fresh else None,
+                progress=self.settings.progress, timeout=self.settings.timeout,
+                settle=lambda: self._settle(bar),
+            )  # fmt: skip
+            self._settle(bar)
+        finally:
+            self._setting_up = False
         self.clock = SamplerClock(self.mem.sampler)
         self.started = time.perf_counter()
+
+    def _open(self, warm: Sequence[dict[str, Any]]) -> int:
+        """Dispatch the opening trial of a planned sampler's new study before its planner
+        exists: the user's first warm start, else the planner-free anchor (`opening_choices`:
+        quantization at its mildest width). Returns how many trials this added to the queue
+        (0 when the trial is the user's own warm start, or there is none to open with)."""
+        from microsweep.allocate import opening_choices, plan_levels
+        from microsweep.search._samplers import ORIGIN_ATTR, PlannedSampler
+
+        sampler = self.mem.sampler
+        if not isinstance(sampler, PlannedSampler) or not sampler.opens:
+            return 0
+        if self.settings.total < 2:  # the one trial is the planner's
+            return 0
+        added = 0
+        if not warm:
+            units = self.sf.space.units()
+            if not units:
+                return 0
+            choices = opening_choices(units, {u.key: plan_levels(u) for u in units})
+            params = self.sf.space.params_for(choices)
+            self.mem.enqueue_trial(params, user_attrs={ORIGIN_ATTR: "opening"})
+            added = 1
+        self._setting_up = True
+        try:
+            self._submit(self._ask())
+        finally:
+            self._setting_up = False
+        return added
+
+    def _settle(self, bar: Progress) -> None:
+        """Wait for the trials dispatched during start-up and record them (before the
+        sensitivity pass shares the workers, and before the timed loop begins)."""
+        while self.in_flight:
+            res = self.pool.wait()
+            if res is None:
+                break
+            number, record = self._finish(self.in_flight.pop(res.number), res)
+            line = self._line(number, record)
+            say(self.settings.progress, f"[{self.done}/{self.settings.total}] start-up | {line}")
+            if self.settings.on_trial is not None:
+                self.settings.on_trial(
+                    {"number": number, **record.columns(), "layers": record.layers}
+                )
+        bar.first = self.done  # trials finished in start-up are not the timed loop's pace
 
     def _step(self, bar: Progress) -> bool:
         """Fill the free workers, wait for one result and record it; False once the time
@@ -233,6 +289,8 @@ class SweepLoop:
     def _refill(self) -> None:
         """Ask the next policy ahead, so a freed Ray worker never waits for the sampler."""
         total = self.settings.total
+        if self._setting_up:  # the sampler has no planner yet: ask once it has
+            return
         if len(self.ready) < self.ahead and self.asked + len(self.ready) < total:
             if not self._expired():
                 self.ready.append(self._ask())

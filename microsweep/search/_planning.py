@@ -4,6 +4,7 @@ sensitivity table lacks, give the sampler its planner and budget, and enqueue it
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from microsweep.errors import UsageError
@@ -36,10 +37,13 @@ def plan_sampler(
     warm_slots: int | None,
     progress: bool,
     timeout: float | None = None,
+    settle: Callable[[], None] | None = None,
 ) -> None:
     """Give a planned sampler its planner (and sensitivity table) and, on a new study
-    (`warm_slots` not None), enqueue up to `warm_slots` of its warm starts; note what the
-    planner drops. Other samplers need nothing."""
+    (`warm_slots` not None), enqueue up to `warm_slots` of its warm starts that no trial has
+    run yet; note what the planner drops. `settle` is called between the planner and the
+    sensitivity pass (the caller records trials dispatched during start-up, so the probes
+    have the workers to themselves). Other samplers need nothing."""
     from microsweep.search._samplers import PlannedSampler
 
     sampler = study.sampler
@@ -60,6 +64,8 @@ def plan_sampler(
             f"{ceiling.dense_perplexity:.6g}: no compression can meet it, so there is nothing to "
             "allocate; raise perplexity_ceiling or use --sampler uniform or tpe"
         )
+    if settle is not None:
+        settle()
     if sampler.needs_sensitivity:
         probe_budget = ProbeBudget.for_sweep(
             sweep.target_trials,
@@ -80,7 +86,9 @@ def plan_sampler(
         if stop is not None and stop.n_windows == sampler.n_windows:
             sampler.window_dense_nll = list(stop.dense_nll)
     if warm_slots is not None:  # after the user's own warm starts, within the sweep's trials
-        for params, attrs in sampler.warm_starts()[: max(0, warm_slots)]:
+        ran = {planner.locate(t.params) for t in study.get_trials(deepcopy=False) if t.params}
+        fresh = [(p, a) for p, a in sampler.warm_starts() if planner.locate(p) not in ran]
+        for params, attrs in fresh[: max(0, warm_slots)]:
             study.enqueue_trial(params, user_attrs=attrs)
     for note in result.notes:
         say(progress, f"note: {note}")

@@ -125,6 +125,9 @@ class PlannedSampler(BaseSampler):
 
     needs_sensitivity: bool = False
     """Whether the planner must hold measured single-layer losses before `attach`."""
+    opens: bool = True
+    """Whether a new study's first trial may run before `attach` (the loop's opening trial,
+    measured while the planner works; enqueued, so it needs nothing of the sampler)."""
     name = "planned"
 
     def __init__(self, space: Space, *, seed: int | None) -> None:
@@ -447,6 +450,7 @@ class UniformSampler(PlannedSampler):
     first."""
 
     name = "uniform"
+    opens = False  # every trial a uniform setting in bisection order, the first one too
 
     def __init__(self, space: Space, *, seed: int | None, multi: bool = False) -> None:
         super().__init__(space, seed=seed)

@@ -167,6 +167,7 @@ class RayPool(WorkerPool):
         self.size = workers
         self._idle = [self._new_actor() for _ in range(workers)]
         self._running: dict[Any, tuple[Any, int]] = {}
+        self._finished: deque[TrialResult] = deque()  # trials a map saw finish, for `wait`
         if start_timeout is None:
             start_timeout = float(os.environ.get(START_TIMEOUT_ENV) or 600.0)
         self._check_started(start_timeout)
@@ -227,41 +228,47 @@ class RayPool(WorkerPool):
         self._running[ref] = (actor, number)
 
     def wait(self, timeout: float | None = None) -> TrialResult | None:
-        """The next finished trial's result; a call that raised, or an actor, node or worker
-        lost, is an error result for that trial (a lost actor is replaced)."""
-        ray = self._ray
+        """The next finished trial's result (first those a `map_runners` saw finish); a call
+        that raised, or an actor, node or worker lost, is an error result for that trial (a lost
+        actor is replaced)."""
+        if self._finished:
+            return self._finished.popleft()
         if timeout is not None and not self._running:
             return None
-        done, _ = ray.wait(list(self._running), num_returns=1, timeout=timeout)
+        done, _ = self._ray.wait(list(self._running), num_returns=1, timeout=timeout)
         if not done:
             return None
-        [ref] = done
+        result, actor = self._settle(done[0])
+        self._idle.append(actor)
+        return result
+
+    def _settle(self, ref: Any) -> tuple[TrialResult, Any]:
+        """A finished trial call's result, and the actor free for the next call (a new one in
+        place of a lost actor)."""
+        ray = self._ray
         actor, number = self._running.pop(ref)
         try:
-            result = ray.get(ref)
-            self._idle.append(actor)
+            return ray.get(ref), actor
         except ray.exceptions.RayTaskError as exc:  # the call raised; the actor lives on
-            result = TrialResult(number, "error", error=f"worker error: {first_line(exc)}")
-            self._idle.append(actor)
+            return TrialResult(number, "error", error=f"worker error: {first_line(exc)}"), actor
         except ray.exceptions.RayError as exc:  # actor, node or worker lost: replace the actor
             why = f"worker died ({type(exc).__name__}): {first_line(exc)}"
-            result = TrialResult(number, "error", error=why)
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:
                 pass
-            self._idle.append(self._new_actor())
-        return result
+            return TrialResult(number, "error", error=why), self._new_actor()
 
     def map_runners(self, fn: Callable[..., T], items: Sequence[tuple[Any, ...]]) -> list[T]:
-        """The items on the idle actors (trials running meanwhile are left alone), the next
-        item to whichever actor finishes first. A call that raises stops the map once the calls
-        in flight end, with its error (a `MicrosweepError` as raised, anything else as one line
-        naming the worker error; of several, the first item's); a lost actor is replaced and
-        its item sent again, once."""
+        """The items on the idle actors, the next item to whichever actor finishes first; a
+        trial running meanwhile is left to finish, its result kept for `wait` and its actor
+        joining the map. A call that raises stops the map once the calls in flight end, with
+        its error (a `MicrosweepError` as raised, anything else as one line naming the worker
+        error; of several, the first item's); a lost actor is replaced and its item sent
+        again, once."""
         ray = self._ray
-        if not self._idle:
-            raise UsageError("no idle worker to run on: wait for the running trials first")
+        if not self._idle and not self._running:
+            raise UsageError("no worker to run on: the pool is closed")
         actors, self._idle = self._idle, []
         results: list[Any] = [None] * len(items)
         todo = deque(range(len(items)))
@@ -274,7 +281,18 @@ class RayPool(WorkerPool):
                     i = todo.popleft()
                     actor = actors.pop()
                     running[actor.call.remote(fn, *items[i])] = (actor, i)
-                [ref], _ = ray.wait(list(running), num_returns=1)
+                if not running and not actors:  # every worker runs a trial: wait for one
+                    [ref], _ = ray.wait(list(self._running), num_returns=1)
+                    result, actor = self._settle(ref)
+                    self._finished.append(result)
+                    actors.append(actor)
+                    continue
+                [ref], _ = ray.wait(list(running) + list(self._running), num_returns=1)
+                if ref in self._running:  # a trial finished: its worker joins the map
+                    result, actor = self._settle(ref)
+                    self._finished.append(result)
+                    actors.append(actor)
+                    continue
                 actor, i = running.pop(ref)
                 try:
                     results[i] = ray.get(ref)
