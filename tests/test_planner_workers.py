@@ -65,6 +65,36 @@ def test_gram_factor_reproduces_the_gram_matrix_and_keeps_only_what_carries_it()
     assert torch.allclose(whole.double() @ whole.double().T, gram, rtol=1e-5, atol=1e-3)
 
 
+def test_gram_factor_past_its_rank_sketches_the_rest_and_errors_stay_within_a_percent():
+    """Wide inputs with a slowly falling spectrum: the factor keeps `max_rank` directions
+    exactly and sketches the rest, is the same for the same rows, and the output errors of
+    rounding, pruning and a rank cut through it are within 1.5% of trace(D G D^T)."""
+    gen = torch.Generator().manual_seed(1)
+    n, d, out = 900, 320, 96
+    scales = (1.0 + torch.arange(d, dtype=torch.float64)) ** -0.5
+    rows = (torch.randn(n, d, generator=gen, dtype=torch.float64) * scales).float()
+    gram = rows.double().T @ rows.double()
+    factor = gram_factor(rows, max_rank=40, sketch=64)
+    assert factor.shape == (d, 40 + 64)
+    assert torch.equal(factor, gram_factor(rows.clone(), max_rank=40, sketch=64))
+    values, vectors = torch.linalg.eigh(gram)
+    top = vectors[:, -40:] * values[-40:].sqrt()
+    assert torch.allclose((factor[:, :40].double() @ factor[:, :40].double().T), top @ top.T,
+                          atol=1e-4 * float(values[-1]))  # fmt: skip
+    weight = torch.randn(out, d, generator=gen, dtype=torch.float64)
+    u, sv, vh = torch.linalg.svd(weight, full_matrices=False)
+    scale = weight.abs().amax(1, keepdim=True) / 7
+    errors = {
+        "rounding": torch.round(weight / scale) * scale - weight,
+        "pruning": torch.where(weight.abs() < weight.abs().median(), -weight, 0.0),
+        "rank": (u[:, :30] * sv[:30]) @ vh[:30] - weight,
+    }
+    for what, diff in errors.items():
+        exact = float(((diff @ gram) * diff).sum())
+        got = float(((diff.float() @ factor).double() ** 2).sum())
+        assert got == pytest.approx(exact, rel=0.015), what
+
+
 @pytest.mark.parametrize("layer", ["blocks.1.mlp.c_fc", "blocks.1.mlp.c_proj"])
 def test_rho_from_the_factor_agrees_with_the_full_gram_on_a_real_layer(tiny_gpt, corpus, layer):
     """The pretrained tiny GPT's MLP layers on 2,048 calibration rows (more rows than inputs, so

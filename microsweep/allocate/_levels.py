@@ -19,7 +19,6 @@ __all__ = [
     "Probe",
     "identity_level",
     "level_key",
-    "opening_choices",
     "plan_levels",
     "probes",
     "unit_levels",
@@ -118,36 +117,6 @@ def plan_levels(
         picks = sorted({round(i * (len(values) - 1) / (keep - 1)) for i in range(keep)})
         levels[longest] = [values[i] for i in picks]
     return levels
-
-
-def opening_choices(
-    units: list[Unit], levels: dict[str, dict[str, list[Any]]]
-) -> dict[str, dict[str, Any]]:
-    """A policy that needs no planner (unit key -> knob values on `levels`): weight and
-    activation bits at their mildest level that compresses, every other knob at its least
-    compressed level; a unit with no such bits gets the mildest compressing level of each
-    knob. Quantization at its mildest width is nearly lossless on any model and always counts
-    fewer bits, so this trial is a likely-feasible anchor measured while the planner works
-    (the mildest sparsity or rank beside it would only add mask or factor overhead)."""
-    out: dict[str, dict[str, Any]] = {}
-    for unit in units:
-        own = levels[unit.key]
-
-        def identity(knob: str, value: Any, unit: Unit = unit) -> bool:
-            return all(
-                level_key(knob, layer_setting(info, dict(unit.knobs), {knob: value}, unit.key))
-                is None
-                for info in unit.layers
-            )
-
-        def mildest(knob: str, own: dict[str, list[Any]] = own) -> Any:
-            return next((v for v in own[knob] if not identity(knob, v)), own[knob][0])
-
-        choice = {k: mildest(k) if k in ("bits", "act_bits") else v[0] for k, v in own.items()}
-        if all(identity(k, v) for k, v in choice.items()):
-            choice = {k: mildest(k) for k in own}
-        out[unit.key] = choice
-    return out
 
 
 def layer_setting(

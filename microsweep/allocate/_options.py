@@ -696,29 +696,62 @@ class _LayerBuilder:
 
 GRAM_TAIL = 1e-6
 """Share of the input Gram matrix's trace the proxy's factor may leave out (see `gram_factor`)."""
+PROXY_RANK = 128
+"""The most directions of the input Gram matrix the proxy keeps exactly (see `gram_factor`):
+an error costs O(out x in x (rank + sketch)), so a wide layer's proxy stays a few thin matrix
+products per option however many calibration rows it reads."""
+PROXY_SKETCH = 64
+"""Random directions that stand for the rest of the Gram matrix past `PROXY_RANK`."""
 
 
-def gram_factor(rows: torch.Tensor, tail: float = GRAM_TAIL) -> torch.Tensor:
-    """L (in, k) with L L^T = G = rows^T rows up to `tail` of its trace, so an output error
-    ||D X^T||^2 = trace(D G D^T) is ||D L||^2 at O(out x in x k) instead of O(out x in^2).
+def gram_factor(
+    rows: torch.Tensor,
+    tail: float = GRAM_TAIL,
+    max_rank: int = PROXY_RANK,
+    sketch: int = PROXY_SKETCH,
+) -> torch.Tensor:
+    """L (in, k) with L L^T = G = rows^T rows, so an output error ||D X^T||^2 =
+    trace(D G D^T) is ||D L||^2 at O(out x in x k) instead of O(out x in^2).
 
-    With no more rows than inputs L is rows^T itself (exact); otherwise the top eigenvectors
-    of G scaled by the roots of their eigenvalues, as few as carry all but `tail` of the
-    trace (the error left out is at most `tail` x trace(G) x ||D||_2^2)."""
+    With no more rows than inputs and `max_rank` L is rows^T itself (exact); otherwise the top
+    eigenvectors of G scaled by the roots of their eigenvalues, as few as carry all but `tail`
+    of its trace (the error left out is at most `tail` x trace(G) x ||D||_2^2). When that
+    takes more than `max_rank`, the rest R of G (the rows off the kept directions) is stood
+    for by `sketch` Gaussian combinations of those rows, fixed by the rows alone: E[L L^T] = G
+    exactly, and an error's rest term trace(D R D^T) is estimated within a relative standard
+    deviation of sqrt(2 / sketch) at worst (far less for an error spread over many directions,
+    as rounding and pruning errors are)."""
     n, d = rows.shape
-    if n <= d:
+    if n <= d and n <= max_rank + sketch:
         return rows.T.to(torch.float32).contiguous()
     x = rows.to(torch.float64)
-    values, vectors = torch.linalg.eigh(x.T @ x)  # ascending
-    values = values.clamp_min(0.0).flip(0)
-    vectors = vectors.flip(1)
+    if n < d:  # G's nonzero spectrum from the smaller n x n side: L = X^T U
+        values, small = torch.linalg.eigh(x @ x.T)
+        values, small = values.clamp_min(0.0).flip(0), small.flip(1)
+        vectors = None
+    else:
+        values, vectors = torch.linalg.eigh(x.T @ x)  # ascending
+        values, vectors = values.clamp_min(0.0).flip(0), vectors.flip(1)
     total = float(values.sum())
     if total <= 0.0:
         return rows.new_zeros((d, 1), dtype=torch.float32)
     # the tail beyond k: total - cumsum[k-1]; keep the fewest k whose tail is within budget
     left = total - torch.cumsum(values, 0)
-    k = int((left > tail * total).sum()) + 1
-    return (vectors[:, :k] * values[:k].sqrt()[None, :]).to(torch.float32).contiguous()
+    need = int((left > tail * total).sum()) + 1
+    k = min(need, max_rank)
+    if vectors is None:
+        top = small[:, :k]
+        factor = x.T @ top
+        rest_rows = x - top @ (top.T @ x)  # the rows with the kept directions taken out
+    else:
+        factor = vectors[:, :k] * values[:k].sqrt()[None, :]
+        rest_rows = x - (x @ vectors[:, :k]) @ vectors[:, :k].T
+    if need > k:  # the rest, sketched: rest_rows^T S / sqrt(s), E[.. ..^T] = rest^T rest
+        gen = torch.Generator().manual_seed(n * 1_000_003 + d)
+        mix = torch.randn(n, sketch, generator=gen, dtype=torch.float64) / sketch**0.5
+        mix = mix.to(x.device)  # drawn on the CPU: the same numbers on every device
+        factor = torch.cat([factor, rest_rows.T @ mix], dim=1)
+    return factor.to(torch.float32).contiguous()
 
 
 class _Proxy:

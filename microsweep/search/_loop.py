@@ -184,6 +184,7 @@ class SweepLoop:
                 self.mem.enqueue_trial(params, user_attrs={ORIGIN_ATTR: "warm start"})
         opened = self._open(warm) if fresh else 0
         self._setting_up = True
+        self.pool.on_finished = lambda res: self._record_early(res, bar)
         try:
             plan_sampler(
                 self.store, self.sweep, self.sf, self.prepared, self.mem, self.pool, self.result,
@@ -195,15 +196,18 @@ class SweepLoop:
             self._settle(bar)
         finally:
             self._setting_up = False
+            self.pool.on_finished = None
         self.clock = SamplerClock(self.mem.sampler)
         self.started = time.perf_counter()
 
     def _open(self, warm: Sequence[dict[str, Any]]) -> int:
         """Dispatch the opening trial of a planned sampler's new study before its planner
-        exists: the user's first warm start, else the planner-free anchor (`opening_choices`:
-        quantization at its mildest width). Returns how many trials this added to the queue
-        (0 when the trial is the user's own warm start, or there is none to open with)."""
-        from microsweep.allocate import opening_choices, plan_levels
+        exists: the user's first warm start, else the planner-free choice of `_opening` (the
+        mildest uniform quantization that counts below the dense model). Returns how many
+        trials this added to the queue (0 when the trial is the user's own warm start, or there
+        is none to open with)."""
+        from microsweep.score import CountConfig
+        from microsweep.search._opening import opening_choices
         from microsweep.search._samplers import ORIGIN_ATTR, PlannedSampler
 
         sampler = self.mem.sampler
@@ -213,13 +217,29 @@ class SweepLoop:
             return 0
         added = 0
         if not warm:
-            units = self.sf.space.units()
-            if not units:
+            if not self.sf.space.units():
                 return 0
-            choices = opening_choices(units, {u.key: plan_levels(u) for u in units})
+            t0 = time.perf_counter()
+            baseline = self._baseline()
+            choices, score = opening_choices(
+                self.sf.space,
+                self.sf.model,
+                context=self.prepared.settings.context,
+                config=CountConfig(**self.prepared.settings.count),
+                baseline=baseline,
+                dense_score=self.sweep.dense_params / baseline.params
+                + self.sweep.dense_ops / baseline.ops,
+                calib=self.prepared.calib,
+            )
             params = self.sf.space.params_for(choices)
             self.mem.enqueue_trial(params, user_attrs={ORIGIN_ATTR: "opening"})
             added = 1
+            counted = "" if score is None else f", counted score {score:.4g}"
+            say(
+                self.settings.progress,
+                f"opening trial: {_describe(choices)}{counted}, chosen in "
+                f"{time.perf_counter() - t0:.1f}s; it runs while the planner works",
+            )
         self._setting_up = True
         try:
             self._submit(self._ask())
@@ -234,14 +254,18 @@ class SweepLoop:
             res = self.pool.wait()
             if res is None:
                 break
-            number, record = self._finish(self.in_flight.pop(res.number), res)
-            line = self._line(number, record)
-            say(self.settings.progress, f"[{self.done}/{self.settings.total}] start-up | {line}")
-            if self.settings.on_trial is not None:
-                self.settings.on_trial(
-                    {"number": number, **record.columns(), "layers": record.layers}
-                )
+            self._record_early(res, bar)
         bar.first = self.done  # trials finished in start-up are not the timed loop's pace
+
+    def _record_early(self, res: TrialResult, bar: Progress) -> None:
+        """Record a trial that finished during start-up (said without a pace: the timed loop
+        has not begun)."""
+        number, record = self._finish(self.in_flight.pop(res.number), res)
+        line = self._line(number, record)
+        say(self.settings.progress, f"[{self.done}/{self.settings.total}] start-up | {line}")
+        if self.settings.on_trial is not None:
+            self.settings.on_trial({"number": number, **record.columns(), "layers": record.layers})
+        bar.first = self.done
 
     def _step(self, bar: Progress) -> bool:
         """Fill the free workers, wait for one result and record it; False once the time
@@ -573,3 +597,21 @@ class SweepLoop:
                 self._persist(item, record, wait=False)
             except Exception:
                 pass
+
+
+def _describe(choices: dict[str, dict[str, Any]]) -> str:
+    """Knob values of a policy by knob, e.g. "bits 8, act_bits 16" ("bits 8/16" when units
+    differ)."""
+    values: dict[str, list[Any]] = {}
+    for knobs in choices.values():
+        for knob, value in knobs.items():
+            if value not in values.setdefault(knob, []):
+                values[knob].append(value)
+    parts = [f"{knob} {'/'.join(_value(v) for v in vs)}" for knob, vs in values.items()]
+    return ", ".join(parts) or "no knob"
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return "full"
+    return format(value, "g") if isinstance(value, (int, float)) else str(value)

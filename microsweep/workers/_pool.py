@@ -40,6 +40,9 @@ class WorkerPool:
     its reason), never an exception from `wait`."""
 
     size: int
+    on_finished: Callable[[TrialResult], None] | None = None
+    """Called with the result of each trial that finishes while `map_runners` runs (so it is
+    recorded at once); None keeps such results for `wait`."""
 
     @property
     def free(self) -> int:
@@ -261,11 +264,11 @@ class RayPool(WorkerPool):
 
     def map_runners(self, fn: Callable[..., T], items: Sequence[tuple[Any, ...]]) -> list[T]:
         """The items on the idle actors, the next item to whichever actor finishes first; a
-        trial running meanwhile is left to finish, its result kept for `wait` and its actor
-        joining the map. A call that raises stops the map once the calls in flight end, with
-        its error (a `MicrosweepError` as raised, anything else as one line naming the worker
-        error; of several, the first item's); a lost actor is replaced and its item sent
-        again, once."""
+        trial running meanwhile is left to finish, its result given to `on_finished` (or kept
+        for `wait`) and its actor joining the map. A call that raises stops the map once the
+        calls in flight end, with its error (a `MicrosweepError` as raised, anything else as
+        one line naming the worker error; of several, the first item's); a lost actor is
+        replaced and its item sent again, once."""
         ray = self._ray
         if not self._idle and not self._running:
             raise UsageError("no worker to run on: the pool is closed")
@@ -281,17 +284,15 @@ class RayPool(WorkerPool):
                     i = todo.popleft()
                     actor = actors.pop()
                     running[actor.call.remote(fn, *items[i])] = (actor, i)
-                if not running and not actors:  # every worker runs a trial: wait for one
-                    [ref], _ = ray.wait(list(self._running), num_returns=1)
-                    result, actor = self._settle(ref)
-                    self._finished.append(result)
-                    actors.append(actor)
-                    continue
+                # every worker on a trial: wait for one; else for a call or a trial
                 [ref], _ = ray.wait(list(running) + list(self._running), num_returns=1)
                 if ref in self._running:  # a trial finished: its worker joins the map
                     result, actor = self._settle(ref)
-                    self._finished.append(result)
                     actors.append(actor)
+                    if self.on_finished is not None:
+                        self.on_finished(result)
+                    else:
+                        self._finished.append(result)
                     continue
                 actor, i = running.pop(ref)
                 try:
