@@ -93,6 +93,26 @@ def test_gram_factor_past_its_rank_sketches_the_rest_and_errors_stay_within_a_pe
         exact = float(((diff @ gram) * diff).sum())
         got = float(((diff.float() @ factor).double() ** 2).sum())
         assert got == pytest.approx(exact, rel=0.015), what
+    # fewer rows than inputs: the spectrum from the rows' side, the same guarantees
+    wide = (torch.randn(300, 2 * d, generator=gen, dtype=torch.float64) * scales.repeat(2)).float()
+    wide_gram = wide.double().T @ wide.double()
+    factor = gram_factor(wide, max_rank=40, sketch=64)
+    assert factor.shape == (2 * d, 40 + 64)
+    values, vectors = torch.linalg.eigh(wide_gram)
+    top = vectors[:, -40:] * values[-40:].sqrt()
+    assert torch.allclose((factor[:, :40].double() @ factor[:, :40].double().T), top @ top.T,
+                          atol=1e-4 * float(values[-1]))  # fmt: skip
+    diff = torch.round(torch.randn(out, 2 * d, generator=gen, dtype=torch.float64) * 3) / 3
+    diff -= diff.mean()
+    exact = float(((diff @ wide_gram) * diff).sum())
+    got = float(((diff.float() @ factor).double() ** 2).sum())
+    assert got == pytest.approx(exact, rel=0.015)
+    # as many directions as the rank and sketch together: kept exactly, nothing sketched
+    few = torch.randn(500, 24, generator=gen) @ torch.randn(24, 200, generator=gen)
+    exact_factor = gram_factor(few, max_rank=16, sketch=16)
+    assert exact_factor.shape == (200, 24)
+    assert torch.allclose(exact_factor.double() @ exact_factor.double().T,
+                          few.double().T @ few.double(), rtol=1e-4, atol=1e-2)  # fmt: skip
 
 
 @pytest.mark.parametrize("layer", ["blocks.1.mlp.c_fc", "blocks.1.mlp.c_proj"])
@@ -189,6 +209,16 @@ def test_the_plan_is_the_same_built_on_two_ray_workers_as_in_one_process(tiny_gp
         assert sorted(r.number for r in finished) == [7, 8]
         assert {r.status for r in finished} == {"ok"} and pool.free == 2
         assert pool.wait(timeout=0) is None  # nothing more, nothing running
+        # with `on_finished`, a trial that ends during the map is handed over at once
+        handed = []
+        pool.on_finished = handed.append
+        pool.submit(9, dense)
+        pool.submit(10, dense)
+        assert pool.map_runners(_runner_device, [()] * 2) == ["cpu"] * 2
+        pool.on_finished = None
+        assert handed and {r.number for r in handed} <= {9, 10}  # the map needed a worker
+        rest = [pool.wait() for _ in range(2 - len(handed))]
+        assert sorted(r.number for r in handed + rest) == [9, 10] and pool.free == 2
     finally:
         pool.close()
     assert not ray.is_initialized()

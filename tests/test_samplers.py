@@ -202,14 +202,17 @@ def test_unmeasured_probes_take_the_proxy_error_scaled_by_the_measured_ones():
     assert sorted(order[6:]) == sorted(k for k in want if k[2] in ("0.25", "8"))
 
 
+@pytest.mark.ray
 def test_auto_starts_with_its_warm_starts(shared_url, tiny_gpt):
+    """On Ray workers the opening trial runs while the planner works, then the sampler's own
+    warm starts (none repeating it), then its proposals."""
     run_sweep(
         TINY,
         name="warm",
         trials=12,
         storage=shared_url,
         seed=6,
-        in_process=True,
+        workers=2,
         progress=False,
         sampler="auto",
     )

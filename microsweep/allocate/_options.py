@@ -713,11 +713,12 @@ def gram_factor(
     """L (in, k) with L L^T = G = rows^T rows, so an output error ||D X^T||^2 =
     trace(D G D^T) is ||D L||^2 at O(out x in x k) instead of O(out x in^2).
 
-    With no more rows than inputs and `max_rank` L is rows^T itself (exact); otherwise the top
-    eigenvectors of G scaled by the roots of their eigenvalues, as few as carry all but `tail`
-    of its trace (the error left out is at most `tail` x trace(G) x ||D||_2^2). When that
-    takes more than `max_rank`, the rest R of G (the rows off the kept directions) is stood
-    for by `sketch` Gaussian combinations of those rows, fixed by the rows alone: E[L L^T] = G
+    With no more rows than inputs and `max_rank + sketch` L is rows^T itself (exact);
+    otherwise the top eigenvectors of G scaled by the roots of their eigenvalues, as few as
+    carry all but `tail` of its trace (the error left out is at most `tail` x trace(G) x
+    ||D||_2^2). When that takes more than `max_rank + sketch`, `max_rank` are kept and the rest
+    R of G (the rows off the kept directions) is stood for by `sketch` Gaussian combinations of
+    those rows, drawn from a seed of the rows' shape (the same on every worker): E[L L^T] = G
     exactly, and an error's rest term trace(D R D^T) is estimated within a relative standard
     deviation of sqrt(2 / sketch) at worst (far less for an error spread over many directions,
     as rounding and pruning errors are)."""
@@ -738,15 +739,16 @@ def gram_factor(
     # the tail beyond k: total - cumsum[k-1]; keep the fewest k whose tail is within budget
     left = total - torch.cumsum(values, 0)
     need = int((left > tail * total).sum()) + 1
-    k = min(need, max_rank)
+    k = need if need <= max_rank + sketch else max_rank  # exact when that is no wider
     if vectors is None:
-        top = small[:, :k]
-        factor = x.T @ top
-        rest_rows = x - top @ (top.T @ x)  # the rows with the kept directions taken out
+        factor = x.T @ small[:, :k]
     else:
         factor = vectors[:, :k] * values[:k].sqrt()[None, :]
-        rest_rows = x - (x @ vectors[:, :k]) @ vectors[:, :k].T
     if need > k:  # the rest, sketched: rest_rows^T S / sqrt(s), E[.. ..^T] = rest^T rest
+        if vectors is None:  # the rows with the kept directions taken out
+            rest_rows = x - small[:, :k] @ (small[:, :k].T @ x)
+        else:
+            rest_rows = x - (x @ vectors[:, :k]) @ vectors[:, :k].T
         gen = torch.Generator().manual_seed(n * 1_000_003 + d)
         mix = torch.randn(n, sketch, generator=gen, dtype=torch.float64) / sketch**0.5
         mix = mix.to(x.device)  # drawn on the CPU: the same numbers on every device

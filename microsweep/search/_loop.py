@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 __all__ = ["FULL_EVALUATION", "SweepLoop"]
 
+START_ORIGINS = frozenset({"opening", "warm start"})
+"""Origins of the trials a sweep runs before its planned sampler proposes any."""
 FULL_EVALUATION = frozenset({"nsga2", "gp"})
 """Samplers whose trials are evaluated in full: they learn nothing from a PRUNED trial."""
 
@@ -52,6 +54,7 @@ class _Asked:
     driver_s: float = 0.0
     sampler_s: float = 0.0
     stage: Stage | None = None
+    early: bool = False  # dispatched during start-up (the opening trial)
 
 
 class _TrialFailed(Exception):
@@ -178,22 +181,25 @@ class SweepLoop:
         from microsweep.search._samplers import ORIGIN_ATTR
 
         total = self.settings.total
-        fresh = not self.mem.get_trials(deepcopy=False)
+        trials = self.mem.get_trials(deepcopy=False)
+        fresh = not trials
         if fresh:
             for params in warm[:total]:
                 self.mem.enqueue_trial(params, user_attrs={ORIGIN_ATTR: "warm start"})
         opened = self._open(warm) if fresh else 0
+        slots = None  # the sampler's own warm starts: on a new study, or one whose start-up
+        if fresh:  # was interrupted before the planner gave any (only start-up trials in it)
+            slots = total - min(len(warm) + opened, total)
+        elif all(t.user_attrs.get(ORIGIN_ATTR) in START_ORIGINS for t in trials):
+            slots = max(0, total - len(trials))
         self._setting_up = True
         self.pool.on_finished = lambda res: self._record_early(res, bar)
         try:
             plan_sampler(
                 self.store, self.sweep, self.sf, self.prepared, self.mem, self.pool, self.result,
-                ceiling=self.ceiling,
-                warm_slots=total - min(len(warm) + opened, total) if fresh else None,
-                progress=self.settings.progress, timeout=self.settings.timeout,
-                settle=lambda: self._settle(bar),
+                ceiling=self.ceiling, warm_slots=slots, progress=self.settings.progress,
+                timeout=self.settings.timeout, settle=lambda: self._settle(bar),
             )  # fmt: skip
-            self._settle(bar)
         finally:
             self._setting_up = False
             self.pool.on_finished = None
@@ -213,24 +219,35 @@ class SweepLoop:
         sampler = self.mem.sampler
         if not isinstance(sampler, PlannedSampler) or not sampler.opens:
             return 0
-        if self.settings.total < 2:  # the one trial is the planner's
+        if self.settings.total < 2 or self.settings.in_process:  # nothing to overlap with
             return 0
+        ceiling = self.ceiling
+        if ceiling.value is not None and ceiling.nll_budget() <= 0 and sampler.needs_sensitivity:
+            return 0  # the planning refuses this sweep in one line: nothing runs before it
         added = 0
         if not warm:
             if not self.sf.space.units():
                 return 0
             t0 = time.perf_counter()
             baseline = self._baseline()
-            choices, score = opening_choices(
-                self.sf.space,
-                self.sf.model,
-                context=self.prepared.settings.context,
-                config=CountConfig(**self.prepared.settings.count),
-                baseline=baseline,
-                dense_score=self.sweep.dense_params / baseline.params
-                + self.sweep.dense_ops / baseline.ops,
-                calib=self.prepared.calib,
-            )
+            try:
+                choices, score = opening_choices(
+                    self.sf.space,
+                    self.sf.model,
+                    context=self.prepared.settings.context,
+                    config=CountConfig(**self.prepared.settings.count),
+                    baseline=baseline,
+                    dense_score=self.sweep.dense_params / baseline.params
+                    + self.sweep.dense_ops / baseline.ops,
+                    calib=self.prepared.calib,
+                )
+            except Exception as exc:  # only a head start: the planner's trials follow anyway
+                text = str(exc).strip().splitlines()
+                say(
+                    self.settings.progress,
+                    f"note: no opening trial ({type(exc).__name__}: {text[0] if text else ''})",
+                )
+                return 0
             params = self.sf.space.params_for(choices)
             self.mem.enqueue_trial(params, user_attrs={ORIGIN_ATTR: "opening"})
             added = 1
@@ -242,7 +259,9 @@ class SweepLoop:
             )
         self._setting_up = True
         try:
-            self._submit(self._ask())
+            item = self._ask()
+            item.early = True
+            self._submit(item)
         finally:
             self._setting_up = False
         return added
@@ -260,6 +279,8 @@ class SweepLoop:
     def _record_early(self, res: TrialResult, bar: Progress) -> None:
         """Record a trial that finished during start-up (said without a pace: the timed loop
         has not begun)."""
+        if self.lease is not None:
+            self.lease.check()  # another driver took the sweep: write nothing more
         number, record = self._finish(self.in_flight.pop(res.number), res)
         line = self._line(number, record)
         say(self.settings.progress, f"[{self.done}/{self.settings.total}] start-up | {line}")
@@ -285,7 +306,10 @@ class SweepLoop:
             self.lease.check()  # another driver took the sweep: write nothing more
         if self.pool.free and self.ready and self.asked < self.settings.total:
             self._submit(self.ready.pop(0))  # dispatch first, then this result's bookkeeping
-        number, record = self._finish(self.in_flight.pop(res.number), res)
+        item = self.in_flight.pop(res.number)
+        number, record = self._finish(item, res)
+        if item.early:  # dispatched before the timed loop began: not its pace
+            bar.first += 1
         bar.update(
             self.done, self.result.states, self.result.best_score, self._line(number, record)
         )

@@ -64,9 +64,9 @@ def plan_sampler(
             f"{ceiling.dense_perplexity:.6g}: no compression can meet it, so there is nothing to "
             "allocate; raise perplexity_ceiling or use --sampler uniform or tpe"
         )
-    if settle is not None:
-        settle()
     if sampler.needs_sensitivity:
+        if settle is not None:  # the probes' numbers are not trial numbers: none may overlap
+            settle()
         probe_budget = ProbeBudget.for_sweep(
             sweep.target_trials,
             pool.size,
