@@ -114,7 +114,8 @@ class PlannedSampler(BaseSampler):
     """The contract of a sampler that plans whole policies (`uniform`, `allocate`, `auto`; a
     new planned sampler subclasses this and implements `_propose`).
 
-    The driver calls, in this order: `attach` once the pool has started (with the `Planner`,
+    The driver calls, in this order (after dispatching a new study's opening trial when the
+    sampler `opens`): `attach` once the pool has started (with the `Planner`,
     whose option costs are exact, and the NLL budget the ceiling allows; the sensitivity
     table is set on the planner first when `needs_sensitivity`), then `warm_starts` on a new
     study (each enqueued once, after the user's own), then Optuna's hooks for every trial, and
