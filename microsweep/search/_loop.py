@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from microsweep._text import distinct
 from microsweep.errors import MicrosweepError, StorageError
-from microsweep.search._planning import plan_sampler
+from microsweep.search._planning import plan_sampler, refuses
 from microsweep.search._progress import Progress, say
 from microsweep.search._result import SweepResult, best_by, tally_best
 from microsweep.search._stages import SCREENED_ATTR, Stage
@@ -186,15 +186,15 @@ class SweepLoop:
         if fresh:
             for params in warm[:total]:
                 self.mem.enqueue_trial(params, user_attrs={ORIGIN_ATTR: "warm start"})
-        opened = self._open(warm) if fresh else 0
-        slots = None  # the sampler's own warm starts: on a new study, or one whose start-up
-        if fresh:  # was interrupted before the planner gave any (only start-up trials in it)
-            slots = total - min(len(warm) + opened, total)
-        elif all(t.user_attrs.get(ORIGIN_ATTR) in START_ORIGINS for t in trials):
-            slots = max(0, total - len(trials))
-        self._setting_up = True
+        self._setting_up = True  # no policy is asked of the sampler until it is planned
         self.pool.on_finished = lambda res: self._record_early(res, bar)
         try:
+            opened = self._open(warm) if fresh else 0
+            slots = None  # the sampler's own warm starts: on a new study, or one whose start-up
+            if fresh:  # was interrupted before the planner gave any (only start-up trials in it)
+                slots = total - min(len(warm) + opened, total)
+            elif all(t.user_attrs.get(ORIGIN_ATTR) in START_ORIGINS for t in trials):
+                slots = max(0, total - len(trials))
             plan_sampler(
                 self.store, self.sweep, self.sf, self.prepared, self.mem, self.pool, self.result,
                 ceiling=self.ceiling, warm_slots=slots, progress=self.settings.progress,
@@ -212,7 +212,7 @@ class SweepLoop:
         mildest uniform quantization that counts below the dense model). Returns how many
         trials this added to the queue (0 when the trial is the user's own warm start, or there
         is none to open with)."""
-        from microsweep.score import CountConfig
+        from microsweep.score import CountConfig, micronet_score
         from microsweep.search._opening import opening_choices
         from microsweep.search._samplers import ORIGIN_ATTR, PlannedSampler
 
@@ -221,8 +221,7 @@ class SweepLoop:
             return 0
         if self.settings.total < 2 or self.settings.in_process:  # nothing to overlap with
             return 0
-        ceiling = self.ceiling
-        if ceiling.value is not None and ceiling.nll_budget() <= 0 and sampler.needs_sensitivity:
+        if refuses(self.ceiling, sampler):
             return 0  # the planning refuses this sweep in one line: nothing runs before it
         added = 0
         if not warm:
@@ -237,8 +236,9 @@ class SweepLoop:
                     context=self.prepared.settings.context,
                     config=CountConfig(**self.prepared.settings.count),
                     baseline=baseline,
-                    dense_score=self.sweep.dense_params / baseline.params
-                    + self.sweep.dense_ops / baseline.ops,
+                    dense_score=micronet_score(
+                        self.sweep.dense_params, self.sweep.dense_ops, baseline
+                    ),
                     calib=self.prepared.calib,
                 )
             except Exception as exc:  # only a head start: the planner's trials follow anyway
@@ -257,13 +257,9 @@ class SweepLoop:
                 f"opening trial: {_describe(choices)}{counted}, chosen in "
                 f"{time.perf_counter() - t0:.1f}s; it runs while the planner works",
             )
-        self._setting_up = True
-        try:
-            item = self._ask()
-            item.early = True
-            self._submit(item)
-        finally:
-            self._setting_up = False
+        item = self._ask()
+        item.early = True
+        self._submit(item)
         return added
 
     def _settle(self, bar: Progress) -> None:
@@ -274,7 +270,6 @@ class SweepLoop:
             if res is None:
                 break
             self._record_early(res, bar)
-        bar.first = self.done  # trials finished in start-up are not the timed loop's pace
 
     def _record_early(self, res: TrialResult, bar: Progress) -> None:
         """Record a trial that finished during start-up (said without a pace: the timed loop
@@ -286,7 +281,7 @@ class SweepLoop:
         say(self.settings.progress, f"[{self.done}/{self.settings.total}] start-up | {line}")
         if self.settings.on_trial is not None:
             self.settings.on_trial({"number": number, **record.columns(), "layers": record.layers})
-        bar.first = self.done
+        bar.first = self.done  # trials finished in start-up are not the timed loop's pace
 
     def _step(self, bar: Progress) -> bool:
         """Fill the free workers, wait for one result and record it; False once the time

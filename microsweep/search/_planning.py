@@ -21,7 +21,13 @@ if TYPE_CHECKING:
     from microsweep.storage import Store
     from microsweep.workers import WorkerPool
 
-__all__ = ["plan_sampler"]
+__all__ = ["plan_sampler", "refuses"]
+
+
+def refuses(ceiling: Ceiling, sampler: Any) -> bool:
+    """Whether planning refuses the sweep: a sampler that needs the sensitivity table, under a
+    ceiling not above the dense model (no compression can meet it)."""
+    return ceiling.value is not None and ceiling.nll_budget() <= 0 and sampler.needs_sensitivity
 
 
 def plan_sampler(
@@ -58,7 +64,7 @@ def plan_sampler(
             f"note: no perplexity ceiling; the {sweep.sampler} sampler plans for at most "
             f"{PLANNING_FACTOR_WITHOUT_CEILING:g}x the dense perplexity",
         )
-    elif budget <= 0 and sampler.needs_sensitivity:
+    elif refuses(ceiling, sampler):
         raise UsageError(
             f"the perplexity ceiling {ceiling.value:.6g} is not above the dense model's "
             f"{ceiling.dense_perplexity:.6g}: no compression can meet it, so there is nothing to "
